@@ -1,0 +1,3 @@
+from garden.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""One settings object for the daemon. Precedence: command-line flags > ``GARDEN_*`` environment
+variables > the TOML config file > defaults.
+
+Every setting has exactly one definition here (name, type, default, help); the CLI flags, the env
+variables, the config file keys and docs/config.md all follow from it. List settings accept a
+comma-separated string in env variables (``GARDEN_ROLES=shaker,trainer``) as well as TOML arrays.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Optional
+
+import platformdirs
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from garden.protocol.keys import DEFAULT_SWARM
+from garden.protocol.records import Role
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+DEFAULT_HTTP_PORT = 8765
+CONFIG_ENV = "GARDEN_CONFIG"
+
+
+def default_data_dir() -> Path:
+    return platformdirs.user_data_path("garden", appauthor=False)
+
+
+def default_config_file() -> Path:
+    return platformdirs.user_config_path("garden", appauthor=False) / "garden.toml"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the key and what is wrong."""
+
+
+class GardenSettings(BaseSettings):
+    """Settings of one peer. Field names are the config-file keys; ``GARDEN_<NAME>`` the env vars."""
+
+    model_config = SettingsConfigDict(env_prefix="GARDEN_", extra="forbid", validate_default=True)
+
+    # --- swarm -------------------------------------------------------------------------------------
+    join: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Multiaddrs of peers to join; none starts a new swarm."
+    )
+    host_maddr: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="Multiaddrs the p2p daemon listens on."
+    )
+    announce_maddr: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Multiaddrs others should dial (e.g. behind port forwarding)."
+    )
+    client_mode: bool = Field(
+        False, description="Behind NAT: dial out only, accept no incoming connections (hivemind client mode)."
+    )
+    swarm: str = Field(DEFAULT_SWARM, description="Swarm name; every DHT key lives under it.")
+    announce_period: float = Field(
+        30.0, ge=0.5, le=3600, description="Seconds between peer-record announces; records expire after 2x."
+    )
+    dht_timeout: float = Field(10.0, gt=0, le=300, description="Seconds to wait for one DHT get/store.")
+
+    # --- local HTTP port ---------------------------------------------------------------------------
+    http_host: str = Field("127.0.0.1", description="Address of the local HTTP port.")
+    http_port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535, description="0 picks a free port (printed).")
+
+    # --- this machine ------------------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=default_data_dir, description="Identity, store and logs.")
+    roles: Annotated[Optional[list[Role]], NoDecode] = Field(
+        None, description="Subset of shaker,trainer,server; default: every role this machine can do."
+    )
+    max_threads: Optional[int] = Field(None, ge=1, le=1024, description="Cap on torch/BLAS threads.")
+    log_level: LogLevel = Field("info", description="debug, info, warning or error.")
+
+    @field_validator("join", "host_maddr", "announce_maddr", "roles", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _unique_roles(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        return None if value is None else sorted(set(value))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+
+_FILE_VALUES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("garden_config_file", default={})
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The TOML file's values, read by ``load_settings`` (so that it can report TOML errors by file)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _FILE_VALUES.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get())
+
+
+def resolve_config_file(explicit: Optional[Path]) -> Optional[Path]:
+    """``--config`` or ``$GARDEN_CONFIG`` (must exist), else the platform default (if it exists)."""
+    chosen = explicit or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if chosen is not None:
+        chosen = chosen.expanduser()
+        if not chosen.is_file():
+            raise ConfigError(f"config file {chosen} does not exist")
+        return chosen
+    default = default_config_file()
+    return default if default.is_file() else None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    known = set(GardenSettings.model_fields)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
+    return data
+
+
+def load_settings(flags: Optional[Mapping[str, Any]] = None, config_file: Optional[Path] = None) -> GardenSettings:
+    """Build the settings; ``flags`` holds only the options given on the command line (None = not given)."""
+    path = resolve_config_file(config_file)
+    token = _FILE_VALUES.set(read_config_file(path) if path else {})
+    try:
+        given = {name: value for name, value in (flags or {}).items() if value is not None}
+        return GardenSettings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']} (got {err.get('input')!r})"
+            for err in e.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+    finally:
+        _FILE_VALUES.reset(token)

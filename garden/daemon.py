@@ -1,0 +1,147 @@
+"""The Gardener: one peer of the swarm with its identity, store, membership and roles.
+
+It knows nothing of HTTP or signals (``garden.runner`` runs the process; ``garden.api`` serves the
+port), so tests and later roles can drive a Gardener directly. Start-up is synchronous and happens
+before the event loop exists, because the hivemind DHT forks a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden import __version__
+from garden.config import GardenSettings
+from garden.datadir import DataDir
+from garden.peer.capabilities import MachineInfo, choose_roles, machine_load, probe_machine
+from garden.peer.directory import PeerDirectory
+from garden.peer.identity import Identity, load_or_create_identity
+from garden.peer.swarm import Swarm, SwarmConfig
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import PeerInfo, Role
+from garden.protocol.validators import PeerRecordValidator
+from garden.store import Store
+
+logger = logging.getLogger(__name__)
+
+GOODBYE_TIMEOUT = 3.0
+"""Seconds a clean stop waits for the ``offline`` record to be stored; the record expires anyway."""
+
+
+class Gardener:
+    def __init__(self, settings: GardenSettings):
+        self.settings = settings
+        self.data_dir = DataDir(settings.data_dir)
+        self.keys = DHTKeys(settings.swarm)
+        self.identity: Optional[Identity] = None
+        self.store: Optional[Store] = None
+        self.swarm: Optional[Swarm] = None
+        self.directory: Optional[PeerDirectory] = None
+        self.machine: Optional[MachineInfo] = None
+        self.roles: list[Role] = []
+        self.skipped_roles: dict[str, str] = {}
+        self.addresses: list[str] = []
+        self.started_at: Optional[float] = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the store, load the identity, probe the machine, start the DHT. Raises on failure
+        (``SwarmError``, ``IdentityError``, ``StoreError``) after undoing what it did."""
+        self.data_dir.ensure()
+        try:
+            self.identity = load_or_create_identity(self.data_dir.identity)
+            self.store = Store(self.data_dir.store)
+            self.store.set_meta("peer_id", self.identity.peer_id)
+            self.machine = probe_machine()
+            self.roles, self.skipped_roles = choose_roles(self.settings.roles, self.machine)
+            self._cap_threads()
+            self.swarm = Swarm(
+                SwarmConfig(
+                    initial_peers=self.settings.join,
+                    host_maddrs=self.settings.host_maddr,
+                    announce_maddrs=self.settings.announce_maddr,
+                    client_mode=self.settings.client_mode,
+                    identity_path=str(self.identity.path),
+                    dht_timeout=self.settings.dht_timeout,
+                    record_validators=[PeerRecordValidator(self.keys)],
+                )
+            )
+            self.swarm.start()
+            self.addresses = [] if self.settings.client_mode else self.swarm.visible_maddrs()
+            self.directory = PeerDirectory(
+                self.swarm, self.keys, self.identity.private_key, self._make_record, self.settings.announce_period
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.started_at = time.time()
+
+    def _cap_threads(self) -> None:
+        if self.settings.max_threads:
+            import torch  # already imported by hivemind; local import keeps the dependency visible
+
+            torch.set_num_threads(self.settings.max_threads)
+
+    async def run_background(self) -> None:
+        """Start the periodic work (announcing); returns at once."""
+        assert self.directory is not None, "start() first"
+        machine_load()  # prime psutil's CPU counter so the first announce reports a real value
+        self._tasks.append(asyncio.create_task(self.directory.run(self._stop), name="garden-announce"))
+
+    async def stop(self) -> None:
+        """Leave the swarm politely: stop periodic work, announce ``offline``."""
+        self._stop.set()
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(task, timeout=GOODBYE_TIMEOUT)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                task.cancel()
+        self._tasks.clear()
+        if self.directory is not None and self.directory.joined:
+            try:
+                await asyncio.wait_for(self.directory.say_goodbye(), timeout=GOODBYE_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.info("goodbye record not stored in time; it will expire on its own")
+
+    def close(self) -> None:
+        """Stop the DHT process (and its p2pd) and close the store. Idempotent."""
+        if self.swarm is not None:
+            self.swarm.shutdown()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    # --- state -------------------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        assert self.identity is not None, "start() first"
+        return self.identity.peer_id
+
+    @property
+    def uptime_s(self) -> float:
+        return 0.0 if self.started_at is None else time.time() - self.started_at
+
+    def child_pids(self) -> list[int]:
+        return self.swarm.child_pids() if self.swarm is not None else []
+
+    def _make_record(self, state: str) -> PeerInfo:
+        assert self.machine is not None
+        return PeerInfo(
+            peer_id=self.peer_id,
+            version=__version__,
+            state=state,
+            roles=list(self.roles),
+            cores=self.machine.cores,
+            ram_bytes=self.machine.ram_bytes,
+            gpu=self.machine.gpu,
+            load=machine_load(),
+            addresses=self.addresses[:32],
+            client_mode=self.settings.client_mode,
+            announced_at=get_dht_time(),
+        )

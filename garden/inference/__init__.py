@@ -1,0 +1,1 @@
+"""Layer-range serving and pipelined generation across peers (issue 7)."""

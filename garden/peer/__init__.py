@@ -1,0 +1,1 @@
+"""Swarm membership: DHT start/join, identity, peer records, capability probe."""

@@ -1,0 +1,114 @@
+"""The swarm's phone book: this peer announces its signed ``PeerInfo`` under ``<swarm>/peers`` every
+``announce_period`` seconds (expiring after 2x, so a peer that vanishes drops out on its own), and
+reads everyone else's. On a clean stop it announces ``state="offline"`` so that others drop it at
+once instead of waiting for the expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden.peer.swarm import Swarm
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import PeerInfo, RecordError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    info: PeerInfo
+    expiration_time: float  # DHT time at which the record expires unless re-announced
+
+    @property
+    def last_seen(self) -> float:
+        return self.info.announced_at
+
+
+class PeerDirectory:
+    """:param make_record: builds this peer's current record (load and roles change over time)
+    :param period: seconds between announces; the record's TTL is twice that"""
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        keys: DHTKeys,
+        private_key: rsa.RSAPrivateKey,
+        make_record: Callable[[str], PeerInfo],
+        period: float,
+    ):
+        self.swarm, self.keys, self._private_key = swarm, keys, private_key
+        self.peer_id = swarm.peer_id
+        self._make_record = make_record
+        self.period = period
+        self.invalid_records = 0
+        self.last_announce_ok: Optional[float] = None  # wall time of the last successful announce
+        self.known: list[PeerEntry] = []
+
+    @property
+    def joined(self) -> bool:
+        return self.last_announce_ok is not None
+
+    async def announce(self, state: str = "online") -> bool:
+        record = self._make_record(state)
+        ok = await self.swarm.store(
+            self.keys.peers,
+            record.to_wire(self._private_key),
+            expiration_time=record.announced_at + 2 * self.period,
+            subkey=record.peer_id,
+        )
+        if ok:
+            self.last_announce_ok = time.time()
+        else:
+            logger.warning("could not announce this peer in the DHT (will retry in %.0f s)", self.period)
+        return ok
+
+    async def read(self) -> list[PeerEntry]:
+        """Valid, online, unexpired records, sorted by peer id. Invalid ones are logged and counted."""
+        found = await self.swarm.get(self.keys.peers, latest=True)
+        entries: list[PeerEntry] = []
+        if found is not None:
+            if not isinstance(found.value, (dict, DictionaryDHTValue)):
+                self._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
+            else:
+                now = get_dht_time()
+                for subkey, item in found.value.items():
+                    try:
+                        raw, expiration_time = item
+                        info = PeerInfo.from_wire(raw, subkey)
+                    except (RecordError, TypeError, ValueError) as e:
+                        self._drop(subkey, str(e))
+                        continue
+                    if info.state == "online" and expiration_time > now:
+                        entries.append(PeerEntry(info, expiration_time))
+        if self.joined and not any(e.info.peer_id == self.peer_id for e in entries):
+            # this peer is alive whatever the DHT answered (e.g. a read that timed out)
+            record = self._make_record("online")
+            entries.append(PeerEntry(record, record.announced_at + 2 * self.period))
+        self.known = sorted(entries, key=lambda e: e.info.peer_id)
+        return self.known
+
+    def _drop(self, subkey: object, reason: str) -> None:
+        self.invalid_records += 1
+        logger.info("ignored an invalid peer record under %r: %s", str(subkey)[:80], reason)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Announce and refresh until ``stop`` is set."""
+        while not stop.is_set():
+            await self.announce()
+            await self.read()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.period)
+            except asyncio.TimeoutError:
+                pass
+
+    async def say_goodbye(self) -> None:
+        await self.announce(state="offline")

@@ -1,0 +1,45 @@
+"""DHT key names (ARCHITECTURE.md, "DHT keys"). One place, so no module spells a key by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_SWARM = "garden"
+
+
+@dataclass(frozen=True)
+class DHTKeys:
+    """Key names under a swarm's prefix.
+
+    The prefix keeps two swarms apart even when they share bootstrap peers (a stock
+    ``hivemind-dht`` can serve many swarms at once).
+
+    :param swarm: the swarm's name; every key starts with ``<swarm>/``
+    """
+
+    swarm: str = DEFAULT_SWARM
+
+    def __post_init__(self) -> None:
+        if not self.swarm or "/" in self.swarm or not self.swarm.isprintable() or len(self.swarm) > 64:
+            raise ValueError(f"swarm name {self.swarm!r} must be 1-64 printable characters without '/'")
+
+    @property
+    def peers(self) -> str:
+        """Subkey = peer id (base58); value = a signed ``PeerInfo``."""
+        return f"{self.swarm}/peers"
+
+    def mission_shards(self, mission_id: str) -> str:
+        return f"{self.swarm}/m/{mission_id}/shards"
+
+    def mission_rows(self, mission_id: str) -> str:
+        return f"{self.swarm}/m/{mission_id}/rows"
+
+    def mission_checkpoints(self, mission_id: str) -> str:
+        return f"{self.swarm}/m/{mission_id}/ckpt"
+
+    @property
+    def missions(self) -> str:
+        return f"{self.swarm}/missions"
+
+    def model_blocks(self, model_id: str) -> str:
+        return f"{self.swarm}/model/{model_id}/blocks"

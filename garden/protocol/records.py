@@ -1,0 +1,125 @@
+"""DHT records: strict schemas, msgpack encoding, and the signed envelope they travel in.
+
+Every value a peer reads from the DHT came from a stranger. Decoding is therefore bounded (size cap
+before msgpack sees the bytes), strict (no coercion: a float where an int belongs is an error), and
+raises only ``RecordError``, which callers log and drop. Unknown fields are ignored, so a newer peer
+can add fields without older peers dropping its records.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from garden.protocol import signing
+
+PROTOCOL_VERSION = 1
+"""Version of the record formats. Bumped only by an incompatible change; fields are added freely."""
+
+MAX_PEER_RECORD_BYTES = 16 * 1024
+"""A signed peer record is ~1 KiB; anything much larger is garbage or an attack."""
+
+Role = Literal["shaker", "trainer", "server"]
+ALL_ROLES: tuple[Role, ...] = ("shaker", "trainer", "server")
+PeerState = Literal["online", "offline"]
+"""``online``: announced and working. ``offline``: the peer's goodbye on a clean stop; readers drop
+it at once instead of waiting for the record to expire."""
+
+
+class RecordError(ValueError):
+    """A DHT value that is not a valid record; the message says why (for the log line)."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+class GpuInfo(_Record):
+    name: str = Field(max_length=200)
+    memory_bytes: int = Field(ge=0)
+
+
+class PeerInfo(_Record):
+    """What a peer announces about itself under ``<swarm>/peers``, subkey = its peer id."""
+
+    v: int = Field(default=PROTOCOL_VERSION, ge=1)
+    peer_id: str = Field(min_length=1, max_length=128)
+    version: str = Field(max_length=64)
+    state: PeerState = "online"
+    roles: list[Role] = Field(max_length=len(ALL_ROLES))
+    cores: int = Field(ge=1, le=65536)
+    ram_bytes: int = Field(ge=0)
+    gpu: Optional[GpuInfo] = None
+    load: float = Field(ge=0.0, le=1.0, description="machine CPU utilisation over the last period, 0..1")
+    addresses: list[str] = Field(default_factory=list, max_length=32)
+    client_mode: bool = False
+    announced_at: float = Field(ge=0.0, description="DHT time (seconds since the epoch) of this announce")
+
+    def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
+        """msgpack body sealed in an envelope signed with the peer's identity key."""
+        return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
+
+    @classmethod
+    def from_wire(cls, raw: Any, subkey: Any) -> "PeerInfo":
+        """Decode and verify a value read under ``peers``; raises ``RecordError`` with the reason."""
+        if not isinstance(subkey, str):
+            raise RecordError(f"subkey is {type(subkey).__name__}, not a peer id string")
+        body, signer = open_sealed(raw, max_bytes=MAX_PEER_RECORD_BYTES)
+        if signer != subkey:
+            raise RecordError(f"signed by {signer}, stored under {subkey}")
+        info = cls._from_body(body)
+        if info.peer_id != subkey:
+            raise RecordError(f"record names peer {info.peer_id!r}, stored under {subkey}")
+        return info
+
+    @classmethod
+    def _from_body(cls, body: bytes) -> "PeerInfo":
+        try:
+            obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+            raise RecordError(f"body is not msgpack: {e}") from None
+        if not isinstance(obj, dict):
+            raise RecordError(f"body is a {type(obj).__name__}, not a map")
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as e:
+            raise RecordError(f"schema: {_first_error(e)}") from None
+
+
+class SignedRecord(_Record):
+    """The envelope: ``b`` the msgpack body, ``k`` the signer's DER public key, ``s`` the signature."""
+
+    b: bytes = Field(max_length=MAX_PEER_RECORD_BYTES)
+    k: bytes = Field(max_length=signing.MAX_PUBLIC_KEY_BYTES)
+    s: bytes = Field(max_length=1024)
+
+
+def seal(body: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
+    envelope = SignedRecord(b=body, k=signing.public_key_der(private_key), s=signing.sign(private_key, body))
+    return msgpack.packb(envelope.model_dump(), use_bin_type=True)
+
+
+def open_sealed(raw: Any, max_bytes: int) -> tuple[bytes, str]:
+    """Check size, shape and signature; return (body, signer's peer id)."""
+    if not isinstance(raw, bytes):
+        raise RecordError(f"value is {type(raw).__name__}, not bytes")
+    if len(raw) > max_bytes:
+        raise RecordError(f"value is {len(raw)} bytes, over the {max_bytes}-byte cap")
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        envelope = SignedRecord.model_validate(obj)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise RecordError(f"not a signed envelope: {_first_error(e)}") from None
+    if not signing.verify(envelope.k, envelope.b, envelope.s):
+        raise RecordError("bad signature")
+    return envelope.b, signing.peer_id_of(envelope.k)
+
+
+def _first_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        return f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}"
+    return str(e)[:200]

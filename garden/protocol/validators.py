@@ -1,0 +1,45 @@
+"""hivemind record validators: the DHT node itself refuses invalid garden records.
+
+hivemind calls ``validate`` when another peer asks this node to store a record and when a peer
+returns a record to this node's search, so a forged or garbage value under a garden key is never
+stored here nor handed to the daemon. Readers validate again anyway (``PeerInfo.from_wire``):
+defence in depth costs one signature check per record.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.serializer import MSGPackSerializer
+
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import PeerInfo, RecordError
+
+logger = logging.getLogger(__name__)
+
+
+class PeerRecordValidator(RecordValidatorBase):
+    """Accepts under ``<swarm>/peers`` only subkeyed values that are valid, self-signed ``PeerInfo``."""
+
+    def __init__(self, keys: DHTKeys):
+        self._peers_key_id = DHTID.generate(source=keys.peers).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._peers_key_id:
+            return True
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value)
+            PeerInfo.from_wire(value, subkey)
+        except RecordError as e:
+            logger.info("dropped an invalid peer record: %s", e)
+            return False
+        except Exception as e:  # undecodable subkey or value: a stranger's garbage, never our crash
+            logger.info("dropped an undecodable peer record: %s", str(e)[:200])
+            return False
+        return True
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False

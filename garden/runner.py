@@ -1,0 +1,169 @@
+"""``garden run``: the daemon process from start to clean exit.
+
+Order matters. Everything that can fail for a user-fixable reason (data dir in use, HTTP port taken,
+bad join address) is checked before anything long-running starts, so the user sees one clear line
+and no traceback. The DHT starts before the event loop (it forks). On SIGINT/SIGTERM the daemon
+stops accepting requests, says goodbye to the swarm, stops the DHT and its ``p2pd``, and exits 0
+within ``STOP_TIMEOUT``; a second signal skips the politeness, kills the children and exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Optional
+
+import psutil
+
+from garden.api.app import create_app
+from garden.api.server import HttpPortError, HttpServer, bind_http_socket, make_server
+from garden.config import GardenSettings
+from garden.daemon import Gardener
+from garden.datadir import DataDirBusyError, DataDirLock
+from garden.peer.identity import IdentityError
+from garden.peer.swarm import SwarmError
+from garden.store import StoreError
+
+logger = logging.getLogger("garden")
+
+STOP_TIMEOUT = 8.0
+"""Seconds a clean stop may take before the runner forces it (the issue's bound is 10 s)."""
+EXIT_USAGE = 2  # the daemon could not start for a reason the user can fix
+
+
+def setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper())
+    logging.basicConfig(
+        level=numeric,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # hivemind's INFO lines are about its internals; keep them for --log-level debug
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("in_root_logger")
+    logging.getLogger("hivemind").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+
+
+def say(message: str) -> None:
+    """A line for the person at the terminal (stdout; logs go to stderr)."""
+    print(f"garden: {message}", flush=True)
+
+
+def run(settings: GardenSettings) -> int:
+    setup_logging(settings.log_level)
+    gardener = Gardener(settings)
+    lock = DataDirLock(gardener.data_dir)
+    try:
+        lock.acquire()
+    except DataDirBusyError as e:
+        say(f"error: {e}")
+        return EXIT_USAGE
+    sock = None
+    try:
+        sock = bind_http_socket(settings.http_host, settings.http_port)
+        say("starting the swarm" if not settings.join else f"joining the swarm via {len(settings.join)} peer(s)")
+        gardener.start()
+        return asyncio.run(_serve(gardener, settings, sock))
+    except (HttpPortError, SwarmError, IdentityError, StoreError) as e:
+        say(f"error: {e}")
+        return EXIT_USAGE
+    finally:
+        gardener.close()
+        gardener.data_dir.clear_runtime()
+        if sock is not None:
+            sock.close()
+        lock.release()
+
+
+async def _serve(gardener: Gardener, settings: GardenSettings, sock: object) -> int:
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            say(f"{signal.Signals(signum).name} received, stopping (again to force)")
+            stop_requested.set()
+        else:
+            _force_exit(gardener)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    server = make_server(create_app(gardener), settings.log_level)
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="garden-http")
+    await gardener.run_background()
+    port = sock.getsockname()[1]
+    url = f"http://{_url_host(settings.http_host)}:{port}"
+    _announce_ready(gardener, url)
+
+    stopper = asyncio.create_task(stop_requested.wait())
+    done, _ = await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if serving in done and not stop_requested.is_set():
+        stopper.cancel()
+        say("error: the HTTP server stopped unexpectedly; shutting down")
+        exit_code = 1
+    else:
+        exit_code = 0
+    try:
+        await asyncio.wait_for(_stop(gardener, server, serving), timeout=STOP_TIMEOUT)
+    except asyncio.TimeoutError:
+        logger.warning("clean stop took over %.0f s; stopping the swarm now", STOP_TIMEOUT)
+    say("stopped")
+    return exit_code
+
+
+async def _stop(gardener: Gardener, server: HttpServer, serving: asyncio.Task) -> None:
+    server.should_exit = True
+    await gardener.stop()
+    await serving
+
+
+def _announce_ready(gardener: Gardener, url: str) -> None:
+    join = _best_maddr(gardener.addresses)
+    if join:
+        say(f"peer {gardener.peer_id} is up; others join with: garden run --join {join}")
+    else:
+        say(f"peer {gardener.peer_id} is up (client mode: others cannot join through this peer)")
+    say(f"local HTTP port: {url} (status: {url}/status, API docs: {url}/docs)")
+    gardener.data_dir.write_runtime(
+        {"pid": os.getpid(), "url": url, "peer_id": gardener.peer_id, "addresses": gardener.addresses}
+    )
+
+
+def _best_maddr(addresses: list[str]) -> Optional[str]:
+    """The address most likely to work from another machine: a routable IPv4 one, else loopback."""
+
+    def rank(maddr: str) -> int:
+        if "/ip4/127." in maddr or "/ip6/::1/" in maddr:
+            return 2
+        return 0 if "/ip4/" in maddr else 1
+
+    return min(addresses, key=rank) if addresses else None
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _force_exit(gardener: Gardener) -> None:
+    """Second signal: kill our own children (DHT process and its p2pd), by PID, and leave now."""
+    say("forced stop")
+    for pid in gardener.child_pids():
+        try:
+            parent = psutil.Process(pid)
+            for proc in parent.children(recursive=True) + [parent]:
+                proc.kill()
+        except psutil.Error:
+            pass
+    gardener.data_dir.clear_runtime()
+    os._exit(130)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from tests.daemons import DaemonFactory
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Real `garden run` processes; teardown stops them and fails the test on any orphaned child."""
+    factory = DaemonFactory(tmp_path)
+    yield factory
+    orphans = factory.close()
+    assert not orphans, f"processes outlived their daemons: {orphans}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_children() -> Iterator[None]:
+    """In-process hivemind DHTs (and their p2pd) started by a test must be gone when it ends."""
+    me = psutil.Process(os.getpid())
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    leaked = []
+    for proc in me.children(recursive=True):
+        if proc.pid in before:
+            continue
+        try:
+            proc.wait(timeout=5)
+        except psutil.TimeoutExpired:
+            leaked.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    assert not leaked, f"test left child processes running: {leaked}"

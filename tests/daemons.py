@@ -1,0 +1,210 @@
+"""Real ``garden run`` processes for tests, on 127.0.0.1, with their descendants tracked by PID.
+
+Every daemon a test starts is stopped at teardown, and the test fails if any process it spawned
+(the DHT child, ``p2pd``, torch's shm manager) outlives it. Only processes this module started, or
+their descendants recorded by PID and create time, are ever signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+import psutil
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    data_dir: Path
+    stdout_path: Path
+    stderr_path: Path
+    url: str = ""
+    peer_id: str = ""
+    addresses: list[str] = field(default_factory=list)
+    descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+
+    @property
+    def join_addr(self) -> str:
+        return self.addresses[0]
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, self.url + path, timeout=30, **kwargs)
+
+    def peer_ids(self) -> set[str]:
+        response = self.get("/peers")
+        response.raise_for_status()
+        return {peer["peer_id"] for peer in response.json()}
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def record_descendants(self) -> None:
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    self.descendants[child.pid] = child.create_time()
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+
+    def alive_descendants(self) -> list[psutil.Process]:
+        alive = []
+        for pid, created in self.descendants.items():
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        return alive
+
+    def send(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.record_descendants()
+            self.proc.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Signal the daemon and wait; returns its exit code. Kills it (and fails loudly) past ``timeout``."""
+        self.send(signum)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise AssertionError(f"daemon {self.peer_id} did not stop within {timeout} s after {signum}")
+
+    def kill_all(self) -> None:
+        self.record_descendants()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for proc in self.alive_descendants():
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+    def wait_children_gone(self, timeout: float = 5.0) -> list[psutil.Process]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            alive = self.alive_descendants()
+            if not alive:
+                return []
+            time.sleep(0.1)
+        return self.alive_descendants()
+
+
+class DaemonFactory:
+    """Starts daemons in ``base_dir``; ``close()`` stops them all and reports orphans."""
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self.daemons: list[Daemon] = []
+        self._count = 0
+
+    def env(self, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GARDEN_")}
+        env.update(
+            PYTHONUNBUFFERED="1",
+            XDG_CONFIG_HOME=str(self.base_dir / "xdg-config"),  # never read the developer's own config
+            XDG_DATA_HOME=str(self.base_dir / "xdg-data"),
+        )
+        env.update(extra or {})
+        return env
+
+    def start(
+        self,
+        *args: str,
+        data_dir: Optional[Path] = None,
+        env: Optional[dict[str, str]] = None,
+        announce_period: float = 1.0,
+        wait: bool = True,
+    ) -> Daemon:
+        self._count += 1
+        name = f"peer{self._count}"
+        data_dir = data_dir or self.base_dir / name
+        stdout_path = self.base_dir / f"{name}.out"
+        stderr_path = self.base_dir / f"{name}.err"
+        argv = [
+            sys.executable, "-m", "garden", "run",
+            "--data-dir", str(data_dir),
+            "--http-port", "0",
+            "--host-maddr", "/ip4/127.0.0.1/tcp/0",
+            "--announce-period", str(announce_period),
+            *args,
+        ]  # fmt: skip
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env(env))
+        daemon = Daemon(proc=proc, data_dir=data_dir, stdout_path=stdout_path, stderr_path=stderr_path)
+        self.daemons.append(daemon)
+        if wait:
+            self.wait_ready(daemon)
+        return daemon
+
+    def wait_ready(self, daemon: Daemon, timeout: float = START_TIMEOUT) -> Daemon:
+        deadline = time.time() + timeout
+        runtime = daemon.data_dir / "daemon.json"
+        while time.time() < deadline:
+            if daemon.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {daemon.proc.returncode}:\n{daemon.stdout()}\n{daemon.stderr()}"
+                )
+            try:
+                info = json.loads(runtime.read_text())
+            except (OSError, ValueError):
+                info = None
+            if info and info.get("pid") == daemon.proc.pid:
+                daemon.url, daemon.peer_id, daemon.addresses = info["url"], info["peer_id"], info["addresses"]
+                daemon.record_descendants()
+                return daemon
+            time.sleep(0.1)
+        daemon.kill_all()
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{daemon.stdout()}\n{daemon.stderr()}")
+
+    def close(self) -> list[str]:
+        """Stop every daemon still running; return a description of each orphaned descendant."""
+        for daemon in self.daemons:
+            if daemon.proc.poll() is None:
+                try:
+                    daemon.stop()
+                except AssertionError:
+                    pass
+        orphans = []
+        for daemon in self.daemons:
+            for proc in daemon.wait_children_gone():
+                try:
+                    orphans.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+                    proc.kill()
+                except psutil.Error:
+                    pass
+        return orphans
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.25, message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail with the last value after ``timeout``."""
+    deadline = time.time() + timeout
+    last: Any = None
+    while time.time() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{message} not reached in {timeout} s (last value: {last!r})")
