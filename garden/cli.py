@@ -4,6 +4,7 @@ daemon's HTTP port and prints the answer (a rich table for people, ``--json`` fo
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err = Console(stderr=True)
 
 EXIT_NO_DAEMON = 1
 EXIT_CONFIG = 2
@@ -71,6 +71,10 @@ def run(
         dht_timeout=dht_timeout,
     )
     settings = _settings(flags, config)
+    # hivemind makes torch share memory through files by default, which starts a torch_shm_manager
+    # process (~60 MB) beside the daemon; the DHT's futures need only a few pooled buffers, which
+    # file descriptors serve as well. Must be set before hivemind is first imported.
+    os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     from garden.runner import run as run_daemon  # imports hivemind and torch: only for `run`
 
     raise typer.Exit(run_daemon(settings))
@@ -151,8 +155,7 @@ def _settings(flags: dict[str, Any], config: Optional[Path]) -> GardenSettings:
     try:
         return load_settings(flags, config)
     except ConfigError as e:
-        err.print(f"garden: {e}", markup=False, highlight=False)
-        raise typer.Exit(EXIT_CONFIG)
+        raise _fail(str(e), EXIT_CONFIG)
 
 
 def _daemon_url(url: Optional[str], data_dir: Optional[Path], config: Optional[Path]) -> str:
@@ -175,16 +178,16 @@ def _get(url: str, path: str) -> Any:
     try:
         response = httpx.get(url + path, timeout=15)
     except httpx.TransportError:
-        err.print(
-            f"garden: no garden daemon answers at {url}; start one with `garden run` (or pass --url)",
-            markup=False,
-            highlight=False,
-        )
-        raise typer.Exit(EXIT_NO_DAEMON)
+        raise _fail(f"no garden daemon answers at {url}; start one with `garden run` (or pass --url)")
     if response.status_code != 200:
-        err.print(f"garden: {url}{path} answered {response.status_code}: {response.text[:300]}", markup=False)
-        raise typer.Exit(EXIT_NO_DAEMON)
+        raise _fail(f"{url}{path} answered {response.status_code}: {response.text[:300]}")
     return response.json()
+
+
+def _fail(message: str, code: int = EXIT_NO_DAEMON) -> typer.Exit:
+    """Print one plain line (no wrapping: people copy commands out of it) and give the exit to raise."""
+    typer.echo(f"garden: {message}", err=True)
+    return typer.Exit(code)
 
 
 def _gib(n: int) -> str:

@@ -5,6 +5,9 @@ from pathlib import Path
 from typing import Iterator
 
 import psutil
+
+# as the daemon does (garden/cli.py): no torch_shm_manager beside in-process hivemind DHTs
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 import pytest
 
 from tests.daemons import DaemonFactory

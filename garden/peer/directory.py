@@ -84,6 +84,7 @@ class PeerDirectory:
                     try:
                         raw, expiration_time = item
                         info = PeerInfo.from_wire(raw, subkey)
+                        info.check_fresh(expiration_time, now)
                     except (RecordError, TypeError, ValueError) as e:
                         self._drop(subkey, str(e))
                         continue

@@ -22,6 +22,11 @@ PROTOCOL_VERSION = 1
 MAX_PEER_RECORD_BYTES = 16 * 1024
 """A signed peer record is ~1 KiB; anything much larger is garbage or an attack."""
 
+MAX_RECORD_TTL = 2 * 3600.0
+"""Longest life a peer record may claim: twice the longest allowed announce period (1 h)."""
+MAX_CLOCK_SKEW = 120.0
+"""Seconds a peer's clock may run ahead of ours before its records count as forged."""
+
 Role = Literal["shaker", "trainer", "server"]
 ALL_ROLES: tuple[Role, ...] = ("shaker", "trainer", "server")
 PeerState = Literal["online", "offline"]
@@ -74,6 +79,16 @@ class PeerInfo(_Record):
         if info.peer_id != subkey:
             raise RecordError(f"record names peer {info.peer_id!r}, stored under {subkey}")
         return info
+
+    def check_fresh(self, expiration_time: float, now: float) -> None:
+        """Refuse a record that claims to live too long, is stale, or comes from the future: a
+        self-signed record is still a lie if it would keep a dead peer listed for days."""
+        if self.announced_at > now + MAX_CLOCK_SKEW:
+            raise RecordError(f"announced {self.announced_at - now:.0f} s in the future")
+        if now - self.announced_at > MAX_RECORD_TTL:
+            raise RecordError(f"stale: announced {now - self.announced_at:.0f} s ago")
+        if expiration_time - self.announced_at > MAX_RECORD_TTL + MAX_CLOCK_SKEW:
+            raise RecordError(f"claims to live {expiration_time - self.announced_at:.0f} s, over {MAX_RECORD_TTL:.0f}")
 
     @classmethod
     def _from_body(cls, body: bytes) -> "PeerInfo":

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 
-import multihash
+import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from hivemind.p2p import PeerID
-from hivemind.proto import crypto_pb2
 
 _PADDING = padding.PKCS1v15()
 _HASH = hashes.SHA256()
@@ -28,10 +26,24 @@ def public_key_der(private_key: rsa.RSAPrivateKey) -> bytes:
 
 
 def peer_id_of(public_der: bytes) -> str:
-    """The base58 libp2p peer id of an RSA public key (as in ``PeerID.from_identity``)."""
-    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der).SerializeToString()
-    digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
-    return PeerID(digest).to_base58()
+    """The base58 libp2p peer id of an RSA public key: base58(multihash(sha256(PublicKey protobuf))).
+
+    Encoded by hand rather than through ``hivemind.p2p.PeerID``: importing hivemind imports torch
+    (~3 s), and ``garden status`` must not pay that. tests/protocol checks it against hivemind.
+    """
+    # libp2p crypto.pb PublicKey {Type = 1 (varint, RSA = 0); Data = 2 (bytes)}
+    encoded = b"\x08\x00\x12" + _varint(len(public_der)) + public_der
+    multihash = b"\x12\x20" + hashlib.sha256(encoded).digest()  # sha2-256, 32 bytes
+    return base58.b58encode(multihash).decode()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def sign(private_key: rsa.RSAPrivateKey, data: bytes) -> bytes:

@@ -13,6 +13,7 @@ import logging
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
 
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import PeerInfo, RecordError
@@ -32,7 +33,7 @@ class PeerRecordValidator(RecordValidatorBase):
         try:
             subkey = MSGPackSerializer.loads(record.subkey)
             value = MSGPackSerializer.loads(record.value)
-            PeerInfo.from_wire(value, subkey)
+            PeerInfo.from_wire(value, subkey).check_fresh(record.expiration_time, get_dht_time())
         except RecordError as e:
             logger.info("dropped an invalid peer record: %s", e)
             return False

@@ -1,0 +1,43 @@
+# The two commands of the README's quick start:
+#   make run    create .venv, install garden, start a new local swarm (a peer others can join)
+#   make test   create .venv with the [dev] extra, run the whole test suite
+#
+# torch is pinned to 2.13.0 and installed first: on the project's machines pip takes the CPU build
+# of that release from local wheels; a looser requirement would download a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_VERSION := 2.13.0
+RUN_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-dev bench clean
+
+run: install
+	$(VENV)/bin/garden run $(RUN_ARGS)
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install-dev
+	$(PY) benchmarks/startup.py
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "garden needs Python 3.11 or newer (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev]"
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
