@@ -135,7 +135,7 @@ class DaemonFactory:
         *args: str,
         data_dir: Optional[Path] = None,
         env: Optional[dict[str, str]] = None,
-        announce_period: float = 1.0,
+        announce_period: Optional[float] = 1.0,
         wait: bool = True,
     ) -> Daemon:
         self._count += 1
@@ -148,7 +148,7 @@ class DaemonFactory:
             "--data-dir", str(data_dir),
             "--http-port", "0",
             "--host-maddr", "/ip4/127.0.0.1/tcp/0",
-            "--announce-period", str(announce_period),
+            *(["--announce-period", str(announce_period)] if announce_period else []),
             *args,
         ]  # fmt: skip
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:

@@ -58,6 +58,7 @@ def create_app(gardener: Gardener) -> FastAPI:
             joined=bool(directory and directory.joined),
             swarm=gardener.keys.swarm,
             client_mode=gardener.settings.client_mode,
+            announce_period_s=gardener.settings.announce_period,
             machine=Machine(cores=machine.cores, ram_bytes=machine.ram_bytes, gpu=machine.gpu),
         )
 

@@ -31,6 +31,7 @@ class Status(BaseModel):
     joined: bool = Field(description="this peer's record has been stored in the DHT at least once")
     swarm: str
     client_mode: bool
+    announce_period_s: float = Field(description="seconds between announces of this peer's record")
     machine: Machine
 
 

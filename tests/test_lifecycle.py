@@ -1,0 +1,61 @@
+"""Starting and stopping a daemon the way users do: signals, port clashes, layered settings."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import DaemonFactory
+
+pytestmark = pytest.mark.swarm
+
+
+def test_sigint_stops_cleanly(daemons: DaemonFactory) -> None:
+    daemon = daemons.start()
+    started = time.time()
+    assert daemon.stop(signal.SIGINT) == 0
+    assert time.time() - started < 10
+    assert not daemon.wait_children_gone(), "DHT process or p2pd outlived the daemon"
+    assert "garden: stopped" in daemon.stdout()
+    assert "Traceback" not in daemon.stderr()
+    assert not (daemon.data_dir / "daemon.json").exists()
+
+
+def test_second_signal_forces_exit(daemons: DaemonFactory) -> None:
+    daemon = daemons.start()
+    daemon.send(signal.SIGINT)
+    daemon.send(signal.SIGINT)
+    code = daemon.proc.wait(timeout=10)
+    assert code in (0, 130)  # 0 if the clean stop won the race with the second signal
+    assert not daemon.wait_children_gone()
+
+
+def test_http_port_in_use_fails_clearly(daemons: DaemonFactory) -> None:
+    first = daemons.start()
+    port = first.url.rsplit(":", 1)[1]
+    clash = daemons.start("--http-port", port, wait=False)
+    assert clash.proc.wait(timeout=60) == 2
+    assert f"cannot open the HTTP port 127.0.0.1:{port}" in clash.stdout()
+    assert "--http-port 0" in clash.stdout()
+    assert "Traceback" not in clash.stderr()
+    assert first.get("/health").status_code == 200
+
+
+def test_settings_layers_in_a_real_daemon(daemons: DaemonFactory, tmp_path: Path) -> None:
+    """flag > env > file > default, observed through /status of a running daemon."""
+    config = tmp_path / "garden.toml"
+    config.write_text('swarm = "from-file"\nroles = ["server"]\nannounce_period = 7.0\n')
+    daemon = daemons.start(
+        "--config", str(config), "--roles", "shaker",
+        env={"GARDEN_SWARM": "from-env", "GARDEN_ROLES": "trainer"},
+        announce_period=None,
+    )  # fmt: skip
+    status = daemon.get("/status").json()
+    assert status["roles"] == ["shaker"]  # flag beats env and file
+    assert status["swarm"] == "from-env"  # env beats file
+    assert status["announce_period_s"] == 7.0  # file beats default
+    assert status["client_mode"] is False  # default
+    assert daemon.url.startswith("http://127.0.0.1:")  # default http_host
