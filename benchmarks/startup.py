@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 
@@ -53,7 +53,7 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def timed_join(factory: DaemonFactory, join: Optional[str], expect: int) -> tuple[Daemon, float]:
+def timed_join(factory: DaemonFactory, join: str | None, expect: int) -> tuple[Daemon, float]:
     """Start a daemon (default announce period) and return it with seconds until it has joined."""
     started = time.perf_counter()
     daemon = factory.start(*(["--join", join] if join else []), announce_period=None, wait=False)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -37,22 +36,22 @@ def _help(field: str) -> str:
 
 @app.command()
 def run(
-    join: Optional[list[str]] = typer.Option(None, "--join", metavar="MADDR", help=_help("join") + " Repeatable."),
-    host_maddr: Optional[list[str]] = typer.Option(None, "--host-maddr", metavar="MADDR", help=_help("host_maddr")),
-    announce_maddr: Optional[list[str]] = typer.Option(
+    join: list[str] | None = typer.Option(None, "--join", metavar="MADDR", help=_help("join") + " Repeatable."),
+    host_maddr: list[str] | None = typer.Option(None, "--host-maddr", metavar="MADDR", help=_help("host_maddr")),
+    announce_maddr: list[str] | None = typer.Option(
         None, "--announce-maddr", metavar="MADDR", help=_help("announce_maddr")
     ),
-    http_host: Optional[str] = typer.Option(None, "--http-host", help=_help("http_host")),
-    http_port: Optional[int] = typer.Option(None, "--http-port", help=_help("http_port")),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_help("data_dir")),
-    roles: Optional[str] = typer.Option(None, "--roles", metavar="ROLE,...", help=_help("roles")),
-    max_threads: Optional[int] = typer.Option(None, "--max-threads", help=_help("max_threads")),
-    log_level: Optional[str] = typer.Option(None, "--log-level", help=_help("log_level")),
-    client_mode: Optional[bool] = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
-    swarm: Optional[str] = typer.Option(None, "--swarm", help=_help("swarm")),
-    announce_period: Optional[float] = typer.Option(None, "--announce-period", help=_help("announce_period")),
-    dht_timeout: Optional[float] = typer.Option(None, "--dht-timeout", help=_help("dht_timeout")),
-    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="TOML config file [env GARDEN_CONFIG]."),
+    http_host: str | None = typer.Option(None, "--http-host", help=_help("http_host")),
+    http_port: int | None = typer.Option(None, "--http-port", help=_help("http_port")),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=_help("data_dir")),
+    roles: str | None = typer.Option(None, "--roles", metavar="ROLE,...", help=_help("roles")),
+    max_threads: int | None = typer.Option(None, "--max-threads", help=_help("max_threads")),
+    log_level: str | None = typer.Option(None, "--log-level", help=_help("log_level")),
+    client_mode: bool | None = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
+    swarm: str | None = typer.Option(None, "--swarm", help=_help("swarm")),
+    announce_period: float | None = typer.Option(None, "--announce-period", help=_help("announce_period")),
+    dht_timeout: float | None = typer.Option(None, "--dht-timeout", help=_help("dht_timeout")),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE", help="TOML config file [env GARDEN_CONFIG]."),
 ) -> None:
     """Run a peer: start a new swarm, or join one with --join. Stop with Ctrl+C."""
     flags = dict(
@@ -82,10 +81,10 @@ def run(
 
 @app.command()
 def status(
-    url: Optional[str] = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's)."),
+    url: str | None = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir."),
-    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir."),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE"),
 ) -> None:
     """This peer: id, uptime, roles, addresses, peers seen."""
     data = _get(_daemon_url(url, data_dir, config), "/status")
@@ -105,8 +104,11 @@ def status(
         ("roles", ", ".join(data["roles"]) or "none"),
         *((f"  not {role}", why) for role, why in data.get("skipped_roles", {}).items()),
         ("peers seen", str(data["peers"])),
-        ("machine", f"{machine.get('cores')} cores, {_gib(machine.get('ram_bytes', 0))} RAM"
-         + (f", {gpu['name']} ({_gib(gpu['memory_bytes'])})" if gpu else ", no GPU")),
+        (
+            "machine",
+            f"{machine.get('cores')} cores, {_gib(machine.get('ram_bytes', 0))} RAM"
+            + (f", {gpu['name']} ({_gib(gpu['memory_bytes'])})" if gpu else ", no GPU"),
+        ),
         ("addresses", "\n".join(data["addresses"]) or "none (client mode)"),
     ]
     for key, value in rows:
@@ -116,10 +118,10 @@ def status(
 
 @app.command()
 def peers(
-    url: Optional[str] = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's)."),
+    url: str | None = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir."),
-    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir."),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE"),
 ) -> None:
     """The swarm's peers with their capabilities."""
     data = _get(_daemon_url(url, data_dir, config), "/peers")
@@ -151,14 +153,14 @@ def version() -> None:
     print(__version__)
 
 
-def _settings(flags: dict[str, Any], config: Optional[Path]) -> GardenSettings:
+def _settings(flags: dict[str, Any], config: Path | None) -> GardenSettings:
     try:
         return load_settings(flags, config)
     except ConfigError as e:
-        raise _fail(str(e), EXIT_CONFIG)
+        raise _fail(str(e), EXIT_CONFIG) from None
 
 
-def _daemon_url(url: Optional[str], data_dir: Optional[Path], config: Optional[Path]) -> str:
+def _daemon_url(url: str | None, data_dir: Path | None, config: Path | None) -> str:
     """--url, else the URL the local daemon wrote into its data dir, else the configured port."""
     if url:
         return url.rstrip("/")
@@ -178,7 +180,7 @@ def _get(url: str, path: str) -> Any:
     try:
         response = httpx.get(url + path, timeout=15)
     except httpx.TransportError:
-        raise _fail(f"no garden daemon answers at {url}; start one with `garden run` (or pass --url)")
+        raise _fail(f"no garden daemon answers at {url}; start one with `garden run` (or pass --url)") from None
     if response.status_code != 200:
         raise _fail(f"{url}{path} answered {response.status_code}: {response.text[:300]}")
     return response.json()
@@ -208,4 +210,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,7 +12,8 @@ import contextvars
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal
+from collections.abc import Mapping
 
 import platformdirs
 from pydantic import Field, ValidationError, field_validator
@@ -68,10 +69,10 @@ class GardenSettings(BaseSettings):
 
     # --- this machine ------------------------------------------------------------------------------
     data_dir: Path = Field(default_factory=default_data_dir, description="Identity, store and logs.")
-    roles: Annotated[Optional[list[Role]], NoDecode] = Field(
+    roles: Annotated[list[Role] | None, NoDecode] = Field(
         None, description="Subset of shaker,trainer,server; default: every role this machine can do."
     )
-    max_threads: Optional[int] = Field(None, ge=1, le=1024, description="Cap on torch/BLAS threads.")
+    max_threads: int | None = Field(None, ge=1, le=1024, description="Cap on torch/BLAS threads.")
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
     @field_validator("join", "host_maddr", "announce_maddr", "roles", mode="before")
@@ -83,7 +84,7 @@ class GardenSettings(BaseSettings):
 
     @field_validator("roles")
     @classmethod
-    def _unique_roles(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+    def _unique_roles(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else sorted(set(value))
 
     @field_validator("log_level", mode="before")
@@ -108,20 +109,20 @@ class GardenSettings(BaseSettings):
         return init_settings, env_settings, _ConfigFileSource(settings_cls)
 
 
-_FILE_VALUES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("garden_config_file", default={})
+_FILE_VALUES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("garden_config_file", default=None)
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):
     """The TOML file's values, read by ``load_settings`` (so that it can report TOML errors by file)."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _FILE_VALUES.get().get(field_name), field_name, False
+        return (_FILE_VALUES.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_VALUES.get())
+        return dict(_FILE_VALUES.get() or {})
 
 
-def resolve_config_file(explicit: Optional[Path]) -> Optional[Path]:
+def resolve_config_file(explicit: Path | None) -> Path | None:
     """``--config`` or ``$GARDEN_CONFIG`` (must exist), else the platform default (if it exists)."""
     chosen = explicit or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
     if chosen is not None:
@@ -149,7 +150,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(flags: Optional[Mapping[str, Any]] = None, config_file: Optional[Path] = None) -> GardenSettings:
+def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None) -> GardenSettings:
     """Build the settings; ``flags`` holds only the options given on the command line (None = not given)."""
     path = resolve_config_file(config_file)
     token = _FILE_VALUES.set(read_config_file(path) if path else {})

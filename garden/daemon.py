@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
 
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -22,7 +21,7 @@ from garden.peer.directory import PeerDirectory
 from garden.peer.identity import Identity, load_or_create_identity
 from garden.peer.swarm import Swarm, SwarmConfig
 from garden.protocol.keys import DHTKeys
-from garden.protocol.records import PeerInfo, Role
+from garden.protocol.records import PeerInfo, PeerState, Role
 from garden.protocol.validators import PeerRecordValidator
 from garden.store import Store
 
@@ -37,15 +36,15 @@ class Gardener:
         self.settings = settings
         self.data_dir = DataDir(settings.data_dir)
         self.keys = DHTKeys(settings.swarm)
-        self.identity: Optional[Identity] = None
-        self.store: Optional[Store] = None
-        self.swarm: Optional[Swarm] = None
-        self.directory: Optional[PeerDirectory] = None
-        self.machine: Optional[MachineInfo] = None
+        self.identity: Identity | None = None
+        self.store: Store | None = None
+        self.swarm: Swarm | None = None
+        self.directory: PeerDirectory | None = None
+        self.machine: MachineInfo | None = None
         self.roles: list[Role] = []
         self.skipped_roles: dict[str, str] = {}
         self.addresses: list[str] = []
-        self.started_at: Optional[float] = None
+        self.started_at: float | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -100,13 +99,13 @@ class Gardener:
         for task in self._tasks:
             try:
                 await asyncio.wait_for(task, timeout=GOODBYE_TIMEOUT)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
         self._tasks.clear()
         if self.directory is not None and self.directory.joined:
             try:
                 await asyncio.wait_for(self.directory.say_goodbye(), timeout=GOODBYE_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.info("goodbye record not stored in time; it will expire on its own")
 
     def close(self) -> None:
@@ -130,7 +129,7 @@ class Gardener:
     def child_pids(self) -> list[int]:
         return self.swarm.child_pids() if self.swarm is not None else []
 
-    def _make_record(self, state: str) -> PeerInfo:
+    def _make_record(self, state: PeerState) -> PeerInfo:
         assert self.machine is not None
         return PeerInfo(
             peer_id=self.peer_id,

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class DataDirBusyError(RuntimeError):
@@ -50,7 +50,7 @@ class DataDir:
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, self.runtime)
 
-    def read_runtime(self) -> Optional[dict[str, Any]]:
+    def read_runtime(self) -> dict[str, Any] | None:
         try:
             info = json.loads(self.runtime.read_text())
         except (OSError, ValueError):
@@ -66,7 +66,7 @@ class DataDirLock:
 
     def __init__(self, data_dir: DataDir):
         self.data_dir = data_dir
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         self.data_dir.ensure()

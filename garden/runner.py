@@ -13,8 +13,8 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
-from typing import Optional
 
 import psutil
 
@@ -81,7 +81,7 @@ def run(settings: GardenSettings) -> int:
         lock.release()
 
 
-async def _serve(gardener: Gardener, settings: GardenSettings, sock: object) -> int:
+async def _serve(gardener: Gardener, settings: GardenSettings, sock: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals_seen: list[int] = []
@@ -114,7 +114,7 @@ async def _serve(gardener: Gardener, settings: GardenSettings, sock: object) -> 
         exit_code = 0
     try:
         await asyncio.wait_for(_stop(gardener, server, serving), timeout=STOP_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.warning("clean stop took over %.0f s; stopping the swarm now", STOP_TIMEOUT)
     say("stopped")
     return exit_code
@@ -138,7 +138,7 @@ def _announce_ready(gardener: Gardener, url: str) -> None:
     )
 
 
-def _best_maddr(addresses: list[str]) -> Optional[str]:
+def _best_maddr(addresses: list[str]) -> str | None:
     """The address most likely to work from another machine: a routable IPv4 one, else loopback."""
 
     def rank(maddr: str) -> int:

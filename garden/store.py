@@ -14,7 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Store:
         return int(row[0] or 0)
 
     # --- access ------------------------------------------------------------------------------------
-    def transaction(self) -> "_Transaction":
+    def transaction(self) -> _Transaction:
         """``with store.transaction() as tx: tx.execute(...)``: all or nothing, under the store lock."""
         return _Transaction(self._db, self._lock)
 
@@ -101,7 +102,7 @@ class Store:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
-    def get_meta(self, key: str) -> Optional[str]:
+    def get_meta(self, key: str) -> str | None:
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
@@ -121,7 +122,7 @@ class _Transaction:
     def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
         self._db, self._lock = db, lock
 
-    def __enter__(self) -> "_Transaction":
+    def __enter__(self) -> _Transaction:
         self._lock.acquire()
         try:
             self._db.execute("BEGIN IMMEDIATE")

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import psutil
@@ -89,7 +89,7 @@ class Daemon:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
-            raise AssertionError(f"daemon {self.peer_id} did not stop within {timeout} s after {signum}")
+            raise AssertionError(f"daemon {self.peer_id} did not stop within {timeout} s after {signum}") from None
 
     def kill_all(self) -> None:
         self.record_descendants()
@@ -120,7 +120,7 @@ class DaemonFactory:
         self.daemons: list[Daemon] = []
         self._count = 0
 
-    def env(self, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GARDEN_")}
         env.update(
             PYTHONUNBUFFERED="1",
@@ -133,9 +133,9 @@ class DaemonFactory:
     def start(
         self,
         *args: str,
-        data_dir: Optional[Path] = None,
-        env: Optional[dict[str, str]] = None,
-        announce_period: Optional[float] = 1.0,
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        announce_period: float | None = 1.0,
         wait: bool = True,
     ) -> Daemon:
         self._count += 1

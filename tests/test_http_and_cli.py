@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,9 +26,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def garden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=60, env=env
-    )
+    return subprocess.run([sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_health(daemon: Daemon) -> None:
@@ -44,7 +42,9 @@ def test_status_fields_and_types(daemon: Daemon) -> None:
     assert isinstance(status["uptime_s"], float) and status["uptime_s"] >= 0
     assert set(status["roles"]) <= {"shaker", "trainer", "server"}
     assert status["addresses"] == daemon.addresses
-    assert all(a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith(f"/p2p/{daemon.peer_id}") for a in status["addresses"])
+    assert all(
+        a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith(f"/p2p/{daemon.peer_id}") for a in status["addresses"]
+    )
     assert isinstance(status["peers"], int) and status["peers"] == 1
     assert status["joined"] is True
     assert status["machine"]["cores"] >= 1 and status["machine"]["ram_bytes"] > 0

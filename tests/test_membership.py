@@ -58,7 +58,7 @@ def test_stock_hivemind_bootstrap_peer(daemons: DaemonFactory, tmp_path: Path) -
         second = daemons.start("--join", maddr)
         both = {first.peer_id, second.peer_id}
         for daemon in (first, second):
-            wait_until(lambda: daemon.peer_ids() == both, timeout=15, message="peers found via the bootstrap")
+            wait_until(lambda d=daemon: d.peer_ids() == both, timeout=15, message="peers found via the bootstrap")
     finally:
         children = psutil.Process(bootstrap.pid).children(recursive=True)
         bootstrap.terminate()

@@ -21,7 +21,7 @@ def test_three_peers_see_each_other_and_drop_a_stopped_one(daemons: DaemonFactor
 
     started = time.time()
     for daemon in (first, second, third):
-        wait_until(lambda: daemon.peer_ids() == everyone, timeout=15, message=f"{daemon.peer_id} sees all three")
+        wait_until(lambda d=daemon: d.peer_ids() == everyone, timeout=15, message=f"{daemon.peer_id} sees all three")
     assert time.time() - started < 15
 
     assert first.stop(signal.SIGTERM) == 0
@@ -29,7 +29,7 @@ def test_three_peers_see_each_other_and_drop_a_stopped_one(daemons: DaemonFactor
     rest = {second.peer_id, third.peer_id}
     for daemon in (second, third):
         # records expire after 2 x announce period (1 s); allow for the DHT's own caching
-        wait_until(lambda: daemon.peer_ids() == rest, timeout=15, message=f"{daemon.peer_id} drops the first")
+        wait_until(lambda d=daemon: d.peer_ids() == rest, timeout=15, message=f"{daemon.peer_id} drops the first")
         assert daemon.get("/health").json() == {"status": "ok"}
     assert second.get("/status").json()["peers"] == 2
 

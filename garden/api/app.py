@@ -42,11 +42,13 @@ def create_app(gardener: Gardener) -> FastAPI:
         """Liveness: answers as long as the daemon's event loop runs."""
         return Health()
 
+    machine, directory = gardener.machine, gardener.directory
+    if machine is None or directory is None:
+        raise RuntimeError("create_app needs a started Gardener")
+
     @app.get("/status", response_model=Status, tags=["peer"])
     async def status() -> Status:
         """This peer: identity, uptime, roles, addresses and how many peers it sees."""
-        machine = gardener.machine
-        directory = gardener.directory
         return Status(
             peer_id=gardener.peer_id,
             version=__version__,
@@ -54,8 +56,8 @@ def create_app(gardener: Gardener) -> FastAPI:
             roles=gardener.roles,
             skipped_roles=gardener.skipped_roles,
             addresses=gardener.addresses,
-            peers=len(directory.known) if directory else 0,
-            joined=bool(directory and directory.joined),
+            peers=len(directory.known),
+            joined=directory.joined,
             swarm=gardener.keys.swarm,
             client_mode=gardener.settings.client_mode,
             announce_period_s=gardener.settings.announce_period,
@@ -65,7 +67,7 @@ def create_app(gardener: Gardener) -> FastAPI:
     @app.get("/peers", response_model=list[Peer], tags=["swarm"])
     async def peers() -> list[Peer]:
         """The swarm's peers (this one included), read fresh from the DHT."""
-        entries = await gardener.directory.read()
+        entries = await directory.read()
         now = get_dht_time()
         return [_peer(entry, gardener.peer_id, now) for entry in entries]
 

@@ -6,10 +6,10 @@ not share counters.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from garden import __version__
@@ -20,7 +20,7 @@ class GardenerCollector(Collector):
     def __init__(self, gardener: Gardener):
         self.gardener = gardener
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         g = self.gardener
         yield InfoMetricFamily("garden", "This peer.", value={"version": __version__, "peer_id": g.peer_id})
         yield GaugeMetricFamily("garden_uptime_seconds", "Seconds since the daemon joined.", value=g.uptime_s)

@@ -3,7 +3,6 @@ fields freely, never rename or remove one."""
 
 from __future__ import annotations
 
-from typing import Optional
 
 from pydantic import BaseModel, Field
 
@@ -17,7 +16,7 @@ class Health(BaseModel):
 class Machine(BaseModel):
     cores: int
     ram_bytes: int
-    gpu: Optional[GpuInfo] = None
+    gpu: GpuInfo | None = None
 
 
 class Status(BaseModel):
@@ -41,7 +40,7 @@ class Peer(BaseModel):
     roles: list[Role]
     cores: int
     ram_bytes: int
-    gpu: Optional[GpuInfo] = None
+    gpu: GpuInfo | None = None
     load: float
     addresses: list[str]
     client_mode: bool

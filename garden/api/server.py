@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -45,7 +46,7 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: object, log_level: str) -> HttpServer:
+def make_server(app: Any, log_level: str) -> HttpServer:
     config = uvicorn.Config(
         app,
         log_level="warning" if log_level != "debug" else "debug",

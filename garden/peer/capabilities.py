@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import psutil
 
@@ -27,7 +26,7 @@ class MachineInfo:
     cores: int
     ram_bytes: int
     available_ram_bytes: int
-    gpu: Optional[GpuInfo]
+    gpu: GpuInfo | None
 
 
 def probe_machine() -> MachineInfo:
@@ -40,7 +39,7 @@ def probe_machine() -> MachineInfo:
     )
 
 
-def probe_gpu() -> Optional[GpuInfo]:
+def probe_gpu() -> GpuInfo | None:
     """The first CUDA device torch sees, if any. A broken driver is reported as no GPU, not a crash."""
     try:
         import torch
@@ -60,8 +59,9 @@ def possible_roles(machine: MachineInfo) -> list[Role]:
     return [role for role in ALL_ROLES if budget >= MIN_AVAILABLE_RAM[role]]
 
 
-def choose_roles(requested: Optional[list[Role]], machine: MachineInfo) -> tuple[list[Role], dict[str, str]]:
+def choose_roles(requested: list[Role] | None, machine: MachineInfo) -> tuple[list[Role], dict[str, str]]:
     """(roles taken, reasons for roles not taken). Requested roles are honoured but warned about."""
+    skipped: dict[str, str]
     possible = possible_roles(machine)
     if requested is None:
         skipped = {

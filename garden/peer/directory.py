@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.storage import DictionaryDHTValue
@@ -18,7 +18,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from garden.peer.swarm import Swarm
 from garden.protocol.keys import DHTKeys
-from garden.protocol.records import PeerInfo, RecordError
+from garden.protocol.records import PeerInfo, PeerState, RecordError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class PeerDirectory:
         swarm: Swarm,
         keys: DHTKeys,
         private_key: rsa.RSAPrivateKey,
-        make_record: Callable[[str], PeerInfo],
+        make_record: Callable[[PeerState], PeerInfo],
         period: float,
     ):
         self.swarm, self.keys, self._private_key = swarm, keys, private_key
@@ -50,14 +50,14 @@ class PeerDirectory:
         self._make_record = make_record
         self.period = period
         self.invalid_records = 0
-        self.last_announce_ok: Optional[float] = None  # wall time of the last successful announce
+        self.last_announce_ok: float | None = None  # wall time of the last successful announce
         self.known: list[PeerEntry] = []
 
     @property
     def joined(self) -> bool:
         return self.last_announce_ok is not None
 
-    async def announce(self, state: str = "online") -> bool:
+    async def announce(self, state: PeerState = "online") -> bool:
         record = self._make_record(state)
         ok = await self.swarm.store(
             self.keys.peers,
@@ -108,7 +108,7 @@ class PeerDirectory:
             await self.read()
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.period)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def say_goodbye(self) -> None:

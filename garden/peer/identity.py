@@ -48,8 +48,7 @@ def load_or_create_identity(path: Path) -> Identity:
         key = serialization.load_der_private_key(proto.data, password=None)
     except Exception as e:
         raise IdentityError(
-            f"the identity file {path} is damaged ({e.__class__.__name__}); move it away to start with a new "
-            "peer id"
+            f"the identity file {path} is damaged ({e.__class__.__name__}); move it away to start with a new peer id"
         ) from None
     if proto.key_type != crypto_pb2.RSA or not isinstance(key, rsa.RSAPrivateKey):
         raise IdentityError(f"the identity file {path} holds a non-RSA key, which garden does not support")

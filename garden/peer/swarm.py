@@ -15,7 +15,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import hivemind
 import psutil
@@ -94,7 +95,7 @@ class Swarm:
     def __init__(self, config: SwarmConfig):
         self.config = config
         self.stats = DHTStats()
-        self.dht: Optional[GardenDHT] = None
+        self.dht: GardenDHT | None = None
 
     def start(self) -> None:
         """Start the DHT process and join (or found) the swarm. Synchronous: call before the event loop
@@ -136,7 +137,7 @@ class Swarm:
         """The DHT process; its ``p2pd`` is that process's child."""
         return [self.dht.pid] if self.dht is not None and self.dht.pid is not None else []
 
-    async def get(self, key: str, latest: bool = False) -> Optional[ValueWithExpiration[Any]]:
+    async def get(self, key: str, latest: bool = False) -> ValueWithExpiration[Any] | None:
         return await self._call("get", self._require().get(key, latest=latest, return_future=True))
 
     async def store(self, key: str, value: Any, expiration_time: float, subkey: Any = None) -> bool:
@@ -146,7 +147,7 @@ class Swarm:
     async def _call(self, op: str, future: Any) -> Any:
         try:
             result = await asyncio.wait_for(future, timeout=self.config.dht_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats.requests[op, "timeout"] += 1
             logger.warning("DHT %s timed out after %.1f s", op, self.config.dht_timeout)
             return None

@@ -8,7 +8,7 @@ can add fields without older peers dropping its records.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -57,7 +57,7 @@ class PeerInfo(_Record):
     roles: list[Role] = Field(max_length=len(ALL_ROLES))
     cores: int = Field(ge=1, le=65536)
     ram_bytes: int = Field(ge=0)
-    gpu: Optional[GpuInfo] = None
+    gpu: GpuInfo | None = None
     load: float = Field(ge=0.0, le=1.0, description="machine CPU utilisation over the last period, 0..1")
     addresses: list[str] = Field(default_factory=list, max_length=32)
     client_mode: bool = False
@@ -68,7 +68,7 @@ class PeerInfo(_Record):
         return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
 
     @classmethod
-    def from_wire(cls, raw: Any, subkey: Any) -> "PeerInfo":
+    def from_wire(cls, raw: Any, subkey: Any) -> PeerInfo:
         """Decode and verify a value read under ``peers``; raises ``RecordError`` with the reason."""
         if not isinstance(subkey, str):
             raise RecordError(f"subkey is {type(subkey).__name__}, not a peer id string")
@@ -91,7 +91,7 @@ class PeerInfo(_Record):
             raise RecordError(f"claims to live {expiration_time - self.announced_at:.0f} s, over {MAX_RECORD_TTL:.0f}")
 
     @classmethod
-    def _from_body(cls, body: bytes) -> "PeerInfo":
+    def _from_body(cls, body: bytes) -> PeerInfo:
         try:
             obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
