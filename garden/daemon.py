@@ -102,7 +102,7 @@ class Gardener:
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
         self._tasks.clear()
-        if self.directory is not None and self.directory.joined:
+        if self.directory is not None and self.directory.joined and self.swarm and self.swarm.failure() is None:
             try:
                 await asyncio.wait_for(self.directory.say_goodbye(), timeout=GOODBYE_TIMEOUT)
             except TimeoutError:

@@ -31,6 +31,8 @@ logger = logging.getLogger("garden")
 
 STOP_TIMEOUT = 8.0
 """Seconds a clean stop may take before the runner forces it (the issue's bound is 10 s)."""
+SWARM_CHECK_PERIOD = 1.0
+"""Seconds between checks that the DHT process and its p2pd still run."""
 EXIT_USAGE = 2  # the daemon could not start for a reason the user can fix
 
 
@@ -105,19 +107,33 @@ async def _serve(gardener: Gardener, settings: GardenSettings, sock: socket.sock
     _announce_ready(gardener, url)
 
     stopper = asyncio.create_task(stop_requested.wait())
-    done, _ = await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if serving in done and not stop_requested.is_set():
-        stopper.cancel()
+    watcher = asyncio.create_task(_watch_swarm(gardener))
+    done, _ = await asyncio.wait({serving, stopper, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if watcher in done:
+        say(f"error: {watcher.result()}; this peer has left the swarm and stops (restart it to rejoin)")
+        exit_code = 1
+    elif serving in done and not stop_requested.is_set():
         say("error: the HTTP server stopped unexpectedly; shutting down")
         exit_code = 1
-    else:
-        exit_code = 0
+    for task in (stopper, watcher):
+        task.cancel()
     try:
         await asyncio.wait_for(_stop(gardener, server, serving), timeout=STOP_TIMEOUT)
     except TimeoutError:
         logger.warning("clean stop took over %.0f s; stopping the swarm now", STOP_TIMEOUT)
     say("stopped")
     return exit_code
+
+
+async def _watch_swarm(gardener: Gardener) -> str:
+    """Returns (ending the daemon) when the swarm connection is gone for good."""
+    assert gardener.swarm is not None
+    while True:
+        await asyncio.sleep(SWARM_CHECK_PERIOD)
+        failure = gardener.swarm.failure()
+        if failure is not None:
+            return failure
 
 
 async def _stop(gardener: Gardener, server: HttpServer, serving: asyncio.Task) -> None:

@@ -59,3 +59,37 @@ def test_settings_layers_in_a_real_daemon(daemons: DaemonFactory, tmp_path: Path
     assert status["announce_period_s"] == 7.0  # file beats default
     assert status["client_mode"] is False  # default
     assert daemon.url.startswith("http://127.0.0.1:")  # default http_host
+
+
+@pytest.mark.parametrize("victim", ["dht", "p2pd"])
+def test_losing_the_swarm_stops_the_daemon(daemons: DaemonFactory, victim: str) -> None:
+    """If the DHT process or its p2pd dies, the daemon says so and exits non-zero (for a restart)."""
+    import psutil
+
+    daemon = daemons.start()
+    dht_process = next(p for p in psutil.Process(daemon.proc.pid).children() if p.name() != "p2pd")
+    target = dht_process if victim == "dht" else next(p for p in dht_process.children() if p.name() == "p2pd")
+    target.kill()
+    assert daemon.proc.wait(timeout=15) == 1
+    assert "has left the swarm" in daemon.stdout()
+    assert "Traceback" not in daemon.stderr()
+    assert not daemon.wait_children_gone()
+
+
+def test_damaged_files_stop_the_start_and_are_kept(daemons: DaemonFactory, tmp_path: Path) -> None:
+    data_dir = tmp_path / "damaged"
+    data_dir.mkdir()
+    (data_dir / "identity.key").write_bytes(b"\x00not a key")
+    (data_dir / "identity.key").chmod(0o600)
+    daemon = daemons.start(data_dir=data_dir, wait=False)
+    assert daemon.proc.wait(timeout=60) == 2
+    assert "identity file" in daemon.stdout() and "damaged" in daemon.stdout()
+    assert (data_dir / "identity.key").read_bytes() == b"\x00not a key"
+
+    (data_dir / "identity.key").unlink()
+    (data_dir / "garden.sqlite3").write_bytes(b"this is not sqlite" * 100)
+    daemon = daemons.start(data_dir=data_dir, wait=False)
+    assert daemon.proc.wait(timeout=60) == 2
+    assert "is not a readable garden database" in daemon.stdout()
+    assert (data_dir / "garden.sqlite3").read_bytes() == b"this is not sqlite" * 100
+    assert "Traceback" not in daemon.stderr()

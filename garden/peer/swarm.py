@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Sequence
@@ -137,16 +138,38 @@ class Swarm:
         """The DHT process; its ``p2pd`` is that process's child."""
         return [self.dht.pid] if self.dht is not None and self.dht.pid is not None else []
 
+    def failure(self) -> str | None:
+        """Why this peer has lost the swarm (its DHT process or ``p2pd`` died), or None while both run.
+
+        hivemind does not restart either, and a DHT process cannot safely be forked again from a
+        running event loop, so the daemon stops and leaves the restart to its service manager.
+        """
+        if self.dht is None:
+            return "the swarm is not started"
+        if not self.dht.is_alive():
+            return f"the DHT process exited (code {self.dht.exitcode})"
+        try:
+            p2pd = [p for p in psutil.Process(self.dht.pid).children() if p.name() == "p2pd"]
+            if not p2pd or all(p.status() == psutil.STATUS_ZOMBIE for p in p2pd):
+                return "the p2p daemon (p2pd) exited"
+        except psutil.Error:
+            return "the DHT process exited"
+        return None
+
     async def get(self, key: str, latest: bool = False) -> ValueWithExpiration[Any] | None:
-        return await self._call("get", self._require().get(key, latest=latest, return_future=True))
+        return await self._call("get", lambda dht: dht.get(key, latest=latest, return_future=True))
 
     async def store(self, key: str, value: Any, expiration_time: float, subkey: Any = None) -> bool:
-        future = self._require().store(key, value, expiration_time, subkey=subkey, return_future=True)
-        return bool(await self._call("store", future))
+        return bool(
+            await self._call(
+                "store", lambda dht: dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
+            )
+        )
 
-    async def _call(self, op: str, future: Any) -> Any:
+    async def _call(self, op: str, request: Callable[[GardenDHT], Any]) -> Any:
         try:
-            result = await asyncio.wait_for(future, timeout=self.config.dht_timeout)
+            # sending the request can fail too (a dead DHT process: BrokenPipeError)
+            result = await asyncio.wait_for(request(self._require()), timeout=self.config.dht_timeout)
         except TimeoutError:
             self.stats.requests[op, "timeout"] += 1
             logger.warning("DHT %s timed out after %.1f s", op, self.config.dht_timeout)
