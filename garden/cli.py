@@ -31,7 +31,7 @@ EXIT_CONFIG = 2
 
 def _help(field: str) -> str:
     info = GardenSettings.model_fields[field]
-    return f"{info.description} [env GARDEN_{field.upper()}; config key {field}]"
+    return f"{info.description} (env GARDEN_{field.upper()}; config key {field})"
 
 
 @app.command()
@@ -51,7 +51,7 @@ def run(
     swarm: str | None = typer.Option(None, "--swarm", help=_help("swarm")),
     announce_period: float | None = typer.Option(None, "--announce-period", help=_help("announce_period")),
     dht_timeout: float | None = typer.Option(None, "--dht-timeout", help=_help("dht_timeout")),
-    config: Path | None = typer.Option(None, "--config", metavar="FILE", help="TOML config file [env GARDEN_CONFIG]."),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE", help="TOML config file (env GARDEN_CONFIG)."),
 ) -> None:
     """Run a peer: start a new swarm, or join one with --join. Stop with Ctrl+C."""
     flags = dict(

@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 from collections.abc import Mapping
 
 import platformdirs
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from garden.protocol.keys import DEFAULT_SWARM
+from garden.protocol.keys import DEFAULT_SWARM, DHTKeys
 from garden.protocol.records import Role
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -68,7 +68,9 @@ class GardenSettings(BaseSettings):
     http_port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535, description="0 picks a free port (printed).")
 
     # --- this machine ------------------------------------------------------------------------------
-    data_dir: Path = Field(default_factory=default_data_dir, description="Identity, store and logs.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="Identity key, local store and runtime files of this peer."
+    )
     roles: Annotated[list[Role] | None, NoDecode] = Field(
         None, description="Subset of shaker,trainer,server; default: every role this machine can do."
     )
@@ -96,6 +98,21 @@ class GardenSettings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("swarm")
+    @classmethod
+    def _valid_swarm(cls, value: str) -> str:
+        DHTKeys(value)  # raises ValueError naming the rule
+        return value
+
+    @model_validator(mode="after")
+    def _client_mode_needs_peers(self) -> GardenSettings:
+        if self.client_mode and not self.join:
+            raise ValueError(
+                "client mode accepts no incoming connections, so a new swarm started in it could never be "
+                "joined: give --join (a peer of the swarm to enter) or drop --client-mode"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

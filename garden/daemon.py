@@ -44,6 +44,7 @@ class Gardener:
         self.roles: list[Role] = []
         self.skipped_roles: dict[str, str] = {}
         self.addresses: list[str] = []
+        self.peer_validator: PeerRecordValidator | None = None
         self.started_at: float | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -60,6 +61,7 @@ class Gardener:
             self.machine = probe_machine()
             self.roles, self.skipped_roles = choose_roles(self.settings.roles, self.machine)
             self._cap_threads()
+            self.peer_validator = PeerRecordValidator(self.keys)
             self.swarm = Swarm(
                 SwarmConfig(
                     initial_peers=self.settings.join,
@@ -68,7 +70,7 @@ class Gardener:
                     client_mode=self.settings.client_mode,
                     identity_path=str(self.identity.path),
                     dht_timeout=self.settings.dht_timeout,
-                    record_validators=[PeerRecordValidator(self.keys)],
+                    record_validators=[self.peer_validator],
                 )
             )
             self.swarm.start()
@@ -125,6 +127,12 @@ class Gardener:
     @property
     def uptime_s(self) -> float:
         return 0.0 if self.started_at is None else time.time() - self.started_at
+
+    @property
+    def invalid_peer_records(self) -> int:
+        """Peer records refused by the DHT node plus those dropped when reading."""
+        refused = self.peer_validator.rejected if self.peer_validator else 0
+        return refused + (self.directory.invalid_records if self.directory else 0)
 
     def child_pids(self) -> list[int]:
         return self.swarm.child_pids() if self.swarm is not None else []

@@ -45,16 +45,17 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
-    # hivemind's INFO lines are about its internals; keep them for --log-level debug
+    # hivemind's own handler would replace this format; let its records reach ours instead.
+    # Its INFO lines are about its internals: keep them for --log-level debug.
     from hivemind.utils.logging import use_hivemind_log_handler
 
-    use_hivemind_log_handler("in_root_logger")
+    use_hivemind_log_handler("nowhere")
     logging.getLogger("hivemind").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
 
 
-def say(message: str) -> None:
-    """A line for the person at the terminal (stdout; logs go to stderr)."""
-    print(f"garden: {message}", flush=True)
+def say(message: str, error: bool = False) -> None:
+    """A line for the person at the terminal: news on stdout, errors on stderr (with the logs)."""
+    print(f"garden: {'error: ' if error else ''}{message}", file=sys.stderr if error else sys.stdout, flush=True)
 
 
 def run(settings: GardenSettings) -> int:
@@ -64,7 +65,7 @@ def run(settings: GardenSettings) -> int:
     try:
         lock.acquire()
     except DataDirBusyError as e:
-        say(f"error: {e}")
+        say(str(e), error=True)
         return EXIT_USAGE
     sock = None
     try:
@@ -73,7 +74,7 @@ def run(settings: GardenSettings) -> int:
         gardener.start()
         return asyncio.run(_serve(gardener, settings, sock))
     except (HttpPortError, SwarmError, IdentityError, StoreError) as e:
-        say(f"error: {e}")
+        say(str(e), error=True)
         return EXIT_USAGE
     finally:
         gardener.close()
@@ -111,10 +112,10 @@ async def _serve(gardener: Gardener, settings: GardenSettings, sock: socket.sock
     done, _ = await asyncio.wait({serving, stopper, watcher}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if watcher in done:
-        say(f"error: {watcher.result()}; this peer has left the swarm and stops (restart it to rejoin)")
+        say(f"{watcher.result()}; this peer has left the swarm and stops (restart it to rejoin)", error=True)
         exit_code = 1
     elif serving in done and not stop_requested.is_set():
-        say("error: the HTTP server stopped unexpectedly; shutting down")
+        say("the HTTP server stopped unexpectedly; shutting down", error=True)
         exit_code = 1
     for task in (stopper, watcher):
         task.cancel()

@@ -71,6 +71,11 @@ def test_config_file_from_env_and_platform_dir(tmp_path: Path, monkeypatch: pyte
     assert load_settings().http_port == 5555
 
 
+def test_client_mode_with_join_is_fine() -> None:
+    settings = load_settings({"client_mode": True, "join": ["/ip4/10.0.0.1/tcp/1/p2p/A"]})
+    assert settings.client_mode and settings.join
+
+
 def test_repeatable_and_comma_separated_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GARDEN_JOIN", "/ip4/10.0.0.1/tcp/1/p2p/A,/ip4/10.0.0.2/tcp/2/p2p/B")
     assert load_settings().join == ["/ip4/10.0.0.1/tcp/1/p2p/A", "/ip4/10.0.0.2/tcp/2/p2p/B"]
@@ -85,6 +90,9 @@ def test_repeatable_and_comma_separated_lists(monkeypatch: pytest.MonkeyPatch) -
         ({"log_level": "loud"}, "log_level"),
         ({"max_threads": 0}, "max_threads"),
         ({"announce_period": 0.01}, "announce_period"),
+        ({"swarm": "a/b"}, "swarm name"),
+        ({"swarm": ""}, "swarm name"),
+        ({"client_mode": True}, "could never be joined"),
     ],
 )
 def test_invalid_values_name_the_key(flags: dict, message: str) -> None:

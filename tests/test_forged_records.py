@@ -63,6 +63,13 @@ def test_forged_and_garbage_records_are_ignored(daemons: DaemonFactory) -> None:
             hostile.store(peers_key, value, get_dht_time() + 60, subkey=subkey)
         hostile.run_coroutine(store_huge_blob)
         time.sleep(2)  # several announce/read rounds of the garden peers
+        refused = [
+            float(line.split()[-1])
+            for daemon in (first, second)
+            for line in daemon.get("/metrics").text.splitlines()
+            if line.startswith("garden_invalid_peer_records_total")
+        ]
+        assert sum(refused) >= len(junk), f"refusals not counted in /metrics: {refused}"
         for daemon in (first, second):
             for _ in range(3):
                 assert daemon.peer_ids() == real

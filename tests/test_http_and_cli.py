@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,8 +85,12 @@ def test_wrong_methods_are_json_405(daemon: Daemon, method: str, path: str) -> N
     assert response.json() == {"detail": "Method Not Allowed"}
 
 
-def test_openapi_docs(daemon: Daemon) -> None:
-    assert daemon.get("/docs").status_code == 200
+def test_openapi_docs_work_offline(daemon: Daemon) -> None:
+    page = daemon.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower() and "https://" not in page.text
+    scripts = [part.split('"')[0] for part in page.text.split('src="')[1:]]
+    assert scripts and all(daemon.get(src).status_code == 200 for src in scripts)
     spec = daemon.get("/openapi.json").json()
     assert {"/health", "/status", "/peers", "/metrics"} <= set(spec["paths"])
 
@@ -127,3 +132,13 @@ def test_cli_rejects_bad_settings(tmp_path: Path) -> None:
     assert "http_port" in result.stderr and "Traceback" not in result.stderr
     result = garden("run", "--data-dir", str(tmp_path), "--config", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+    result = garden("run", "--data-dir", str(tmp_path), "--swarm", "a/b")
+    assert result.returncode == 2 and "swarm name" in result.stderr and "Traceback" not in result.stderr
+    result = garden("run", "--data-dir", str(tmp_path), "--client-mode")
+    assert result.returncode == 2 and "--join" in result.stderr
+
+
+def test_help_shows_env_and_config_keys() -> None:
+    result = garden("run", "--help", env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 0
+    assert "GARDEN_HTTP_PORT" in result.stdout and "config key http_port" in result.stdout

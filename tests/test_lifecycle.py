@@ -38,8 +38,8 @@ def test_http_port_in_use_fails_clearly(daemons: DaemonFactory) -> None:
     port = first.url.rsplit(":", 1)[1]
     clash = daemons.start("--http-port", port, wait=False)
     assert clash.proc.wait(timeout=60) == 2
-    assert f"cannot open the HTTP port 127.0.0.1:{port}" in clash.stdout()
-    assert "--http-port 0" in clash.stdout()
+    assert f"cannot open the HTTP port 127.0.0.1:{port}" in clash.stderr()
+    assert "--http-port 0" in clash.stderr()
     assert "Traceback" not in clash.stderr()
     assert first.get("/health").status_code == 200
 
@@ -71,7 +71,7 @@ def test_losing_the_swarm_stops_the_daemon(daemons: DaemonFactory, victim: str) 
     target = dht_process if victim == "dht" else next(p for p in dht_process.children() if p.name() == "p2pd")
     target.kill()
     assert daemon.proc.wait(timeout=15) == 1
-    assert "has left the swarm" in daemon.stdout()
+    assert "has left the swarm" in daemon.stderr()
     assert "Traceback" not in daemon.stderr()
     assert not daemon.wait_children_gone()
 
@@ -83,13 +83,13 @@ def test_damaged_files_stop_the_start_and_are_kept(daemons: DaemonFactory, tmp_p
     (data_dir / "identity.key").chmod(0o600)
     daemon = daemons.start(data_dir=data_dir, wait=False)
     assert daemon.proc.wait(timeout=60) == 2
-    assert "identity file" in daemon.stdout() and "damaged" in daemon.stdout()
+    assert "identity file" in daemon.stderr() and "damaged" in daemon.stderr()
     assert (data_dir / "identity.key").read_bytes() == b"\x00not a key"
 
     (data_dir / "identity.key").unlink()
     (data_dir / "garden.sqlite3").write_bytes(b"this is not sqlite" * 100)
     daemon = daemons.start(data_dir=data_dir, wait=False)
     assert daemon.proc.wait(timeout=60) == 2
-    assert "is not a readable garden database" in daemon.stdout()
+    assert "is not a readable garden database" in daemon.stderr()
     assert (data_dir / "garden.sqlite3").read_bytes() == b"this is not sqlite" * 100
     assert "Traceback" not in daemon.stderr()

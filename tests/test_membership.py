@@ -34,8 +34,8 @@ def test_second_daemon_on_one_data_dir_refuses_to_start(daemons: DaemonFactory, 
     running = daemons.start(data_dir=data_dir)
     intruder = daemons.start(data_dir=data_dir, wait=False)
     assert intruder.proc.wait(timeout=60) == 2
-    assert f"already using the data dir {data_dir}" in intruder.stdout()
-    assert f"pid {running.proc.pid}" in intruder.stdout()
+    assert f"already using the data dir {data_dir}" in intruder.stderr()
+    assert f"pid {running.proc.pid}" in intruder.stderr()
     assert "Traceback" not in intruder.stderr()
     # the first one is untouched
     assert running.get("/status").json()["peer_id"] == running.peer_id
@@ -72,8 +72,8 @@ def test_unreachable_join_address_fails_clearly(daemons: DaemonFactory) -> None:
     started = time.time()
     daemon = daemons.start("--join", dead, wait=False)
     assert daemon.proc.wait(timeout=90) == 2
-    assert "could not start the swarm" in daemon.stdout()
-    assert "--join addresses" in daemon.stdout()
+    assert "could not start the swarm" in daemon.stderr()
+    assert "--join addresses" in daemon.stderr()
     assert time.time() - started < 90
 
 
@@ -84,5 +84,5 @@ def test_unreachable_join_address_fails_clearly(daemons: DaemonFactory) -> None:
 def test_malformed_join_address_fails_clearly(daemons: DaemonFactory, address: str, message: str) -> None:
     daemon = daemons.start("--join", address, wait=False)
     assert daemon.proc.wait(timeout=60) == 2
-    assert message in daemon.stdout()
+    assert message in daemon.stderr()
     assert "Traceback" not in daemon.stderr()

@@ -11,6 +11,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from hivemind.utils.timed_storage import get_dht_time
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(gardener: Gardener) -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline serves the /docs page's scripts from the package instead of a CDN: volunteers'
+    # machines and the project's own CI may have no internet
+    app = FastAPIOffline(
         title="garden",
         version=__version__,
         description="The local HTTP port of a Communal Garden peer.",

@@ -33,8 +33,9 @@ class GardenerCollector(Collector):
             for (op, outcome), count in sorted(g.swarm.stats.requests.items()):
                 requests.add_metric([op, outcome], count)
         yield requests
-        invalid = g.directory.invalid_records if g.directory else 0
-        yield CounterMetricFamily("garden_invalid_peer_records", "Invalid peer records ignored.", value=invalid)
+        yield CounterMetricFamily(
+            "garden_invalid_peer_records", "Invalid peer records refused or ignored.", value=g.invalid_peer_records
+        )
 
 
 def make_registry(gardener: Gardener) -> CollectorRegistry:

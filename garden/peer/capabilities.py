@@ -63,10 +63,11 @@ def choose_roles(requested: list[Role] | None, machine: MachineInfo) -> tuple[li
     """(roles taken, reasons for roles not taken). Requested roles are honoured but warned about."""
     skipped: dict[str, str]
     possible = possible_roles(machine)
+    budget = machine.available_ram_bytes + (machine.gpu.memory_bytes if machine.gpu else 0)
     if requested is None:
         skipped = {
-            role: f"needs {MIN_AVAILABLE_RAM[role] / GiB:.0f} GiB free memory, "
-            f"{machine.available_ram_bytes / GiB:.1f} GiB available"
+            role: f"needs {MIN_AVAILABLE_RAM[role] / GiB:.0f} GiB of free RAM plus GPU memory, "
+            f"{budget / GiB:.1f} GiB available"
             for role in ALL_ROLES
             if role not in possible
         }

@@ -9,6 +9,7 @@ defence in depth costs one signature check per record.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -26,6 +27,19 @@ class PeerRecordValidator(RecordValidatorBase):
 
     def __init__(self, keys: DHTKeys):
         self._peers_key_id = DHTID.generate(source=keys.peers).to_bytes()
+        # shared memory, created before the DHT process forks: that process counts, the daemon reads
+        self._rejected = multiprocessing.Value("Q", 0)
+
+    @property
+    def rejected(self) -> int:
+        """Records refused so far (in whichever process validated them)."""
+        return int(self._rejected.value)
+
+    def _reject(self, reason: str) -> bool:
+        with self._rejected.get_lock():
+            self._rejected.value += 1
+        logger.info("dropped an invalid peer record: %s", reason)
+        return False
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key != self._peers_key_id:
@@ -35,11 +49,9 @@ class PeerRecordValidator(RecordValidatorBase):
             value = MSGPackSerializer.loads(record.value)
             PeerInfo.from_wire(value, subkey).check_fresh(record.expiration_time, get_dht_time())
         except RecordError as e:
-            logger.info("dropped an invalid peer record: %s", e)
-            return False
+            return self._reject(str(e))
         except Exception as e:  # undecodable subkey or value: a stranger's garbage, never our crash
-            logger.info("dropped an undecodable peer record: %s", str(e)[:200])
-            return False
+            return self._reject(f"undecodable: {str(e)[:200]}")
         return True
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
