@@ -82,6 +82,16 @@ class Daemon:
             self.record_descendants()
             self.proc.send_signal(signum)
 
+    def send_to_group(self, signum: int) -> None:
+        """What Ctrl+C in a terminal does: signal every process in the daemon's process group."""
+        self.record_descendants()
+        for pid in [self.proc.pid, *self.descendants]:
+            try:
+                if os.getpgid(pid) == self.proc.pid:
+                    os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def stop(self, signum: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Signal the daemon and wait; returns its exit code. Kills it (and fails loudly) past ``timeout``."""
         self.send(signum)
@@ -152,7 +162,10 @@ class DaemonFactory:
             *args,
         ]  # fmt: skip
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env(env))
+            # a session (and process group) of its own, like a shell gives a command: see send_to_group()
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env(env), start_new_session=True
+            )
         daemon = Daemon(proc=proc, data_dir=data_dir, stdout_path=stdout_path, stderr_path=stderr_path)
         self.daemons.append(daemon)
         if wait:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.daemons import DaemonFactory
+from tests.daemons import DaemonFactory, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -22,6 +24,28 @@ def test_sigint_stops_cleanly(daemons: DaemonFactory) -> None:
     assert "garden: stopped" in daemon.stdout()
     assert "Traceback" not in daemon.stderr()
     assert not (daemon.data_dir / "daemon.json").exists()
+
+
+def test_ctrl_c_in_a_terminal_stops_cleanly(daemons: DaemonFactory) -> None:
+    """A terminal's Ctrl+C signals the whole process group; p2pd must not die ahead of the daemon."""
+    first = daemons.start()
+    second = daemons.start("--join", first.join_addr)
+    wait_until(lambda: first.peer_ids() == {first.peer_id, second.peer_id}, timeout=15, message="both seen")
+    second.record_descendants()
+    names = {pid: psutil.Process(pid).name() for pid in second.descendants}
+    assert "p2pd" in names.values()
+    # p2pd on all interfaces exits at once on SIGINT and leaves the DHT to be killed "the hard way"
+    # (seen with `make run`); out of the terminal's process group it only hears the daemon
+    assert all(os.getpgid(pid) != second.proc.pid for pid in second.descendants), names
+    started = time.time()
+    second.send_to_group(signal.SIGINT)
+    assert second.proc.wait(timeout=10) == 0
+    assert time.time() - started < 10
+    assert not second.wait_children_gone()
+    log = second.stderr()
+    assert "ERROR" not in log and "hard way" not in log and "Traceback" not in log, log
+    # its goodbye reached the swarm: dropped at once, not after the record's expiry
+    wait_until(lambda: first.peer_ids() == {first.peer_id}, timeout=5, message="goodbye seen")
 
 
 def test_second_signal_forces_exit(daemons: DaemonFactory) -> None:
@@ -64,7 +88,6 @@ def test_settings_layers_in_a_real_daemon(daemons: DaemonFactory, tmp_path: Path
 @pytest.mark.parametrize("victim", ["dht", "p2pd"])
 def test_losing_the_swarm_stops_the_daemon(daemons: DaemonFactory, victim: str) -> None:
     """If the DHT process or its p2pd dies, the daemon says so and exits non-zero (for a restart)."""
-    import psutil
 
     daemon = daemons.start()
     dht_process = next(p for p in psutil.Process(daemon.proc.pid).children() if p.name() != "p2pd")

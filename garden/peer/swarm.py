@@ -42,9 +42,17 @@ class GardenDHT(hivemind.DHT):
     ``p2pd`` running: an orphaned peer on a volunteer's machine, holding a port and an identity. Here
     a thread in the child watches its parent; when the parent is gone it terminates its own children
     (``p2pd``) and exits.
+
+    It also leaves the daemon's process group. Ctrl+C in a terminal signals the whole foreground
+    group: ``p2pd`` would die at once, before the daemon has said goodbye and stopped the DHT in
+    order. Only the daemon should hear the terminal; it stops its children itself.
     """
 
     def run(self) -> None:
+        try:
+            os.setpgid(0, 0)
+        except OSError as e:  # e.g. a session leader; the watch below still ties us to the daemon
+            logger.debug("DHT process stays in the daemon's process group: %s", e)
         parent = self._parent_pid
         threading.Thread(target=_exit_with_parent, args=(parent,), name="garden-parent-watch", daemon=True).start()
         super().run()
