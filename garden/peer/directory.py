@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from collections.abc import Callable
 
@@ -50,12 +49,12 @@ class PeerDirectory:
         self._make_record = make_record
         self.period = period
         self.invalid_records = 0
-        self.last_announce_ok: float | None = None  # wall time of the last successful announce
+        self.last_announced: PeerInfo | None = None  # this peer's latest record stored in the DHT
         self.known: list[PeerEntry] = []
 
     @property
     def joined(self) -> bool:
-        return self.last_announce_ok is not None
+        return self.last_announced is not None
 
     async def announce(self, state: PeerState = "online") -> bool:
         record = self._make_record(state)
@@ -66,7 +65,7 @@ class PeerDirectory:
             subkey=record.peer_id,
         )
         if ok:
-            self.last_announce_ok = time.time()
+            self.last_announced = record
         else:
             logger.warning("could not announce this peer in the DHT (will retry in %.0f s)", self.period)
         return ok
@@ -90,10 +89,10 @@ class PeerDirectory:
                         continue
                     if info.state == "online" and expiration_time > now:
                         entries.append(PeerEntry(info, expiration_time))
-        if self.joined and not any(e.info.peer_id == self.peer_id for e in entries):
+        mine = self.last_announced
+        if mine is not None and mine.state == "online" and not any(e.info.peer_id == self.peer_id for e in entries):
             # this peer is alive whatever the DHT answered (e.g. a read that timed out)
-            record = self._make_record("online")
-            entries.append(PeerEntry(record, record.announced_at + 2 * self.period))
+            entries.append(PeerEntry(mine, mine.announced_at + 2 * self.period))
         self.known = sorted(entries, key=lambda e: e.info.peer_id)
         return self.known
 
