@@ -14,8 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+
+if TYPE_CHECKING:  # the row codec (numpy, msgpack, pydantic) is imported when rows are first touched
+    from garden.protocol.rows import DorpoRow
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             key   TEXT PRIMARY KEY,
             value TEXT NOT NULL
         );
+        """,
+    ),
+    Migration(
+        2,
+        "rows",
+        """
+        CREATE TABLE rows (
+            row_id     TEXT PRIMARY KEY,
+            mission_id TEXT,
+            body       BLOB NOT NULL,
+            prompt     TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX rows_mission_id ON rows (mission_id);
         """,
     ),
 )
@@ -120,6 +137,55 @@ class Store:
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    # --- DORPO rows (migration 2) ---------------------------------------------------------------------
+    def add_rows(self, rows: Iterable[DorpoRow], mission_id: str | None = None) -> int:
+        """Store rows under ``mission_id`` in one transaction; returns how many were new.
+
+        Rows are keyed by ``row_id`` (their content hash): a row already stored (by this call or an earlier
+        one, under any mission) is skipped, so a row belongs to the first mission that stored it. All rows
+        of one call share one ``created_at``."""
+        encoded = [(row.row_id, row.to_msgpack(), row.prompt) for row in rows]
+        now = time.time()
+        added = 0
+        with self.transaction() as tx:
+            for row_id, body, prompt in encoded:
+                cursor = tx.execute(
+                    "INSERT INTO rows (row_id, mission_id, body, prompt, created_at) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT(row_id) DO NOTHING",
+                    (row_id, mission_id, body, prompt, now),
+                )
+                added += cursor.rowcount
+        return added
+
+    def get_rows(self, mission_id: str | None = None, limit: int | None = None) -> list[DorpoRow]:
+        """Rows of ``mission_id`` (all rows when None), oldest first (``created_at``, then ``row_id``)."""
+        from garden.protocol.records import RecordError
+        from garden.protocol.rows import DorpoRow
+
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
+        where, params = self._mission_filter(mission_id)
+        found = self.query(
+            f"SELECT row_id, body FROM rows{where} ORDER BY created_at, row_id LIMIT ?",
+            (*params, -1 if limit is None else limit),
+        )
+        rows = []
+        for record in found:
+            try:
+                rows.append(DorpoRow.from_msgpack(record["body"], max_bytes=len(record["body"])))
+            except RecordError as e:
+                raise StoreError(f"{self.path}: stored row {record['row_id']} is unreadable ({e})") from None
+        return rows
+
+    def count_rows(self, mission_id: str | None = None) -> int:
+        """Number of stored rows of ``mission_id`` (all rows when None)."""
+        where, params = self._mission_filter(mission_id)
+        return int(self.query(f"SELECT COUNT(*) FROM rows{where}", params)[0][0])
+
+    @staticmethod
+    def _mission_filter(mission_id: str | None) -> tuple[str, tuple[Any, ...]]:
+        return ("", ()) if mission_id is None else (" WHERE mission_id = ?", (mission_id,))
 
     def close(self) -> None:
         with self._lock:
