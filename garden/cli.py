@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import typer
 from rich.console import Console
@@ -145,6 +145,60 @@ def peers(
             f"{_duration(max(0.0, now - peer['last_seen']))} ago",
         )
     console.print(table)
+
+
+@app.command()
+def shake(
+    teacher: str = typer.Option("builtin:smollm2-135m", "--teacher", help="Teacher model reference."),
+    prompts: str = typer.Option(
+        "builtin:demo", "--prompts", help="Prompts JSONL ({prompt, reference?} per line) or builtin:demo."
+    ),
+    out: Path = typer.Option(..., "--out", help="Rows as TRL preference JSONL (+ the teacher's log-probs)."),
+    judge: str = typer.Option("reference", "--judge", help="reference, regex, json_schema or teacher."),
+    pattern: str | None = typer.Option(None, "--pattern", help="Regex for --judge regex."),
+    candidates: int = typer.Option(4, "--candidates", help="Answers sampled per prompt."),
+    temperature: float = typer.Option(0.8, "--temperature"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    top_k: int = typer.Option(20, "--top-k", help="Teacher log-probs kept per chosen token."),
+    batch_prompts: int = typer.Option(8, "--batch-prompts", help="Prompts per generate call."),
+    seed: int = typer.Option(0, "--seed"),
+    split: str = typer.Option("train", "--split", help="For builtin:demo: train, heldout or all."),
+) -> None:
+    """Sample the teacher on prompts, judge the answers, and write DORPO rows."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from garden.data import DEMO_PROMPTS, demo_prompts
+    from garden.models import load_model
+    from garden.protocol.rows import read_prompts_jsonl, write_preference_jsonl
+    from garden.trainer.judges import make_judge
+    from garden.trainer.shaker import ShakeConfig
+    from garden.trainer.shaker import shake as run_shake
+
+    try:
+        config = ShakeConfig(candidates, temperature, top_p, max_new_tokens, top_k, batch_prompts, seed)
+        rows_in = demo_prompts(cast(Any, split)) if prompts == DEMO_PROMPTS else read_prompts_jsonl(prompts)
+        console.print(f"loading {teacher} (the first load of a .gguf converts it once, ~30 s)")
+        loaded = load_model(teacher)
+        options: dict[str, Any] = {"pattern": pattern} if judge == "regex" else {}
+        if judge == "teacher":
+            options["teacher"] = loaded
+        chosen_judge = make_judge(judge, **options)
+    except (ValueError, OSError) as e:  # bad prompts file, model reference, judge or settings
+        raise _fail(str(e), EXIT_CONFIG) from None
+    columns = (TextColumn("shaking"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("shake", total=len(rows_in))
+        result = run_shake(loaded, rows_in, chosen_judge, config, on_batch=lambda n: progress.advance(task, n))
+    written = write_preference_jsonl(result.rows, out)
+    for prompt, why in result.dropped[:5]:
+        console.print(f"dropped: {prompt.prompt[:60]!r}: {why}", markup=False)
+    pairs = sum(1 for r in result.rows if r.rejected is not None)
+    console.print(
+        f"{written} rows ({pairs} with a rejected answer) from {len(rows_in)} prompts and {result.samples} "
+        f"samples; {len(result.dropped)} dropped; written to {out}",
+        markup=False,
+    )
 
 
 @app.command()

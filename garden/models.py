@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -174,6 +175,21 @@ def _file_lock(path: Path) -> Any:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable id of a tokenizer's vocabulary (16 hex of sha256 over its sorted token -> id map).
+
+    Rows record it so that a trainer knows whether the teacher's top-k ids mean the same tokens for
+    its student (else the KL term is skipped). A path or hub name would not do: the same tokenizer
+    lives at different paths on different machines, and the row's content id must not change."""
+    if tokenizer not in _fingerprints:
+        vocab = sorted(tokenizer.get_vocab().items())
+        _fingerprints[tokenizer] = hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+    return _fingerprints[tokenizer]
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,30 @@ def test_help_shows_env_and_config_keys() -> None:
     result = garden("run", "--help", env={**os.environ, "COLUMNS": "300"})
     assert result.returncode == 0
     assert "GARDEN_HTTP_PORT" in result.stdout and "config key http_port" in result.stdout
+
+
+def test_cli_shake_writes_rows(tmp_path: Path, model_cache: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "What is the capital of France?", "reference": "The capital of France is Paris."}\n'
+        '{"prompt": "What is 2 + 2?", "reference": "2 + 2 = 4."}\n'
+    )
+    out = tmp_path / "rows.jsonl"
+    env = {**os.environ, "GARDEN_CACHE_DIR": str(model_cache)}
+    result = garden(
+        "shake", "--prompts", str(prompts), "--out", str(out), "--candidates", "2", "--max-new-tokens", "16", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2 and {"prompt", "chosen", "rejected", "topk_logprobs"} <= set(lines[0])
+    assert "2 rows" in result.stdout
+
+
+def test_cli_shake_rejects_a_malformed_prompts_file(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{not json\n')
+    out = tmp_path / "rows.jsonl"
+    result = garden("shake", "--prompts", str(prompts), "--out", str(out))
+    assert result.returncode == 2
+    assert f"{prompts}:2:" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
