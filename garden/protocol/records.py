@@ -8,7 +8,7 @@ can add fields without older peers dropping its records.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -92,16 +92,7 @@ class PeerInfo(_Record):
 
     @classmethod
     def _from_body(cls, body: bytes) -> PeerInfo:
-        try:
-            obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-            raise RecordError(f"body is not msgpack: {e}") from None
-        if not isinstance(obj, dict):
-            raise RecordError(f"body is a {type(obj).__name__}, not a map")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as e:
-            raise RecordError(f"schema: {_first_error(e)}") from None
+        return decode_record(cls, body, "body")
 
 
 class SignedRecord(_Record):
@@ -110,6 +101,24 @@ class SignedRecord(_Record):
     b: bytes = Field(max_length=MAX_PEER_RECORD_BYTES)
     k: bytes = Field(max_length=signing.MAX_PUBLIC_KEY_BYTES)
     s: bytes = Field(max_length=1024)
+
+
+RecordT = TypeVar("RecordT", bound=BaseModel)
+
+
+def decode_record(model: type[RecordT], raw: bytes, what: str) -> RecordT:
+    """A msgpack map validated strictly as ``model``; raises only ``RecordError``, naming ``what``.
+    Callers cap ``raw``'s size first: msgpack's own limits scale with the input."""
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise RecordError(f"{what} is not msgpack: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"{what} is a {type(obj).__name__}, not a map")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise RecordError(f"{what} schema: {first_error(e)}") from None
 
 
 def seal(body: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
@@ -127,14 +136,15 @@ def open_sealed(raw: Any, max_bytes: int) -> tuple[bytes, str]:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
         envelope = SignedRecord.model_validate(obj)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise RecordError(f"not a signed envelope: {_first_error(e)}") from None
+        raise RecordError(f"not a signed envelope: {first_error(e)}") from None
     if not signing.verify(envelope.k, envelope.b, envelope.s):
         raise RecordError("bad signature")
     return envelope.b, signing.peer_id_of(envelope.k)
 
 
-def _first_error(e: Exception) -> str:
+def first_error(e: Exception) -> str:
+    """The first problem of a validation error, as ``field.path: message`` (for one log line)."""
     if isinstance(e, ValidationError):
         err = e.errors()[0]
-        return f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}"
+        return f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}"[:300]
     return str(e)[:200]

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from garden.protocol.records import RecordError
+from garden.protocol.records import RecordError, decode_record, first_error
 
 MAX_PROMPT_CHARS = 32_000
 
@@ -321,16 +321,7 @@ class DorpoRow(BaseModel):
             raise RecordError(f"row is {type(raw).__name__}, not bytes")
         if len(raw) > max_bytes:
             raise RecordError(f"row is {len(raw)} bytes, over the {max_bytes}-byte cap")
-        try:
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-            raise RecordError(f"row is not msgpack: {str(e)[:200]}") from None
-        if not isinstance(obj, dict):
-            raise RecordError(f"row is a msgpack {type(obj).__name__}, not a map")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as e:
-            raise RecordError(f"row schema: {_first_error(e)}") from None
+        return decode_record(cls, raw, "row")
 
 
 def _sorted_maps(value: Any) -> Any:
@@ -339,11 +330,6 @@ def _sorted_maps(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_sorted_maps(item) for item in value]
     return value
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    return f"{'.'.join(map(str, err['loc'])) or 'row'}: {err['msg']}"[:300]
 
 
 def _to_numpy(value: Any, name: str) -> np.ndarray:
@@ -458,7 +444,7 @@ def read_preference_jsonl(path: Path | str) -> list[DorpoRow]:
         try:
             rows.append(_row_from_json(obj))
         except ValidationError as e:
-            raise ValueError(f"{path}:{line_no}: {_first_error(e)}") from None
+            raise ValueError(f"{path}:{line_no}: {first_error(e)}") from None
         except ValueError as e:
             raise ValueError(f"{path}:{line_no}: {e}") from None
     return rows
@@ -542,7 +528,7 @@ def read_prompts_jsonl(path: Path | str) -> list[PromptRow]:
         try:
             prompts.append(PromptRow.model_validate(obj))
         except ValidationError as e:
-            raise ValueError(f"{path}:{line_no}: {_first_error(e)}") from None
+            raise ValueError(f"{path}:{line_no}: {first_error(e)}") from None
     if not prompts:
         raise ValueError(f"{path} has no prompts")
     return prompts
