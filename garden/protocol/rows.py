@@ -197,7 +197,7 @@ class DorpoRow(BaseModel):
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= 2**31 - 1:
             raise ValueError(f"vocab_size must be an int in 1..2**31-1, got {vocab_size!r}")
-        ids = _int_array(chosen_ids, "chosen_ids", ndim=1)
+        ids = _array(chosen_ids, "chosen_ids", ndim=1, integers=True)
         t = ids.shape[0]
         if (topk_ids is None) != (topk_logprobs is None):
             raise ValueError("give both topk_ids and topk_logprobs, or neither (a row without log-probs)")
@@ -205,8 +205,8 @@ class DorpoRow(BaseModel):
             top = np.zeros((t, 0), dtype=np.int64)
             logprobs = np.zeros((t, 0), dtype=np.float64)
         else:
-            top = _int_array(topk_ids, "topk_ids", ndim=2)
-            logprobs = _float_array(topk_logprobs, "topk_logprobs", ndim=2)
+            top = _array(topk_ids, "topk_ids", ndim=2, integers=True)
+            logprobs = _array(topk_logprobs, "topk_logprobs", ndim=2, integers=False)
             if top.shape != logprobs.shape or top.shape[0] != t:
                 raise ValueError(
                     f"topk_ids {top.shape} and topk_logprobs {logprobs.shape} must both be [T, k] with T = {t}"
@@ -344,22 +344,15 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} is not a rectangular array: {str(e)[:200]}") from None
 
 
-def _int_array(value: Any, name: str, ndim: int) -> np.ndarray:
+def _array(value: Any, name: str, ndim: int, integers: bool) -> np.ndarray:
+    """``value`` as an int64 (``integers``) or float64 array of ``ndim`` dimensions, or a ValueError."""
     arr = _to_numpy(value, name)
     if arr.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got {arr.dtype}")
-    return arr.astype(np.int64)
-
-
-def _float_array(value: Any, name: str, ndim: int) -> np.ndarray:
-    arr = _to_numpy(value, name)
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iuf":
-        raise ValueError(f"{name} must hold numbers, got {arr.dtype}")
-    return arr.astype(np.float64)
+    kinds, what = ("iu", "integers") if integers else ("iuf", "numbers")
+    if arr.size and arr.dtype.kind not in kinds:
+        raise ValueError(f"{name} must hold {what}, got {arr.dtype}")
+    return arr.astype(np.int64 if integers else np.float64)
 
 
 # --- JSONL ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 
 from garden.models import LoadedModel
 from garden.protocol.rows import PromptRow
+from garden.trainer.batching import left_pad, pad_id
 
 
 @dataclass(frozen=True)
@@ -398,13 +399,9 @@ class TeacherJudge(Judge):
         tokenizer, model = self.teacher.tokenizer, self.teacher.model
         special = not getattr(tokenizer, "chat_template", None)  # the template already has BOS etc.
         rows = [tokenizer.encode(self._render(question, a), add_special_tokens=special) for a in answers]
-        # pad by hand on the left, so the verdict is read at the last position of every row; the shared
+        # pad on the left, so the verdict is read at the last position of every row; the shared
         # tokenizer's padding_side is left alone (other users of the same loaded teacher rely on it)
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        device = next(model.parameters()).device
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        input_ids, mask = left_pad(rows, pad_id(tokenizer), device=next(model.parameters()).device)
         # positions count real tokens only, so a padded row sees the positions it would see alone
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():

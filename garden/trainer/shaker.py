@@ -19,6 +19,7 @@ from typing import Any
 
 from garden.models import LoadedModel, tokenizer_fingerprint
 from garden.protocol.rows import DorpoRow, PromptRow
+from garden.trainer.batching import left_pad, pad_id
 from garden.trainer.judges import Judge, Judgement
 
 logger = logging.getLogger(__name__)
@@ -111,28 +112,12 @@ def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-
-
 def _sample(teacher: LoadedModel, prompt_ids: list[list[int]], config: ShakeConfig) -> list[list[str]]:
     """``candidates`` answers per prompt, all prompts in one ``generate`` call."""
     import torch
 
     tokenizer = teacher.tokenizer
-    ids, mask = _left_pad(prompt_ids, _pad_id(tokenizer))
+    ids, mask = left_pad(prompt_ids, pad_id(tokenizer))
     with torch.no_grad():
         out = teacher.model.generate(
             input_ids=ids,
@@ -142,7 +127,7 @@ def _sample(teacher: LoadedModel, prompt_ids: list[list[int]], config: ShakeConf
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
             num_return_sequences=config.candidates,
-            pad_token_id=_pad_id(tokenizer),
+            pad_token_id=pad_id(tokenizer),
         )
     answers = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     n = config.candidates
@@ -163,7 +148,7 @@ def _rows(
     ]
     sequences = [ids + answer for (_, ids, _), answer in zip(usable, answers, strict=True)]
     width = max(len(s) for s in sequences)
-    batch = torch.full((len(sequences), width), _pad_id(tokenizer), dtype=torch.long)
+    batch = torch.full((len(sequences), width), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros_like(batch)
     for row, seq in enumerate(sequences):
         batch[row, : len(seq)] = torch.tensor(seq)

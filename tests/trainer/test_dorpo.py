@@ -261,28 +261,18 @@ def test_pref_acc_on_crafted_case() -> None:
     # row 0: chosen confident, rejected flat -> right; row 1: the reverse -> wrong; row 2: right, but no rejected
     chosen_logits = torch.stack([good[0], flat[1], good[2]])
     rejected_logits = torch.stack([flat[0], good[1], flat[2]])
-    out = dorpo_loss(
-        chosen_logits,
-        labels,
-        mask,
-        DorpoConfig(),
-        rejected_logits,
-        labels,
-        mask,
-        has_rejected=torch.tensor([True, True, False]),
-    )
-    assert out.pref_acc == pytest.approx(0.5)
-    out = dorpo_loss(
-        chosen_logits,
-        labels,
-        mask,
-        DorpoConfig(),
-        rejected_logits,
-        labels,
-        mask,
-        has_rejected=torch.tensor([True, False, True]),
-    )
-    assert out.pref_acc == pytest.approx(1.0)
+    for has_rejected, expected in (([True, True, False], 0.5), ([True, False, True], 1.0)):
+        out = dorpo_loss(
+            chosen_logits,
+            labels,
+            mask,
+            DorpoConfig(),
+            rejected_logits,
+            labels,
+            mask,
+            has_rejected=torch.tensor(has_rejected),
+        )
+        assert out.pref_acc == pytest.approx(expected)
     assert out.log_odds > 0
 
 

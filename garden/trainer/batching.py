@@ -1,0 +1,28 @@
+"""Padding token-id lists into a batch, shared by everything that runs a teacher on many sequences.
+
+Left padding for reading or generating at the last position (shaker sampling, the teacher judge);
+the caller never touches the shared tokenizer's ``padding_side``, which other users of the same
+loaded model rely on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its end-of-sequence token (Llama-family tokenizers have no pad)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def left_pad(sequences: list[list[int]], pad: int, device: Any = None) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) [batch, longest], real tokens flush right."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
