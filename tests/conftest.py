@@ -28,6 +28,19 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ[models.CACHE_ENV] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Commands run by tests without --data-dir (e.g. `garden shake`, which stores rows) must never touch the
+    real user's data dir: point the default at a throwaway one."""
+    previous = os.environ.get("GARDEN_DATA_DIR")
+    os.environ["GARDEN_DATA_DIR"] = str(tmp_path_factory.mktemp("default-data-dir"))
+    yield
+    if previous is None:
+        os.environ.pop("GARDEN_DATA_DIR", None)
+    else:
+        os.environ["GARDEN_DATA_DIR"] = previous
+
+
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
     """Real `garden run` processes; teardown stops them and fails the test on any orphaned child."""

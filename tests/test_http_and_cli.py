@@ -27,7 +27,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def garden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run([sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_health(daemon: Daemon) -> None:
@@ -151,7 +151,7 @@ def test_cli_shake_writes_rows(tmp_path: Path, model_cache: Path) -> None:
         '{"prompt": "What is 2 + 2?", "reference": "2 + 2 = 4."}\n'
     )
     out = tmp_path / "rows.jsonl"
-    env = {**os.environ, "GARDEN_CACHE_DIR": str(model_cache)}
+    env = {**os.environ, "GARDEN_CACHE_DIR": str(model_cache), "GARDEN_DATA_DIR": str(tmp_path / "data")}
     result = garden(
         "shake", "--prompts", str(prompts), "--out", str(out), "--candidates", "2", "--max-new-tokens", "16", env=env
     )

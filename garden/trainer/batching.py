@@ -26,3 +26,11 @@ def left_pad(sequences: list[list[int]], pad: int, device: Any = None) -> tuple[
         ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
         mask[row, width - len(seq) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def chat_prompt_ids(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
+    """The ids a chat model sees before its answer: the user turn in the tokenizer's chat template plus the
+    assistant header. Teacher and student must encode prompts identically, so everyone calls this."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])

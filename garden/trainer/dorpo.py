@@ -82,17 +82,42 @@ def odds_ratio_loss(chosen_logps: Tensor, rejected_logps: Tensor) -> tuple[Tenso
     return -F.logsigmoid(log_odds), log_odds
 
 
-def _topk_kl_from_logps(student_logps: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor) -> Tensor:
+def _token_kl_from_logps(student_logps: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """[B, T] per-token bucket KL, 0 at masked positions."""
     keep = mask.unsqueeze(-1)
     s_top = student_logps.gather(-1, torch.where(keep, topk_ids.long(), 0))  # [B, T, k]
-    s_rest = log1mexp(torch.logsumexp(s_top, dim=-1))  # log(1 - sum of the student's probs at the k ids)
     t_top = torch.where(keep, topk_logprobs.float(), -math.inf)  # padding at masked positions may be NaN
+    # a top-k slot the teacher left empty (-inf: a row with a smaller k in a mixed batch) is no bucket: keep the
+    # student's mass there out of its top-k sum (only at kept positions, which always have a real slot)
+    padded_slot = keep & (t_top == -math.inf)
+    s_rest = log1mexp(torch.logsumexp(s_top.masked_fill(padded_slot, -math.inf), dim=-1))  # log(1 - top-k mass)
     p_top = t_top.exp()
     p_rest = (1.0 - p_top.sum(-1)).clamp(min=0.0)
     # 0 * log 0 = 0: a teacher bucket with no mass (padded -inf top-k slot, or rest = 0) contributes nothing
     top = torch.where(p_top > 0, p_top * (t_top - s_top), 0.0).sum(-1)
     rest = torch.xlogy(p_rest, p_rest) - p_rest * s_rest
-    return _masked_mean(top + rest, mask)
+    return torch.where(mask, top + rest, 0.0)
+
+
+def _check_topk(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor) -> None:
+    if student_logits.dim() != 3 or mask.shape != student_logits.shape[:2]:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} must be [batch, seq, vocab] and mask "
+            f"{tuple(mask.shape)} must be its [batch, seq]"
+        )
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 3 or topk_ids.shape[:2] != mask.shape:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must both be "
+            f"[batch, seq, k] with [batch, seq] = {tuple(mask.shape)}"
+        )
+
+
+def topk_kl_per_token(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """The bucket KL of :func:`topk_kl` at every token: [B, T], 0 at masked positions (for token-weighted
+    means, as evaluation reports)."""
+    _check_topk(student_logits, topk_ids, topk_logprobs, mask)
+    logps = F.log_softmax(student_logits.float(), dim=-1)
+    return _token_kl_from_logps(logps, topk_ids, topk_logprobs, mask.bool())
 
 
 def topk_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -104,17 +129,7 @@ def topk_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mas
     matches on the buckets) with only k stored numbers; the student is bucketed the same way, its rest
     being log1mexp(logsumexp of its log-probs at the k ids). With k = V the rest is 0 and this is the exact
     full-vocabulary KL. ``student_logits`` [B, T, V] are aligned as in :func:`sequence_logps`."""
-    if student_logits.dim() != 3 or mask.shape != student_logits.shape[:2]:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} must be [batch, seq, vocab] and mask "
-            f"{tuple(mask.shape)} must be its [batch, seq]"
-        )
-    if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 3 or topk_ids.shape[:2] != mask.shape:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must both be "
-            f"[batch, seq, k] with [batch, seq] = {tuple(mask.shape)}"
-        )
-    return _topk_kl_from_logps(F.log_softmax(student_logits.float(), dim=-1), topk_ids, topk_logprobs, mask.bool())
+    return _masked_mean(topk_kl_per_token(student_logits, topk_ids, topk_logprobs, mask), mask.bool())
 
 
 @dataclass
@@ -225,7 +240,8 @@ def dorpo_loss(
                 f"[batch, seq, k] with [batch, seq] = {tuple(mask.shape)} as the chosen labels"
             )
         if bool(topk_rows.any()):
-            kl_rows = _topk_kl_from_logps(chosen_logps_full, topk_ids, topk_logprobs, mask & topk_rows[:, None])
+            kl_mask = mask & topk_rows[:, None]
+            kl_rows = _masked_mean(_token_kl_from_logps(chosen_logps_full, topk_ids, topk_logprobs, kl_mask), kl_mask)
             kl = _rows_mean(kl_rows, topk_rows)
             kl_metric = float(kl.detach())
 

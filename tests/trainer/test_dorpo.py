@@ -142,6 +142,21 @@ def test_topk_kl_rest_bucket_by_hand() -> None:
     assert want > 0 > sum(pt * math.log(pt / ps) for pt, ps in zip(teacher[:2], student[:2], strict=True))
 
 
+def test_topk_kl_padded_slots_are_no_bucket() -> None:
+    """A row with k = 2 in a batch padded to k = 3 (id 0, log-prob -inf) gets the same KL as on its own:
+    the student's mass at the padding id must not count into its top-k sum."""
+    torch.manual_seed(5)
+    logits = torch.randn(1, 2, 8, requires_grad=True)
+    top = torch.log_softmax(torch.randn(1, 2, 8), -1).topk(2, dim=-1)
+    alone = topk_kl(logits, top.indices, top.values, torch.ones(1, 2))
+    ids = torch.cat([top.indices, torch.zeros(1, 2, 1, dtype=torch.long)], dim=-1)
+    lps = torch.cat([top.values, torch.full((1, 2, 1), -math.inf)], dim=-1)
+    padded = topk_kl(logits, ids, lps, torch.ones(1, 2))
+    assert torch.allclose(padded, alone, atol=1e-6)
+    padded.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
 def test_topk_kl_nonnegative_random_and_float16_teacher() -> None:
     torch.manual_seed(3)
     for _ in range(20):

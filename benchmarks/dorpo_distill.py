@@ -1,0 +1,142 @@
+"""DORPO vs plain SFT: distil the built-in teacher into a pruned student on the demo set (issue 4's benchmark).
+
+Run: ``.venv/bin/python benchmarks/dorpo_distill.py [--steps 120] [--student prune:builtin:smollm2-135m:layers=10]``.
+Prints one JSON object. In this one run, on the same rows, steps, batch size, seed and learning rate:
+
+- the teacher is shaken once on the demo train split (rows with top-k log-probs; cached with ``--rows-cache``)
+  and on the held-out split (never trained on);
+- the student is evaluated before training, then trained twice from the same start: once with the DORPO
+  loss (NLL + lambda_or * odds ratio + lambda_kl * top-k KL) and once with NLL only (plain SFT);
+- each is evaluated on the held-out rows: KL(teacher || student) on the k+1 buckets, top-1 agreement with
+  the teacher, preference accuracy (mean log-prob of chosen > rejected), NLL.
+
+Ratios: ``kl_after_over_before`` (DORPO; target <= 0.1), ``dorpo_over_sft_kl`` (target <= 0.6); plus top-1
+(target >= 0.6), preference accuracy (target >= 0.8), bytes per stored token (target <= 84) and wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from garden.data import demo_prompts  # noqa: E402
+from garden.models import load_model  # noqa: E402
+from garden.protocol.rows import DorpoRow, read_preference_jsonl, write_preference_jsonl  # noqa: E402
+from garden.trainer.evaluate import EvalReport, evaluate  # noqa: E402
+from garden.trainer.judges import ReferenceJudge  # noqa: E402
+from garden.trainer.shaker import ShakeConfig, shake  # noqa: E402
+from garden.trainer.student import build_student, parse_student_ref  # noqa: E402
+from garden.trainer.train import DorpoTrainer, TrainConfig  # noqa: E402
+
+TEACHER = "builtin:smollm2-135m"
+
+
+def rows_for(split: str, args: argparse.Namespace) -> tuple[list[DorpoRow], float]:
+    """Shaken rows of a demo split (read from the cache when present), and the seconds shaking took."""
+    cache = Path(args.rows_cache) / f"{split}.jsonl" if args.rows_cache else None
+    if cache is not None and cache.is_file():
+        return read_preference_jsonl(cache), 0.0
+    prompts = demo_prompts(split)  # type: ignore[arg-type]
+    if args.prompts:
+        prompts = prompts[: args.prompts]
+    config = ShakeConfig(candidates=args.candidates, max_new_tokens=args.max_new_tokens, batch_prompts=16, seed=0)
+    started = time.perf_counter()
+    rows = shake(load_model(TEACHER), prompts, ReferenceJudge(), config).rows
+    seconds = time.perf_counter() - started
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_preference_jsonl(rows, cache)
+    return rows, seconds
+
+
+def summary(report: EvalReport) -> dict[str, Any]:
+    return {k: report.to_dict()[k] for k in ("kl", "top1", "pref_acc", "nll", "rows", "pairs")}
+
+
+def train_arm(
+    args: argparse.Namespace, rows: list[DorpoRow], heldout: list[DorpoRow], lambda_or: float, lambda_kl: float
+) -> dict[str, Any]:
+    student = build_student(parse_student_ref(args.student))
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=max(1, args.steps // 10),
+        lambda_or=lambda_or,
+        lambda_kl=lambda_kl,
+        seed=0,
+    )
+    trainer = DorpoTrainer(student, rows, config)
+    result = trainer.train()
+    report = evaluate(student.model, student.tokenizer, heldout)
+    return {**summary(report), "train_s": round(result.seconds, 1), "skipped_steps": result.skipped_steps}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", default="prune:builtin:smollm2-135m:layers=10")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lambda-or", type=float, default=0.1)
+    parser.add_argument("--lambda-kl", type=float, default=1.0)
+    parser.add_argument("--prompts", type=int, default=0, help="use only the first N prompts of each split")
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--rows-cache", default="", help="directory to keep/reuse the shaken rows")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    train_rows, shake_train_s = rows_for("train", args)
+    heldout, shake_heldout_s = rows_for("heldout", args)
+    student = build_student(parse_student_ref(args.student))
+    before = summary(evaluate(student.model, student.tokenizer, heldout))
+    teacher = load_model(TEACHER)
+    ceiling = summary(evaluate(teacher.model, teacher.tokenizer, heldout))
+    del student
+
+    dorpo = train_arm(args, train_rows, heldout, args.lambda_or, args.lambda_kl)
+    sft = train_arm(args, train_rows, heldout, 0.0, 0.0)
+    tokens = sum(r.num_tokens for r in train_rows)
+    stored = sum(r.bytes_per_token() * r.num_tokens for r in train_rows)
+
+    print(
+        json.dumps(
+            {
+                "student": args.student,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "train_rows": len(train_rows),
+                "heldout_rows": len(heldout),
+                "shake_s": round(shake_train_s + shake_heldout_s, 1),
+                "teacher_on_heldout": ceiling,
+                "before": before,
+                "dorpo": dorpo,
+                "sft": sft,
+                "kl_after_over_before": _ratio(dorpo["kl"], before["kl"]),
+                "dorpo_over_sft_kl": _ratio(dorpo["kl"], sft["kl"]),
+                "bytes_per_token": round(stored / max(1, tokens), 2),
+                "threads": torch.get_num_threads(),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if a is not None and b else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
