@@ -1,8 +1,8 @@
 """Shaking (the seed paper's "Precision Shaking"): sample the teacher, judge, record its top-k.
 
-For a batch of prompts: sample ``candidates`` answers per prompt in ONE ``generate`` call (prompts
-left-padded, ``num_return_sequences`` candidates each), let a judge pick chosen/rejected, then run
-one batched teacher-forced pass over every prompt + chosen answer to record the teacher's
+For a batch of prompts: sample ``candidates`` answers per prompt in one batch (prompts left-padded,
+each encoded once and its KV cache shared by its candidates), let a judge pick chosen/rejected, then
+run one batched teacher-forced pass over every prompt + chosen answer to record the teacher's
 temperature-1 top-k log-probs on each chosen token. The result is a list of ``DorpoRow``.
 
 The chosen answer's ids end with the end-of-turn token, so a student trained on them learns to stop.
@@ -112,14 +112,51 @@ def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
     return list(encoded["input_ids"])
 
 
+# generate()'s top-k when the model's generation config names none (GenerationConfig's default): the
+# sampler below applies it too, so it draws from exactly the distribution generate(do_sample=True) would.
+_GENERATE_DEFAULT_TOP_K = 50
+
+
 def _sample(teacher: LoadedModel, prompt_ids: list[list[int]], config: ShakeConfig) -> list[list[str]]:
-    """``candidates`` answers per prompt, all prompts in one ``generate`` call."""
+    """``candidates`` answers per prompt, all prompts in one batch, each prompt encoded once.
+
+    Draws what ``generate(do_sample=True, temperature, top_p, num_return_sequences=candidates)`` on the
+    left-padded prompts would (its temperature, top-k and top-p warpers; stop at the end-of-sequence
+    token, padding after it), but prefills the prompts once and shares each prompt's KV cache across its
+    candidates (``generate`` expands the prompts first, so it encodes each one ``candidates`` times), and
+    stops computing an answer once it has ended (``generate`` carries it, padded, to the batch's end).
+    """
+    tokenizer, model = teacher.tokenizer, teacher.model
+    if _can_share(model):
+        pick = _sampler(model, config.temperature, config.top_p)
+        answers = _decode_shared(model, prompt_ids, config.candidates, config.max_new_tokens, pad_id(tokenizer), pick)
+    else:
+        answers = _generate(model, prompt_ids, config, pad_id(tokenizer))
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    n = config.candidates
+    return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompt_ids))]
+
+
+def _can_share(model: Any) -> bool:
+    """Whether the model's KV cache is plain keys and values (every cache layer a dynamic one), which
+    ``_decode_shared`` may repeat and select along the batch; a model with recurrent or linear-attention
+    state (which those operations would not carry) samples with ``generate`` instead."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a cache this transformers version cannot build for the model: use generate
+        return False
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
+
+
+def _generate(model: Any, prompt_ids: list[list[int]], config: ShakeConfig, pad: int) -> list[list[int]]:
+    """What ``_decode_shared`` gives, by one plain ``generate`` call (each prompt encoded per candidate)."""
     import torch
 
-    tokenizer = teacher.tokenizer
-    ids, mask = left_pad(prompt_ids, pad_id(tokenizer))
-    with torch.no_grad():
-        out = teacher.model.generate(
+    ids, mask = left_pad(prompt_ids, pad, device=model.device)
+    with torch.inference_mode():
+        out = model.generate(
             input_ids=ids,
             attention_mask=mask,
             do_sample=True,
@@ -127,11 +164,141 @@ def _sample(teacher: LoadedModel, prompt_ids: list[list[int]], config: ShakeConf
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
             num_return_sequences=config.candidates,
-            pad_token_id=pad_id(tokenizer),
+            pad_token_id=pad,
         )
-    answers = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    n = config.candidates
-    return [[a.strip() for a in answers[i * n : (i + 1) * n]] for i in range(len(prompt_ids))]
+    eos = set(_eos_ids(model))
+    answers = []
+    for row in out[:, ids.shape[1] :].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def _sampler(model: Any, temperature: float, top_p: float) -> Callable[[Any], Any]:
+    """Next tokens [rows] from next-token logits [rows, vocab], as ``generate(do_sample=True)`` samples."""
+    import torch
+
+    warp = _warp(model, temperature, top_p)
+
+    def pick(logits: Any) -> Any:
+        probs, index = warp(logits)
+        choice = torch.multinomial(probs, num_samples=1)
+        return (choice if index is None else index.gather(1, choice)).squeeze(1)
+
+    return pick
+
+
+def _warp(model: Any, temperature: float, top_p: float) -> Callable[[Any], tuple[Any, Any]]:
+    """``generate``'s sampling distribution: (probs [rows, m], their token ids [rows, m], or None when
+    m is the whole vocabulary and column = token id).
+
+    ``generate`` applies temperature, then top-k, then top-p to the full vocabulary; top-p sorts all
+    ~50k logits of every row (a sixth of a 64-row decode step on CPU). When no logit ties the k-th
+    largest, the top-k set is exactly ``topk``'s k entries, so top-p and the softmax run on those k
+    only, the same distribution; on a tie it falls back to the warpers on the full vocabulary.
+    """
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    configured = getattr(model.generation_config, "top_k", None)
+    top_k = int(configured if configured is not None else _GENERATE_DEFAULT_TOP_K)
+    scale = TemperatureLogitsWarper(temperature)
+    nucleus = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def warp(logits: Any) -> tuple[Any, Any]:
+        scores = scale(None, logits.float())  # these warpers never read the input ids
+        index = None
+        k = min(top_k, scores.shape[-1])
+        if 0 < k < scores.shape[-1]:
+            values, indices = scores.topk(k, dim=-1)
+            if bool(((scores >= values[:, -1:]).sum(-1) == k).all()):
+                scores, index = values, indices
+            else:
+                scores = TopKLogitsWarper(top_k)(None, scores)
+        if nucleus is not None:
+            scores = nucleus(None, scores)
+        return torch.softmax(scores, dim=-1), index
+
+    return warp
+
+
+def _eos_ids(model: Any) -> list[int]:
+    """The ids ``generate`` stops at: the model's generation config's end-of-sequence id(s)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _decode_shared(
+    model: Any, prompt_ids: list[list[int]], copies: int, max_new_tokens: int, pad: int, pick: Callable[[Any], Any]
+) -> list[list[int]]:
+    """``copies`` continuations of each prompt (prompt-major: prompt 0's copies first), each up to
+    ``max_new_tokens`` tokens and ending at the first end-of-sequence token picked (kept, as in
+    ``generate``'s output). ``pick`` maps next-token logits [rows, vocab] to next tokens [rows].
+
+    One prefill forward over the left-padded prompts fills the KV cache, which is then repeated
+    ``copies`` times along the batch (``_can_share`` says whether the model's cache allows that); each
+    later step feeds one token per unfinished row only (a row that ended leaves the batch and the
+    cache). Left padding is masked and positions count real tokens only, as in ``generate``.
+    """
+    import inspect
+
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    device = model.device
+    eos = torch.tensor(_eos_ids(model), dtype=torch.long, device=device)
+    ids, mask = left_pad(prompt_ids, pad, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = len(prompt_ids) * copies
+    out = torch.full((rows, max_new_tokens), pad, dtype=torch.long)
+    lengths = [max_new_tokens] * rows
+    cache = DynamicCache(config=model.config)
+    # the prompts' last position only (when the model can skip the others' vocabulary projection)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with torch.inference_mode():
+        prefill = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **last_only,
+        )
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+        logits = prefill.logits[:, -1, :].repeat_interleave(copies, dim=0)
+        mask = mask.repeat_interleave(copies, dim=0)
+        position = positions[:, -1].repeat_interleave(copies, dim=0)
+        alive = torch.arange(rows)  # the output row of each batch row
+        for step in range(max_new_tokens):
+            token = pick(logits)
+            out[alive, step] = token.cpu()
+            ended = torch.isin(token, eos)
+            if bool(ended.any()):
+                for row in alive[ended.cpu()].tolist():
+                    lengths[row] = step + 1
+                keep = (~ended).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                token, mask, position = token[keep], mask[keep], position[keep]
+                alive = alive[keep.cpu()]
+            if step + 1 == max_new_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            position = position + 1
+            logits = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1, :]
+    return [out[row, : lengths[row]].tolist() for row in range(rows)]
 
 
 def _rows(

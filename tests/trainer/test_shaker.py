@@ -7,12 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from garden.data import demo_prompts
 from garden.models import load_model, tokenizer_fingerprint
 from garden.protocol.rows import PromptRow
+from garden.trainer.batching import pad_id
 from garden.trainer.judges import ReferenceJudge, RegexJudge
-from garden.trainer.shaker import ShakeConfig, shake
+from garden.trainer.shaker import ShakeConfig, _decode_shared, _prompt_ids, _warp, shake
 
 
 @pytest.fixture(autouse=True)
@@ -83,3 +90,78 @@ def test_no_usable_answer_drops_the_prompt_and_long_prompts_are_refused() -> Non
 def test_bad_settings(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="invalid shaking settings"):
         ShakeConfig(**kwargs)
+
+
+def _full_probs(probs: torch.Tensor, index: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    return probs if index is None else torch.zeros(probs.shape[0], vocab).scatter(1, index, probs)
+
+
+def test_shared_prefix_decoding_matches_generate_greedy() -> None:
+    """One left-padded prefill, its cache repeated per copy, finished rows dropped: under greedy
+    picking every copy of every prompt is what ``generate`` gives that prompt alone, unpadded."""
+    teacher = load_model("builtin:smollm2-135m")
+    tokenizer, model = teacher.tokenizer, teacher.model
+    texts = [
+        "Hi",
+        "What is the capital of France? Answer in one word.",
+        "Write a long story about a dragon who loves to bake bread in the mountains, with lots of detail.",
+    ]
+    prompts = [_prompt_ids(tokenizer, text) for text in texts]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: real left padding
+    got = _decode_shared(model, prompts, 2, 12, pad_id(tokenizer), lambda logits: logits.argmax(-1))
+    assert len(got) == 6
+    ended_early = 0
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
+        expected = out[0, len(prompt) :].tolist()
+        assert got[2 * i] == expected and got[2 * i + 1] == expected, texts[i]
+        ended_early += len(expected) < 12
+    assert ended_early >= 1  # a row left the batch mid-way and the others went on correctly
+
+
+def test_sampler_draws_from_generates_distribution() -> None:
+    """``generate``'s processed scores (output_scores) are the distribution it samples from; the
+    shared-prefix sampler's distribution from the same raw logits must be that one."""
+    teacher = load_model("builtin:smollm2-135m")
+    ids = torch.tensor([_prompt_ids(teacher.tokenizer, "Name a fruit.")])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = teacher.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.8, top_p=0.95,
+            max_new_tokens=4, output_scores=True, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    warp = _warp(teacher.model, 0.8, 0.95)
+    for logits, scores in zip(out.logits, out.scores, strict=True):
+        probs, index = warp(logits)
+        assert index is not None and index.shape[-1] <= 50  # the fast path: top-k first
+        assert torch.allclose(_full_probs(probs, index, logits.shape[-1]), torch.softmax(scores, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampler_ties_at_the_top_k_boundary_keep_every_tied_token(top_p: float) -> None:
+    teacher = load_model("builtin:smollm2-135m")
+    vocab = 1000
+    logits = torch.randn(3, vocab)
+    logits[1, :60] = 5.0  # 60 tokens tie for the top: generate's top-k keeps them all
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(50)])
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    expected = torch.softmax(warpers(None, logits), -1)
+    probs, index = _warp(teacher.model, 0.7, top_p)(logits)
+    assert torch.allclose(_full_probs(probs, index, vocab), expected, atol=1e-6)
+    if top_p == 1:
+        assert int((expected[1] > 0).sum()) == 60
+
+
+def test_a_model_whose_cache_cannot_be_shared_samples_with_generate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from garden.trainer import shaker
+
+    teacher = load_model("builtin:smollm2-135m")
+    assert shaker._can_share(teacher.model)  # the built-in teacher takes the shared-prefix path
+    monkeypatch.setattr(shaker, "_can_share", lambda model: False)
+    prompts = [_prompt_ids(teacher.tokenizer, text) for text in ("Say hi.", "Name two colours, please.")]
+    torch.manual_seed(0)
+    answers = shaker._sample(teacher, prompts, ShakeConfig(candidates=2, max_new_tokens=8))
+    assert len(answers) == 2 and all(len(a) == 2 and all(isinstance(t, str) for t in a) for a in answers)
