@@ -40,7 +40,8 @@ from garden.models import LoadedModel, load_model  # noqa: E402
 from garden.protocol.rows import PromptRow  # noqa: E402
 from garden.trainer import shaker  # noqa: E402
 from garden.trainer.judges import ReferenceJudge  # noqa: E402
-from garden.trainer.shaker import ShakeConfig, ShakeResult, _prompt_ids, shake  # noqa: E402
+from garden.encoding import chat_prompt_ids  # noqa: E402
+from garden.trainer.shaker import ShakeConfig, ShakeResult, shake  # noqa: E402
 
 TABLE_PROMPTS = (16, 32)
 TABLE_CANDIDATES = (4, 8)
@@ -54,7 +55,7 @@ def sequential_seconds(
     torch.manual_seed(0)
     seconds = []
     for prompt in prompts:
-        ids = torch.tensor([_prompt_ids(teacher.tokenizer, prompt.prompt)])
+        ids = torch.tensor([chat_prompt_ids(teacher.tokenizer, prompt.prompt)])
         calls = []
         for _ in range(candidates):
             started = time.perf_counter()

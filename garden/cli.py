@@ -165,7 +165,7 @@ def shake(
     top_p: float = typer.Option(0.95, "--top-p"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     top_k: int = typer.Option(20, "--top-k", help="Teacher log-probs kept per chosen token."),
-    batch_prompts: int = typer.Option(8, "--batch-prompts", help="Prompts per generate call."),
+    batch_prompts: int = typer.Option(16, "--batch-prompts", help="Prompts sampled together (x candidates)."),
     seed: int = typer.Option(0, "--seed"),
     split: str = typer.Option("train", "--split", help="For builtin:demo: train, heldout or all."),
     data_dir: Path | None = typer.Option(

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from garden.models import LoadedModel
 
 # the same prompt encoding as the shaker and the trainer: a student is asked the way it was taught
-from garden.trainer.batching import chat_prompt_ids, pad_id
+from garden.encoding import chat_prompt_ids, pad_id
 
 FinishReason = Literal["stop", "length", "cancelled"]
 """``stop``: the model ended its turn; ``length``: ``max_new_tokens`` (or the context) ran out;

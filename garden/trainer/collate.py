@@ -19,7 +19,7 @@ import numpy as np
 
 from garden.models import tokenizer_fingerprint
 from garden.protocol.rows import DorpoRow
-from garden.trainer.batching import chat_prompt_ids
+from garden.encoding import answer_ids, chat_prompt_ids
 from garden.trainer.dorpo import DorpoConfig, DorpoOutput, dorpo_loss
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ def encode_rows(
     """Encode rows for a student with ``tokenizer``; rows longer than ``max_length`` tokens are dropped
     (counted in the report), never truncated: a cut answer would teach the student to stop mid-sentence."""
     fingerprint = tokenizer_fingerprint(tokenizer)
-    eos = int(tokenizer.eos_token_id)
     report = EncodeReport()
     encoded: list[EncodedRow] = []
     for row in rows:
@@ -67,10 +66,10 @@ def encode_rows(
         if same_tokenizer:
             chosen = [int(i) for i in row.chosen_ids_array()]
         else:
-            chosen = list(tokenizer(row.chosen, add_special_tokens=False)["input_ids"]) + [eos]
+            chosen = answer_ids(tokenizer, row.chosen)
         rejected = None
         if row.rejected is not None:
-            rejected = list(tokenizer(row.rejected, add_special_tokens=False)["input_ids"]) + [eos]
+            rejected = answer_ids(tokenizer, row.rejected)
         with_topk = same_tokenizer and row.has_logprobs
         item = EncodedRow(
             row_id=row.row_id,

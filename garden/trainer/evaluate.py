@@ -39,9 +39,10 @@ from torch import Tensor
 from garden.models import LoadedModel, tokenizer_fingerprint
 from garden.protocol.records import first_error
 from garden.protocol.rows import MAX_TOPK, DorpoRow, PromptRow, read_preference_jsonl, read_prompts_jsonl
-from garden.trainer.batching import chat_prompt_ids, pad_id
+from garden.encoding import answer_ids, chat_prompt_ids, pad_id
 from garden.trainer.collate import DorpoBatch, EncodedRow, collate, encode_rows, student_logits
 from garden.trainer.dorpo import topk_kl_per_token
+from garden.trainer.shaker import teacher_topk
 
 __all__ = [
     "EvalData",
@@ -226,40 +227,6 @@ def _vocab_size(teacher: LoadedModel) -> int:
     return int(size) if size else len(teacher.tokenizer)
 
 
-def _answer_ids(tokenizer: Any, text: str) -> list[int]:
-    """An answer as the shaker encodes it: its tokens, then end-of-sequence (the student learns to stop)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [int(tokenizer.eos_token_id)]
-
-
-def _teacher_topk(
-    teacher: LoadedModel, items: Sequence[tuple[list[int], list[int]]], k: int, batch_size: int
-) -> tuple[list[tuple[Tensor, Tensor]], int]:
-    """The teacher's temperature-1 top-k (ids, log-probs) [T, k] on each (prompt ids, answer ids) pair, and
-    its vocabulary size (the logits' width): one right-padded teacher-forced pass per batch, aligned as the
-    shaker aligns them (logits at t predict t+1)."""
-    model, pad = teacher.model, pad_id(teacher.tokenizer)
-    device = _device(model)
-    out: list[tuple[Tensor, Tensor]] = []
-    vocab = 0
-    with _eval_mode(model):
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            width = max(len(p) + len(a) for p, a in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, (prompt, answer) in enumerate(chunk):
-                ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer, dtype=torch.long)
-                attention[row, : len(prompt) + len(answer)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-            vocab = int(logits.shape[-1])
-            for row, (prompt, answer) in enumerate(chunk):
-                begin = len(prompt) - 1
-                logps = F.log_softmax(logits[row, begin : begin + len(answer)].float(), dim=-1)
-                top = logps.topk(min(k, logps.shape[-1]), dim=-1)
-                out.append((top.indices.cpu(), top.values.cpu()))
-    return out, vocab
-
-
 def fill_teacher_topk(
     teacher: LoadedModel,
     rows: Sequence[DorpoRow],
@@ -288,7 +255,7 @@ def fill_teacher_topk(
         if row.tokenizer == fingerprint:
             answer = [int(i) for i in row.chosen_ids_array()]
         else:
-            answer = _answer_ids(tokenizer, row.chosen)
+            answer = answer_ids(tokenizer, row.chosen)
         prompt = chat_prompt_ids(tokenizer, row.prompt)
         if max_length is not None and len(prompt) + len(answer) > max_length:
             continue
@@ -296,7 +263,7 @@ def fill_teacher_topk(
     out = list(rows)
     if not todo:
         return out
-    tops, vocab_size = _teacher_topk(teacher, [(p, a) for _, p, a in todo], k, batch_size)
+    tops, vocab_size = teacher_topk(teacher, [(p, a) for _, p, a in todo], k, batch_size)
     for (index, _, answer), (top_ids, top_logprobs) in zip(todo, tops, strict=True):
         row = rows[index]
         out[index] = DorpoRow.from_arrays(
@@ -324,7 +291,7 @@ def _bare_row(
         prompt=prompt,
         chosen=chosen,
         rejected=rejected,
-        chosen_ids=_answer_ids(teacher.tokenizer, chosen),
+        chosen_ids=answer_ids(teacher.tokenizer, chosen),
         teacher=str(teacher.ref),
         judge=judge,
         tokenizer=tokenizer_fingerprint(teacher.tokenizer),

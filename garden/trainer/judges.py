@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 
 from garden.models import LoadedModel
 from garden.protocol.rows import PromptRow
-from garden.trainer.batching import left_pad, pad_id
+from garden.encoding import left_pad, pad_id
 
 
 @dataclass(frozen=True)

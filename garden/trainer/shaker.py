@@ -19,7 +19,7 @@ from typing import Any
 
 from garden.models import LoadedModel, tokenizer_fingerprint
 from garden.protocol.rows import DorpoRow, PromptRow
-from garden.trainer.batching import left_pad, pad_id
+from garden.encoding import answer_ids, chat_prompt_ids, left_pad, pad_id
 from garden.trainer.judges import Judge, Judgement
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ShakeConfig:
     top_p: float = 0.95
     max_new_tokens: int = 64
     top_k_logprobs: int = 20
-    batch_prompts: int = 8
+    batch_prompts: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,7 +82,7 @@ def shake(
         batch = list(prompts[start : start + config.batch_prompts])
         encoded: list[tuple[PromptRow, list[int]]] = []
         for prompt in batch:
-            ids = _prompt_ids(tokenizer, prompt.prompt)
+            ids = chat_prompt_ids(tokenizer, prompt.prompt)
             if context is not None and len(ids) + config.max_new_tokens > context:
                 reason = f"prompt is {len(ids)} tokens: too long for the {context}-token context"
                 result.dropped.append((prompt, reason))
@@ -103,13 +103,6 @@ def shake(
         if on_batch is not None:
             on_batch(len(batch))
     return result
-
-
-def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(encoded["input_ids"])
 
 
 # generate()'s top-k when the model's generation config names none (GenerationConfig's default): the
@@ -301,46 +294,68 @@ def _decode_shared(
     return [out[row, : lengths[row]].tolist() for row in range(rows)]
 
 
+def teacher_topk(
+    teacher: LoadedModel, items: Sequence[tuple[list[int], list[int]]], k: int, batch_size: int = 16
+) -> tuple[list[tuple[Any, Any]], int]:
+    """The teacher's temperature-1 top-k (ids, log-probs), each [T, k], on every answer token of each
+    (prompt ids, answer ids) pair, and the vocabulary size. Teacher-forced, right-padded (positions stay
+    0..n-1), and the vocabulary projection is computed only at the answer positions: most of a row is prompt."""
+    import torch
+
+    tokenizer, model = teacher.tokenizer, teacher.model
+    device = next(model.parameters()).device
+    out: list[tuple[Any, Any]] = []
+    vocab = 0
+    for first in range(0, len(items), batch_size):
+        chunk = items[first : first + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        window = max(len(a) for _, a in chunk)
+        batch = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        positions = torch.zeros((len(chunk), window), dtype=torch.long)
+        for row, (prompt, answer) in enumerate(chunk):
+            batch[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            mask[row, : len(prompt) + len(answer)] = 1
+            # logits at position t predict token t + 1; positions past a row are clamped and never read
+            positions[row] = torch.arange(len(prompt) - 1, len(prompt) - 1 + window).clamp(max=width - 1)
+        with torch.inference_mode():
+            logits = model(
+                input_ids=batch.to(device), attention_mask=mask.to(device), logits_to_keep=positions.to(device)
+            ).logits
+        vocab = int(logits.shape[-1])
+        for row, (_, answer) in enumerate(chunk):
+            top = torch.log_softmax(logits[row, : len(answer)].float(), dim=-1).topk(min(k, vocab), dim=-1)
+            out.append((top.indices.cpu(), top.values.cpu()))
+    return out, vocab
+
+
 def _rows(
     teacher: LoadedModel, usable: list[tuple[PromptRow, list[int], Judgement]], judge_name: str, config: ShakeConfig
 ) -> list[DorpoRow]:
-    """Teacher-forced pass over prompt + chosen (right-padded: positions stay 0..n-1) for the top-k."""
-    import torch
-
+    """Rows for the judged prompts, with the teacher's top-k on every chosen token."""
     if not usable:
         return []
-    tokenizer, model = teacher.tokenizer, teacher.model
-    answers = [
-        tokenizer(j.chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _, _, j in usable
-    ]
-    sequences = [ids + answer for (_, ids, _), answer in zip(usable, answers, strict=True)]
-    width = max(len(s) for s in sequences)
-    batch = torch.full((len(sequences), width), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, seq in enumerate(sequences):
-        batch[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    with torch.no_grad():
-        logps = torch.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), dim=-1)
-    k = min(config.top_k_logprobs, logps.shape[-1])
+    tokenizer = teacher.tokenizer
+    answers = [answer_ids(tokenizer, j.chosen or "") for _, _, j in usable]
+    tops, vocab = teacher_topk(
+        teacher, [(ids, a) for (_, ids, _), a in zip(usable, answers, strict=True)], config.top_k_logprobs
+    )
     rows = []
-    for row, ((prompt, ids, judgement), answer) in enumerate(zip(usable, answers, strict=True)):
-        start = len(ids) - 1  # logits at position t predict token t + 1
-        top = logps[row, start : start + len(answer)].topk(k, dim=-1)
+    for (prompt, _, judgement), answer, (top_ids, top_logprobs) in zip(usable, answers, tops, strict=True):
         rows.append(
             DorpoRow.from_arrays(
                 prompt=prompt.prompt,
                 chosen=judgement.chosen or "",
                 rejected=judgement.rejected,
                 chosen_ids=answer,
-                topk_ids=top.indices,
-                topk_logprobs=top.values,
+                topk_ids=top_ids,
+                topk_logprobs=top_logprobs,
                 teacher=str(teacher.ref),
                 judge=judge_name,
                 scores=dict(judgement.scores),
                 tokenizer=tokenizer_fingerprint(tokenizer),
                 reference_used=judgement.reference_used,
-                vocab_size=int(logps.shape[-1]),
+                vocab_size=vocab,
             )
         )
     return rows

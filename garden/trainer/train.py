@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from garden.models import LoadedModel
 from garden.protocol.rows import DorpoRow
-from garden.trainer.batching import pad_id
+from garden.encoding import pad_id
 from garden.trainer.checkpoint import Checkpoint, CheckpointError, RunDir, load_weights
 from garden.trainer.collate import EncodedRow, EncodeReport, collate, dorpo_forward, encode_rows
 from garden.trainer.dorpo import DorpoConfig

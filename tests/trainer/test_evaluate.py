@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from garden.data import demo_prompts
 from garden.models import LoadedModel, load_model, tokenizer_fingerprint
 from garden.protocol.rows import DorpoRow, PromptRow, write_preference_jsonl
-from garden.trainer.batching import chat_prompt_ids
+from garden.encoding import chat_prompt_ids
 from garden.trainer.collate import encode_rows
 from garden.trainer.dorpo import topk_kl, topk_kl_per_token
 from garden.trainer.evaluate import (

@@ -17,9 +17,10 @@ from transformers.generation.logits_process import (
 from garden.data import demo_prompts
 from garden.models import load_model, tokenizer_fingerprint
 from garden.protocol.rows import PromptRow
-from garden.trainer.batching import pad_id
+from garden.encoding import pad_id
 from garden.trainer.judges import ReferenceJudge, RegexJudge
-from garden.trainer.shaker import ShakeConfig, _decode_shared, _prompt_ids, _warp, shake
+from garden.encoding import chat_prompt_ids
+from garden.trainer.shaker import ShakeConfig, _decode_shared, _warp, shake
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +107,7 @@ def test_shared_prefix_decoding_matches_generate_greedy() -> None:
         "What is the capital of France? Answer in one word.",
         "Write a long story about a dragon who loves to bake bread in the mountains, with lots of detail.",
     ]
-    prompts = [_prompt_ids(tokenizer, text) for text in texts]
+    prompts = [chat_prompt_ids(tokenizer, text) for text in texts]
     assert len({len(p) for p in prompts}) == 3  # different lengths: real left padding
     got = _decode_shared(model, prompts, 2, 12, pad_id(tokenizer), lambda logits: logits.argmax(-1))
     assert len(got) == 6
@@ -125,7 +126,7 @@ def test_sampler_draws_from_generates_distribution() -> None:
     """``generate``'s processed scores (output_scores) are the distribution it samples from; the
     shared-prefix sampler's distribution from the same raw logits must be that one."""
     teacher = load_model("builtin:smollm2-135m")
-    ids = torch.tensor([_prompt_ids(teacher.tokenizer, "Name a fruit.")])
+    ids = torch.tensor([chat_prompt_ids(teacher.tokenizer, "Name a fruit.")])
     torch.manual_seed(0)
     with torch.no_grad():
         out = teacher.model.generate(
@@ -161,7 +162,7 @@ def test_a_model_whose_cache_cannot_be_shared_samples_with_generate(monkeypatch:
     teacher = load_model("builtin:smollm2-135m")
     assert shaker._can_share(teacher.model)  # the built-in teacher takes the shared-prefix path
     monkeypatch.setattr(shaker, "_can_share", lambda model: False)
-    prompts = [_prompt_ids(teacher.tokenizer, text) for text in ("Say hi.", "Name two colours, please.")]
+    prompts = [chat_prompt_ids(teacher.tokenizer, text) for text in ("Say hi.", "Name two colours, please.")]
     torch.manual_seed(0)
     answers = shaker._sample(teacher, prompts, ShakeConfig(candidates=2, max_new_tokens=8))
     assert len(answers) == 2 and all(len(a) == 2 and all(isinstance(t, str) for t in a) for a in answers)

@@ -14,7 +14,7 @@ import torch
 from garden.data import demo_prompts
 from garden.models import load_model
 from garden.protocol.rows import DorpoRow
-from garden.trainer.batching import pad_id
+from garden.encoding import pad_id
 from garden.trainer.checkpoint import CheckpointError, RunDir
 from garden.trainer.collate import collate, dorpo_forward, encode_rows
 from garden.trainer.judges import ReferenceJudge

@@ -1,6 +1,9 @@
-"""Padding token-id lists into a batch, shared by everything that runs a teacher on many sequences.
+"""How text becomes model input, the same way everywhere: the chat prompt, the answer tokens, padding.
 
-Left padding for reading or generating at the last position (shaker sampling, the teacher judge);
+A student must be asked exactly as its teacher was when the rows were made, and trained on exactly those
+tokens, so the shaker, the trainer, evaluation and generation all encode through these functions.
+
+Left padding is for reading or generating at the last position (shaker sampling, the teacher judge);
 the caller never touches the shared tokenizer's ``padding_side``, which other users of the same
 loaded model rely on.
 """
@@ -34,3 +37,8 @@ def chat_prompt_ids(tokenizer: Any, text: str, system: str | None = None) -> lis
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(encoded["input_ids"])
+
+
+def answer_ids(tokenizer: Any, text: str) -> list[int]:
+    """An answer's tokens, then end-of-sequence: a student trained on them learns to stop."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [int(tokenizer.eos_token_id)]
