@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import psutil
 
-# as the daemon does (garden/cli.py): no torch_shm_manager beside in-process hivemind DHTs
+# as the daemon does (garden/cli/peer.py): no torch_shm_manager beside in-process hivemind DHTs
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 import pytest
 

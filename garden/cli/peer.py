@@ -1,0 +1,181 @@
+"""Commands that run a peer or ask a running one: ``run``, ``status``, ``peers``, ``version``. Thin: they parse
+flags into settings and call the runner, or ask a daemon's HTTP port and print the answer (a rich table for
+people, ``--json`` for scripts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from garden import __version__
+from garden.cli.common import app, console, fail, settings_from
+from garden.config import GardenSettings
+
+
+def _help(field: str) -> str:
+    info = GardenSettings.model_fields[field]
+    return f"{info.description} (env GARDEN_{field.upper()}; config key {field})"
+
+
+@app.command()
+def run(
+    join: list[str] | None = typer.Option(None, "--join", metavar="MADDR", help=_help("join") + " Repeatable."),
+    host_maddr: list[str] | None = typer.Option(None, "--host-maddr", metavar="MADDR", help=_help("host_maddr")),
+    announce_maddr: list[str] | None = typer.Option(
+        None, "--announce-maddr", metavar="MADDR", help=_help("announce_maddr")
+    ),
+    http_host: str | None = typer.Option(None, "--http-host", help=_help("http_host")),
+    http_port: int | None = typer.Option(None, "--http-port", help=_help("http_port")),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=_help("data_dir")),
+    roles: str | None = typer.Option(None, "--roles", metavar="ROLE,...", help=_help("roles")),
+    max_threads: int | None = typer.Option(None, "--max-threads", help=_help("max_threads")),
+    log_level: str | None = typer.Option(None, "--log-level", help=_help("log_level")),
+    client_mode: bool | None = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
+    swarm: str | None = typer.Option(None, "--swarm", help=_help("swarm")),
+    announce_period: float | None = typer.Option(None, "--announce-period", help=_help("announce_period")),
+    dht_timeout: float | None = typer.Option(None, "--dht-timeout", help=_help("dht_timeout")),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE", help="TOML config file (env GARDEN_CONFIG)."),
+) -> None:
+    """Run a peer: start a new swarm, or join one with --join. Stop with Ctrl+C."""
+    flags = dict(
+        join=join or None,
+        host_maddr=host_maddr or None,
+        announce_maddr=announce_maddr or None,
+        http_host=http_host,
+        http_port=http_port,
+        data_dir=data_dir,
+        roles=roles,
+        max_threads=max_threads,
+        log_level=log_level,
+        client_mode=client_mode,
+        swarm=swarm,
+        announce_period=announce_period,
+        dht_timeout=dht_timeout,
+    )
+    settings = settings_from(flags, config)
+    # hivemind makes torch share memory through files by default, which starts a torch_shm_manager
+    # process (~60 MB) beside the daemon; the DHT's futures need only a few pooled buffers, which
+    # file descriptors serve as well. Must be set before hivemind is first imported.
+    os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+    from garden.runner import run as run_daemon  # imports hivemind and torch: only for `run`
+
+    raise typer.Exit(run_daemon(settings))
+
+
+@app.command()
+def status(
+    url: str | None = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir."),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE"),
+) -> None:
+    """This peer: id, uptime, roles, addresses, peers seen."""
+    data = _get(_daemon_url(url, data_dir, config), "/status")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    machine = data.get("machine", {})
+    gpu = machine.get("gpu")
+    rows = [
+        ("peer", data["peer_id"]),
+        ("version", data["version"]),
+        ("uptime", _duration(data["uptime_s"])),
+        ("swarm", f"{data['swarm']} ({'joined' if data['joined'] else 'not yet announced'})"),
+        ("roles", ", ".join(data["roles"]) or "none"),
+        *((f"  not {role}", why) for role, why in data.get("skipped_roles", {}).items()),
+        ("peers seen", str(data["peers"])),
+        (
+            "machine",
+            f"{machine.get('cores')} cores, {_gib(machine.get('ram_bytes', 0))} RAM"
+            + (f", {gpu['name']} ({_gib(gpu['memory_bytes'])})" if gpu else ", no GPU"),
+        ),
+        ("addresses", "\n".join(data["addresses"]) or "none (client mode)"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+def peers(
+    url: str | None = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir."),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE"),
+) -> None:
+    """The swarm's peers with their capabilities."""
+    data = _get(_daemon_url(url, data_dir, config), "/peers")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"{len(data)} peer(s)")
+    for column in ("peer", "roles", "cores", "RAM", "GPU", "load", "version", "last seen"):
+        table.add_column(column)
+    now = time.time()
+    for peer in data:
+        gpu = peer.get("gpu")
+        table.add_row(
+            peer["peer_id"] + (" (this)" if peer.get("is_self") else ""),
+            ", ".join(peer["roles"]) or "-",
+            str(peer["cores"]),
+            _gib(peer["ram_bytes"]),
+            f"{gpu['name']} ({_gib(gpu['memory_bytes'])})" if gpu else "-",
+            f"{peer['load'] * 100:.0f}%",
+            peer["version"],
+            f"{_duration(max(0.0, now - peer['last_seen']))} ago",
+        )
+    console.print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print garden's version."""
+    print(__version__)
+
+
+def _daemon_url(url: str | None, data_dir: Path | None, config: Path | None) -> str:
+    """--url, else the URL the local daemon wrote into its data dir, else the configured port."""
+    if url:
+        return url.rstrip("/")
+    from garden.datadir import DataDir
+
+    settings = settings_from({"data_dir": data_dir}, config)
+    runtime = DataDir(settings.data_dir).read_runtime()
+    if runtime and isinstance(runtime.get("url"), str):
+        return runtime["url"]
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
+    return f"http://{host}:{settings.http_port}"
+
+
+def _get(url: str, path: str) -> Any:
+    import httpx
+
+    try:
+        response = httpx.get(url + path, timeout=15)
+    except httpx.TransportError:
+        raise fail(f"no garden daemon answers at {url}; start one with `garden run` (or pass --url)") from None
+    if response.status_code != 200:
+        raise fail(f"{url}{path} answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
