@@ -433,7 +433,7 @@ def read_preference_jsonl(path: Path | str) -> list[DorpoRow]:
     """
     path = Path(path)
     rows: list[DorpoRow] = []
-    for line_no, obj in _json_objects(path):
+    for line_no, obj in read_json_objects(path):
         try:
             rows.append(_row_from_json(obj))
         except ValidationError as e:
@@ -517,7 +517,7 @@ def read_prompts_jsonl(path: Path | str) -> list[PromptRow]:
     """
     path = Path(path)
     prompts: list[PromptRow] = []
-    for line_no, obj in _json_objects(path):
+    for line_no, obj in read_json_objects(path):
         try:
             prompts.append(PromptRow.model_validate(obj))
         except ValidationError as e:
@@ -527,8 +527,9 @@ def read_prompts_jsonl(path: Path | str) -> list[PromptRow]:
     return prompts
 
 
-def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; ValueError naming the line for anything else."""
+def read_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; ``ValueError`` naming the file and line for
+    anything else (not UTF-8, not JSON, NaN/Infinity constants, not an object)."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:

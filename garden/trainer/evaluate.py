@@ -26,7 +26,6 @@ evaluated without shaking first; that only makes sense when teacher and student 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,14 @@ from torch import Tensor
 
 from garden.models import LoadedModel, tokenizer_fingerprint
 from garden.protocol.records import first_error
-from garden.protocol.rows import MAX_TOPK, DorpoRow, PromptRow, read_preference_jsonl, read_prompts_jsonl
+from garden.protocol.rows import (
+    MAX_TOPK,
+    DorpoRow,
+    PromptRow,
+    read_json_objects,
+    read_preference_jsonl,
+    read_prompts_jsonl,
+)
 from garden.encoding import answer_ids, chat_prompt_ids, pad_id
 from garden.trainer.collate import DorpoBatch, EncodedRow, collate, encode_rows, student_logits
 from garden.trainer.dorpo import topk_kl_per_token
@@ -392,27 +398,9 @@ def load_eval_data(
     return EvalData(rows, kind, 0, notes)
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) for each non-blank line; ``ValueError`` naming the line otherwise."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not text.strip():
-                continue
-            try:
-                yield line_no, json.loads(text)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({str(e)[:200]})") from None
-
-
 def _sniff(path: Path) -> str:
     """``rows``, ``pairs`` or ``prompts``, from the first line's keys (the readers then check every line)."""
-    for line_no, obj in _jsonl(path):
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{line_no}: a JSON {type(obj).__name__}, not an object")
+    for line_no, obj in read_json_objects(path):
         if "chosen_ids" in obj:
             return "rows"
         if "chosen" in obj:
@@ -430,10 +418,8 @@ def _read_pairs(path: Path, teacher: LoadedModel) -> list[DorpoRow]:
     """A plain TRL preference JSONL (standard, not conversational, format) as rows without log-probs.
     Other keys are ignored (TRL data sets carry extra columns); ``rejected`` may be missing, null or ""."""
     rows = []
-    for line_no, obj in _jsonl(path):
+    for line_no, obj in read_json_objects(path):
         where = f"{path}:{line_no}"
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: a JSON {type(obj).__name__}, not an object")
         prompt, chosen, rejected = obj.get("prompt"), obj.get("chosen"), obj.get("rejected")
         for name, value in (("prompt", prompt), ("chosen", chosen)):
             if not isinstance(value, str) or not value.strip():
