@@ -38,16 +38,16 @@ class RecordError(ValueError):
     """A DHT value that is not a valid record; the message says why (for the log line)."""
 
 
-class _Record(BaseModel):
+class StrictRecord(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True, allow_inf_nan=False)
 
 
-class GpuInfo(_Record):
+class GpuInfo(StrictRecord):
     name: str = Field(max_length=200)
     memory_bytes: int = Field(ge=0)
 
 
-class PeerInfo(_Record):
+class PeerInfo(StrictRecord):
     """What a peer announces about itself under ``<swarm>/peers``, subkey = its peer id."""
 
     v: int = Field(default=PROTOCOL_VERSION, ge=1)
@@ -95,7 +95,7 @@ class PeerInfo(_Record):
         return decode_record(cls, body, "body")
 
 
-class SignedRecord(_Record):
+class SignedRecord(StrictRecord):
     """The envelope: ``b`` the msgpack body, ``k`` the signer's DER public key, ``s`` the signature."""
 
     b: bytes = Field(max_length=MAX_PEER_RECORD_BYTES)

@@ -305,7 +305,7 @@ class DorpoRow(BaseModel):
         sorted (by code point), bytes as msgpack bin, text as str, floats as float64 and ints in msgpack's
         smallest form. Every field is written, defaults included, so equal rows encode to equal bytes in any
         process, and ``from_msgpack(to_msgpack())`` gives back an equal row."""
-        packed: bytes = msgpack.packb(_sorted_maps(self.model_dump(mode="python")), use_bin_type=True)
+        packed: bytes = msgpack.packb(sorted_maps(self.model_dump(mode="python")), use_bin_type=True)
         return packed
 
     @cached_property
@@ -324,11 +324,11 @@ class DorpoRow(BaseModel):
         return decode_record(cls, raw, "row")
 
 
-def _sorted_maps(value: Any) -> Any:
+def sorted_maps(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _sorted_maps(value[key]) for key in sorted(value)}
+        return {key: sorted_maps(value[key]) for key in sorted(value)}
     if isinstance(value, list | tuple):
-        return [_sorted_maps(item) for item in value]
+        return [sorted_maps(item) for item in value]
     return value
 
 

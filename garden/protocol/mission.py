@@ -1,0 +1,336 @@
+"""Missions: the mission file with its prompts, shards and per-prompt seeds, and the signed identity.
+
+The spec's schema is ``garden.protocol.mission_spec``. The lead signs the spec together with the hash of its prompt list with its libp2p identity key
+(``garden.protocol.signing``); the mission id is the sha256 of exactly the signed bytes, so nothing
+signed can change without changing the id, and no one but the lead can produce a valid mission or
+cancel it. Wire format, sizes and rules: docs/missions.md.
+
+This module imports nothing of garden outside ``garden.protocol``: the built-in prompt sets live in
+``garden.data``, so :func:`load_mission_toml` takes them as a mapping from the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import Field, StringConstraints, ValidationError
+
+from garden.protocol import signing
+from garden.protocol.mission_spec import (
+    MAX_SPEC_BYTES,
+    MissionSpec,
+    MissionSpecError,
+    canonical_msgpack,
+    describe_spec_error,
+)
+from garden.protocol.records import RecordError, SignedRecord, StrictRecord, decode_record, seal
+from garden.protocol.rows import PromptRow, read_prompts_jsonl
+
+MISSION_VERSION = 1
+"""Version of the signed mission body (``v``). Fields may be added (older peers ignore them); bump on an
+incompatible change."""
+MAX_MISSION_RECORD_BYTES = 20 * 1024
+"""Cap on a signed mission on the wire: 16 KiB body + key + signature + envelope overhead, rounded up."""
+MAX_CANCEL_RECORD_BYTES = 4 * 1024
+"""Cap on a signed cancel (~0.7 KiB with a 2048-bit key)."""
+MAX_MISSION_PROMPTS = 1_000_000
+"""Most prompts in one mission: the list is hashed and shipped whole."""
+_MISSION_ID_PATTERN = r"^[0-9a-f]{64}$"
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+_BUILTIN = "builtin:"
+
+MissionId = Annotated[str, StringConstraints(pattern=_MISSION_ID_PATTERN)]
+"""sha256 hex (lowercase) of a mission's signed body."""
+# --- the mission file and its prompts -----------------------------------------------------------------
+
+BuiltinPrompts = Mapping[str, Callable[[], Sequence[PromptRow]]]
+"""Built-in prompt sets by full name, e.g. ``{garden.data.DEMO_PROMPTS: garden.data.demo_prompts}``."""
+
+
+def prompts_sha256(prompts: Sequence[PromptRow]) -> str:
+    """sha256 hex of the canonical msgpack of the prompt list (every field of every row, maps sorted).
+    Order matters: shards are slices of this list."""
+    return hashlib.sha256(canonical_msgpack([p.model_dump(mode="python") for p in prompts])).hexdigest()
+
+
+def count_shards(prompts_count: int, shard_size: int) -> int:
+    return -(-prompts_count // shard_size)
+
+
+def shard_prompts(prompts: Sequence[PromptRow], shard_size: int) -> list[list[PromptRow]]:
+    """Shard ``i`` is ``prompts[i * shard_size : (i + 1) * shard_size]``; the last may be shorter."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    return [list(prompts[i : i + shard_size]) for i in range(0, len(prompts), shard_size)]
+
+
+def prompt_seed(mission_id: str, prompt: PromptRow) -> int:
+    """The sampling seed of one prompt in one mission: the first 8 bytes of
+    sha256(mission id (ASCII hex) + canonical msgpack of the prompt row), big-endian, mod 2**63.
+
+    It depends on nothing else (not the shard, the peer or the batch), so a shard that is re-sampled after
+    its peer vanished mostly reproduces the same candidates, and the rows, being content-addressed, are
+    not duplicated. "Mostly": batching and hardware still change floating-point results."""
+    if not re.fullmatch(_MISSION_ID_PATTERN, mission_id):
+        raise ValueError(f"mission id must be 64 lowercase hex characters, got {mission_id[:80]!r}")
+    digest = hashlib.sha256(mission_id.encode("ascii") + canonical_msgpack(prompt.model_dump(mode="python"))).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+@dataclass(frozen=True)
+class MissionDraft:
+    """A validated spec and its prompts, ready to sign (:func:`sign_mission`).
+
+    :param source: the TOML file it came from, for messages (None when built in code)
+    """
+
+    spec: MissionSpec
+    prompts: tuple[PromptRow, ...]
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        where = f"{self.source}: " if self.source else ""
+        if not self.prompts:
+            raise MissionSpecError(f"{where}prompts: no prompts")
+        if len(self.prompts) > MAX_MISSION_PROMPTS:
+            raise MissionSpecError(f"{where}prompts: {len(self.prompts)} prompts, over {MAX_MISSION_PROMPTS}")
+        if self.spec.judge.kind == "reference":  # ReferenceJudge refuses such a prompt: say so before signing
+            for i, p in enumerate(self.prompts, start=1):
+                if p.reference is None or not p.reference.strip():
+                    raise MissionSpecError(
+                        f"{where}judge.kind: 'reference' needs a reference answer on every prompt; "
+                        f"prompt {i} ({p.prompt[:60]!r}) has none"
+                    )
+
+    @cached_property
+    def prompts_sha256(self) -> str:
+        return prompts_sha256(self.prompts)
+
+    @property
+    def shard_count(self) -> int:
+        return count_shards(len(self.prompts), self.spec.shard_size)
+
+
+def load_mission_toml(path: Path | str, builtin_prompts: BuiltinPrompts | None = None) -> MissionDraft:
+    """Read, validate and resolve a mission file; raises only ``MissionSpecError``, naming the file and key.
+
+    ``prompts`` is a JSONL file of prompt rows (a relative path is relative to the TOML file, not to the
+    working directory) or the name of a built-in set, looked up in ``builtin_prompts``.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise MissionSpecError(f"{path}: cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MissionSpecError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise MissionSpecError(f"{path}: not UTF-8: {e.reason}") from None
+    try:
+        spec = MissionSpec.model_validate(data)
+    except ValidationError as e:
+        raise MissionSpecError(f"{path}: {describe_spec_error(e)}") from None
+    return MissionDraft(spec=spec, prompts=tuple(_resolve_prompts(path, spec.prompts, builtin_prompts)), source=path)
+
+
+def _resolve_prompts(toml_path: Path, ref: str, builtin: BuiltinPrompts | None) -> Sequence[PromptRow]:
+    if ref.startswith(_BUILTIN):
+        known = dict(builtin or {})
+        if ref not in known:
+            names = ", ".join(sorted(known)) or "none given"
+            raise MissionSpecError(f"{toml_path}: prompts: unknown built-in prompt set {ref!r}; built-in: {names}")
+        rows = known[ref]()
+        if not rows:
+            raise MissionSpecError(f"{toml_path}: prompts: the built-in set {ref!r} is empty")
+        return rows
+    written = Path(ref).expanduser()
+    prompts_path = written if written.is_absolute() else toml_path.parent / written
+    try:
+        return read_prompts_jsonl(prompts_path)
+    except OSError as e:
+        raise MissionSpecError(f"{toml_path}: prompts: cannot read {prompts_path}: {e.strerror or e}") from None
+    except ValueError as e:  # names the prompts file and line already
+        raise MissionSpecError(f"{toml_path}: prompts: {e}") from None
+
+
+# --- the signed mission ------------------------------------------------------------------------------
+
+
+class MissionBody(StrictRecord):
+    """The bytes the lead signs. Unknown fields are ignored (added by newer peers); the embedded spec is not
+    (see :meth:`MissionSpec.from_canonical`).
+
+    :param spec: :meth:`MissionSpec.canonical`
+    :param lead: the lead's DER public key: in the body so that the mission id binds the lead, too
+    :param created: the lead's clock at signing (seconds since the epoch); two ``create`` runs of one file
+        are two missions
+    """
+
+    v: int = Field(default=MISSION_VERSION, ge=1)
+    spec: bytes = Field(min_length=1, max_length=MAX_SPEC_BYTES)
+    prompts_sha256: str = Field(pattern=_SHA256_PATTERN)
+    prompts_count: int = Field(ge=1, le=MAX_MISSION_PROMPTS)
+    shard_count: int = Field(ge=1, le=MAX_MISSION_PROMPTS)
+    lead: bytes = Field(min_length=1, max_length=signing.MAX_PUBLIC_KEY_BYTES)
+    created: float = Field(ge=0.0)
+
+
+@dataclass(frozen=True)
+class SignedMission:
+    """A mission as the swarm knows it: the lead-signed body, verified. Build one with :func:`sign_mission`
+    (the lead) or :meth:`from_wire` (everyone else); both verify, so holding one means it is genuine.
+
+    On the wire (and as the DHT value under ``missions``, subkey = :attr:`mission_id`) it is the
+    ``SignedRecord`` envelope every signed garden value uses: ``{b: body, k: lead key, s: signature}``.
+    """
+
+    body: MissionBody
+    body_bytes: bytes
+    signature: bytes
+    spec: MissionSpec
+
+    @property
+    def mission_id(self) -> str:
+        """sha256 hex of the signed body bytes (not of the envelope: its encoding is not canonical, and the
+        signature adds nothing the body does not already fix)."""
+        return hashlib.sha256(self.body_bytes).hexdigest()
+
+    @property
+    def lead(self) -> bytes:
+        return self.body.lead
+
+    @property
+    def lead_peer_id(self) -> str:
+        return signing.peer_id_of(self.body.lead)
+
+    @property
+    def spec_sha256(self) -> str:
+        return hashlib.sha256(self.body.spec).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_wire(self) -> bytes:
+        envelope = SignedRecord(b=self.body_bytes, k=self.body.lead, s=self.signature)
+        packed: bytes = msgpack.packb(envelope.model_dump(), use_bin_type=True)
+        return packed
+
+    @classmethod
+    def from_wire(cls, raw: Any, max_bytes: int = MAX_MISSION_RECORD_BYTES) -> SignedMission:
+        """Size-cap, decode strictly, verify the lead's signature, re-validate the spec; raises only
+        ``RecordError`` with the reason (for one log line)."""
+        envelope = _open_envelope(raw, max_bytes, "mission")
+        body = decode_record(MissionBody, envelope.b, "mission body")
+        if body.lead != envelope.k:
+            raise RecordError("signed by another key than the mission's lead")
+        spec = MissionSpec.from_canonical(body.spec)
+        expected = count_shards(body.prompts_count, spec.shard_size)
+        if body.shard_count != expected:
+            raise RecordError(f"shard_count {body.shard_count}, but {body.prompts_count} prompts make {expected}")
+        return cls(body=body, body_bytes=envelope.b, signature=envelope.s, spec=spec)
+
+    @classmethod
+    def from_record(cls, raw: Any, subkey: Any) -> SignedMission:
+        """A value read under ``missions``: :meth:`from_wire`, and it must be stored under its own id."""
+        mission = cls.from_wire(raw)
+        if subkey != mission.mission_id:
+            raise RecordError(f"stored under {str(subkey)[:80]!r}, but its id is {mission.mission_id}")
+        return mission
+
+
+def _open_envelope(raw: Any, max_bytes: int, what: str) -> SignedRecord:
+    if not isinstance(raw, bytes):
+        raise RecordError(f"{what} is {type(raw).__name__}, not bytes")
+    if len(raw) > max_bytes:
+        raise RecordError(f"{what} is {len(raw)} bytes, over the {max_bytes}-byte cap")
+    envelope = decode_record(SignedRecord, raw, f"{what} envelope")
+    if not signing.verify(envelope.k, envelope.b, envelope.s):
+        raise RecordError(f"{what}: bad signature")
+    return envelope
+
+
+def sign_mission(draft: MissionDraft, private_key: rsa.RSAPrivateKey, now: float | None = None) -> SignedMission:
+    """The lead signs a draft with its identity key (``garden mission create``)."""
+    body = MissionBody(
+        spec=draft.spec.canonical(),
+        prompts_sha256=draft.prompts_sha256,
+        prompts_count=len(draft.prompts),
+        shard_count=draft.shard_count,
+        lead=signing.public_key_der(private_key),
+        created=time.time() if now is None else float(now),
+    )
+    return SignedMission.from_wire(seal(canonical_msgpack(body.model_dump(mode="python")), private_key))
+
+
+def verify_prompts(mission: SignedMission, prompts: Sequence[PromptRow]) -> None:
+    """Refuse a prompt list that is not the one the lead signed (``RecordError`` saying what differs)."""
+    if len(prompts) != mission.body.prompts_count:
+        raise RecordError(f"{len(prompts)} prompts, but the mission has {mission.body.prompts_count}")
+    digest = prompts_sha256(prompts)
+    if digest != mission.body.prompts_sha256:
+        raise RecordError(
+            f"prompts hash {digest[:16]}..., but the mission signed {mission.body.prompts_sha256[:16]}..."
+        )
+
+
+# --- cancellation ------------------------------------------------------------------------------------
+
+
+class CancelRecord(StrictRecord):
+    """The lead's order to stop a mission (``garden mission cancel ID``), signed with the lead's key."""
+
+    v: int = Field(default=MISSION_VERSION, ge=1)
+    mission_id: MissionId
+    reason: str = Field(default="", max_length=200)
+    cancelled_at: float = Field(ge=0.0)
+
+
+def sign_cancel(mission_id: str, private_key: rsa.RSAPrivateKey, reason: str = "", now: float | None = None) -> bytes:
+    """The signed cancel on the wire; any key can sign one, only the lead's is obeyed (:func:`open_cancel`)."""
+    record = CancelRecord(mission_id=mission_id, reason=reason, cancelled_at=time.time() if now is None else float(now))
+    return seal(canonical_msgpack(record.model_dump(mode="python")), private_key)
+
+
+def open_cancel(raw: Any, mission: SignedMission, max_bytes: int = MAX_CANCEL_RECORD_BYTES) -> CancelRecord:
+    """A verified cancel of ``mission``: signed by its lead's key and naming its id; else ``RecordError``."""
+    envelope = _open_envelope(raw, max_bytes, "cancel")
+    if envelope.k != mission.lead:
+        raise RecordError(f"cancel signed by {signing.peer_id_of(envelope.k)}, not the lead {mission.lead_peer_id}")
+    record = decode_record(CancelRecord, envelope.b, "cancel body")
+    if record.mission_id != mission.mission_id:
+        raise RecordError(f"cancel names mission {record.mission_id}, not {mission.mission_id}")
+    return record
+
+
+__all__ = [
+    "BuiltinPrompts",
+    "CancelRecord",
+    "MAX_MISSION_RECORD_BYTES",
+    "MissionBody",
+    "MissionDraft",
+    "MissionSpec",
+    "MissionSpecError",
+    "SignedMission",
+    "count_shards",
+    "describe_spec_error",
+    "load_mission_toml",
+    "open_cancel",
+    "prompt_seed",
+    "prompts_sha256",
+    "shard_prompts",
+    "sign_cancel",
+    "sign_mission",
+    "verify_prompts",
+]
