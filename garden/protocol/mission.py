@@ -1,9 +1,9 @@
 """Missions: the mission file with its prompts, shards and per-prompt seeds, and the signed identity.
 
-The spec's schema is ``garden.protocol.mission_spec``. The lead signs the spec together with the hash of its prompt list with its libp2p identity key
-(``garden.protocol.signing``); the mission id is the sha256 of exactly the signed bytes, so nothing
-signed can change without changing the id, and no one but the lead can produce a valid mission or
-cancel it. Wire format, sizes and rules: docs/missions.md.
+The spec's schema is ``garden.protocol.mission_spec``. The lead signs the spec together with the hash of
+its prompt list with its libp2p identity key (``garden.protocol.signing``); the mission id is the sha256
+of exactly the signed bytes, so nothing signed can change without changing the id, and no one but the
+lead can produce a valid mission or cancel it. Wire format, sizes and rules: docs/missions.md.
 
 This module imports nothing of garden outside ``garden.protocol``: the built-in prompt sets live in
 ``garden.data``, so :func:`load_mission_toml` takes them as a mapping from the caller.

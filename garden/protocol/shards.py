@@ -1,0 +1,200 @@
+"""Shard bookkeeping records under ``<swarm>/m/<mission id>/shards`` (ARCHITECTURE.md, "DHT keys").
+
+Two signed records share that dictionary key:
+
+* ``lease:<shard>`` holds a :class:`LeaseRecord`: "peer P works on shard S (attempt A) until T". Its DHT
+  expiration time *is* ``expires``: hivemind keeps, per subkey, the value with the latest expiration, so
+  a renewal overwrites the lease and a lease nobody renews vanishes on its own.
+* ``done:<shard>:<peer id>:<attempt>`` holds a :class:`DoneRecord`: "attempt A of peer P sampled shard
+  S into N rows whose row set hashes to H". One subkey per attempt, so a late finisher never overwrites
+  an earlier one; :func:`pick_winner` chooses among them.
+
+Both are sealed with the worker's identity key (``garden.protocol.records.seal``) and carry that
+worker's peer id, so no peer can lease, release or finish a shard in another peer's name. The subkey
+is derived from the content and checked on decode, as peer records are.
+
+This module is pure protocol (no hivemind import: that costs torch's ~3 s import); the hivemind
+validator that applies these checks inside the DHT lives in ``garden.trainer.leases``.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import abstractmethod
+from collections.abc import Iterable
+from typing import Annotated, Any, Self
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import Field, StringConstraints, model_validator
+
+from garden.protocol.mission import MissionId
+from garden.protocol.records import MAX_CLOCK_SKEW, RecordError, StrictRecord, decode_record, open_sealed, seal
+
+SHARD_RECORD_VERSION = 1
+"""Version of the lease and done bodies (``v``); fields may be added, bump on an incompatible change."""
+MAX_SHARD_RECORD_BYTES = 4 * 1024
+"""Cap on a sealed lease/done record: ~0.3 KiB body + DER key (~0.3 KiB for RSA-2048, ~0.55 KiB for
+4096) + signature (0.25/0.5 KiB) + envelope. Anything bigger is garbage or an attack."""
+MAX_SHARDS = 1_000_000
+"""Most shards in one mission (a mission holds at most 1,000,000 prompts, at least one per shard)."""
+MAX_LEASE_SECONDS = 3600.0
+"""Longest lease a record may claim. A longer one would let a vanished peer block a shard for hours."""
+MAX_DONE_TTL = 7 * 24 * 3600.0
+"""Longest a done record may be stored for in one go (holders re-store it to keep it alive longer)."""
+MAX_ROWS_PER_SHARD = 1_000_000
+RELEASE_MARGIN = 1e-3
+"""Seconds a release marker outlives the lease it ends: hivemind only overwrites a subkey's value with
+one that expires strictly later, so the marker must expire after the lease it replaces."""
+
+_ATTEMPT_PATTERN = r"^[0-9a-f]{16}$"
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+AttemptId = Annotated[str, StringConstraints(pattern=_ATTEMPT_PATTERN)]
+"""16 lowercase hex digits, random and new for every claim (``secrets.token_hex(8)``)."""
+Sha256Hex = Annotated[str, StringConstraints(pattern=_SHA256_PATTERN)]
+PeerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]
+"""A base58 libp2p peer id (base58 has no ``:``, so it can sit inside a ``done:`` subkey)."""
+
+_LEASE_SUBKEY = re.compile(r"^lease:(0|[1-9][0-9]{0,6})$")
+LEASE_PREFIX = "lease:"
+DONE_PREFIX = "done:"
+
+
+class _ShardRecord(StrictRecord):
+    v: int = Field(default=SHARD_RECORD_VERSION, ge=1)
+    mission_id: MissionId
+    shard: int = Field(ge=0, lt=MAX_SHARDS)
+    shard_count: int = Field(ge=1, le=MAX_SHARDS, description="shards in the mission, so range checks need no mission")
+    peer_id: PeerId
+    attempt: AttemptId
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> Self:
+        if self.shard >= self.shard_count:
+            raise ValueError(f"shard {self.shard} is out of range for a mission of {self.shard_count} shards")
+        return self
+
+    @property
+    @abstractmethod
+    def subkey(self) -> str:
+        """The subkey this record belongs under (derived from content, checked on decode)."""
+
+    def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
+        """msgpack body sealed with the worker's identity key (which must be ``peer_id``'s key)."""
+        return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
+
+    @classmethod
+    def from_wire(cls, raw: Any, subkey: Any) -> Self:
+        """Decode and verify a value read under the shards key; raises ``RecordError`` with the reason.
+
+        Checks size, signature, schema, that the signer is the record's ``peer_id`` and that the
+        subkey is the one this record belongs under (so a valid record cannot be replayed as another
+        shard's lease)."""
+        if not isinstance(subkey, str):
+            raise RecordError(f"subkey is {type(subkey).__name__}, not a string")
+        body, signer = open_sealed(raw, max_bytes=MAX_SHARD_RECORD_BYTES)
+        record = decode_record(cls, body, "body")
+        if signer != record.peer_id:
+            raise RecordError(f"signed by {signer}, names peer {record.peer_id}")
+        if record.subkey != subkey:
+            raise RecordError(f"stored under {subkey[:80]!r}, belongs under {record.subkey!r}")
+        return record
+
+
+class LeaseRecord(_ShardRecord):
+    """A worker's claim on one shard until ``expires`` (DHT time), or its release of that claim."""
+
+    started: float = Field(ge=0.0, description="DHT time of the claim; renewals keep it")
+    renewed: float = Field(ge=0.0, description="DHT time of the claim or of its latest renewal")
+    expires: float = Field(ge=0.0, description="DHT time the lease ends; also its DHT expiration time")
+    released: bool = Field(default=False, description="the worker gave the shard up: it is open again")
+
+    @model_validator(mode="after")
+    def _sane_duration(self) -> Self:
+        if self.renewed < self.started:
+            raise ValueError("lease renewed before it started")
+        if not self.renewed < self.expires <= self.renewed + MAX_LEASE_SECONDS + RELEASE_MARGIN:
+            raise ValueError(f"lease must end 0-{MAX_LEASE_SECONDS:.0f} s after its last renewal")
+        return self
+
+    @property
+    def subkey(self) -> str:
+        return lease_subkey(self.shard)
+
+    def active(self, now: float) -> bool:
+        """Does this record keep others off the shard at ``now``?"""
+        return not self.released and self.expires > now
+
+    def check_times(self, expiration_time: float, now: float) -> None:
+        """The DHT expiration must be the lease's own end (else a renewal could not overwrite it, or a
+        dead lease would linger), and a lease cannot be renewed in the future."""
+        if self.renewed > now + MAX_CLOCK_SKEW:
+            raise RecordError(f"lease renewed {self.renewed - now:.0f} s in the future")
+        if abs(expiration_time - self.expires) > RELEASE_MARGIN / 2:
+            raise RecordError(f"stored to expire at {expiration_time:.3f}, but the lease ends at {self.expires:.3f}")
+
+
+class DoneRecord(_ShardRecord):
+    """An attempt's result: the shard was sampled into ``rows`` rows whose row set hashes to
+    ``row_set_sha256``; the rows themselves live in the workers' stores and replicas."""
+
+    rows: int = Field(ge=0, le=MAX_ROWS_PER_SHARD)
+    row_set_sha256: Sha256Hex
+    finished: float = Field(ge=0.0, description="DHT time the worker finished the shard")
+
+    @property
+    def subkey(self) -> str:
+        return done_subkey(self.shard, self.peer_id, self.attempt)
+
+    def check_times(self, expiration_time: float, now: float) -> None:
+        """A result cannot be finished in the future, nor stored for longer than ``MAX_DONE_TTL``:
+        a backdated ``finished`` would win :func:`pick_winner` against honest peers."""
+        if self.finished > now + MAX_CLOCK_SKEW:
+            raise RecordError(f"finished {self.finished - now:.0f} s in the future")
+        if expiration_time > now + MAX_DONE_TTL + MAX_CLOCK_SKEW:
+            raise RecordError(f"stored for {expiration_time - now:.0f} s, over {MAX_DONE_TTL:.0f}")
+
+
+def lease_subkey(shard: int) -> str:
+    return f"{LEASE_PREFIX}{shard}"
+
+
+def done_subkey(shard: int, peer_id: str, attempt: str) -> str:
+    return f"{DONE_PREFIX}{shard}:{peer_id}:{attempt}"
+
+
+def is_shard_subkey(subkey: object) -> bool:
+    """Does this subkey claim to be a lease or done entry (and so must pass their checks)?"""
+    return isinstance(subkey, str) and (subkey.startswith(LEASE_PREFIX) or subkey.startswith(DONE_PREFIX))
+
+
+def decode_shard_entry(raw: Any, subkey: Any, expiration_time: float, now: float) -> LeaseRecord | DoneRecord:
+    """One entry of the shards dictionary, fully checked; raises ``RecordError`` (never anything else)."""
+    if not isinstance(subkey, str):
+        raise RecordError(f"subkey is {type(subkey).__name__}, not a string")
+    if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)):
+        raise RecordError(f"expiration time is {type(expiration_time).__name__}")
+    record: LeaseRecord | DoneRecord
+    if _LEASE_SUBKEY.match(subkey):
+        record = LeaseRecord.from_wire(raw, subkey)
+    elif subkey.startswith(DONE_PREFIX):
+        record = DoneRecord.from_wire(raw, subkey)
+    else:
+        raise RecordError(f"unknown subkey {subkey[:80]!r}")
+    record.check_times(float(expiration_time), now)
+    return record
+
+
+def pick_winner(records: Iterable[DoneRecord]) -> DoneRecord | None:
+    """The one attempt that counts for a shard: earliest ``finished``, ties by attempt id, then peer id.
+
+    Pure and total, so every peer that sees the same set picks the same record. Why earliest finish
+    rather than, say, the smallest row-set hash: the winner stays the winner when a *later* result shows
+    up (the usual race: a slow peer whose lease expired finishes after the one that took over), so
+    rows are not dropped and then restored. It can still change if a result that finished *earlier*
+    reaches a peer late (a healed partition); callers must treat losing rows as droppable only after
+    the winner's rows are replicated, and the drop must be idempotent.
+    ``finished`` is self-reported: a peer can backdate its own record (a future date is refused on
+    decode), which makes it win a race it took part in; it cannot finish a shard in another peer's name.
+    """
+    return min(records, key=lambda r: (r.finished, r.attempt, r.peer_id), default=None)
