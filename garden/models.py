@@ -208,7 +208,11 @@ _loaded_lock = threading.Lock()
 
 
 def load_model(ref: str | ModelRef, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer; the same (ref, dtype, device) in one process loads once."""
+    """Load a causal LM and its tokenizer; the same (ref, dtype, device) in one process loads once.
+
+    The cache is keyed by the reference, not the files: a training run directory that gains a checkpoint
+    after it was loaded still gives the first weights in this process (load the checkpoint's ``model/``
+    directly, or start a new process)."""
     parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
     key = (str(parsed), dtype, device)
     with _loaded_lock:
