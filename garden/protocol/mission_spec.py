@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from garden.protocol.records import RecordError
+from garden.protocol.records import RecordError, decode_record
 from garden.protocol.rows import sorted_maps
 
 MAX_SPEC_BYTES = 12 * 1024
@@ -213,16 +213,7 @@ class MissionSpec(_Section):
     def from_canonical(cls, raw: bytes) -> MissionSpec:
         """A spec from a peer: strictly validated and required to be canonical (so its hash is a function of
         its content); raises only ``RecordError``."""
-        try:
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-            raise RecordError(f"spec is not msgpack: {str(e)[:200]}") from None
-        if not isinstance(obj, dict):
-            raise RecordError(f"spec is a {type(obj).__name__}, not a map")
-        try:
-            spec = cls.model_validate(obj)
-        except ValidationError as e:
-            raise RecordError(f"spec fails validation: {describe_spec_error(e)}") from None
+        spec = decode_record(cls, raw, "signed spec", describe=describe_spec_error)
         if spec.canonical() != raw:
             raise RecordError("spec is not in canonical form")
         return spec

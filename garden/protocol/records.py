@@ -8,6 +8,8 @@ can add fields without older peers dropping its records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Any, Literal, TypeVar
 
 import msgpack
@@ -106,9 +108,12 @@ class SignedRecord(StrictRecord):
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
 
-def decode_record(model: type[RecordT], raw: bytes, what: str) -> RecordT:
-    """A msgpack map validated strictly as ``model``; raises only ``RecordError``, naming ``what``.
-    Callers cap ``raw``'s size first: msgpack's own limits scale with the input."""
+def decode_record(
+    model: type[RecordT], raw: bytes, what: str, describe: Callable[[ValidationError], str] | None = None
+) -> RecordT:
+    """A msgpack map validated strictly as ``model``; raises only ``RecordError``, naming ``what`` and the
+    failing field (``describe`` words it; default :func:`first_error`). Callers cap ``raw``'s size first:
+    msgpack's own limits scale with the input."""
     try:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
@@ -118,7 +123,7 @@ def decode_record(model: type[RecordT], raw: bytes, what: str) -> RecordT:
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        raise RecordError(f"{what} schema: {first_error(e)}") from None
+        raise RecordError(f"{what} schema: {(describe or first_error)(e)}") from None
 
 
 def seal(body: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
