@@ -150,6 +150,7 @@ class DorpoTrainer:
         self.data_digest = rows_digest(rows)
         self.pad = pad_id(student.tokenizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.device = next(iter(self.model.parameters())).device  # batches go where the student is
         if not self.params:
             raise ValueError("the student has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
@@ -197,7 +198,7 @@ class DorpoTrainer:
         finite = True
         accum = self.config.grad_accum
         for rows in self.micro_batches(self.step):
-            out = dorpo_forward(self.model, collate(rows, self.pad), self.loss_config)
+            out = dorpo_forward(self.model, collate(rows, self.pad).to(self.device), self.loss_config)
             for name, value in out.metrics().items():
                 sums[name].append(value)
             if not torch.isfinite(out.loss):
