@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from collections.abc import Mapping
 
 import platformdirs
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from garden.protocol.keys import DEFAULT_SWARM, DHTKeys
@@ -75,6 +75,14 @@ class GardenSettings(BaseSettings):
         None, description="Subset of shaker,trainer,server; default: every role this machine can do."
     )
     max_threads: int | None = Field(None, ge=1, le=1024, description="Cap on torch/BLAS threads.")
+    max_memory: ByteSize | None = Field(
+        None,
+        description="Memory a teacher may take, e.g. 2GiB or 1500MB; a peer that cannot hold a mission's "
+        "teacher takes no shards and says why in /status (default: the machine's available RAM).",
+    )
+    lease_seconds: float = Field(
+        300.0, ge=2.0, le=3600.0, description="Seconds a shard lease lasts unless renewed (renewed every third)."
+    )
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
     @field_validator("join", "host_maddr", "announce_maddr", "roles", mode="before")

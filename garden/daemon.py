@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -22,8 +23,13 @@ from garden.peer.identity import Identity, load_or_create_identity
 from garden.peer.swarm import Swarm, SwarmConfig
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import PeerInfo, PeerState, Role
-from garden.protocol.validators import PeerRecordValidator
+from garden.peer.missions import MissionBook
+from garden.peer.replication import RowSetKeeper
+from garden.peer.transfer import ContentRef, ContentTransfer
+from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator
 from garden.store import Store
+from garden.trainer.leases import LeaseConfig, LeaseManager, ShardRecordValidator
+from garden.trainer.mission_work import MissionWork, WorkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,12 @@ class Gardener:
         self.skipped_roles: dict[str, str] = {}
         self.addresses: list[str] = []
         self.peer_validator: PeerRecordValidator | None = None
+        self.shard_validator: ShardRecordValidator | None = None
+        self.mission_validator: MissionRecordValidator | None = None
+        self.missions: MissionBook | None = None
+        self.transfer: ContentTransfer | None = None
+        self.work: MissionWork | None = None
+        self._p2p: Any = None
         self.started_at: float | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -62,6 +74,8 @@ class Gardener:
             self.roles, self.skipped_roles = choose_roles(self.settings.roles, self.machine)
             self._cap_threads()
             self.peer_validator = PeerRecordValidator(self.keys)
+            self.shard_validator = ShardRecordValidator(self.keys)
+            self.mission_validator = MissionRecordValidator(self.keys)
             self.swarm = Swarm(
                 SwarmConfig(
                     initial_peers=self.settings.join,
@@ -70,13 +84,21 @@ class Gardener:
                     client_mode=self.settings.client_mode,
                     identity_path=str(self.identity.path),
                     dht_timeout=self.settings.dht_timeout,
-                    record_validators=[self.peer_validator],
+                    record_validators=[self.peer_validator, self.shard_validator, self.mission_validator],
                 )
             )
             self.swarm.start()
             self.addresses = [] if self.settings.client_mode else self.swarm.visible_maddrs()
             self.directory = PeerDirectory(
                 self.swarm, self.keys, self.identity.private_key, self._make_record, self.settings.announce_period
+            )
+            self.missions = MissionBook(
+                self.store,
+                self.swarm,
+                self.keys,
+                self.identity.private_key,
+                self.identity.peer_id,
+                self.settings.announce_period,
             )
         except BaseException:
             self.close()
@@ -90,10 +112,40 @@ class Gardener:
             torch.set_num_threads(self.settings.max_threads)
 
     async def run_background(self) -> None:
-        """Start the periodic work (announcing); returns at once."""
-        assert self.directory is not None, "start() first"
+        """Start the periodic work (announcing, missions, shaking) and the P2P handlers; returns at once."""
+        assert self.directory is not None and self.missions is not None and self.swarm is not None, "start() first"
+        assert self.identity is not None and self.store is not None and self.swarm.dht is not None
         machine_load()  # prime psutil's CPU counter so the first announce reports a real value
         self._tasks.append(asyncio.create_task(self.directory.run(self._stop), name="garden-announce"))
+        self._p2p = p2p = await self.swarm.dht.replicate_p2p()
+        keeper: RowSetKeeper | None = None
+
+        async def on_offer(sender: str, ref: ContentRef) -> tuple[bool, str]:
+            return await keeper.on_offer(sender, ref) if keeper is not None else (False, "starting")
+
+        self.transfer = ContentTransfer(p2p, self.missions.content, on_offer=on_offer)
+        await self.transfer.start()
+        self.missions.transfer = self.transfer
+        keeper = RowSetKeeper(self.store, self.missions, self.transfer)
+        leases = LeaseManager(
+            self.swarm.dht,
+            self.keys,
+            self.identity.private_key,
+            LeaseConfig(lease_duration=self.settings.lease_seconds, dht_timeout=self.settings.dht_timeout),
+        )
+        self.work = MissionWork(
+            self.missions,
+            keeper,
+            leases,
+            candidates=lambda: [entry.info.peer_id for entry in self.directory.known] if self.directory else [],
+            config=WorkConfig(
+                shaker="shaker" in self.roles,
+                period=min(self.settings.announce_period, 5.0),
+                max_memory=self.settings.max_memory,
+            ),
+        )
+        self._tasks.append(asyncio.create_task(self.missions.run(self._stop), name="garden-missions"))
+        self._tasks.append(asyncio.create_task(self.work.run(self._stop), name="garden-mission-work"))
 
     async def stop(self) -> None:
         """Leave the swarm politely: stop periodic work, announce ``offline``."""
@@ -104,6 +156,13 @@ class Gardener:
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
         self._tasks.clear()
+        if self.work is not None:
+            await self.work.close()
+        if self.transfer is not None:
+            await self.transfer.stop()
+        if self._p2p is not None:
+            await self._p2p.shutdown()  # a replica: closes this process's client, not the DHT's p2pd
+            self._p2p = None
         if self.directory is not None and self.directory.joined and self.swarm and self.swarm.failure() is None:
             try:
                 await asyncio.wait_for(self.directory.say_goodbye(), timeout=GOODBYE_TIMEOUT)

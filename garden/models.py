@@ -221,6 +221,56 @@ def load_model(ref: str | ModelRef, dtype: str = "float32", device: str = "cpu")
         return _loaded[key]
 
 
+def unload_model(ref: str | ModelRef) -> bool:
+    """Drop a reference's loaded weights from this process's cache (every dtype and device), so that their
+    memory is freed once no one else holds them. True if something was dropped."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    with _loaded_lock:
+        keys = [key for key in _loaded if key[0] == str(parsed)]
+        for key in keys:
+            del _loaded[key]
+    if keys:
+        import gc
+
+        gc.collect()
+    return bool(keys)
+
+
+def is_loaded(ref: str | ModelRef) -> bool:
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    with _loaded_lock:
+        return any(key[0] == str(parsed) for key in _loaded)
+
+
+def model_memory_bytes(ref: str | ModelRef, dtype_bytes: int = 4) -> int | None:
+    """Roughly the memory ``load_model`` needs for ``ref``: its parameter count (read from the safetensors
+    headers, no weights loaded) times ``dtype_bytes``, plus a fifth for activations and the tokenizer.
+    None when it cannot be known without loading (a hub id, weights in another format): callers then
+    try and see. May convert a ``.gguf`` first (as loading would)."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    if parsed.kind == "hub":
+        return None
+    try:
+        directory = Path(_source(parsed))
+    except ModelRefError:
+        return None
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    params = 0
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                params += count
+    return int(params * dtype_bytes * 1.2)
+
+
 def _source(ref: ModelRef) -> str:
     if ref.kind == "builtin":
         try:

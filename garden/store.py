@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 if TYPE_CHECKING:  # the row codec (numpy, msgpack, pydantic) is imported when rows are first touched
     from garden.protocol.rows import DorpoRow
@@ -53,7 +53,70 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX rows_mission_id ON rows (mission_id);
         """,
     ),
+    Migration(
+        3,
+        "missions",
+        """
+        CREATE TABLE missions (
+            mission_id TEXT PRIMARY KEY,
+            record     BLOB NOT NULL,
+            name       TEXT NOT NULL,
+            lead       TEXT NOT NULL,
+            prompts    BLOB,
+            cancel     BLOB,
+            added_at   REAL NOT NULL
+        );
+        CREATE TABLE row_sets (
+            mission_id    TEXT NOT NULL,
+            attempt       TEXT NOT NULL,
+            shard         INTEGER NOT NULL,
+            producer      TEXT NOT NULL,
+            sha256        TEXT NOT NULL,
+            rows          INTEGER NOT NULL,
+            received_from TEXT,
+            added_at      REAL NOT NULL,
+            PRIMARY KEY (mission_id, attempt)
+        );
+        CREATE TABLE row_set_rows (
+            mission_id TEXT NOT NULL,
+            attempt    TEXT NOT NULL,
+            position   INTEGER NOT NULL,
+            row_id     TEXT NOT NULL,
+            PRIMARY KEY (mission_id, attempt, position),
+            FOREIGN KEY (mission_id, attempt) REFERENCES row_sets (mission_id, attempt) ON DELETE CASCADE
+        );
+        CREATE INDEX row_set_rows_row_id ON row_set_rows (row_id);
+        """,
+    ),
 )
+
+
+@dataclass(frozen=True)
+class StoredMission:
+    """A mission as this peer keeps it: the lead-signed record, and once known its prompts (canonical
+    msgpack, hashed against the record) and the lead's signed cancel."""
+
+    mission_id: str
+    record: bytes
+    name: str
+    lead: str
+    prompts: bytes | None
+    cancel: bytes | None
+    added_at: float
+
+
+@dataclass(frozen=True)
+class StoredRowSet:
+    """A row set this peer holds; ``received_from`` is None when this peer sampled it."""
+
+    mission_id: str
+    attempt: str
+    shard: int
+    producer: str
+    sha256: str
+    rows: int
+    received_from: str | None
+    added_at: float
 
 
 class StoreError(RuntimeError):
@@ -182,6 +245,102 @@ class Store:
         """Number of stored rows of ``mission_id`` (all rows when None)."""
         where, params = self._mission_filter(mission_id)
         return int(self.query(f"SELECT COUNT(*) FROM rows{where}", params)[0][0])
+
+    # --- missions and row sets (migration 3) ----------------------------------------------------------
+    def add_mission(self, mission_id: str, record: bytes, name: str, lead: str) -> bool:
+        """Keep a verified mission record; True if it was new (an existing one is left as it is)."""
+        with self.transaction() as tx:
+            cursor = tx.execute(
+                "INSERT INTO missions (mission_id, record, name, lead, added_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(mission_id) DO NOTHING",
+                (mission_id, record, name, lead, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    def set_mission_prompts(self, mission_id: str, prompts: bytes) -> None:
+        """The mission's prompt list, already checked against its signed hash by the caller."""
+        self._update_mission(mission_id, "prompts", prompts)
+
+    def set_mission_cancel(self, mission_id: str, cancel: bytes) -> None:
+        """The lead's signed cancel, already verified by the caller."""
+        self._update_mission(mission_id, "cancel", cancel)
+
+    def _update_mission(self, mission_id: str, column: str, value: bytes) -> None:
+        with self.transaction() as tx:
+            cursor = tx.execute(f"UPDATE missions SET {column} = ? WHERE mission_id = ?", (value, mission_id))
+            if cursor.rowcount != 1:
+                raise StoreError(f"no mission {mission_id} in {self.path}")
+
+    def get_mission(self, mission_id: str) -> StoredMission | None:
+        found = self.query("SELECT * FROM missions WHERE mission_id = ?", (mission_id,))
+        return StoredMission(**dict(found[0])) if found else None
+
+    def list_missions(self) -> list[StoredMission]:
+        """Every mission kept here, oldest first."""
+        return [StoredMission(**dict(r)) for r in self.query("SELECT * FROM missions ORDER BY added_at, mission_id")]
+
+    def add_row_set(
+        self,
+        held: StoredRowSet,
+        rows: Sequence[tuple[str, bytes, str]],
+    ) -> bool:
+        """Store a row set and its rows (``(row_id, encoded row, prompt)``, in shard order) in one transaction.
+
+        Rows are content-addressed and shared: a row already stored (by another attempt that sampled the
+        same answer, or by ``garden shake``) is referenced, not copied. True if the set was new; a set
+        already held is left as it is (its rows are identical: the caller checked the hash)."""
+        if len(rows) != held.rows:
+            raise ValueError(f"row set says {held.rows} rows, {len(rows)} given")
+        with self.transaction() as tx:
+            cursor = tx.execute(
+                "INSERT INTO row_sets (mission_id, attempt, shard, producer, sha256, rows, received_from, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(mission_id, attempt) DO NOTHING",
+                (held.mission_id, held.attempt, held.shard, held.producer, held.sha256, held.rows,
+                 held.received_from, held.added_at),
+            )  # fmt: skip
+            if cursor.rowcount != 1:
+                return False
+            for position, (row_id, body, prompt) in enumerate(rows):
+                tx.execute(
+                    "INSERT INTO rows (row_id, mission_id, body, prompt, created_at) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT(row_id) DO NOTHING",
+                    (row_id, held.mission_id, body, prompt, held.added_at),
+                )
+                tx.execute(
+                    "INSERT INTO row_set_rows (mission_id, attempt, position, row_id) VALUES (?, ?, ?, ?)",
+                    (held.mission_id, held.attempt, position, row_id),
+                )
+        return True
+
+    def row_sets(self, mission_id: str) -> list[StoredRowSet]:
+        """Row sets held for a mission, by shard then attempt."""
+        found = self.query("SELECT * FROM row_sets WHERE mission_id = ? ORDER BY shard, attempt", (mission_id,))
+        return [StoredRowSet(**dict(r)) for r in found]
+
+    def row_set_bodies(self, mission_id: str, attempt: str) -> list[bytes] | None:
+        """The encoded rows of a held row set in shard order, or None when it is not held."""
+        with self._lock:
+            if not self.query("SELECT 1 FROM row_sets WHERE mission_id = ? AND attempt = ?", (mission_id, attempt)):
+                return None
+            found = self.query(
+                "SELECT r.body FROM row_set_rows m JOIN rows r ON r.row_id = m.row_id"
+                " WHERE m.mission_id = ? AND m.attempt = ? ORDER BY m.position",
+                (mission_id, attempt),
+            )
+        return [bytes(r["body"]) for r in found]
+
+    def drop_row_set(self, mission_id: str, attempt: str) -> bool:
+        """Forget a row set (a losing attempt); its rows go too unless another set or ``garden shake``
+        (rows with no mission) still uses them. Idempotent: True if something was dropped."""
+        with self.transaction() as tx:
+            cursor = tx.execute("DELETE FROM row_sets WHERE mission_id = ? AND attempt = ?", (mission_id, attempt))
+            if cursor.rowcount != 1:
+                return False
+            tx.execute(
+                "DELETE FROM rows WHERE mission_id = ? AND row_id NOT IN (SELECT row_id FROM row_set_rows)",
+                (mission_id,),
+            )
+        return True
 
     @staticmethod
     def _mission_filter(mission_id: str | None) -> tuple[str, tuple[Any, ...]]:

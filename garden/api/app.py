@@ -17,7 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from garden import __version__
 from garden.api.metrics import make_registry
-from garden.api.schemas import Error, Health, Machine, Peer, Status
+from garden.api.missions import make_missions_router
+from garden.api.schemas import Error, Health, Machine, Peer, Shaking, Status
 from garden.daemon import Gardener
 from garden.peer.directory import PeerEntry
 
@@ -65,6 +66,7 @@ def create_app(gardener: Gardener) -> FastAPI:
             client_mode=gardener.settings.client_mode,
             announce_period_s=gardener.settings.announce_period,
             machine=Machine(cores=machine.cores, ram_bytes=machine.ram_bytes, gpu=machine.gpu),
+            shaking=_shaking(gardener),
         )
 
     @app.get("/peers", response_model=list[Peer], tags=["swarm"])
@@ -79,7 +81,17 @@ def create_app(gardener: Gardener) -> FastAPI:
         """Prometheus text format."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    if gardener.missions is None:
+        raise RuntimeError("create_app needs a started Gardener")
+    app.include_router(make_missions_router(gardener.missions, lambda: gardener.work))
     return app
+
+
+def _shaking(gardener: Gardener) -> Shaking | None:
+    work = gardener.work
+    if work is None:
+        return None
+    return Shaking(blocked=work.blocked, missions={mid: p.state for mid, p in work.progress.items()})
 
 
 def _peer(entry: PeerEntry, self_id: str, now: float) -> Peer:

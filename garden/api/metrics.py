@@ -36,6 +36,60 @@ class GardenerCollector(Collector):
         yield CounterMetricFamily(
             "garden_invalid_peer_records", "Invalid peer records refused or ignored.", value=g.invalid_peer_records
         )
+        yield from _mission_metrics(g)
+
+
+def _mission_metrics(g: Gardener) -> Iterator[Metric]:
+    invalid = CounterMetricFamily(
+        "garden_invalid_mission_records", "Invalid mission-related records refused or ignored.", labels=["kind"]
+    )
+    for kind, validator in (("shard", g.shard_validator), ("mission", g.mission_validator)):
+        invalid.add_metric([f"{kind} (DHT)"], validator.rejected if validator else 0)
+    if g.missions is not None:
+        for kind, count in sorted(g.missions.invalid_records.items()):
+            invalid.add_metric([kind], count)
+    yield invalid
+    if g.transfer is not None:
+        stats = g.transfer.stats
+        transfer = CounterMetricFamily("garden_transfer_bytes", "Content bytes moved between peers.", labels=["way"])
+        transfer.add_metric(["sent"], stats.bytes_sent)
+        transfer.add_metric(["received"], stats.bytes_received)
+        yield transfer
+        refused = CounterMetricFamily(
+            "garden_transfer_refused", "Transfers refused for bad content (the sender is avoided).", labels=["reason"]
+        )
+        for reason, count in sorted(stats.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+    work = g.work
+    if g.missions is None or work is None:
+        return
+    shards = GaugeMetricFamily(
+        "garden_mission_shards", "Shards of a mission by state.", labels=["mission", "name", "state"]
+    )
+    rows = GaugeMetricFamily(
+        "garden_mission_rows", "Rows of the shards done (winning attempts).", labels=["mission", "name"]
+    )
+    shaken = CounterMetricFamily(
+        "garden_mission_rows_shaken", "Rows this peer sampled for a mission.", labels=["mission", "name"]
+    )
+    shards_shaken = CounterMetricFamily(
+        "garden_mission_shards_shaken", "Shards this peer sampled for a mission.", labels=["mission", "name"]
+    )
+    held = GaugeMetricFamily("garden_mission_row_sets_held", "Row sets this peer holds.", labels=["mission", "name"])
+    for mission in list(g.missions.missions.values()):
+        labels = [mission.id, mission.name]
+        board = work.boards.get(mission.id)
+        if board is not None:
+            summary = board.summary()
+            for state in ("done", "leased", "open"):
+                shards.add_metric([*labels, state], getattr(summary, state))
+            rows.add_metric(labels, sum(d.rows for d in board.winners().values()))
+        progress = work.progress.get(mission.id)
+        shaken.add_metric(labels, progress.rows_shaken if progress else 0)
+        shards_shaken.add_metric(labels, progress.shards_shaken if progress else 0)
+        held.add_metric(labels, len(g.store.row_sets(mission.id)) if g.store is not None else 0)
+    yield from (shards, rows, shaken, shards_shaken, held)
 
 
 def make_registry(gardener: Gardener) -> CollectorRegistry:

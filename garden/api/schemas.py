@@ -4,6 +4,8 @@ fields freely, never rename or remove one."""
 from __future__ import annotations
 
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 from garden.protocol.records import GpuInfo, Role
@@ -19,6 +21,13 @@ class Machine(BaseModel):
     gpu: GpuInfo | None = None
 
 
+class Shaking(BaseModel):
+    """This peer's shaking: why it takes no shards (memory, no teacher), and its state per mission."""
+
+    blocked: str | None = None
+    missions: dict[str, str] = Field(default_factory=dict)
+
+
 class Status(BaseModel):
     peer_id: str
     version: str
@@ -32,6 +41,7 @@ class Status(BaseModel):
     client_mode: bool
     announce_period_s: float = Field(description="seconds between announces of this peer's record")
     machine: Machine
+    shaking: Shaking | None = None
 
 
 class Peer(BaseModel):
@@ -51,3 +61,64 @@ class Peer(BaseModel):
 
 class Error(BaseModel):
     detail: str
+
+
+# --- missions ------------------------------------------------------------------------------------------
+
+
+class MissionCreate(BaseModel):
+    """``POST /missions``: the mission file's content as JSON, and its prompts (``garden mission create``
+    sends both). ``prompts`` may be left out when ``spec.prompts`` names a built-in set."""
+
+    spec: dict[str, Any] = Field(description="the mission.toml keys and sections, as a JSON object")
+    prompts: list[dict[str, Any]] | None = Field(
+        default=None, description='prompt rows: {"prompt": ..., "reference": ..., "meta": {...}}'
+    )
+
+
+class ShardCounts(BaseModel):
+    total: int
+    done: int
+    leased: int
+    open: int
+
+
+class MissionSummary(BaseModel):
+    id: str
+    name: str
+    state: str = Field(description="fetching (prompts not here yet) | shaking | done | cancelled")
+    lead: str = Field(description="peer id of the lead, who signed the mission")
+    created: float = Field(description="the lead's clock at signing (unix seconds)")
+    prompts: int
+    shards: ShardCounts
+    rows: int = Field(description="rows of the shards done so far (winning attempts)")
+
+
+class MissionPeer(BaseModel):
+    peer_id: str
+    has_prompts: bool = False
+    row_sets: int = Field(default=0, description="row sets this peer announces holding")
+    rows_held: int = 0
+    shards_done: int = Field(default=0, description="shards whose winning attempt this peer sampled")
+    leased: list[int] = Field(default_factory=list, description="shards this peer holds a live lease on")
+
+
+class MissionWorkHere(BaseModel):
+    """What this peer does for the mission."""
+
+    state: str
+    shards_shaken: int
+    rows_shaken: int
+    shards_lost: int
+    replicated: int
+    seconds_shaking: float
+
+
+class MissionDetail(MissionSummary):
+    peers: list[MissionPeer]
+    teachers: dict[str, int] = Field(description="rows per teacher reference, over the shards done")
+    shards_per_s: float | None = Field(None, description="shards finished per second since the mission began")
+    eta_s: float | None = Field(None, description="seconds until every shard is done at that rate")
+    this_peer: MissionWorkHere
+    cancel_reason: str | None = None
+    spec: dict[str, Any]

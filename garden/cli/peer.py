@@ -8,13 +8,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.table import Table
 
 from garden import __version__
-from garden.cli.common import app, console, fail, settings_from
+from garden.cli.common import app, console, daemon_url, get_json, settings_from
 from garden.config import GardenSettings
 
 
@@ -35,6 +34,8 @@ def run(
     data_dir: Path | None = typer.Option(None, "--data-dir", help=_help("data_dir")),
     roles: str | None = typer.Option(None, "--roles", metavar="ROLE,...", help=_help("roles")),
     max_threads: int | None = typer.Option(None, "--max-threads", help=_help("max_threads")),
+    max_memory: str | None = typer.Option(None, "--max-memory", metavar="SIZE", help=_help("max_memory")),
+    lease_seconds: float | None = typer.Option(None, "--lease-seconds", help=_help("lease_seconds")),
     log_level: str | None = typer.Option(None, "--log-level", help=_help("log_level")),
     client_mode: bool | None = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
     swarm: str | None = typer.Option(None, "--swarm", help=_help("swarm")),
@@ -52,6 +53,8 @@ def run(
         data_dir=data_dir,
         roles=roles,
         max_threads=max_threads,
+        max_memory=max_memory,
+        lease_seconds=lease_seconds,
         log_level=log_level,
         client_mode=client_mode,
         swarm=swarm,
@@ -76,7 +79,7 @@ def status(
     config: Path | None = typer.Option(None, "--config", metavar="FILE"),
 ) -> None:
     """This peer: id, uptime, roles, addresses, peers seen."""
-    data = _get(_daemon_url(url, data_dir, config), "/status")
+    data = get_json(daemon_url(url, data_dir, config), "/status")
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -113,7 +116,7 @@ def peers(
     config: Path | None = typer.Option(None, "--config", metavar="FILE"),
 ) -> None:
     """The swarm's peers with their capabilities."""
-    data = _get(_daemon_url(url, data_dir, config), "/peers")
+    data = get_json(daemon_url(url, data_dir, config), "/peers")
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -140,32 +143,6 @@ def peers(
 def version() -> None:
     """Print garden's version."""
     print(__version__)
-
-
-def _daemon_url(url: str | None, data_dir: Path | None, config: Path | None) -> str:
-    """--url, else the URL the local daemon wrote into its data dir, else the configured port."""
-    if url:
-        return url.rstrip("/")
-    from garden.datadir import DataDir
-
-    settings = settings_from({"data_dir": data_dir}, config)
-    runtime = DataDir(settings.data_dir).read_runtime()
-    if runtime and isinstance(runtime.get("url"), str):
-        return runtime["url"]
-    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
-    return f"http://{host}:{settings.http_port}"
-
-
-def _get(url: str, path: str) -> Any:
-    import httpx
-
-    try:
-        response = httpx.get(url + path, timeout=15)
-    except httpx.TransportError:
-        raise fail(f"no garden daemon answers at {url}; start one with `garden run` (or pass --url)") from None
-    if response.status_code != 200:
-        raise fail(f"{url}{path} answered {response.status_code}: {response.text[:300]}")
-    return response.json()
 
 
 def _gib(n: int) -> str:

@@ -48,6 +48,7 @@ MAX_MISSION_PROMPTS = 1_000_000
 _MISSION_ID_PATTERN = r"^[0-9a-f]{64}$"
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
 _BUILTIN = "builtin:"
+CANCEL_PREFIX = "cancel:"
 
 MissionId = Annotated[str, StringConstraints(pattern=_MISSION_ID_PATTERN)]
 """sha256 hex (lowercase) of a mission's signed body."""
@@ -61,6 +62,32 @@ def prompts_sha256(prompts: Sequence[PromptRow]) -> str:
     """sha256 hex of the canonical msgpack of the prompt list (every field of every row, maps sorted).
     Order matters: shards are slices of this list."""
     return hashlib.sha256(canonical_msgpack([p.model_dump(mode="python") for p in prompts])).hexdigest()
+
+
+def pack_prompts(prompts: Sequence[PromptRow]) -> bytes:
+    """The prompt list as it travels between peers; its sha256 is :func:`prompts_sha256`."""
+    return canonical_msgpack([p.model_dump(mode="python") for p in prompts])
+
+
+def unpack_prompts(raw: Any, mission: SignedMission, max_bytes: int = 256 * 1024 * 1024) -> tuple[PromptRow, ...]:
+    """A prompt list from a stranger, decoded strictly and checked against what the lead signed;
+    raises only ``RecordError``."""
+    if not isinstance(raw, bytes):
+        raise RecordError(f"prompts are {type(raw).__name__}, not bytes")
+    if len(raw) > max_bytes:
+        raise RecordError(f"prompts are {len(raw)} bytes, over the {max_bytes}-byte cap")
+    try:
+        items = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=MAX_MISSION_PROMPTS)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise RecordError(f"prompts are not msgpack: {str(e)[:200]}") from None
+    if not isinstance(items, list):
+        raise RecordError("prompts are not a list")
+    try:
+        prompts = tuple(PromptRow.model_validate(item) for item in items)
+    except ValidationError as e:
+        raise RecordError(f"prompts: {str(e).splitlines()[0][:200]}") from None
+    verify_prompts(mission, prompts)
+    return prompts
 
 
 def count_shards(prompts_count: int, shard_size: int) -> int:
@@ -308,14 +335,30 @@ def open_cancel(raw: Any, mission: SignedMission, max_bytes: int = MAX_CANCEL_RE
     envelope = _open_envelope(raw, max_bytes, "cancel")
     if envelope.k != mission.lead:
         raise RecordError(f"cancel signed by {signing.peer_id_of(envelope.k)}, not the lead {mission.lead_peer_id}")
+    return _cancel_body(envelope, mission.mission_id)
+
+
+def open_any_cancel(raw: Any, mission_id: str, max_bytes: int = MAX_CANCEL_RECORD_BYTES) -> CancelRecord:
+    """A well-formed cancel of ``mission_id`` with a valid signature by *some* key: what the DHT can check
+    without the mission. Only :func:`open_cancel` says whether the key is the lead's."""
+    return _cancel_body(_open_envelope(raw, max_bytes, "cancel"), mission_id)
+
+
+def _cancel_body(envelope: SignedRecord, mission_id: str) -> CancelRecord:
     record = decode_record(CancelRecord, envelope.b, "cancel body")
-    if record.mission_id != mission.mission_id:
-        raise RecordError(f"cancel names mission {record.mission_id}, not {mission.mission_id}")
+    if record.mission_id != mission_id:
+        raise RecordError(f"cancel names mission {record.mission_id}, not {mission_id}")
     return record
+
+
+def cancel_subkey(mission_id: str) -> str:
+    """Where the lead's cancel of a mission lives under ``missions`` (beside the mission's own entry)."""
+    return f"{CANCEL_PREFIX}{mission_id}"
 
 
 __all__ = [
     "BuiltinPrompts",
+    "CANCEL_PREFIX",
     "CancelRecord",
     "MAX_MISSION_RECORD_BYTES",
     "MissionBody",
@@ -326,6 +369,10 @@ __all__ = [
     "count_shards",
     "describe_spec_error",
     "load_mission_toml",
+    "pack_prompts",
+    "unpack_prompts",
+    "cancel_subkey",
+    "open_any_cancel",
     "open_cancel",
     "prompt_seed",
     "prompts_sha256",

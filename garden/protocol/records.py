@@ -24,6 +24,9 @@ PROTOCOL_VERSION = 1
 MAX_PEER_RECORD_BYTES = 16 * 1024
 """A signed peer record is ~1 KiB; anything much larger is garbage or an attack."""
 
+MAX_SIGNED_BODY_BYTES = 64 * 1024
+"""Largest body any signed record carries (a rows announcement); each record type caps its own, smaller."""
+
 MAX_RECORD_TTL = 2 * 3600.0
 """Longest life a peer record may claim: twice the longest allowed announce period (1 h)."""
 MAX_CLOCK_SKEW = 120.0
@@ -100,7 +103,7 @@ class PeerInfo(StrictRecord):
 class SignedRecord(StrictRecord):
     """The envelope: ``b`` the msgpack body, ``k`` the signer's DER public key, ``s`` the signature."""
 
-    b: bytes = Field(max_length=MAX_PEER_RECORD_BYTES)
+    b: bytes = Field(max_length=MAX_SIGNED_BODY_BYTES)
     k: bytes = Field(max_length=signing.MAX_PUBLIC_KEY_BYTES)
     s: bytes = Field(max_length=1024)
 

@@ -388,8 +388,7 @@ def write_preference_jsonl(rows: Iterable[DorpoRow], path: Path | str) -> int:
             for row in rows:
                 if not isinstance(row, DorpoRow):
                     raise TypeError(f"row {count + 1} is a {type(row).__name__}, not a DorpoRow")
-                f.write(json.dumps(_row_to_json(row), ensure_ascii=False, allow_nan=False, separators=(",", ":")))
-                f.write("\n")
+                f.write(preference_json_line(row))
                 count += 1
             f.flush()
             os.fsync(f.fileno())
@@ -401,6 +400,11 @@ def write_preference_jsonl(rows: Iterable[DorpoRow], path: Path | str) -> int:
             pass
         raise
     return count
+
+
+def preference_json_line(row: DorpoRow) -> str:
+    """One line of :func:`write_preference_jsonl` (newline included), e.g. for streaming over HTTP."""
+    return json.dumps(_row_to_json(row), ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
 
 
 def _row_to_json(row: DorpoRow) -> dict[str, Any]:
@@ -554,6 +558,7 @@ def _reject_constant(name: str) -> Any:
 __all__ = [
     "DorpoRow",
     "MAX_ROW_BYTES",
+    "preference_json_line",
     "PromptRow",
     "read_preference_jsonl",
     "read_prompts_jsonl",

@@ -141,6 +141,9 @@ class DoneRecord(_ShardRecord):
     rows: int = Field(ge=0, le=MAX_ROWS_PER_SHARD)
     row_set_sha256: Sha256Hex
     finished: float = Field(ge=0.0, description="DHT time the worker finished the shard")
+    teachers: dict[Annotated[str, StringConstraints(min_length=1, max_length=512)], Annotated[int, Field(ge=0)]] = (
+        Field(default_factory=dict, max_length=8, description="rows per teacher reference (multi-teacher fallback)")
+    )
 
     @property
     def subkey(self) -> str:

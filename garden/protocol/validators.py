@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from typing import Any
 
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -17,17 +18,20 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from garden.protocol.keys import DHTKeys
+from garden.protocol.mission import CANCEL_PREFIX, CancelRecord, SignedMission, open_any_cancel
 from garden.protocol.records import PeerInfo, RecordError
+from garden.protocol.row_sets import RowsAnnouncement, is_rows_subkey
 
 logger = logging.getLogger(__name__)
 
 
-class PeerRecordValidator(RecordValidatorBase):
-    """Accepts under ``<swarm>/peers`` only subkeyed values that are valid, self-signed ``PeerInfo``."""
+class CountingValidator(RecordValidatorBase):
+    """A validator that counts what it refuses, for ``/metrics``. The counter is shared memory created
+    before the DHT process forks: that process validates and counts, the daemon reads."""
 
-    def __init__(self, keys: DHTKeys):
-        self._peers_key_id = DHTID.generate(source=keys.peers).to_bytes()
-        # shared memory, created before the DHT process forks: that process counts, the daemon reads
+    what = "record"  # for the log line
+
+    def __init__(self) -> None:
         self._rejected = multiprocessing.Value("Q", 0)
 
     @property
@@ -38,8 +42,26 @@ class PeerRecordValidator(RecordValidatorBase):
     def _reject(self, reason: str) -> bool:
         with self._rejected.get_lock():
             self._rejected.value += 1
-        logger.info("dropped an invalid peer record: %s", reason)
+        logger.info("dropped an invalid %s: %s", self.what, reason)
         return False
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+def key_id(key: str) -> bytes:
+    """The DHT's id of a key, as ``DHTRecord.key`` holds it."""
+    return DHTID.generate(source=key).to_bytes()
+
+
+class PeerRecordValidator(CountingValidator):
+    """Accepts under ``<swarm>/peers`` only subkeyed values that are valid, self-signed ``PeerInfo``."""
+
+    what = "peer record"
+
+    def __init__(self, keys: DHTKeys):
+        super().__init__()
+        self._peers_key_id = key_id(keys.peers)
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key != self._peers_key_id:
@@ -54,5 +76,49 @@ class PeerRecordValidator(RecordValidatorBase):
             return self._reject(f"undecodable: {str(e)[:200]}")
         return True
 
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return False
+
+class MissionRecordValidator(CountingValidator):
+    """Refuses forged or garbage mission records, cancels and rows announcements inside the DHT node.
+
+    Under ``<swarm>/missions``: subkey = mission id with a lead-signed mission that hashes to it
+    (:meth:`SignedMission.from_record`), or ``cancel:<mission id>`` with a signed cancel naming that
+    mission; nothing else. Whether a cancel's signer is the lead needs the mission, which readers check
+    (:func:`open_cancel`). Under any key: a ``rows:<peer>`` subkey must hold that peer's signed
+    :class:`RowsAnnouncement`, stored under its mission's rows key.
+    """
+
+    what = "mission record"
+
+    def __init__(self, keys: DHTKeys):
+        super().__init__()
+        self.keys = keys
+        self._missions_key_id = key_id(keys.missions)
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception:  # not ours to judge (other validators may)
+            subkey = None
+        is_missions = record.key == self._missions_key_id
+        if not is_missions and not is_rows_subkey(subkey):
+            return True
+        try:
+            value = MSGPackSerializer.loads(record.value)
+            if is_missions:
+                check_missions_entry(value, subkey)
+            else:
+                announcement = RowsAnnouncement.from_wire(value, subkey)
+                if record.key != key_id(self.keys.mission_rows(announcement.mission_id)):
+                    raise RecordError("a rows announcement stored under another key than its mission's")
+        except RecordError as e:
+            return self._reject(str(e))
+        except Exception as e:  # undecodable value: a stranger's garbage, never our crash
+            return self._reject(f"undecodable: {str(e)[:200]}")
+        return True
+
+
+def check_missions_entry(value: Any, subkey: Any) -> SignedMission | CancelRecord:
+    """One entry under ``missions``, decoded and checked as far as it can be alone; ``RecordError``."""
+    if isinstance(subkey, str) and subkey.startswith(CANCEL_PREFIX):
+        return open_any_cancel(value, subkey[len(CANCEL_PREFIX) :])
+    return SignedMission.from_record(value, subkey)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import multiprocessing
 import random
 import secrets
 from collections.abc import Mapping
@@ -30,15 +29,15 @@ from typing import Any
 
 import hivemind
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.dht.validation import DHTRecord
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from garden.protocol import signing
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import RecordError
+from garden.protocol.validators import CountingValidator, key_id
 from garden.protocol.shards import (
     MAX_LEASE_SECONDS,
     MAX_DONE_TTL,
@@ -192,7 +191,7 @@ def _items(entries: Mapping[Any, Any] | DictionaryDHTValue | None) -> list[tuple
 # --- the DHT's gatekeeper -----------------------------------------------------------------------------
 
 
-class ShardRecordValidator(RecordValidatorBase):
+class ShardRecordValidator(CountingValidator):
     """Refuses, inside the DHT node, lease/done entries that are forged, garbage or misplaced.
 
     hivemind calls ``validate`` when a peer asks this node to store a record and on every record a
@@ -207,15 +206,11 @@ class ShardRecordValidator(RecordValidatorBase):
     count against the signed mission (``ShardBoard`` does).
     """
 
-    def __init__(self, keys: DHTKeys):
-        self.keys = keys
-        # shared memory, created before the DHT process forks: that process counts, the daemon reads
-        self._rejected = multiprocessing.Value("Q", 0)
+    what = "shard record"
 
-    @property
-    def rejected(self) -> int:
-        """Records refused so far (in whichever process validated them)."""
-        return int(self._rejected.value)
+    def __init__(self, keys: DHTKeys):
+        super().__init__()
+        self.keys = keys
 
     def validate(self, record: DHTRecord) -> bool:
         try:
@@ -227,23 +222,13 @@ class ShardRecordValidator(RecordValidatorBase):
         try:
             value = MSGPackSerializer.loads(record.value)
             decoded = decode_shard_entry(value, subkey, record.expiration_time, get_dht_time())
-            expected_key = DHTID.generate(source=self.keys.mission_shards(decoded.mission_id)).to_bytes()
-            if record.key != expected_key:
+            if record.key != key_id(self.keys.mission_shards(decoded.mission_id)):
                 raise RecordError(f"a {subkey[:80]!r} record stored under another key than its mission's")
         except RecordError as e:
             return self._reject(str(e))
         except Exception as e:  # undecodable value: a stranger's garbage, never our crash
             return self._reject(f"undecodable: {str(e)[:200]}")
         return True
-
-    def _reject(self, reason: str) -> bool:
-        with self._rejected.get_lock():
-            self._rejected.value += 1
-        logger.info("dropped an invalid shard record: %s", reason)
-        return False
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return False
 
 
 # --- writing: the manager -----------------------------------------------------------------------------
@@ -399,7 +384,14 @@ class LeaseManager:
         )
         return await self._store(marker, marker.expires)
 
-    async def mark_done(self, lease: Lease, rows: int, row_set_sha256: str, now: float | None = None) -> DoneRecord:
+    async def mark_done(
+        self,
+        lease: Lease,
+        rows: int,
+        row_set_sha256: str,
+        now: float | None = None,
+        teachers: Mapping[str, int] | None = None,
+    ) -> DoneRecord:
         """Publish this attempt's result. Done even if the lease expired meanwhile: the shard may then
         have two results, and ``pick_winner`` decides. Raises ``ShardDHTError`` if the DHT did not take
         it (retry: the record is idempotent per attempt) and ``ValueError`` for bad arguments."""
@@ -408,6 +400,7 @@ class LeaseManager:
         done = DoneRecord(
             mission_id=lease.mission_id, shard=lease.shard, shard_count=lease.shard_count, peer_id=self.peer_id,
             attempt=lease.attempt, rows=rows, row_set_sha256=row_set_sha256, finished=finished,
+            teachers=dict(teachers or {}),
         )  # fmt: skip
         if not await self._store(done, finished + self.config.done_expiration):
             raise ShardDHTError(f"no DHT peer stored the done record of shard {lease.shard}")

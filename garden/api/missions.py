@@ -1,0 +1,223 @@
+"""``/missions``: launch, list, inspect, export and cancel missions through the local peer.
+
+A body that fails validation is answered 422 with FastAPI's error shape (``{"detail": [{"loc", "msg",
+"type"}]}``), where ``loc`` names the failing key (``["body", "spec", "sampling", "temperature"]``), and
+nothing is signed or published. The peer that receives ``POST /missions`` signs the mission with its own
+key and becomes its lead: only it may ``DELETE`` it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from garden.api.schemas import (
+    Error,
+    MissionCreate,
+    MissionDetail,
+    MissionPeer,
+    MissionSummary,
+    MissionWorkHere,
+    ShardCounts,
+)
+from garden.data import DEMO_PROMPTS, demo_prompts
+from garden.peer.missions import Mission, MissionBook, MissionError
+from garden.protocol.mission import MissionDraft, MissionSpec, MissionSpecError
+from garden.protocol.rows import PromptRow, preference_json_line
+from garden.trainer.leases import ShardStatus
+from garden.trainer.mission_work import MissionView, MissionWork
+
+BUILTIN_PROMPTS = {DEMO_PROMPTS: demo_prompts}
+MAX_POST_PROMPTS = 100_000
+"""Prompts one ``POST /missions`` may carry (the JSON body is parsed whole); bigger missions: use the CLI
+on the peer itself in a later version, or split them."""
+
+
+def make_missions_router(book: MissionBook, work_of: Any) -> APIRouter:
+    """``work_of()`` gives the daemon's :class:`MissionWork` (created once the event loop runs)."""
+    router = APIRouter(tags=["missions"])
+    errors: dict[int | str, dict[str, Any]] = {404: {"model": Error}, 422: {"model": Error}}
+
+    def work() -> MissionWork:
+        current = work_of()
+        if current is None:
+            raise MissionError("the peer is still starting", 503)
+        return current
+
+    @router.post("/missions", status_code=201, response_model=MissionSummary, responses=errors)
+    async def create_mission(body: MissionCreate) -> Any:
+        """Validate, sign with this peer's key (it becomes the lead) and publish a mission."""
+        draft_or_error = _draft(body)
+        if isinstance(draft_or_error, JSONResponse):
+            return draft_or_error
+        mission = await book.publish(draft_or_error)
+        return _summary(await work().view(mission, with_holders=False))
+
+    @router.get("/missions", response_model=list[MissionSummary])
+    async def list_missions() -> list[MissionSummary]:
+        """Every mission this peer knows, newest first, with progress."""
+        missions = sorted(book.missions.values(), key=lambda m: m.signed.body.created, reverse=True)
+        views = await asyncio.gather(*(work().view(m, with_holders=False) for m in missions))
+        return [_summary(v) for v in views]
+
+    @router.get("/missions/{mission_id}", response_model=MissionDetail, responses=errors)
+    async def show_mission(mission_id: str) -> Any:
+        """One mission: shards done/leased/open, rows, the peers working on it, teachers, ETA."""
+        try:
+            mission = book.get(mission_id)
+        except MissionError as e:
+            return _error(e)
+        return _detail(await work().view(mission))
+
+    @router.get("/missions/{mission_id}/rows", responses=errors)
+    async def export_rows(mission_id: str, format: str = Query("jsonl")) -> Any:  # noqa: A002 (the API's name)
+        """All rows so far as TRL preference JSONL with the teacher's log-probs (rows held elsewhere are
+        copied here first). ``X-Garden-Missing-Shards`` lists done shards whose rows no peer served."""
+        if format != "jsonl":
+            return _validation_error(["query", "format"], f"unsupported format {format!r}; use jsonl")
+        try:
+            mission = book.get(mission_id)
+        except MissionError as e:
+            return _error(e)
+        rows, missing = await work().export(mission)
+        headers = {
+            "X-Garden-Rows": str(len(rows)),
+            "X-Garden-Missing-Shards": ",".join(map(str, missing)),
+            "Content-Disposition": f'attachment; filename="{mission.name}-{mission.id[:12]}.jsonl"',
+        }
+
+        def lines() -> Iterator[str]:
+            for row in rows:
+                yield preference_json_line(row)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+
+    @router.delete("/missions/{mission_id}", response_model=MissionSummary, responses=errors | {403: {"model": Error}})
+    async def cancel_mission(mission_id: str, reason: str = Query("", max_length=200)) -> Any:
+        """Cancel a mission; only its lead (the peer that created it) may."""
+        try:
+            mission = await book.cancel(mission_id, reason)
+        except MissionError as e:
+            return _error(e)
+        return _summary(await work().view(mission, with_holders=False))
+
+    return router
+
+
+def _draft(body: MissionCreate) -> MissionDraft | JSONResponse:
+    try:
+        spec = MissionSpec.model_validate(body.spec)
+    except ValidationError as e:
+        return JSONResponse(
+            {"detail": [_loc_error(["body", "spec"], err) for err in e.errors()]},
+            status_code=422,
+        )
+    if body.prompts is None:
+        if spec.prompts not in BUILTIN_PROMPTS:
+            return _validation_error(
+                ["body", "prompts"], f"missing: spec.prompts is {spec.prompts!r}, not a built-in set; send the prompts"
+            )
+        prompts = tuple(BUILTIN_PROMPTS[spec.prompts]())
+    else:
+        if len(body.prompts) > MAX_POST_PROMPTS:
+            return _validation_error(["body", "prompts"], f"{len(body.prompts)} prompts, over {MAX_POST_PROMPTS}")
+        rows = []
+        for i, item in enumerate(body.prompts):
+            try:
+                rows.append(PromptRow.model_validate(item))
+            except ValidationError as e:
+                return JSONResponse(
+                    {"detail": [_loc_error(["body", "prompts", i], err) for err in e.errors()]}, status_code=422
+                )
+        prompts = tuple(rows)
+    try:
+        return MissionDraft(spec=spec, prompts=prompts)
+    except MissionSpecError as e:
+        field = str(e).split(":", 1)[0].strip()
+        loc = ["body", "prompts"] if field == "prompts" else ["body", "spec", *field.split(".")]
+        return _validation_error(loc, str(e))
+
+
+def _loc_error(prefix: list[Any], err: Any) -> dict[str, Any]:
+    return {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+
+
+def _validation_error(loc: list[Any], msg: str) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": loc, "msg": msg, "type": "value_error"}]}, status_code=422)
+
+
+def _error(e: MissionError) -> JSONResponse:
+    return JSONResponse({"detail": str(e)}, status_code=e.status)
+
+
+def _shards(view: MissionView) -> ShardCounts:
+    if view.board is None:
+        total = view.mission.shard_count
+        return ShardCounts(total=total, done=0, leased=0, open=total)
+    summary = view.board.summary()
+    return ShardCounts(total=summary.total, done=summary.done, leased=summary.leased, open=summary.open)
+
+
+def _summary(view: MissionView) -> MissionSummary:
+    mission: Mission = view.mission
+    body = mission.signed.body
+    return MissionSummary(
+        id=mission.id,
+        name=mission.name,
+        state=view.state,
+        lead=mission.signed.lead_peer_id,
+        created=body.created,
+        prompts=body.prompts_count,
+        shards=_shards(view),
+        rows=view.rows,
+    )
+
+
+def _detail(view: MissionView) -> MissionDetail:
+    summary = _summary(view)
+    peers: dict[str, MissionPeer] = {}
+    for peer_id, announcement in view.holders.items():
+        peers[peer_id] = MissionPeer(
+            peer_id=peer_id,
+            has_prompts=announcement.has_prompts,
+            row_sets=len(announcement.row_sets),
+            rows_held=sum(h.rows for h in announcement.row_sets),
+        )
+    rate = eta = None
+    if view.board is not None:
+        for shard in view.board.shards:
+            if shard.winner is not None:
+                peers.setdefault(shard.winner.peer_id, MissionPeer(peer_id=shard.winner.peer_id)).shards_done += 1
+            elif shard.status is ShardStatus.LEASED and shard.lease is not None:
+                peers.setdefault(shard.lease.peer_id, MissionPeer(peer_id=shard.lease.peer_id)).leased.append(
+                    shard.index
+                )
+        finished = [s.winner.finished for s in view.board.shards if s.winner is not None]
+        if finished:
+            elapsed = max(max(finished) - view.mission.signed.body.created, 1e-3)
+            rate = len(finished) / elapsed
+            remaining = summary.shards.total - summary.shards.done
+            eta = remaining / rate if remaining else 0.0
+    progress = view.progress
+    return MissionDetail(
+        **summary.model_dump(),
+        peers=sorted(peers.values(), key=lambda p: p.peer_id),
+        teachers=view.teachers,
+        shards_per_s=rate,
+        eta_s=eta,
+        this_peer=MissionWorkHere(
+            state=progress.state,
+            shards_shaken=progress.shards_shaken,
+            rows_shaken=progress.rows_shaken,
+            shards_lost=progress.shards_lost,
+            replicated=progress.replicated,
+            seconds_shaking=round(progress.seconds_shaking, 3),
+        ),
+        cancel_reason=view.mission.cancel.reason if view.mission.cancel is not None else None,
+        spec=view.mission.signed.spec.model_dump(mode="json", by_alias=True),
+    )

@@ -1,0 +1,175 @@
+"""``garden mission create|list|show|export|cancel``: a community lead's commands. Thin: they read the
+mission file here (so errors name the file and key before anything is sent), then ask the local daemon's
+HTTP port, which signs with the peer's key and does the swarm work (``/missions``, garden.api.missions)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from garden.cli.common import EXIT_CONFIG, app, call_daemon, console, daemon_url, fail
+
+mission_app = typer.Typer(help="Launch and watch missions (distil a teacher into a student, together).")
+app.add_typer(mission_app, name="mission")
+
+URL = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's).")
+DATA_DIR = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir.")
+CONFIG = typer.Option(None, "--config", metavar="FILE")
+AS_JSON = typer.Option(False, "--json", help="Print the raw JSON.")
+
+
+@mission_app.command("create")
+def create(
+    file: Path = typer.Argument(..., help="The mission file (mission.toml; keys: docs/missions.md)."),
+    url: str | None = URL,
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+    as_json: bool = AS_JSON,
+) -> None:
+    """Validate a mission file, have the local peer sign and publish it; prints the mission id."""
+    from garden.data import DEMO_PROMPTS, demo_prompts
+    from garden.protocol.mission import MissionSpecError, load_mission_toml
+
+    try:
+        draft = load_mission_toml(file, {DEMO_PROMPTS: demo_prompts})
+    except MissionSpecError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    body: dict[str, Any] = {"spec": draft.spec.model_dump(mode="json", by_alias=True)}
+    if not draft.spec.prompts.startswith("builtin:"):
+        body["prompts"] = [p.model_dump(mode="json", exclude_defaults=True) for p in draft.prompts]
+    base = daemon_url(url, data_dir, config)
+    created = call_daemon("POST", base, "/missions", ok=(201,), timeout=60, json=body).json()
+    if as_json:
+        print(json.dumps(created, indent=2))
+        return
+    console.print(
+        f"mission [bold]{created['name']}[/] created: {created['prompts']} prompts in {created['shards']['total']} "
+        f"shards, signed by this peer ({created['lead']})"
+    )
+    print(created["id"])
+    console.print(f"watch it: garden mission show {created['id'][:12]}   or   {base}/missions/{created['id']}")
+
+
+@mission_app.command("list")
+def list_(
+    url: str | None = URL, data_dir: Path | None = DATA_DIR, config: Path | None = CONFIG, as_json: bool = AS_JSON
+) -> None:
+    """Missions the swarm knows, with progress."""
+    data = call_daemon("GET", daemon_url(url, data_dir, config), "/missions").json()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"{len(data)} mission(s)")
+    for column in ("id", "name", "state", "shards done", "rows", "lead"):
+        table.add_column(column)
+    for m in data:
+        shards = m["shards"]
+        table.add_row(
+            m["id"][:12], m["name"], m["state"], f"{shards['done']}/{shards['total']}", str(m["rows"]), m["lead"][-8:]
+        )
+    console.print(table)
+
+
+@mission_app.command("show")
+def show(
+    mission_id: str = typer.Argument(..., metavar="ID", help="Mission id (or a unique prefix of it)."),
+    url: str | None = URL,
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+    as_json: bool = AS_JSON,
+) -> None:
+    """Shards done/leased/open, rows, peers working, ETA."""
+    base = daemon_url(url, data_dir, config)
+    full = _resolve(base, mission_id)
+    data = call_daemon("GET", base, f"/missions/{full}").json()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    shards = data["shards"]
+    console.print(f"[bold]{data['name']}[/] {data['id']}  ({data['state']})")
+    console.print(ProgressBar(total=shards["total"], completed=shards["done"], width=50))
+    eta = data.get("eta_s")
+    console.print(
+        f"shards: {shards['done']} done, {shards['leased']} leased, {shards['open']} open of {shards['total']}; "
+        f"rows: {data['rows']}" + (f"; ETA {_duration(eta)}" if eta else "")
+    )
+    console.print(f"lead: {data['lead']}   created {time.strftime('%Y-%m-%d %H:%M', time.localtime(data['created']))}")
+    if data.get("teachers"):
+        console.print("teachers: " + ", ".join(f"{ref} ({rows} rows)" for ref, rows in data["teachers"].items()))
+    table = Table(title="peers")
+    for column in ("peer", "prompts", "row sets held", "rows held", "shards won", "leasing"):
+        table.add_column(column)
+    for p in data["peers"]:
+        table.add_row(
+            p["peer_id"], "yes" if p["has_prompts"] else "no", str(p["row_sets"]), str(p["rows_held"]),
+            str(p["shards_done"]), ", ".join(map(str, p["leased"])) or "-",
+        )  # fmt: skip
+    console.print(table)
+    here = data["this_peer"]
+    console.print(f"this peer: {here['state']}; shaken {here['shards_shaken']} shards, {here['rows_shaken']} rows")
+    if data.get("cancel_reason") is not None:
+        console.print(f"cancelled by the lead: {data['cancel_reason'] or '(no reason given)'}")
+
+
+@mission_app.command("export")
+def export(
+    mission_id: str = typer.Argument(..., metavar="ID"),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the JSONL."),
+    url: str | None = URL,
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+) -> None:
+    """All rows so far as TRL preference JSONL (prompt, chosen, rejected) plus the teacher's log-probs."""
+    import os
+    import tempfile
+
+    base = daemon_url(url, data_dir, config)
+    full = _resolve(base, mission_id)
+    response = call_daemon("GET", base, f"/missions/{full}/rows", params={"format": "jsonl"}, timeout=600)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(response.content)
+    os.replace(tmp, output)
+    missing = response.headers.get("x-garden-missing-shards", "")
+    console.print(f"wrote {response.headers.get('x-garden-rows', '?')} rows to {output}")
+    if missing:
+        console.print(f"[yellow]shards {missing} are done but no peer served their rows now; export again later[/]")
+
+
+@mission_app.command("cancel")
+def cancel(
+    mission_id: str = typer.Argument(..., metavar="ID"),
+    reason: str = typer.Option("", "--reason", help="Shown to the peers (200 characters at most)."),
+    url: str | None = URL,
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+) -> None:
+    """Cancel a mission; only its lead (the peer that created it) may."""
+    base = daemon_url(url, data_dir, config)
+    full = _resolve(base, mission_id)
+    data = call_daemon("DELETE", base, f"/missions/{full}", params={"reason": reason}).json()
+    console.print(f"mission {data['name']} ({data['id'][:12]}) is {data['state']}")
+
+
+def _resolve(base: str, prefix: str) -> str:
+    """A full mission id from a unique prefix (ids are 64 hex characters: people paste 12)."""
+    if len(prefix) == 64:
+        return prefix
+    found = [m["id"] for m in call_daemon("GET", base, "/missions").json() if m["id"].startswith(prefix.lower())]
+    if len(found) != 1:
+        raise fail(f"{'no' if not found else 'more than one'} mission id starts with {prefix!r}")
+    return str(found[0])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

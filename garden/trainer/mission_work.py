@@ -1,0 +1,389 @@
+"""The daemon's work on missions: shake leased shards (peers with the ``shaker`` role), settle row sets
+(every peer), and describe each mission's progress for the HTTP port.
+
+Scheduling, in the order the issue states it:
+
+* at most one shard at a time per mission, and one shard at a time on the whole peer: shaking is
+  CPU-bound and ``--max-threads`` caps torch's threads, so two shards at once would only slow each other
+  (and hold two leases) while the claim for the second waits;
+* the teacher is loaded once and kept while there is work; after ``teacher_idle_s`` without a shard it
+  is unloaded (``garden.models.unload_model``), so an idle volunteer's RAM is given back;
+* before claiming, the peer checks that the first teacher fits in memory (available RAM, capped by
+  ``--max-memory``); if not, it takes no shards and says why (:attr:`MissionWork.blocked`, in ``/status``);
+* the shard's lease is renewed in the background while the teacher samples; a lost lease (another
+  attempt finished the shard) throws the work away rather than publishing a result that cannot win.
+
+Sampling runs in a daemon thread (not the event loop's executor), so a daemon that is stopped mid-shard
+exits at once: the lease is released, the unfinished shard is lost, and nothing half-done is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psutil
+
+from garden.models import is_loaded, load_model, model_memory_bytes, unload_model
+from garden.peer.missions import Mission, MissionBook
+from garden.peer.replication import RowSetKeeper
+from garden.protocol.mission import prompt_seed
+from garden.protocol.mission_spec import MissionSpec
+from garden.protocol.row_sets import RowsAnnouncement
+from garden.protocol.rows import DorpoRow
+from garden.trainer.judges import Judge, make_judge
+from garden.trainer.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError
+from garden.trainer.shaker import ShakeConfig
+from garden.trainer.teachers import JudgeFactory, NoTeacherError, shake_with_fallback
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WorkConfig:
+    """:param shaker: this peer has the shaker role (else it only settles and serves row sets)
+    :param period: seconds between looks at the missions when there is nothing to do
+    :param teacher_idle_s: unload a teacher after this long without a shard
+    :param batch_prompts: prompts per sampling batch (a shard may be several batches)
+    :param max_memory: bytes the daemon may use for a teacher (None: the machine's available RAM)
+    """
+
+    shaker: bool = True
+    period: float = 5.0
+    teacher_idle_s: float = 300.0
+    batch_prompts: int = 16
+    max_memory: int | None = None
+
+
+@dataclass
+class MissionProgress:
+    """What this peer has done for one mission (for ``GET /missions/{id}`` and ``/metrics``)."""
+
+    state: str = "idle"  # what this peer is doing for it, in words
+    shards_shaken: int = 0
+    rows_shaken: int = 0
+    shards_lost: int = 0  # attempts thrown away (lease lost, or another attempt won)
+    replicated: int = 0  # copies of own row sets other peers took
+    started: float | None = None
+    seconds_shaking: float = 0.0
+
+
+@dataclass
+class MissionView:
+    """One mission's progress as this peer sees it (board from the DHT, holders, local work)."""
+
+    mission: Mission
+    board: ShardBoard | None
+    holders: dict[str, RowsAnnouncement]
+    progress: MissionProgress
+    teachers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.mission.cancelled:
+            return "cancelled"
+        if self.mission.prompts is None:
+            return "fetching"
+        if self.board is not None and self.board.all_done:
+            return "done"
+        return "shaking"
+
+    @property
+    def rows(self) -> int:
+        if self.board is None:
+            return 0
+        return sum(done.rows for done in self.board.winners().values())
+
+
+def judge_for(spec: MissionSpec) -> Judge | JudgeFactory:
+    """The mission's judge; the ``teacher`` judge grades with the teacher that sampled unless it names a model."""
+    options = spec.judge.model_dump(by_alias=True, exclude={"kind"})
+    if spec.judge.kind == "teacher":
+        grader = options.pop("model", None)
+        options = {k: v for k, v in options.items() if v is not None}
+        if grader is not None:
+            return make_judge("teacher", teacher=load_model(grader), **options)
+        return lambda loaded: make_judge("teacher", teacher=loaded, **options)
+    return make_judge(spec.judge.kind, **options)
+
+
+class MissionWork:
+    def __init__(
+        self,
+        book: MissionBook,
+        keeper: RowSetKeeper,
+        leases: LeaseManager,
+        candidates: Callable[[], Sequence[str]],
+        config: WorkConfig,
+    ):
+        self.book, self.keeper, self.leases, self.config = book, keeper, leases, config
+        self._candidates = candidates
+        self.progress: dict[str, MissionProgress] = {}
+        self.boards: dict[str, ShardBoard] = {}
+        self.blocked: str | None = None  # why this peer takes no shards (memory), or None
+        self.errors: Counter[str] = Counter()
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._compute = asyncio.Lock()  # one shard at a time on this peer
+        self._leases: dict[str, Lease] = {}  # mission id -> the lease being worked on
+        self._teachers_used: dict[str, float] = {}  # teacher ref -> monotonic time of its last shard
+        self._memory_need: dict[str, int | None] = {}
+        self._stop = asyncio.Event()
+
+    # --- the loop -----------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        while not stop.is_set():
+            for mission in list(self.book.missions.values()):
+                try:
+                    await self._tend(mission)
+                except Exception:  # one mission's trouble must not stop the others
+                    logger.exception("mission %s: settling failed", mission.id[:12])
+            self._unload_idle_teachers()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.config.period)
+            except TimeoutError:
+                pass
+        await self.close()
+
+    async def _tend(self, mission: Mission) -> None:
+        try:
+            board = await self.leases.fetch(mission.id, mission.shard_count)
+        except ShardDHTError as e:
+            logger.info("mission %s: shards unreadable now: %s", mission.id[:12], e)
+            return
+        self.boards[mission.id] = board
+        progress = self.progress.setdefault(mission.id, MissionProgress())
+        if board.winners():
+            holders = await self.book.holders(mission.id)
+            await self.keeper.settle(mission, board.winners(), board.losing_attempts(), holders)
+        if mission.cancelled:
+            progress.state = "cancelled"
+        elif board.all_done:
+            progress.state = "done"
+        elif mission.prompts is None:
+            progress.state = "waiting for the prompts"
+        elif not self.config.shaker:
+            progress.state = "not shaking (no shaker role)"
+        elif mission.id not in self._workers or self._workers[mission.id].done():
+            self._workers[mission.id] = asyncio.create_task(
+                self._shake_mission(mission), name=f"shake-{mission.id[:8]}"
+            )
+
+    async def close(self) -> None:
+        """Stop shaking: cancel workers and give their leases back so others need not wait for expiry."""
+        for task in self._workers.values():
+            task.cancel()
+        for task in self._workers.values():
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._workers.clear()
+        for lease in list(self._leases.values()):
+            try:
+                await asyncio.wait_for(self.leases.release(lease), timeout=self.leases.config.dht_timeout)
+            except Exception as e:
+                logger.info("could not release shard %d: %s", lease.shard, e)
+        self._leases.clear()
+
+    # --- shaking --------------------------------------------------------------------------------------
+    async def _shake_mission(self, mission: Mission) -> None:
+        """Claim and shake shards of ``mission`` one at a time until none is open or it is cancelled."""
+        progress = self.progress.setdefault(mission.id, MissionProgress())
+        while not self._stop.is_set() and not mission.cancelled:
+            async with self._compute:
+                if not await self._fits(mission):
+                    progress.state = f"not shaking: {self.blocked}"
+                    return
+                try:
+                    lease = await self.leases.claim(mission.id, mission.shard_count)
+                except ShardDHTError as e:
+                    progress.state = f"waiting: {e}"
+                    return
+                if lease is None:
+                    progress.state = "waiting: every open shard is leased"
+                    return
+                self._leases[mission.id] = lease
+                progress.state = f"shaking shard {lease.shard}"
+                try:
+                    await self._shake_shard(mission, lease, progress)
+                finally:
+                    self._leases.pop(mission.id, None)
+
+    async def _shake_shard(self, mission: Mission, lease: Lease, progress: MissionProgress) -> None:
+        spec = mission.signed.spec
+        prompts = mission.shard(lease.shard)
+        lost = asyncio.Event()
+        renewer = asyncio.create_task(self._renew(lease, lost))
+        started = time.monotonic()
+        progress.started = progress.started or time.time()
+        try:
+            config = ShakeConfig(
+                candidates=spec.sampling.candidates,
+                temperature=spec.sampling.temperature,
+                top_p=spec.sampling.top_p,
+                max_new_tokens=spec.sampling.max_new_tokens,
+                top_k_logprobs=spec.sampling.top_k_logprobs,
+                batch_prompts=min(self.config.batch_prompts, len(prompts)),
+                prompt_seeds=lambda p: prompt_seed(mission.id, p),
+            )
+            for ref in spec.teachers:
+                self._teachers_used[ref] = time.monotonic()
+            result = await _in_thread(shake_with_fallback, spec.teachers, prompts, judge_for(spec), config)
+        except NoTeacherError as e:
+            self.blocked = str(e)
+            self.errors["no teacher"] += 1
+            logger.warning("mission %s: %s", mission.id[:12], e)
+            await self._release(lease)
+            return
+        finally:
+            renewer.cancel()
+            progress.seconds_shaking += time.monotonic() - started
+        for ref in spec.teachers:
+            self._teachers_used[ref] = time.monotonic()
+        if lost.is_set():
+            progress.shards_lost += 1
+            return
+        rows = _in_prompt_order(result.rows, prompts)
+        held = self.keeper.keep_own(mission, lease.shard, lease.attempt, rows)
+        taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
+        progress.replicated += len(taken)
+        if not taken:
+            logger.warning(
+                "shard %d of mission %s: no other peer took a copy yet; it is marked done and copied later",
+                lease.shard, mission.id[:12],
+            )  # fmt: skip
+        teachers = result.rows_by_teacher()
+        try:
+            await self.leases.mark_done(lease, rows=len(rows), row_set_sha256=held.sha256, teachers=teachers)
+        except ShardDHTError as e:  # the rows are kept; the shard's lease expires and it is redone or retried
+            logger.warning("shard %d of mission %s: could not publish the result: %s", lease.shard, mission.id[:12], e)
+            return
+        progress.shards_shaken += 1
+        progress.rows_shaken += len(rows)
+        self.book.wake()
+
+    async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
+        current = lease
+        while True:
+            await asyncio.sleep(self.leases.config.renew_period)
+            try:
+                current = await self.leases.renew(current)
+            except LeaseLostError as e:
+                logger.info("stopped counting on shard %d: %s", lease.shard, e)
+                lost.set()
+                return
+            except ShardDHTError as e:
+                logger.info("could not renew shard %d (retrying): %s", lease.shard, e)
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self.leases.release(lease)
+        except Exception as e:
+            logger.info("could not release shard %d: %s", lease.shard, e)
+
+    def _replica_candidates(self, mission: Mission) -> list[str]:
+        """Peers to offer a row set to: known peers, in an order that spreads copies (by id after ours)."""
+        peers = sorted(set(self._candidates()) - {self.book.peer_id})
+        later = [p for p in peers if p > self.book.peer_id]
+        return later + [p for p in peers if p not in later]
+
+    async def _fits(self, mission: Mission) -> bool:
+        """Whether the mission's first teacher fits in memory here; sets :attr:`blocked` when not."""
+        ref = mission.signed.spec.teachers[0]
+        if is_loaded(ref):
+            self.blocked = None
+            return True
+        if ref not in self._memory_need:
+            self._memory_need[ref] = await _in_thread(model_memory_bytes, ref)
+        need = self._memory_need[ref]
+        if need is None:
+            self.blocked = None
+            return True
+        available = psutil.virtual_memory().available
+        budget = min(available, self.config.max_memory) if self.config.max_memory else available
+        if need > budget:
+            cap = f" (--max-memory {self.config.max_memory / 2**20:.0f} MiB)" if self.config.max_memory else ""
+            self.blocked = (
+                f"cannot hold the teacher {ref}: it needs about {need / 2**20:.0f} MiB, "
+                f"{budget / 2**20:.0f} MiB available{cap}"
+            )
+            return False
+        self.blocked = None
+        return True
+
+    def _unload_idle_teachers(self) -> None:
+        if self._compute.locked():
+            return
+        now = time.monotonic()
+        for ref, used in list(self._teachers_used.items()):
+            if now - used > self.config.teacher_idle_s and unload_model(ref):
+                logger.info("unloaded the teacher %s after %.0f s without work", ref, now - used)
+                del self._teachers_used[ref]
+
+    # --- views for the HTTP port ---------------------------------------------------------------------
+    async def view(self, mission: Mission, with_holders: bool = True) -> MissionView:
+        """The mission's shards read fresh from the DHT (the last board seen if the DHT is silent), and
+        who holds what when ``with_holders``."""
+        board = self.boards.get(mission.id)
+        try:
+            board = await self.leases.fetch(mission.id, mission.shard_count)
+            self.boards[mission.id] = board
+        except ShardDHTError:
+            pass
+        holders = await self.book.holders(mission.id) if with_holders else {}
+        teachers: Counter[str] = Counter()
+        for done in (board.winners() if board else {}).values():
+            teachers.update(done.teachers)
+        progress = self.progress.get(mission.id, MissionProgress())
+        return MissionView(mission, board, holders, progress, dict(teachers))
+
+    async def export(self, mission: Mission) -> tuple[list[DorpoRow], list[int]]:
+        """Every winning row of the mission so far (copied here first when held elsewhere), in shard order;
+        and the shards done elsewhere whose rows could not be reached."""
+        view = await self.view(mission)
+        winners = view.board.winners() if view.board else {}
+        missing = await self.keeper.gather(mission, winners, view.holders)
+        return await asyncio.to_thread(self.keeper.winner_rows, mission, winners), missing
+
+
+def _in_prompt_order(rows: Sequence[DorpoRow], prompts: Sequence[Any]) -> list[DorpoRow]:
+    """Rows sorted into the shard's prompt order (fallback teachers append rows out of order)."""
+    order = {p.prompt: i for i, p in reversed(list(enumerate(prompts)))}
+    return sorted(rows, key=lambda r: order.get(r.prompt, len(order)))
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a daemon thread: unlike the loop's executor, it does not hold up the process's exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as e:
+            outcome = (None, e)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (the daemon stopped): nobody waits for this any more
+            pass
+
+    threading.Thread(target=target, name="garden-shake", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
