@@ -33,7 +33,12 @@ class ShakeConfig:
     :param max_new_tokens: longest sampled answer, in tokens
     :param top_k_logprobs: teacher log-probs kept per chosen token (20: 84 bytes/token stored)
     :param batch_prompts: prompts per ``generate`` call (times ``candidates`` sequences)
-    :param seed: sampling seed; each batch seeds with ``seed + batch index`` (reproducible runs)"""
+    :param seed: sampling seed; each batch seeds with ``seed + batch index`` (reproducible runs)
+    :param prompt_seeds: per-prompt sampling seeds (e.g. ``garden.protocol.mission.prompt_seed`` bound to a
+        mission id); when set, candidate ``c`` of prompt ``p`` draws from its own ``torch.Generator`` seeded
+        with ``(prompt_seeds(p) + c) % 2**63``, so a prompt's candidates do not depend on the other prompts in
+        its batch or on its position there (up to floating-point effects of batching), and ``seed`` is ignored
+        for sampling"""
 
     candidates: int = 4
     temperature: float = 0.8
@@ -42,6 +47,7 @@ class ShakeConfig:
     top_k_logprobs: int = 20
     batch_prompts: int = 16
     seed: int = 0
+    prompt_seeds: Callable[[PromptRow], int] | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -89,8 +95,12 @@ def shake(
                 continue
             encoded.append((prompt, ids))
         if encoded:
-            torch.manual_seed(config.seed + index)
-            candidates = _sample(teacher, [ids for _, ids in encoded], config)
+            seeds = None
+            if config.prompt_seeds is None:
+                torch.manual_seed(config.seed + index)
+            else:
+                seeds = [config.prompt_seeds(prompt) for prompt, _ in encoded]
+            candidates = _sample(teacher, [ids for _, ids in encoded], config, seeds)
             result.samples += sum(len(c) for c in candidates)
             judgements = judge.judge_many([p for p, _ in encoded], candidates)
             usable = []
@@ -105,12 +115,17 @@ def shake(
     return result
 
 
+# a sampler (see _sampler): next tokens [rows] from next-token logits [rows, vocab] and each batch row's output row
+Pick = Callable[[Any, Any], Any]
+
 # generate()'s top-k when the model's generation config names none (GenerationConfig's default): the
 # sampler below applies it too, so it draws from exactly the distribution generate(do_sample=True) would.
 _GENERATE_DEFAULT_TOP_K = 50
 
 
-def _sample(teacher: LoadedModel, prompt_ids: list[list[int]], config: ShakeConfig) -> list[list[str]]:
+def _sample(
+    teacher: LoadedModel, prompt_ids: list[list[int]], config: ShakeConfig, seeds: list[int] | None = None
+) -> list[list[str]]:
     """``candidates`` answers per prompt, all prompts in one batch, each prompt encoded once.
 
     Draws what ``generate(do_sample=True, temperature, top_p, num_return_sequences=candidates)`` on the
@@ -118,15 +133,28 @@ def _sample(teacher: LoadedModel, prompt_ids: list[list[int]], config: ShakeConf
     token, padding after it), but prefills the prompts once and shares each prompt's KV cache across its
     candidates (``generate`` expands the prompts first, so it encodes each one ``candidates`` times), and
     stops computing an answer once it has ended (``generate`` carries it, padded, to the batch's end).
+
+    ``seeds`` (one per prompt): candidate ``c`` of prompt ``p`` draws from its own generator seeded with
+    ``(seeds[p] + c) % 2**63`` instead of torch's global one (see :func:`_sampler`).
     """
+    import torch
+
     tokenizer, model = teacher.tokenizer, teacher.model
-    if _can_share(model):
-        pick = _sampler(model, config.temperature, config.top_p)
-        answers = _decode_shared(model, prompt_ids, config.candidates, config.max_new_tokens, pad_id(tokenizer), pick)
-    else:
-        answers = _generate(model, prompt_ids, config, pad_id(tokenizer))
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     n = config.candidates
+    if _can_share(model):
+        generators = None
+        if seeds is not None:
+            generators = [torch.Generator().manual_seed((seed + c) % 2**63) for seed in seeds for c in range(n)]
+        pick = _sampler(model, config.temperature, config.top_p, generators)
+        answers = _decode_shared(model, prompt_ids, n, config.max_new_tokens, pad_id(tokenizer), pick)
+    elif seeds is None:
+        answers = _generate(model, prompt_ids, config, pad_id(tokenizer))
+    else:  # one generate call per prompt, each under its own seed: its candidates ignore the other prompts
+        answers = []
+        for ids, seed in zip(prompt_ids, seeds, strict=True):
+            torch.manual_seed(seed % 2**63)
+            answers.extend(_generate(model, [ids], config, pad_id(tokenizer)))
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompt_ids))]
 
 
@@ -167,15 +195,35 @@ def _generate(model: Any, prompt_ids: list[list[int]], config: ShakeConfig, pad:
     return answers
 
 
-def _sampler(model: Any, temperature: float, top_p: float) -> Callable[[Any], Any]:
-    """Next tokens [rows] from next-token logits [rows, vocab], as ``generate(do_sample=True)`` samples."""
+def _sampler(model: Any, temperature: float, top_p: float, generators: Sequence[Any] | None = None) -> Pick:
+    """Next tokens [rows] from next-token logits [rows, vocab], as ``generate(do_sample=True)`` samples.
+
+    Without ``generators`` it draws with ``torch.multinomial`` from torch's global generator (the batch's
+    draws depend on each other). With ``generators`` (CPU ``torch.Generator``s, one per output row) each
+    batch row draws one uniform number per step from its output row's generator only and takes the token
+    where it falls in the cumulative distribution, the tokens in vocabulary order: the same distribution,
+    and a row's draws depend on its own generator and logits only, not on the other rows, on which of
+    ``_warp``'s two paths the batch took, or on the device (the uniform numbers always come from the CPU).
+    """
     import torch
 
     warp = _warp(model, temperature, top_p)
 
-    def pick(logits: Any) -> Any:
+    def pick(logits: Any, rows: Any) -> Any:
         probs, index = warp(logits)
-        choice = torch.multinomial(probs, num_samples=1)
+        if generators is None:
+            choice = torch.multinomial(probs, num_samples=1)
+            return (choice if index is None else index.gather(1, choice)).squeeze(1)
+        if index is not None:  # the top-k path: put its columns in vocabulary order, as the full path has them
+            index, order = index.sort(dim=-1)
+            probs = probs.gather(1, order)
+        u = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[row]) for row in rows.tolist()])
+        cdf = probs.double().cumsum(-1)
+        target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+        choice = torch.searchsorted(cdf, target, right=True)
+        # target < total, so a column past the last positive probability only by rounding: clamp to that column
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
+        choice = torch.minimum(choice, last)
         return (choice if index is None else index.gather(1, choice)).squeeze(1)
 
     return pick
@@ -226,11 +274,12 @@ def _eos_ids(model: Any) -> list[int]:
 
 
 def _decode_shared(
-    model: Any, prompt_ids: list[list[int]], copies: int, max_new_tokens: int, pad: int, pick: Callable[[Any], Any]
+    model: Any, prompt_ids: list[list[int]], copies: int, max_new_tokens: int, pad: int, pick: Pick
 ) -> list[list[int]]:
     """``copies`` continuations of each prompt (prompt-major: prompt 0's copies first), each up to
     ``max_new_tokens`` tokens and ending at the first end-of-sequence token picked (kept, as in
-    ``generate``'s output). ``pick`` maps next-token logits [rows, vocab] to next tokens [rows].
+    ``generate``'s output). ``pick(logits, rows)`` maps next-token logits [rows, vocab] to next tokens
+    [rows]; ``rows`` (a CPU long tensor) names the output row of each batch row (finished rows leave the batch).
 
     One prefill forward over the left-padded prompts fills the KV cache, which is then repeated
     ``copies`` times along the batch (``_can_share`` says whether the model's cache allows that); each
@@ -268,7 +317,7 @@ def _decode_shared(
         position = positions[:, -1].repeat_interleave(copies, dim=0)
         alive = torch.arange(rows)  # the output row of each batch row
         for step in range(max_new_tokens):
-            token = pick(logits)
+            token = pick(logits, alive)
             out[alive, step] = token.cpu()
             ended = torch.isin(token, eos)
             if bool(ended.any()):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +19,12 @@ from transformers.generation.logits_process import (
 
 from garden.data import demo_prompts
 from garden.models import load_model, tokenizer_fingerprint
+from garden.protocol.mission import prompt_seed
 from garden.protocol.rows import PromptRow
 from garden.encoding import pad_id
-from garden.trainer.judges import ReferenceJudge, RegexJudge
+from garden.trainer.judges import Judge, Judgement, ReferenceJudge, RegexJudge
 from garden.encoding import chat_prompt_ids
-from garden.trainer.shaker import ShakeConfig, _decode_shared, _warp, shake
+from garden.trainer.shaker import ShakeConfig, _decode_shared, _sampler, _warp, shake
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +113,7 @@ def test_shared_prefix_decoding_matches_generate_greedy() -> None:
     ]
     prompts = [chat_prompt_ids(tokenizer, text) for text in texts]
     assert len({len(p) for p in prompts}) == 3  # different lengths: real left padding
-    got = _decode_shared(model, prompts, 2, 12, pad_id(tokenizer), lambda logits: logits.argmax(-1))
+    got = _decode_shared(model, prompts, 2, 12, pad_id(tokenizer), lambda logits, rows: logits.argmax(-1))
     assert len(got) == 6
     ended_early = 0
     for i, prompt in enumerate(prompts):
@@ -166,3 +170,105 @@ def test_a_model_whose_cache_cannot_be_shared_samples_with_generate(monkeypatch:
     torch.manual_seed(0)
     answers = shaker._sample(teacher, prompts, ShakeConfig(candidates=2, max_new_tokens=8))
     assert len(answers) == 2 and all(len(a) == 2 and all(isinstance(t, str) for t in a) for a in answers)
+
+
+class _Recorder(Judge):
+    """Keeps every prompt's candidates and chooses none (no teacher top-k pass: sampling only)."""
+
+    name = "record"
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[str]] = {}
+
+    def judge(self, prompt: PromptRow, candidates: Sequence[str]) -> Judgement:
+        self.seen[prompt.prompt] = list(candidates)
+        return Judgement(chosen=None, rejected=None, scores={}, candidate_scores=())
+
+
+_MISSION = "ab" * 32
+_SEEDED_TEXTS = [
+    "Tell me a short fact about cats.",
+    "Hi",
+    "Write one sentence about the sea, with a colour in it.",
+    "Name a number.",
+]
+
+
+def _candidates(teacher, prompts: Sequence[PromptRow], config: ShakeConfig) -> dict[str, list[str]]:  # noqa: ANN001
+    recorder = _Recorder()
+    result = shake(teacher, prompts, recorder, config)
+    assert result.samples == len(prompts) * config.candidates and not result.rows
+    return recorder.seen
+
+
+def test_prompt_seeds_make_a_prompts_candidates_independent_of_its_batch() -> None:
+    """Alone, in one batch, in reverse order, in batches of two, under another ``seed``: with
+    ``prompt_seeds`` each prompt draws the same candidates (the built-in teacher, real left padding)."""
+    teacher = load_model("builtin:smollm2-135m")
+    prompts = [PromptRow(prompt=text) for text in _SEEDED_TEXTS]
+    seeds = functools.partial(prompt_seed, _MISSION)
+    config = ShakeConfig(candidates=3, temperature=1.0, max_new_tokens=12, prompt_seeds=seeds)
+    together = _candidates(teacher, prompts, config)
+    assert set(together) == set(_SEEDED_TEXTS)
+    assert all(len(set(c)) > 1 for c in together.values())  # each candidate has its own generator
+    assert _candidates(teacher, prompts[::-1], dataclasses.replace(config, seed=7)) == together
+    assert _candidates(teacher, prompts, dataclasses.replace(config, batch_prompts=2)) == together
+    for prompt in prompts:
+        assert _candidates(teacher, [prompt], config) == {prompt.prompt: together[prompt.prompt]}
+    # shake_with_fallback re-seeds each batch with dataclasses.replace: the per-prompt seeds stay
+    assert dataclasses.replace(config, seed=3).prompt_seeds is seeds
+
+
+def test_other_prompt_seeds_give_other_candidates() -> None:
+    teacher = load_model("builtin:smollm2-135m")
+    prompts = [PromptRow(prompt=text) for text in _SEEDED_TEXTS]
+    config = ShakeConfig(candidates=3, temperature=1.0, max_new_tokens=12)
+    first = _candidates(
+        teacher, prompts, dataclasses.replace(config, prompt_seeds=functools.partial(prompt_seed, _MISSION))
+    )
+    other = _candidates(
+        teacher, prompts, dataclasses.replace(config, prompt_seeds=functools.partial(prompt_seed, "cd" * 32))
+    )
+    shifted = _candidates(teacher, prompts, dataclasses.replace(config, prompt_seeds=lambda p: len(p.prompt)))
+    unseeded = _candidates(teacher, prompts, config)
+    for text in _SEEDED_TEXTS:
+        assert len({tuple(first[text]), tuple(other[text]), tuple(shifted[text]), tuple(unseeded[text])}) == 4, text
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_per_row_sampler_draws_from_generates_distribution(tie: bool) -> None:
+    """The per-row-generator sampler (one uniform draw per row and step, inverse CDF in vocabulary order)
+    samples ``_warp``'s distribution on both of its paths, and a row's draw ignores the other rows."""
+    teacher = load_model("builtin:smollm2-135m")
+    vocab, draws = 300, 20000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)) * 2
+    if tie:
+        logits[0, 100:160] = 6.0  # 60 tokens tie for the top: the full-vocabulary path
+    probs, index = _warp(teacher.model, 0.9, 0.9)(logits)
+    assert (index is None) == tie
+    expected = _full_probs(probs, index, vocab)[0]
+    pick = _sampler(teacher.model, 0.9, 0.9, [torch.Generator().manual_seed(5)])
+    tokens = pick(logits.expand(draws, vocab), torch.zeros(draws, dtype=torch.long))  # one generator, many draws
+    freq = torch.bincount(tokens, minlength=vocab).double() / draws
+    assert float(freq[expected == 0].sum()) == 0.0
+    assert 0.5 * float((freq - expected.double()).abs().sum()) < 0.03  # total variation, ~0.01 expected
+
+    generators = [torch.Generator().manual_seed(s) for s in range(6)]
+    batch = torch.randn(6, vocab)
+    full = _sampler(teacher.model, 1.0, 0.95, generators)(batch, torch.arange(6))
+    generators = [torch.Generator().manual_seed(s) for s in range(6)]
+    some = _sampler(teacher.model, 1.0, 0.95, generators)(batch[[4, 1]], torch.tensor([4, 1]))
+    assert some.tolist() == full[[4, 1]].tolist()
+
+
+def test_prompt_seeds_on_the_generate_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose cache cannot be shared runs generate once per prompt, under that prompt's seed."""
+    from garden.trainer import shaker
+
+    teacher = load_model("builtin:smollm2-135m")
+    monkeypatch.setattr(shaker, "_can_share", lambda model: False)
+    prompts = [chat_prompt_ids(teacher.tokenizer, text) for text in ("Say hi.", "Name two colours, please.")]
+    config = ShakeConfig(candidates=2, temperature=1.0, max_new_tokens=8)
+    both = shaker._sample(teacher, prompts, config, [11, 22])
+    assert shaker._sample(teacher, prompts[1:], config, [22]) == both[1:]
+    assert shaker._sample(teacher, prompts[::-1], config, [22, 11]) == both[::-1]
