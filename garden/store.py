@@ -330,16 +330,24 @@ class Store:
         return [bytes(r["body"]) for r in found]
 
     def drop_row_set(self, mission_id: str, attempt: str) -> bool:
-        """Forget a row set (a losing attempt); its rows go too unless another set or ``garden shake``
-        (rows with no mission) still uses them. Idempotent: True if something was dropped."""
+        """Forget a row set (a losing attempt); its rows go too, unless another row set still uses them or
+        ``garden shake`` stored them (no mission). Idempotent: True if something was dropped."""
         with self.transaction() as tx:
+            members = [
+                r[0]
+                for r in tx.execute(
+                    "SELECT row_id FROM row_set_rows WHERE mission_id = ? AND attempt = ?", (mission_id, attempt)
+                ).fetchall()
+            ]
             cursor = tx.execute("DELETE FROM row_sets WHERE mission_id = ? AND attempt = ?", (mission_id, attempt))
             if cursor.rowcount != 1:
                 return False
-            tx.execute(
-                "DELETE FROM rows WHERE mission_id = ? AND row_id NOT IN (SELECT row_id FROM row_set_rows)",
-                (mission_id,),
-            )
+            for row_id in members:
+                tx.execute(
+                    "DELETE FROM rows WHERE row_id = ? AND mission_id IS NOT NULL"
+                    " AND NOT EXISTS (SELECT 1 FROM row_set_rows WHERE row_id = ?)",
+                    (row_id, row_id),
+                )
         return True
 
     @staticmethod

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from garden.protocol.rows import DorpoRow
-from garden.store import MIGRATIONS, Migration, Store, StoreError
+from garden.store import MIGRATIONS, Migration, Store, StoreError, StoredRowSet
 
 
 def test_new_store_is_wal_and_migrated(tmp_path: Path) -> None:
@@ -173,3 +173,131 @@ def test_store_module_stays_light() -> None:
     code = "import sys, garden.store; print('torch' in sys.modules, 'garden.protocol.rows' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["False", "False"]
+
+
+# --- missions and row sets (migration 3) --------------------------------------------------------------
+
+
+def _held(attempt: str, rows: list[DorpoRow], mission_id: str = "m1", shard: int = 0) -> StoredRowSet:
+    return StoredRowSet(
+        mission_id=mission_id, attempt=attempt, shard=shard, producer="QmProducer", sha256="ab" * 32,
+        rows=len(rows), received_from=None, added_at=1_700_000_000.0,
+    )  # fmt: skip
+
+
+def _encoded(rows: list[DorpoRow]) -> list[tuple[str, bytes, str]]:
+    return [(r.row_id, r.to_msgpack(), r.prompt) for r in rows]
+
+
+def test_row_sets_are_stored_read_back_and_dropped(tmp_path: Path) -> None:
+    store = Store(tmp_path / "g.sqlite3")
+    rows = _rows(4, "a")
+    first = _held("0000000000000001", rows[:3], shard=1)
+    assert store.add_row_set(first, _encoded(rows[:3]))
+    assert not store.add_row_set(first, _encoded(rows[:3]))  # the same attempt again: left as it is
+    assert store.count_rows("m1") == 3
+    assert store.row_sets("m1") == [first] and store.row_sets("m2") == []
+    members = store.query("SELECT position, row_id FROM row_set_rows WHERE attempt = ? ORDER BY position",
+                          (first.attempt,))  # fmt: skip
+    assert [(m["position"], m["row_id"]) for m in members] == [(i, r.row_id) for i, r in enumerate(rows[:3])]
+
+    # bodies come back in position order, not in row_id or insertion order of the rows table
+    reordered = [rows[3], rows[0], rows[2]]
+    second = _held("0000000000000002", reordered, shard=1)
+    assert store.add_row_set(second, _encoded(reordered))
+    assert store.row_set_bodies("m1", second.attempt) == [r.to_msgpack() for r in reordered]
+    assert store.row_set_bodies("m1", first.attempt) == [r.to_msgpack() for r in rows[:3]]
+    assert store.row_set_bodies("m1", "ffffffffffffffff") is None
+    assert store.row_set_bodies("m2", first.attempt) is None
+    assert store.count_rows("m1") == 4  # shared rows are stored once
+    empty = _held("0000000000000003", [], shard=2)
+    assert store.add_row_set(empty, []) and store.row_set_bodies("m1", empty.attempt) == []
+    assert [s.attempt for s in store.row_sets("m1")] == [first.attempt, second.attempt, empty.attempt]
+
+    # a row garden shake stored (no mission) is kept when a row set that references it is dropped
+    shaken = _rows(1, "s")
+    assert store.add_rows(shaken) == 1
+    third = _held("0000000000000004", [rows[1], shaken[0]], shard=3)
+    assert store.add_row_set(third, _encoded([rows[1], shaken[0]]))
+    assert store.count_rows() == 5 and store.count_rows("m1") == 4  # the shaken row keeps mission_id None
+
+    # dropping the first set keeps rows 0 and 2 (used by the second set) and row 1 (used by the third)
+    assert store.drop_row_set("m1", first.attempt)
+    assert not store.drop_row_set("m1", first.attempt)  # idempotent
+    assert store.row_set_bodies("m1", first.attempt) is None
+    assert store.count_rows("m1") == 4
+    assert not store.query("SELECT 1 FROM row_set_rows WHERE attempt = ?", (first.attempt,))  # members go too
+    # dropping the third drops row 1 (no set uses it now), never the shaken row
+    assert store.drop_row_set("m1", third.attempt)
+    assert {r.row_id for r in store.get_rows("m1")} == {rows[0].row_id, rows[2].row_id, rows[3].row_id}
+    assert [r.row_id for r in store.get_rows(limit=None) if r.prompt.startswith("s")] == [shaken[0].row_id]
+    assert store.drop_row_set("m1", second.attempt) and store.count_rows("m1") == 0
+    assert store.count_rows() == 1 and store.drop_row_set("m1", empty.attempt)
+    assert store.row_sets("m1") == []
+    store.close()
+
+
+def test_row_shared_across_missions_survives_a_drop(tmp_path: Path) -> None:
+    store = Store(tmp_path / "g.sqlite3")
+    rows = _rows(2)
+    assert store.add_row_set(_held("000000000000000a", rows, mission_id="m1"), _encoded(rows))
+    assert store.add_row_set(_held("000000000000000b", rows[:1], mission_id="m2"), _encoded(rows[:1]))
+    assert store.drop_row_set("m1", "000000000000000a")
+    assert store.row_set_bodies("m2", "000000000000000b") == [rows[0].to_msgpack()]  # still readable
+    assert {r.row_id for r in store.get_rows()} == {rows[0].row_id}
+    store.close()
+
+
+def test_row_set_with_a_wrong_row_count_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "g.sqlite3")
+    rows = _rows(3)
+    with pytest.raises(ValueError, match="3 rows, 2 given"):
+        store.add_row_set(_held("0000000000000001", rows), _encoded(rows[:2]))
+    assert store.row_sets("m1") == [] and store.count_rows() == 0
+    store.close()
+
+
+def test_missions_are_kept_once(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    store = Store(path)
+    assert store.get_mission("m1") is None and store.list_missions() == []
+    assert store.add_mission("m1", b"record-1", "capitals", "QmLead")
+    assert not store.add_mission("m1", b"another record", "other", "QmOther")  # the first one stays
+    kept = store.get_mission("m1")
+    assert kept is not None
+    assert (kept.record, kept.name, kept.lead) == (b"record-1", "capitals", "QmLead")
+    assert kept.prompts is None and kept.cancel is None
+    store.set_mission_prompts("m1", b"prompts")
+    store.set_mission_cancel("m1", b"cancel")
+    with pytest.raises(StoreError, match="no mission"):
+        store.set_mission_prompts("unknown", b"prompts")
+    with pytest.raises(StoreError, match="no mission"):
+        store.set_mission_cancel("unknown", b"cancel")
+    assert store.add_mission("m2", b"record-2", "second", "QmLead")
+    store.close()
+
+    store = Store(path)  # committed: survives a reopen
+    kept = store.get_mission("m1")
+    assert kept is not None and kept.prompts == b"prompts" and kept.cancel == b"cancel"
+    assert [m.mission_id for m in store.list_missions()] == ["m1", "m2"]
+    assert store.get_mission("unknown") is None
+    store.close()
+
+
+def test_missions_migration_upgrades_a_v2_database(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    old = Store(path, MIGRATIONS[:2])
+    rows = _rows(3)
+    assert old.add_rows(rows, mission_id="m") == 3 and old.add_rows(_rows(1, "s")) == 1
+    assert old.schema_version == 2
+    assert not old.query("SELECT name FROM sqlite_master WHERE name IN ('missions', 'row_sets', 'row_set_rows')")
+    old.close()
+
+    store = Store(path)
+    assert store.schema_version == MIGRATIONS[-1].version
+    assert store.count_rows() == 4 and {r.row_id for r in store.get_rows("m")} == {r.row_id for r in rows}
+    assert store.add_mission("m", b"record", "name", "QmLead")
+    assert store.add_row_set(_held("0000000000000001", rows, mission_id="m"), _encoded(rows))
+    assert store.count_rows() == 4  # the old rows are referenced, not copied
+    assert store.row_set_bodies("m", "0000000000000001") == [r.to_msgpack() for r in rows]
+    store.close()

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from garden.cli.common import EXIT_CONFIG, app, call_daemon, console, daemon_url, fail
@@ -93,7 +92,9 @@ def show(
         return
     shards = data["shards"]
     console.print(f"[bold]{data['name']}[/] {data['id']}  ({data['state']})")
-    console.print(ProgressBar(total=shards["total"], completed=shards["done"], width=50))
+    width = 40
+    filled = round(width * shards["done"] / max(shards["total"], 1))
+    console.print(f"[green]{'█' * filled}[/][dim]{'░' * (width - filled)}[/] {shards['done']}/{shards['total']} shards")
     eta = data.get("eta_s")
     console.print(
         f"shards: {shards['done']} done, {shards['leased']} leased, {shards['open']} open of {shards['total']}; "

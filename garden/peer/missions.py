@@ -7,7 +7,7 @@ invalid entries are logged, counted and ignored. What this peer has verified is 
 restart (or a swarm where the lead has left) loses nothing.
 
 Key layout (ARCHITECTURE.md, "DHT keys"): under ``missions`` the subkey is the mission id (value: the
-signed mission, renewed by every peer that holds it) or ``cancel:<id>`` (the lead's signed cancel); under
+signed mission, renewed by every peer that holds it) or ``cancel:<id>:<lead peer id>`` (the lead's signed cancel); under
 ``m/<id>/rows`` the subkey ``rows:<peer id>`` holds that peer's :class:`RowsAnnouncement`.
 """
 
@@ -35,6 +35,7 @@ from garden.protocol.mission import (
     cancel_subkey,
     open_cancel,
     pack_prompts,
+    parse_cancel_subkey,
     shard_prompts,
     sign_cancel,
     sign_mission,
@@ -191,15 +192,23 @@ class MissionBook:
         for subkey, item in entries.items():
             value = getattr(item, "value", None)
             if isinstance(subkey, str) and subkey.startswith(CANCEL_PREFIX):
-                cancels.append((subkey[len(CANCEL_PREFIX) :], value))
+                cancels.append((subkey, value))
                 continue
             try:
                 self._keep(SignedMission.from_record(value, subkey))
             except RecordError as e:
                 self._invalid("mission", f"under {str(subkey)[:80]!r}: {e}")
-        for mission_id, value in cancels:
+        for subkey, value in cancels:
+            try:
+                mission_id, signer = parse_cancel_subkey(subkey)
+            except RecordError as e:
+                self._invalid("cancel", str(e))
+                continue
             mission = self.missions.get(mission_id)
             if mission is None or mission.cancel is not None:
+                continue
+            if signer != mission.signed.lead_peer_id:
+                self._invalid("cancel", f"for {mission_id[:12]} by {signer}, who is not its lead")
                 continue
             try:
                 self._keep_cancel(mission, value, open_cancel(value, mission.signed))
@@ -255,7 +264,12 @@ class MissionBook:
         if mission.cancel is not None:
             kept = self.store.get_mission(mission.id)
             if kept is not None and kept.cancel is not None:
-                await self.swarm.store(self.keys.missions, kept.cancel, expiration, subkey=cancel_subkey(mission.id))
+                await self.swarm.store(
+                    self.keys.missions,
+                    kept.cancel,
+                    expiration,
+                    subkey=cancel_subkey(mission.id, mission.signed.lead_peer_id),
+                )
         held = sorted(self.store.row_sets(mission.id), key=lambda s: (s.shard, s.attempt))
         announcement = RowsAnnouncement(
             mission_id=mission.id,

@@ -338,10 +338,16 @@ def open_cancel(raw: Any, mission: SignedMission, max_bytes: int = MAX_CANCEL_RE
     return _cancel_body(envelope, mission.mission_id)
 
 
-def open_any_cancel(raw: Any, mission_id: str, max_bytes: int = MAX_CANCEL_RECORD_BYTES) -> CancelRecord:
-    """A well-formed cancel of ``mission_id`` with a valid signature by *some* key: what the DHT can check
-    without the mission. Only :func:`open_cancel` says whether the key is the lead's."""
-    return _cancel_body(_open_envelope(raw, max_bytes, "cancel"), mission_id)
+def open_any_cancel(raw: Any, subkey: Any, max_bytes: int = MAX_CANCEL_RECORD_BYTES) -> CancelRecord:
+    """A well-formed cancel stored under ``subkey`` (:func:`cancel_subkey`): a valid signature by the key
+    the subkey names, for the mission it names. That is all the DHT can check without the mission; only
+    :func:`open_cancel` says whether the key is the lead's. Naming the signer in the subkey keeps a
+    stranger's cancel under a subkey of its own, so it can never displace the lead's."""
+    mission_id, signer = parse_cancel_subkey(subkey)
+    envelope = _open_envelope(raw, max_bytes, "cancel")
+    if signing.peer_id_of(envelope.k) != signer:
+        raise RecordError(f"cancel signed by {signing.peer_id_of(envelope.k)}, stored under {signer}'s subkey")
+    return _cancel_body(envelope, mission_id)
 
 
 def _cancel_body(envelope: SignedRecord, mission_id: str) -> CancelRecord:
@@ -351,9 +357,20 @@ def _cancel_body(envelope: SignedRecord, mission_id: str) -> CancelRecord:
     return record
 
 
-def cancel_subkey(mission_id: str) -> str:
-    """Where the lead's cancel of a mission lives under ``missions`` (beside the mission's own entry)."""
-    return f"{CANCEL_PREFIX}{mission_id}"
+def cancel_subkey(mission_id: str, signer: str) -> str:
+    """Where a cancel of a mission signed by ``signer`` (a peer id) lives under ``missions``, beside the
+    mission's own entry; peers obey only the one under the lead's peer id."""
+    return f"{CANCEL_PREFIX}{mission_id}:{signer}"
+
+
+def parse_cancel_subkey(subkey: Any) -> tuple[str, str]:
+    """(mission id, signer's peer id) of a :func:`cancel_subkey`; ``RecordError`` for anything else."""
+    if not isinstance(subkey, str) or not subkey.startswith(CANCEL_PREFIX):
+        raise RecordError(f"not a cancel subkey: {str(subkey)[:80]!r}")
+    parts = subkey[len(CANCEL_PREFIX) :].split(":")
+    if len(parts) != 2 or not re.fullmatch(_MISSION_ID_PATTERN, parts[0]) or not 0 < len(parts[1]) <= 128:
+        raise RecordError(f"not a cancel subkey: {subkey[:80]!r}")
+    return parts[0], parts[1]
 
 
 __all__ = [
@@ -373,6 +390,7 @@ __all__ = [
     "unpack_prompts",
     "cancel_subkey",
     "open_any_cancel",
+    "parse_cancel_subkey",
     "open_cancel",
     "prompt_seed",
     "prompts_sha256",

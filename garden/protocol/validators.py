@@ -81,9 +81,10 @@ class MissionRecordValidator(CountingValidator):
     """Refuses forged or garbage mission records, cancels and rows announcements inside the DHT node.
 
     Under ``<swarm>/missions``: subkey = mission id with a lead-signed mission that hashes to it
-    (:meth:`SignedMission.from_record`), or ``cancel:<mission id>`` with a signed cancel naming that
-    mission; nothing else. Whether a cancel's signer is the lead needs the mission, which readers check
-    (:func:`open_cancel`). Under any key: a ``rows:<peer>`` subkey must hold that peer's signed
+    (:meth:`SignedMission.from_record`), or ``cancel:<mission id>:<signer>`` with a cancel of that mission
+    signed by that peer; nothing else. Whether the signer is the lead needs the mission, which readers
+    check (:func:`open_cancel`); a stranger's cancel sits under its own subkey and is ignored. Under any
+    key: a ``rows:<peer>`` subkey must hold that peer's signed
     :class:`RowsAnnouncement`, stored under its mission's rows key.
     """
 
@@ -120,5 +121,5 @@ class MissionRecordValidator(CountingValidator):
 def check_missions_entry(value: Any, subkey: Any) -> SignedMission | CancelRecord:
     """One entry under ``missions``, decoded and checked as far as it can be alone; ``RecordError``."""
     if isinstance(subkey, str) and subkey.startswith(CANCEL_PREFIX):
-        return open_any_cancel(value, subkey[len(CANCEL_PREFIX) :])
+        return open_any_cancel(value, subkey)
     return SignedMission.from_record(value, subkey)

@@ -1,0 +1,164 @@
+"""The DHT-side validator of mission records: signed missions under their id, cancels under
+``cancel:<id>:<signer>``, rows announcements under their mission's rows key; everything else under ``missions``
+refused and counted, and unrelated records left to other validators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden.data import DEMO_PROMPTS, demo_prompts
+from garden.protocol import signing
+from garden.protocol.keys import DHTKeys
+from garden.protocol.mission import (
+    CancelRecord,
+    SignedMission,
+    cancel_subkey,
+    load_mission_toml,
+    open_any_cancel,
+    sign_cancel,
+    sign_mission,
+)
+from garden.protocol.records import RecordError
+from garden.protocol.row_sets import RowsAnnouncement, rows_subkey
+from garden.protocol.validators import MissionRecordValidator, check_missions_entry
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "capitals.toml"
+KEYS = DHTKeys("validatortest")
+
+
+@pytest.fixture(scope="module")
+def lead() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # small: the tests only need speed
+
+
+@pytest.fixture(scope="module")
+def other() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+
+
+@pytest.fixture(scope="module")
+def draft() -> Any:
+    return load_mission_toml(EXAMPLE, {DEMO_PROMPTS: demo_prompts})
+
+
+@pytest.fixture(scope="module")
+def mission(draft: Any, lead: rsa.RSAPrivateKey) -> SignedMission:
+    return sign_mission(draft, lead, now=1_700_000_000.0)
+
+
+@pytest.fixture(scope="module")
+def second(draft: Any, lead: rsa.RSAPrivateKey) -> SignedMission:
+    return sign_mission(draft, lead, now=1_700_000_001.0)  # the same file signed again: another mission
+
+
+def peer_id(key: rsa.RSAPrivateKey) -> str:
+    return signing.peer_id_of(signing.public_key_der(key))
+
+
+def record(key: str, subkey: Any, value: Any, expiration_time: float | None = None) -> DHTRecord:
+    return DHTRecord(
+        DHTID.generate(source=key).to_bytes(),
+        MSGPackSerializer.dumps(subkey),
+        MSGPackSerializer.dumps(value),
+        get_dht_time() + 3600 if expiration_time is None else expiration_time,
+    )
+
+
+def rows_announcement(key: rsa.RSAPrivateKey, mission_id: str) -> RowsAnnouncement:
+    return RowsAnnouncement(mission_id=mission_id, peer_id=peer_id(key), has_prompts=True, announced_at=get_dht_time())
+
+
+def flip_signature(wire: bytes) -> bytes:
+    flipped = bytearray(wire)
+    flipped[-5] ^= 0xFF  # the envelope's last field is the signature
+    return bytes(flipped)
+
+
+def test_accepts_missions_cancels_and_announcements(
+    mission: SignedMission, lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey
+) -> None:
+    validator = MissionRecordValidator(KEYS)
+    mid = mission.mission_id
+    announcement = rows_announcement(other, mid)
+    good = [
+        record(KEYS.missions, mid, mission.to_wire()),
+        record(KEYS.missions, cancel_subkey(mid, peer_id(lead)), sign_cancel(mid, lead, reason="done")),
+        # any key's cancel under its own subkey passes the DHT (it cannot know the lead); readers check the lead
+        record(KEYS.missions, cancel_subkey(mid, peer_id(other)), sign_cancel(mid, other)),
+        record(KEYS.mission_rows(mid), announcement.subkey, announcement.to_wire(other)),
+        # not mission records: left to the other validators
+        record(KEYS.peers, "QmSomePeer", b"anything"),
+        record(KEYS.mission_shards(mid), "lease:1", b"anything"),
+        record(DHTKeys("other").missions, mid, b"garbage"),  # another swarm's missions key
+        record(KEYS.mission_rows(mid), "not-rows:x", b"garbage"),
+        record("unrelated/key", "subkey", b"garbage"),
+        DHTRecord(DHTID.generate(source="x").to_bytes(), b"\xc1", b"\xc1", get_dht_time() + 60),  # undecodable subkey
+    ]
+    for i, rec in enumerate(good):
+        assert validator.validate(rec), f"record {i} refused"
+    assert validator.rejected == 0
+
+
+def test_refuses_forged_and_misplaced_records(
+    mission: SignedMission, second: SignedMission, lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey
+) -> None:
+    validator = MissionRecordValidator(KEYS)
+    mid, other_mid = mission.mission_id, second.mission_id
+    announcement = rows_announcement(other, mid)
+    bad = [
+        record(KEYS.missions, other_mid, mission.to_wire()),  # a mission under another mission's id
+        record(KEYS.missions, "my-mission", mission.to_wire()),  # ... or under any other subkey
+        record(KEYS.missions, mid, flip_signature(mission.to_wire())),  # bad signature
+        record(KEYS.missions, mid, b"\xc1garbage"),
+        record(KEYS.missions, mid, "not bytes"),
+        record(KEYS.missions, mid, b"\x00" * 30_000),  # oversized
+        record(KEYS.missions, cancel_subkey(other_mid, peer_id(lead)), sign_cancel(mid, lead)),  # names another mission
+        record(KEYS.missions, cancel_subkey(mid, peer_id(lead)), flip_signature(sign_cancel(mid, lead))),
+        record(KEYS.missions, cancel_subkey(mid, peer_id(lead)), mission.to_wire()),  # a mission where a cancel belongs
+        # a stranger's cancel under the lead's subkey: it could displace the lead's own
+        record(KEYS.missions, cancel_subkey(mid, peer_id(lead)), sign_cancel(mid, other)),
+        record(KEYS.missions, "cancel:" + mid, sign_cancel(mid, lead)),  # no signer in the subkey
+        record(KEYS.missions, mid, sign_cancel(mid, lead)),  # a cancel where the mission belongs
+        record(KEYS.missions, "lease:1", b"anything"),  # any other subkey under missions
+        record(KEYS.missions, 7, mission.to_wire()),
+        record(KEYS.missions, rows_subkey(peer_id(other)), announcement.to_wire(other)),
+        record(KEYS.mission_rows(other_mid), announcement.subkey, announcement.to_wire(other)),  # another mission's
+        record(KEYS.mission_shards(mid), announcement.subkey, announcement.to_wire(other)),  # another kind of key
+        record(DHTKeys("other").mission_rows(mid), announcement.subkey, announcement.to_wire(other)),
+        record(KEYS.mission_rows(mid), rows_subkey(peer_id(lead)), announcement.to_wire(other)),  # someone else's
+        record(KEYS.mission_rows(mid), announcement.subkey, announcement.to_wire(lead)),  # signed by another key
+        record(KEYS.mission_rows(mid), announcement.subkey, flip_signature(announcement.to_wire(other))),
+        record(KEYS.mission_rows(mid), announcement.subkey, b"\xc1garbage"),
+    ]
+    for i, rec in enumerate(bad):
+        assert not validator.validate(rec), f"forged record {i} accepted"
+    assert validator.rejected == len(bad)
+    # an undecodable value (not msgpack at the serializer's level) is refused, not raised
+    raw = DHTRecord(DHTID.generate(source=KEYS.missions).to_bytes(), MSGPackSerializer.dumps(mid), b"\xc1", 0.0)
+    assert not validator.validate(raw)
+    assert validator.rejected == len(bad) + 1
+
+
+def test_check_missions_entry(mission: SignedMission, lead: rsa.RSAPrivateKey) -> None:
+    mid = mission.mission_id
+    assert isinstance(check_missions_entry(mission.to_wire(), mid), SignedMission)
+    cancel = check_missions_entry(sign_cancel(mid, lead, reason="why"), cancel_subkey(mid, peer_id(lead)))
+    assert isinstance(cancel, CancelRecord) and cancel.reason == "why" and cancel.mission_id == mid
+    assert open_any_cancel(sign_cancel(mid, lead), cancel_subkey(mid, peer_id(lead))).mission_id == mid
+    with pytest.raises(RecordError, match="names mission"):
+        check_missions_entry(sign_cancel(mid, lead), cancel_subkey("cd" * 32, peer_id(lead)))
+    with pytest.raises(RecordError, match="subkey"):
+        open_any_cancel(sign_cancel(mid, lead), cancel_subkey(mid, peer_id(lead)) + ":extra")
+    with pytest.raises(RecordError, match="stored under"):
+        check_missions_entry(mission.to_wire(), "cancel" + mid)
+    with pytest.raises(RecordError):
+        check_missions_entry(msgpack.packb({"b": b"", "k": b"", "s": b""}), mid)
