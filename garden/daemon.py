@@ -56,6 +56,7 @@ class Gardener:
         self.missions: MissionBook | None = None
         self.transfer: ContentTransfer | None = None
         self.work: MissionWork | None = None
+        self.keeper: RowSetKeeper | None = None
         self._p2p: Any = None
         self.started_at: float | None = None
         self._stop = asyncio.Event()
@@ -126,7 +127,7 @@ class Gardener:
         self.transfer = ContentTransfer(p2p, self.missions.content, on_offer=on_offer)
         await self.transfer.start()
         self.missions.transfer = self.transfer
-        keeper = RowSetKeeper(self.store, self.missions, self.transfer)
+        self.keeper = keeper = RowSetKeeper(self.store, self.missions, self.transfer)
         leases = LeaseManager(
             self.swarm.dht,
             self.keys,

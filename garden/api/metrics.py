@@ -61,6 +61,12 @@ def _mission_metrics(g: Gardener) -> Iterator[Metric]:
         for reason, count in sorted(stats.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+    if g.keeper is not None:
+        yield CounterMetricFamily(
+            "garden_row_sets_refused",
+            "Row sets fetched intact (hash right) whose rows were invalid or did not fit their shard.",
+            value=g.keeper.refused,
+        )
     work = g.work
     if g.missions is None or work is None:
         return

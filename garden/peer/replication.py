@@ -94,7 +94,9 @@ class RowSetKeeper:
             return False, "the mission's prompts are not here yet"
         try:
             await self.fetch(mission, shard, attempt, producer, ref.sha256, [sender])
-        except (TransferError, RecordError) as e:
+        except TransferError as e:  # the short reason first: the reply is capped at 200 characters
+            return False, f"{e.reason}: {e.detail}" if e.detail else e.reason
+        except RecordError as e:
             return False, str(e)
         return True, "stored"
 
