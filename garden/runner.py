@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 import psutil
 
@@ -26,6 +27,7 @@ from garden.datadir import DataDirBusyError, DataDirLock
 from garden.peer.identity import IdentityError
 from garden.peer.swarm import SwarmError
 from garden.store import StoreError
+from garden.trainer.mission_work import SHAKE_THREAD
 
 logger = logging.getLogger("garden")
 
@@ -59,6 +61,19 @@ def say(message: str, error: bool = False) -> None:
 
 
 def run(settings: GardenSettings) -> int:
+    code = _run(settings)
+    if any(t.name == SHAKE_THREAD and t.is_alive() for t in threading.enumerate()):
+        # A shard was being sampled when the stop came: its thread is inside torch, and interpreter
+        # shutdown stopping it there aborts the process (SIGABRT). Everything is closed by now (the DHT,
+        # the store, the lock), and the unfinished shard is lost by design: leave without finalising.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(settings: GardenSettings) -> int:
     setup_logging(settings.log_level)
     gardener = Gardener(settings)
     lock = DataDirLock(gardener.data_dir)

@@ -259,3 +259,16 @@ def test_bad_requests_and_a_peer_without_memory_for_the_teacher(swarm: DaemonFac
     assert "not shaking" in d["this_peer"]["state"]
     assert small.request("DELETE", f"/missions/{mission_id}").status_code == 403
     assert a.get("/health").status_code == 200 and small.get("/health").status_code == 200
+
+
+def test_a_stop_while_shaking_exits_cleanly(swarm: DaemonFactory, converted: Path) -> None:
+    a = start(swarm, cache=converted)
+    mission_id = create(a, mission_body(prompts=4, shard_size=4, max_new_tokens=200, candidates=4))
+    wait_until(
+        lambda: (detail(a, mission_id) or {}).get("this_peer", {}).get("state", "").startswith("shaking shard"),
+        60, 0.2, "shaking",
+    )  # fmt: skip
+    time.sleep(1.0)  # inside the teacher's generate by now
+    assert a.stop() == 0, a.stderr()[-2000:]
+    assert "stopped" in a.stdout()
+    assert "Traceback" not in a.stderr() and "terminate called" not in a.stderr()

@@ -107,6 +107,7 @@ class ShardBoard:
         self.invalid_records = 0
         leases: dict[int, LeaseRecord] = {}
         results: dict[int, list[DoneRecord]] = {}
+        self.stored: dict[str, tuple[bytes, float]] = {}  # subkey -> (value as stored, expiration) of valid entries
         for subkey, item in _items(entries):
             try:
                 raw, expiration_time = item
@@ -119,6 +120,7 @@ class ShardBoard:
             except (RecordError, TypeError, ValueError) as e:
                 self._drop(subkey, str(e))
                 continue
+            self.stored[record.subkey] = (raw, float(expiration_time))
             if isinstance(record, LeaseRecord):
                 leases[record.shard] = record
             else:
@@ -406,6 +408,20 @@ class LeaseManager:
             raise ShardDHTError(f"no DHT peer stored the done record of shard {lease.shard}")
         logger.info("shard %d of mission %s done: %d rows", lease.shard, lease.mission_id[:12], rows)
         return done
+
+    async def keep_alive(self, board: ShardBoard, done: DoneRecord) -> bool:
+        """Re-store a done record (the producer's signed bytes, unchanged) for another ``done_expiration``
+        once less than half of it is left. Any peer may: the signature is the producer's. True if stored."""
+        stored = board.stored.get(done.subkey)
+        if stored is None:
+            return False
+        raw, expiration = stored
+        now = get_dht_time()
+        if expiration - now > self.config.done_expiration / 2:
+            return False
+        key = self.keys.mission_shards(done.mission_id)
+        future = self.dht.store(key, raw, now + self.config.done_expiration, subkey=done.subkey, return_future=True)
+        return bool(await self._dht_call("write", future))
 
     def _check_mine(self, lease: Lease) -> None:
         if lease.peer_id != self.peer_id:

@@ -45,6 +45,8 @@ from garden.trainer.teachers import JudgeFactory, NoTeacherError, shake_with_fal
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+SHAKE_THREAD = "garden-shake"
+"""Name of the threads that sample shards (the runner looks for them at exit)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class MissionWork:
         if board.winners():
             holders = await self.book.holders(mission.id)
             await self.keeper.settle(mission, board.winners(), board.losing_attempts(), holders)
+            await self._keep_results_alive(mission, board)
         if mission.cancelled:
             progress.state = "cancelled"
         elif board.all_done:
@@ -176,6 +179,17 @@ class MissionWork:
             self._workers[mission.id] = asyncio.create_task(
                 self._shake_mission(mission), name=f"shake-{mission.id[:8]}"
             )
+
+    async def _keep_results_alive(self, mission: Mission, board: ShardBoard) -> None:
+        """Re-store the winning done records of the row sets held here before they expire: a done record
+        gone from the DHT would make its shard look open, and the swarm would sample it again."""
+        held = {s.attempt for s in self.keeper.store.row_sets(mission.id)}
+        for done in board.winners().values():
+            if done.attempt in held:
+                try:
+                    await self.leases.keep_alive(board, done)
+                except ShardDHTError as e:
+                    logger.info("could not renew the result of shard %d: %s", done.shard, e)
 
     async def close(self) -> None:
         """Stop shaking: cancel workers and give their leases back so others need not wait for expiry."""
@@ -215,6 +229,12 @@ class MissionWork:
                 progress.state = f"shaking shard {lease.shard}"
                 try:
                     await self._shake_shard(mission, lease, progress)
+                except Exception as e:  # a bug or a broken teacher: give the shard back, try again later
+                    logger.exception("mission %s: shard %d failed", mission.id[:12], lease.shard)
+                    self.errors[type(e).__name__] += 1
+                    progress.state = f"shard {lease.shard} failed: {type(e).__name__}: {str(e)[:200]}"
+                    await self._release(lease)
+                    return
                 finally:
                     self._leases.pop(mission.id, None)
 
@@ -376,7 +396,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
         except RuntimeError:  # the loop closed meanwhile (the daemon stopped): nobody waits for this any more
             pass
 
-    threading.Thread(target=target, name="garden-shake", daemon=True).start()
+    threading.Thread(target=target, name=SHAKE_THREAD, daemon=True).start()
     return await future
 
 

@@ -344,3 +344,21 @@ async def test_forged_and_out_of_range_records_do_not_get_in(dhts: list[hivemind
     assert board.shards[lease.shard].lease == lease  # the honest lease is intact
     assert board.invalid_records == 1  # the wrong-count record
     assert board.summary() == ShardSummary(total=2, done=0, leased=1, open=1)
+
+
+async def test_a_done_record_is_kept_alive_by_holders_before_it_expires(dhts: list[hivemind.DHT]) -> None:
+    producer = LeaseManager(dhts[0], KEYS, new_key(), LeaseConfig(lease_duration=2.0, done_expiration=20.0))
+    mission = mission_id()
+    lease = await producer.claim(mission, 1)
+    assert lease is not None
+    done = await producer.mark_done(lease, rows=3, row_set_sha256=hashlib.sha256(b"rows").hexdigest())
+    first_expiry = (await producer.fetch(mission, 1)).stored[done.subkey][1]
+
+    # another peer holding the rows: with 20 s of 20 left nothing is due; with a 60 s horizon it renews
+    holder = LeaseManager(dhts[1], KEYS, new_key(), LeaseConfig(done_expiration=20.0))
+    assert not await holder.keep_alive(await holder.fetch(mission, 1), done)
+    keeper = LeaseManager(dhts[2], KEYS, new_key(), LeaseConfig(done_expiration=60.0))
+    assert await keeper.keep_alive(await keeper.fetch(mission, 1), done)
+    board = await producer.fetch(mission, 1)
+    assert board.stored[done.subkey][1] > first_expiry + 30  # the producer's own bytes, stored for longer
+    assert board.winners() == {0: done} and board.invalid_records == 0
