@@ -124,7 +124,7 @@ def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
     a = start(swarm, cache=converted)
     b = start(swarm, join=a, cache=converted)
     # the lead uses the CLI: a mission file with its own prompts file, read here and sent to the daemon
-    body = mission_body(prompts=24)
+    body = mission_body(prompts=24, max_new_tokens=16)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in body["prompts"]))
     spec = body["spec"]
     sampling = spec["sampling"]
@@ -138,8 +138,9 @@ def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
     assert created.returncode == 0, created.stderr
     mission_id = next(line for line in created.stdout.splitlines() if len(line.strip()) == 64).strip()
 
-    # a peer joining once the work is under way fetches the spec and prompts and takes shards too
-    wait_until(lambda: (detail(a, mission_id) or {}).get("shards", {}).get("done", 0) >= 1, 120, 0.5, "a shard done")
+    # a peer joining after the mission was published fetches the spec and prompts and takes shards too.
+    # It joins at once: a daemon needs ~5 s to start and, on two busy cores, ~10 s more to load the
+    # teacher, about as long as a and b take for the whole mission; later, it would find no work left.
     c = start(swarm, join=a, cache=converted)
     peers = [a, b, c]
     final = wait_done(a, mission_id)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,8 @@ from garden.store import Store
 
 logger = logging.getLogger(__name__)
 
+REFRESH_PERIOD = 5.0
+"""Longest wait between reads of the ``missions`` key (new missions, cancels)."""
 MISSION_RECORD_TTL = 2 * 3600.0
 """Seconds a mission record lives in the DHT unless renewed; every peer holding it renews it each period."""
 
@@ -113,6 +115,8 @@ class MissionBook:
         self.missions: dict[str, Mission] = {}
         self.invalid_records: Counter[str] = Counter()  # by kind: mission, cancel, prompts, rows
         self._wake = asyncio.Event()
+        self.news = asyncio.Event()
+        """Set when a mission becomes known, gets its prompts or is cancelled: the work loop reacts at once."""
         self._load()
 
     # --- local state --------------------------------------------------------------------------------
@@ -141,17 +145,20 @@ class MissionBook:
         if signed.mission_id not in self.missions:
             self.store.add_mission(signed.mission_id, signed.to_wire(), signed.name, signed.lead_peer_id)
             self.missions[signed.mission_id] = Mission(signed)
+            self.news.set()
             logger.info("mission %s (%s) by %s is known now", signed.name, signed.mission_id[:12], signed.lead_peer_id)
         return self.missions[signed.mission_id]
 
     def _keep_prompts(self, mission: Mission, prompts: tuple[PromptRow, ...]) -> None:
         self.store.set_mission_prompts(mission.id, pack_prompts(prompts))
         mission.prompts = prompts
+        self.news.set()
 
     def _keep_cancel(self, mission: Mission, raw: bytes, cancel: CancelRecord) -> None:
         if mission.cancel is None:
             self.store.set_mission_cancel(mission.id, raw)
             mission.cancel = cancel
+            self.news.set()
             logger.info("mission %s (%s) was cancelled by its lead", mission.name, mission.id[:12])
 
     def wake(self) -> None:
@@ -290,23 +297,23 @@ class MissionBook:
         return ok and ok_rows
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Refresh and announce every period (sooner after :meth:`wake`) until ``stop``."""
+        """Look for new missions and cancels every ``REFRESH_PERIOD`` at most (so a mission reaches every
+        peer within seconds even with a long announce period), and renew what this peer holds every
+        period, or sooner after :meth:`wake`."""
+        refresh_period = min(self.period, REFRESH_PERIOD)
+        last_announce = -float("inf")
         while not stop.is_set():
             started = time.monotonic()
             try:
                 await self.refresh()
-                for mission in list(self.missions.values()):
-                    await self.announce(mission)
+                if self._wake.is_set() or started - last_announce >= self.period:
+                    self._wake.clear()
+                    last_announce = started
+                    for mission in list(self.missions.values()):
+                        await self.announce(mission)
             except Exception:  # one bad round must not end the loop; the next one retries
                 logger.exception("mission refresh failed")
-            self._wake.clear()
-            remaining = max(0.0, self.period - (time.monotonic() - started))
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            await wait_any((stop, self._wake), timeout=max(0.0, refresh_period - (time.monotonic() - started)))
 
     # --- serving content to other peers ---------------------------------------------------------------
     async def content(self, ref: ContentRef) -> bytes | None:
@@ -324,6 +331,16 @@ class MissionBook:
     def _invalid(self, kind: str, reason: str) -> None:
         self.invalid_records[kind] += 1
         logger.warning("ignored an invalid %s record: %s", kind, reason)
+
+
+async def wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Until any of ``events`` is set, or ``timeout`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def row_set_item(shard: int, attempt: str, producer: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import psutil
 
 from garden.models import is_loaded, load_model, model_memory_bytes, unload_model
-from garden.peer.missions import Mission, MissionBook
+from garden.peer.missions import Mission, MissionBook, wait_any
 from garden.peer.replication import RowSetKeeper
 from garden.protocol.mission import prompt_seed
 from garden.protocol.mission_spec import MissionSpec
@@ -39,12 +39,16 @@ from garden.protocol.row_sets import RowsAnnouncement
 from garden.protocol.rows import DorpoRow
 from garden.trainer.judges import Judge, make_judge
 from garden.trainer.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError
-from garden.trainer.shaker import ShakeConfig
-from garden.trainer.teachers import JudgeFactory, NoTeacherError, shake_with_fallback
+from garden.trainer.shaker import ShakeCancelled, ShakeConfig
+from garden.trainer.teachers import FallbackShakeResult, JudgeFactory, NoTeacherError, shake_with_fallback
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+FINISH_ON_STOP = 3.0
+"""Seconds a stopping peer waits for sampled shards to be replicated and published."""
+CONFIRM_AFTER = 1.0
+"""Seconds after a claim when the lease is checked (and renewed) the first time."""
 SHAKE_THREAD = "garden-shake"
 """Name of the threads that sample shards (the runner looks for them at exit)."""
 
@@ -134,7 +138,8 @@ class MissionWork:
         self.errors: Counter[str] = Counter()
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._compute = asyncio.Lock()  # one shard at a time on this peer
-        self._leases: dict[str, Lease] = {}  # mission id -> the lease being worked on
+        self._leases: dict[str, Lease] = {}  # attempt -> a lease being sampled or finished
+        self._finishing: set[asyncio.Task[None]] = set()
         self._teachers_used: dict[str, float] = {}  # teacher ref -> monotonic time of its last shard
         self._memory_need: dict[str, int | None] = {}
         self._stop = asyncio.Event()
@@ -149,11 +154,13 @@ class MissionWork:
                 except Exception:  # one mission's trouble must not stop the others
                     logger.exception("mission %s: settling failed", mission.id[:12])
             self._unload_idle_teachers()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.config.period)
-            except TimeoutError:
-                pass
+            await self._pause(stop)
         await self.close()
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        """Wait a period, or less when the book has news (a new mission, its prompts, a cancel)."""
+        await wait_any((stop, self.book.news), timeout=self.config.period)
+        self.book.news.clear()
 
     async def _tend(self, mission: Mission) -> None:
         try:
@@ -201,6 +208,10 @@ class MissionWork:
             except (asyncio.CancelledError, Exception):
                 pass
         self._workers.clear()
+        if self._finishing:  # shards already sampled: let them reach their done record if they can
+            _, late = await asyncio.wait(set(self._finishing), timeout=FINISH_ON_STOP)
+            for task in late:
+                task.cancel()
         for lease in list(self._leases.values()):
             try:
                 await asyncio.wait_for(self.leases.release(lease), timeout=self.leases.config.dht_timeout)
@@ -210,13 +221,18 @@ class MissionWork:
 
     # --- shaking --------------------------------------------------------------------------------------
     async def _shake_mission(self, mission: Mission) -> None:
-        """Claim and shake shards of ``mission`` one at a time until none is open or it is cancelled."""
+        """Claim and sample shards of ``mission`` one at a time until none is open or it is cancelled.
+
+        Only the sampling holds the peer's compute lock: storing, replicating and publishing a finished
+        shard (network round trips to other peers) run as a task of their own while the next shard is
+        already being sampled, so the CPU does not wait on the network."""
         progress = self.progress.setdefault(mission.id, MissionProgress())
         while not self._stop.is_set() and not mission.cancelled:
             async with self._compute:
                 if not await self._fits(mission):
                     progress.state = f"not shaking: {self.blocked}"
                     return
+                await self._load_teacher(mission)  # before the claim: no lease is held while a teacher loads
                 try:
                     lease = await self.leases.claim(mission.id, mission.shard_count)
                 except ShardDHTError as e:
@@ -225,76 +241,123 @@ class MissionWork:
                 if lease is None:
                     progress.state = "waiting: every open shard is leased"
                     return
-                self._leases[mission.id] = lease
+                self._leases[lease.attempt] = lease
                 progress.state = f"shaking shard {lease.shard}"
+                lost = asyncio.Event()
+                renewer = asyncio.create_task(self._renew(lease, lost))
+                failed = False
                 try:
-                    await self._shake_shard(mission, lease, progress)
+                    sampled = await self._sample(mission, lease, progress, lost)
                 except Exception as e:  # a bug or a broken teacher: give the shard back, try again later
                     logger.exception("mission %s: shard %d failed", mission.id[:12], lease.shard)
                     self.errors[type(e).__name__] += 1
                     progress.state = f"shard {lease.shard} failed: {type(e).__name__}: {str(e)[:200]}"
-                    await self._release(lease)
-                    return
-                finally:
-                    self._leases.pop(mission.id, None)
+                    sampled, failed = None, True
+                if sampled is None:
+                    renewer.cancel()
+                    if not lost.is_set():
+                        await self._release(lease)
+                    self._leases.pop(lease.attempt, None)
+                    if failed or self.blocked:
+                        return
+                    continue  # the lease was lost to another attempt: take another shard
+            finishing = asyncio.create_task(self._finish(mission, lease, sampled, renewer, progress))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
 
-    async def _shake_shard(self, mission: Mission, lease: Lease, progress: MissionProgress) -> None:
+    async def _load_teacher(self, mission: Mission) -> None:
+        """Load the mission's first teacher (kept in ``load_model``'s cache); a failure is left to the
+        multi-teacher fallback, which tries the next teacher when the shard is sampled."""
+        ref = mission.signed.spec.teachers[0]
+        self._teachers_used[ref] = time.monotonic()
+        if is_loaded(ref):
+            return
+        try:
+            await _in_thread(load_model, ref)
+        except (ValueError, OSError) as e:
+            logger.warning("teacher %s does not load here (%s); its fallbacks will be tried", ref, e)
+
+    async def _sample(
+        self, mission: Mission, lease: Lease, progress: MissionProgress, lost: asyncio.Event
+    ) -> FallbackShakeResult | None:
+        """The shard's rows, or None when sampling stopped (lease lost, cancel, stop) or no teacher loads."""
         spec = mission.signed.spec
         prompts = mission.shard(lease.shard)
-        lost = asyncio.Event()
-        renewer = asyncio.create_task(self._renew(lease, lost))
+        stopping = self._stop
+        config = ShakeConfig(
+            candidates=spec.sampling.candidates,
+            temperature=spec.sampling.temperature,
+            top_p=spec.sampling.top_p,
+            max_new_tokens=spec.sampling.max_new_tokens,
+            top_k_logprobs=spec.sampling.top_k_logprobs,
+            batch_prompts=min(self.config.batch_prompts, len(prompts)),
+            prompt_seeds=lambda p: prompt_seed(mission.id, p),
+            # read from the sampling thread: Event.is_set only reads a flag, safe across threads
+            cancelled=lambda: lost.is_set() or stopping.is_set() or mission.cancelled,
+        )
         started = time.monotonic()
         progress.started = progress.started or time.time()
         try:
-            config = ShakeConfig(
-                candidates=spec.sampling.candidates,
-                temperature=spec.sampling.temperature,
-                top_p=spec.sampling.top_p,
-                max_new_tokens=spec.sampling.max_new_tokens,
-                top_k_logprobs=spec.sampling.top_k_logprobs,
-                batch_prompts=min(self.config.batch_prompts, len(prompts)),
-                prompt_seeds=lambda p: prompt_seed(mission.id, p),
-            )
-            for ref in spec.teachers:
-                self._teachers_used[ref] = time.monotonic()
-            result = await _in_thread(shake_with_fallback, spec.teachers, prompts, judge_for(spec), config)
+            return await _in_thread(shake_with_fallback, spec.teachers, prompts, judge_for(spec), config)
+        except ShakeCancelled:
+            progress.shards_lost += 1
+            logger.info("shard %d of mission %s: stopped sampling (lease lost, mission cancelled or daemon stopping)",
+                        lease.shard, mission.id[:12])  # fmt: skip
+            return None
         except NoTeacherError as e:
             self.blocked = str(e)
             self.errors["no teacher"] += 1
             logger.warning("mission %s: %s", mission.id[:12], e)
-            await self._release(lease)
-            return
+            return None
+        finally:
+            progress.seconds_shaking += time.monotonic() - started
+            for ref in spec.teachers:
+                self._teachers_used[ref] = time.monotonic()
+
+    async def _finish(
+        self,
+        mission: Mission,
+        lease: Lease,
+        result: FallbackShakeResult,
+        renewer: asyncio.Task[None],
+        progress: MissionProgress,
+    ) -> None:
+        """Store the shard's rows, have another peer copy them, then publish the result; the lease is
+        renewed until the result is out."""
+        try:
+            rows = _in_prompt_order(result.rows, mission.shard(lease.shard))
+            held = self.keeper.keep_own(mission, lease.shard, lease.attempt, rows)
+            taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
+            progress.replicated += len(taken)
+            if not taken:
+                logger.warning(
+                    "shard %d of mission %s: no other peer took a copy yet; it is marked done and copied later",
+                    lease.shard, mission.id[:12],
+                )  # fmt: skip
+            try:
+                await self.leases.mark_done(
+                    lease, rows=len(rows), row_set_sha256=held.sha256, teachers=result.rows_by_teacher()
+                )
+            except ShardDHTError as e:  # the rows are kept; the lease expires and the shard is redone
+                logger.warning("shard %d of mission %s: could not publish the result: %s", lease.shard,
+                               mission.id[:12], e)  # fmt: skip
+                return
+            progress.shards_shaken += 1
+            progress.rows_shaken += len(rows)
+            self.book.wake()
         finally:
             renewer.cancel()
-            progress.seconds_shaking += time.monotonic() - started
-        for ref in spec.teachers:
-            self._teachers_used[ref] = time.monotonic()
-        if lost.is_set():
-            progress.shards_lost += 1
-            return
-        rows = _in_prompt_order(result.rows, prompts)
-        held = self.keeper.keep_own(mission, lease.shard, lease.attempt, rows)
-        taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
-        progress.replicated += len(taken)
-        if not taken:
-            logger.warning(
-                "shard %d of mission %s: no other peer took a copy yet; it is marked done and copied later",
-                lease.shard, mission.id[:12],
-            )  # fmt: skip
-        teachers = result.rows_by_teacher()
-        try:
-            await self.leases.mark_done(lease, rows=len(rows), row_set_sha256=held.sha256, teachers=teachers)
-        except ShardDHTError as e:  # the rows are kept; the shard's lease expires and it is redone or retried
-            logger.warning("shard %d of mission %s: could not publish the result: %s", lease.shard, mission.id[:12], e)
-            return
-        progress.shards_shaken += 1
-        progress.rows_shaken += len(rows)
-        self.book.wake()
+            self._leases.pop(lease.attempt, None)
 
     async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
+        """Keep the lease while the shard is sampled. The first check comes soon after the claim: two
+        claims crossing in flight can both read their own lease back, and the one the DHT did not keep
+        should stop within a second rather than sample the whole shard for nothing."""
         current = lease
+        first = True
         while True:
-            await asyncio.sleep(self.leases.config.renew_period)
+            await asyncio.sleep(CONFIRM_AFTER if first else self.leases.config.renew_period)
+            first = False
             try:
                 current = await self.leases.renew(current)
             except LeaseLostError as e:

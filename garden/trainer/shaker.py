@@ -38,7 +38,9 @@ class ShakeConfig:
         mission id); when set, candidate ``c`` of prompt ``p`` draws from its own ``torch.Generator`` seeded
         with ``(prompt_seeds(p) + c) % 2**63``, so a prompt's candidates do not depend on the other prompts in
         its batch or on its position there (up to floating-point effects of batching), and ``seed`` is ignored
-        for sampling"""
+        for sampling
+    :param cancelled: polled before every batch and every decoding step; when it returns True the shake
+        stops at once with :class:`ShakeCancelled` (a lost lease, a daemon stopping)"""
 
     candidates: int = 4
     temperature: float = 0.8
@@ -48,6 +50,7 @@ class ShakeConfig:
     batch_prompts: int = 16
     seed: int = 0
     prompt_seeds: Callable[[PromptRow], int] | None = None
+    cancelled: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -61,6 +64,15 @@ class ShakeConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid shaking settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+
+
+class ShakeCancelled(Exception):
+    """The shake was stopped by ``ShakeConfig.cancelled``; nothing it sampled is returned."""
+
+
+def _check_cancelled(config: ShakeConfig) -> None:
+    if config.cancelled is not None and config.cancelled():
+        raise ShakeCancelled("shaking cancelled")
 
 
 @dataclass
@@ -85,6 +97,7 @@ def shake(
     tokenizer, model = teacher.tokenizer, teacher.model
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
     for index, start in enumerate(range(0, len(prompts), config.batch_prompts)):
+        _check_cancelled(config)
         batch = list(prompts[start : start + config.batch_prompts])
         encoded: list[tuple[PromptRow, list[int]]] = []
         for prompt in batch:
@@ -146,6 +159,8 @@ def _sample(
         if seeds is not None:
             generators = [torch.Generator().manual_seed((seed + c) % 2**63) for seed in seeds for c in range(n)]
         pick = _sampler(model, config.temperature, config.top_p, generators)
+        if config.cancelled is not None:
+            pick = _cancellable(pick, config)
         answers = _decode_shared(model, prompt_ids, n, config.max_new_tokens, pad_id(tokenizer), pick)
     elif seeds is None:
         answers = _generate(model, prompt_ids, config, pad_id(tokenizer))
@@ -193,6 +208,16 @@ def _generate(model: Any, prompt_ids: list[list[int]], config: ShakeConfig, pad:
         end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
         answers.append(row[:end])
     return answers
+
+
+def _cancellable(pick: Pick, config: ShakeConfig) -> Pick:
+    """``pick`` that first checks ``config.cancelled`` (once per decoding step: a few ms of work)."""
+
+    def checked(logits: Any, rows: Any) -> Any:
+        _check_cancelled(config)
+        return pick(logits, rows)
+
+    return checked
 
 
 def _sampler(model: Any, temperature: float, top_p: float, generators: Sequence[Any] | None = None) -> Pick:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from garden.models import LoadedModel, load_model
 from garden.protocol.rows import DorpoRow, PromptRow
 from garden.trainer.judges import Judge
-from garden.trainer.shaker import ShakeConfig, shake
+from garden.trainer.shaker import ShakeCancelled, ShakeConfig, shake
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ def shake_with_fallback(
             report.prompts += len(pending)
             try:
                 shaken = shake(loaded, pending, teacher_judge, batch_config)
+            except ShakeCancelled:  # not the teacher's failure: the whole shake stops
+                raise
             # any failure of one teacher on one batch (out of memory, a judge error, a model bug) passes
             # the batch on; it is logged and counted, and each prompt's drop reason names it
             except Exception as e:

@@ -24,7 +24,7 @@ from garden.protocol.rows import PromptRow
 from garden.encoding import pad_id
 from garden.trainer.judges import Judge, Judgement, ReferenceJudge, RegexJudge
 from garden.encoding import chat_prompt_ids
-from garden.trainer.shaker import ShakeConfig, _decode_shared, _sampler, _warp, shake
+from garden.trainer.shaker import ShakeCancelled, ShakeConfig, _decode_shared, _sampler, _warp, shake
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +89,28 @@ def test_no_usable_answer_drops_the_prompt_and_long_prompts_are_refused() -> Non
     huge = PromptRow(prompt="word " * 6000)  # ~6000 tokens + 4096 new ones > the 8192-token context
     result = shake(teacher, [huge], impossible, ShakeConfig(candidates=1, max_new_tokens=4096))
     assert result.samples == 0 and "too long" in result.dropped[0][1]
+
+
+def test_a_cancelled_shake_stops_mid_decoding_and_through_the_fallback() -> None:
+    from garden.trainer.teachers import shake_with_fallback
+
+    teacher = load_model("builtin:smollm2-135m")
+    polls = []
+
+    def cancel_after_five() -> bool:
+        polls.append(1)
+        return len(polls) > 5  # once before the batch, then once per decoding step
+
+    config = ShakeConfig(candidates=2, max_new_tokens=200, cancelled=cancel_after_five)
+    with pytest.raises(ShakeCancelled):
+        shake(teacher, [PromptRow(prompt="Tell me a long story.")], RegexJudge(".*"), config)
+    assert len(polls) == 6  # stopped at the fifth token, not after 200
+    polls.clear()
+    with pytest.raises(ShakeCancelled):  # not taken for a failing teacher and passed on to the next one
+        shake_with_fallback(
+            ["builtin:smollm2-135m", "builtin:smollm2-135m-missing"],
+            [PromptRow(prompt="Tell me a long story.")], RegexJudge(".*"), config,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("kwargs", [{"candidates": 0}, {"temperature": 0.0}, {"top_p": 1.5}, {"top_k_logprobs": 0}])
