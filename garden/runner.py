@@ -23,6 +23,7 @@ from garden.api.app import create_app
 from garden.api.server import HttpPortError, HttpServer, bind_http_socket, make_server
 from garden.config import GardenSettings
 from garden.daemon import Gardener
+from garden.logs import setup_logging
 from garden.datadir import DataDirBusyError, DataDirLock
 from garden.peer.identity import IdentityError
 from garden.peer.swarm import SwarmError
@@ -36,23 +37,6 @@ STOP_TIMEOUT = 8.0
 SWARM_CHECK_PERIOD = 1.0
 """Seconds between checks that the DHT process and its p2pd still run."""
 EXIT_USAGE = 2  # the daemon could not start for a reason the user can fix
-
-
-def setup_logging(level: str) -> None:
-    numeric = getattr(logging, level.upper())
-    logging.basicConfig(
-        level=numeric,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    # hivemind's own handler would replace this format; let its records reach ours instead.
-    # Its INFO lines are about its internals: keep them for --log-level debug.
-    from hivemind.utils.logging import use_hivemind_log_handler
-
-    use_hivemind_log_handler("nowhere")
-    logging.getLogger("hivemind").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
 
 
 def say(message: str, error: bool = False) -> None:

@@ -9,6 +9,7 @@ issues append migrations (missions, shards, rows, checkpoints); never edit an ap
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from collections.abc import Iterable, Iterator, Sequence
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the row codec (numpy, msgpack, pydantic) is imported when rows are first touched
     from garden.protocol.rows import DorpoRow
@@ -357,6 +360,50 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class RowFeed:
+    """New rows of one mission, read from a store another process writes (the daemon), read-only.
+
+    The swarm trainer runs in a process of its own while the daemon keeps storing rows (its own shards,
+    copies from other peers); each :meth:`new_rows` returns only what arrived since the last call. A stored
+    row that no longer decodes (a damaged page, a row written by a newer garden) is skipped and counted in
+    :attr:`skipped`, never raised: one bad row must not stop a training run."""
+
+    def __init__(self, path: Path, mission_id: str):
+        self.path, self.mission_id = Path(path), mission_id
+        self.skipped = 0
+        self._after = 0  # SQLite rowid of the last row read
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no garden database here")
+        self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+
+    def new_rows(self, limit: int = 10_000) -> list[DorpoRow]:
+        from garden.protocol.records import RecordError
+        from garden.protocol.rows import DorpoRow
+
+        found = self._db.execute(
+            "SELECT rowid, row_id, body FROM rows WHERE mission_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+            (self.mission_id, self._after, limit),
+        ).fetchall()
+        rows = []
+        for rowid, row_id, body in found:
+            self._after = rowid
+            try:
+                row = DorpoRow.from_msgpack(body, max_bytes=len(body))
+            except RecordError as e:
+                self.skipped += 1
+                logger.warning("skipped stored row %s of mission %s: %s", row_id, self.mission_id[:12], e)
+                continue
+            if row.row_id != row_id:
+                self.skipped += 1
+                logger.warning("skipped stored row %s: its content hashes to %s", row_id, row.row_id)
+                continue
+            rows.append(row)
+        return rows
+
+    def close(self) -> None:
+        self._db.close()
 
 
 class _Transaction:

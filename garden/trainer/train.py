@@ -189,49 +189,32 @@ class DorpoTrainer:
     # --- one step --------------------------------------------------------------------------------------
     def train_step(self) -> StepReport:
         """Forward/backward over the step's micro-batches, clip, and apply (or skip when not finite)."""
-        import torch
-
         started = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
-        finite = True
-        accum = self.config.grad_accum
-        for rows in self.micro_batches(self.step):
-            out = dorpo_forward(self.model, collate(rows, self.pad).to(self.device), self.loss_config)
-            for name, value in out.metrics().items():
-                sums[name].append(value)
-            if not torch.isfinite(out.loss):
-                finite = False
-                break
-            (out.loss / accum).backward()
-        grad_norm = math.nan
-        if finite:
-            limit = self.config.max_grad_norm or math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
-            finite = math.isfinite(grad_norm)
         lr = float(self.scheduler.get_last_lr()[0])
-        if finite:
+        grads = compute_gradients(
+            self.model, self.micro_batches(self.step), self.pad, self.device, self.loss_config, self.params,
+            self.config.max_grad_norm,
+        )  # fmt: skip
+        if grads.finite:
             self.optimizer.step()
         else:
             self.skipped_steps += 1
             logger.warning(
                 "step %d: loss or gradient is not finite (loss %s, grad norm %s); skipped, weights unchanged",
                 self.step + 1,
-                sums["loss"][-1],
-                grad_norm,
+                grads.last_loss,
+                grads.grad_norm,
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        metrics = {name: _nanmean(values) for name, values in sums.items()}
         return StepReport(
             step=self.step,
             steps=self.config.steps,
-            metrics=metrics,
+            metrics=grads.metrics,
             lr=lr,
-            grad_norm=grad_norm,
-            skipped=not finite,
+            grad_norm=grads.grad_norm,
+            skipped=not grads.finite,
             seconds=time.perf_counter() - started,
         )
 
@@ -317,6 +300,55 @@ class DorpoTrainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.run is not None:
             self.run.truncate_metrics(self.step)
+
+
+@dataclass
+class StepGradients:
+    """What one step's forward/backward left: the metrics (means over micro-batches), the clipped global
+    gradient norm, and whether loss and gradient were finite (when not, ``.grad`` is cleared)."""
+
+    metrics: dict[str, float]
+    grad_norm: float
+    finite: bool
+    last_loss: float  # of the last micro-batch run: the non-finite one when ``finite`` is False
+
+
+def compute_gradients(
+    model: Any,
+    micro_batches: Sequence[Sequence[EncodedRow]],
+    pad: int,
+    device: Any,
+    loss_config: DorpoConfig,
+    params: Sequence[Any],
+    max_grad_norm: float,
+) -> StepGradients:
+    """Accumulate the mean gradient of ``micro_batches`` into ``.grad`` and clip it to ``max_grad_norm``
+    (0: no clipping). A non-finite loss stops at that micro-batch; a non-finite loss or norm clears the
+    gradients, so that nothing of the step can be applied (here) or sent to peers (the swarm trainer)."""
+    import torch
+
+    model.train()
+    for p in params:
+        p.grad = None
+    sums: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+    finite = True
+    for rows in micro_batches:
+        out = dorpo_forward(model, collate(rows, pad).to(device), loss_config)
+        for name, value in out.metrics().items():
+            sums[name].append(value)
+        if not torch.isfinite(out.loss):
+            finite = False
+            break
+        (out.loss / len(micro_batches)).backward()
+    grad_norm = math.nan
+    if finite:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
+        finite = math.isfinite(grad_norm)
+    if not finite:
+        for p in params:
+            p.grad = None
+    metrics = {name: _nanmean(values) for name, values in sums.items()}
+    return StepGradients(metrics=metrics, grad_norm=grad_norm, finite=finite, last_loss=sums["loss"][-1])
 
 
 def _nanmean(values: list[float]) -> float:

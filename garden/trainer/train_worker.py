@@ -1,0 +1,263 @@
+"""The trainer worker: one process per mission a peer trains, run as
+``python -m garden.trainer.train_worker CONFIG.json``.
+
+Why a process of its own: ``hivemind.Optimizer`` wants the main thread of its process (its averagers are
+forked children and it blocks in rounds), while the daemon's main thread runs the event loop that serves
+HTTP and RPCs. The worker has its own ``hivemind.DHT``, bootstrapped from the daemon's addresses (client
+mode when the daemon is not reachable from outside), and reads rows from the daemon's store read-only as
+they arrive, so rows the daemon copies from other peers count too.
+
+It reports through one JSON file (``status_path``, rewritten atomically every second) that the daemon
+reads; it stops on SIGTERM or SIGINT (finishing the current step), when ``max_epochs`` is reached (after
+``linger_s`` seconds of serving its state to peers that are catching up), and when the daemon that
+started it dies (a watch thread, as for the daemon's own DHT process): never an orphan.
+"""
+
+from __future__ import annotations
+
+import os
+
+# as in the daemon: torch's file_system sharing (hivemind's default) starts a torch_shm_manager process
+# that would outlive a killed worker
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+import argparse
+import hashlib
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from garden.trainer.collab import CollabConfig, CompressionName, Mode
+from garden.trainer.train import Schedule
+from garden.trainer.checkpoint import write_json_atomic
+
+logger = logging.getLogger("garden.trainer.worker")
+
+STATUS_PERIOD = 1.0
+"""Seconds between rewrites of the status file."""
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = 16
+    alpha: int = 32
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0
+
+
+class StudentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    keep_layers: int | None = None
+    lora: LoraSettings | None = None
+
+
+class CollabSettings(BaseModel):
+    """:class:`garden.trainer.collab.CollabConfig`, as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+    target_batch_size: int
+    max_epochs: int
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_epochs: int = 0
+    schedule: Schedule = "cosine"
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    lambda_or: float = 0.1
+    lambda_kl: float = 1.0
+    mode: Mode = "sync"
+    compression: CompressionName = "none"
+    matchmaking_time: float = 5.0
+    averaging_timeout: float = 30.0
+    load_state_timeout: float = 60.0
+    seed: int = 0
+
+
+class WorkerConfig(BaseModel):
+    """What the daemon (or a test) tells a worker, written as one JSON file.
+
+    :param mission_id: the mission (hivemind's run id; the rows read from the store)
+    :param initial_peers: multiaddrs to bootstrap the worker's DHT from: the daemon's own
+    :param host_maddrs: where the worker's DHT listens (its averagers talk over it)
+    :param client_mode: the worker's DHT accepts no incoming connections (a peer behind NAT)
+    :param store_path: the daemon's SQLite store, read-only here
+    :param status_path: the JSON status file the worker rewrites
+    :param out_dir: where the trained student is written at the end
+    :param parent_pid: exit when this process (the daemon) is gone; None: no watch
+    :param linger_s: seconds to keep serving state to peers after the last epoch
+    :param row_poll_s: seconds between reads of new rows from the store
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mission_id: str = Field(min_length=1, max_length=128)
+    student: StudentSettings
+    collab: CollabSettings
+    initial_peers: list[str] = Field(default_factory=list)
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    client_mode: bool = False
+    store_path: Path
+    status_path: Path
+    out_dir: Path
+    max_threads: int | None = None
+    parent_pid: int | None = None
+    linger_s: float = 5.0
+    row_poll_s: float = 5.0
+
+    def collab_config(self) -> CollabConfig:
+        return CollabConfig(run_id=self.mission_id, **self.collab.model_dump())  # type: ignore[arg-type]
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        logger.info("signal %d: stopping after this step", signum)
+        self.event.set()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    from garden.peer.swarm import _exit_with_parent
+
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="garden-parent-watch", daemon=True).start()
+
+
+def _tie_averagers_to_this_process() -> None:
+    """hivemind's averagers are forked children that outlive a worker killed with SIGKILL (the OOM killer, a
+    crash); each one watches its parent, as the DHT process does, and exits when the worker is gone."""
+    from hivemind.averaging.averager import DecentralizedAverager
+
+    if getattr(DecentralizedAverager.run, "garden_tied", False):
+        return
+    original = DecentralizedAverager.run
+
+    def run(self: DecentralizedAverager) -> None:
+        _watch_parent(self._parent_pid)
+        original(self)
+
+    run.garden_tied = True  # type: ignore[attr-defined]
+    DecentralizedAverager.run = run  # type: ignore[method-assign]
+
+
+def _peer_seed(peer_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "big")
+
+
+def run(config: WorkerConfig, stop: threading.Event) -> int:
+    import torch
+
+    from garden.peer.swarm import GardenDHT
+    from garden.store import RowFeed
+    from garden.trainer import averaging_guard
+    from garden.trainer.collab import CollabTrainer, TrainStatus, make_optimizer
+    from garden.trainer.student import LoraSpec, StudentSpec, build_student
+
+    if config.max_threads:
+        torch.set_num_threads(config.max_threads)
+    collab = config.collab_config()
+    status_path = config.status_path
+    status_path.parent.mkdir(parents=True, exist_ok=True)
+    status = TrainStatus(max_epochs=collab.max_epochs)
+
+    def write_status(current: TrainStatus) -> None:
+        current.updated_at = time.time()
+        write_json_atomic(status_path, {"pid": os.getpid(), **asdict(current)})
+
+    write_status(status)
+    averaging_guard.install()  # before the optimizer forks its averagers
+    _tie_averagers_to_this_process()
+    dht = GardenDHT(
+        initial_peers=config.initial_peers or None,
+        host_maddrs=config.host_maddrs,
+        client_mode=config.client_mode,
+        start=True,
+    )
+    feed: RowFeed | None = None
+    trainer: CollabTrainer | None = None
+    try:
+        spec = config.student
+        lora = LoraSpec(**spec.lora.model_dump(), seed=collab.seed) if spec.lora else None
+        student = build_student(StudentSpec(base=spec.base, keep_layers=spec.keep_layers, lora=lora))
+        feed = RowFeed(config.store_path, config.mission_id)
+        peer_id = dht.peer_id.to_base58()
+        trainer = CollabTrainer(student, collab, lambda params: make_optimizer(dht, params, collab), _peer_seed(peer_id))
+        status = trainer.status
+        logger.info("training mission %s as %s", config.mission_id[:12], peer_id)
+        last_poll = last_write = -float("inf")
+        synced = False
+        while not stop.is_set() and not trainer.done:
+            now = time.monotonic()
+            if now - last_poll >= config.row_poll_s or not trainer.encoded:
+                trainer.add_rows(feed.new_rows())
+                status.rows_skipped = feed.skipped + trainer.encode_report.too_long
+                last_poll = now
+            if trainer.encoded and not synced:
+                trainer.sync_with_peers()
+                synced = True
+            if trainer.step() is None:
+                stop.wait(min(1.0, config.row_poll_s))
+            if time.monotonic() - last_write >= STATUS_PERIOD:
+                write_status(status)
+                last_write = time.monotonic()
+        if trainer.done:
+            final = config.out_dir / "final"
+            final.mkdir(parents=True, exist_ok=True)
+            student.model.save_pretrained(final)
+            student.tokenizer.save_pretrained(final)
+            status.state = "done"
+            status.last_checkpoint = {"epoch": trainer.epoch, "path": str(final)}
+            write_status(status)
+            logger.info("mission %s: reached epoch %d", config.mission_id[:12], trainer.epoch)
+            stop.wait(config.linger_s)  # peers catching up may still load the state from this one
+        else:
+            status.state = "stopped"
+        write_status(status)
+        return 0
+    except Exception as e:
+        logger.exception("training failed")
+        status.state, status.error = "failed", f"{type(e).__name__}: {e}"[:2000]
+        write_status(status)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+        if feed is not None:
+            feed.close()
+        dht.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m garden.trainer.train_worker", description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="the worker's JSON configuration")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    from garden.logs import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        config = WorkerConfig.model_validate_json(args.config.read_text())
+    except (OSError, ValueError) as e:
+        print(f"garden: error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if config.parent_pid is not None:
+        _watch_parent(config.parent_pid)
+    return run(config, stop.event)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Swarm training across real trainer worker processes (real hivemind, p2pd, averagers on 127.0.0.1),
+bootstrapped from a real daemon, on a tiny random Llama student and real DORPO rows (issue 6's tests).
+
+The student is tiny so that an epoch takes seconds; the averaging machinery is the same at any size.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.daemons import DaemonFactory, wait_until
+from tests.trainers import WorkerFactory, make_rows_store, make_tiny_student
+
+pytestmark = pytest.mark.swarm
+HOSTILE = [sys.executable, str(Path(__file__).resolve().parents[1] / "hostile_trainer.py")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    return make_tiny_student(tmp_path_factory.mktemp("tiny") / "student")
+
+
+@pytest.fixture(scope="module")
+def rows_store(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    return make_rows_store(tmp_path_factory.mktemp("rows") / "garden.sqlite3")
+
+
+@pytest.fixture
+def workers(tmp_path: Path, tiny: Path, rows_store: Path) -> Iterator[WorkerFactory]:
+    factory = WorkerFactory(tmp_path / "workers", tiny, rows_store)
+    yield factory
+    orphans = factory.close()
+    assert not orphans, f"processes outlived their workers: {orphans}"
+
+
+def bootstrap(daemons: DaemonFactory) -> list[str]:
+    """A real daemon (no shaking) whose addresses the workers' DHTs join, as a peer's own worker would."""
+    return [daemons.start("--roles", "trainer").join_addr]
+
+
+def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[name].reshape(-1) for name in sorted(tensors)])
+
+
+def initial(tiny: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return flat(load_file(str(tiny / "model.safetensors")))
+
+
+def test_trainers_reach_the_same_parameters_and_a_late_one_loads_their_state(
+    daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
+) -> None:
+    peers = bootstrap(daemons)
+    a, b = workers.start(peers, max_epochs=5), workers.start(peers, max_epochs=5)
+    wait_until(lambda: min(w.status().get("epoch", 0) for w in (a, b)) >= 2, 120, 0.5, "two epochs together")
+    assert a.status()["peers"] == 2 and b.status()["peers"] == 2
+
+    late = workers.start(peers, max_epochs=5)
+    wait_until(lambda: all(w.status().get("state") == "done" for w in (a, b, late)), 180, 0.5, "all done")
+    loaded = late.status()["loaded_state_at_epoch"]
+    assert loaded is not None and loaded >= 2, late.log()[-3000:]  # it did not start from the random init
+
+    finals = [flat(w.final_params()) for w in (a, b, late)]
+    assert all(torch.isfinite(f).all() for f in finals)
+    assert (finals[0] - initial(tiny)).abs().max() > 1e-3  # it trained
+    for other in finals[1:]:
+        assert torch.allclose(finals[0], other, atol=1e-6), (finals[0] - other).abs().max()
+    for w in (a, b, late):
+        status = w.status()
+        assert status["epoch"] == 5 and status["skipped_steps"] == 0
+        assert status["rows"] == 8 and math.isfinite(status["loss"])
+        assert w.proc.wait(timeout=30) == 0, w.log()[-3000:]
+
+
+def test_a_trainer_killed_mid_run_does_not_stall_the_others(daemons: DaemonFactory, workers: WorkerFactory) -> None:
+    peers = bootstrap(daemons)
+    trio = [workers.start(peers, max_epochs=6, averaging_timeout=8.0) for _ in range(3)]
+    wait_until(lambda: min(w.status().get("epoch", 0) for w in trio) >= 1, 150, 0.5, "an epoch with three")
+    victim, survivors = trio[2], trio[:2]
+    victim.kill()  # kill -9, alone: its DHT process and averagers must follow by themselves
+    killed_at = max(w.status()["epoch"] for w in survivors)
+    started = time.monotonic()
+    wait_until(lambda: min(w.status().get("epoch", 0) for w in survivors) > killed_at, 60, 0.5, "the next epoch")
+    # the round the victim left cost at most the averaging timeout and a matchmaking period
+    assert time.monotonic() - started < 8.0 + 2.0 + 30.0
+    wait_until(lambda: all(w.status().get("state") == "done" for w in survivors), 150, 0.5, "survivors done")
+    wait_until(lambda: not victim.alive_descendants(), 10, 0.2, "the victim's children gone")
+    a, b = (flat(w.final_params()) for w in survivors)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
+    daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
+) -> None:
+    peers = bootstrap(daemons)
+    honest = [workers.start(peers, max_epochs=4) for _ in range(2)]
+    hostile = workers.start(peers, executable=HOSTILE, max_epochs=1000)
+    wait_until(lambda: all(w.status().get("state") == "done" for w in honest), 180, 0.5, "honest peers done")
+    hostile_id = wait_until(lambda: hostile.status().get("peer_id"), 10, 0.5, "the hostile peer's id")
+    assert hostile.status()["steps"] > 0  # it did take part
+    logs = "".join(w.log() for w in honest)
+    assert f"from peer {hostile_id}" in logs and "non-finite values" in logs, logs[-4000:]
+    finals = [flat(w.final_params()) for w in honest]
+    assert all(torch.isfinite(f).all() for f in finals)
+    assert (finals[0] - initial(tiny)).abs().max() > 1e-3
