@@ -83,6 +83,9 @@ class GardenSettings(BaseSettings):
     lease_seconds: float = Field(
         300.0, ge=2.0, le=3600.0, description="Seconds a shard lease lasts unless renewed (renewed every third)."
     )
+    train_batch_size: int = Field(
+        4, ge=1, le=4096, description="Rows per forward pass when this peer trains a mission's student."
+    )
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
     @field_validator("join", "host_maddr", "announce_maddr", "roles", mode="before")

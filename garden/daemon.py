@@ -30,6 +30,7 @@ from garden.protocol.validators import MissionRecordValidator, PeerRecordValidat
 from garden.store import Store
 from garden.trainer.leases import LeaseConfig, LeaseManager, ShardRecordValidator
 from garden.trainer.mission_work import MissionWork, WorkConfig
+from garden.trainer.training_work import TrainingConfig, TrainingWork
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Gardener:
         self.transfer: ContentTransfer | None = None
         self.work: MissionWork | None = None
         self.keeper: RowSetKeeper | None = None
+        self.training: TrainingWork | None = None
         self._p2p: Any = None
         self.started_at: float | None = None
         self._stop = asyncio.Event()
@@ -145,12 +147,31 @@ class Gardener:
                 max_memory=self.settings.max_memory,
             ),
         )
+        self.training = TrainingWork(
+            self.missions,
+            self.store,
+            TrainingConfig(
+                trainer="trainer" in self.roles,
+                root=self.data_dir.root / "train",
+                store_path=self.data_dir.store,
+                initial_peers=lambda: self.addresses or self.settings.join,
+                host_maddrs=self.settings.host_maddr,
+                client_mode=self.settings.client_mode,
+                batch_size=self.settings.train_batch_size,
+                max_threads=self.settings.max_threads,
+                log_level=self.settings.log_level,
+                period=min(self.settings.announce_period, 5.0),
+            ),
+        )
         self._tasks.append(asyncio.create_task(self.missions.run(self._stop), name="garden-missions"))
         self._tasks.append(asyncio.create_task(self.work.run(self._stop), name="garden-mission-work"))
+        self._tasks.append(asyncio.create_task(self.training.run(self._stop), name="garden-training"))
 
     async def stop(self) -> None:
         """Leave the swarm politely: stop periodic work, announce ``offline``."""
         self._stop.set()
+        if self.training is not None:
+            self.training.begin_stop()  # workers wind down while the rest stops
         for task in self._tasks:
             try:
                 await asyncio.wait_for(task, timeout=GOODBYE_TIMEOUT)
@@ -159,6 +180,8 @@ class Gardener:
         self._tasks.clear()
         if self.work is not None:
             await self.work.close()
+        if self.training is not None:
+            await self.training.close()
         if self.transfer is not None:
             await self.transfer.stop()
         if self._p2p is not None:
@@ -195,7 +218,8 @@ class Gardener:
         return refused + (self.directory.invalid_records if self.directory else 0)
 
     def child_pids(self) -> list[int]:
-        return self.swarm.child_pids() if self.swarm is not None else []
+        workers = self.training.child_pids() if self.training is not None else []
+        return (self.swarm.child_pids() if self.swarm is not None else []) + workers
 
     def _make_record(self, state: PeerState) -> PeerInfo:
         assert self.machine is not None

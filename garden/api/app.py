@@ -83,7 +83,7 @@ def create_app(gardener: Gardener) -> FastAPI:
 
     if gardener.missions is None:
         raise RuntimeError("create_app needs a started Gardener")
-    app.include_router(make_missions_router(gardener.missions, lambda: gardener.work))
+    app.include_router(make_missions_router(gardener.missions, lambda: gardener.work, lambda: gardener.training))
     return app
 
 

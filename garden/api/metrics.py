@@ -6,6 +6,7 @@ not share counters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
@@ -14,6 +15,8 @@ from prometheus_client.registry import Collector
 
 from garden import __version__
 from garden.daemon import Gardener
+from garden.peer.missions import Mission
+from garden.trainer.training_work import TrainingWork
 
 
 class GardenerCollector(Collector):
@@ -96,6 +99,38 @@ def _mission_metrics(g: Gardener) -> Iterator[Metric]:
         shards_shaken.add_metric(labels, progress.shards_shaken if progress else 0)
         held.add_metric(labels, len(g.store.row_sets(mission.id)) if g.store is not None else 0)
     yield from (shards, rows, shaken, shards_shaken, held)
+    if g.training is not None:
+        yield from _training_metrics(g.training, list(g.missions.missions.values()))
+
+
+TRAIN_GAUGES = {
+    "epoch": "The swarm epoch this peer's trainer is at.",
+    "samples_per_s": "Rows per second this peer's trainer trains on.",
+    "peers": "Trainers in the swarm's latest progress report.",
+    "loss": "DORPO loss of this peer's last step.",
+    "kl": "Top-k KL to the teacher at this peer's last step.",
+    "pref_acc": "Preference accuracy (lp+ > lp-) at this peer's last step.",
+}
+TRAIN_COUNTERS = {
+    "samples": "Rows this peer's trainer trained on.",
+    "skipped_steps": "Trainer steps with a non-finite loss or gradient (not applied, not sent).",
+}
+
+
+def _training_metrics(training: TrainingWork, missions: list[Mission]) -> Iterator[Metric]:
+    """``garden_train_<field>{mission, name}`` from each trainer's status (the fields of ``GET /missions/{id}``)."""
+    labels = ["mission", "name"]
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+        **{k: GaugeMetricFamily(f"garden_train_{k}", doc, labels=labels) for k, doc in TRAIN_GAUGES.items()},
+        **{k: CounterMetricFamily(f"garden_train_{k}", doc, labels=labels) for k, doc in TRAIN_COUNTERS.items()},
+    }
+    for mission in missions:
+        status = training.status(mission.id)
+        for key, family in families.items():
+            value = status.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                family.add_metric([mission.id, mission.name], value)
+    yield from families.values()
 
 
 def make_registry(gardener: Gardener) -> CollectorRegistry:

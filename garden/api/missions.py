@@ -22,6 +22,7 @@ from garden.api.schemas import (
     MissionDetail,
     MissionPeer,
     MissionSummary,
+    MissionTraining,
     MissionWorkHere,
     ShardCounts,
 )
@@ -31,6 +32,7 @@ from garden.protocol.mission import MissionDraft, MissionSpec, MissionSpecError
 from garden.protocol.rows import PromptRow, preference_json_line
 from garden.trainer.leases import ShardStatus
 from garden.trainer.mission_work import MissionView, MissionWork
+from garden.trainer.training_work import TrainingWork
 
 BUILTIN_PROMPTS = {DEMO_PROMPTS: demo_prompts}
 MAX_POST_PROMPTS = 100_000
@@ -38,8 +40,9 @@ MAX_POST_PROMPTS = 100_000
 on the peer itself in a later version, or split them."""
 
 
-def make_missions_router(book: MissionBook, work_of: Any) -> APIRouter:
-    """``work_of()`` gives the daemon's :class:`MissionWork` (created once the event loop runs)."""
+def make_missions_router(book: MissionBook, work_of: Any, training_of: Any = lambda: None) -> APIRouter:
+    """``work_of()`` and ``training_of()`` give the daemon's :class:`MissionWork` and :class:`TrainingWork`
+    (created once the event loop runs)."""
     router = APIRouter(tags=["missions"])
     errors: dict[int | str, dict[str, Any]] = {404: {"model": Error}, 422: {"model": Error}}
 
@@ -72,7 +75,7 @@ def make_missions_router(book: MissionBook, work_of: Any) -> APIRouter:
             mission = book.get(mission_id)
         except MissionError as e:
             return _error(e)
-        return _detail(await work().view(mission))
+        return _detail(await work().view(mission), _training(training_of(), mission))
 
     @router.get("/missions/{mission_id}/rows", responses=errors)
     async def export_rows(mission_id: str, format: str = Query("jsonl")) -> Any:  # noqa: A002 (the API's name)
@@ -178,7 +181,19 @@ def _summary(view: MissionView) -> MissionSummary:
     )
 
 
-def _detail(view: MissionView) -> MissionDetail:
+def _training(training: TrainingWork | None, mission: Mission) -> MissionTraining | None:
+    view = training.view(mission) if training is not None else None
+    if view is None:
+        return None
+    known = set(MissionTraining.model_fields) - {"state", "restarts"}
+    status = {k: v for k, v in view.status.items() if k in known}
+    try:
+        return MissionTraining(state=view.state, restarts=view.restarts, **status)
+    except ValidationError:  # a status file from another version: show the state alone
+        return MissionTraining(state=view.state, restarts=view.restarts)
+
+
+def _detail(view: MissionView, training: MissionTraining | None = None) -> MissionDetail:
     summary = _summary(view)
     peers: dict[str, MissionPeer] = {}
     for peer_id, announcement in view.holders.items():
@@ -219,5 +234,6 @@ def _detail(view: MissionView) -> MissionDetail:
             seconds_shaking=round(progress.seconds_shaking, 3),
         ),
         cancel_reason=view.mission.cancel.reason if view.mission.cancel is not None else None,
+        train=training,
         spec=view.mission.signed.spec.model_dump(mode="json", by_alias=True),
     )

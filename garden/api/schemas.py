@@ -114,6 +114,29 @@ class MissionWorkHere(BaseModel):
     seconds_shaking: float
 
 
+class MissionTraining(BaseModel):
+    """This peer's share of training the mission's student (``garden.trainer.training_work``)."""
+
+    state: str = Field(description="waiting for rows | starting | loading state from peers | training | done | "
+                       "stopped | failed | restarting in N s | not a trainer")  # fmt: skip
+    epoch: int = Field(0, description="the swarm epoch this peer is at (target_batch_size rows each)")
+    max_epochs: int = 0
+    samples: int = Field(0, description="rows this peer trained on")
+    samples_per_s: float = Field(0.0, description="this peer's training rate")
+    peers: int = Field(0, description="trainers in the swarm's latest progress report")
+    loss: float | None = None
+    kl: float | None = None
+    pref_acc: float | None = None
+    skipped_steps: int = Field(0, description="steps with a non-finite loss or gradient: not applied, not sent")
+    rows: int = Field(0, description="usable rows this peer trains on")
+    rows_skipped: int = Field(0, description="stored rows refused (damaged) or left out (too long)")
+    loaded_state_at_epoch: int | None = Field(None, description="joined late: the epoch it loaded from peers")
+    last_checkpoint: dict[str, Any] | None = None
+    restarts: int = Field(0, description="times the daemon restarted a failed trainer")
+    error: str | None = None
+    pid: int | None = Field(None, description="the trainer worker's process (its last one, once it exited)")
+
+
 class MissionDetail(MissionSummary):
     peers: list[MissionPeer]
     teachers: dict[str, int] = Field(description="rows per teacher reference, over the shards done")
@@ -121,4 +144,5 @@ class MissionDetail(MissionSummary):
     eta_s: float | None = Field(None, description="seconds until every shard is done at that rate")
     this_peer: MissionWorkHere
     cancel_reason: str | None = None
+    train: MissionTraining | None = Field(None, description="None: this peer does not train missions")
     spec: dict[str, Any]

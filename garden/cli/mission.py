@@ -92,9 +92,7 @@ def show(
         return
     shards = data["shards"]
     console.print(f"[bold]{data['name']}[/] {data['id']}  ({data['state']})")
-    width = 40
-    filled = round(width * shards["done"] / max(shards["total"], 1))
-    console.print(f"[green]{'█' * filled}[/][dim]{'░' * (width - filled)}[/] {shards['done']}/{shards['total']} shards")
+    console.print(f"{_bar(shards['done'], shards['total'])} {shards['done']}/{shards['total']} shards")
     eta = data.get("eta_s")
     console.print(
         f"shards: {shards['done']} done, {shards['leased']} leased, {shards['open']} open of {shards['total']}; "
@@ -114,8 +112,39 @@ def show(
     console.print(table)
     here = data["this_peer"]
     console.print(f"this peer: {here['state']}; shaken {here['shards_shaken']} shards, {here['rows_shaken']} rows")
+    train = data.get("train")
+    if train is not None:
+        _show_training(train)
     if data.get("cancel_reason") is not None:
         console.print(f"cancelled by the lead: {data['cancel_reason'] or '(no reason given)'}")
+
+
+def _bar(done: float, total: float, width: int = 40) -> str:
+    filled = min(width, round(width * done / max(total, 1)))
+    return f"[green]{'█' * filled}[/][dim]{'░' * (width - filled)}[/]"
+
+
+def _show_training(train: dict) -> None:
+    """This peer's training: a bar to max_epochs, then the step's metrics."""
+    console.print(f"training here: {train['state']}")
+    if not train.get("max_epochs"):
+        return
+    console.print(f"{_bar(train['epoch'], train['max_epochs'])} epoch {train['epoch']}/{train['max_epochs']}")
+
+    def num(key: str, digits: int = 3) -> str:
+        value = train.get(key)
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    console.print(
+        f"loss {num('loss')}  kl {num('kl')}  pref_acc {num('pref_acc', 2)}  "
+        f"{train['samples']} rows trained here ({num('samples_per_s', 1)}/s), {train['peers']} trainers in the swarm"
+    )
+    if train.get("skipped_steps"):
+        console.print(f"[yellow]{train['skipped_steps']} steps skipped (non-finite loss or gradient)[/]")
+    if train.get("last_checkpoint"):
+        console.print(f"last checkpoint: epoch {train['last_checkpoint'].get('epoch')}")
+    if train.get("error"):
+        console.print(f"[red]trainer error: {train['error']}[/]")
 
 
 @mission_app.command("export")

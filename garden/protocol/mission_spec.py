@@ -148,19 +148,31 @@ JudgeSection = Annotated[
 
 
 class TrainSection(_Section):
-    """Collaborative training settings every trainer must share (defaults and ranges mirror
-    ``garden.trainer.train.TrainConfig``; ``batch_size``, ``grad_accum`` and threads are per peer)."""
+    """Collaborative training settings every trainer must share (ranges mirror
+    ``garden.trainer.collab.CollabConfig``; ``batch_size``, ``grad_accum`` and threads are per peer).
+    An *epoch* is hivemind's: ``target_batch_size`` rows trained across the swarm."""
 
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
     lambda_or: float = Field(default=0.1, ge=0.0)
     lambda_kl: float = Field(default=1.0, ge=0.0)
     target_batch_size: int = Field(default=256, ge=1, le=1_000_000)
-    steps: int = Field(default=200, ge=1, le=10_000_000)
-    warmup_steps: int = Field(default=10, ge=0)
+    max_epochs: int = Field(default=20, ge=1, le=10_000_000)
+    warmup_epochs: int = Field(default=1, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     max_length: int = Field(default=512, ge=8, le=32768)
+    mode: Literal["sync", "local"] = "sync"
+    compression: Literal["none", "fp16", "8bit"] = "none"
+    checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
+    matchmaking_time: float = Field(default=5.0, gt=0.0, le=600.0)
+    averaging_timeout: float = Field(default=30.0, gt=0.0, le=3600.0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainSection:
+        if self.warmup_epochs > self.max_epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds max_epochs ({self.max_epochs})")
+        return self
 
 
 class MissionSpec(_Section):

@@ -1,0 +1,246 @@
+"""Training missions in the daemon: one trainer worker process per mission this peer trains, supervised.
+
+A peer with the ``trainer`` role trains every mission it knows (prompts in hand, not cancelled, not
+finished) as soon as it holds rows of it: shaking and training overlap, and the worker picks up rows as
+the daemon stores them. The daemon
+
+* starts the worker (``python -m garden.trainer.train_worker``) with a configuration written from the
+  mission's spec, bootstrapped from the daemon's own addresses (the join addresses in client mode);
+* restarts it when it exits with an error or is killed, after a back-off that grows (5 s, 15 s, 1 min,
+  5 min): a broken student reference must not become a fork loop;
+* stops it when the mission is cancelled and when the daemon stops (SIGTERM, then SIGKILL after
+  ``STOP_GRACE``; the worker's own children follow it either way);
+* reads its status file for ``GET /missions/{id}`` and ``/metrics``.
+
+A worker that reached the mission's ``max_epochs`` leaves ``state: done`` in its status file, which
+lives in the data dir: a restarted daemon does not train that mission again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from garden.peer.missions import Mission, MissionBook
+from garden.store import Store
+
+logger = logging.getLogger(__name__)
+
+BACKOFF = (5.0, 15.0, 60.0, 300.0)
+"""Seconds before the n-th restart of a failed worker (the last one repeats)."""
+STOP_GRACE = 5.0
+"""Seconds a stopping worker may take to finish its step before it is killed."""
+STATUS_FILE = "status.json"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """:param trainer: this peer has the ``trainer`` role
+    :param root: where each mission's worker keeps its configuration, log, status and output
+    :param store_path: the daemon's store (the worker reads rows from it)
+    :param initial_peers: the addresses a worker's DHT bootstraps from (called when it starts)
+    :param host_maddrs: the daemon's listen addresses; the worker listens on the same hosts, any port
+    """
+
+    trainer: bool
+    root: Path
+    store_path: Path
+    initial_peers: Callable[[], Sequence[str]]
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
+    client_mode: bool = False
+    batch_size: int = 4
+    max_threads: int | None = None
+    log_level: str = "info"
+    period: float = 5.0
+
+
+@dataclass
+class _Worker:
+    mission_id: str
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    failures: int = 0
+    next_start: float = 0.0
+    last_exit: int | None = None
+
+
+@dataclass
+class TrainingView:
+    """What ``GET /missions/{id}`` shows of this peer's training of one mission."""
+
+    state: str
+    status: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    last_exit: int | None = None
+
+
+def worker_host_maddrs(host_maddrs: Sequence[str]) -> list[str]:
+    """The daemon's listen addresses with any fixed port replaced by 0: the worker must not take the
+    daemon's port, and its averagers only need to be reachable where the daemon is."""
+    return [re.sub(r"/(tcp|udp)/\d+", r"/\1/0", maddr) for maddr in host_maddrs]
+
+
+class TrainingWork:
+    def __init__(self, book: MissionBook, store: Store, config: TrainingConfig):
+        self.book, self.store, self.config = book, store, config
+        self._workers: dict[str, _Worker] = {}
+
+    # --- the loop ----------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.tend()
+            except Exception:  # one bad round must not end supervision; the next one retries
+                logger.exception("training supervision failed")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.config.period)
+            except TimeoutError:
+                pass
+        self.begin_stop()  # the daemon waits for the workers in close()
+
+    def tend(self) -> None:
+        now = time.monotonic()
+        for mission in list(self.book.missions.values()):
+            worker = self._workers.get(mission.id)
+            if worker is not None and worker.proc is not None:
+                if mission.cancelled:
+                    logger.info("mission %s was cancelled: stopping its trainer", mission.id[:12])
+                    self._signal(worker, signal.SIGTERM)
+                self._reap(worker, now)
+                continue
+            if not self._wants(mission):
+                continue
+            worker = self._workers.setdefault(mission.id, _Worker(mission.id, self.config.root / mission.id))
+            if now >= worker.next_start:
+                self._start(mission, worker)
+
+    def _wants(self, mission: Mission) -> bool:
+        if not self.config.trainer or mission.cancelled or mission.prompts is None:
+            return False
+        if self.status(mission.id).get("state") == "done":
+            return False
+        return self.store.count_rows(mission.id) > 0
+
+    # --- one worker --------------------------------------------------------------------------------
+    def _start(self, mission: Mission, worker: _Worker) -> None:
+        worker.dir.mkdir(parents=True, exist_ok=True)
+        spec = mission.signed.spec
+        train = spec.train
+        config = {
+            "mission_id": mission.id,
+            "student": spec.student.model_dump(mode="json"),
+            "collab": {
+                "target_batch_size": train.target_batch_size,
+                "max_epochs": train.max_epochs,
+                "batch_size": self.config.batch_size,
+                "lr": train.lr,
+                "weight_decay": train.weight_decay,
+                "warmup_epochs": train.warmup_epochs,
+                "schedule": train.schedule,
+                "max_grad_norm": train.max_grad_norm,
+                "max_length": train.max_length,
+                "lambda_or": train.lambda_or,
+                "lambda_kl": train.lambda_kl,
+                "mode": train.mode,
+                "compression": train.compression,
+                "matchmaking_time": train.matchmaking_time,
+                "averaging_timeout": train.averaging_timeout,
+            },
+            "initial_peers": list(self.config.initial_peers()),
+            "host_maddrs": worker_host_maddrs(self.config.host_maddrs),
+            "client_mode": self.config.client_mode,
+            "store_path": str(self.config.store_path),
+            "status_path": str(worker.dir / STATUS_FILE),
+            "out_dir": str(worker.dir / "out"),
+            "max_threads": self.config.max_threads,
+            "parent_pid": os.getpid(),
+        }
+        path = worker.dir / "config.json"
+        path.write_text(json.dumps(config, indent=2))
+        argv = [sys.executable, "-m", "garden.trainer.train_worker", str(path), "--log-level", self.config.log_level]
+        with open(worker.dir / "worker.log", "ab") as log:
+            worker.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        logger.info("training mission %s (%s): worker pid %d", mission.name, mission.id[:12], worker.proc.pid)
+
+    def _reap(self, worker: _Worker, now: float) -> None:
+        assert worker.proc is not None
+        code = worker.proc.poll()
+        if code is None:
+            return
+        worker.proc, worker.last_exit = None, code
+        state = self.status(worker.mission_id).get("state")
+        if code == 0 and state in ("done", "stopped"):
+            logger.info("trainer of mission %s finished (%s)", worker.mission_id[:12], state)
+            return
+        delay = BACKOFF[min(worker.failures, len(BACKOFF) - 1)]
+        worker.failures += 1
+        worker.next_start = now + delay
+        logger.warning(
+            "trainer of mission %s exited with %s (restart %d in %.0f s); its log: %s",
+            worker.mission_id[:12], code, worker.failures, delay, worker.dir / "worker.log",
+        )  # fmt: skip
+
+    def _signal(self, worker: _Worker, signum: int) -> None:
+        if worker.proc is not None and worker.proc.poll() is None:
+            try:
+                worker.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def begin_stop(self) -> None:
+        """SIGTERM every worker: each finishes its step and leaves the swarm while the daemon stops too."""
+        for worker in self._workers.values():
+            self._signal(worker, signal.SIGTERM)
+
+    async def close(self) -> None:
+        """Stop every worker: SIGTERM, then SIGKILL after ``STOP_GRACE``."""
+        running = [w for w in self._workers.values() if w.proc is not None and w.proc.poll() is None]
+        self.begin_stop()
+        deadline = time.monotonic() + STOP_GRACE
+        for worker in running:
+            assert worker.proc is not None
+            try:
+                await asyncio.to_thread(worker.proc.wait, max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("trainer of mission %s did not stop in time: killed", worker.mission_id[:12])
+                self._signal(worker, signal.SIGKILL)
+                await asyncio.to_thread(worker.proc.wait)
+
+    # --- views -------------------------------------------------------------------------------------
+    def status(self, mission_id: str) -> dict[str, Any]:
+        """The worker's last status file (it outlives the worker), or {}."""
+        try:
+            data = json.loads((self.config.root / mission_id / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def view(self, mission: Mission) -> TrainingView | None:
+        worker = self._workers.get(mission.id)
+        status = self.status(mission.id)
+        if worker is None and not status:
+            return None if self.config.trainer else TrainingView(state="not a trainer")
+        running = worker is not None and worker.proc is not None
+        state = str(status.get("state", "starting")) if running or status else "waiting for rows"
+        if worker is not None and not running and worker.failures and state not in ("done", "stopped"):
+            state = f"restarting in {max(0.0, worker.next_start - time.monotonic()):.0f} s (exit {worker.last_exit})"
+        return TrainingView(
+            state=state,
+            status=status,
+            restarts=worker.failures if worker else 0,
+            last_exit=worker.last_exit if worker else None,
+        )
+
+    def child_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers.values() if w.proc is not None and w.proc.poll() is None]
