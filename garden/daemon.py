@@ -30,6 +30,7 @@ from garden.protocol.validators import MissionRecordValidator, PeerRecordValidat
 from garden.store import Store
 from garden.trainer.leases import LeaseConfig, LeaseManager, ShardRecordValidator
 from garden.trainer.mission_work import MissionWork, WorkConfig
+from garden.trainer.checkpoint_sharing import CheckpointSharing
 from garden.trainer.training_work import TrainingConfig, TrainingWork
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Gardener:
         self.work: MissionWork | None = None
         self.keeper: RowSetKeeper | None = None
         self.training: TrainingWork | None = None
+        self.checkpoints: CheckpointSharing | None = None
         self._p2p: Any = None
         self.started_at: float | None = None
         self._stop = asyncio.Event()
@@ -126,7 +128,12 @@ class Gardener:
         async def on_offer(sender: str, ref: ContentRef) -> tuple[bool, str]:
             return await keeper.on_offer(sender, ref) if keeper is not None else (False, "starting")
 
-        self.transfer = ContentTransfer(p2p, self.missions.content, on_offer=on_offer)
+        async def content(ref: ContentRef) -> bytes | None:
+            if ref.kind == "ckpt":
+                return await self.checkpoints.content(ref) if self.checkpoints is not None else None
+            return await self.missions.content(ref) if self.missions is not None else None
+
+        self.transfer = ContentTransfer(p2p, content, on_offer=on_offer)
         await self.transfer.start()
         self.missions.transfer = self.transfer
         self.keeper = keeper = RowSetKeeper(self.store, self.missions, self.transfer)
@@ -147,12 +154,21 @@ class Gardener:
                 max_memory=self.settings.max_memory,
             ),
         )
+        self.checkpoints = CheckpointSharing(
+            self.swarm,
+            self.keys,
+            self.identity.private_key,
+            self.identity.peer_id,
+            self.transfer,
+            train_root=self.data_dir.train,
+            pulled_root=self.data_dir.pulled_checkpoints,
+        )
         self.training = TrainingWork(
             self.missions,
             self.store,
             TrainingConfig(
                 trainer="trainer" in self.roles,
-                root=self.data_dir.root / "train",
+                root=self.data_dir.train,
                 store_path=self.data_dir.store,
                 initial_peers=lambda: self.addresses or self.settings.join,
                 host_maddrs=self.settings.host_maddr,
@@ -162,6 +178,7 @@ class Gardener:
                 log_level=self.settings.log_level,
                 period=min(self.settings.announce_period, 5.0),
             ),
+            sharing=self.checkpoints,
         )
         self._tasks.append(asyncio.create_task(self.missions.run(self._stop), name="garden-missions"))
         self._tasks.append(asyncio.create_task(self.work.run(self._stop), name="garden-mission-work"))

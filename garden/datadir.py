@@ -38,6 +38,16 @@ class DataDir:
         return self.root / "garden.sqlite3"
 
     @property
+    def train(self) -> Path:
+        """One directory per mission this peer trains: the worker's config, log, status and checkpoints."""
+        return self.root / "train"
+
+    @property
+    def pulled_checkpoints(self) -> Path:
+        """Checkpoints pulled from other peers (``garden mission pull``), by mission and epoch."""
+        return self.root / "checkpoints"
+
+    @property
     def runtime(self) -> Path:
         """Written by the running daemon (pid, HTTP URL, peer id) so the CLI finds it; removed on stop."""
         return self.root / "daemon.json"

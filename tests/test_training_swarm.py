@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,11 +73,20 @@ def training(daemon: Daemon, mission_id: str) -> dict[str, Any]:
 def final_params(daemon: Daemon, mission_id: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(daemon.data_dir / "train" / mission_id / "out" / "final" / "model.safetensors"))
+    path = Path(training(daemon, mission_id)["last_checkpoint"]["path"]) / "model" / "model.safetensors"
+    tensors = load_file(str(path))
     return torch.cat([tensors[k].reshape(-1) for k in sorted(tensors)])
 
 
-def test_two_peers_shake_and_train_one_student(daemons: DaemonFactory, model_cache: Path, tiny: Path) -> None:
+def garden_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_two_peers_shake_and_train_one_student(
+    daemons: DaemonFactory, model_cache: Path, tiny: Path, tmp_path: Path
+) -> None:
     a = start(daemons, model_cache)
     b = start(daemons, model_cache, join=a)
     mission_id = create(a, mission_body(tiny))
@@ -90,16 +100,46 @@ def test_two_peers_shake_and_train_one_student(daemons: DaemonFactory, model_cac
         train = training(daemon, mission_id)
         assert train["epoch"] == 3 and train["max_epochs"] == 3 and train["restarts"] == 0
         assert train["rows"] > 0 and train["samples"] > 0 and train["skipped_steps"] == 0
-        assert train["loss"] is not None and train["last_checkpoint"]["epoch"] == 3
-    pa, pb = final_params(a, mission_id), final_params(b, mission_id)
-    assert torch.isfinite(pa).all() and torch.allclose(pa, pb, atol=1e-6)
+        assert train["loss"] is not None
+    pa, pb = (torch.tensor(training(d, mission_id)["params_probe"], dtype=torch.float64) for d in (a, b))
+    assert torch.isfinite(pa).all() and torch.allclose(pa, pb, rtol=1e-9, atol=1e-6), (pa, pb)
+    writers = [d for d in (a, b) if (training(d, mission_id).get("last_checkpoint") or {}).get("epoch") == 3]
+    assert writers, "no peer wrote the last epoch's checkpoint"
+    assert torch.isfinite(final_params(writers[0], mission_id)).all()
     metrics = b.get("/metrics").text
     assert f'garden_train_epoch{{mission="{mission_id}",name="train-test"}} 3.0' in metrics
-    shown = subprocess.run(
-        [sys.executable, "-m", "garden", "mission", "show", mission_id[:12], "--url", a.url],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    shown = garden_cli("mission", "show", mission_id[:12], "--url", a.url)
     assert shown.returncode == 0 and "epoch 3/3" in shown.stdout and "training here: done" in shown.stdout
+
+    # the checkpoint is announced, pulled through the other peer (over P2P unless it wrote one too),
+    # hash-checked, and loads as a model
+    writer = writers[0]
+    other = b if writer is a else a
+    wait_until(lambda: other.get(f"/missions/{mission_id}/checkpoints").json(), 30, 0.5, "an announced checkpoint")
+    out = tmp_path / "pulled"
+    pulled = garden_cli("mission", "pull", mission_id[:12], "-o", str(out), "--url", other.url)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert "every sha256 checked" in pulled.stdout
+    from safetensors.torch import load_file
+
+    got = load_file(str(out / "model.safetensors"))
+    assert torch.equal(torch.cat([got[k].reshape(-1) for k in sorted(got)]), final_params(writer, mission_id))
+    generated = garden_cli("generate", "--model", str(out), "--max-new-tokens", "4", "Hello")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+
+    # a file that changes after it was announced is refused: nothing is written
+    written = Path(training(writer, mission_id)["last_checkpoint"]["path"]) / "model" / "model.safetensors"
+    damaged = bytearray(written.read_bytes())
+    damaged[-1] ^= 0xFF
+    written.write_bytes(bytes(damaged))
+    shutil.rmtree(other.data_dir / "checkpoints", ignore_errors=True)
+    if other is not writer and training(other, mission_id).get("last_checkpoint"):  # both wrote one
+        own = Path(training(other, mission_id)["last_checkpoint"]["path"]) / "model" / "model.safetensors"
+        own.write_bytes(bytes(damaged))
+    refused = garden_cli("mission", "pull", mission_id[:12], "-o", str(tmp_path / "again"), "--url", other.url)
+    assert refused.returncode == 1 and "sha256" in refused.stderr + refused.stdout, refused.stderr
+    assert not (tmp_path / "again" / "model.safetensors").exists()
+    assert a.get("/health").status_code == 200 and b.get("/health").status_code == 200
 
     # a restarted daemon does not train a finished mission again
     assert b.stop() == 0

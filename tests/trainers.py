@@ -103,16 +103,25 @@ class Worker:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
-    def final_params(self) -> Any:
-        """The trained student's tensors as written at the end (name -> tensor)."""
+    def probe(self) -> Any:
+        """The worker's parameter probe at its last epoch change, as a tensor (see ``params_probe``)."""
+        import torch
+
+        return torch.tensor(self.status()["params_probe"], dtype=torch.float64)
+
+    def checkpoint_params(self) -> Any:
+        """The tensors of the last checkpoint this worker wrote (name -> tensor), or None."""
         from safetensors.torch import load_file
 
-        return load_file(str(self.dir / "out" / "final" / "model.safetensors"))
+        last = self.status().get("last_checkpoint")
+        return None if not last else load_file(str(Path(last["path"]) / "model" / "model.safetensors"))
 
 
 class WorkerFactory:
-    def __init__(self, base_dir: Path, student: Path, store: Path):
-        self.base_dir, self.student, self.store = base_dir, student, store
+    """:param student: the student's base (a directory, or any model reference), pruned to ``keep_layers``"""
+
+    def __init__(self, base_dir: Path, student: Path | str, store: Path, keep_layers: int | None = None):
+        self.base_dir, self.student, self.store, self.keep_layers = base_dir, student, store, keep_layers
         self.workers: list[Worker] = []
 
     def start(self, initial_peers: list[str], executable: list[str] | None = None, **collab: Any) -> Worker:
@@ -126,7 +135,7 @@ class WorkerFactory:
         } | collab  # fmt: skip
         config = {
             "mission_id": MISSION,
-            "student": {"base": str(self.student)},
+            "student": {"base": str(self.student), "keep_layers": self.keep_layers},
             "collab": settings,
             "initial_peers": initial_peers,
             "store_path": str(wdir / "garden.sqlite3"),

@@ -83,7 +83,11 @@ def create_app(gardener: Gardener) -> FastAPI:
 
     if gardener.missions is None:
         raise RuntimeError("create_app needs a started Gardener")
-    app.include_router(make_missions_router(gardener.missions, lambda: gardener.work, lambda: gardener.training))
+    app.include_router(
+        make_missions_router(
+            gardener.missions, lambda: gardener.work, lambda: gardener.training, lambda: gardener.checkpoints
+        )
+    )
     return app
 
 

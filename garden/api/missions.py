@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from garden.api.schemas import (
+    CheckpointInfo,
     Error,
     MissionCreate,
     MissionDetail,
@@ -24,6 +25,7 @@ from garden.api.schemas import (
     MissionSummary,
     MissionTraining,
     MissionWorkHere,
+    PulledCheckpoint,
     ShardCounts,
 )
 from garden.data import DEMO_PROMPTS, demo_prompts
@@ -32,6 +34,8 @@ from garden.protocol.mission import MissionDraft, MissionSpec, MissionSpecError
 from garden.protocol.rows import PromptRow, preference_json_line
 from garden.trainer.leases import ShardStatus
 from garden.trainer.mission_work import MissionView, MissionWork
+from garden.protocol.checkpoints import CheckpointRecord
+from garden.trainer.checkpoint_sharing import CheckpointSharing, PullError
 from garden.trainer.training_work import TrainingWork
 
 BUILTIN_PROMPTS = {DEMO_PROMPTS: demo_prompts}
@@ -40,9 +44,11 @@ MAX_POST_PROMPTS = 100_000
 on the peer itself in a later version, or split them."""
 
 
-def make_missions_router(book: MissionBook, work_of: Any, training_of: Any = lambda: None) -> APIRouter:
-    """``work_of()`` and ``training_of()`` give the daemon's :class:`MissionWork` and :class:`TrainingWork`
-    (created once the event loop runs)."""
+def make_missions_router(
+    book: MissionBook, work_of: Any, training_of: Any = lambda: None, checkpoints_of: Any = lambda: None
+) -> APIRouter:
+    """``work_of()``, ``training_of()`` and ``checkpoints_of()`` give the daemon's :class:`MissionWork`,
+    :class:`TrainingWork` and :class:`CheckpointSharing` (created once the event loop runs)."""
     router = APIRouter(tags=["missions"])
     errors: dict[int | str, dict[str, Any]] = {404: {"model": Error}, 422: {"model": Error}}
 
@@ -99,6 +105,52 @@ def make_missions_router(book: MissionBook, work_of: Any, training_of: Any = lam
                 yield preference_json_line(row)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+
+    def sharing() -> CheckpointSharing:
+        current = checkpoints_of()
+        if current is None:
+            raise MissionError("the peer is still starting", 503)
+        return current
+
+    @router.get("/missions/{mission_id}/checkpoints", response_model=list[CheckpointInfo], responses=errors)
+    async def list_checkpoints(mission_id: str) -> Any:
+        """Checkpoints of the mission's student that peers announce (one entry per epoch and holder)."""
+        try:
+            mission = book.get(mission_id)
+            records = await sharing().records(mission.id)
+        except MissionError as e:
+            return _error(e)
+        return [_checkpoint_info(r) for r in records]
+
+    @router.post(
+        "/missions/{mission_id}/checkpoints/{epoch}/pull", response_model=PulledCheckpoint,
+        responses=errors | {502: {"model": Error}},
+    )  # fmt: skip
+    async def pull_checkpoint(mission_id: str, epoch: str) -> Any:
+        """Fetch a checkpoint (``latest`` or an epoch) from the peers that hold it into this peer's data dir,
+        every file checked against its sha256; then its files can be read from ``.../files/{path}``."""
+        if epoch != "latest" and not epoch.isdigit():
+            return _validation_error(["path", "epoch"], f"{epoch!r}: an epoch number or 'latest'")
+        try:
+            mission = book.get(mission_id)
+            path, record = await sharing().pull(mission.id, None if epoch == "latest" else int(epoch))
+        except MissionError as e:
+            return _error(e)
+        except PullError as e:
+            return JSONResponse({"detail": str(e)}, status_code=404 if "announces" in str(e) else 502)
+        return PulledCheckpoint(**_checkpoint_info(record).model_dump(), local_path=str(path))
+
+    @router.get("/missions/{mission_id}/checkpoints/{epoch}/files/{path:path}", responses=errors)
+    async def checkpoint_file(mission_id: str, epoch: int, path: str) -> Any:
+        """One file of a checkpoint this peer holds (its own, or pulled): the CLI's download."""
+        try:
+            mission = book.get(mission_id)
+            held = next((c for c in sharing().local(mission.id) if c.epoch == epoch), None)
+        except MissionError as e:
+            return _error(e)
+        if held is None or path not in held.files:
+            return JSONResponse({"detail": f"this peer holds no {path!r} of epoch {epoch}"}, status_code=404)
+        return FileResponse(sharing().file_path(held, path), headers={"X-Garden-Sha256": held.files[path]})
 
     @router.delete("/missions/{mission_id}", response_model=MissionSummary, responses=errors | {403: {"model": Error}})
     async def cancel_mission(mission_id: str, reason: str = Query("", max_length=200)) -> Any:
@@ -178,6 +230,17 @@ def _summary(view: MissionView) -> MissionSummary:
         prompts=body.prompts_count,
         shards=_shards(view),
         rows=view.rows,
+    )
+
+
+def _checkpoint_info(record: CheckpointRecord) -> CheckpointInfo:
+    return CheckpointInfo(
+        epoch=record.epoch,
+        peer_id=record.peer_id,
+        size=record.size,
+        files=[f.model_dump() for f in record.files],
+        metrics=record.metrics,
+        created=record.created,
     )
 
 

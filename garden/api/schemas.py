@@ -132,9 +132,28 @@ class MissionTraining(BaseModel):
     rows_skipped: int = Field(0, description="stored rows refused (damaged) or left out (too long)")
     loaded_state_at_epoch: int | None = Field(None, description="joined late: the epoch it loaded from peers")
     last_checkpoint: dict[str, Any] | None = None
+    params_probe: list[float] | None = Field(
+        None, description="sum, sum of squares and a weighted sum of the parameters: equal on peers in sync"
+    )
+    bytes_sent: int = Field(0, description="bytes this peer's trainer sent while averaging with peers")
     restarts: int = Field(0, description="times the daemon restarted a failed trainer")
     error: str | None = None
     pid: int | None = Field(None, description="the trainer worker's process (its last one, once it exited)")
+
+
+class CheckpointInfo(BaseModel):
+    """A checkpoint of a mission's student, as a peer announces it (``m/<id>/ckpt``)."""
+
+    epoch: int
+    peer_id: str = Field(description="the peer that holds and serves its files")
+    size: int = Field(description="bytes of all its files")
+    files: list[dict[str, Any]] = Field(description='[{"path": "model/...", "size": n, "sha256": ...}]')
+    metrics: dict[str, float]
+    created: float
+
+
+class PulledCheckpoint(CheckpointInfo):
+    local_path: str = Field(description="where this peer keeps the pulled copy (a transformers directory)")
 
 
 class MissionDetail(MissionSummary):

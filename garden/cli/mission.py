@@ -1,4 +1,4 @@
-"""``garden mission create|list|show|export|cancel``: a community lead's commands. Thin: they read the
+"""``garden mission create|list|show|export|pull|cancel``: a community lead's commands. Thin: they read the
 mission file here (so errors name the file and key before anything is sent), then ask the local daemon's
 HTTP port, which signs with the peer's key and does the swarm work (``/missions``, garden.api.missions)."""
 
@@ -171,6 +171,62 @@ def export(
     console.print(f"wrote {response.headers.get('x-garden-rows', '?')} rows to {output}")
     if missing:
         console.print(f"[yellow]shards {missing} are done but no peer served their rows now; export again later[/]")
+
+
+@mission_app.command("pull")
+def pull(
+    mission_id: str = typer.Argument(..., metavar="ID"),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory to write the model to (created)."),
+    epoch: int | None = typer.Option(None, "--epoch", help="Which epoch's checkpoint (default: the newest announced)."),
+    url: str | None = URL,
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+) -> None:
+    """Download a checkpoint of the mission's student from a peer that has it, verify every file's sha256,
+    and write it as a model directory (``garden generate --model DIR`` and ``garden eval`` load it)."""
+    import hashlib
+    import os
+
+    import httpx
+
+    base = daemon_url(url, data_dir, config)
+    full = _resolve(base, mission_id)
+    which = "latest" if epoch is None else str(epoch)
+    console.print(f"fetching the checkpoint ({which}) of mission {full[:12]} from the swarm ...")
+    record = call_daemon("POST", base, f"/missions/{full}/checkpoints/{which}/pull", timeout=3600).json()
+    output.mkdir(parents=True, exist_ok=True)
+    for item in record["files"]:
+        subdir, name = item["path"].split("/", 1)
+        dest = output / (name if subdir == "model" else item["path"])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        digest = hashlib.sha256()
+        try:
+            with httpx.stream(
+                "GET", f"{base}/missions/{full}/checkpoints/{record['epoch']}/files/{item['path']}", timeout=600
+            ) as response:
+                if response.status_code != 200:
+                    raise fail(f"the daemon does not serve {item['path']}: {response.status_code}")
+                with open(tmp, "wb") as f:
+                    for chunk in response.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+        except httpx.TransportError as e:
+            tmp.unlink(missing_ok=True)
+            raise fail(f"download of {item['path']} broke off: {e}") from None
+        if digest.hexdigest() != item["sha256"]:
+            tmp.unlink(missing_ok=True)
+            raise fail(
+                f"{item['path']} does not match its sha256 (got {digest.hexdigest()[:12]}, the checkpoint "
+                f"names {item['sha256'][:12]}): refused, nothing written for it"
+            )
+        os.replace(tmp, dest)
+    (output / "garden-checkpoint.json").write_text(json.dumps({"mission_id": full, **record}, indent=2))
+    size = sum(f["size"] for f in record["files"]) / 2**20
+    console.print(
+        f"wrote epoch {record['epoch']} ({len(record['files'])} files, {size:.1f} MiB, every sha256 checked) "
+        f"to {output}; try: garden generate --model {output} \"What is the capital of France?\""
+    )
 
 
 @mission_app.command("cancel")

@@ -47,7 +47,7 @@ from garden.protocol.shards import Sha256Hex
 
 logger = logging.getLogger(__name__)
 
-ContentKind = Literal["prompts", "rows"]
+ContentKind = Literal["prompts", "rows", "ckpt"]
 MAX_REF_BYTES = 1024
 """Cap on an encoded :class:`ContentRef` (~200 bytes): a bigger request is garbage."""
 MAX_HEADER_BYTES = 1024
@@ -69,7 +69,10 @@ class ContentRef(StrictRecord):
 
     kind: ContentKind
     mission_id: MissionId
-    item: str = Field(default="", max_length=128, description='for rows the row-set name, "<shard>:<attempt>"')
+    item: str = Field(
+        default="", max_length=160,
+        description='for rows the row-set name, "<shard>:<attempt>"; for ckpt "<epoch>/<model|adapter>/<file>"',
+    )  # fmt: skip
     sha256: Sha256Hex
 
     def to_bytes(self) -> bytes:
@@ -119,6 +122,8 @@ class TransferLimits:
       before anything is downloaded. Every kind needs a cap.
     :param timeout: seconds for one whole fetch (connect, header, every chunk). Also bounds the local source's
       lookup when serving. 30 s carries 64 MiB at ~2.2 MB/s.
+    :param kind_timeout: a longer ``timeout`` for kinds that can be big (a checkpoint file of a student:
+      hundreds of MB).
     :param offer_timeout: seconds an offerer waits for the answer; the receiver usually fetches the content
       back before answering, so keep it above ``timeout``.
     :param avoid_seconds: how long a peer that sent garbage, too much or the wrong bytes is skipped.
@@ -126,8 +131,11 @@ class TransferLimits:
     """
 
     chunk_bytes: int = 256 * 1024
-    max_bytes: dict[str, int] = field(default_factory=lambda: {"prompts": 64 * 1024**2, "rows": 64 * 1024**2})
+    max_bytes: dict[str, int] = field(
+        default_factory=lambda: {"prompts": 64 * 1024**2, "rows": 64 * 1024**2, "ckpt": 2 * 1024**3}
+    )
     timeout: float = 30.0
+    kind_timeout: dict[str, float] = field(default_factory=lambda: {"ckpt": 1800.0})
     offer_timeout: float = 60.0
     avoid_seconds: float = 600.0
     max_serving: int = 8
@@ -259,13 +267,14 @@ class ContentTransfer:
 
     async def fetch(self, peer_id: str, ref: ContentRef) -> bytes:
         """The content ``ref`` names, from ``peer_id``, hash-checked. Raises only :class:`TransferError`."""
+        timeout = self.limits.kind_timeout.get(ref.kind, self.limits.timeout)
         try:
-            async with asyncio.timeout(self.limits.timeout):
+            async with asyncio.timeout(timeout):
                 content = await self._download(peer_id, ref)
         except _Failure as e:
             failure = e
         except TimeoutError:
-            failure = _Failure("timeout", f"over {self.limits.timeout:.0f} s")
+            failure = _Failure("timeout", f"over {timeout:.0f} s")
         except Exception as e:  # the daemon's errors for a dead or unknown peer, a broken connection
             failure = _Failure("unreachable", f"{type(e).__name__}: {str(e)[:200]}")
         else:

@@ -198,6 +198,8 @@ class TrainStatus:
     rows: int = 0  # usable rows this peer holds
     rows_skipped: int = 0  # stored rows that failed validation or were too long
     loaded_state_at_epoch: int | None = None
+    bytes_sent: int = 0  # sent in averaging rounds (garden.trainer.averaging_meter)
+    params_probe: list[float] | None = None  # see CollabTrainer.params_probe, at the last epoch change
     last_checkpoint: dict[str, Any] | None = None
     error: str | None = None
     updated_at: float = 0.0
@@ -322,10 +324,23 @@ class CollabTrainer:
         status.updated_at = time.time()
 
     def parameters_vector(self) -> Any:
-        """All trainable parameters, flattened (tests and checkpoints compare these)."""
+        """All trainable parameters, flattened."""
         import torch
 
         return torch.cat([p.detach().reshape(-1).cpu() for p in self.params])
+
+    def params_probe(self) -> list[float]:
+        """Three numbers that summarise the trainable parameters (sum, sum of squares, a position-weighted
+        sum, in float64): peers that hold the same model show the same probe, so a user (or a test) can
+        see that the swarm trains one model without moving it."""
+        import torch
+
+        sums = torch.zeros(3, dtype=torch.float64)
+        for p in self.params:
+            x = p.detach().reshape(-1).double().cpu()
+            weights = torch.arange(x.numel(), dtype=torch.float64).remainder_(7).add_(1)
+            sums += torch.stack([x.sum(), x.square().sum(), (x * weights).sum()])
+        return [float(v) for v in sums]
 
     def shutdown(self) -> None:
         self.optimizer.shutdown()

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from garden.trainer.collab import CollabConfig, CompressionName, Mode
 from garden.trainer.train import Schedule
-from garden.trainer.checkpoint import write_json_atomic
+from garden.trainer.checkpoint import RunDir, write_json_atomic
 
 logger = logging.getLogger("garden.trainer.worker")
 
@@ -92,7 +92,8 @@ class WorkerConfig(BaseModel):
     :param client_mode: the worker's DHT accepts no incoming connections (a peer behind NAT)
     :param store_path: the daemon's SQLite store, read-only here
     :param status_path: the JSON status file the worker rewrites
-    :param out_dir: where the trained student is written at the end
+    :param out_dir: a training run directory: the checkpoints this peer writes for the swarm
+    :param checkpoint_every: epochs between checkpoints (the last epoch is always saved)
     :param parent_pid: exit when this process (the daemon) is gone; None: no watch
     :param linger_s: seconds to keep serving state to peers after the last epoch
     :param row_poll_s: seconds between reads of new rows from the store
@@ -109,6 +110,7 @@ class WorkerConfig(BaseModel):
     status_path: Path
     out_dir: Path
     max_threads: int | None = None
+    checkpoint_every: int = Field(default=1, ge=1)
     parent_pid: int | None = None
     linger_s: float = 5.0
     row_poll_s: float = 5.0
@@ -155,12 +157,67 @@ def _peer_seed(peer_id: str) -> int:
     return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "big")
 
 
+class SwarmCheckpoints:
+    """Every ``checkpoint_every`` epochs (and at the last), one trainer of the swarm writes a checkpoint: the
+    one whose worker has the lowest peer id among those in hivemind's progress record (client-mode peers
+    only when no other trains, since they cannot serve the files). Every peer applies the same rule to the
+    same record, so one copy is written, not one per peer; if the records disagree for a moment, two
+    identical checkpoints are harmless.
+
+    The checkpoint is a garden training run (``out_dir`` holds ``garden-run.json``; each epoch is a
+    ``step-N`` checkpoint with sha256 of every file), so ``garden generate --model out_dir`` loads it."""
+
+    def __init__(self, run: RunDir, dht: Any, config: WorkerConfig, student: Any):
+        self.run, self.dht, self.config, self.student = run, dht, config, student
+        self.every = config.checkpoint_every
+
+    def writer(self, peer_id: str) -> bool:
+        from hivemind.p2p import PeerID
+
+        found = self.dht.get(f"{self.config.mission_id}_progress", latest=True)
+        servers, clients = [], []
+        for item in (found.value.values() if found is not None and isinstance(found.value, dict) else []):
+            value = getattr(item, "value", None)
+            if isinstance(value, dict) and isinstance(value.get("peer_id"), bytes):
+                try:
+                    other = PeerID(value["peer_id"]).to_base58()
+                except Exception:  # a malformed id: not a trainer we can compare with
+                    continue
+                (clients if value.get("client_mode") else servers).append(other)
+        candidates = servers or clients or [peer_id]
+        return min(candidates) == peer_id
+
+    def maybe_save(self, epoch: int, trainer: Any, peer_id: str) -> dict[str, Any] | None:
+        collab = self.config.collab
+        if epoch % self.every != 0 and epoch < collab.max_epochs:
+            return None
+        if not self.writer(peer_id):
+            return None
+        if not self.run.exists():
+            self.run.create(
+                {
+                    "kind": "swarm",
+                    "mission_id": self.config.mission_id,
+                    "student": self.config.student.model_dump(mode="json"),
+                    "settings": collab.model_dump(mode="json"),
+                }
+            )
+        status = trainer.status
+        metrics = {k: v for k, v in (("loss", status.loss), ("kl", status.kl), ("pref_acc", status.pref_acc))
+                   if v is not None}  # fmt: skip
+        state = {"epoch": epoch, "optimizer": trainer.optimizer.state_dict()}
+        checkpoint = self.run.save(epoch, self.student.model, self.student.tokenizer, state, metrics)
+        logger.info("mission %s: checkpoint of epoch %d written to %s", self.config.mission_id[:12], epoch,
+                    checkpoint.path)  # fmt: skip
+        return {"epoch": epoch, "path": str(checkpoint.path), "metrics": metrics, "files": checkpoint.manifest["files"]}
+
+
 def run(config: WorkerConfig, stop: threading.Event) -> int:
     import torch
 
     from garden.peer.swarm import GardenDHT
     from garden.store import RowFeed
-    from garden.trainer import averaging_guard
+    from garden.trainer import averaging_guard, averaging_meter
     from garden.trainer.collab import CollabTrainer, TrainStatus, make_optimizer
     from garden.trainer.student import LoraSpec, StudentSpec, build_student
 
@@ -173,10 +230,12 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
 
     def write_status(current: TrainStatus) -> None:
         current.updated_at = time.time()
+        current.bytes_sent = averaging_meter.bytes_sent()
         write_json_atomic(status_path, {"pid": os.getpid(), **asdict(current)})
 
     write_status(status)
     averaging_guard.install()  # before the optimizer forks its averagers
+    averaging_meter.install()
     _tie_averagers_to_this_process()
     dht = GardenDHT(
         initial_peers=config.initial_peers or None,
@@ -195,8 +254,10 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         trainer = CollabTrainer(student, collab, lambda params: make_optimizer(dht, params, collab), _peer_seed(peer_id))
         status = trainer.status
         logger.info("training mission %s as %s", config.mission_id[:12], peer_id)
+        checkpoints = SwarmCheckpoints(RunDir(config.out_dir), dht, config, student)
         last_poll = last_write = -float("inf")
         synced = False
+        epoch = trainer.epoch
         while not stop.is_set() and not trainer.done:
             now = time.monotonic()
             if now - last_poll >= config.row_poll_s or not trainer.encoded:
@@ -206,18 +267,21 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
             if trainer.encoded and not synced:
                 trainer.sync_with_peers()
                 synced = True
+                epoch = trainer.epoch
+                status.params_probe = trainer.params_probe()
             if trainer.step() is None:
                 stop.wait(min(1.0, config.row_poll_s))
+            if trainer.epoch != epoch:
+                epoch = trainer.epoch
+                status.params_probe = trainer.params_probe()
+                saved = checkpoints.maybe_save(epoch, trainer, peer_id)
+                if saved is not None:
+                    status.last_checkpoint = saved
             if time.monotonic() - last_write >= STATUS_PERIOD:
                 write_status(status)
                 last_write = time.monotonic()
         if trainer.done:
-            final = config.out_dir / "final"
-            final.mkdir(parents=True, exist_ok=True)
-            student.model.save_pretrained(final)
-            student.tokenizer.save_pretrained(final)
             status.state = "done"
-            status.last_checkpoint = {"epoch": trainer.epoch, "path": str(final)}
             write_status(status)
             logger.info("mission %s: reached epoch %d", config.mission_id[:12], trainer.epoch)
             stop.wait(config.linger_s)  # peers catching up may still load the state from this one

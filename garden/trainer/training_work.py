@@ -34,6 +34,7 @@ from typing import Any
 
 from garden.peer.missions import Mission, MissionBook
 from garden.store import Store
+from garden.trainer.checkpoint_sharing import CheckpointSharing
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ BACKOFF = (5.0, 15.0, 60.0, 300.0)
 STOP_GRACE = 5.0
 """Seconds a stopping worker may take to finish its step before it is killed."""
 STATUS_FILE = "status.json"
+REPUBLISH_PERIOD = 600.0
+"""Seconds between re-publications of the checkpoints this peer holds (sooner when a new one appears)."""
 
 
 @dataclass(frozen=True)
@@ -92,15 +95,19 @@ def worker_host_maddrs(host_maddrs: Sequence[str]) -> list[str]:
 
 
 class TrainingWork:
-    def __init__(self, book: MissionBook, store: Store, config: TrainingConfig):
-        self.book, self.store, self.config = book, store, config
+    def __init__(
+        self, book: MissionBook, store: Store, config: TrainingConfig, sharing: CheckpointSharing | None = None
+    ):
+        self.book, self.store, self.config, self.sharing = book, store, config, sharing
         self._workers: dict[str, _Worker] = {}
+        self._published: dict[str, tuple[tuple[int, ...], float]] = {}  # mission -> (epochs, when)
 
     # --- the loop ----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 self.tend()
+                await self.publish_checkpoints()
             except Exception:  # one bad round must not end supervision; the next one retries
                 logger.exception("training supervision failed")
             try:
@@ -124,6 +131,23 @@ class TrainingWork:
             worker = self._workers.setdefault(mission.id, _Worker(mission.id, self.config.root / mission.id))
             if now >= worker.next_start:
                 self._start(mission, worker)
+
+    async def publish_checkpoints(self) -> None:
+        """Announce the checkpoints held here when a new one appears, and every ``REPUBLISH_PERIOD``."""
+        if self.sharing is None:
+            return
+        now = time.monotonic()
+        for mission in list(self.book.missions.values()):
+            epochs = tuple(c.epoch for c in self.sharing.local(mission.id))
+            if not epochs:
+                continue
+            last = self._published.get(mission.id)
+            if last is not None and last[0] == epochs and now - last[1] < REPUBLISH_PERIOD:
+                continue
+            stored = await self.sharing.publish(mission.id)
+            if stored == len(epochs):
+                self._published[mission.id] = (epochs, now)
+                logger.info("mission %s: announced checkpoints of epochs %s", mission.id[:12], list(epochs))
 
     def _wants(self, mission: Mission) -> bool:
         if not self.config.trainer or mission.cancelled or mission.prompts is None:
@@ -164,6 +188,7 @@ class TrainingWork:
             "status_path": str(worker.dir / STATUS_FILE),
             "out_dir": str(worker.dir / "out"),
             "max_threads": self.config.max_threads,
+            "checkpoint_every": train.checkpoint_every,
             "parent_pid": os.getpid(),
         }
         path = worker.dir / "config.json"

@@ -182,7 +182,7 @@ async def test_a_liar_is_refused_avoided_and_skipped_for_an_honest_holder(p2ps: 
 @module_loop
 async def test_content_over_the_kind_cap_is_refused_before_download(p2ps: list[P2P]) -> None:
     data = os.urandom(50_000)
-    client, server, server_id = pair(p2ps, Holder(data), max_bytes={"prompts": 10**6, "rows": 5000})
+    client, server, server_id = pair(p2ps, Holder(data), max_bytes={"prompts": 10**6, "rows": 5000, "ckpt": 10**6})
     async with started(client, server):
         with pytest.raises(TransferError, match="too large"):
             await client.fetch(server_id, ref_for(data))

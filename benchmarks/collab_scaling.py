@@ -1,0 +1,170 @@
+"""Swarm training: DORPO rows/s with 1 and 2 trainer peers, and bytes sent per trained row by mode.
+
+Prints ONE JSON object to stdout; progress lines go to stderr (none with ``--json-only``).
+
+What is measured, and why:
+
+- **scaling**: the point of training together is that two peers train about twice as many rows per
+  second as one. Real trainer workers (``python -m garden.trainer.train_worker``, ``--max-threads 1``
+  each, on one machine) train the same student on the same rows in ``sync`` mode; the rate is counted
+  from the workers' status files over a window that starts once every peer has passed its first epoch
+  (start-up, model load and the first matchmaking left out) and lasts ``--window`` seconds. Target:
+  ``speedup_2_over_1`` >= 1.8.
+- **bytes per row**: what averaging costs the network, from each worker's ``bytes_sent`` (every
+  averaging message its averagers sent: parts to reducers, averaged parts back, state to late joiners),
+  summed over both peers and divided by the rows both trained, in three configurations:
+  ``naive`` (``sync``, fp32, gradients averaged after every step: ``target_batch_size`` = one step of
+  each peer, plain data-parallel training), ``sync_8bit`` (the same with 8-bit compression) and
+  ``local_8bit`` (``local`` mode, 8-bit, parameters averaged every ``--local-steps`` steps of each peer:
+  DiLoCo-style). Target: ``local_8bit`` <= 1/500 of ``naive``.
+
+The rows are shaken once from the built-in teacher (``--prompts`` demo prompts); the student is
+``--student`` (default: the built-in model pruned to 4 layers). Everything runs on 127.0.0.1, bootstrapped
+from one garden daemon. ``load_average_1m`` shows whether other work shared the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.daemons import DaemonFactory  # noqa: E402
+from tests.trainers import MISSION, WorkerFactory  # noqa: E402
+
+TARGET_SPEEDUP = 1.8
+TARGET_BYTES_RATIO = 1 / 500
+quiet = False
+
+
+def log(message: str) -> None:
+    if not quiet:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def shake_rows(path: Path, prompts: int) -> int:
+    from garden.data import demo_prompts
+    from garden.models import load_model
+    from garden.store import Store
+    from garden.trainer.judges import ReferenceJudge
+    from garden.trainer.shaker import ShakeConfig, shake
+
+    teacher = load_model("builtin:smollm2-135m")
+    rows = shake(teacher, demo_prompts()[:prompts], ReferenceJudge(), ShakeConfig(candidates=2, max_new_tokens=16)).rows
+    store = Store(path)
+    try:
+        store.add_rows(rows, mission_id=MISSION)
+    finally:
+        store.close()
+    return len(rows)
+
+
+def run_configuration(
+    name: str, peers: int, base: Path, student: str, store: Path, bootstrap: list[str], window: float, **collab: Any
+) -> dict[str, Any]:
+    """Start ``peers`` workers, wait until all passed epoch 1, then count rows and bytes over ``window``."""
+    from garden.trainer.student import parse_student_ref
+
+    spec = parse_student_ref(student)
+    factory = WorkerFactory(base / name, spec.base, store, keep_layers=spec.keep_layers)
+    settings = {"max_epochs": 1_000_000, "matchmaking_time": 2.0, "averaging_timeout": 30.0} | collab
+    try:
+        workers = [factory.start(bootstrap, **settings) for _ in range(peers)]
+        deadline = time.monotonic() + 600
+        while min(w.status().get("epoch", 0) for w in workers) < 1:
+            if time.monotonic() > deadline or any(w.proc.poll() is not None for w in workers):
+                raise RuntimeError(f"{name}: workers did not pass epoch 1:\n" + workers[0].log()[-3000:])
+            time.sleep(1.0)
+        start = [w.status() for w in workers]
+        t0 = time.monotonic()
+        time.sleep(window)
+        end = [w.status() for w in workers]
+        elapsed = time.monotonic() - t0
+    finally:
+        orphans = factory.close()
+    rows = sum(e["samples"] - s["samples"] for s, e in zip(start, end))
+    sent = sum(e["bytes_sent"] - s["bytes_sent"] for s, e in zip(start, end))
+    epochs = min(e["epoch"] - s["epoch"] for s, e in zip(start, end))
+    result = {
+        "name": name, "peers": peers, "settings": collab, "window_s": round(elapsed, 1), "rows": rows,
+        "rows_per_s": round(rows / elapsed, 3), "epochs_in_window": epochs, "bytes_sent": sent,
+        "bytes_per_row": round(sent / rows, 1) if rows else None, "orphans": orphans,
+    }  # fmt: skip
+    log(f"{name}: {json.dumps(result)}")
+    return result
+
+
+def main() -> int:
+    global quiet
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", default="prune:builtin:smollm2-135m:layers=4")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--target-batch-size", type=int, default=32, help="for the scaling runs")
+    parser.add_argument("--local-steps", type=int, default=64, help="local mode: steps per peer between averagings")
+    parser.add_argument("--window", type=float, default=60.0, help="seconds counted per configuration")
+    parser.add_argument("--skip-bytes", action="store_true", help="only the scaling runs")
+    parser.add_argument("--json-only", action="store_true")
+    args = parser.parse_args()
+    quiet = args.json_only
+    os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+    report: dict[str, Any] = {"student": args.student, "batch_size": args.batch_size, "window_s": args.window}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="garden-collab-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        log(f"shaking {args.prompts} prompts for rows")
+        report["rows_held"] = shake_rows(tmp / "garden.sqlite3", args.prompts)
+        daemons = DaemonFactory(tmp / "daemons")
+        try:
+            bootstrap = [daemons.start("--roles", "trainer").join_addr]
+            common = {"batch_size": args.batch_size, "lr": 1e-4}
+            runs = []
+            for peers in (1, 2):
+                runs.append(run_configuration(
+                    f"scaling_{peers}", peers, tmp, args.student, tmp / "garden.sqlite3", bootstrap, args.window,
+                    target_batch_size=args.target_batch_size, **common,
+                ))  # fmt: skip
+            one, two = runs[0]["rows_per_s"], runs[1]["rows_per_s"]
+            report["scaling"] = runs
+            report["speedup_2_over_1"] = round(two / one, 3) if one else None
+            report["target_speedup"] = TARGET_SPEEDUP
+            if not args.skip_bytes:
+                step = 2 * args.batch_size  # one step of each of the two peers
+                configs = {
+                    "naive": {"mode": "sync", "compression": "none", "target_batch_size": step},
+                    "sync_8bit": {"mode": "sync", "compression": "8bit", "target_batch_size": step},
+                    "local_8bit": {"mode": "local", "compression": "8bit",
+                                   "target_batch_size": step * args.local_steps},
+                }  # fmt: skip
+                bytes_runs = {
+                    name: run_configuration(
+                        name, 2, tmp, args.student, tmp / "garden.sqlite3", bootstrap, args.window, **common, **cfg
+                    )
+                    for name, cfg in configs.items()
+                }
+                report["bytes"] = bytes_runs
+                naive = bytes_runs["naive"]["bytes_per_row"]
+                local = bytes_runs["local_8bit"]["bytes_per_row"]
+                report["local_8bit_over_naive"] = round(local / naive, 6) if naive and local is not None else None
+                report["target_bytes_ratio"] = TARGET_BYTES_RATIO
+        finally:
+            orphans = daemons.close()
+            report["daemon_orphans"] = orphans
+    report["machine"] = {
+        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Checkpoint manifests under ``<swarm>/m/<mission id>/ckpt`` (ARCHITECTURE.md, "DHT keys").
+
+When a trainer of a mission writes a checkpoint of the swarm's student, its daemon publishes a
+:class:`CheckpointRecord`: the epoch, every file a user needs to load the model (path, size, sha256), the
+metrics at that epoch, and which peer serves the files. The subkey is ``<epoch>:<peer id>``, so several
+holders of one epoch do not overwrite each other, and the record is sealed with the holder's key, so no
+peer can publish a checkpoint in another's name. A peer that pulls a checkpoint checks every file it
+downloads against the sha256 listed here, and refuses a mismatch.
+
+What it does not prove: that the weights are honest training output. Any trainer of the mission can
+publish; the hashes only guarantee that what you pull is what that peer published.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import Field, StringConstraints, field_validator
+
+from garden.protocol.mission import MissionId
+from garden.protocol.records import RecordError, StrictRecord, decode_record, open_sealed, seal
+from garden.protocol.shards import PeerId, Sha256Hex
+
+CHECKPOINT_RECORD_VERSION = 1
+MAX_CHECKPOINT_RECORD_BYTES = 16 * 1024
+MAX_CHECKPOINT_FILES = 64
+MAX_CHECKPOINT_FILE_BYTES = 16 * 1024**3
+MAX_EPOCH = 10_000_000
+CHECKPOINT_TTL = 7 * 24 * 3600.0
+"""Seconds a manifest lives in the DHT unless its holder re-publishes it (holders do, every period)."""
+_PATH = re.compile(r"^(model|adapter)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SUBKEY = re.compile(r"^(0|[1-9][0-9]{0,7}):([1-9A-HJ-NP-Za-km-z]{1,128})$")
+
+CheckpointPath = Annotated[str, StringConstraints(max_length=136)]
+"""``model/<file>`` or ``adapter/<file>``: one level, plain names, so a pull can never write outside its
+target directory."""
+
+
+class CheckpointFile(StrictRecord):
+    path: CheckpointPath
+    size: int = Field(ge=0, le=MAX_CHECKPOINT_FILE_BYTES)
+    sha256: Sha256Hex
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, path: str) -> str:
+        if not _PATH.match(path) or ".." in path:
+            raise ValueError(f"{path[:80]!r} is not model/<name> or adapter/<name>")
+        return path
+
+
+class CheckpointRecord(StrictRecord):
+    """One holder's checkpoint of one epoch of a mission's student."""
+
+    v: int = Field(default=CHECKPOINT_RECORD_VERSION, ge=1)
+    mission_id: MissionId
+    epoch: int = Field(ge=0, le=MAX_EPOCH)
+    peer_id: PeerId = Field(description="the holder: the daemon that serves the files")
+    files: list[CheckpointFile] = Field(min_length=1, max_length=MAX_CHECKPOINT_FILES)
+    metrics: dict[Annotated[str, StringConstraints(max_length=32)], float] = Field(default_factory=dict, max_length=16)
+    created: float = Field(ge=0.0)
+
+    @field_validator("files")
+    @classmethod
+    def _distinct(cls, files: list[CheckpointFile]) -> list[CheckpointFile]:
+        paths = [f.path for f in files]
+        if len(paths) != len(set(paths)):
+            raise ValueError("a file is listed twice")
+        if not any(p.startswith("model/") for p in paths):
+            raise ValueError("no model/ file: nothing to load")
+        return files
+
+    @property
+    def subkey(self) -> str:
+        return checkpoint_subkey(self.epoch, self.peer_id)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> CheckpointFile | None:
+        return next((f for f in self.files if f.path == path), None)
+
+    def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
+        return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
+
+    @classmethod
+    def from_wire(cls, raw: Any, subkey: Any) -> CheckpointRecord:
+        """Decode and verify a value read under a mission's ckpt key; ``RecordError`` with the reason."""
+        if not isinstance(subkey, str) or not _SUBKEY.match(subkey):
+            raise RecordError(f"subkey {str(subkey)[:80]!r} is not <epoch>:<peer id>")
+        body, signer = open_sealed(raw, max_bytes=MAX_CHECKPOINT_RECORD_BYTES)
+        record = decode_record(cls, body, "checkpoint record")
+        if signer != record.peer_id:
+            raise RecordError(f"signed by {signer}, names peer {record.peer_id}")
+        if subkey != record.subkey:
+            raise RecordError(f"stored under {subkey[:80]!r}, belongs under {record.subkey!r}")
+        return record
+
+
+def checkpoint_subkey(epoch: int, peer_id: str) -> str:
+    return f"{epoch}:{peer_id}"
