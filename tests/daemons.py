@@ -24,8 +24,37 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 
 
+class TrackedProcess:
+    """A process this test run started (``proc``) and its descendants, recorded by PID and create time so
+    that only they are ever signalled, and so that one that outlives its parent is seen."""
+
+    proc: subprocess.Popen
+    descendants: dict[int, float]
+
+    def record_descendants(self) -> None:
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    self.descendants[child.pid] = child.create_time()
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+
+    def alive_descendants(self) -> list[psutil.Process]:
+        alive = []
+        for pid, created in self.descendants.items():
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        return alive
+
+
 @dataclass
-class Daemon:
+class Daemon(TrackedProcess):
     proc: subprocess.Popen
     data_dir: Path
     stdout_path: Path
@@ -55,27 +84,6 @@ class Daemon:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
-
-    def record_descendants(self) -> None:
-        try:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                try:
-                    self.descendants[child.pid] = child.create_time()
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-
-    def alive_descendants(self) -> list[psutil.Process]:
-        alive = []
-        for pid, created in self.descendants.items():
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.Error:
-                pass
-        return alive
 
     def send(self, signum: int) -> None:
         if self.proc.poll() is None:

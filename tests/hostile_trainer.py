@@ -29,14 +29,23 @@ def main() -> int:
     from garden.trainer.train_worker import WorkerConfig
 
     config = WorkerConfig.model_validate_json(Path(sys.argv[1]).read_text())
+
+    def leave(*_: object) -> None:
+        # no orderly goodbye: it may be stuck in a round that its NaN spoiled; take its children along
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, leave)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     torch.set_num_threads(1)
-    collab = config.collab_config()
+    collab = config.collab
     dht = DHT(initial_peers=config.initial_peers, host_maddrs=config.host_maddrs, start=True)
     student = build_student(StudentSpec(base=config.student.base))
     params = [p for p in student.model.parameters() if p.requires_grad]
-    opt = make_optimizer(dht, params, collab)
+    opt = make_optimizer(dht, config.mission_id, params, collab)
     steps = 0
     try:
         while not stop.is_set() and opt.local_epoch < collab.max_epochs:

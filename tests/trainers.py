@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
+from tests.daemons import TrackedProcess
 
 MISSION = "c011ab" + "0" * 58
 
@@ -63,7 +63,7 @@ def make_rows_store(path: Path, prompts: int = 8) -> Path:
 
 
 @dataclass
-class Worker:
+class Worker(TrackedProcess):
     name: str
     proc: subprocess.Popen
     dir: Path
@@ -78,24 +78,6 @@ class Worker:
 
     def log(self) -> str:
         return (self.dir / "worker.log").read_text(errors="replace")
-
-    def record_descendants(self) -> None:
-        try:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                self.descendants[child.pid] = child.create_time()
-        except psutil.Error:
-            pass
-
-    def alive_descendants(self) -> list[psutil.Process]:
-        alive = []
-        for pid, created in self.descendants.items():
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.Error:
-                pass
-        return alive
 
     def kill(self) -> None:
         """``kill -9`` the worker alone: its children must notice and go by themselves."""

@@ -51,7 +51,6 @@ vector of 576 norm gains to 256 levels costs more accuracy than the bytes it sav
 class CollabConfig:
     """Everything every trainer of one mission must agree on, plus this peer's own batch sizes.
 
-    :param run_id: hivemind's run id: the mission id (peers of other missions never average with these)
     :param target_batch_size: samples (rows) across the swarm per epoch
     :param batch_size: rows per forward pass on this peer (memory grows with it)
     :param grad_accum: forward passes per hivemind step on this peer
@@ -67,7 +66,6 @@ class CollabConfig:
     :param load_state_timeout: seconds a late joiner waits for a peer's state
     """
 
-    run_id: str
     target_batch_size: int
     max_epochs: int
     batch_size: int = 4
@@ -89,7 +87,6 @@ class CollabConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "run_id": bool(self.run_id) and len(self.run_id) <= 128,
             "target_batch_size": self.target_batch_size >= 1,
             "max_epochs": self.max_epochs >= 1,
             "batch_size": self.batch_size >= 1,
@@ -133,8 +130,9 @@ def make_compression(name: CompressionName) -> Any:
     raise ValueError(f"unknown compression {name!r}: none, fp16 or 8bit")
 
 
-def make_optimizer(dht: Any, params: Sequence[Any], config: CollabConfig) -> Any:
-    """``hivemind.Optimizer`` over ``params`` (AdamW inside) for ``config``'s mode and compression."""
+def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabConfig) -> Any:
+    """``hivemind.Optimizer`` over ``params`` (AdamW inside) for ``config``'s mode and compression.
+    ``run_id`` is the mission id: peers of other missions never average with these."""
     import hivemind
     import torch
     from hivemind.compression import NoCompression
@@ -156,7 +154,7 @@ def make_optimizer(dht: Any, params: Sequence[Any], config: CollabConfig) -> Any
     local = config.mode == "local"
     return hivemind.Optimizer(
         dht=dht,
-        run_id=config.run_id,
+        run_id=run_id,
         target_batch_size=config.target_batch_size,
         batch_size_per_step=config.samples_per_step,
         params=list(params),
@@ -214,7 +212,7 @@ class CollabTrainer:
 
     :param student: the student, built from the mission spec (the same on every peer)
     :param config: the mission's swarm-training settings
-    :param make_opt: ``(params) -> hivemind.Optimizer`` (``make_optimizer`` bound to a DHT)
+    :param make_opt: ``(params) -> hivemind.Optimizer`` (``make_optimizer`` bound to a DHT and run id)
     :param peer_seed: this peer's data-order seed (its peer id hashed): peers sample different rows
     """
 

@@ -34,53 +34,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from garden.trainer.collab import CollabConfig, CompressionName, Mode
-from garden.trainer.train import Schedule
+from garden.protocol.mission_spec import StudentSection
+from garden.trainer.collab import CollabConfig
 from garden.trainer.checkpoint import RunDir, write_json_atomic
 
 logger = logging.getLogger("garden.trainer.worker")
 
 STATUS_PERIOD = 1.0
 """Seconds between rewrites of the status file."""
-
-
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    r: int = 16
-    alpha: int = 32
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    dropout: float = 0.0
-
-
-class StudentSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    base: str
-    keep_layers: int | None = None
-    lora: LoraSettings | None = None
-
-
-class CollabSettings(BaseModel):
-    """:class:`garden.trainer.collab.CollabConfig`, as JSON."""
-
-    model_config = ConfigDict(extra="forbid")
-    target_batch_size: int
-    max_epochs: int
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_epochs: int = 0
-    schedule: Schedule = "cosine"
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    lambda_or: float = 0.1
-    lambda_kl: float = 1.0
-    mode: Mode = "sync"
-    compression: CompressionName = "none"
-    matchmaking_time: float = 5.0
-    averaging_timeout: float = 30.0
-    load_state_timeout: float = 60.0
-    seed: int = 0
 
 
 class WorkerConfig(BaseModel):
@@ -101,8 +62,8 @@ class WorkerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     mission_id: str = Field(min_length=1, max_length=128)
-    student: StudentSettings
-    collab: CollabSettings
+    student: StudentSection  # as in the mission spec
+    collab: CollabConfig  # validated by its own __post_init__ checks
     initial_peers: list[str] = Field(default_factory=list)
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     client_mode: bool = False
@@ -114,9 +75,6 @@ class WorkerConfig(BaseModel):
     parent_pid: int | None = None
     linger_s: float = 5.0
     row_poll_s: float = 5.0
-
-    def collab_config(self) -> CollabConfig:
-        return CollabConfig(run_id=self.mission_id, **self.collab.model_dump())  # type: ignore[arg-type]
 
 
 class _Stop:
@@ -199,7 +157,7 @@ class SwarmCheckpoints:
                     "kind": "swarm",
                     "mission_id": self.config.mission_id,
                     "student": self.config.student.model_dump(mode="json"),
-                    "settings": collab.model_dump(mode="json"),
+                    "settings": asdict(collab),
                 }
             )
         status = trainer.status
@@ -223,7 +181,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
 
     if config.max_threads:
         torch.set_num_threads(config.max_threads)
-    collab = config.collab_config()
+    collab = config.collab
     status_path = config.status_path
     status_path.parent.mkdir(parents=True, exist_ok=True)
     status = TrainStatus(max_epochs=collab.max_epochs)
@@ -247,11 +205,14 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
     trainer: CollabTrainer | None = None
     try:
         spec = config.student
-        lora = LoraSpec(**spec.lora.model_dump(), seed=collab.seed) if spec.lora else None
+        lora = None
+        if spec.lora is not None:
+            options = spec.lora.model_dump()
+            lora = LoraSpec(**{**options, "target_modules": tuple(options["target_modules"])}, seed=collab.seed)
         student = build_student(StudentSpec(base=spec.base, keep_layers=spec.keep_layers, lora=lora))
         feed = RowFeed(config.store_path, config.mission_id)
         peer_id = dht.peer_id.to_base58()
-        trainer = CollabTrainer(student, collab, lambda params: make_optimizer(dht, params, collab), _peer_seed(peer_id))
+        trainer = CollabTrainer(student, collab, lambda params: make_optimizer(dht, config.mission_id, params, collab), _peer_seed(peer_id))
         status = trainer.status
         logger.info("training mission %s as %s", config.mission_id[:12], peer_id)
         checkpoints = SwarmCheckpoints(RunDir(config.out_dir), dht, config, student)

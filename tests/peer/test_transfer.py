@@ -118,7 +118,7 @@ def test_content_ref_roundtrip_and_rejections() -> None:
         {"mission_id": MISSION.upper()},
         {"sha256": ref.sha256[:-1]},
         {"sha256": 123},
-        {"item": "x" * 129},
+        {"item": "x" * 161},
         {"item": 3},
     ):
         raw = msgpack.packb({**good, **changes}, use_bin_type=True)

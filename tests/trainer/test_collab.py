@@ -34,10 +34,10 @@ def rows_store(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> P
 
 @pytest.mark.parametrize(
     "kwargs", [{"target_batch_size": 0}, {"max_epochs": 0}, {"mode": "async"}, {"compression": "4bit"},
-               {"lr": float("nan")}, {"warmup_epochs": 99}, {"run_id": ""}],
+               {"lr": float("nan")}, {"warmup_epochs": 99}],
 )  # fmt: skip
 def test_bad_settings_name_the_field(kwargs: dict) -> None:
-    settings = {"run_id": MISSION, "target_batch_size": 8, "max_epochs": 2} | kwargs
+    settings = {"target_batch_size": 8, "max_epochs": 2} | kwargs
     with pytest.raises(ValueError, match=f"invalid swarm training settings: {next(iter(kwargs))}="):
         CollabConfig(**settings)
 
@@ -99,8 +99,8 @@ def test_a_nan_step_is_not_applied_counted_or_sent(dht: hivemind.DHT, tiny: Path
     from garden.trainer.student import StudentSpec, build_student
 
     student = build_student(StudentSpec(base=str(tiny)))
-    config = CollabConfig(run_id="nan-test", target_batch_size=1000, max_epochs=2, batch_size=2, matchmaking_time=1.0)
-    trainer = CollabTrainer(student, config, lambda params: make_optimizer(dht, params, config))
+    config = CollabConfig(target_batch_size=1000, max_epochs=2, batch_size=2, matchmaking_time=1.0)
+    trainer = CollabTrainer(student, config, lambda params: make_optimizer(dht, "nan-test", params, config))
     try:
         trainer.add_rows(RowFeed(rows_store, MISSION).new_rows())
         assert trainer.step() is not None and trainer.status.samples == 2

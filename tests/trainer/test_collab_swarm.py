@@ -111,7 +111,11 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
     assert hostile.status()["steps"] > 0  # it did take part
     logs = "".join(w.log() for w in honest)
     assert f"from peer {hostile_id}" in logs and "non-finite values" in logs, logs[-4000:]
-    assert all(torch.isfinite(w.probe()).all() for w in honest)
-    written = [w.checkpoint_params() for w in honest if w.checkpoint_params() is not None]
-    assert written and all(torch.isfinite(flat(p)).all() for p in written)
-    assert (flat(written[0]) - initial(tiny)).abs().max() > 1e-3
+    for w in honest:  # the parts the hostile peer reduced keep each honest peer's own values: they may
+        status = w.status()  # differ a little, but they trained to the end and are finite
+        assert status["epoch"] == 4 and math.isfinite(status["loss"]) and torch.isfinite(w.probe()).all()
+    # the checkpoint writer is the lowest worker id in the progress record: maybe the hostile peer, which
+    # never writes one; whatever an honest peer wrote is finite and trained
+    for params in (w.checkpoint_params() for w in honest):
+        if params is not None:
+            assert torch.isfinite(flat(params)).all() and (flat(params) - initial(tiny)).abs().max() > 1e-3

@@ -1,0 +1,37 @@
+"""``garden demo`` (the README's first command, ``make demo``) end to end, small: two local peers shake the
+real built-in teacher, train the real pruned student together, checkpoint, pull, and the held-out KL to
+the teacher falls. Every peer it started is gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.swarm
+
+
+def test_the_demo_trains_a_student_closer_to_the_teacher(tmp_path: Path, model_cache: Path) -> None:
+    work = tmp_path / "demo"
+    env = {**os.environ, "GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in env.items() if k != "GARDEN_DATA_DIR"}
+    argv = [sys.executable, "-m", "garden", "demo", "--peers", "2", "--prompts", "16", "--epochs", "3",
+            "--target-batch-size", "16", "--http-port", "0", "--dir", str(work)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "watch it at http://127.0.0.1:" in done.stdout
+    result = json.loads((work / "demo-result.json").read_text())
+    assert result["heldout_kl_after"] < result["heldout_kl_before"], result
+    assert result["sample_answer"], result
+    assert (work / "student" / "model.safetensors").is_file()
+    leftovers = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(work) in cmdline:
+            leftovers.append(f"{proc.pid} {cmdline[:120]}")
+    assert not leftovers, leftovers
