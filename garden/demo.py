@@ -68,7 +68,7 @@ def mission_spec(settings: DemoSettings) -> dict[str, Any]:
         "judge": {"kind": "reference"},
         "train": {
             "lr": 6e-4, "lambda_or": 0.1, "lambda_kl": 2.0, "target_batch_size": settings.target_batch_size,
-            "max_epochs": settings.epochs, "warmup_epochs": 1, "compression": "fp16",
+            "max_epochs": settings.epochs, "warmup_epochs": 0, "mode": "local", "compression": "fp16",
             "checkpoint_every": settings.epochs, "matchmaking_time": 3.0, "averaging_timeout": 60.0,
         },
     }  # fmt: skip
@@ -85,6 +85,7 @@ class Demo:
         self.settings = settings
         self.peers: list[_Peer] = []
         self.base = Path(settings.work_dir or tempfile.mkdtemp(prefix="garden-demo-"))
+        self.base.mkdir(parents=True, exist_ok=True)
 
     # --- peers -------------------------------------------------------------------------------------
     def start_peer(self, index: int) -> _Peer:
@@ -155,6 +156,7 @@ class Demo:
         self.watch(mission_id, started)
         shaking_s = round(time.monotonic() - started, 1)
 
+        self.wait_for_checkpoint(mission_id)
         out = self.base / "student"
         pulled = _garden("mission", "pull", mission_id, "-o", str(out), "--url", self.peers[-1].url, timeout=1200)
         if pulled.returncode != 0:
@@ -211,6 +213,19 @@ class Demo:
                 )
             time.sleep(2)
 
+    def wait_for_checkpoint(self, mission_id: str, timeout: float = 120.0) -> None:
+        """The last epoch's checkpoint is written when training ends; its holder announces it a moment later."""
+        url = f"{self.peers[-1].url}/missions/{mission_id}/checkpoints"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if any(c["epoch"] >= self.settings.epochs for c in httpx.get(url, timeout=30).json()):
+                    return
+            except (httpx.HTTPError, ValueError, TypeError, KeyError):
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"no peer announced the checkpoint of epoch {self.settings.epochs} in {timeout:.0f} s")
+
     def evaluate(self, student: str) -> dict[str, Any]:
         done = _garden("eval", "--student", student, "--data", "builtin:demo", "--json", timeout=1200)
         if done.returncode != 0:
@@ -230,7 +245,7 @@ def run_demo(settings: DemoSettings) -> int:
     except KeyboardInterrupt:
         say("interrupted: stopping the peers")
         return 130
-    except RuntimeError as e:
+    except (RuntimeError, OSError, httpx.HTTPError) as e:
         say(f"error: {e}")
         return 1
     finally:

@@ -16,7 +16,9 @@ def demo(
     epochs: int = typer.Option(6, "--epochs", min=1, help="Swarm epochs the student trains."),
     target_batch_size: int = typer.Option(32, "--target-batch-size", min=2, help="Rows per epoch (swarm-wide)."),
     http_port: int = typer.Option(8765, "--http-port", help="The first peer's HTTP port; the others take the next."),
-    work_dir: Path | None = typer.Option(None, "--dir", help="Where the peers' data dirs go (default: a new temp dir)."),
+    work_dir: Path | None = typer.Option(
+        None, "--dir", help="Where the peers' data dirs go (default: a new temp dir)."
+    ),
 ) -> None:
     """Start a local swarm, distil the built-in model into a 10-layer student together (shake, train,
     checkpoint), pull it, and show held-out KL before and after; every peer is stopped at the end."""

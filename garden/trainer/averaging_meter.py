@@ -42,5 +42,5 @@ def install() -> None:
     from hivemind.averaging.allreduce import AllReduceRunner
 
     _counter = multiprocessing.Value("q", 0)
-    AllReduceRunner._generate_input_for_peer = _counting(AllReduceRunner._generate_input_for_peer)  # type: ignore[method-assign]
-    AllReduceRunner._accumulate_parts_streaming = _counting(AllReduceRunner._accumulate_parts_streaming)  # type: ignore[method-assign]
+    for name in ("_generate_input_for_peer", "_accumulate_parts_streaming"):
+        setattr(AllReduceRunner, name, _counting(getattr(AllReduceRunner, name)))

@@ -87,7 +87,8 @@ class CheckpointSharing:
                     checkpoint = run.checkpoint(path.name)
                 except (CheckpointError, KeyError, ValueError):
                     continue
-                files = {k: v for k, v in checkpoint.manifest.get("files", {}).items() if k.split("/")[0] in SHARED_DIRS}
+                listed = checkpoint.manifest.get("files", {})
+                files = {k: v for k, v in listed.items() if k.split("/")[0] in SHARED_DIRS}
                 found[checkpoint.step] = LocalCheckpoint(checkpoint.step, checkpoint.path, files)
         for path in sorted((self.pulled_root / mission_id).glob("epoch-*")):
             try:
@@ -168,10 +169,23 @@ class CheckpointSharing:
         offers = [r for r in records if r.epoch == epoch]
         if not offers:
             known = sorted({r.epoch for r in records})
-            raise PullError(f"no peer announces epoch {epoch} of mission {mission_id[:12]} (announced: {known or 'none'})")
+            raise PullError(
+                f"no peer announces epoch {epoch} of mission {mission_id[:12]} (announced: {known or 'none'})"
+            )
         lock = self._locks.setdefault((mission_id, epoch), asyncio.Lock())
         async with lock:
             return await self._pull(mission_id, epoch, offers), offers[0]
+
+    async def _fetch(self, holders: list[str], ref: ContentRef) -> tuple[bytes, str]:
+        for attempt in range(1, FETCH_TRIES + 1):
+            try:
+                return await self.transfer.fetch_any(holders, ref)
+            except TransferError as e:
+                if attempt == FETCH_TRIES or "hash mismatch" in str(e):
+                    raise PullError(f"could not fetch {ref.item} of mission {ref.mission_id[:12]}: {e}") from None
+                logger.info("fetch of %s failed (%s); trying again", ref.item, e)
+                await asyncio.sleep(2.0 * attempt)
+        raise AssertionError("unreachable")
 
     async def _pull(self, mission_id: str, epoch: int, offers: list[CheckpointRecord]) -> Path:
         target = self.pulled_root / mission_id / f"epoch-{epoch}"
@@ -189,12 +203,9 @@ class CheckpointSharing:
             if own is not None and own.files.get(item.path) == item.sha256:
                 await asyncio.to_thread(shutil.copyfile, self.file_path(own, item.path), dest)
             else:
-                holders = [r.peer_id for r in offers if (f := r.file(item.path)) is not None and f.sha256 == item.sha256]
+                holders = [r.peer_id for r in offers if getattr(r.file(item.path), "sha256", None) == item.sha256]
                 ref = ContentRef(kind="ckpt", mission_id=mission_id, item=f"{epoch}/{item.path}", sha256=item.sha256)
-                try:
-                    data, source = await self.transfer.fetch_any(holders, ref)
-                except TransferError as e:
-                    raise PullError(f"could not fetch {item.path} of epoch {epoch}: {e}") from None
+                data, source = await self._fetch(holders, ref)
                 await asyncio.to_thread(dest.write_bytes, data)
                 logger.info("pulled %s of mission %s epoch %d from %s", item.path, mission_id[:12], epoch, source)
             if await asyncio.to_thread(file_sha256, dest) != item.sha256:  # a disk that lies, a race
@@ -205,6 +216,10 @@ class CheckpointSharing:
             shutil.rmtree(target)
         os.replace(staging, target)
         return target
+
+
+FETCH_TRIES = 3
+"""Tries of each file (a few seconds apart): a holder's stream can break off once, e.g. while it is busy."""
 
 
 def _all_match(directory: Path, files: list[CheckpointFile]) -> bool:

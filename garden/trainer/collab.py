@@ -57,7 +57,11 @@ class CollabConfig:
     :param max_epochs: the run ends at this epoch; also the length of the learning-rate schedule
     :param warmup_epochs: epochs of linear warm-up before ``schedule`` decays
     :param mode: ``sync`` averages gradients every epoch (equivalent to one big batch); ``local`` steps on
-        its own and averages parameters every epoch (DiLoCo-style: far fewer bytes per sample)
+        its own and averages parameters every epoch, then takes an outer step (DiLoCo: far fewer bytes per
+        sample)
+    :param outer_lr: ``local`` mode: the outer SGD learning rate on the pseudo-gradient (parameters at the
+        last round minus their average now); 1 with ``outer_momentum`` 0 is plain averaging
+    :param outer_momentum: ``local`` mode: Nesterov momentum of the outer step (DiLoCo uses 0.7 and 0.9)
     :param compression: how averaged tensors travel: ``none`` (fp32), ``fp16``, or ``8bit`` (uniform
         8-bit quantization for large tensors, fp16 for small ones)
     :param matchmaking_time: seconds a peer waits to gather others for an averaging round
@@ -79,6 +83,8 @@ class CollabConfig:
     lambda_or: float = 0.1
     lambda_kl: float = 1.0
     mode: Mode = "sync"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
     compression: CompressionName = "none"
     matchmaking_time: float = 5.0
     averaging_timeout: float = 30.0
@@ -96,6 +102,8 @@ class CollabConfig:
             "schedule": self.schedule in _SCHEDULERS,
             "max_grad_norm": math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
             "mode": self.mode in ("sync", "local"),
+            "outer_lr": math.isfinite(self.outer_lr) and 0 < self.outer_lr <= 10,
+            "outer_momentum": 0 <= self.outer_momentum < 1,
             "compression": self.compression in ("none", "fp16", "8bit"),
             "matchmaking_time": self.matchmaking_time > 0,
             "averaging_timeout": self.averaging_timeout > 0,
@@ -165,9 +173,9 @@ def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabC
         load_state_timeout=config.load_state_timeout,
         use_local_updates=local,
         average_state_every=1,
-        # in sync mode the averaged gradients must be in hand before the step; in local mode parameters
-        # are averaged in the background while the next local steps run
-        delay_state_averaging=local,
+        # the averaged state must be in hand when the epoch ends: in sync mode for the step, in local mode
+        # for the outer step (garden.trainer.collab.OuterStep) that follows the round
+        delay_state_averaging=False,
         grad_compression=compression,
         state_averaging_compression=compression,
         load_state_compression=NoCompression(),  # a late joiner gets the exact state
@@ -207,6 +215,42 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class OuterStep:
+    """DiLoCo's outer optimizer for ``local`` mode: after each averaging round the pseudo-gradient
+    ``anchor - averaged`` (the anchor being the parameters after the previous round) takes a Nesterov SGD
+    step from the anchor, and the result becomes both the parameters and the next anchor.
+
+    Every peer in a round sees the same averaged parameters and the same anchor, so they stay identical;
+    a peer that loaded the swarm's state starts from it with no momentum (the buffer is not shared), which
+    only slows its first outer steps."""
+
+    def __init__(self, params: Sequence[Any], lr: float, momentum: float):
+        import torch
+
+        self.params, self.lr, self.momentum = list(params), lr, momentum
+        self.anchor = [p.detach().clone() for p in self.params]
+        self.buffer = [torch.zeros_like(p) for p in self.params]
+
+    def step(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, anchor, buffer in zip(self.params, self.anchor, self.buffer):
+                delta = anchor - p
+                buffer.mul_(self.momentum).add_(delta)
+                anchor.sub_(delta + self.momentum * buffer, alpha=self.lr)
+                p.copy_(anchor)
+
+    def restart(self) -> None:
+        """The parameters came from elsewhere (state loaded from peers): anchor there, forget momentum."""
+        import torch
+
+        with torch.no_grad():
+            for p, anchor, buffer in zip(self.params, self.anchor, self.buffer):
+                anchor.copy_(p)
+                buffer.zero_()
+
+
 class CollabTrainer:
     """Steps the student on the rows this peer holds, through ``hivemind.Optimizer``.
 
@@ -239,6 +283,7 @@ class CollabTrainer:
         self._generator = torch.Generator().manual_seed(config.seed * 1_000_003 + peer_seed)
         self.status = TrainStatus(max_epochs=config.max_epochs)
         self.optimizer = make_opt(self.params)
+        self.outer = OuterStep(self.params, config.outer_lr, config.outer_momentum) if config.mode == "local" else None
         self._started = time.monotonic()
 
     # --- data ------------------------------------------------------------------------------------------
@@ -282,6 +327,8 @@ class CollabTrainer:
         self.status.state = "loading state from peers"
         self.optimizer.load_state_from_peers()
         self.status.loaded_state_at_epoch = self.epoch
+        if self.outer is not None:
+            self.outer.restart()
         return True
 
     def step(self) -> StepGradients | None:
@@ -301,8 +348,14 @@ class CollabTrainer:
                 self.status.steps + 1, grads.last_loss, grads.grad_norm,
             )  # fmt: skip
         else:
+            epoch = self.epoch
             self.optimizer.step()
             self.status.samples += self.config.samples_per_step
+            if self.outer is not None and self.epoch != epoch:
+                if self.epoch == epoch + 1:
+                    self.outer.step()  # the round just averaged the parameters
+                else:  # hivemind caught this peer up with the swarm's state
+                    self.outer.restart()
         self.optimizer.zero_grad()
         self.status.steps += 1
         self._report(grads)

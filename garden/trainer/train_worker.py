@@ -212,7 +212,9 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         student = build_student(StudentSpec(base=spec.base, keep_layers=spec.keep_layers, lora=lora))
         feed = RowFeed(config.store_path, config.mission_id)
         peer_id = dht.peer_id.to_base58()
-        trainer = CollabTrainer(student, collab, lambda params: make_optimizer(dht, config.mission_id, params, collab), _peer_seed(peer_id))
+        trainer = CollabTrainer(
+            student, collab, lambda params: make_optimizer(dht, config.mission_id, params, collab), _peer_seed(peer_id)
+        )
         status = trainer.status
         logger.info("training mission %s as %s", config.mission_id[:12], peer_id)
         checkpoints = SwarmCheckpoints(RunDir(config.out_dir), dht, config, student)

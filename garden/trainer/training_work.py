@@ -177,6 +177,8 @@ class TrainingWork:
                 "lambda_or": train.lambda_or,
                 "lambda_kl": train.lambda_kl,
                 "mode": train.mode,
+                "outer_lr": train.outer_lr,
+                "outer_momentum": train.outer_momentum,
                 "compression": train.compression,
                 "matchmaking_time": train.matchmaking_time,
                 "averaging_timeout": train.averaging_timeout,

@@ -140,3 +140,29 @@ def test_the_worker_refuses_a_bad_configuration(tmp_path: Path) -> None:
 def test_a_tiny_student_loads_like_any_model(tiny: Path) -> None:
     loaded = load_model(str(tiny))
     assert loaded.model.config.num_hidden_layers == 2
+
+
+def test_the_outer_step_is_nesterov_sgd_on_the_pseudo_gradient() -> None:
+    from garden.trainer.collab import OuterStep
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    plain = OuterStep([p], lr=1.0, momentum=0.0)
+    with torch.no_grad():
+        p.copy_(torch.tensor([0.5, 1.0]))  # the round's average
+    plain.step()
+    assert torch.equal(p.data, torch.tensor([0.5, 1.0]))  # lr 1, no momentum: plain averaging
+
+    q = torch.nn.Parameter(torch.tensor([1.0]))
+    outer = OuterStep([q], lr=0.5, momentum=0.9)
+    for average in (0.0, -1.0):  # two rounds: pseudo-gradients 1.0, then anchor - (-1.0)
+        anchor = outer.anchor[0].clone()
+        with torch.no_grad():
+            q.copy_(torch.tensor([average]))
+        outer.step()
+        delta = anchor - average
+        assert torch.allclose(q.data, outer.anchor[0]) and outer.buffer[0].shape == q.shape
+    # by hand: round 1: m = 1, step 0.5 * (1 + 0.9) = 0.95 -> 0.05; round 2: delta 1.05, m = 1.95,
+    # step 0.5 * (1.05 + 0.9 * 1.95) = 1.4025 -> -1.3525
+    assert torch.allclose(q.data, torch.tensor([-1.3525])) and delta == pytest.approx(1.05)
+    outer.restart()
+    assert torch.equal(outer.anchor[0], q.data) and float(outer.buffer[0]) == 0.0
