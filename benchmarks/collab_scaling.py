@@ -12,7 +12,8 @@ What is measured, and why:
   ``speedup_2_over_1`` >= 1.8.
 - **bytes per row**: what averaging costs the network, from each worker's ``bytes_sent`` (every
   averaging message its averagers sent: parts to reducers, averaged parts back, state to late joiners),
-  summed over both peers and divided by the rows both trained, in three configurations:
+  summed over both peers and divided by the rows both trained over whole epochs (8 for the two sync
+  configurations, whose epochs are one step long; 1 for local), in three configurations:
   ``naive`` (``sync``, fp32, gradients averaged after every step: ``target_batch_size`` = one step of
   each peer, plain data-parallel training), ``sync_8bit`` (the same with 8-bit compression) and
   ``local_8bit`` (``local`` mode, 8-bit, parameters averaged every ``--local-steps`` steps of each peer:
@@ -68,9 +69,12 @@ def shake_rows(path: Path, prompts: int) -> int:
 
 
 def run_configuration(
-    name: str, peers: int, base: Path, student: str, store: Path, bootstrap: list[str], window: float, **collab: Any
+    name: str, peers: int, base: Path, student: str, store: Path, bootstrap: list[str], window: float | None = None,
+    epochs: int | None = None, **collab: Any,
 ) -> dict[str, Any]:
-    """Start ``peers`` workers, wait until all passed epoch 1, then count rows and bytes over ``window``."""
+    """Start ``peers`` workers, wait until all passed epoch 1, then count rows and bytes over ``window``
+    seconds, or over ``epochs`` whole epochs (from the start of epoch 1 on every peer to the start of epoch
+    1 + ``epochs`` on every peer: each averaging round inside it counted once)."""
     from garden.trainer.student import parse_student_ref
 
     spec = parse_student_ref(student)
@@ -85,7 +89,14 @@ def run_configuration(
             time.sleep(1.0)
         start = [w.status() for w in workers]
         t0 = time.monotonic()
-        time.sleep(window)
+        if epochs is not None:
+            goal = 1 + epochs
+            while min(w.status().get("epoch", 0) for w in workers) < goal:
+                if time.monotonic() > deadline or any(w.proc.poll() is not None for w in workers):
+                    raise RuntimeError(f"{name}: workers did not reach epoch {goal}")
+                time.sleep(0.5)
+        else:
+            time.sleep(window or 60.0)
         end = [w.status() for w in workers]
         elapsed = time.monotonic() - t0
     finally:
@@ -122,6 +133,7 @@ def main() -> int:
         tmp = Path(tmp_dir)
         log(f"shaking {args.prompts} prompts for rows")
         report["rows_held"] = shake_rows(tmp / "garden.sqlite3", args.prompts)
+        (tmp / "daemons").mkdir()
         daemons = DaemonFactory(tmp / "daemons")
         try:
             bootstrap = [daemons.start("--roles", "trainer").join_addr]
@@ -144,9 +156,11 @@ def main() -> int:
                     "local_8bit": {"mode": "local", "compression": "8bit",
                                    "target_batch_size": step * args.local_steps},
                 }  # fmt: skip
+                rounds = {"naive": 8, "sync_8bit": 8, "local_8bit": 1}
                 bytes_runs = {
                     name: run_configuration(
-                        name, 2, tmp, args.student, tmp / "garden.sqlite3", bootstrap, args.window, **common, **cfg
+                        name, 2, tmp, args.student, tmp / "garden.sqlite3", bootstrap, epochs=rounds[name],
+                        **common, **cfg,
                     )
                     for name, cfg in configs.items()
                 }

@@ -221,7 +221,8 @@ def run_configuration(
 ) -> dict[str, Any]:
     factory = DaemonFactory(base)
     base.mkdir(parents=True)
-    args = ["--max-threads", str(max_threads), "--lease-seconds", "60"]
+    # shakers only: a trainer worker would start on the first rows and compete for the CPU being measured
+    args = ["--max-threads", str(max_threads), "--lease-seconds", "60", "--roles", "shaker"]
     result: dict[str, Any] = {"peers": k}
     stop_problems: list[str] = []
     try:

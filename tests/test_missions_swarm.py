@@ -41,6 +41,8 @@ def swarm(daemons: DaemonFactory, converted: Path) -> Iterator[DaemonFactory]:
 
 def start(factory: DaemonFactory, *args: str, join: Daemon | None = None, cache: Path, **kwargs: Any) -> Daemon:
     extra = ["--join", join.join_addr] if join is not None else []
+    if "--roles" not in args:
+        extra += ["--roles", "shaker"]  # these tests are about shaking: no trainer workers competing for the CPU
     env = {"GARDEN_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
     return factory.start(*extra, "--max-threads", "1", *args, env=env, **kwargs)
 

@@ -118,7 +118,7 @@ class MissionTraining(BaseModel):
     """This peer's share of training the mission's student (``garden.trainer.training_work``)."""
 
     state: str = Field(description="waiting for rows | starting | loading state from peers | training | done | "
-                       "stopped | failed | restarting in N s | not a trainer")  # fmt: skip
+                       "stopped | failed | restarting in N s")  # fmt: skip
     epoch: int = Field(0, description="the swarm epoch this peer is at (target_batch_size rows each)")
     max_epochs: int = 0
     samples: int = Field(0, description="rows this peer trained on")

@@ -163,8 +163,8 @@ class TrainSection(_Section):
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     max_length: int = Field(default=512, ge=8, le=32768)
     mode: Literal["sync", "local"] = "sync"
-    outer_lr: float = Field(default=0.7, gt=0.0, le=10.0)
-    outer_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    outer_lr: float = Field(default=1.0, gt=0.0, le=10.0)
+    outer_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     compression: Literal["none", "fp16", "8bit"] = "none"
     checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
     matchmaking_time: float = Field(default=5.0, gt=0.0, le=600.0)

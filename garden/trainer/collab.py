@@ -61,7 +61,9 @@ class CollabConfig:
         sample)
     :param outer_lr: ``local`` mode: the outer SGD learning rate on the pseudo-gradient (parameters at the
         last round minus their average now); 1 with ``outer_momentum`` 0 is plain averaging
-    :param outer_momentum: ``local`` mode: Nesterov momentum of the outer step (DiLoCo uses 0.7 and 0.9)
+    :param outer_momentum: ``local`` mode: Nesterov momentum of the outer step (DiLoCo uses 0.7 and 0.9). The
+        anchor and momentum are each peer's own: a peer that misses a round keeps another anchor from then
+        on, so the outer step suits swarms whose peers rarely miss rounds; the default is plain averaging
     :param compression: how averaged tensors travel: ``none`` (fp32), ``fp16``, or ``8bit`` (uniform
         8-bit quantization for large tensors, fp16 for small ones)
     :param matchmaking_time: seconds a peer waits to gather others for an averaging round
@@ -83,8 +85,8 @@ class CollabConfig:
     lambda_or: float = 0.1
     lambda_kl: float = 1.0
     mode: Mode = "sync"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
     compression: CompressionName = "none"
     matchmaking_time: float = 5.0
     averaging_timeout: float = 30.0
@@ -283,7 +285,10 @@ class CollabTrainer:
         self._generator = torch.Generator().manual_seed(config.seed * 1_000_003 + peer_seed)
         self.status = TrainStatus(max_epochs=config.max_epochs)
         self.optimizer = make_opt(self.params)
-        self.outer = OuterStep(self.params, config.outer_lr, config.outer_momentum) if config.mode == "local" else None
+        plain = config.outer_lr == 1.0 and config.outer_momentum == 0.0  # the outer step would be the identity
+        self.outer = (
+            OuterStep(self.params, config.outer_lr, config.outer_momentum) if config.mode == "local" and not plain else None
+        )
         self._started = time.monotonic()
 
     # --- data ------------------------------------------------------------------------------------------

@@ -257,7 +257,7 @@ class TrainingWork:
         worker = self._workers.get(mission.id)
         status = self.status(mission.id)
         if worker is None and not status:
-            return None if self.config.trainer else TrainingView(state="not a trainer")
+            return TrainingView(state="waiting for rows") if self.config.trainer else None
         running = worker is not None and worker.proc is not None
         state = str(status.get("state", "starting")) if running or status else "waiting for rows"
         if worker is not None and not running and worker.failures and state not in ("done", "stopped"):

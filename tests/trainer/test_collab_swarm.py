@@ -120,17 +120,3 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
         if params is not None:
             assert torch.isfinite(flat(params)).all() and (flat(params) - initial(tiny)).abs().max() > 1e-3
 
-
-def test_local_mode_with_8bit_averaging_ends_on_one_model(
-    daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
-) -> None:
-    peers = bootstrap(daemons)
-    settings = {"mode": "local", "compression": "8bit", "max_epochs": 3, "target_batch_size": 128}
-    pair = [workers.start(peers, **settings) for _ in range(2)]
-    wait_until(lambda: all(w.status().get("state") == "done" for w in pair), 180, 0.5, "both done")
-    a, b = (w.probe() for w in pair)
-    # 8-bit deltas make the two copies differ by the quantization error only
-    assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-3, atol=1e-3), (a, b)
-    for w in pair:
-        status = w.status()
-        assert status["peers"] == 2 and status["bytes_sent"] > 0 and status["skipped_steps"] == 0
