@@ -162,7 +162,7 @@ def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabC
         )
 
     local = config.mode == "local"
-    return hivemind.Optimizer(
+    optimizer = hivemind.Optimizer(
         dht=dht,
         run_id=run_id,
         target_batch_size=config.target_batch_size,
@@ -186,6 +186,14 @@ def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabC
         averager_opts={"request_timeout": min(3.0, config.matchmaking_time / 2)},
         verbose=False,
     )
+    # hivemind pre-schedules a parameter-averaging round (so that peers meet at the swarm's ETA for the
+    # epoch's end, not each at the moment it notices) only once it has timed one such round, and it times
+    # only pre-scheduled rounds: never, unless primed. Without this, local mode's rounds form only when
+    # peers happen to see the epoch end within matchmaking_time of each other. (Sync mode's state rounds
+    # follow its gradient rounds, which hivemind pre-schedules itself, so peers already meet there.)
+    if local:
+        optimizer.delay_before_state_averaging.update(task_size=1, interval=0.0)
+    return optimizer
 
 
 @dataclass

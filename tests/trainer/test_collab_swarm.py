@@ -120,3 +120,19 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
         if params is not None:
             assert torch.isfinite(flat(params)).all() and (flat(params) - initial(tiny)).abs().max() > 1e-3
 
+
+
+def test_local_mode_with_8bit_averaging_forms_rounds(
+    daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
+) -> None:
+    peers = bootstrap(daemons)
+    # local steps go on while a round runs, and 8-bit deltas are lossy: the copies end close, not equal, so
+    # this asks for rounds (bytes sent by both), not for one model
+    settings = {"mode": "local", "compression": "8bit", "max_epochs": 3, "target_batch_size": 128}
+    pair = [workers.start(peers, **settings) for _ in range(2)]
+    wait_until(lambda: all(w.status().get("state") == "done" for w in pair), 180, 0.5, "both done")
+    for w in pair:
+        status = w.status()
+        assert status["epoch"] == 3 and status["skipped_steps"] == 0 and torch.isfinite(w.probe()).all()
+        # it averaged: 8-bit parts of the 1.6M-parameter student went out (about 1.6 MB per round and peer)
+        assert status["bytes_sent"] > 1_000_000, status
