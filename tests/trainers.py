@@ -91,6 +91,13 @@ class Worker(TrackedProcess):
 
         return torch.tensor(self.status()["params_probe"], dtype=torch.float64)
 
+    def probes(self) -> dict[int, Any]:
+        """The worker's probe at each of its last epochs (epoch -> tensor)."""
+        import torch
+
+        recorded = self.status().get("probes", {})
+        return {int(e): torch.tensor(p, dtype=torch.float64) for e, p in recorded.items()}
+
     def checkpoint_params(self) -> Any:
         """The tensors of the last checkpoint this worker wrote (name -> tensor), or None."""
         from safetensors.torch import load_file

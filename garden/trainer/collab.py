@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from garden.encoding import pad_id
@@ -184,7 +184,7 @@ def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabC
         client_mode=dht.client_mode,
         # hivemind warns (and can deadlock) when a matchmaking request may outlast matchmaking itself
         averager_opts={"request_timeout": min(3.0, config.matchmaking_time / 2)},
-        verbose=False,
+        verbose=True,  # each round's outcome at INFO (the worker shows them: see train_worker.main)
     )
     # hivemind pre-schedules a parameter-averaging round (so that peers meet at the swarm's ETA for the
     # epoch's end, not each at the moment it notices) only once it has timed one such round, and it times
@@ -216,9 +216,15 @@ class TrainStatus:
     loaded_state_at_epoch: int | None = None
     bytes_sent: int = 0  # sent in averaging rounds (garden.trainer.averaging_meter)
     params_probe: list[float] | None = None  # see CollabTrainer.params_probe, at the last epoch change
+    # the probe at each of the last PROBE_EPOCHS epochs (key: the epoch, as a string for JSON): peers whose
+    # round at an epoch succeeded show the same probe there, whatever became of later rounds
+    probes: dict[str, list[float]] = field(default_factory=dict)
     last_checkpoint: dict[str, Any] | None = None
     error: str | None = None
     updated_at: float = 0.0
+
+
+PROBE_EPOCHS = 16
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -392,6 +398,14 @@ class CollabTrainer:
         import torch
 
         return torch.cat([p.detach().reshape(-1).cpu() for p in self.params])
+
+    def record_probe(self) -> None:
+        """Note this epoch's probe in the status (see :attr:`TrainStatus.probes`)."""
+        probe = self.params_probe()
+        self.status.params_probe = probe
+        self.status.probes[str(self.epoch)] = probe
+        for old in sorted(self.status.probes, key=int)[:-PROBE_EPOCHS]:
+            del self.status.probes[old]
 
     def params_probe(self) -> list[float]:
         """Three numbers that summarise the trainable parameters (sum, sum of squares, a position-weighted

@@ -231,12 +231,12 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
                 trainer.sync_with_peers()
                 synced = True
                 epoch = trainer.epoch
-                status.params_probe = trainer.params_probe()
+                trainer.record_probe()
             if trainer.step() is None:
                 stop.wait(min(1.0, config.row_poll_s))
             if trainer.epoch != epoch:
                 epoch = trainer.epoch
-                status.params_probe = trainer.params_probe()
+                trainer.record_probe()
                 saved = checkpoints.maybe_save(epoch, trainer, peer_id)
                 if saved is not None:
                     status.last_checkpoint = saved
@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     from garden.logs import setup_logging
 
     setup_logging(args.log_level)
+    # the outcome of each averaging round (peers met, failed, local gradients used): a line or two per epoch,
+    # what a gardener asks when peers drift apart
+    for name in ("hivemind.optim.optimizer", "hivemind.optim.state_averager"):
+        logging.getLogger(name).setLevel(args.log_level.upper())
     try:
         config = WorkerConfig.model_validate_json(args.config.read_text())
     except (OSError, ValueError) as e:

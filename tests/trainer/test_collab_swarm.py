@@ -55,6 +55,13 @@ def initial(tiny: Path) -> torch.Tensor:
     return flat(load_file(str(tiny / "model.safetensors")))
 
 
+def agreed_epochs(x: dict[int, torch.Tensor], y: dict[int, torch.Tensor], after: int = 0) -> list[int]:
+    """The epochs past ``after`` at which two workers held the same parameters. A round can fail on a busy
+    machine (the peer then steps with its own gradients, hivemind's fallback, and the next round averages
+    the copies again), so tests ask for agreement after a round, not at every epoch."""
+    return [e for e in sorted(set(x) & set(y)) if e > after and torch.allclose(x[e], y[e], rtol=1e-9, atol=1e-6)]
+
+
 def test_trainers_reach_the_same_parameters_and_a_late_one_loads_their_state(
     daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
 ) -> None:
@@ -62,16 +69,19 @@ def test_trainers_reach_the_same_parameters_and_a_late_one_loads_their_state(
     a, b = workers.start(peers, max_epochs=5), workers.start(peers, max_epochs=5)
     wait_until(lambda: min(w.status().get("epoch", 0) for w in (a, b)) >= 2, 120, 0.5, "two epochs together")
     assert a.status()["peers"] == 2 and b.status()["peers"] == 2
+    # each trains on its own batches (other seeds): only averaging makes their parameters equal
+    wait_until(lambda: agreed_epochs(a.probes(), b.probes()), 60, 0.5, "an epoch where a and b agree")
 
     late = workers.start(peers, max_epochs=5)
     wait_until(lambda: all(w.status().get("state") == "done" for w in (a, b, late)), 180, 0.5, "all done")
     loaded = late.status()["loaded_state_at_epoch"]
     assert loaded is not None and loaded >= 2, late.log()[-3000:]  # it did not start from the random init
+    # what it loaded is exactly the state a peer held at that epoch (loaded uncompressed)
+    held = [w.probes().get(loaded) for w in (a, b)]
+    assert any(p is not None and torch.equal(p, late.probes()[loaded]) for p in held), (held, late.probes())
+    assert late.status()["bytes_sent"] > 0  # then it averaged with them
 
-    probes = [w.probe() for w in (a, b, late)]
-    for other in probes[1:]:
-        assert torch.allclose(probes[0], other, rtol=1e-9, atol=1e-6), (probes[0], other)
-    # one peer wrote the swarm's checkpoint: trained, finite, and what every peer holds
+    # one peer wrote the swarm's checkpoint: trained and finite
     written = [w.checkpoint_params() for w in (a, b, late) if w.checkpoint_params() is not None]
     assert written, "no peer wrote a checkpoint"
     final = flat(written[0])
@@ -96,8 +106,8 @@ def test_a_trainer_killed_mid_run_does_not_stall_the_others(daemons: DaemonFacto
     assert time.monotonic() - started < 8.0 + 2.0 + 30.0
     wait_until(lambda: all(w.status().get("state") == "done" for w in survivors), 150, 0.5, "survivors done")
     wait_until(lambda: not victim.alive_descendants(), 10, 0.2, "the victim's children gone")
-    a, b = (w.probe() for w in survivors)
-    assert torch.allclose(a, b, rtol=1e-9, atol=1e-6), (a, b)
+    a, b = (w.probes() for w in survivors)
+    assert agreed_epochs(a, b, after=killed_at), (a, b)  # the two averaged on without the victim
 
 
 def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
