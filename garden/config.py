@@ -86,9 +86,29 @@ class GardenSettings(BaseSettings):
     train_batch_size: int = Field(
         4, ge=1, le=4096, description="Rows per forward pass when this peer trains a mission's student."
     )
+    # --- serving layers (the server role) ----------------------------------------------------------
+    serve: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models whose layers this peer serves: REF (the layers the swarm needs most) or REF:START-END "
+        "(a fixed half-open range, e.g. builtin:smollm2-135m:0-15).",
+    )
+    serve_blocks: int | None = Field(
+        None, ge=1, le=1024, description="Layers to serve when no range is given (default: the whole model)."
+    )
+    max_sessions: int = Field(16, ge=1, le=4096, description="Generation sessions a server holds at once.")
+    max_session_tokens: int = Field(
+        4096, ge=16, le=1 << 20, description="Tokens (prompt + answer) one session may hold on a server."
+    )
+    session_idle_timeout: float = Field(
+        120.0, ge=1.0, le=86400.0, description="Seconds after which a server drops a session nobody used."
+    )
+    inference_timeout: float = Field(
+        20.0, gt=0, le=600, description="Seconds one call to a layer server may take before generation routes "
+        "around that server.",
+    )  # fmt: skip
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
-    @field_validator("join", "host_maddr", "announce_maddr", "roles", mode="before")
+    @field_validator("join", "host_maddr", "announce_maddr", "roles", "serve", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -99,6 +119,15 @@ class GardenSettings(BaseSettings):
     @classmethod
     def _unique_roles(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else sorted(set(value))
+
+    @field_validator("serve")
+    @classmethod
+    def _valid_serve(cls, value: list[str]) -> list[str]:
+        from garden.protocol.serve_spec import parse_serve_spec
+
+        for item in value:
+            parse_serve_spec(item)  # raises ValueError naming the problem
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

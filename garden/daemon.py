@@ -17,12 +17,17 @@ from hivemind.utils.timed_storage import get_dht_time
 from garden import __version__
 from garden.config import GardenSettings
 from garden.datadir import DataDir
+from garden.inference.blocks import LayerSpan
+from garden.inference.client import ChainConfig
+from garden.inference.server import ServeConfig
+from garden.inference.service import InferenceService
 from garden.peer.capabilities import MachineInfo, choose_roles, machine_load, probe_machine
 from garden.peer.directory import PeerDirectory
 from garden.peer.identity import Identity, load_or_create_identity
 from garden.peer.swarm import Swarm, SwarmConfig
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import PeerInfo, PeerState, Role
+from garden.protocol.serve_spec import parse_serve_spec
 from garden.peer.missions import MissionBook
 from garden.peer.replication import RowSetKeeper
 from garden.peer.transfer import ContentRef, ContentTransfer
@@ -61,6 +66,7 @@ class Gardener:
         self.keeper: RowSetKeeper | None = None
         self.training: TrainingWork | None = None
         self.checkpoints: CheckpointSharing | None = None
+        self.inference: InferenceService | None = None
         self._p2p: Any = None
         self.started_at: float | None = None
         self._stop = asyncio.Event()
@@ -180,6 +186,25 @@ class Gardener:
             ),
             sharing=self.checkpoints,
         )
+        self.inference = InferenceService(
+            p2p, self.swarm, self.keys, self.identity.private_key, self.identity.peer_id,
+            ChainConfig(call_timeout=self.settings.inference_timeout),
+        )  # fmt: skip
+        if self.settings.serve and "server" not in self.roles:
+            logger.warning("--serve given, but this peer does not take the server role: serving nothing")
+        for spec in map(parse_serve_spec, self.settings.serve if "server" in self.roles else []):
+            serve = ServeConfig(
+                model=spec.model,
+                span=LayerSpan(spec.start, spec.end) if spec.start is not None and spec.end is not None else None,
+                blocks=self.settings.serve_blocks,
+                max_sessions=self.settings.max_sessions,
+                max_session_tokens=self.settings.max_session_tokens,
+                idle_timeout=self.settings.session_idle_timeout,
+                announce_period=self.settings.announce_period,
+                namespace=self.keys.swarm,
+            )
+            task = asyncio.create_task(self.inference.serve(serve, self._stop), name=f"garden-serve-{spec}")
+            self._tasks.append(task)
         self._tasks.append(asyncio.create_task(self.missions.run(self._stop), name="garden-missions"))
         self._tasks.append(asyncio.create_task(self.work.run(self._stop), name="garden-mission-work"))
         self._tasks.append(asyncio.create_task(self.training.run(self._stop), name="garden-training"))
@@ -199,6 +224,8 @@ class Gardener:
             await self.work.close()
         if self.training is not None:
             await self.training.close()
+        if self.inference is not None:
+            await self.inference.stop()
         if self.transfer is not None:
             await self.transfer.stop()
         if self._p2p is not None:

@@ -271,6 +271,11 @@ def model_memory_bytes(ref: str | ModelRef, dtype_bytes: int = 4) -> int | None:
     return int(params * dtype_bytes * 1.2)
 
 
+def model_source(ref: str | ModelRef) -> str:
+    """What transformers loads for ``ref``: a hub id, or a local directory (a ``.gguf`` converted first)."""
+    return _source(ref if isinstance(ref, ModelRef) else parse_model_ref(ref))
+
+
 def _source(ref: ModelRef) -> str:
     if ref.kind == "builtin":
         try:

@@ -72,7 +72,7 @@ class Daemon(TrackedProcess):
         return httpx.get(self.url + path, timeout=30, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(method, self.url + path, timeout=30, **kwargs)
+        return httpx.request(method, self.url + path, **({"timeout": 30} | kwargs))
 
     def peer_ids(self) -> set[str]:
         response = self.get("/peers")

@@ -113,7 +113,11 @@ class WorkerFactory:
         self.base_dir, self.student, self.store, self.keep_layers = base_dir, student, store, keep_layers
         self.workers: list[Worker] = []
 
-    def start(self, initial_peers: list[str], executable: list[str] | None = None, **collab: Any) -> Worker:
+    def start(
+        self, initial_peers: list[str], executable: list[str] | None = None, worker: dict[str, Any] | None = None,
+        **collab: Any,
+    ) -> Worker:
+        """A worker with ``collab`` settings (``CollabConfig``) and ``worker`` ones (``WorkerConfig``)."""
         name = f"worker{len(self.workers) + 1}"
         wdir = self.base_dir / name
         wdir.mkdir(parents=True)
@@ -133,16 +137,16 @@ class WorkerFactory:
             "max_threads": 1,
             "row_poll_s": 2.0,
             "linger_s": 8.0,
-        }
+        } | (worker or {})
         (wdir / "config.json").write_text(json.dumps(config))
         argv = executable or [sys.executable, "-m", "garden.trainer.train_worker"]
         with open(wdir / "worker.log", "wb") as log:
             proc = subprocess.Popen(
                 [*argv, str(wdir / "config.json")], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
-        worker = Worker(name=name, proc=proc, dir=wdir)
-        self.workers.append(worker)
-        return worker
+        started = Worker(name=name, proc=proc, dir=wdir)
+        self.workers.append(started)
+        return started
 
     def close(self) -> list[str]:
         """Stop every worker (SIGTERM, then SIGKILL); return the descendants that outlived them."""

@@ -1,4 +1,4 @@
-"""The FastAPI app of the local HTTP port: status, peers, metrics (later: missions, /v1, dashboard).
+"""The FastAPI app of the local HTTP port: status, peers, metrics, missions, the OpenAI-compatible ``/v1``.
 
 Every error is JSON with a ``detail`` field, and bad requests are 4xx: FastAPI already answers 404,
 405 and 422 that way; anything unexpected is logged and answered as a JSON 500 rather than a
@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from garden import __version__
 from garden.api.metrics import make_registry
 from garden.api.missions import make_missions_router
-from garden.api.schemas import Error, Health, Machine, Peer, Shaking, Status
+from garden.api.openai import install_openai_errors, make_openai_router
+from garden.api.schemas import Error, Health, Machine, Peer, Serving, Shaking, Status
 from garden.daemon import Gardener
 from garden.peer.directory import PeerEntry
 
@@ -67,6 +68,7 @@ def create_app(gardener: Gardener) -> FastAPI:
             announce_period_s=gardener.settings.announce_period,
             machine=Machine(cores=machine.cores, ram_bytes=machine.ram_bytes, gpu=machine.gpu),
             shaking=_shaking(gardener),
+            serving=[Serving(**server.view()) for server in (gardener.inference.servers if gardener.inference else [])],
         )
 
     @app.get("/peers", response_model=list[Peer], tags=["swarm"])
@@ -88,6 +90,8 @@ def create_app(gardener: Gardener) -> FastAPI:
             gardener.missions, lambda: gardener.work, lambda: gardener.training, lambda: gardener.checkpoints
         )
     )
+    app.include_router(make_openai_router(lambda: gardener.inference))
+    install_openai_errors(app)
     return app
 
 

@@ -28,6 +28,17 @@ class Shaking(BaseModel):
     missions: dict[str, str] = Field(default_factory=dict)
 
 
+class Serving(BaseModel):
+    model: str
+    layers: str | None = Field(description="START-END (half-open); None while loading or after a failure")
+    throughput: float = Field(description="layer-tokens per second measured at start, one token at a time")
+    sessions: int
+    max_sessions: int
+    tokens_served: int
+    refused: dict[str, int] = Field(description="RPCs refused, by error code")
+    error: str | None = None
+
+
 class Status(BaseModel):
     peer_id: str
     version: str
@@ -42,6 +53,7 @@ class Status(BaseModel):
     announce_period_s: float = Field(description="seconds between announces of this peer's record")
     machine: Machine
     shaking: Shaking | None = None
+    serving: list[Serving] = Field(default_factory=list, description="layer ranges this peer serves (--serve)")
 
 
 class Peer(BaseModel):

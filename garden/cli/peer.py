@@ -37,6 +37,16 @@ def run(
     max_memory: str | None = typer.Option(None, "--max-memory", metavar="SIZE", help=_help("max_memory")),
     lease_seconds: float | None = typer.Option(None, "--lease-seconds", help=_help("lease_seconds")),
     train_batch_size: int | None = typer.Option(None, "--train-batch-size", help=_help("train_batch_size")),
+    serve: list[str] | None = typer.Option(
+        None, "--serve", metavar="REF[:START-END]", help=_help("serve") + " Repeatable."
+    ),
+    serve_blocks: int | None = typer.Option(None, "--serve-blocks", help=_help("serve_blocks")),
+    max_sessions: int | None = typer.Option(None, "--max-sessions", help=_help("max_sessions")),
+    max_session_tokens: int | None = typer.Option(None, "--max-session-tokens", help=_help("max_session_tokens")),
+    session_idle_timeout: float | None = typer.Option(
+        None, "--session-idle-timeout", help=_help("session_idle_timeout")
+    ),
+    inference_timeout: float | None = typer.Option(None, "--inference-timeout", help=_help("inference_timeout")),
     log_level: str | None = typer.Option(None, "--log-level", help=_help("log_level")),
     client_mode: bool | None = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
     swarm: str | None = typer.Option(None, "--swarm", help=_help("swarm")),
@@ -57,6 +67,12 @@ def run(
         max_memory=max_memory,
         lease_seconds=lease_seconds,
         train_batch_size=train_batch_size,
+        serve=serve or None,
+        serve_blocks=serve_blocks,
+        max_sessions=max_sessions,
+        max_session_tokens=max_session_tokens,
+        session_idle_timeout=session_idle_timeout,
+        inference_timeout=inference_timeout,
         log_level=log_level,
         client_mode=client_mode,
         swarm=swarm,

@@ -341,14 +341,30 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for a reproducible sample."),
     system: str | None = typer.Option(None, "--system", help="System message (default: the chat template's)."),
+    swarm: str | None = typer.Option(
+        None, "--swarm", metavar="MODEL",
+        help="Generate with MODEL's layers on the swarm, through the local peer (garden run must be running).",
+    ),  # fmt: skip
+    url: str | None = typer.Option(None, "--url", help="With --swarm: a daemon's HTTP port (default: this machine's)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="With --swarm: find the daemon of this data dir."),
 ) -> None:
-    """Answer one prompt with a local model, printing the answer as it is generated."""
+    """Answer one prompt with a local model (or with --swarm, pipelined through the swarm's servers), printing
+    the answer as it is generated."""
     import sys
 
     from garden.inference.generate import GenerateConfig, TextGeneration
     from garden.models import load_model
 
     say = Console(stderr=True)  # stdout holds only the answer, for pipes
+    if swarm is not None:
+        from garden.cli.common import daemon_url
+        from garden.cli.swarm_generate import stream_from_daemon
+
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        body = {"model": swarm, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature,
+                "top_p": top_p, "seed": seed}  # fmt: skip
+        stream_from_daemon(daemon_url(url, data_dir, None), body, say)
+        return
     try:
         config = GenerateConfig(max_new_tokens, temperature, top_p, seed, system)
         say.print(f"loading {model} (the first load of a .gguf converts it once, ~30 s)", markup=False)

@@ -41,5 +41,10 @@ class DHTKeys:
     def missions(self) -> str:
         return f"{self.swarm}/missions"
 
+    @property
+    def models(self) -> str:
+        """Subkey = ``"<peer id> <model ref>"``; value = a sealed ``BlocksRecord`` (every served range)."""
+        return f"{self.swarm}/models"
+
     def model_blocks(self, model_id: str) -> str:
         return f"{self.swarm}/model/{model_id}/blocks"

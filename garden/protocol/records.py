@@ -86,14 +86,7 @@ class PeerInfo(StrictRecord):
         return info
 
     def check_fresh(self, expiration_time: float, now: float) -> None:
-        """Refuse a record that claims to live too long, is stale, or comes from the future: a
-        self-signed record is still a lie if it would keep a dead peer listed for days."""
-        if self.announced_at > now + MAX_CLOCK_SKEW:
-            raise RecordError(f"announced {self.announced_at - now:.0f} s in the future")
-        if now - self.announced_at > MAX_RECORD_TTL:
-            raise RecordError(f"stale: announced {now - self.announced_at:.0f} s ago")
-        if expiration_time - self.announced_at > MAX_RECORD_TTL + MAX_CLOCK_SKEW:
-            raise RecordError(f"claims to live {expiration_time - self.announced_at:.0f} s, over {MAX_RECORD_TTL:.0f}")
+        check_fresh(self.announced_at, expiration_time, now)
 
     @classmethod
     def _from_body(cls, body: bytes) -> PeerInfo:
@@ -148,6 +141,17 @@ def open_sealed(raw: Any, max_bytes: int) -> tuple[bytes, str]:
     if not signing.verify(envelope.k, envelope.b, envelope.s):
         raise RecordError("bad signature")
     return envelope.b, signing.peer_id_of(envelope.k)
+
+
+def check_fresh(announced_at: float, expiration_time: float, now: float) -> None:
+    """Refuse an announcement that claims to live too long, is stale, or comes from the future: a
+    self-signed record is still a lie if it would keep a dead peer listed for days."""
+    if announced_at > now + MAX_CLOCK_SKEW:
+        raise RecordError(f"announced {announced_at - now:.0f} s in the future")
+    if now - announced_at > MAX_RECORD_TTL:
+        raise RecordError(f"stale: announced {now - announced_at:.0f} s ago")
+    if expiration_time - announced_at > MAX_RECORD_TTL + MAX_CLOCK_SKEW:
+        raise RecordError(f"claims to live {expiration_time - announced_at:.0f} s, over {MAX_RECORD_TTL:.0f}")
 
 
 def first_error(e: Exception) -> str:

@@ -122,12 +122,11 @@ class CollabConfig:
 
 def make_compression(name: CompressionName) -> Any:
     """hivemind's compression for ``name``."""
-    from hivemind.compression import (
-        Float16Compression,
-        NoCompression,
-        SizeAdaptiveCompression,
-        Uniform8BitQuantization,
-    )
+    from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression
+
+    from garden.trainer.compression import Uniform8Bit, install
+
+    install()  # hivemind's own 8-bit decoder fails on numpy 2: see garden.trainer.compression
 
     if name == "none":
         return NoCompression()
@@ -135,7 +134,7 @@ def make_compression(name: CompressionName) -> Any:
         return Float16Compression()
     if name == "8bit":
         return SizeAdaptiveCompression(
-            threshold=SMALL_TENSOR, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
+            threshold=SMALL_TENSOR, less=Float16Compression(), greater_equal=Uniform8Bit()
         )
     raise ValueError(f"unknown compression {name!r}: none, fp16 or 8bit")
 

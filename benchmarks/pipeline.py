@@ -1,0 +1,200 @@
+"""Pipelined generation across three local servers vs local ``model.generate``, on the built-in model.
+
+Prints ONE JSON object to stdout; progress lines go to stderr (none with ``--json-only``).
+
+What is measured, and why:
+
+- **throughput**: the network path's overhead. Three daemons serve layers 0-10, 10-20 and 20-30
+  (``--max-threads 1`` each) and a fourth, with no layers, answers ``POST /v1/completions`` by pipelining
+  through them; the same prompts are generated greedily by ``model.generate`` in this process with one
+  thread. ``pipelined_over_local`` = pipelined tokens/s / local tokens/s (target >= 0.9). Every request
+  asks for exactly ``--tokens`` new tokens (no stop string; the end token may stop it earlier, which both
+  sides count the same way).
+- **time to first token**: from sending a streaming chat request to its first content chunk.
+- **fail-over pause**: a streaming generation whose 10-20 server is killed (``kill -9``) after a few
+  tokens, with a spare 10-20 server up: the longest gap between two chunks, next to the median gap.
+- **wire dtype**: in this process, greedy output of 8 prompts x 48 tokens with hidden states cast to
+  float16 (and, separately, bfloat16) at the two range boundaries, compared with float32 all the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.daemons import Daemon, DaemonFactory, wait_until  # noqa: E402
+
+MODEL = "builtin:smollm2-135m"
+TARGET_RATIO = 0.9
+quiet = False
+
+
+def log(message: str) -> None:
+    if not quiet:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def prompts(n: int) -> list[str]:
+    from garden.data import demo_prompts
+
+    return [p.prompt for p in demo_prompts()[:n]]
+
+
+def local_rate(texts: list[str], tokens: int) -> dict[str, Any]:
+    import torch
+
+    from garden.models import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(MODEL)
+    produced, started = 0, time.perf_counter()
+    for text in texts:
+        ids = model.tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            out = model.model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
+        produced += out.shape[1] - len(ids)
+    seconds = time.perf_counter() - started
+    return {"tokens": produced, "seconds": round(seconds, 2), "tokens_per_s": round(produced / seconds, 2)}
+
+
+def pipelined_rate(client: Daemon, texts: list[str], tokens: int) -> dict[str, Any]:
+    produced, started = 0, time.perf_counter()
+    for text in texts:
+        body = {"model": MODEL, "prompt": text, "max_tokens": tokens, "temperature": 0}
+        answer = client.request("POST", "/v1/completions", json=body, timeout=300)
+        answer.raise_for_status()
+        produced += answer.json()["usage"]["completion_tokens"]
+    seconds = time.perf_counter() - started
+    return {"tokens": produced, "seconds": round(seconds, 2), "tokens_per_s": round(produced / seconds, 2)}
+
+
+def stream_gaps(client: Daemon, text: str, tokens: int, kill_after: int | None = None,
+                victims: list[Daemon] | None = None) -> dict[str, Any]:  # fmt: skip
+    import httpx
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
+            "temperature": 0, "stream": True}  # fmt: skip
+    started = time.perf_counter()
+    stamps: list[float] = []
+    killed = None
+    with httpx.stream("POST", client.url + "/v1/chat/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+                if kill_after is not None and len(stamps) == kill_after and victims:
+                    used = [d for d in victims if d.get("/status").json()["serving"][0]["sessions"] > 0]
+                    killed = used[0] if used else victims[0]
+                    os.kill(killed.proc.pid, signal.SIGKILL)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {
+        "first_token_s": round(stamps[0] - started, 3) if stamps else None,
+        "chunks": len(stamps),
+        "median_gap_s": round(statistics.median(gaps), 3) if gaps else None,
+        "max_gap_s": round(max(gaps), 3) if gaps else None,
+        "killed": killed is not None,
+    }
+
+
+def wire_dtype_check(texts: list[str], tokens: int) -> dict[str, Any]:
+    import torch
+
+    from garden.inference.blocks import Blocks, Ends, LayerSpan
+    from garden.inference.generate import prompt_ids
+
+    ends = Ends.load(MODEL)
+    spans = [Blocks.load(MODEL, LayerSpan(a, b)) for a, b in ((0, 10), (10, 20), (20, 30))]
+
+    def greedy(ids: list[int], cast: Any) -> list[int]:
+        caches = [b.new_cache() for b in spans]
+        out, feed = [], ids
+        for _ in range(tokens):
+            hidden = ends.embed(feed)
+            for i, (blocks, cache) in enumerate(zip(spans, caches)):
+                hidden = blocks.forward(cast(hidden) if i else hidden, cache)
+            out.append(int(ends.logits(hidden).argmax()))
+            if out[-1] in ends.eos_ids:
+                break
+            feed = [out[-1]]
+        return out
+
+    result: dict[str, Any] = {"prompts": len(texts), "tokens": tokens}
+    exact = [greedy(prompt_ids(ends.tokenizer, t), lambda h: h) for t in texts]
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        cast = lambda h, d=dtype: h.to(d).float()  # noqa: E731
+        same = [greedy(prompt_ids(ends.tokenizer, t), cast) == e for t, e in zip(texts, exact)]
+        result[f"{name}_unchanged"] = sum(same)
+    return result
+
+
+def main() -> int:
+    global quiet
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--json-only", action="store_true")
+    args = parser.parse_args()
+    quiet = args.json_only
+    os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+    texts = prompts(args.prompts)
+    report: dict[str, Any] = {"model": MODEL, "prompts": len(texts), "tokens": args.tokens}
+    load_before = os.getloadavg()[0]
+    log("wire dtype check (in process)")
+    report["wire_dtype"] = wire_dtype_check(prompts(8), 48)
+    log(f"local generate: {report['wire_dtype']}")
+    report["local"] = local_rate(texts, args.tokens)
+    log(f"local: {report['local']}")
+    with tempfile.TemporaryDirectory(prefix="garden-pipeline-bench-") as tmp:
+        factory = DaemonFactory(Path(tmp))
+        env = {"HF_HUB_OFFLINE": "1", **({"GARDEN_CACHE_DIR": os.environ["GARDEN_CACHE_DIR"]}
+                                         if "GARDEN_CACHE_DIR" in os.environ else {})}  # fmt: skip
+        try:
+            def serve(layers: str, join: Daemon | None = None) -> Daemon:
+                extra = ["--join", join.join_addr] if join else []
+                return factory.start("--roles", "server", "--serve", f"{MODEL}:{layers}", "--max-threads", "1",
+                                     *extra, env=env)  # fmt: skip
+
+            first = serve("0-10")
+            middle, spare, last = serve("10-20", first), serve("10-20", first), serve("20-30", first)
+            client = factory.start("--roles", "shaker", "--join", first.join_addr, "--max-threads", "1",
+                                   "--inference-timeout", "5", env=env)  # fmt: skip
+            servers = [first, middle, spare, last]
+            wait_until(lambda: all(d.get("/status").json()["serving"][0]["layers"] for d in servers), 180, 0.5)
+            wait_until(lambda: client.get("/v1/models").json()["data"], 60, 0.5, "the model covered")
+            pipelined_rate(client, texts[:1], 4)  # warm-up: the client loads the embeddings and head
+            report["pipelined"] = pipelined_rate(client, texts, args.tokens)
+            log(f"pipelined: {report['pipelined']}")
+            report["stream"] = stream_gaps(client, texts[0], args.tokens)
+            report["failover"] = stream_gaps(client, texts[1 % len(texts)], args.tokens, 5, [middle, spare])
+            log(f"stream: {report['stream']}; failover: {report['failover']}")
+        finally:
+            report["orphans"] = factory.close()
+    local, piped = report["local"]["tokens_per_s"], report["pipelined"]["tokens_per_s"]
+    report["pipelined_over_local"] = round(piped / local, 3) if local else None
+    report["target_ratio"] = TARGET_RATIO
+    report["machine"] = {
+        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Serving a range of a model's decoder layers to the swarm (the ``server`` role).
+
+The server loads only its layers (:class:`garden.inference.blocks.Blocks`), measures how fast it runs
+them, and announces a :class:`garden.protocol.blocks.BlocksRecord` every announce period. Clients open a
+session (a KV cache on this server for a sub-range of its layers), send forward steps (hidden states in,
+hidden states out) and close it. Sessions are capped in number, in tokens each, and in total cache tokens,
+and an idle one is dropped after ``idle_timeout``: a client that vanished never holds memory for long.
+
+Without a fixed range the server picks the ``blocks`` consecutive layers that the swarm covers least
+(fewest servers, then least throughput) and moves when it is redundant while some layers have no server
+at all (only while it holds no session, so no client loses its cache to a move).
+
+One daemon may serve several models or ranges: :class:`garden.inference.service.BlockRpc` registers the
+three RPCs once and hands each call to the server it is for.
+
+The layers run on one worker thread: the event loop (DHT, HTTP, other RPCs) never waits for a forward
+pass, and two sessions' passes never compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
+
+from garden.inference.blocks import Blocks, LayerSpan, load_config
+from garden.inference.route import read_blocks
+from garden.inference.wire import (
+    ERROR_BAD_REQUEST,
+    ERROR_BUSY,
+    ERROR_INTERNAL,
+    ERROR_NOT_SERVED,
+    ERROR_OUT_OF_SYNC,
+    ERROR_TOO_LONG,
+    ERROR_UNKNOWN_SESSION,
+    CloseRequest,
+    ForwardRequest,
+    OpenRequest,
+    Reply,
+    WireDtype,
+    deserialize_hidden,
+    pack,
+    serialize_hidden,
+    unpack,
+)
+from garden.protocol.blocks import BlocksRecord, models_subkey
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import RecordError
+
+logger = logging.getLogger(__name__)
+
+THROUGHPUT_PROBE_STEPS = 8
+"""One-token forward passes timed at start (after one warm-up) to announce the range's throughput."""
+
+
+@dataclass
+class ServeConfig:
+    """:param model: the model reference served (``builtin:smollm2-135m``)
+    :param span: a fixed layer range; None picks the least covered ``blocks`` layers
+    :param blocks: layers to serve when ``span`` is None (default: the whole model)
+    :param max_sessions: open sessions at once
+    :param max_session_tokens: tokens one session may hold (prompt + answer)
+    :param cache_tokens: tokens all sessions together may reserve
+    :param max_step_tokens: tokens one forward call may carry (clients split longer prompts)
+    :param idle_timeout: seconds after which a session nobody used is dropped
+    :param announce_period: seconds between announcements; a record lives twice that
+    :param namespace: prefix of the RPC names (the swarm's name)"""
+
+    model: str
+    span: LayerSpan | None = None
+    blocks: int | None = None
+    max_sessions: int = 16
+    max_session_tokens: int = 4096
+    cache_tokens: int = 32768
+    max_step_tokens: int = 1024
+    idle_timeout: float = 120.0
+    announce_period: float = 30.0
+    rebalance_period: float = 60.0
+    namespace: str = "garden"
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str  # the client's peer id: only it may use or close the session
+    sub: LayerSpan
+    cache: Any
+    max_tokens: int
+    wire_dtype: WireDtype
+    tokens: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class ServerStats:
+    sessions_opened: int = 0
+    tokens_served: int = 0  # tokens run through this server's layers
+    refused: Counter[str] = field(default_factory=Counter)  # by error code
+
+
+def rpc_names(namespace: str) -> tuple[str, str, str]:
+    return f"{namespace}.blocks.open", f"{namespace}.blocks.forward", f"{namespace}.blocks.close"
+
+
+def choose_span(records: list[BlocksRecord], num_layers: int, blocks: int, exclude: str | None = None) -> LayerSpan:
+    """The ``blocks`` consecutive layers with the fewest servers (then the least throughput) over their least
+    covered layer; ``exclude`` (this server) does not count as coverage."""
+    blocks = min(blocks, num_layers)
+    servers = [0] * num_layers
+    speed = [0.0] * num_layers
+    for r in records:
+        if r.peer_id == exclude:
+            continue
+        for i in range(r.start, min(r.end, num_layers)):
+            servers[i] += 1
+            speed[i] += r.throughput
+    candidates = [
+        (min(servers[s : s + blocks]), sum(servers[s : s + blocks]), sum(speed[s : s + blocks]), s)
+        for s in range(num_layers - blocks + 1)
+    ]
+    start = min(candidates)[3]
+    return LayerSpan(start, start + blocks)
+
+
+class BlockServer:
+    """Serves one model's layer range on ``p2p``; announces it under ``model/<ref>/blocks``."""
+
+    def __init__(self, p2p: P2P, swarm: Any, keys: DHTKeys, private_key: Any, peer_id: str, config: ServeConfig):
+        self.p2p, self.swarm, self.keys, self.private_key, self.peer_id = p2p, swarm, keys, private_key, peer_id
+        self.config = config
+        self.blocks: Blocks | None = None
+        self.throughput = 0.0
+        self.sessions: dict[str, Session] = {}
+        self.stats = ServerStats()
+        self.invalid_records: Counter[str] = Counter()
+        self.error: str | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="garden-blocks")
+        self._num_layers = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Choose the range, load it, time it and announce. Raises on a bad model. (The daemon's
+        :class:`garden.inference.service.BlockRpc` routes RPCs to :meth:`rpc_open` and the others.)"""
+        config = await asyncio.to_thread(load_config, self.config.model)
+        self._num_layers = int(config.num_hidden_layers)
+        span = self.config.span
+        if span is None:
+            records = await read_blocks(self.swarm, self.keys, self.config.model, self.invalid_records)
+            span = choose_span(records, self._num_layers, self.config.blocks or self._num_layers, self.peer_id)
+        span.check_within(self._num_layers)
+        await self._load(span)
+        await self.announce()
+
+    async def _load(self, span: LayerSpan) -> None:
+        started = time.monotonic()
+        blocks = await asyncio.get_running_loop().run_in_executor(self._executor, Blocks.load, self.config.model, span)
+        self.throughput = await asyncio.get_running_loop().run_in_executor(self._executor, _measure, blocks)
+        self.blocks = blocks
+        logger.info(
+            "serving layers %s of %s (%.1f s to load; %.0f layer-tokens/s)",
+            span, self.config.model, time.monotonic() - started, self.throughput,
+        )  # fmt: skip
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Re-announce, drop idle sessions, and move to a better range when the swarm needs it."""
+        last_announce = last_rebalance = time.monotonic()
+        tick = min(5.0, self.config.announce_period / 2, self.config.idle_timeout / 2)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=tick)
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                break
+            self.drop_idle()
+            now = time.monotonic()
+            if self.config.span is None and now - last_rebalance >= self.config.rebalance_period:
+                last_rebalance = now
+                try:
+                    await self.rebalance()
+                except Exception as e:  # noqa: BLE001 - a failed move keeps the old range
+                    logger.warning("moving to another layer range failed: %s", e)
+            if now - last_announce >= self.config.announce_period:
+                last_announce = now
+                await self.announce()
+
+    async def stop(self) -> None:
+        self.sessions.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- the swarm ---------------------------------------------------------------------------------------
+    def record(self) -> BlocksRecord:
+        assert self.blocks is not None
+        reserved = sum(s.max_tokens for s in self.sessions.values())
+        return BlocksRecord(
+            peer_id=self.peer_id, model=self.config.model, start=self.blocks.span.start, end=self.blocks.span.end,
+            num_layers=self._num_layers, hidden_size=self.blocks.hidden_size, throughput=max(self.throughput, 1e-3),
+            free_cache_tokens=max(0, self.config.cache_tokens - reserved), max_sessions=self.config.max_sessions,
+            max_session_tokens=self.config.max_session_tokens, announced_at=get_dht_time(),
+        )  # fmt: skip
+
+    async def announce(self) -> bool:
+        if self.blocks is None:
+            return False
+        record = self.record()
+        raw, expiration = record.to_wire(self.private_key), record.announced_at + 2 * self.config.announce_period
+        stored = await asyncio.gather(
+            self.swarm.store(self.keys.model_blocks(self.config.model), raw, expiration, subkey=self.peer_id),
+            self.swarm.store(self.keys.models, raw, expiration, subkey=models_subkey(record)),
+        )
+        ok = all(stored)
+        if not ok:
+            span, model = self.blocks.span, self.config.model
+            logger.warning("announcing layers %s of %s failed; retrying next period", span, model)
+        return ok
+
+    async def rebalance(self) -> bool:
+        """Move when this range is held by others too while some layers have no server (and no session
+        is open here). Returns whether it moved."""
+        assert self.blocks is not None
+        if self.sessions:
+            return False
+        records = await read_blocks(self.swarm, self.keys, self.config.model, self.invalid_records)
+        others = [r for r in records if r.peer_id != self.peer_id]
+        current = self.blocks.span
+        held_elsewhere = all(any(r.start <= i < r.end for r in others) for i in range(current.start, current.end))
+        best = choose_span(others, self._num_layers, len(current))
+        best_uncovered = any(not any(r.start <= i < r.end for r in others) for i in range(best.start, best.end))
+        if not (held_elsewhere and best_uncovered) or best == current:
+            return False
+        logger.info("layers %s are served elsewhere and %s by no one: moving there", current, best)
+        await self._load(best)
+        await self.announce()
+        return True
+
+    def drop_idle(self) -> None:
+        now = time.monotonic()
+        for sid, session in list(self.sessions.items()):
+            if now - session.last_used > self.config.idle_timeout and not session.lock.locked():
+                logger.info("session %s idle for %.0f s: dropped", sid[:8], now - session.last_used)
+                del self.sessions[sid]
+
+    def view(self) -> dict[str, Any]:
+        span = self.blocks.span if self.blocks is not None else None
+        return {
+            "model": self.config.model, "layers": str(span) if span else None, "throughput": round(self.throughput, 1),
+            "sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
+            "tokens_served": self.stats.tokens_served, "refused": dict(self.stats.refused), "error": self.error,
+        }  # fmt: skip
+
+    # --- RPCs --------------------------------------------------------------------------------------------
+    def _error(self, code: str, detail: str) -> runtime_pb2.ExpertResponse:
+        self.stats.refused[code] += 1
+        return runtime_pb2.ExpertResponse(metadata=pack(Reply(ok=False, error=code, detail=detail[:500])))
+
+    async def rpc_open(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        client = context.remote_id.to_base58()
+        try:
+            meta: OpenRequest = unpack(OpenRequest, request.metadata, "open request")
+            sub = LayerSpan(meta.start, meta.end)
+        except (RecordError, ValueError) as e:
+            logger.info("refused an open request from %s: %s", client, e)
+            return self._error(ERROR_BAD_REQUEST, str(e))
+        blocks = self.blocks
+        if blocks is None or meta.model != self.config.model or not blocks.span.contains(sub):
+            held = f"{self.config.model} layers {blocks.span}" if blocks else "nothing yet"
+            return self._error(ERROR_NOT_SERVED, f"asked for {meta.model} layers {sub}; this server holds {held}")
+        self.drop_idle()
+        if meta.session in self.sessions:
+            return self._error(ERROR_BAD_REQUEST, "session id already open")
+        if len(self.sessions) >= self.config.max_sessions:
+            return self._error(ERROR_BUSY, f"{self.config.max_sessions} sessions open, the most this server takes")
+        if meta.max_tokens > self.config.max_session_tokens:
+            return self._error(
+                ERROR_TOO_LONG, f"{meta.max_tokens} tokens asked, at most {self.config.max_session_tokens} a session"
+            )
+        reserved = sum(s.max_tokens for s in self.sessions.values())
+        if reserved + meta.max_tokens > self.config.cache_tokens:
+            return self._error(ERROR_BUSY, f"cache full: {self.config.cache_tokens - reserved} tokens left")
+        self.sessions[meta.session] = Session(
+            meta.session, client, sub, blocks.new_cache(), meta.max_tokens, meta.wire_dtype
+        )
+        self.stats.sessions_opened += 1
+        return runtime_pb2.ExpertResponse(metadata=pack(Reply(ok=True)))
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        client = context.remote_id.to_base58()
+        blocks = self.blocks
+        try:
+            meta: ForwardRequest = unpack(ForwardRequest, request.metadata, "forward request")
+            if len(request.tensors) != 1 or blocks is None:
+                raise RecordError(f"{len(request.tensors)} tensors, expected one of hidden states")
+            hidden = deserialize_hidden(request.tensors[0], blocks.hidden_size, self.config.max_step_tokens)
+        except RecordError as e:
+            logger.info("refused a forward step from %s: %s", client, e)
+            return self._error(ERROR_BAD_REQUEST, str(e))
+        session = self.sessions.get(meta.session)
+        if session is None or session.owner != client:
+            return self._error(ERROR_UNKNOWN_SESSION, "closed, idle too long, or never opened here")
+        async with session.lock:
+            if meta.offset != session.tokens:
+                return self._error(ERROR_OUT_OF_SYNC, f"the session holds {session.tokens} tokens, not {meta.offset}")
+            if session.tokens + hidden.shape[1] > session.max_tokens:
+                return self._error(ERROR_TOO_LONG, f"the session was opened for {session.max_tokens} tokens")
+            try:
+                out = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, blocks.forward, hidden, session.cache, session.sub
+                )
+            except Exception as e:  # noqa: BLE001 - the cache may hold part of the step now: drop the session
+                logger.exception("forward step of session %s failed", meta.session[:8])
+                self.sessions.pop(meta.session, None)
+                return self._error(ERROR_INTERNAL, f"{type(e).__name__}: {str(e)[:200]}")
+            session.tokens += hidden.shape[1]
+            session.last_used = time.monotonic()
+            self.stats.tokens_served += hidden.shape[1]
+            reply = Reply(ok=True, tokens=session.tokens)
+            return runtime_pb2.ExpertResponse(metadata=pack(reply), tensors=[serialize_hidden(out, session.wire_dtype)])
+
+    async def rpc_close(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            meta: CloseRequest = unpack(CloseRequest, request.metadata, "close request")
+        except RecordError as e:
+            return self._error(ERROR_BAD_REQUEST, str(e))
+        session = self.sessions.get(meta.session)
+        if session is None or session.owner != context.remote_id.to_base58():
+            return self._error(ERROR_UNKNOWN_SESSION, "not open here")
+        del self.sessions[meta.session]
+        return runtime_pb2.ExpertResponse(metadata=pack(Reply(ok=True, tokens=session.tokens)))
+
+
+def _measure(blocks: Blocks) -> float:
+    """Layer-tokens per second of one-token steps (a decode step), after one warm-up."""
+    import torch
+
+    cache = blocks.new_cache()
+    hidden = torch.zeros(1, 1, blocks.hidden_size)
+    blocks.forward(hidden, cache)
+    started = time.perf_counter()
+    for _ in range(THROUGHPUT_PROBE_STEPS):
+        blocks.forward(hidden, cache)
+    return len(blocks.span) * THROUGHPUT_PROBE_STEPS / max(time.perf_counter() - started, 1e-6)

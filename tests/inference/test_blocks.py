@@ -1,0 +1,99 @@
+"""Layer ranges of the built-in model in one process: a chain of ranges gives the full model's logits and
+greedy tokens; a server's sub-range works; other model families fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from garden.inference.blocks import Blocks, Ends, LayerSpan, UnsupportedModelError, load_config
+from garden.inference.generate import prompt_ids
+from garden.models import load_model
+
+MODEL = "builtin:smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def parts(model_cache: Path) -> dict:
+    return {
+        "ends": Ends.load(MODEL),
+        "spans": [Blocks.load(MODEL, LayerSpan(a, b)) for a, b in ((0, 10), (10, 20), (20, 30))],
+        "full": load_model(MODEL),
+    }
+
+
+def run(parts: dict, ids: list[int], caches: list) -> torch.Tensor:
+    hidden = parts["ends"].embed(ids)
+    for blocks, cache in zip(parts["spans"], caches):
+        hidden = blocks.forward(hidden, cache)
+    return hidden
+
+
+def test_a_chain_of_ranges_gives_the_full_models_logits_and_tokens(parts: dict) -> None:
+    ends, full = parts["ends"], parts["full"]
+    ids = prompt_ids(full.tokenizer, "What is the capital of France?")
+    caches = [b.new_cache() for b in parts["spans"]]
+    logits = ends.logits(run(parts, ids, caches))
+    with torch.no_grad():
+        expected = full.model(torch.tensor([ids])).logits[0, -1]
+    assert torch.allclose(logits, expected, atol=1e-3), (logits - expected).abs().max()
+    tokens, feed = [], ids
+    for _ in range(12):  # decode with the caches, one token at a time
+        token = int(ends.logits(run(parts, feed, caches)).argmax())
+        tokens.append(token)
+        feed = [token]
+    with torch.no_grad():
+        greedy = full.model.generate(torch.tensor([ids]), max_new_tokens=13, do_sample=False)[0, len(ids) :].tolist()
+    assert tokens[: len(greedy)] == greedy[: len(tokens)] and len(greedy) >= 6
+    assert 2 in ends.eos_ids  # <|im_end|> ends a turn
+
+
+def test_a_sub_range_of_a_wider_server(parts: dict) -> None:
+    ends = parts["ends"]
+    ids = prompt_ids(parts["full"].tokenizer, "Name a colour.")
+    wide = parts["spans"][1]  # serves 10-20; asked for 10-14 and 14-20 by two sessions
+    reference = run(parts, ids, [b.new_cache() for b in parts["spans"]])
+    hidden = parts["spans"][0].forward(ends.embed(ids), parts["spans"][0].new_cache())
+    hidden = wide.forward(hidden, wide.new_cache(), LayerSpan(10, 14))
+    hidden = wide.forward(hidden, wide.new_cache(), LayerSpan(14, 20))
+    hidden = parts["spans"][2].forward(hidden, parts["spans"][2].new_cache())
+    assert torch.allclose(hidden, reference, atol=1e-4)
+    with pytest.raises(ValueError, match="not within the served range"):
+        wide.forward(hidden, wide.new_cache(), LayerSpan(5, 15))
+
+
+def test_fp16_at_the_boundaries_keeps_greedy_output(parts: dict) -> None:
+    """What the wire does by default: hidden states cast to float16 between ranges."""
+    ends, full = parts["ends"], parts["full"]
+    for prompt in ("What is the capital of France?", "Write a haiku about rain."):
+        ids = prompt_ids(full.tokenizer, prompt)
+        caches = [b.new_cache() for b in parts["spans"]]
+        tokens, feed = [], ids
+        for _ in range(16):
+            hidden = ends.embed(feed)
+            for blocks, cache in zip(parts["spans"], caches):
+                hidden = blocks.forward(hidden.half().float(), cache)
+            tokens.append(int(ends.logits(hidden).argmax()))
+            feed = [tokens[-1]]
+        with torch.no_grad():
+            greedy = full.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+        assert tokens[: len(greedy)] == greedy.tolist()[: len(tokens)]
+
+
+def test_layer_spans() -> None:
+    assert LayerSpan.parse("0-15") == LayerSpan(0, 15) and len(LayerSpan(3, 5)) == 2 and str(LayerSpan(1, 2)) == "1-2"
+    for bad in ("15", "5-5", "a-b", "-1-3"):
+        with pytest.raises(ValueError):
+            LayerSpan.parse(bad)
+    with pytest.raises(ValueError, match="past the model's 30 layers"):
+        LayerSpan(20, 31).check_within(30)
+
+
+def test_other_families_are_not_supported_yet(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="not supported yet"):
+        load_config(str(tmp_path))
