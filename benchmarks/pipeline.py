@@ -8,8 +8,7 @@ What is measured, and why:
   (``--max-threads 1`` each) and a fourth, with no layers, answers ``POST /v1/completions`` by pipelining
   through them; the same prompts are generated greedily by ``model.generate`` in this process with one
   thread. ``pipelined_over_local`` = pipelined tokens/s / local tokens/s (target >= 0.9). Every request
-  asks for exactly ``--tokens`` new tokens (no stop string; the end token may stop it earlier, which both
-  sides count the same way).
+  asks for exactly ``--tokens`` new tokens (``min_tokens`` here, ``min_new_tokens`` there: no end token).
 - **time to first token**: from sending a streaming chat request to its first content chunk.
 - **fail-over pause**: a streaming generation whose 10-20 server is killed (``kill -9``) after a few
   tokens, with a spare 10-20 server up: the longest gap between two chunks, next to the median gap.
@@ -62,7 +61,9 @@ def local_rate(texts: list[str], tokens: int) -> dict[str, Any]:
     for text in texts:
         ids = model.tokenizer(text)["input_ids"]
         with torch.no_grad():
-            out = model.model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
+            out = model.model.generate(
+                torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+            )
         produced += out.shape[1] - len(ids)
     seconds = time.perf_counter() - started
     return {"tokens": produced, "seconds": round(seconds, 2), "tokens_per_s": round(produced / seconds, 2)}
@@ -71,7 +72,7 @@ def local_rate(texts: list[str], tokens: int) -> dict[str, Any]:
 def pipelined_rate(client: Daemon, texts: list[str], tokens: int) -> dict[str, Any]:
     produced, started = 0, time.perf_counter()
     for text in texts:
-        body = {"model": MODEL, "prompt": text, "max_tokens": tokens, "temperature": 0}
+        body = {"model": MODEL, "prompt": text, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0}
         answer = client.request("POST", "/v1/completions", json=body, timeout=300)
         answer.raise_for_status()
         produced += answer.json()["usage"]["completion_tokens"]
@@ -84,7 +85,7 @@ def stream_gaps(client: Daemon, text: str, tokens: int, kill_after: int | None =
     import httpx
 
     body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
-            "temperature": 0, "stream": True}  # fmt: skip
+            "min_tokens": tokens, "temperature": 0, "stream": True}  # fmt: skip
     started = time.perf_counter()
     stamps: list[float] = []
     killed = None

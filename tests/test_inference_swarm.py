@@ -178,6 +178,11 @@ def test_openai_errors(swarm: dict[str, Daemon]) -> None:
     json_type = {"content-type": "application/json"}
     garbage = client.request("POST", "/v1/completions", content=b"{not json", headers=json_type)
     assert garbage.status_code == 400 and "error" in garbage.json()
+    # what `curl -d '{...}'` sends: a JSON body labelled as a form
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    body = json.dumps({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0})
+    curl = client.request("POST", "/v1/completions", content=body.encode(), headers=form, timeout=60)
+    assert curl.status_code == 200 and curl.json()["choices"][0]["text"], curl.text
     two = client.request("POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2})
     assert two.status_code == 400
     assert client.get("/status").status_code == 200  # still answering

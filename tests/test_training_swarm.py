@@ -122,6 +122,7 @@ def test_two_peers_shake_and_train_one_student(
     # hash-checked, and loads as a model
     writer = writers[0]
     other = b if writer is a else a
+
     def announced() -> set[int]:
         return {c["epoch"] for c in other.get(f"/missions/{mission_id}/checkpoints").json()}
 
@@ -132,8 +133,9 @@ def test_two_peers_shake_and_train_one_student(
     assert "every sha256 checked" in pulled.stdout
     from safetensors.torch import load_file
 
-    got = load_file(str(out / "model.safetensors"))
-    assert torch.equal(torch.cat([got[k].reshape(-1) for k in sorted(got)]), final_params(writer, mission_id))
+    got = torch.cat([t.reshape(-1) for _, t in sorted(load_file(str(out / "model.safetensors")).items())])
+    # the last epoch's checkpoint of a writer (both may write one when the last round did not gather both)
+    assert any(torch.equal(got, final_params(w, mission_id)) for w in writers)
     generated = garden_cli("generate", "--model", str(out), "--max-new-tokens", "4", "Hello")
     assert generated.returncode == 0, generated.stderr[-2000:]
     # bad requests: a clear status, nothing fetched

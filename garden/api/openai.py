@@ -70,6 +70,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    min_tokens: int = Field(0, ge=0, le=32768, description="no end token before this many (as vLLM's)")
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -91,7 +92,8 @@ class CompletionRequest(_Sampling):
 
 def _sampling(body: _Sampling, max_tokens: int) -> SamplingConfig:
     return SamplingConfig(
-        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stops()
+        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stops(),
+        min_tokens=body.min_tokens,
     )
 
 
@@ -232,6 +234,8 @@ async def _events(first: str | None, rest: AsyncIterator[str], stats: Generation
     except (CoverageError, BlocksRpcError) as e:
         logger.warning("streamed generation failed: %s", e)
         yield f"data: {json.dumps(_generation_error(e).body())}\n\n".encode()
+    finally:  # the app went away mid-stream: close the sessions on the servers now, not at their idle timeout
+        await rest.aclose()  # type: ignore[attr-defined]
     yield b"data: [DONE]\n\n"
 
 
@@ -244,8 +248,17 @@ def _generation_error(e: Exception) -> OpenAIError:
 
 
 def install_openai_errors(app: Any) -> None:
-    """OpenAI's error shape for ``/v1`` (and FastAPI's own for every other path)."""
+    """OpenAI's error shape for ``/v1`` (and FastAPI's own for every other path). A ``/v1`` body is JSON
+    whatever its content type says: ``curl -d '{...}'`` sends a JSON body as a form."""
     from fastapi.exception_handlers import request_validation_exception_handler
+
+    @app.middleware("http")
+    async def _json_bodies(request: Request, call_next: Any) -> Any:
+        if request.method == "POST" and request.url.path.startswith("/v1/"):
+            if "json" not in request.headers.get("content-type", ""):
+                headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+                request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        return await call_next(request)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:

@@ -241,13 +241,15 @@ class SamplingConfig:
     :param temperature: 0 is greedy
     :param top_p: nucleus mass when sampling
     :param seed: seeds the sampler (reproducible samples); None draws one
-    :param stop: strings that end the answer (not included in it)"""
+    :param stop: strings that end the answer (not included in it)
+    :param min_tokens: end tokens are not picked before this many tokens (vLLM's ``min_tokens``)"""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0
 
 
 @dataclass
@@ -299,6 +301,9 @@ class SwarmGenerator:
                 hidden = await asyncio.to_thread(self.ends.embed, feed)
                 out = await session.step(hidden)
                 logits = await asyncio.to_thread(self.ends.logits, out)
+                if stats.new_tokens < sampling.min_tokens:
+                    logits = logits.clone()  # an inference-mode tensor: not writable here
+                    logits[list(eos)] = -float("inf")
                 token = _pick(logits, sampling, generator)
                 if stats.first_token_s is None:
                     stats.first_token_s = time.monotonic() - started

@@ -369,6 +369,14 @@ class LeaseManager:
         expires = max(now + self.config.lease_duration, floor)
         renewed = LeaseRecord.model_validate(lease.model_dump() | {"renewed": now, "expires": expires})
         if not await self._store(renewed, renewed.expires):
+            # no node took it: a newer lease, or no node answered (a peer that just joined may not reach
+            # the key's nodes yet). Only another attempt's lease means the work is lost; while the stored
+            # lease is still this one, keep working and retry (giving up would leave the shard leased to
+            # nobody until the lease expires)
+            after = (await self.fetch(lease.mission_id, lease.shard_count)).shards[lease.shard]
+            held = after.lease
+            if after.winner is None and held is not None and held.attempt == lease.attempt and held.active(now):
+                raise ShardDHTError(f"the DHT did not take the renewal of shard {lease.shard}; its lease still holds")
             raise LeaseLostError(f"the DHT refused the renewal of shard {lease.shard}: it holds a newer lease")
         return renewed
 
