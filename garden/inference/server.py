@@ -131,6 +131,21 @@ def choose_span(records: list[BlocksRecord], num_layers: int, blocks: int, exclu
     return LayerSpan(start, start + blocks)
 
 
+def better_span(records: list[BlocksRecord], me: str, current: LayerSpan, num_layers: int) -> LayerSpan | None:
+    """Where a server of ``current`` should move: the least covered span of its size, when every layer it
+    holds is also served by others while some layers of that span have no server at all; else None."""
+    others = [r for r in records if r.peer_id != me]
+
+    def held(i: int) -> bool:
+        return any(r.start <= i < r.end for r in others)
+
+    best = choose_span(others, num_layers, len(current))
+    redundant = all(held(i) for i in range(current.start, current.end))
+    if best != current and redundant and not all(held(i) for i in range(best.start, best.end)):
+        return best
+    return None
+
+
 class BlockServer:
     """Serves one model's layer range on ``p2p``; announces it under ``model/<ref>/blocks``."""
 
@@ -230,12 +245,9 @@ class BlockServer:
         if self.sessions:
             return False
         records = await read_blocks(self.swarm, self.keys, self.config.model, self.invalid_records)
-        others = [r for r in records if r.peer_id != self.peer_id]
         current = self.blocks.span
-        held_elsewhere = all(any(r.start <= i < r.end for r in others) for i in range(current.start, current.end))
-        best = choose_span(others, self._num_layers, len(current))
-        best_uncovered = any(not any(r.start <= i < r.end for r in others) for i in range(best.start, best.end))
-        if not (held_elsewhere and best_uncovered) or best == current:
+        best = better_span(records, self.peer_id, current, self._num_layers)
+        if best is None:
             return False
         logger.info("layers %s are served elsewhere and %s by no one: moving there", current, best)
         await self._load(best)

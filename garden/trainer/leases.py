@@ -343,13 +343,22 @@ class LeaseManager:
                 mission_id=mission_id, shard=shard, shard_count=shard_count, peer_id=self.peer_id,
                 attempt=secrets.token_hex(8), started=start, renewed=start, expires=expires,
             )  # fmt: skip
-            if not await self._store(lease, lease.expires):
-                continue
+            try:
+                stored = await self._store(lease, lease.expires)
+            except ShardDHTError as e:
+                stored, failure = False, str(e)
+            else:
+                failure = "no DHT node took it"
+            # read back even when the store looked failed: a lease some node kept after all, that nobody
+            # works on, would hold the shard until it expires
             after = await self.fetch(mission_id, shard_count)
             state = after.shards[shard]
             if state.status is ShardStatus.LEASED and state.lease is not None and state.lease.attempt == lease.attempt:
                 logger.info("leased shard %d of mission %s until %.0f", shard, mission_id[:12], lease.expires)
                 return lease
+            if not stored:
+                logger.info("lease of shard %d of mission %s not stored: %s", shard, mission_id[:12], failure)
+                continue
             logger.info("lost the race for shard %d of mission %s", shard, mission_id[:12])
         return None
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from garden.inference.blocks import LayerSpan
 from garden.inference.client import SamplingConfig, _pick, _TextDecoder
 from garden.inference.route import CoverageError, missing_spans, shortest_chain
-from garden.inference.server import choose_span
+from garden.inference.server import better_span, choose_span
 from garden.inference.wire import deserialize_hidden, serialize_hidden
 from garden.protocol import signing
 from garden.protocol.blocks import BlocksRecord, models_subkey
@@ -63,6 +63,16 @@ def test_a_server_picks_the_least_covered_layers() -> None:
     assert choose_span(full, 30, 10) == LayerSpan(10, 20)  # all held once: the slowest range
     assert choose_span([rec("me", 0, 10)], 30, 10, exclude="me") == LayerSpan(0, 10)
     assert choose_span([], 30, 99) == LayerSpan(0, 30)
+
+
+def test_a_redundant_server_moves_to_a_gap_only() -> None:
+    mine = LayerSpan(0, 10)
+    both = [rec("me", 0, 10), rec("A", 0, 10), rec("B", 10, 20)]
+    assert better_span(both, "me", mine, 30) == LayerSpan(20, 30)  # 0-10 held twice, 20-30 by no one
+    alone = [rec("me", 0, 10), rec("B", 10, 20)]
+    assert better_span(alone, "me", mine, 30) is None  # it is the only server of its layers: it stays
+    full = [rec("me", 0, 10), rec("A", 0, 10), rec("B", 10, 20), rec("C", 20, 30)]
+    assert better_span(full, "me", mine, 30) is None  # no gap: no reason to move
 
 
 def test_blocks_records_are_sealed_and_checked(key: rsa.RSAPrivateKey) -> None:

@@ -112,7 +112,7 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
     daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
 ) -> None:
     peers = bootstrap(daemons)
-    honest = [workers.start(peers, max_epochs=4) for _ in range(2)]
+    honest = [workers.start(peers, max_epochs=3) for _ in range(2)]
     hostile = workers.start(peers, executable=HOSTILE, max_epochs=1000)
     wait_until(lambda: all(w.status().get("state") == "done" for w in honest), 180, 0.5, "honest peers done")
     hostile_id = wait_until(lambda: hostile.status().get("peer_id"), 10, 0.5, "the hostile peer's id")
@@ -121,7 +121,7 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
     assert f"from peer {hostile_id}" in logs and "non-finite values" in logs, logs[-4000:]
     for w in honest:  # the parts the hostile peer reduced keep each honest peer's own values: they may
         status = w.status()  # differ a little, but they trained to the end and are finite
-        assert status["epoch"] == 4 and math.isfinite(status["loss"]) and torch.isfinite(w.probe()).all()
+        assert status["epoch"] == 3 and math.isfinite(status["loss"]) and torch.isfinite(w.probe()).all()
     # the checkpoint writer is the lowest worker id in the progress record: maybe the hostile peer, which
     # never writes one; whatever an honest peer wrote is finite and trained
     for params in (w.checkpoint_params() for w in honest):
