@@ -31,6 +31,8 @@ bench: install-dev
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+	@# the dashboard test's browser: Debian's chromium, driven by playwright (never `playwright install`)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "garden needs Python 3.11 or newer (set PYTHON=...)")'

@@ -80,6 +80,37 @@ class GardenSettings(BaseSettings):
         description="Memory a teacher may take, e.g. 2GiB or 1500MB; a peer that cannot hold a mission's "
         "teacher takes no shards and says why in /status (default: the machine's available RAM).",
     )
+    max_cpu: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Percent of the whole machine (all cores) the daemon and its child processes may use, e.g. 50; "
+        "held by thread counts and by pausing work between steps (default: no cap).",
+    )
+    max_disk: ByteSize | None = Field(
+        None,
+        description="Disk the data dir may take (rows, checkpoints, caches), e.g. 20GiB; over it, copies of rows other "
+        "peers also hold and old checkpoints are pruned, never the last copy of a row set (default: no cap).",
+    )
+    max_upload_rate: ByteSize | None = Field(
+        None, description="Bytes per second this peer sends when serving row sets and checkpoints, e.g. 2MB."
+    )
+    max_download_rate: ByteSize | None = Field(
+        None, description="Bytes per second this peer fetches row sets and checkpoints at, e.g. 5MB."
+    )
+    when: Literal["always", "idle"] = Field(
+        "always",
+        description="always, or idle: work only while other programs leave the machine idle (and on AC power).",
+    )
+    idle_threshold: float = Field(
+        25.0, gt=0, le=100, description="With --when idle: percent of the machine others may use while the peer works."
+    )
+    idle_quiet_s: float = Field(
+        60.0, ge=0, le=86400, description="With --when idle: seconds of quiet before work resumes after the owner's."
+    )
+    pause_serving: bool = Field(
+        False, description="A pause (garden pause) also stops serving layers; by default a paused peer still serves."
+    )
     lease_seconds: float = Field(
         300.0, ge=2.0, le=3600.0, description="Seconds a shard lease lasts unless renewed (renewed every third)."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -21,6 +22,10 @@ from garden.inference.blocks import LayerSpan
 from garden.inference.client import ChainConfig
 from garden.inference.server import ServeConfig
 from garden.inference.service import InferenceService
+from garden.peer.contribution import Ledger
+from garden.peer.disk import DiskKeeper
+from garden.peer.governor import Governor
+from garden.peer.idle import IdleConfig
 from garden.peer.capabilities import MachineInfo, choose_roles, machine_load, probe_machine
 from garden.peer.directory import PeerDirectory
 from garden.peer.identity import Identity, load_or_create_identity
@@ -42,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT = 3.0
 """Seconds a clean stop waits for the ``offline`` record to be stored; the record expires anyway."""
+LEDGER_PERIOD = 5.0
+"""Seconds between writes of the contribution counters to the store (a crash loses at most these)."""
 
 
 class Gardener:
@@ -67,6 +74,9 @@ class Gardener:
         self.training: TrainingWork | None = None
         self.checkpoints: CheckpointSharing | None = None
         self.inference: InferenceService | None = None
+        self.governor: Governor | None = None
+        self.ledger: Ledger | None = None
+        self.disk: DiskKeeper | None = None
         self._p2p: Any = None
         self.started_at: float | None = None
         self._stop = asyncio.Event()
@@ -83,6 +93,8 @@ class Gardener:
             self.store.set_meta("peer_id", self.identity.peer_id)
             self.machine = probe_machine()
             self.roles, self.skipped_roles = choose_roles(self.settings.roles, self.machine)
+            self.governor = Governor(self.store, self.max_cpu_fraction, self._idle_config(), root_pid=os.getpid())
+            self.ledger = Ledger(self.store)
             self._cap_threads()
             self.peer_validator = PeerRecordValidator(self.keys)
             self.shard_validator = ShardRecordValidator(self.keys)
@@ -116,16 +128,38 @@ class Gardener:
             raise
         self.started_at = time.time()
 
-    def _cap_threads(self) -> None:
+    @property
+    def max_cpu_fraction(self) -> float | None:
+        return self.settings.max_cpu / 100.0 if self.settings.max_cpu else None
+
+    @property
+    def max_threads(self) -> int | None:
+        """``--max-threads``, else as many threads as ``--max-cpu`` leaves whole cores (at least one)."""
         if self.settings.max_threads:
+            return self.settings.max_threads
+        if self.max_cpu_fraction and self.machine is not None:
+            return max(1, int(self.max_cpu_fraction * self.machine.cores))
+        return None
+
+    def _idle_config(self) -> IdleConfig | None:
+        if self.settings.when != "idle":
+            return None
+        return IdleConfig(threshold=self.settings.idle_threshold / 100.0, quiet_s=self.settings.idle_quiet_s)
+
+    def _cap_threads(self) -> None:
+        if self.max_threads:
             import torch  # already imported by hivemind; local import keeps the dependency visible
 
-            torch.set_num_threads(self.settings.max_threads)
+            torch.set_num_threads(self.max_threads)
 
     async def run_background(self) -> None:
         """Start the periodic work (announcing, missions, shaking) and the P2P handlers; returns at once."""
         assert self.directory is not None and self.missions is not None and self.swarm is not None, "start() first"
         assert self.identity is not None and self.store is not None and self.swarm.dht is not None
+        assert self.governor is not None and self.ledger is not None
+        self.governor.start()
+        loop = asyncio.get_running_loop()
+        self.governor.on_change(lambda: loop.call_soon_threadsafe(self._on_pause_changed))
         machine_load()  # prime psutil's CPU counter so the first announce reports a real value
         self._tasks.append(asyncio.create_task(self.directory.run(self._stop), name="garden-announce"))
         self._p2p = p2p = await self.swarm.dht.replicate_p2p()
@@ -159,6 +193,8 @@ class Gardener:
                 period=min(self.settings.announce_period, 5.0),
                 max_memory=self.settings.max_memory,
             ),
+            governor=self.governor,
+            ledger=self.ledger,
         )
         self.checkpoints = CheckpointSharing(
             self.swarm,
@@ -180,16 +216,21 @@ class Gardener:
                 host_maddrs=self.settings.host_maddr,
                 client_mode=self.settings.client_mode,
                 batch_size=self.settings.train_batch_size,
-                max_threads=self.settings.max_threads,
+                max_threads=self.max_threads,
                 log_level=self.settings.log_level,
                 period=min(self.settings.announce_period, 5.0),
+                limits=self._worker_limits(),
             ),
             sharing=self.checkpoints,
+            governor=self.governor,
+            ledger=self.ledger,
         )
         self.inference = InferenceService(
             p2p, self.swarm, self.keys, self.identity.private_key, self.identity.peer_id,
             ChainConfig(call_timeout=self.settings.inference_timeout),
         )  # fmt: skip
+        governor = self.governor
+        self.inference.refuse = lambda: "paused by its owner" if governor.serving_paused else None
         if self.settings.serve and "server" not in self.roles:
             logger.warning("--serve given, but this peer does not take the server role: serving nothing")
         for spec in map(parse_serve_spec, self.settings.serve if "server" in self.roles else []):
@@ -208,6 +249,55 @@ class Gardener:
         self._tasks.append(asyncio.create_task(self.missions.run(self._stop), name="garden-missions"))
         self._tasks.append(asyncio.create_task(self.work.run(self._stop), name="garden-mission-work"))
         self._tasks.append(asyncio.create_task(self.training.run(self._stop), name="garden-training"))
+        self._tasks.append(asyncio.create_task(self._keep_ledger(), name="garden-contribution"))
+        checkpoints = self.checkpoints
+        self.disk = DiskKeeper(
+            self.data_dir.root,
+            self.settings.max_disk,
+            self.store,
+            self.missions,
+            lambda mission_id: [(c.path, c.epoch) for c in checkpoints.local(mission_id)],
+            on_pruned_rows=lambda _mission, attempt: keeper.pruned.add(attempt),
+        )
+        self._tasks.append(asyncio.create_task(self.disk.run(self._stop), name="garden-disk"))
+
+    def _worker_limits(self) -> dict[str, Any]:
+        idle = self._idle_config()
+        return {
+            "max_cpu": self.max_cpu_fraction,
+            "idle_threshold": idle.threshold if idle else None,
+            "idle_quiet_s": idle.quiet_s if idle else 60.0,
+        }
+
+    def _on_pause_changed(self) -> None:
+        """On the event loop, at once: trainers are told to stop (or start again), shaking looks again."""
+        if self.training is not None:
+            try:
+                self.training.tend()
+            except Exception:
+                logger.exception("could not apply the pause to training")
+        if self.missions is not None:
+            self.missions.wake()
+
+    async def _keep_ledger(self) -> None:
+        """Count tokens served and time online, and write the counters every ``LEDGER_PERIOD``."""
+        assert self.ledger is not None
+        served: dict[int, int] = {}
+        while True:
+            for server in self.inference.servers if self.inference else []:
+                total = server.stats.tokens_served
+                self.ledger.add("tokens_served", total - served.get(id(server), 0))
+                served[id(server)] = total
+            try:
+                await asyncio.to_thread(self.ledger.flush)
+            except Exception as e:
+                logger.warning("could not write the contribution counters: %s", e)
+            if self._stop.is_set():
+                return
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=LEDGER_PERIOD)
+            except TimeoutError:
+                pass
 
     async def stop(self) -> None:
         """Leave the swarm politely: stop periodic work, announce ``offline``."""
@@ -239,6 +329,13 @@ class Gardener:
 
     def close(self) -> None:
         """Stop the DHT process (and its p2pd) and close the store. Idempotent."""
+        if self.governor is not None:
+            self.governor.stop()
+        if self.ledger is not None and self.store is not None:
+            try:
+                self.ledger.flush()
+            except Exception as e:
+                logger.warning("could not write the contribution counters: %s", e)
         if self.swarm is not None:
             self.swarm.shutdown()
         if self.store is not None:
@@ -279,4 +376,7 @@ class Gardener:
             addresses=self.addresses[:32],
             client_mode=self.settings.client_mode,
             announced_at=get_dht_time(),
+            paused=self.governor.paused if self.governor else False,
+            working=self.governor.working_state()[:200] if self.governor else "",
+            contribution=self.ledger.totals() if self.ledger else None,
         )

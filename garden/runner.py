@@ -23,7 +23,7 @@ from garden.api.app import create_app
 from garden.api.server import HttpPortError, HttpServer, bind_http_socket, make_server
 from garden.config import GardenSettings
 from garden.daemon import Gardener
-from garden.logs import setup_logging
+from garden.logs import log_file, setup_logging
 from garden.datadir import DataDirBusyError, DataDirLock
 from garden.peer.identity import IdentityError
 from garden.peer.swarm import SwarmError
@@ -58,7 +58,8 @@ def run(settings: GardenSettings) -> int:
 
 
 def _run(settings: GardenSettings) -> int:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level)  # stderr only until the data dir is ours: a refused second daemon
+    # must not write into the running one's log
     gardener = Gardener(settings)
     lock = DataDirLock(gardener.data_dir)
     try:
@@ -66,6 +67,7 @@ def _run(settings: GardenSettings) -> int:
     except DataDirBusyError as e:
         say(str(e), error=True)
         return EXIT_USAGE
+    setup_logging(settings.log_level, log_file(settings.data_dir).parent)
     sock = None
     try:
         sock = bind_http_socket(settings.http_host, settings.http_port)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOREIGN KEY (mission_id, attempt) REFERENCES row_sets (mission_id, attempt) ON DELETE CASCADE
         );
         CREATE INDEX row_set_rows_row_id ON row_set_rows (row_id);
+        """,
+    ),
+    Migration(
+        4,
+        "contribution",
+        """
+        CREATE TABLE contribution (
+            mission_id TEXT NOT NULL,
+            metric     TEXT NOT NULL,
+            value      REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (mission_id, metric)
+        );
         """,
     ),
 )
@@ -352,6 +365,27 @@ class Store:
                     (row_id, row_id),
                 )
         return True
+
+    # --- contribution (migration 4) -------------------------------------------------------------------
+    def add_contribution(self, amounts: Mapping[tuple[str, str], float]) -> None:
+        """Add to the running totals, keyed by (mission id or "" for the peer as a whole, metric)."""
+        now = time.time()
+        with self.transaction() as tx:
+            for (mission_id, metric), amount in amounts.items():
+                if amount:
+                    tx.execute(
+                        "INSERT INTO contribution (mission_id, metric, value, updated_at) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT(mission_id, metric) DO UPDATE SET value = value + excluded.value,"
+                        " updated_at = excluded.updated_at",
+                        (mission_id, metric, float(amount), now),
+                    )
+
+    def contribution(self) -> dict[str, dict[str, float]]:
+        """Totals by mission id ("" for the peer as a whole), then metric."""
+        out: dict[str, dict[str, float]] = {}
+        for row in self.query("SELECT mission_id, metric, value FROM contribution ORDER BY mission_id, metric"):
+            out.setdefault(row["mission_id"], {})[row["metric"]] = row["value"]
+        return out
 
     @staticmethod
     def _mission_filter(mission_id: str | None) -> tuple[str, tuple[Any, ...]]:

@@ -5,6 +5,8 @@ The garden daemons must keep listing exactly the real peers, log what they dropp
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import hivemind
@@ -78,6 +80,23 @@ def test_forged_and_garbage_records_are_ignored(daemons: DaemonFactory) -> None:
         # the hostile node itself holds the junk; the garden nodes refused it
         hostile_view = hostile.get(peers_key, latest=False)
         assert hostile_view is not None and len(hostile_view.value) >= len(junk)
+
+        # a newer garden (protocol v2, a field this one does not know, another type for an old one) is
+        # stored for the peers that speak it, ignored here with one log line, and the owner told to upgrade
+        newer_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        newer = forger_record(newer_key).model_dump() | {"v": 2, "cores": "sixty-four", "shiny": [1, 2]}
+        hostile.store(peers_key, seal(msgpack.packb(newer), newer_key), get_dht_time() + 60, subkey=newer["peer_id"])
+        status = wait_until(
+            lambda: (lambda s: s if s["upgrade"] else None)(first.get("/status").json()), 15, 0.5, "upgrade advice"
+        )
+        assert status["incompatible_peers"] == 1 and "v2" in status["upgrade"] and "upgrade garden" in status["upgrade"]
+        assert first.peer_ids() == real
+        shown = subprocess.run(
+            [sys.executable, "-m", "garden", "status", "--url", first.url], capture_output=True, text=True, timeout=60
+        )
+        assert shown.returncode == 0 and "upgrade" in shown.stdout and "protocol v2" in shown.stdout
+        time.sleep(2)  # more reads: still one line
+        assert first.stderr().count(f"ignoring peer {newer['peer_id']} speaks protocol v2") == 1
     finally:
         hostile.shutdown()
 

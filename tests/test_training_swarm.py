@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,6 @@ def test_two_peers_shake_and_train_one_student(
     starts = log.read_text().count("training mission")
     b = start(daemons, model_cache, join=a, data_dir=b.data_dir)
     wait_until(lambda: training(b, mission_id).get("state") == "done", 30, 0.5, "b knows it is done")
-    time = __import__("time")
     time.sleep(3)  # several supervision periods
     assert log.read_text().count("training mission") == starts
 
@@ -189,8 +189,35 @@ def test_the_daemon_restarts_a_killed_trainer_and_stops_it_on_exit(
     )  # fmt: skip
     assert training(a, mission_id)["restarts"] == 1
     wait_until(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE, 10)
+
+    # the owner pauses: the trainer finishes its step and exits within 2 s; resume starts a new one (not a
+    # failure: no restart counted)
+    paused_at = time.monotonic()
+    assert a.request("POST", "/pause").json()["paused"] is True
+    wait_until(lambda: _gone(second), 10, 0.05, "the trainer stopped")
+    stopped_in = time.monotonic() - paused_at
+    assert stopped_in <= 2.0, f"the trainer took {stopped_in:.1f} s to stop"
+    samples = training(a, mission_id)["samples"]
+    time.sleep(1.5)
+    assert training(a, mission_id)["samples"] == samples and training(a, mission_id)["state"] == "paused"
+    assert a.request("POST", "/resume").json()["paused"] is False
+    second = wait_until(
+        lambda: (lambda t: t.get("pid") if t.get("pid") != second and t.get("state") == "training" else None)(
+            training(a, mission_id)
+        ),
+        60, 0.5, "a trainer again after resume",
+    )  # fmt: skip
+    assert training(a, mission_id)["restarts"] == 1
+    assert a.get("/contribution").json()["missions"][mission_id]["samples_trained"] >= samples > 0
     a.record_descendants()
     assert a.stop() == 0, a.stderr()[-3000:]
-    assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+    assert _gone(second)
     status = json.loads((a.data_dir / "train" / mission_id / "status.json").read_text())
     assert status["state"] == "stopped"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

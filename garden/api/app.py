@@ -17,11 +17,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from garden import __version__
 from garden.api.metrics import make_registry
+from garden.api.control import make_control_router
+from garden.api.dashboard import make_dashboard_router
 from garden.api.missions import make_missions_router
 from garden.api.openai import install_openai_errors, make_openai_router
-from garden.api.schemas import Error, Health, Machine, Peer, Serving, Shaking, Status
+from garden.api.schemas import (
+    Caps,
+    Error,
+    Health,
+    Machine,
+    ModelLayers,
+    Peer,
+    Resources,
+    ServedSpan,
+    Serving,
+    Shaking,
+    Status,
+)
 from garden.daemon import Gardener
 from garden.peer.directory import PeerEntry
+from garden.protocol.records import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +63,19 @@ def create_app(gardener: Gardener) -> FastAPI:
         return Health()
 
     machine, directory = gardener.machine, gardener.directory
-    if machine is None or directory is None:
+    governor, ledger = gardener.governor, gardener.ledger
+    if machine is None or directory is None or governor is None or ledger is None:
         raise RuntimeError("create_app needs a started Gardener")
+    settings = gardener.settings
+    caps = Caps(
+        max_cpu=settings.max_cpu,
+        max_threads=gardener.max_threads,
+        max_memory=settings.max_memory,
+        max_disk=settings.max_disk,
+        max_upload_rate=settings.max_upload_rate,
+        max_download_rate=settings.max_download_rate,
+        when=settings.when,
+    )
 
     @app.get("/status", response_model=Status, tags=["peer"])
     async def status() -> Status:
@@ -69,6 +95,15 @@ def create_app(gardener: Gardener) -> FastAPI:
             machine=Machine(cores=machine.cores, ram_bytes=machine.ram_bytes, gpu=machine.gpu),
             shaking=_shaking(gardener),
             serving=[Serving(**server.view()) for server in (gardener.inference.servers if gardener.inference else [])],
+            paused=governor.paused,
+            pause=governor.pause_state,
+            working=governor.working_state(),
+            caps=caps,
+            resources=_resources(gardener),
+            contribution=ledger.totals(),
+            protocol=PROTOCOL_VERSION,
+            upgrade=directory.upgrade_advice,
+            incompatible_peers=len(directory.incompatible),
         )
 
     @app.get("/peers", response_model=list[Peer], tags=["swarm"])
@@ -77,6 +112,21 @@ def create_app(gardener: Gardener) -> FastAPI:
         entries = await directory.read()
         now = get_dht_time()
         return [_peer(entry, gardener.peer_id, now) for entry in entries]
+
+    @app.get("/models", response_model=list[ModelLayers], tags=["swarm"])
+    async def models() -> list[ModelLayers]:
+        """Models the swarm's servers announce, with their layer coverage (``/v1/models`` lists the complete
+        ones in OpenAI's shape)."""
+        if gardener.inference is None:
+            return []
+        return [
+            ModelLayers(
+                model=c.model, num_layers=c.num_layers, servers=c.servers, complete=c.complete,
+                missing=[[span.start, span.end] for span in c.missing],
+                spans=[ServedSpan(peer_id=p, start=a, end=b, throughput=t) for p, a, b, t in c.spans],
+            )
+            for c in await gardener.inference.coverage()
+        ]  # fmt: skip
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["peer"])
     async def metrics() -> PlainTextResponse:
@@ -90,9 +140,27 @@ def create_app(gardener: Gardener) -> FastAPI:
             gardener.missions, lambda: gardener.work, lambda: gardener.training, lambda: gardener.checkpoints
         )
     )
+    app.include_router(make_control_router(governor, ledger, lambda: settings.pause_serving))
     app.include_router(make_openai_router(lambda: gardener.inference))
     install_openai_errors(app)
+    app.include_router(make_dashboard_router())
     return app
+
+
+def _resources(gardener: Gardener) -> Resources:
+    governor = gardener.governor
+    assert governor is not None
+    usage = governor.budget.usage() if governor.budget.enabled else None
+    idle = governor.idle
+    disk = gardener.disk
+    return Resources(
+        cpu=round(usage, 4) if usage is not None else None,
+        held_s=round(governor.budget.held_s, 3),
+        owner_load=round(idle.owner_load, 4) if idle is not None else None,
+        disk_bytes=disk.used if disk is not None else None,
+        disk_pruned=disk.pruned if disk is not None else 0,
+        disk_note=disk.note if disk is not None else None,
+    )
 
 
 def _shaking(gardener: Gardener) -> Shaking | None:
@@ -115,6 +183,9 @@ def _peer(entry: PeerEntry, self_id: str, now: float) -> Peer:
         addresses=info.addresses,
         client_mode=info.client_mode,
         last_seen=info.announced_at,
+        paused=info.paused,
+        working=info.working,
+        contribution=info.contribution,
         expires_in_s=round(entry.expiration_time - now, 3),
         is_self=info.peer_id == self_id,
     )

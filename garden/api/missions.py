@@ -27,6 +27,7 @@ from garden.api.schemas import (
     MissionWorkHere,
     PulledCheckpoint,
     ShardCounts,
+    TrainPoint,
 )
 from garden.data import DEMO_PROMPTS, demo_prompts
 from garden.peer.missions import Mission, MissionBook, MissionError
@@ -248,12 +249,13 @@ def _training(training: TrainingWork | None, mission: Mission) -> MissionTrainin
     view = training.view(mission) if training is not None else None
     if view is None:
         return None
-    known = set(MissionTraining.model_fields) - {"state", "restarts"}
+    known = set(MissionTraining.model_fields) - {"state", "restarts", "history"}
     status = {k: v for k, v in view.status.items() if k in known}
+    history = [TrainPoint(**point) for point in training.history.get(mission.id, [])] if training else []
     try:
-        return MissionTraining(state=view.state, restarts=view.restarts, **status)
+        return MissionTraining(state=view.state, restarts=view.restarts, history=history, **status)
     except ValidationError:  # a status file from another version: show the state alone
-        return MissionTraining(state=view.state, restarts=view.restarts)
+        return MissionTraining(state=view.state, restarts=view.restarts, history=history)
 
 
 def _detail(view: MissionView, training: MissionTraining | None = None) -> MissionDetail:

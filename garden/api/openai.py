@@ -249,14 +249,17 @@ def _generation_error(e: Exception) -> OpenAIError:
     return OpenAIError(502, f"generation failed on the swarm: {e}", "server_error", "upstream_failed")
 
 
+JSON_PATHS = ("/v1/", "/pause")
+
+
 def install_openai_errors(app: Any) -> None:
-    """OpenAI's error shape for ``/v1`` (and FastAPI's own for every other path). A ``/v1`` body is JSON
-    whatever its content type says: ``curl -d '{...}'`` sends a JSON body as a form."""
+    """OpenAI's error shape for ``/v1`` (and FastAPI's own for every other path). A ``/v1`` (or ``/pause``)
+    body is JSON whatever its content type says: ``curl -d '{...}'`` sends a JSON body as a form."""
     from fastapi.exception_handlers import request_validation_exception_handler
 
     @app.middleware("http")
     async def _json_bodies(request: Request, call_next: Any) -> Any:
-        if request.method == "POST" and request.url.path.startswith("/v1/"):
+        if request.method == "POST" and request.url.path.startswith(JSON_PATHS):
             if "json" not in request.headers.get("content-type", ""):
                 headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
                 request.scope["headers"] = [*headers, (b"content-type", b"application/json")]

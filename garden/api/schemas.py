@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from garden.protocol.records import GpuInfo, Role
+from garden.peer.governor import PauseState
+from garden.protocol.records import ContributionTotals, GpuInfo, Role
 
 
 class Health(BaseModel):
@@ -39,6 +40,48 @@ class Serving(BaseModel):
     error: str | None = None
 
 
+class Caps(BaseModel):
+    """The owner's limits on this peer (``garden run --max-cpu ...``)."""
+
+    max_cpu: float | None = Field(None, description="percent of the whole machine, daemon and children together")
+    max_threads: int | None = Field(None, description="torch threads per process (from --max-cpu when not given)")
+    max_memory: int | None = Field(None, description="bytes")
+    max_disk: int | None = Field(None, description="bytes the data dir may take")
+    max_upload_rate: int | None = Field(None, description="bytes per second")
+    max_download_rate: int | None = Field(None, description="bytes per second")
+    when: str = Field("always", description="always | idle")
+
+
+class Resources(BaseModel):
+    """What the peer uses now, against its caps."""
+
+    cpu: float | None = Field(None, description="share of the machine (0..1) used by the daemon and its children, "
+                              "last 10 s")  # fmt: skip
+    held_s: float = Field(0.0, description="seconds work waited for the CPU cap")
+    owner_load: float | None = Field(None, description="with --when idle: share of the machine other programs use")
+    disk_bytes: int | None = Field(None, description="bytes the data dir takes")
+    disk_pruned: int = Field(0, description="row sets and checkpoints pruned to stay under --max-disk")
+    disk_note: str | None = Field(None, description="why the data dir is over --max-disk, if it is")
+
+
+class PauseRequest(BaseModel):
+    """``POST /pause``: the pause's length (none: until ``POST /resume``) and whether serving stops too."""
+
+    for_s: float | None = Field(None, gt=0, le=366 * 86400, description="seconds; none: until resumed")
+    serving: bool | None = Field(None, description="pause serving layers too (default: --pause-serving)")
+
+
+class PauseReply(PauseState):
+    working: str = Field(description="what the peer does now, in words")
+
+
+class Contribution(BaseModel):
+    """What this peer gave, kept in its store across restarts."""
+
+    total: ContributionTotals
+    missions: dict[str, ContributionTotals] = Field(description="by mission id")
+
+
 class Status(BaseModel):
     peer_id: str
     version: str
@@ -54,6 +97,15 @@ class Status(BaseModel):
     machine: Machine
     shaking: Shaking | None = None
     serving: list[Serving] = Field(default_factory=list, description="layer ranges this peer serves (--serve)")
+    paused: bool = Field(False, description="its owner paused it (garden pause)")
+    pause: PauseState = Field(default_factory=PauseState)
+    working: str = Field("working", description="working | paused | waiting: <why> | working (throttled ...)")
+    caps: Caps = Field(default_factory=Caps)
+    resources: Resources = Field(default_factory=Resources)
+    contribution: ContributionTotals = Field(default_factory=ContributionTotals)
+    protocol: int = Field(description="the peer-record protocol version this garden speaks")
+    upgrade: str | None = Field(None, description="set when peers speak a newer protocol: what to do")
+    incompatible_peers: int = Field(0, description="peers ignored because they speak another protocol version")
 
 
 class Peer(BaseModel):
@@ -67,6 +119,9 @@ class Peer(BaseModel):
     addresses: list[str]
     client_mode: bool
     last_seen: float = Field(description="DHT time (unix seconds) of the peer's latest announce")
+    paused: bool = False
+    working: str = ""
+    contribution: ContributionTotals | None = None
     expires_in_s: float = Field(description="seconds until the record expires unless re-announced")
     is_self: bool
 
@@ -126,6 +181,17 @@ class MissionWorkHere(BaseModel):
     seconds_shaking: float
 
 
+class TrainPoint(BaseModel):
+    """One point of a mission's training curve on this peer (the dashboard's charts)."""
+
+    t: float = Field(description="unix time")
+    epoch: int | None = None
+    samples: int | None = None
+    loss: float | None = None
+    kl: float | None = None
+    pref_acc: float | None = None
+
+
 class MissionTraining(BaseModel):
     """This peer's share of training the mission's student (``garden.trainer.training_work``)."""
 
@@ -151,6 +217,7 @@ class MissionTraining(BaseModel):
     restarts: int = Field(0, description="times the daemon restarted a failed trainer")
     error: str | None = None
     pid: int | None = Field(None, description="the trainer worker's process (its last one, once it exited)")
+    history: list[TrainPoint] = Field(default_factory=list, description="loss, KL and accuracy over time (last 500)")
 
 
 class CheckpointInfo(BaseModel):
@@ -177,3 +244,24 @@ class MissionDetail(MissionSummary):
     cancel_reason: str | None = None
     train: MissionTraining | None = Field(None, description="None: this peer does not train missions")
     spec: dict[str, Any]
+
+
+# --- models served by the swarm --------------------------------------------------------------------------
+
+
+class ServedSpan(BaseModel):
+    peer_id: str
+    start: int
+    end: int = Field(description="half-open: layers start..end-1")
+    throughput: float
+
+
+class ModelLayers(BaseModel):
+    """One model some server of the swarm announces, and which of its layers are covered."""
+
+    model: str
+    num_layers: int
+    servers: int
+    complete: bool = Field(description="every layer is served: the model can generate")
+    missing: list[list[int]] = Field(description="[start, end) spans no server announces")
+    spans: list[ServedSpan]

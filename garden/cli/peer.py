@@ -35,6 +35,20 @@ def run(
     roles: str | None = typer.Option(None, "--roles", metavar="ROLE,...", help=_help("roles")),
     max_threads: int | None = typer.Option(None, "--max-threads", help=_help("max_threads")),
     max_memory: str | None = typer.Option(None, "--max-memory", metavar="SIZE", help=_help("max_memory")),
+    max_cpu: float | None = typer.Option(None, "--max-cpu", metavar="PERCENT", help=_help("max_cpu")),
+    max_disk: str | None = typer.Option(None, "--max-disk", metavar="SIZE", help=_help("max_disk")),
+    max_upload_rate: str | None = typer.Option(
+        None, "--max-upload-rate", metavar="SIZE", help=_help("max_upload_rate")
+    ),
+    max_download_rate: str | None = typer.Option(
+        None, "--max-download-rate", metavar="SIZE", help=_help("max_download_rate")
+    ),
+    when: str | None = typer.Option(None, "--when", metavar="always|idle", help=_help("when")),
+    idle_threshold: float | None = typer.Option(
+        None, "--idle-threshold", metavar="PERCENT", help=_help("idle_threshold")
+    ),
+    idle_quiet_s: float | None = typer.Option(None, "--idle-quiet", metavar="SECONDS", help=_help("idle_quiet_s")),
+    pause_serving: bool | None = typer.Option(None, "--pause-serving/--no-pause-serving", help=_help("pause_serving")),
     lease_seconds: float | None = typer.Option(None, "--lease-seconds", help=_help("lease_seconds")),
     train_batch_size: int | None = typer.Option(None, "--train-batch-size", help=_help("train_batch_size")),
     serve: list[str] | None = typer.Option(
@@ -65,6 +79,14 @@ def run(
         roles=roles,
         max_threads=max_threads,
         max_memory=max_memory,
+        max_cpu=max_cpu,
+        max_disk=max_disk,
+        max_upload_rate=max_upload_rate,
+        max_download_rate=max_download_rate,
+        when=when,
+        idle_threshold=idle_threshold,
+        idle_quiet_s=idle_quiet_s,
+        pause_serving=pause_serving,
         lease_seconds=lease_seconds,
         train_batch_size=train_batch_size,
         serve=serve or None,
@@ -120,10 +142,40 @@ def status(
             + (f", {gpu['name']} ({_gib(gpu['memory_bytes'])})" if gpu else ", no GPU"),
         ),
         ("addresses", "\n".join(data["addresses"]) or "none (client mode)"),
+        ("state", data.get("working", "working")),
+        *_caps_rows(data.get("caps") or {}),
+        *_contribution_rows(data.get("contribution") or {}),
     ]
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    if data.get("upgrade"):
+        console.print(f"[bold yellow]upgrade:[/] {data['upgrade']}")
+
+
+def _caps_rows(caps: dict[str, object]) -> list[tuple[str, str]]:
+    parts = []
+    if caps.get("max_cpu"):
+        parts.append(f"CPU {caps['max_cpu']:g} %")
+    for key, label in (("max_memory", "memory"), ("max_disk", "disk")):
+        if caps.get(key):
+            parts.append(f"{label} {_gib(int(caps[key]))}")  # type: ignore[call-overload]
+    for key, label in (("max_upload_rate", "up"), ("max_download_rate", "down")):
+        if caps.get(key):
+            parts.append(f"{label} {int(caps[key]) / 2**20:.1f} MiB/s")  # type: ignore[call-overload]
+    if caps.get("when") == "idle":
+        parts.append("only when the machine is idle")
+    return [("caps", ", ".join(parts))] if parts else []
+
+
+def _contribution_rows(given: dict[str, object]) -> list[tuple[str, str]]:
+    if not given:
+        return []
+    line = (
+        f"{given.get('rows_shaken', 0)} rows shaken, {given.get('samples_trained', 0)} samples trained, "
+        f"{given.get('tokens_served', 0)} tokens served, {float(given.get('hours_online', 0.0)):.1f} h online"  # type: ignore[arg-type]
+    )
+    return [("contribution", line)]
 
 
 @app.command()

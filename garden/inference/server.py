@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from hivemind.p2p import P2P, P2PContext
@@ -158,6 +159,7 @@ class BlockServer:
         self.stats = ServerStats()
         self.invalid_records: Counter[str] = Counter()
         self.error: str | None = None
+        self.refuse: Callable[[], str | None] | None = None  # why to refuse new sessions now (a pause), or None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="garden-blocks")
         self._num_layers = 0
 
@@ -289,6 +291,9 @@ class BlockServer:
         self.drop_idle()
         if meta.session in self.sessions:
             return self._error(ERROR_BAD_REQUEST, "session id already open")
+        refusal = self.refuse() if self.refuse is not None else None
+        if refusal:  # e.g. its owner paused serving: clients route around it like around a full server
+            return self._error(ERROR_BUSY, refusal)
         if len(self.sessions) >= self.config.max_sessions:
             return self._error(ERROR_BUSY, f"{self.config.max_sessions} sessions open, the most this server takes")
         if meta.max_tokens > self.config.max_session_tokens:

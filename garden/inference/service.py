@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from hivemind.proto import runtime_pb2
@@ -42,6 +43,7 @@ class ModelCoverage:
     num_layers: int
     servers: int
     missing: list[LayerSpan]
+    spans: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer id, start, end, throughput)
 
     @property
     def complete(self) -> bool:
@@ -131,6 +133,7 @@ class InferenceService:
     servers: list[BlockServer] = field(default_factory=list)
     rpc: BlockRpc | None = None
     invalid_records: Counter[str] = field(default_factory=Counter)
+    refuse: Callable[[], str | None] | None = None  # why servers refuse new sessions now (a pause), or None
     _generators: dict[str, SwarmGenerator] = field(default_factory=dict)
     _loading: dict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
@@ -142,6 +145,7 @@ class InferenceService:
     async def serve(self, config: ServeConfig, stop: asyncio.Event) -> None:
         """Start a block server and run it until ``stop``; a failure is logged and shown in its view."""
         server = BlockServer(self.p2p, self.swarm, self.keys, self.private_key, self.peer_id, config)
+        server.refuse = self.refuse
         self.servers.append(server)
         if self.rpc is None:
             self.rpc = BlockRpc(self.servers, self.namespace)
@@ -197,5 +201,8 @@ class InferenceService:
         for model, records in sorted(by_model.items()):
             layers = Counter(r.num_layers for r in records).most_common(1)[0][0]
             same = [r for r in records if r.num_layers == layers]
-            result.append(ModelCoverage(model, layers, len({r.peer_id for r in same}), missing_spans(same, layers)))
+            spans = sorted((r.peer_id, r.start, r.end, r.throughput) for r in same)
+            result.append(
+                ModelCoverage(model, layers, len({r.peer_id for r in same}), missing_spans(same, layers), spans)
+            )
         return result

@@ -17,7 +17,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from garden.peer.swarm import Swarm
 from garden.protocol.keys import DHTKeys
-from garden.protocol.records import PeerInfo, PeerState, RecordError
+from garden.protocol.records import PROTOCOL_VERSION, IncompatibleVersionError, PeerInfo, PeerState, RecordError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class PeerDirectory:
         self.invalid_records = 0
         self.last_announced: PeerInfo | None = None  # this peer's latest record stored in the DHT
         self.known: list[PeerEntry] = []
+        self.incompatible: dict[str, int] = {}  # peer id -> protocol version, of peers ignored for it (last read)
+        self._warned: set[tuple[str, int]] = set()
 
     @property
     def joined(self) -> bool:
@@ -74,6 +76,7 @@ class PeerDirectory:
         """Valid, online, unexpired records, sorted by peer id. Invalid ones are logged and counted."""
         found = await self.swarm.get(self.keys.peers, latest=True)
         entries: list[PeerEntry] = []
+        incompatible: dict[str, int] = {}
         if found is not None:
             if not isinstance(found.value, (dict, DictionaryDHTValue)):
                 self._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
@@ -84,6 +87,12 @@ class PeerDirectory:
                         raw, expiration_time = item
                         info = PeerInfo.from_wire(raw, subkey)
                         info.check_fresh(expiration_time, now)
+                    except IncompatibleVersionError as e:
+                        if (e.peer_id, e.version) not in self._warned:  # one line per peer, not per read
+                            self._warned.add((e.peer_id, e.version))
+                            logger.warning("ignoring %s", e)
+                        incompatible[e.peer_id] = e.version
+                        continue
                     except (RecordError, TypeError, ValueError) as e:
                         self._drop(subkey, str(e))
                         continue
@@ -94,7 +103,20 @@ class PeerDirectory:
             # this peer is alive whatever the DHT answered (e.g. a read that timed out)
             entries.append(PeerEntry(mine, mine.announced_at + 2 * self.period))
         self.known = sorted(entries, key=lambda e: e.info.peer_id)
+        self.incompatible = incompatible
         return self.known
+
+    @property
+    def upgrade_advice(self) -> str | None:
+        """What ``garden status`` tells the owner when peers speak a newer protocol, or None."""
+        newer = sorted({v for v in self.incompatible.values() if v > PROTOCOL_VERSION})
+        if not newer:
+            return None
+        count = sum(1 for v in self.incompatible.values() if v > PROTOCOL_VERSION)
+        return (
+            f"{count} peer(s) speak protocol v{newer[-1]}, newer than this garden's v{PROTOCOL_VERSION}, and are "
+            "ignored: upgrade garden (pip install -U communal-garden) to work with them"
+        )
 
     def _drop(self, subkey: object, reason: str) -> None:
         self.invalid_records += 1

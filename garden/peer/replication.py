@@ -43,6 +43,7 @@ class RowSetKeeper:
         self.store, self.book, self.transfer, self.copies = store, book, transfer, copies
         self.peer_id = book.peer_id
         self.refused = 0  # offers or fetches refused for bad content
+        self.pruned: set[str] = set()  # attempts dropped for --max-disk: not copied back by settle()
 
     # --- this peer's own work -------------------------------------------------------------------------
     def keep_own(self, mission: Mission, shard: int, attempt: str, rows: Sequence[DorpoRow]) -> StoredRowSet:
@@ -142,7 +143,7 @@ class RowSetKeeper:
         fetched = 0
         for shard, done in sorted(winners.items()):
             peers = held_by.get(done.attempt, set())
-            if done.attempt in mine or len(peers | {done.peer_id}) >= self.copies:
+            if done.attempt in mine or done.attempt in self.pruned or len(peers | {done.peer_id}) >= self.copies:
                 continue
             try:
                 sources = sorted(peers) + ([done.peer_id] if done.peer_id not in peers else [])

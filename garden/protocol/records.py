@@ -20,6 +20,9 @@ from garden.protocol import signing
 
 PROTOCOL_VERSION = 1
 """Version of the record formats. Bumped only by an incompatible change; fields are added freely."""
+MIN_PROTOCOL_VERSION = 1
+"""Oldest version this garden still reads. A record outside [MIN, PROTOCOL_VERSION] is ignored
+(``IncompatibleVersionError``) with one log line per peer, and ``garden status`` tells the owner."""
 
 MAX_PEER_RECORD_BYTES = 16 * 1024
 """A signed peer record is ~1 KiB; anything much larger is garbage or an attack."""
@@ -43,6 +46,18 @@ class RecordError(ValueError):
     """A DHT value that is not a valid record; the message says why (for the log line)."""
 
 
+class IncompatibleVersionError(RecordError):
+    """A well-signed record in a protocol version this garden does not speak."""
+
+    def __init__(self, peer_id: str, version: int):
+        newer = version > PROTOCOL_VERSION
+        super().__init__(
+            f"peer {peer_id} speaks protocol v{version}, this garden v{PROTOCOL_VERSION}: "
+            + ("upgrade garden to work with it" if newer else "it runs an old garden and must upgrade")
+        )
+        self.peer_id, self.version, self.newer = peer_id, version, newer
+
+
 class StrictRecord(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True, allow_inf_nan=False)
 
@@ -50,6 +65,16 @@ class StrictRecord(BaseModel):
 class GpuInfo(StrictRecord):
     name: str = Field(max_length=200)
     memory_bytes: int = Field(ge=0)
+
+
+class ContributionTotals(StrictRecord):
+    """What a peer gave, in all (``garden.peer.contribution``); announced so a lead sees who helped."""
+
+    rows_shaken: int = Field(0, ge=0)
+    shards_shaken: int = Field(0, ge=0)
+    samples_trained: int = Field(0, ge=0)
+    tokens_served: int = Field(0, ge=0)
+    hours_online: float = Field(0.0, ge=0.0)
 
 
 class PeerInfo(StrictRecord):
@@ -67,6 +92,9 @@ class PeerInfo(StrictRecord):
     addresses: list[str] = Field(default_factory=list, max_length=32)
     client_mode: bool = False
     announced_at: float = Field(ge=0.0, description="DHT time (seconds since the epoch) of this announce")
+    paused: bool = Field(False, description="its owner paused it: it relays and may serve, but takes no work")
+    working: str = Field("", max_length=200, description="what it does now, in words (working, paused, waiting: ...)")
+    contribution: ContributionTotals | None = None
 
     def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
         """msgpack body sealed in an envelope signed with the peer's identity key."""
@@ -90,6 +118,7 @@ class PeerInfo(StrictRecord):
 
     @classmethod
     def _from_body(cls, body: bytes) -> PeerInfo:
+        _check_version(body)
         return decode_record(cls, body, "body")
 
 
@@ -120,6 +149,18 @@ def decode_record(
         return model.model_validate(obj)
     except ValidationError as e:
         raise RecordError(f"{what} schema: {(describe or first_error)(e)}") from None
+
+
+def _check_version(body: bytes) -> None:
+    """Look at ``v`` before the schema: a newer protocol may have changed any other field."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception:
+        return  # decode_record says what is wrong
+    if isinstance(obj, dict):
+        version, peer_id = obj.get("v", PROTOCOL_VERSION), obj.get("peer_id")
+        if type(version) is int and not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+            raise IncompatibleVersionError(str(peer_id)[:128], version)
 
 
 def seal(body: bytes, private_key: rsa.RSAPrivateKey) -> bytes:

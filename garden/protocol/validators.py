@@ -19,7 +19,13 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from garden.protocol.keys import DHTKeys
 from garden.protocol.mission import CANCEL_PREFIX, CancelRecord, SignedMission, open_any_cancel
-from garden.protocol.records import PeerInfo, RecordError
+from garden.protocol.records import (
+    MAX_CLOCK_SKEW,
+    MAX_RECORD_TTL,
+    IncompatibleVersionError,
+    PeerInfo,
+    RecordError,
+)
 from garden.protocol.row_sets import RowsAnnouncement, is_rows_subkey
 
 logger = logging.getLogger(__name__)
@@ -70,6 +76,10 @@ class PeerRecordValidator(CountingValidator):
             subkey = MSGPackSerializer.loads(record.subkey)
             value = MSGPackSerializer.loads(record.value)
             PeerInfo.from_wire(value, subkey).check_fresh(record.expiration_time, get_dht_time())
+        except IncompatibleVersionError:
+            # signed by the peer it names (checked before the body): another version's record, kept for
+            # the peers that speak it; readers here ignore it and tell their owner to upgrade
+            return record.expiration_time <= get_dht_time() + MAX_RECORD_TTL + MAX_CLOCK_SKEW
         except RecordError as e:
             return self._reject(str(e))
         except Exception as e:  # undecodable subkey or value: a stranger's garbage, never our crash

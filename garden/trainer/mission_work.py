@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import psutil
 
 from garden.models import is_loaded, load_model, model_memory_bytes, unload_model
+from garden.peer.contribution import Ledger
+from garden.peer.governor import Governor
 from garden.peer.missions import Mission, MissionBook, wait_any
 from garden.peer.replication import RowSetKeeper
 from garden.protocol.mission import prompt_seed
@@ -129,8 +131,11 @@ class MissionWork:
         leases: LeaseManager,
         candidates: Callable[[], Sequence[str]],
         config: WorkConfig,
+        governor: Governor | None = None,
+        ledger: Ledger | None = None,
     ):
         self.book, self.keeper, self.leases, self.config = book, keeper, leases, config
+        self.governor, self.ledger = governor, ledger
         self._candidates = candidates
         self.progress: dict[str, MissionProgress] = {}
         self.boards: dict[str, ShardBoard] = {}
@@ -182,10 +187,16 @@ class MissionWork:
             progress.state = "waiting for the prompts"
         elif not self.config.shaker:
             progress.state = "not shaking (no shaker role)"
+        elif self._paused:
+            progress.state = "paused"
         elif mission.id not in self._workers or self._workers[mission.id].done():
             self._workers[mission.id] = asyncio.create_task(
                 self._shake_mission(mission), name=f"shake-{mission.id[:8]}"
             )
+
+    @property
+    def _paused(self) -> bool:
+        return self.governor is not None and self.governor.paused
 
     async def _keep_results_alive(self, mission: Mission, board: ShardBoard) -> None:
         """Re-store the winning done records of the row sets held here before they expire: a done record
@@ -228,6 +239,13 @@ class MissionWork:
         already being sampled, so the CPU does not wait on the network."""
         progress = self.progress.setdefault(mission.id, MissionProgress())
         while not self._stop.is_set() and not mission.cancelled:
+            if self._paused:
+                progress.state = "paused"
+                return
+            if self.governor is not None and self.governor.held_reason:
+                progress.state = f"waiting: {self.governor.held_reason}"
+                await self.governor.wait_until_free(self._stop)  # no lease is held while the owner works
+                continue
             async with self._compute:
                 if not await self._fits(mission):
                     progress.state = f"not shaking: {self.blocked}"
@@ -284,6 +302,9 @@ class MissionWork:
         spec = mission.signed.spec
         prompts = mission.shard(lease.shard)
         stopping = self._stop
+
+        def gone() -> bool:
+            return lost.is_set() or stopping.is_set() or mission.cancelled
         config = ShakeConfig(
             candidates=spec.sampling.candidates,
             temperature=spec.sampling.temperature,
@@ -292,14 +313,19 @@ class MissionWork:
             top_k_logprobs=spec.sampling.top_k_logprobs,
             batch_prompts=min(self.config.batch_prompts, len(prompts)),
             prompt_seeds=lambda p: prompt_seed(mission.id, p),
-            # read from the sampling thread: Event.is_set only reads a flag, safe across threads
-            cancelled=lambda: lost.is_set() or stopping.is_set() or mission.cancelled,
+            # read from the sampling thread: Event.is_set only reads a flag, safe across threads; the governor
+            # holds the thread here while the owner's programs need the machine or the CPU share is spent
+            cancelled=lambda: gone() or (self.governor is not None and self.governor.hold(gone)),
         )
         started = time.monotonic()
         progress.started = progress.started or time.time()
         try:
             return await _in_thread(shake_with_fallback, spec.teachers, prompts, judge_for(spec), config)
         except ShakeCancelled:
+            if self._paused:
+                logger.info("shard %d of mission %s: paused by the owner; the shard is given back", lease.shard,
+                            mission.id[:12])  # fmt: skip
+                return None
             progress.shards_lost += 1
             logger.info("shard %d of mission %s: stopped sampling (lease lost, mission cancelled or daemon stopping)",
                         lease.shard, mission.id[:12])  # fmt: skip
@@ -344,6 +370,9 @@ class MissionWork:
                 return
             progress.shards_shaken += 1
             progress.rows_shaken += len(rows)
+            if self.ledger is not None:
+                self.ledger.add("rows_shaken", len(rows), mission.id)
+                self.ledger.add("shards_shaken", 1, mission.id)
             self.book.wake()
         finally:
             renewer.cancel()

@@ -58,6 +58,11 @@ class WorkerConfig(BaseModel):
     :param parent_pid: exit when this process (the daemon) is gone; None: no watch
     :param linger_s: seconds to keep serving state to peers after the last epoch
     :param row_poll_s: seconds between reads of new rows from the store
+    :param max_cpu: share of the machine (0..1] the daemon's whole tree may use (``--max-cpu``); the worker
+        waits between steps while the tree is over it
+    :param idle_threshold: with ``--when idle``: the share of the machine the owner's programs may use
+        while this worker steps (None: not idle-only)
+    :param idle_quiet_s: seconds of quiet before stepping again after the owner's work
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -75,6 +80,9 @@ class WorkerConfig(BaseModel):
     parent_pid: int | None = None
     linger_s: float = 5.0
     row_poll_s: float = 5.0
+    max_cpu: float | None = Field(default=None, gt=0, le=1)
+    idle_threshold: float | None = Field(default=None, gt=0, le=1)
+    idle_quiet_s: float = Field(default=60.0, ge=0)
 
 
 class _Stop:
@@ -173,6 +181,8 @@ class SwarmCheckpoints:
 def run(config: WorkerConfig, stop: threading.Event) -> int:
     import torch
 
+    from garden.peer.governor import Governor
+    from garden.peer.idle import IdleConfig
     from garden.peer.swarm import GardenDHT
     from garden.store import RowFeed
     from garden.trainer import averaging_guard, averaging_meter
@@ -192,6 +202,9 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         write_json_atomic(status_path, {"pid": os.getpid(), **asdict(current)})
 
     write_status(status)
+    idle = IdleConfig(config.idle_threshold, config.idle_quiet_s) if config.idle_threshold is not None else None
+    # the same budget over the same tree (the daemon's) as the daemon's own work: they hold back together
+    governor = Governor(None, config.max_cpu, idle, root_pid=config.parent_pid).start()
     averaging_guard.install()  # before the optimizer forks its averagers
     averaging_meter.install()
     _tie_averagers_to_this_process()
@@ -232,6 +245,8 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
                 synced = True
                 epoch = trainer.epoch
                 trainer.record_probe()
+            if governor.hold(stop.is_set):
+                break
             if trainer.step() is None:
                 stop.wait(min(1.0, config.row_poll_s))
             if trainer.epoch != epoch:
@@ -258,6 +273,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         write_status(status)
         return 1
     finally:
+        governor.stop()
         if trainer is not None:
             trainer.shutdown()
         if feed is not None:

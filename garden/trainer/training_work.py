@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from garden.peer.contribution import Ledger
+from garden.peer.governor import Governor
 from garden.peer.missions import Mission, MissionBook
 from garden.store import Store
 from garden.trainer.checkpoint_sharing import CheckpointSharing
@@ -43,6 +45,8 @@ BACKOFF = (5.0, 15.0, 60.0, 300.0)
 STOP_GRACE = 5.0
 """Seconds a stopping worker may take to finish its step before it is killed."""
 STATUS_FILE = "status.json"
+HISTORY_POINTS = 500
+"""Points of loss, KL and preference accuracy kept per mission for the dashboard's charts."""
 REPUBLISH_PERIOD = 600.0
 """Seconds between re-publications of the checkpoints this peer holds (sooner when a new one appears)."""
 
@@ -66,6 +70,7 @@ class TrainingConfig:
     max_threads: int | None = None
     log_level: str = "info"
     period: float = 5.0
+    limits: dict[str, Any] = field(default_factory=dict)  # the worker's max_cpu / idle settings (WorkerConfig)
 
 
 @dataclass
@@ -76,6 +81,8 @@ class _Worker:
     failures: int = 0
     next_start: float = 0.0
     last_exit: int | None = None
+    samples_seen: tuple[int, int] = (0, 0)  # (pid, samples) last counted into the ledger
+    stopping_since: float | None = None  # monotonic time the daemon asked it to stop (pause, cancel)
 
 
 @dataclass
@@ -96,9 +103,17 @@ def worker_host_maddrs(host_maddrs: Sequence[str]) -> list[str]:
 
 class TrainingWork:
     def __init__(
-        self, book: MissionBook, store: Store, config: TrainingConfig, sharing: CheckpointSharing | None = None
+        self,
+        book: MissionBook,
+        store: Store,
+        config: TrainingConfig,
+        sharing: CheckpointSharing | None = None,
+        governor: Governor | None = None,
+        ledger: Ledger | None = None,
     ):
         self.book, self.store, self.config, self.sharing = book, store, config, sharing
+        self.governor, self.ledger = governor, ledger
+        self.history: dict[str, list[dict[str, Any]]] = {}  # mission -> loss/KL/accuracy points over time
         self._workers: dict[str, _Worker] = {}
         self._published: dict[str, tuple[tuple[int, ...], float]] = {}  # mission -> (epochs, when)
 
@@ -118,15 +133,24 @@ class TrainingWork:
 
     def tend(self) -> None:
         now = time.monotonic()
+        paused = self.governor is not None and self.governor.paused
         for mission in list(self.book.missions.values()):
             worker = self._workers.get(mission.id)
+            if worker is not None:
+                self._count(mission.id, worker)
             if worker is not None and worker.proc is not None:
-                if mission.cancelled:
-                    logger.info("mission %s was cancelled: stopping its trainer", mission.id[:12])
+                if mission.cancelled or paused:
+                    why = "was cancelled" if mission.cancelled else "paused by the owner"
+                    if worker.stopping_since is None:
+                        logger.info("mission %s %s: stopping its trainer after this step", mission.id[:12], why)
+                        worker.stopping_since = now
                     self._signal(worker, signal.SIGTERM)
                 self._reap(worker, now)
+                if worker.proc is not None and worker.stopping_since and now - worker.stopping_since > STOP_GRACE:
+                    logger.warning("trainer of mission %s did not stop in time: killed", mission.id[:12])
+                    self._signal(worker, signal.SIGKILL)
                 continue
-            if not self._wants(mission):
+            if paused or not self._wants(mission):
                 continue
             worker = self._workers.setdefault(mission.id, _Worker(mission.id, self.config.root / mission.id))
             if now >= worker.next_start:
@@ -192,6 +216,7 @@ class TrainingWork:
             "max_threads": self.config.max_threads,
             "checkpoint_every": train.checkpoint_every,
             "parent_pid": os.getpid(),
+            **self.config.limits,
         }
         path = worker.dir / "config.json"
         path.write_text(json.dumps(config, indent=2))
@@ -205,9 +230,11 @@ class TrainingWork:
         code = worker.proc.poll()
         if code is None:
             return
-        worker.proc, worker.last_exit = None, code
+        asked = worker.stopping_since is not None
+        worker.proc, worker.last_exit, worker.stopping_since = None, code, None
+        self._count(worker.mission_id, worker)
         state = self.status(worker.mission_id).get("state")
-        if code == 0 and state in ("done", "stopped"):
+        if asked or (code == 0 and state in ("done", "stopped")):
             logger.info("trainer of mission %s finished (%s)", worker.mission_id[:12], state)
             return
         delay = BACKOFF[min(worker.failures, len(BACKOFF) - 1)]
@@ -244,6 +271,23 @@ class TrainingWork:
                 self._signal(worker, signal.SIGKILL)
                 await asyncio.to_thread(worker.proc.wait)
 
+    def _count(self, mission_id: str, worker: _Worker) -> None:
+        """Samples trained since the last look into the ledger, and a point of the loss/KL history."""
+        status = self.status(mission_id)
+        pid, samples = status.get("pid"), status.get("samples")
+        if not isinstance(pid, int) or not isinstance(samples, int):
+            return
+        seen_pid, seen = worker.samples_seen
+        new = samples - seen if pid == seen_pid else samples  # a new worker counts from zero
+        if new > 0 and self.ledger is not None:
+            self.ledger.add("samples_trained", new, mission_id)
+        worker.samples_seen = (pid, samples)
+        history = self.history.setdefault(mission_id, [])
+        point = {k: status.get(k) for k in ("epoch", "loss", "kl", "pref_acc", "samples")}
+        if status.get("loss") is not None and (not history or {k: history[-1][k] for k in point} != point):
+            history.append({"t": round(float(status.get("updated_at") or time.time()), 3), **point})
+            del history[:-HISTORY_POINTS]
+
     # --- views -------------------------------------------------------------------------------------
     def status(self, mission_id: str) -> dict[str, Any]:
         """The worker's last status file (it outlives the worker), or {}."""
@@ -260,7 +304,9 @@ class TrainingWork:
             return TrainingView(state="waiting for rows") if self.config.trainer else None
         running = worker is not None and worker.proc is not None
         state = str(status.get("state", "starting")) if running or status else "waiting for rows"
-        if worker is not None and not running and worker.failures and state not in ("done", "stopped"):
+        if self.governor is not None and self.governor.paused and state not in ("done", "failed"):
+            state = "paused"
+        elif worker is not None and not running and worker.failures and state not in ("done", "stopped"):
             state = f"restarting in {max(0.0, worker.next_start - time.monotonic()):.0f} s (exit {worker.last_exit})"
         return TrainingView(
             state=state,

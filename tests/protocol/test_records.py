@@ -72,13 +72,32 @@ def test_unknown_fields_are_ignored_for_forward_compatibility(key: rsa.RSAPrivat
         {"gpu": [1, 2]},  # list for dict
         {"addresses": ["a"] * 1000},  # too many
         {"peer_id": ""},
-        {"v": 0},
+        {"v": "2"},
         {"announced_at": "yesterday"},
     ],
 )
 def test_schema_violations_are_rejected(key: rsa.RSAPrivateKey, changes: dict[str, Any]) -> None:
     with pytest.raises(RecordError, match="schema"):
         PeerInfo.from_wire(sealed(key, good_body(key, **changes)), peer_id(key))
+
+
+@pytest.mark.parametrize(("version", "newer"), [(0, False), (2, True), (99, True)])
+def test_another_protocol_version_is_told_apart_from_garbage(key: rsa.RSAPrivateKey, version: int, newer: bool) -> None:
+    """Checked before the schema: a newer protocol may have changed any other field."""
+    from garden.protocol.records import IncompatibleVersionError
+
+    body = good_body(key, v=version, cores="many", brand_new={"x": 1})
+    with pytest.raises(IncompatibleVersionError) as caught:
+        PeerInfo.from_wire(sealed(key, body), peer_id(key))
+    assert caught.value.version == version and caught.value.newer is newer
+    assert caught.value.peer_id == peer_id(key)
+    assert ("upgrade garden" in str(caught.value)) is newer
+
+
+def test_this_versions_new_fields_are_optional(key: rsa.RSAPrivateKey) -> None:
+    """Records of peers before contribution and pause were announced still read."""
+    info = PeerInfo.from_wire(sealed(key, good_body(key)), peer_id(key))
+    assert info.paused is False and info.contribution is None and info.working == ""
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,51 @@
+"""The owner's controls on the HTTP port: ``POST /pause``, ``POST /resume``, ``GET /contribution``.
+
+They are for the person whose machine this is (``garden pause``, the dashboard's buttons). The port
+listens on 127.0.0.1 by default and has no authentication, like the rest of it: whoever can reach it
+can run the peer anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from garden.api.schemas import Contribution, Error, PauseReply, PauseRequest
+from garden.peer.contribution import Ledger
+from garden.peer.governor import Governor
+
+
+def make_control_router(governor: Governor, ledger: Ledger, pause_serving: Callable[[], bool]) -> APIRouter:
+    router = APIRouter(tags=["peer"])
+
+    def reply() -> PauseReply:
+        return PauseReply(**governor.pause_state.model_dump(), working=governor.working_state())
+
+    @router.post("/pause", response_model=PauseReply, responses={422: {"model": Error}})
+    async def pause(body: PauseRequest | None = None) -> PauseReply:
+        """Stop taking work within 2 s: shaking gives its shard back, trainers finish their step and exit.
+        The peer stays in the swarm; it keeps serving layers unless ``serving`` (or ``--pause-serving``).
+        The pause is kept across restarts until ``POST /resume`` or the end of ``for_s``."""
+        body = body or PauseRequest()
+        serving = pause_serving() if body.serving is None else body.serving
+        governor.pause(body.for_s, serving=serving)
+        return reply()
+
+    @router.post("/resume", response_model=PauseReply)
+    async def resume() -> PauseReply:
+        """End a pause; work starts again within a few seconds."""
+        governor.resume()
+        return reply()
+
+    @router.get("/pause", response_model=PauseReply)
+    async def pause_state() -> PauseReply:
+        return reply()
+
+    @router.get("/contribution", response_model=Contribution)
+    async def contribution() -> Contribution | JSONResponse:
+        """Rows shaken, samples trained, tokens served and hours online: in all and per mission."""
+        return Contribution(total=ledger.totals(), missions=ledger.by_mission())
+
+    return router
