@@ -77,8 +77,8 @@ class GardenSettings(BaseSettings):
     max_threads: int | None = Field(None, ge=1, le=1024, description="Cap on torch/BLAS threads.")
     max_memory: ByteSize | None = Field(
         None,
-        description="Memory a teacher may take, e.g. 2GiB or 1500MB; a peer that cannot hold a mission's "
-        "teacher takes no shards and says why in /status (default: the machine's available RAM).",
+        description="Memory a teacher, a student's training or served layers may take, e.g. 2GiB or 1500MB; work "
+        "that would not fit is not taken, and /status says why (default: the machine's available RAM).",
     )
     max_cpu: float | None = Field(
         None,

@@ -35,7 +35,7 @@ from garden.protocol.records import PeerInfo, PeerState, Role
 from garden.protocol.serve_spec import parse_serve_spec
 from garden.peer.missions import MissionBook
 from garden.peer.replication import RowSetKeeper
-from garden.peer.transfer import ContentRef, ContentTransfer
+from garden.peer.transfer import ContentRef, ContentTransfer, TransferLimits
 from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator
 from garden.store import Store
 from garden.trainer.leases import LeaseConfig, LeaseManager, ShardRecordValidator
@@ -166,14 +166,20 @@ class Gardener:
         keeper: RowSetKeeper | None = None
 
         async def on_offer(sender: str, ref: ContentRef) -> tuple[bool, str]:
-            return await keeper.on_offer(sender, ref) if keeper is not None else (False, "starting")
+            if keeper is None:
+                return False, "starting"
+            taken = await keeper.on_offer(sender, ref)
+            if taken[0] and self.disk is not None and self.settings.max_disk is not None:
+                self.disk.poke()
+            return taken
 
         async def content(ref: ContentRef) -> bytes | None:
             if ref.kind == "ckpt":
                 return await self.checkpoints.content(ref) if self.checkpoints is not None else None
             return await self.missions.content(ref) if self.missions is not None else None
 
-        self.transfer = ContentTransfer(p2p, content, on_offer=on_offer)
+        rates = TransferLimits(upload_rate=self.settings.max_upload_rate, download_rate=self.settings.max_download_rate)
+        self.transfer = ContentTransfer(p2p, content, limits=rates, on_offer=on_offer)
         await self.transfer.start()
         self.missions.transfer = self.transfer
         self.keeper = keeper = RowSetKeeper(self.store, self.missions, self.transfer)
@@ -220,6 +226,7 @@ class Gardener:
                 log_level=self.settings.log_level,
                 period=min(self.settings.announce_period, 5.0),
                 limits=self._worker_limits(),
+                max_memory=self.settings.max_memory,
             ),
             sharing=self.checkpoints,
             governor=self.governor,
@@ -243,6 +250,7 @@ class Gardener:
                 idle_timeout=self.settings.session_idle_timeout,
                 announce_period=self.settings.announce_period,
                 namespace=self.keys.swarm,
+                max_memory=self.settings.max_memory,
             )
             task = asyncio.create_task(self.inference.serve(serve, self._stop), name=f"garden-serve-{spec}")
             self._tasks.append(task)

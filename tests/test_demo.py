@@ -13,14 +13,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
 
 def test_the_demo_trains_a_student_closer_to_the_teacher(tmp_path: Path, model_cache: Path) -> None:
     work = tmp_path / "demo"
     env = {**os.environ, "GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if k != "GARDEN_DATA_DIR"}
-    argv = [sys.executable, "-m", "garden", "demo", "--peers", "2", "--prompts", "16", "--epochs", "2",
+    argv = [sys.executable, "-m", "garden", "demo", "--peers", "2", "--prompts", "16", "--epochs", "1",
             "--target-batch-size", "16", "--http-port", "0", "--dir", str(work)]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -6,6 +6,7 @@ kept, and announced to the other peer."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from tests.daemons import Daemon, DaemonFactory, wait_until
 from tests.test_missions_swarm import converted, create, detail, mission_body, start  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
 CAP = 50.0
 WINDOW = 30.0
@@ -78,8 +79,9 @@ def test_a_capped_peer_stays_under_its_cpu_share_and_pauses_when_asked(
     daemons: DaemonFactory, converted: Path  # noqa: F811 (the fixture imported above)
 ) -> None:
     a = start(daemons, "--max-cpu", str(CAP), cache=converted)
-    b = start(daemons, join=a, cache=converted)
-    assert b.request("POST", "/pause", json={}).json()["paused"] is True  # b waits while a is measured
+    # b waits while a is measured, and keeps its data dir under a cap it cannot meet: it prunes what others hold
+    b = start(daemons, "--max-disk", "1KB", join=a, cache=converted)
+    assert b.request("POST", "/pause", json={}).json()["paused"] is True
     status = a.get("/status").json()
     assert status["caps"]["max_cpu"] == CAP and status["caps"]["max_threads"] == 1
     mission_id = create(a, mission_body(96, shard_size=4, max_new_tokens=16))
@@ -93,6 +95,15 @@ def test_a_capped_peer_stays_under_its_cpu_share_and_pauses_when_asked(
     assert progress["shards_shaken"] >= 1, progress
     assert here(b, mission_id)["state"] == "paused"
     assert (detail(a, mission_id) or {})["shards"]["leased"] >= 1
+
+    # b took copies of a's row sets (replication goes on while paused) and pruned them for --max-disk: a
+    # holds every one of its own, so no row set lost its last copy
+    disk = wait_until(lambda: (lambda r: r if r["disk_pruned"] else None)(b.get("/status").json()["resources"]),
+                      30, 0.5, "b pruned")  # fmt: skip
+    assert disk["disk_note"] and "only copy" in disk["disk_note"]
+    own = row_sets(a, mission_id)
+    assert own and all(received is None for received in own.values())  # a's own, never pruned
+    assert all(attempt in own for attempt, received in row_sets(b, mission_id).items() if received)
 
     # the owner pauses: within 2 s the shard is given back and the CPU is quiet
     wait_until(lambda: leased_by(a, a, mission_id), 30, 0.2, "a holding a lease")
@@ -136,6 +147,7 @@ def test_a_capped_peer_stays_under_its_cpu_share_and_pauses_when_asked(
     assert status["paused"] is True and status["contribution"]["rows_shaken"] == given["total"]["rows_shaken"]
     shown = garden("status", "--url", a.url)
     assert "paused" in shown.stdout and "rows shaken" in shown.stdout
+    assert set(row_sets(a, mission_id)) >= set(own)  # nothing of a's was lost
     time.sleep(2.0)
     assert not leased_by(a, b, mission_id)
     assert garden("resume", "--url", a.url).returncode == 0
@@ -144,6 +156,16 @@ def test_a_capped_peer_stays_under_its_cpu_share_and_pauses_when_asked(
         60, 0.5, "a working again",
     )  # fmt: skip
     assert "Traceback" not in a.stderr() + b.stderr()
+
+
+def row_sets(daemon: Daemon, mission_id: str) -> dict[str, str | None]:
+    """attempt -> the peer it was copied from (None: sampled there), read-only from the live store."""
+    db = sqlite3.connect(f"file:{daemon.data_dir / 'garden.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        found = db.execute("SELECT attempt, received_from FROM row_sets WHERE mission_id = ?", (mission_id,))
+        return {str(attempt): received for attempt, received in found.fetchall()}
+    finally:
+        db.close()
 
 
 def _all_done(daemon: Daemon, mission_id: str) -> bool:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.daemons import Daemon, DaemonFactory, wait_until
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 MODEL = "builtin:smollm2-135m"
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Write one sentence about rain."]
 
@@ -315,6 +315,19 @@ def test_session_caps_are_clear_errors(swarm: dict[str, Daemon]) -> None:
     wait_until(lambda: ask().status_code == 200, 30, 1.0, "generation after the sessions closed")
 
 
+def test_layers_that_would_not_fit_in_max_memory_are_not_served(
+    swarm: dict[str, Daemon], tmp_path: Path, model_cache: Path
+) -> None:
+    factory = DaemonFactory(tmp_path)
+    try:
+        small = serve(factory, model_cache, "0-10", swarm["first"], "--max-memory", "1MB")
+        error = wait_until(lambda: (serving(small) or [{}])[0].get("error"), 60, 0.5, "the refusal")
+        assert "not serving" in error and "--max-memory 1 MiB" in error, error
+        assert small.get("/health").status_code == 200
+    finally:
+        assert not factory.close()
+
+
 def test_a_server_killed_mid_generation_is_routed_around(swarm: dict[str, Daemon], local_answers: dict) -> None:
     """kill -9 the 10-20 server the generation goes through; the spare takes over, the tokens are the same."""
     import httpx
@@ -346,8 +359,20 @@ def test_a_server_killed_mid_generation_is_routed_around(swarm: dict[str, Daemon
 
 
 def test_a_gap_is_a_503_naming_the_layers(swarm: dict[str, Daemon]) -> None:
-    """After the failover test: kill the other 10-20 server too; once its record expires the layers are a gap."""
+    """After the failover test: kill the other 10-20 server too; once its record expires the layers are a gap.
+    Before that: the owner of the only 0-10 server pauses its serving, and generation is refused as busy."""
     client = swarm["client"]
+    covered = {m["model"]: m for m in client.get("/models").json()}
+    assert covered[MODEL]["complete"] and covered[MODEL]["num_layers"] == 30 and covered[MODEL]["missing"] == []
+    assert {(span["start"], span["end"]) for span in covered[MODEL]["spans"]} >= {(0, 10), (20, 30)}
+    first = swarm["first"]
+    assert first.request("POST", "/pause", json={"serving": True}).json()["serving"] is True
+    refused = client.request("POST", "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                             timeout=60)  # fmt: skip
+    assert refused.status_code == 503 and "paused by its owner" in refused.text, refused.text
+    assert first.get("/status").json()["serving"][0]["refused"].get("busy", 0) >= 1
+    assert first.request("POST", "/resume").json()["paused"] is False
+    assert completion(client, "Hi", max_tokens=2)["choices"]
     for name in ("second", "spare"):
         if swarm[name].proc.poll() is None:
             os.kill(swarm[name].proc.pid, signal.SIGKILL)

@@ -21,6 +21,8 @@ import pytest
 from garden.data import demo_prompts
 from tests.daemons import Daemon, DaemonFactory, wait_until
 
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
+
 TEACHER = "builtin:smollm2-135m"
 MISSION_TIMEOUT = 240.0
 

@@ -25,7 +25,7 @@ from garden.data import demo_prompts
 from tests.daemons import Daemon, DaemonFactory, wait_until
 from tests.trainers import make_tiny_student
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 TEACHER = "builtin:smollm2-135m"
 
 

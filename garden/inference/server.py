@@ -23,11 +23,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any
 
+import psutil
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
@@ -73,7 +74,9 @@ class ServeConfig:
     :param max_step_tokens: tokens one forward call may carry (clients split longer prompts)
     :param idle_timeout: seconds after which a session nobody used is dropped
     :param announce_period: seconds between announcements; a record lives twice that
-    :param namespace: prefix of the RPC names (the swarm's name)"""
+    :param namespace: prefix of the RPC names (the swarm's name)
+    :param max_memory: bytes the layers may take (``--max-memory``); a range that would not fit (in this or
+        in the available RAM) is not loaded, and ``/status`` says why"""
 
     model: str
     span: LayerSpan | None = None
@@ -86,6 +89,7 @@ class ServeConfig:
     announce_period: float = 30.0
     rebalance_period: float = 60.0
     namespace: str = "garden"
+    max_memory: int | None = None
 
 
 @dataclass
@@ -174,8 +178,26 @@ class BlockServer:
             records = await read_blocks(self.swarm, self.keys, self.config.model, self.invalid_records)
             span = choose_span(records, self._num_layers, self.config.blocks or self._num_layers, self.peer_id)
         span.check_within(self._num_layers)
+        await asyncio.to_thread(self._check_memory, span)
         await self._load(span)
         await self.announce()
+
+    def _check_memory(self, span: LayerSpan) -> None:
+        """Refuse a range that would not fit: the model's estimate, scaled to the range's share of layers."""
+        from garden.models import model_memory_bytes
+
+        whole = model_memory_bytes(self.config.model)
+        if whole is None:
+            return
+        need = whole * (span.end - span.start) // max(1, self._num_layers)
+        available = psutil.virtual_memory().available
+        budget = min(available, self.config.max_memory) if self.config.max_memory else available
+        if need > budget:
+            cap = f" (--max-memory {self.config.max_memory / 2**20:.0f} MiB)" if self.config.max_memory else ""
+            raise MemoryError(
+                f"not serving {self.config.model} layers {span}: they need about {need / 2**20:.0f} MiB, "
+                f"{budget / 2**20:.0f} MiB available{cap}"
+            )
 
     async def _load(self, span: LayerSpan) -> None:
         started = time.monotonic()

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 CHECK_PERIOD = 30.0
 """Seconds between measurements of the data dir."""
+POKE_DELAY = 2.0
+"""Seconds a check waits after new data arrived, and the shortest time between two checks then."""
 
 
 @dataclass(frozen=True)
@@ -92,17 +94,25 @@ class DiskKeeper:
         self.used: int | None = None
         self.pruned = 0
         self.note: str | None = None
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """Something was just stored (a row set copied here): check soon rather than in 30 s."""
+        self._poked.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._poked.clear()
             try:
                 await self.check()
             except Exception:
                 logger.exception("checking the data dir's size failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=CHECK_PERIOD)
-            except TimeoutError:
-                pass
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._poked.wait())]
+            await asyncio.wait(waiters, timeout=CHECK_PERIOD, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if self._poked.is_set() and not stop.is_set():
+                await asyncio.sleep(POKE_DELAY)  # several copies arrive together: one check for all
 
     async def check(self) -> list[Prunable]:
         self.used = await asyncio.to_thread(tree_size, self.root)

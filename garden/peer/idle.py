@@ -9,12 +9,15 @@ an owner who pauses for a moment between two compiles should not feel the peer j
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import psutil
 
 from garden.peer.cpu_budget import TreeCpu
+
+logger = logging.getLogger(__name__)
 
 BUSY_WINDOW = 1.0
 """Seconds of machine load averaged for one decision (the issue allows 2 s to suspend)."""
@@ -50,6 +53,15 @@ class IdleWatch:
 
     def sample(self) -> None:
         """One reading (call about every 0.1-0.25 s)."""
+        was_held = self.held
+        self._sample()
+        if was_held != self.held:
+            if self.held:
+                logger.info("idle-only mode: work waits: %s", self.reason)
+            else:
+                logger.info("idle-only mode: the machine is quiet, work goes on")
+
+    def _sample(self) -> None:
         now = time.monotonic()
         busy = _busy_seconds()
         own = self._tree.read()

@@ -44,6 +44,7 @@ from pydantic import Field
 from garden.protocol.mission import MissionId
 from garden.protocol.records import RecordError, StrictRecord, decode_record
 from garden.protocol.shards import Sha256Hex
+from garden.peer.rate_limit import RateLimit
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class TransferLimits:
       back before answering, so keep it above ``timeout``.
     :param avoid_seconds: how long a peer that sent garbage, too much or the wrong bytes is skipped.
     :param max_serving: concurrent fetch streams (and, separately, offers) served; more are answered "busy".
+    :param upload_rate: bytes per second this peer sends content at, all streams together (None: no cap;
+      ``--max-upload-rate``); a capped rate stretches fetches, so big kinds keep their long timeouts
+    :param download_rate: the same for what it fetches (``--max-download-rate``)
     """
 
     chunk_bytes: int = 256 * 1024
@@ -139,6 +143,8 @@ class TransferLimits:
     offer_timeout: float = 60.0
     avoid_seconds: float = 600.0
     max_serving: int = 8
+    upload_rate: float | None = None
+    download_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1:
@@ -216,6 +222,9 @@ class ContentTransfer:
         self.limits = limits or TransferLimits()
         self.fetch_name, self.offer_name = f"{namespace}.content.fetch", f"{namespace}.content.offer"
         self.stats = TransferStats()
+        chunk = self.limits.chunk_bytes
+        self.upload = RateLimit(self.limits.upload_rate, burst=max(chunk, self.limits.upload_rate or 0))
+        self.download = RateLimit(self.limits.download_rate, burst=max(chunk, self.limits.download_rate or 0))
         self._avoid_until: dict[str, float] = {}
         self._serving = 0
         self._offers = 0
@@ -344,6 +353,7 @@ class ContentTransfer:
                 if len(chunk) > self.limits.chunk_bytes:
                     raise _Failure("oversize chunk", f"{len(chunk)} bytes > {self.limits.chunk_bytes}", blame=True)
                 self.stats.bytes_received += len(chunk)
+                await self.download.take(len(chunk))
                 if len(received) + len(chunk) > header.total:
                     raise _Failure("overrun", f"more than the declared {header.total} bytes", blame=True)
                 received += chunk
@@ -440,6 +450,7 @@ class ContentTransfer:
             view, step = memoryview(content), self.limits.chunk_bytes
             for offset in range(0, len(content), step):
                 chunk = bytes(view[offset : offset + step])
+                await self.upload.take(len(chunk))
                 yield runtime_pb2.ExpertResponse(metadata=chunk)
                 self.stats.bytes_sent += len(chunk)
             self.stats.served += 1

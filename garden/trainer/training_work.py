@@ -71,6 +71,7 @@ class TrainingConfig:
     log_level: str = "info"
     period: float = 5.0
     limits: dict[str, Any] = field(default_factory=dict)  # the worker's max_cpu / idle settings (WorkerConfig)
+    max_memory: int | None = None  # bytes a student's training may take (--max-memory)
 
 
 @dataclass
@@ -114,6 +115,8 @@ class TrainingWork:
         self.book, self.store, self.config, self.sharing = book, store, config, sharing
         self.governor, self.ledger = governor, ledger
         self.history: dict[str, list[dict[str, Any]]] = {}  # mission -> loss/KL/accuracy points over time
+        self.blocked: dict[str, str] = {}  # mission -> why this peer does not train it (memory)
+        self._need: dict[str, int | None] = {}
         self._workers: dict[str, _Worker] = {}
         self._published: dict[str, tuple[tuple[int, ...], float]] = {}  # mission -> (epochs, when)
 
@@ -178,7 +181,38 @@ class TrainingWork:
             return False
         if self.status(mission.id).get("state") == "done":
             return False
-        return self.store.count_rows(mission.id) > 0
+        if self.store.count_rows(mission.id) == 0:
+            return False
+        return self._fits(mission)
+
+    def _fits(self, mission: Mission) -> bool:
+        """Whether training the mission's student fits in memory; the reason goes to :attr:`blocked` if not.
+        Full fine-tuning holds weights, gradients and two AdamW moments (4x the weights); LoRA about 1.5x."""
+        student = mission.signed.spec.student
+        if mission.id not in self._need:
+            from garden.models import model_memory_bytes
+
+            whole = model_memory_bytes(student.base)
+            self._need[mission.id] = None if whole is None else int(whole * (4.0 if student.lora is None else 1.5))
+        need = self._need[mission.id]
+        if need is None:
+            return True
+        import psutil
+
+        available = psutil.virtual_memory().available
+        budget = min(available, self.config.max_memory) if self.config.max_memory else available
+        if need > budget:
+            cap = f" (--max-memory {self.config.max_memory / 2**20:.0f} MiB)" if self.config.max_memory else ""
+            reason = (
+                f"not training: the student needs about {need / 2**20:.0f} MiB, "
+                f"{budget / 2**20:.0f} MiB available{cap}"
+            )
+            if self.blocked.get(mission.id) != reason:
+                logger.warning("mission %s: %s", mission.id[:12], reason)
+            self.blocked[mission.id] = reason
+            return False
+        self.blocked.pop(mission.id, None)
+        return True
 
     # --- one worker --------------------------------------------------------------------------------
     def _start(self, mission: Mission, worker: _Worker) -> None:
@@ -301,6 +335,8 @@ class TrainingWork:
         worker = self._workers.get(mission.id)
         status = self.status(mission.id)
         if worker is None and not status:
+            if mission.id in self.blocked:
+                return TrainingView(state=self.blocked[mission.id])
             return TrainingView(state="waiting for rows") if self.config.trainer else None
         running = worker is not None and worker.proc is not None
         state = str(status.get("state", "starting")) if running or status else "waiting for rows"

@@ -84,6 +84,7 @@ print(json.dumps({"share": spent / 4.0 / (psutil.cpu_count() or 1), "held": budg
 """
 
 
+@pytest.mark.serial  # measures CPU shares: alone on the machine
 def test_the_cpu_budget_holds_a_busy_thread_to_its_share() -> None:
     """A thread that burns CPU in 5 ms slices, asking the budget between slices, uses about the cap of the
     machine (here a quarter of one core). In a process of its own: another test's threads would count."""
@@ -99,6 +100,7 @@ def test_the_cpu_budget_holds_a_busy_thread_to_its_share() -> None:
     assert result["usage"] is not None and result["usage"] <= cap * 1.5 + 0.02
 
 
+@pytest.mark.serial  # needs a machine nobody else loads
 def test_idle_mode_holds_work_while_another_program_is_busy_and_resumes_after_quiet() -> None:
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the peer's tree: idle
     try:

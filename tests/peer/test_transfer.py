@@ -148,6 +148,25 @@ async def test_multi_chunk_content_arrives_intact(p2ps: list[P2P]) -> None:
 
 
 @module_loop
+async def test_capped_rates_stretch_a_transfer(p2ps: list[P2P]) -> None:
+    """40 chunks of 1000 bytes at 10 kB/s up (and, separately, down) take about 3 s after a 1 s burst."""
+    import time
+
+    data = os.urandom(40_000)
+    for server_rate, client_rate in ((10_000.0, None), (None, 10_000.0)):
+        client, server, server_id = pair(
+            p2ps, Holder(data), limits(upload_rate=server_rate), download_rate=client_rate
+        )
+        async with started(client, server):
+            began = time.monotonic()
+            assert await client.fetch(server_id, ref_for(data)) == data
+            took = time.monotonic() - began
+        assert 2.5 <= took <= 8.0, (server_rate, client_rate, took)
+        limited = server.upload if server_rate else client.download
+        assert limited.waited_s >= 2.5
+
+
+@module_loop
 async def test_not_held_fails_without_avoiding_the_peer(p2ps: list[P2P]) -> None:
     client, server, server_id = pair(p2ps, Holder(b"something else"))
     async with started(client, server):
