@@ -225,7 +225,7 @@ def test_a_peer_killed_while_holding_a_lease_loses_nothing(swarm: DaemonFactory,
 
 def test_bad_requests_and_a_peer_without_memory_for_the_teacher(swarm: DaemonFactory, converted: Path) -> None:
     a = start(swarm, "--roles", "trainer", cache=converted)  # no shaker: nothing is sampled in this test
-    small = start(swarm, "--max-memory", "50MB", join=a, cache=converted)
+    small = start(swarm, "--max-memory", "50MB", "--roles", "shaker,trainer", join=a, cache=converted)
 
     good = mission_body(prompts=4)
     cases: list[tuple[Any, list[Any]]] = [
@@ -264,6 +264,10 @@ def test_bad_requests_and_a_peer_without_memory_for_the_teacher(swarm: DaemonFac
     d = detail(small, mission_id)
     assert d is not None and d["shards"]["done"] == 0 and d["shards"]["leased"] == 0
     assert "not shaking" in d["this_peer"]["state"]
+    # nor train its student (weights, gradients, AdamW moments), and says so too
+    refused = wait_until(lambda: small.get("/status").json()["shaking"]["training_blocked"].get(mission_id), 30, 0.5)
+    assert refused.startswith("not training: the student needs about") and "--max-memory" in refused
+    assert detail(small, mission_id)["train"]["state"] == refused
     assert small.request("DELETE", f"/missions/{mission_id}").status_code == 403
     assert a.get("/health").status_code == 200 and small.get("/health").status_code == 200
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -322,15 +323,20 @@ def verify_with_systemd(text: str, tmp_path: Path) -> None:
     units.mkdir()
     for name, content in (("garden.service", text), ("odd-garden.service", systemd_unit(spec))):
         (units / name).write_text(content)
-    runtime = tmp_path / "verify-runtime"  # a user manager's runtime dir, which a container has not
-    runtime.mkdir(mode=0o700)
-    done = subprocess.run(
-        [analyze, "verify", "--user", *(str(p) for p in sorted(units.iterdir()))],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)),
-        timeout=60,
-    )
+    # a user manager's runtime dir, which a container has not; short: the socket paths systemd puts in it
+    # must fit in 108 bytes, and pytest-xdist's temp paths are long
+    runtime = Path(tempfile.mkdtemp(prefix="gv-", dir="/tmp"))
+    os.chmod(runtime, 0o700)
+    try:
+        done = subprocess.run(
+            [analyze, "verify", "--user", *(str(p) for p in sorted(units.iterdir()))],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)),
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
     assert done.returncode == 0 and not done.stdout + done.stderr, done.stdout + done.stderr
 
 
@@ -422,7 +428,7 @@ def test_logs_follow_survives_rotation_and_truncation(tmp_path: Path) -> None:
         log.write_text("after truncation\n")  # copytruncate-style: same inode, shorter
         expect("after truncation")
         os.kill(follower.pid, signal.SIGINT)  # Ctrl+C
-        assert follower.wait(timeout=10) == 0
+        assert follower.wait(timeout=30) == 0
         assert follower.stderr.read() == b""
         assert seen == [
             "old 2", "appended", "last of the old file", "first of the new file, a long line to be cut shorter",

@@ -167,7 +167,10 @@ def _shaking(gardener: Gardener) -> Shaking | None:
     work = gardener.work
     if work is None:
         return None
-    return Shaking(blocked=work.blocked, missions={mid: p.state for mid, p in work.progress.items()})
+    blocked = dict(gardener.training.blocked) if gardener.training is not None else {}
+    return Shaking(
+        blocked=work.blocked, missions={mid: p.state for mid, p in work.progress.items()}, training_blocked=blocked
+    )
 
 
 def _peer(entry: PeerEntry, self_id: str, now: float) -> Peer:

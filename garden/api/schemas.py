@@ -27,6 +27,9 @@ class Shaking(BaseModel):
 
     blocked: str | None = None
     missions: dict[str, str] = Field(default_factory=dict)
+    training_blocked: dict[str, str] = Field(
+        default_factory=dict, description="missions this peer does not train, with the reason (memory)"
+    )
 
 
 class Serving(BaseModel):

@@ -101,6 +101,9 @@ class CheckpointSharing:
                 continue
         return [found[e] for e in sorted(found)]
 
+    def _intact(self, local: LocalCheckpoint) -> bool:
+        return all(file_sha256(self.file_path(local, rel)) == sha for rel, sha in local.files.items())
+
     def file_path(self, local: LocalCheckpoint, rel: str) -> Path:
         """Where a shared file lives: under the run's checkpoint as written, flat in a pulled copy."""
         nested = local.path / rel
@@ -172,6 +175,15 @@ class CheckpointSharing:
             raise PullError(
                 f"no peer announces epoch {epoch} of mission {mission_id[:12]} (announced: {known or 'none'})"
             )
+        # this peer's own checkpoint of that epoch first: two trainers may both write one when the last round
+        # did not gather them, with different weights, and the files this peer serves (``local``) are its own
+        offers.sort(key=lambda r: r.peer_id != self.peer_id)
+        if offers[0].peer_id == self.peer_id:
+            own = next((c for c in self.local(mission_id) if c.epoch == epoch), None)
+            if own is not None and own.files == {f.path: f.sha256 for f in offers[0].files}:
+                if await asyncio.to_thread(self._intact, own):
+                    return own.path, offers[0]
+                raise PullError(f"this peer's own checkpoint of epoch {epoch} no longer matches its sha256s (damaged?)")
         lock = self._locks.setdefault((mission_id, epoch), asyncio.Lock())
         async with lock:
             return await self._pull(mission_id, epoch, offers), offers[0]

@@ -181,9 +181,8 @@ class TrainingWork:
             return False
         if self.status(mission.id).get("state") == "done":
             return False
-        if self.store.count_rows(mission.id) == 0:
-            return False
-        return self._fits(mission)
+        # memory first: a peer that cannot train the student says so before any row arrives
+        return self._fits(mission) and self.store.count_rows(mission.id) > 0
 
     def _fits(self, mission: Mission) -> bool:
         """Whether training the mission's student fits in memory; the reason goes to :attr:`blocked` if not.

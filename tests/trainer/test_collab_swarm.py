@@ -93,7 +93,7 @@ def test_trainers_reach_the_same_parameters_and_a_late_one_loads_their_state(
 
 def test_a_trainer_killed_mid_run_does_not_stall_the_others(daemons: DaemonFactory, workers: WorkerFactory) -> None:
     peers = bootstrap(daemons)
-    trio = [workers.start(peers, max_epochs=4, averaging_timeout=8.0) for _ in range(3)]
+    trio = [workers.start(peers, max_epochs=5, averaging_timeout=8.0) for _ in range(3)]
     wait_until(lambda: min(w.status().get("epoch", 0) for w in trio) >= 1, 150, 0.5, "an epoch with three")
     victim, survivors = trio[2], trio[:2]
     victim.kill()  # kill -9, alone: its DHT process and averagers must follow by themselves
