@@ -9,7 +9,7 @@ import psutil
 # as the daemon does (garden/cli/peer.py): no torch_shm_manager beside in-process hivemind DHTs
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs the light tests two at a time on machines with two cores: one compute thread per
+    # `make test` runs the light tests three at a time on machines with two cores: one compute thread per
     # worker (and per daemon it starts), or the two workers' thread pools fight over the cores and each
     # torch op waits on the other's spinning threads (the shaker's tests ran 8x slower). Before torch loads.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

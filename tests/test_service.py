@@ -392,8 +392,10 @@ def test_logs_follow_survives_rotation_and_truncation(tmp_path: Path) -> None:
     log.parent.mkdir(parents=True)
     log.write_text("old 1\nold 2\n")
     follower = subprocess.Popen(
-        [*GARDEN, "logs", "-f", "-n", "1", "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+        [*GARDEN, "logs", "-f", "-n", "1", "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # as from a terminal: SIGINT at its default (a pytest-xdist worker ignores it, and children inherit that)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert follower.stdout is not None and follower.stderr is not None
     lines: queue.Queue[str] = queue.Queue()
 
