@@ -23,13 +23,13 @@ demo: install
 run: install
 	$(VENV)/bin/garden run $(RUN_ARGS)
 
-# Two passes: the light tests three at a time (most of their time is waiting on timers and the network), then
+# Two passes: the light tests two at a time (most of their time is waiting on timers and the network), then
 # the CPU-heavy ones and those that measure CPU shares one at a time, alone on the machine. Both always run;
 # the exit status is the first failure's (pytest's 5, "no tests collected", is none: PYTEST_ARGS may name files
 # with tests of one kind only).
 test: install-dev
 	@rc=0; \
-	$(PY) -m pytest -n 3 -m "not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
+	$(PY) -m pytest -n 2 -m "not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
 	$(PY) -m pytest -m serial $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
 	exit $$rc
 
@@ -39,7 +39,8 @@ bench: install-dev
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 	@# the dashboard test's browser: Debian's chromium, driven by playwright (never `playwright install`)
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "garden needs Python 3.11 or newer (set PYTHON=...)")'

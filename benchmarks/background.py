@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.startup import cpu_seconds, process_tree  # noqa: E402
 from tests.daemons import Daemon, DaemonFactory, wait_until  # noqa: E402
 
 TEACHER = "builtin:smollm2-135m"
@@ -74,15 +73,7 @@ def rows(daemon: Daemon, mission_id: str) -> int:
 
 
 def tree_seconds(daemon: Daemon) -> float:
-    root = psutil.Process(daemon.proc.pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
+    return cpu_seconds(process_tree(daemon))
 
 
 def mission_body(prompts: int) -> dict[str, Any]:

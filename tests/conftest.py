@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ import psutil
 # as the daemon does (garden/cli/peer.py): no torch_shm_manager beside in-process hivemind DHTs
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs the light tests three at a time on machines with two cores: one compute thread per
+    # `make test` runs the light tests two at a time on machines with two cores: one compute thread per
     # worker (and per daemon it starts), or the two workers' thread pools fight over the cores and each
     # torch op waits on the other's spinning threads (the shaker's tests ran 8x slower). Before torch loads.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -21,12 +22,23 @@ from tests.daemons import DaemonFactory
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One conversion cache for the whole run: the built-in GGUF is converted once (~25 s), then reused."""
+    """One conversion cache for the whole run: the built-in GGUF is converted once (~25 s), then reused. Under
+    pytest-xdist the workers share it (their base temp dirs have one parent): the first converts under a
+    lock, the others wait and reuse it."""
     from garden import models
 
-    root = tmp_path_factory.mktemp("model-cache")
-    previous = os.environ.get(models.CACHE_ENV)
-    os.environ[models.CACHE_ENV] = str(root)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "model-cache"
+        root.mkdir(exist_ok=True)
+        with open(root.parent / "model-cache.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            previous = os.environ.get(models.CACHE_ENV)
+            os.environ[models.CACHE_ENV] = str(root)
+            models.converted_gguf(models.builtin_gguf("smollm2-135m"))
+    else:
+        root = tmp_path_factory.mktemp("model-cache")
+        previous = os.environ.get(models.CACHE_ENV)
+        os.environ[models.CACHE_ENV] = str(root)
     yield root
     if previous is None:
         os.environ.pop(models.CACHE_ENV, None)

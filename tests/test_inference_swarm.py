@@ -19,7 +19,7 @@ import pytest
 
 from tests.daemons import Daemon, DaemonFactory, wait_until
 
-pytestmark = [pytest.mark.swarm, pytest.mark.serial]
+pytestmark = pytest.mark.swarm
 MODEL = "builtin:smollm2-135m"
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Write one sentence about rain."]
 

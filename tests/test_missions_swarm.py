@@ -21,7 +21,7 @@ import pytest
 from garden.data import demo_prompts
 from tests.daemons import Daemon, DaemonFactory, wait_until
 
-pytestmark = [pytest.mark.swarm, pytest.mark.serial]
+pytestmark = pytest.mark.swarm
 
 TEACHER = "builtin:smollm2-135m"
 MISSION_TIMEOUT = 240.0
@@ -122,6 +122,7 @@ def garden_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.serial  # three shaking daemons: the whole machine
 def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
     swarm: DaemonFactory, converted: Path, tmp_path: Path
 ) -> None:
@@ -183,6 +184,7 @@ def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
     assert detail(b, mission_id)["cancel_reason"] == "test over"  # type: ignore[index]
 
 
+@pytest.mark.serial  # shaking daemons and lease timing
 def test_a_peer_killed_while_holding_a_lease_loses_nothing(swarm: DaemonFactory, converted: Path) -> None:
     lease = ("--lease-seconds", "6")
     a = start(swarm, *lease, cache=converted)
