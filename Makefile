@@ -23,13 +23,14 @@ demo: install
 run: install
 	$(VENV)/bin/garden run $(RUN_ARGS)
 
-# Two passes: the light tests two at a time (most of their time is waiting on timers and the network), then
+# Two passes: the light tests two at a time, a test file per worker so that its module fixtures (daemons,
+# models) are set up once (most of their time is waiting on timers and the network), then
 # the CPU-heavy ones and those that measure CPU shares one at a time, alone on the machine. Both always run;
 # the exit status is the first failure's (pytest's 5, "no tests collected", is none: PYTEST_ARGS may name files
 # with tests of one kind only).
 test: install-dev
 	@rc=0; \
-	$(PY) -m pytest -n 2 -m "not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
+	$(PY) -m pytest -n 2 --dist loadfile -m "not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
 	$(PY) -m pytest -m serial $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
 	exit $$rc
 

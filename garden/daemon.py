@@ -41,7 +41,7 @@ from garden.store import Store
 from garden.trainer.leases import LeaseConfig, LeaseManager, ShardRecordValidator
 from garden.trainer.mission_work import MissionWork, WorkConfig
 from garden.trainer.checkpoint_sharing import CheckpointSharing
-from garden.trainer.training_work import TrainingConfig, TrainingWork
+from garden.trainer.training_work import PAUSE_GRACE, TrainingConfig, TrainingWork
 
 logger = logging.getLogger(__name__)
 
@@ -278,14 +278,20 @@ class Gardener:
         }
 
     def _on_pause_changed(self) -> None:
-        """On the event loop, at once: trainers are told to stop (or start again), shaking looks again."""
+        """On the event loop, at once: trainers are told to stop (or start again), shaking looks again; a
+        trainer still in its step after ``PAUSE_GRACE`` is killed then, not at the next supervision round."""
+        self._tend_training()
+        if self.governor is not None and self.governor.paused:
+            asyncio.get_running_loop().call_later(PAUSE_GRACE + 0.05, self._tend_training)
+        if self.missions is not None:
+            self.missions.wake()
+
+    def _tend_training(self) -> None:
         if self.training is not None:
             try:
                 self.training.tend()
             except Exception:
                 logger.exception("could not apply the pause to training")
-        if self.missions is not None:
-            self.missions.wake()
 
     async def _keep_ledger(self) -> None:
         """Count tokens served and time online, and write the counters every ``LEDGER_PERIOD``."""

@@ -44,6 +44,9 @@ BACKOFF = (5.0, 15.0, 60.0, 300.0)
 """Seconds before the n-th restart of a failed worker (the last one repeats)."""
 STOP_GRACE = 5.0
 """Seconds a stopping worker may take to finish its step before it is killed."""
+PAUSE_GRACE = 1.5
+"""The same when its owner paused the peer: the pause promises quiet within 2 s. A step cut short costs only
+that step's gradients; the swarm holds the state, and the next worker loads it."""
 STATUS_FILE = "status.json"
 HISTORY_POINTS = 500
 """Points of loss, KL and preference accuracy kept per mission for the dashboard's charts."""
@@ -149,7 +152,8 @@ class TrainingWork:
                         worker.stopping_since = now
                     self._signal(worker, signal.SIGTERM)
                 self._reap(worker, now)
-                if worker.proc is not None and worker.stopping_since and now - worker.stopping_since > STOP_GRACE:
+                grace = PAUSE_GRACE if paused and not mission.cancelled else STOP_GRACE
+                if worker.proc is not None and worker.stopping_since and now - worker.stopping_since > grace:
                     logger.warning("trainer of mission %s did not stop in time: killed", mission.id[:12])
                     self._signal(worker, signal.SIGKILL)
                 continue
