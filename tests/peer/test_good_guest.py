@@ -191,3 +191,31 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_the_pause_endpoints_refuse_bad_bodies_and_keep_the_state(tmp_path: Path) -> None:
+    """The owner's controls on the HTTP port: bad bodies are 422 and change nothing; good ones are kept."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from garden.api.control import make_control_router
+    from garden.api.openai import install_openai_errors
+
+    store = Store(tmp_path / "s.sqlite3")
+    governor, ledger = Governor(store), Ledger(store)
+    app = FastAPI()
+    app.include_router(make_control_router(governor, ledger, lambda: False))
+    install_openai_errors(app)  # as the daemon's app: a JSON body whatever its content type
+    client = TestClient(app)
+    for bad in ({"for_s": -5}, {"for_s": 0}, {"for_s": "soon"}, {"for_s": 10**9}, {"serving": "maybe"}):
+        assert client.post("/pause", json=bad).status_code == 422, bad
+    assert client.post("/pause", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.get("/pause").json()["paused"] is False and not Governor(store).paused
+    paused = client.post("/pause", content=b'{"for_s": 60, "serving": true}').json()  # curl -d: no content type
+    assert paused["paused"] and paused["serving"] and paused["until"] - paused["since"] == pytest.approx(60)
+    assert Governor(store).paused  # kept
+    assert client.post("/resume").json()["paused"] is False
+    ledger.add("rows_shaken", 3, "m")
+    given = client.get("/contribution").json()
+    assert given["total"]["rows_shaken"] == 3 and given["missions"]["m"]["rows_shaken"] == 3
+    store.close()
