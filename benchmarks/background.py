@@ -22,17 +22,16 @@ import hashlib
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.startup import cpu_seconds, process_tree  # noqa: E402
-from tests.daemons import Daemon, DaemonFactory, wait_until  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
+from harness.daemons import Daemon, DaemonFactory, wait_until  # noqa: E402
+from harness.machine import MachineReport  # noqa: E402
+from harness.processes import cpu_seconds, process_tree  # noqa: E402
 
 TEACHER = "builtin:smollm2-135m"
 TARGET_CAP, TARGET_IDLE = 0.45, 0.9
@@ -73,7 +72,7 @@ def rows(daemon: Daemon, mission_id: str) -> int:
 
 
 def tree_seconds(daemon: Daemon) -> float:
-    return cpu_seconds(process_tree(daemon))
+    return cpu_seconds(process_tree(daemon.proc.pid))
 
 
 def mission_body(prompts: int) -> dict[str, Any]:
@@ -129,8 +128,8 @@ def main() -> int:
     args = parser.parse_args()
     quiet = args.json_only
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
-    report: dict[str, Any] = {"seconds": args.seconds, "max_cpu": args.max_cpu, "cores": os.cpu_count()}
-    load_before = os.getloadavg()[0]
+    report: dict[str, Any] = {"seconds": args.seconds, "max_cpu": args.max_cpu}
+    machine = MachineReport().start()
     log("the owner's work alone")
     alone = owner_work(args.seconds)
     report["owner_alone_hashes_per_s"] = round(alone, 1)
@@ -162,10 +161,7 @@ def main() -> int:
     report["owner_ratio_cap"] = round(report["cap"]["owner_hashes_per_s"] / alone, 3)
     report["owner_ratio_idle"] = round(report["idle"]["owner_hashes_per_s"] / alone, 3)
     report["targets"] = {"owner_ratio_cap": TARGET_CAP, "owner_ratio_idle": TARGET_IDLE}
-    report["machine"] = {
-        "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }  # fmt: skip
+    report["machine"] = machine.finish()
     print(json.dumps(report, indent=2))
     return 0
 

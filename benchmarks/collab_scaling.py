@@ -5,7 +5,7 @@ Prints ONE JSON object to stdout; progress lines go to stderr (none with ``--jso
 What is measured, and why:
 
 - **scaling**: the point of training together is that two peers train about twice as many rows per
-  second as one. Real trainer workers (``python -m garden.trainer.train_worker``, ``--max-threads 1``
+  second as one. Real trainer workers (``python -m garden.collab.worker``, ``--max-threads 1``
   each, on one machine) train the same student on the same rows in ``sync`` mode; the rate is counted
   from the workers' status files over a window that starts once every peer has passed its first epoch
   (start-up, model load and the first matchmaking left out) and lasts ``--window`` seconds. Target:
@@ -21,7 +21,7 @@ What is measured, and why:
 
 The rows are shaken once from the built-in teacher (``--prompts`` demo prompts); the student is
 ``--student`` (default: the built-in model pruned to 4 layers). Everything runs on 127.0.0.1, bootstrapped
-from one garden daemon. ``load_average_1m`` shows whether other work shared the CPU.
+from one garden daemon. ``machine.load_average_1m`` (before, after) shows whether other work shared the CPU.
 """
 
 from __future__ import annotations
@@ -29,17 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.daemons import DaemonFactory  # noqa: E402
-from tests.trainers import MISSION, WorkerFactory  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
+from harness.daemons import DaemonFactory  # noqa: E402
+from harness.machine import MachineReport  # noqa: E402
+from harness.trainers import MISSION, WorkerFactory  # noqa: E402
 
 TARGET_SPEEDUP = 1.8
 TARGET_BYTES_RATIO = 1 / 500
@@ -53,10 +52,10 @@ def log(message: str) -> None:
 
 def shake_rows(path: Path, prompts: int) -> int:
     from garden.data import demo_prompts
-    from garden.models import load_model
+    from garden.models.loading import load_model
     from garden.store import Store
-    from garden.trainer.judges import ReferenceJudge
-    from garden.trainer.shaker import ShakeConfig, shake
+    from garden.distill.judges import ReferenceJudge
+    from garden.distill.shaker import ShakeConfig, shake
 
     teacher = load_model("builtin:smollm2-135m")
     rows = shake(teacher, demo_prompts()[:prompts], ReferenceJudge(), ShakeConfig(candidates=2, max_new_tokens=16)).rows
@@ -75,7 +74,7 @@ def run_configuration(
     """Start ``peers`` workers, wait until all passed epoch 1, then count rows and bytes over ``window``
     seconds, or over ``epochs`` whole epochs (from the start of epoch 1 on every peer to the start of epoch
     1 + ``epochs`` on every peer: each averaging round inside it counted once)."""
-    from garden.trainer.student import parse_student_ref
+    from garden.models.student import parse_student_ref
 
     spec = parse_student_ref(student)
     factory = WorkerFactory(base / name, spec.base, store, keep_layers=spec.keep_layers)
@@ -102,9 +101,9 @@ def run_configuration(
         elapsed = time.monotonic() - t0
     finally:
         orphans = factory.close()
-    rows = sum(e["samples"] - s["samples"] for s, e in zip(start, end))
-    sent = sum(e["bytes_sent"] - s["bytes_sent"] for s, e in zip(start, end))
-    epochs = min(e["epoch"] - s["epoch"] for s, e in zip(start, end))
+    rows = sum(e["samples"] - s["samples"] for s, e in zip(start, end, strict=True))
+    sent = sum(e["bytes_sent"] - s["bytes_sent"] for s, e in zip(start, end, strict=True))
+    epochs = min(e["epoch"] - s["epoch"] for s, e in zip(start, end, strict=True))
     result = {
         "name": name, "peers": peers, "settings": collab, "window_s": round(elapsed, 1), "rows": rows,
         "rows_per_s": round(rows / elapsed, 3), "epochs_in_window": epochs, "bytes_sent": sent,
@@ -130,7 +129,7 @@ def main() -> int:
     quiet = args.json_only
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     report: dict[str, Any] = {"student": args.student, "batch_size": args.batch_size, "window_s": args.window}
-    load_before = os.getloadavg()[0]
+    machine = MachineReport().start()
     with tempfile.TemporaryDirectory(prefix="garden-collab-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         log(f"shaking {args.prompts} prompts for rows")
@@ -175,10 +174,7 @@ def main() -> int:
         finally:
             orphans = daemons.close()
             report["daemon_orphans"] = orphans
-    report["machine"] = {
-        "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }  # fmt: skip
+    report["machine"] = machine.finish()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -1,4 +1,4 @@
-"""DORPO vs plain SFT: distil the built-in teacher into a pruned student on the demo set (issue 4's benchmark).
+"""DORPO vs plain SFT: distil the built-in teacher into a pruned student on the demo set.
 
 Run: ``.venv/bin/python benchmarks/dorpo_distill.py [--steps 120] [--student prune:builtin:smollm2-135m:layers=10]``.
 Prints one JSON object. In this one run, on the same rows, steps, batch size, seed and learning rate:
@@ -25,15 +25,16 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
 from garden.data import demo_prompts  # noqa: E402
-from garden.models import load_model  # noqa: E402
+from garden.distill.evaluate import EvalReport, evaluate  # noqa: E402
+from garden.distill.judges import ReferenceJudge  # noqa: E402
+from garden.distill.shaker import ShakeConfig, shake  # noqa: E402
+from garden.distill.trainer import DorpoTrainer, TrainConfig  # noqa: E402
+from garden.models.loading import load_model  # noqa: E402
+from garden.models.student import build_student, parse_student_ref  # noqa: E402
 from garden.protocol.rows import DorpoRow, read_preference_jsonl, write_preference_jsonl  # noqa: E402
-from garden.trainer.evaluate import EvalReport, evaluate  # noqa: E402
-from garden.trainer.judges import ReferenceJudge  # noqa: E402
-from garden.trainer.shaker import ShakeConfig, shake  # noqa: E402
-from garden.trainer.student import build_student, parse_student_ref  # noqa: E402
-from garden.trainer.train import DorpoTrainer, TrainConfig  # noqa: E402
+from harness.machine import MachineReport  # noqa: E402
 
 TEACHER = "builtin:smollm2-135m"
 
@@ -95,6 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = MachineReport().start()
 
     train_rows, shake_train_s = rows_for("train", args)
     heldout, shake_heldout_s = rows_for("heldout", args)
@@ -126,7 +128,7 @@ def main() -> int:
                 "kl_after_over_before": _ratio(dorpo["kl"], before["kl"]),
                 "dorpo_over_sft_kl": _ratio(dorpo["kl"], sft["kl"]),
                 "bytes_per_token": round(stored / max(1, tokens), 2),
-                "threads": torch.get_num_threads(),
+                "machine": machine.finish(),
             },
             indent=2,
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -30,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.daemons import Daemon, DaemonFactory, wait_until  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
+from harness.daemons import Daemon, DaemonFactory, wait_until  # noqa: E402
+from harness.machine import MachineReport  # noqa: E402
 
 MODEL = "builtin:smollm2-135m"
 TARGET_RATIO = 0.9
@@ -53,7 +52,7 @@ def prompts(n: int) -> list[str]:
 def local_rate(texts: list[str], tokens: int) -> dict[str, Any]:
     import torch
 
-    from garden.models import load_model
+    from garden.models.loading import load_model
 
     torch.set_num_threads(1)
     model = load_model(MODEL)
@@ -103,7 +102,7 @@ def stream_gaps(client: Daemon, text: str, tokens: int, kill_after: int | None =
                     used = [d for d in victims if d.get("/status").json()["serving"][0]["sessions"] > 0]
                     killed = used[0] if used else victims[0]
                     os.kill(killed.proc.pid, signal.SIGKILL)
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {
         "first_token_s": round(stamps[0] - started, 3) if stamps else None,
         "chunks": len(stamps),
@@ -127,7 +126,7 @@ def wire_dtype_check(texts: list[str], tokens: int) -> dict[str, Any]:
         out, feed = [], ids
         for _ in range(tokens):
             hidden = ends.embed(feed)
-            for i, (blocks, cache) in enumerate(zip(spans, caches)):
+            for i, (blocks, cache) in enumerate(zip(spans, caches, strict=True)):
                 hidden = blocks.forward(cast(hidden) if i else hidden, cache)
             out.append(int(ends.logits(hidden).argmax()))
             if out[-1] in ends.eos_ids:
@@ -139,7 +138,7 @@ def wire_dtype_check(texts: list[str], tokens: int) -> dict[str, Any]:
     exact = [greedy(prompt_ids(ends.tokenizer, t), lambda h: h) for t in texts]
     for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
         cast = lambda h, d=dtype: h.to(d).float()  # noqa: E731
-        same = [greedy(prompt_ids(ends.tokenizer, t), cast) == e for t, e in zip(texts, exact)]
+        same = [greedy(prompt_ids(ends.tokenizer, t), cast) == e for t, e in zip(texts, exact, strict=True)]
         result[f"{name}_unchanged"] = sum(same)
     return result
 
@@ -155,7 +154,7 @@ def main() -> int:
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     texts = prompts(args.prompts)
     report: dict[str, Any] = {"model": MODEL, "prompts": len(texts), "tokens": args.tokens}
-    load_before = os.getloadavg()[0]
+    machine = MachineReport().start()
     log("wire dtype check (in process)")
     report["wire_dtype"] = wire_dtype_check(prompts(8), 48)
     log(f"local generate: {report['wire_dtype']}")
@@ -189,10 +188,7 @@ def main() -> int:
     local, piped = report["local"]["tokens_per_s"], report["pipelined"]["tokens_per_s"]
     report["pipelined_over_local"] = round(piped / local, 3) if local else None
     report["target_ratio"] = TARGET_RATIO
-    report["machine"] = {
-        "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }  # fmt: skip
+    report["machine"] = machine.finish()
     print(json.dumps(report, indent=2))
     return 0
 

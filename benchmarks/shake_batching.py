@@ -1,17 +1,17 @@
-"""Batched shaking vs one prompt at a time, on the built-in teacher (issue 4's shake benchmark).
+"""Batched shaking vs one prompt at a time, on the built-in teacher.
 
 Run: ``.venv/bin/python benchmarks/shake_batching.py [--prompts 16] [--candidates 4] [--table]``.
 Prints one JSON object. Both arms sample the same prompts with the same settings, in this one run:
 
 - ``sequential``: one ``generate`` call per prompt and candidate (``batch_prompts=1, candidates=1``,
   repeated), the naive baseline;
-- ``batched``: ``garden.trainer.shaker.shake`` as shipped (``batch_prompts`` prompts x candidates per
+- ``batched``: ``garden.distill.shaker.shake`` as shipped (``batch_prompts`` prompts x candidates per
   batch, each prompt encoded once and its KV cache shared by its candidates, plus the judge and the
   teacher-forced top-k pass, which the baseline skips). ``batched_seconds`` splits its time into
   sampling and the rest (judge + top-k pass).
 
 ``speedup`` = batched samples/s / sequential samples/s. The first model load (GGUF conversion) is
-done before timing. ``load_average_1m`` (before, after) shows whether other work shared the CPU.
+done before timing. ``machine.load_average_1m`` (before, after) shows whether other work shared the CPU.
 
 ``--table`` adds ``table``: the speedup for prompts x candidates in {16, 32} x {4, 8}, batched with
 all the prompts in one batch and with 8 per batch (the ``garden shake`` default). Its sequential arm
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -34,14 +33,15 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
 from garden.data import demo_prompts  # noqa: E402
-from garden.models import LoadedModel, load_model  # noqa: E402
+from garden.distill import shaker  # noqa: E402
+from garden.distill.judges import ReferenceJudge  # noqa: E402
+from garden.distill.shaker import ShakeConfig, ShakeResult, shake  # noqa: E402
+from garden.models.chat import chat_prompt_ids  # noqa: E402
+from garden.models.loading import LoadedModel, load_model  # noqa: E402
 from garden.protocol.rows import PromptRow  # noqa: E402
-from garden.trainer import shaker  # noqa: E402
-from garden.trainer.judges import ReferenceJudge  # noqa: E402
-from garden.encoding import chat_prompt_ids  # noqa: E402
-from garden.trainer.shaker import ShakeConfig, ShakeResult, shake  # noqa: E402
+from harness.machine import MachineReport  # noqa: E402
 
 TABLE_PROMPTS = (16, 32)
 TABLE_CANDIDATES = (4, 8)
@@ -136,7 +136,7 @@ def main() -> int:
     teacher = load_model("builtin:smollm2-135m")
     prompts = demo_prompts("train")[: args.prompts]
     n_samples = len(prompts) * args.candidates
-    load_before = os.getloadavg()[0]
+    machine = MachineReport().start()
 
     sequential_s = sum(map(sum, sequential_seconds(teacher, prompts, args.candidates, args.max_new_tokens)))
     batched_s, sampling_s, result = batched(teacher, prompts, args.candidates, args.max_new_tokens, len(prompts))
@@ -153,12 +153,10 @@ def main() -> int:
         "batched_seconds": {"sampling": round(sampling_s, 2), "judge_and_top_k": round(batched_s - sampling_s, 2)},
         "rows": len(result.rows),
         "bytes_per_token": result.rows[0].bytes_per_token() if result.rows else None,
-        "threads": torch.get_num_threads(),
-        "cores": os.cpu_count(),
     }
     if args.table:
         report["table"] = table(teacher, args.max_new_tokens)
-    report["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    report["machine"] = machine.finish()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -1,7 +1,7 @@
 """Start-up, join, idle-footprint and shutdown benchmark for ``garden run``.
 
 Run: ``.venv/bin/python benchmarks/startup.py [--idle-seconds 30] [--repeat 1]`` (or ``make bench``).
-It starts real daemons on 127.0.0.1 with the test suite's harness (tests/daemons.py), exactly as a
+It starts real daemons on 127.0.0.1 with the test suite's harness (harness/daemons.py), exactly as a
 user would, and prints ONE JSON object to stdout.
 
 What is measured, and why: a volunteer judges garden by how long ``garden run`` takes to be useful
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -39,10 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.daemons import Daemon, DaemonFactory  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
+from harness.daemons import Daemon, DaemonFactory  # noqa: E402
+from harness.machine import MachineReport  # noqa: E402
+from harness.processes import cpu_seconds, process_tree  # noqa: E402
 
 MIB = 1024 * 1024
 POLL = 0.05
@@ -67,24 +66,8 @@ def timed_join(factory: DaemonFactory, join: str | None, expect: int) -> tuple[D
         time.sleep(POLL)
 
 
-def process_tree(daemon: Daemon) -> list[psutil.Process]:
-    root = psutil.Process(daemon.proc.pid)
-    return [root, *root.children(recursive=True)]
-
-
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def measure_idle(daemon: Daemon, seconds: float) -> dict[str, float]:
-    procs = process_tree(daemon)
+    procs = process_tree(daemon.proc.pid)
     cpu_before, wall_before = cpu_seconds(procs), time.perf_counter()
     time.sleep(seconds)
     cpu_used, wall = cpu_seconds(procs) - cpu_before, time.perf_counter() - wall_before
@@ -97,7 +80,7 @@ def measure_idle(daemon: Daemon, seconds: float) -> dict[str, float]:
 
 def measure_memory(daemon: Daemon) -> dict[str, Any]:
     rows = []
-    procs = process_tree(daemon)
+    procs = process_tree(daemon.proc.pid)
     for proc in procs:
         memory = proc.memory_full_info()
         rows.append(
@@ -124,6 +107,7 @@ def import_seconds(module: str, runs: int = 3) -> float:
 def run(idle_seconds: float, repeat: int) -> dict[str, Any]:
     first_joins, second_joins = [], []
     result: dict[str, Any] = {}
+    machine = MachineReport().start()
     with tempfile.TemporaryDirectory(prefix="garden-bench-") as tmp:
         for round_no in range(repeat):
             factory = DaemonFactory(Path(tmp) / f"round{round_no}")
@@ -164,12 +148,7 @@ def run(idle_seconds: float, repeat: int) -> dict[str, Any]:
     }
     result["targets"] = TARGETS
     result["meets_targets"] = {name: measured[name] <= limit for name, limit in TARGETS.items()}
-    result["machine"] = {
-        "cores": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
-        "python": platform.python_version(),
-        "garden": __import__("garden").__version__,
-    }
+    result["machine"] = machine.finish()
     return result
 
 

@@ -34,8 +34,8 @@ Per configuration:
   killed) or left processes behind. Every daemon is stopped on any error, Ctrl+C or SIGTERM too; on a
   failure the tail of each daemon's log is printed, and ``--log-dir`` keeps all their logs.
 
-``load_average_1m`` (before, after) shows whether other work shared the CPU: the numbers mean little on
-a busy machine.
+``machine.load_average_1m`` (before, after) shows whether other work shared the CPU: the numbers mean
+little on a busy machine.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -62,11 +61,12 @@ from typing import Any
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
+from garden.daemon.datadir import DataDir  # noqa: E402
 from garden.data import demo_prompts  # noqa: E402
-from garden.datadir import DataDir  # noqa: E402
-from garden.models import CACHE_ENV, cache_dir  # noqa: E402
-from tests.daemons import Daemon, DaemonFactory  # noqa: E402
+from garden.models.loading import CACHE_ENV, cache_dir  # noqa: E402
+from harness.daemons import Daemon, DaemonFactory  # noqa: E402
+from harness.machine import MachineReport  # noqa: E402
 
 TEACHER = "builtin:smollm2-135m"
 TARGET_SPEEDUP = 1.8
@@ -86,12 +86,11 @@ def log(message: str) -> None:
 def warm_up(env: dict[str, str]) -> dict[str, Any]:
     """Convert (once, into the cache the daemons use) and load the teacher in a fresh interpreter."""
     code = (
-        "import json, time, torch\n"
-        "from garden.models import load_model\n"
+        "import json, time\n"
+        "from garden.models.loading import load_model\n"
         "started = time.perf_counter()\n"
         f"load_model({TEACHER!r})\n"
-        "print(json.dumps({'model_load_s': round(time.perf_counter() - started, 2),"
-        " 'torch_threads': torch.get_num_threads(), 'torch': torch.__version__}))\n"
+        "print(json.dumps({'model_load_s': round(time.perf_counter() - started, 2)}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -391,7 +390,7 @@ def main() -> int:
         factory_env = DaemonFactory(tmp / "warmup").env(env)
         warmup = warm_up(factory_env)
         log(f"teacher loads in {warmup['model_load_s']} s from the cache")
-        load_before = os.getloadavg()[0]
+        machine = MachineReport().start()
         configurations = []
         for k in peer_counts:
             log(f"configuration: {k} peer(s)")
@@ -409,16 +408,7 @@ def main() -> int:
         report["target_speedup"] = TARGET_SPEEDUP
         report["target_met"] = speedup is not None and speedup >= TARGET_SPEEDUP
         report["warmup"] = {"model_load_s": warmup["model_load_s"]}
-        report["machine"] = {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": warmup["torch_threads"],
-            "daemon_torch_threads": args.max_threads,
-            "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
-            "python": platform.python_version(),
-            "torch": warmup["torch"],
-            "garden": __import__("garden").__version__,
-            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        }
+        report["machine"] = machine.finish(daemon_torch_threads=args.max_threads)
         ok = True
     except KeyboardInterrupt:
         log("interrupted: the daemons were stopped")

@@ -134,9 +134,9 @@ class Demo:
     # --- the job -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         settings = self.settings
-        say("warming up the built-in model (converted once into the cache; the first time takes ~30 s)")
+        say("warming up the built-in model (converted once into the cache; the first time takes ~15 s)")
         from garden.data import demo_prompts
-        from garden.models import load_model
+        from garden.models.loading import load_model
 
         load_model(TEACHER)
         say(f"starting {settings.peers} peers on 127.0.0.1 in {self.base}")
@@ -231,9 +231,9 @@ def evaluate_students(students: list[str]) -> list[dict[str, Any]]:
     """What ``garden eval --data builtin:demo`` reports, for each student, in this process: the teacher (loaded
     at warm-up) fills the held-out rows' top-k once for all of them, which saves a teacher pass and two
     interpreter starts per student."""
-    from garden.models import load_model
-    from garden.trainer.evaluate import evaluate, load_eval_data
-    from garden.trainer.student import PRUNE_SCHEME, build_student, parse_student_ref
+    from garden.models.loading import load_model
+    from garden.distill.evaluate import evaluate, load_eval_data
+    from garden.models.student import PRUNE_SCHEME, build_student, parse_student_ref
 
     loaded = [build_student(parse_student_ref(s)) if s.startswith(PRUNE_SCHEME) else load_model(s) for s in students]
     data = load_eval_data("builtin:demo", lambda: load_model(TEACHER), loaded[0].tokenizer)

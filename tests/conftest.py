@@ -17,15 +17,40 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(name, "1")
 import pytest
 
-from tests.daemons import DaemonFactory
+from harness.daemons import DaemonFactory
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make check`, `make test`: ``--dist loadfile --no-loadscope-reorder``), the order in which
+    the two workers are handed test files: each takes the next file in this order when it is nearly done with its
+    own, so the longest files go first (a long file handed out last keeps one worker busy while the other has
+    nothing left). A file marked ``heavy(seconds)`` takes about that long; the others a few seconds at most.
+
+    The costliest file that needs the built-in model goes first, then every file that needs no model, then the
+    other model files: while the first worker converts the model (once per run, ~15 s, ``model_cache``), the
+    second runs files that do not wait for it. The tests of a file keep their order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def seconds(name: str) -> float:
+        marker = files[name][0].get_closest_marker("heavy")
+        return float(marker.args[0]) if marker is not None else 0.0
+
+    needs_model = {f for f in files if any("model_cache" in item.fixturenames for item in files[f])}
+    model = sorted((f for f in files if f in needs_model), key=seconds, reverse=True)
+    free = sorted((f for f in files if f not in needs_model), key=seconds, reverse=True)
+    items[:] = [item for name in model[:1] + free + model[1:] for item in files[name]]
 
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One conversion cache for the whole run: the built-in GGUF is converted once (~25 s), then reused. Under
+    """One conversion cache for the whole run: the built-in GGUF is converted once (~15 s), then reused. Under
     pytest-xdist the workers share it (their base temp dirs have one parent): the first converts under a
     lock, the others wait and reuse it."""
-    from garden import models
+    from garden.models import loading as models
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = tmp_path_factory.getbasetemp().parent / "model-cache"

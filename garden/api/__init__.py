@@ -1,1 +1,10 @@
-"""The local HTTP port: FastAPI app, metrics and the in-process uvicorn server."""
+"""Level 7: the local HTTP port. Reads the Gardener's services; only this package maps errors to HTTP codes.
+
+- ``app``: the FastAPI app: ``/status``, ``/peers``, ``/models``, error shapes
+- ``missions``: ``/missions`` (launch, list, inspect, export, pull, cancel)
+- ``openai``: ``/v1``, the OpenAI-compatible part
+- ``control``: the owner's ``/pause``, ``/resume`` and ``/contribution``
+- ``metrics``: Prometheus ``/metrics``, collected at scrape time
+- ``dashboard``: the page at ``/`` and its files
+- ``schemas``: the response bodies, a public contract
+"""

@@ -17,6 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from garden import __version__
 from garden.api.metrics import make_registry
+from garden.api.errors import error_response
+from garden.errors import GardenError
+from garden.host.disk import DiskSnapshot
+from garden.host.governor import GovernorSnapshot
 from garden.api.control import make_control_router
 from garden.api.dashboard import make_dashboard_router
 from garden.api.missions import make_missions_router
@@ -34,8 +38,8 @@ from garden.api.schemas import (
     Shaking,
     Status,
 )
-from garden.daemon import Gardener
-from garden.peer.directory import PeerEntry
+from garden.daemon.gardener import Gardener
+from garden.net.directory import PeerEntry
 from garden.protocol.records import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,10 @@ def create_app(gardener: Gardener) -> FastAPI:
     )
     registry = make_registry(gardener)
 
+    @app.exception_handler(GardenError)
+    async def _domain(request: Request, exc: GardenError) -> JSONResponse:
+        return error_response(exc)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error serving %s %s", request.method, request.url.path)
@@ -64,8 +72,6 @@ def create_app(gardener: Gardener) -> FastAPI:
 
     machine, directory = gardener.machine, gardener.directory
     governor, ledger = gardener.governor, gardener.ledger
-    if machine is None or directory is None or governor is None or ledger is None:
-        raise RuntimeError("create_app needs a started Gardener")
     settings = gardener.settings
     caps = Caps(
         max_cpu=settings.max_cpu,
@@ -80,6 +86,7 @@ def create_app(gardener: Gardener) -> FastAPI:
     @app.get("/status", response_model=Status, tags=["peer"])
     async def status() -> Status:
         """This peer: identity, uptime, roles, addresses and how many peers it sees."""
+        guest = governor.snapshot()
         return Status(
             peer_id=gardener.peer_id,
             version=__version__,
@@ -94,12 +101,12 @@ def create_app(gardener: Gardener) -> FastAPI:
             announce_period_s=gardener.settings.announce_period,
             machine=Machine(cores=machine.cores, ram_bytes=machine.ram_bytes, gpu=machine.gpu),
             shaking=_shaking(gardener),
-            serving=[Serving(**server.view()) for server in (gardener.inference.servers if gardener.inference else [])],
-            paused=governor.paused,
-            pause=governor.pause_state,
-            working=governor.working_state(),
+            serving=[Serving(**server.view()) for server in gardener.inference.servers],
+            paused=guest.paused,
+            pause=guest.pause,
+            working=guest.working,
             caps=caps,
-            resources=_resources(gardener),
+            resources=_resources(guest, gardener.disk.snapshot()),
             contribution=ledger.totals(),
             protocol=PROTOCOL_VERSION,
             upgrade=directory.upgrade_advice,
@@ -117,8 +124,6 @@ def create_app(gardener: Gardener) -> FastAPI:
     async def models() -> list[ModelLayers]:
         """Models the swarm's servers announce, with their layer coverage (``/v1/models`` lists the complete
         ones in OpenAI's shape)."""
-        if gardener.inference is None:
-            return []
         return [
             ModelLayers(
                 model=c.model, num_layers=c.num_layers, servers=c.servers, complete=c.complete,
@@ -133,43 +138,27 @@ def create_app(gardener: Gardener) -> FastAPI:
         """Prometheus text format."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    if gardener.missions is None:
-        raise RuntimeError("create_app needs a started Gardener")
-    app.include_router(
-        make_missions_router(
-            gardener.missions, lambda: gardener.work, lambda: gardener.training, lambda: gardener.checkpoints
-        )
-    )
-    app.include_router(make_control_router(governor, ledger, lambda: settings.pause_serving))
-    app.include_router(make_openai_router(lambda: gardener.inference))
+    app.include_router(make_missions_router(gardener.missions, gardener.work, gardener.training, gardener.checkpoints))
+    app.include_router(make_control_router(governor, ledger, settings.pause_serving))
+    app.include_router(make_openai_router(gardener.inference))
     install_openai_errors(app)
     app.include_router(make_dashboard_router())
     return app
 
 
-def _resources(gardener: Gardener) -> Resources:
-    governor = gardener.governor
-    assert governor is not None
-    usage = governor.budget.usage() if governor.budget.enabled else None
-    idle = governor.idle
-    disk = gardener.disk
+def _resources(guest: GovernorSnapshot, disk: DiskSnapshot) -> Resources:
     return Resources(
-        cpu=round(usage, 4) if usage is not None else None,
-        held_s=round(governor.budget.held_s, 3),
-        owner_load=round(idle.owner_load, 4) if idle is not None else None,
-        disk_bytes=disk.used if disk is not None else None,
-        disk_pruned=disk.pruned if disk is not None else 0,
-        disk_note=disk.note if disk is not None else None,
-    )
+        cpu=guest.cpu, held_s=guest.held_s, owner_load=guest.owner_load,
+        disk_bytes=disk.used, disk_pruned=disk.pruned, disk_note=disk.note,
+    )  # fmt: skip
 
 
-def _shaking(gardener: Gardener) -> Shaking | None:
+def _shaking(gardener: Gardener) -> Shaking:
     work = gardener.work
-    if work is None:
-        return None
-    blocked = dict(gardener.training.blocked) if gardener.training is not None else {}
     return Shaking(
-        blocked=work.blocked, missions={mid: p.state for mid, p in work.progress.items()}, training_blocked=blocked
+        blocked=work.blocked,
+        missions={mid: p.state for mid, p in work.progress.items()},
+        training_blocked=dict(gardener.training.blocked),
     )
 
 

@@ -7,17 +7,17 @@ can run the peer anyway.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from garden.api.schemas import Contribution, Error, PauseReply, PauseRequest
-from garden.peer.contribution import Ledger
-from garden.peer.governor import Governor
+from garden.host.contribution import Ledger
+from garden.host.governor import Governor
 
 
-def make_control_router(governor: Governor, ledger: Ledger, pause_serving: Callable[[], bool]) -> APIRouter:
+def make_control_router(governor: Governor, ledger: Ledger, pause_serving: bool) -> APIRouter:
+    """:param pause_serving: whether a pause that does not say stops serving too (the ``pause_serving`` setting)"""
     router = APIRouter(tags=["peer"])
 
     def reply() -> PauseReply:
@@ -29,7 +29,7 @@ def make_control_router(governor: Governor, ledger: Ledger, pause_serving: Calla
         The peer stays in the swarm; it keeps serving layers unless ``serving`` (or ``--pause-serving``).
         The pause is kept across restarts until ``POST /resume`` or the end of ``for_s``."""
         body = body or PauseRequest()
-        serving = pause_serving() if body.serving is None else body.serving
+        serving = pause_serving if body.serving is None else body.serving
         governor.pause(body.for_s, serving=serving)
         return reply()
 

@@ -14,9 +14,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from garden import __version__
-from garden.daemon import Gardener
-from garden.peer.missions import Mission
-from garden.trainer.training_work import TrainingWork
+from garden.daemon.gardener import Gardener
+from garden.mission.book import Mission
+from garden.mission.training import TrainingWork
 
 
 class GardenerCollector(Collector):
@@ -27,14 +27,13 @@ class GardenerCollector(Collector):
         g = self.gardener
         yield InfoMetricFamily("garden", "This peer.", value={"version": __version__, "peer_id": g.peer_id})
         yield GaugeMetricFamily("garden_uptime_seconds", "Seconds since the daemon joined.", value=g.uptime_s)
-        known = len(g.directory.known) if g.directory else 0
+        known = len(g.directory.known)
         yield GaugeMetricFamily("garden_peers_seen", "Peers seen at the last refresh, this one included.", known)
         requests = CounterMetricFamily(
             "garden_dht_requests", "DHT requests made by this daemon.", labels=["op", "outcome"]
         )
-        if g.swarm is not None:
-            for (op, outcome), count in sorted(g.swarm.stats.requests.items()):
-                requests.add_metric([op, outcome], count)
+        for (op, outcome), count in sorted(g.swarm.stats.requests.items()):
+            requests.add_metric([op, outcome], count)
         yield requests
         yield CounterMetricFamily(
             "garden_invalid_peer_records", "Invalid peer records refused or ignored.", value=g.invalid_peer_records
@@ -46,33 +45,29 @@ def _mission_metrics(g: Gardener) -> Iterator[Metric]:
     invalid = CounterMetricFamily(
         "garden_invalid_mission_records", "Invalid mission-related records refused or ignored.", labels=["kind"]
     )
-    for kind, validator in (("shard", g.shard_validator), ("mission", g.mission_validator)):
-        invalid.add_metric([f"{kind} (DHT)"], validator.rejected if validator else 0)
-    if g.missions is not None:
-        for kind, count in sorted(g.missions.invalid_records.items()):
-            invalid.add_metric([kind], count)
+    validators = g.host.validators
+    for kind, validator in (("shard", validators.shards), ("mission", validators.missions)):
+        invalid.add_metric([f"{kind} (DHT)"], validator.rejected)
+    for kind, count in sorted(g.missions.invalid_records.items()):
+        invalid.add_metric([kind], count)
     yield invalid
-    if g.transfer is not None:
-        stats = g.transfer.stats
-        transfer = CounterMetricFamily("garden_transfer_bytes", "Content bytes moved between peers.", labels=["way"])
-        transfer.add_metric(["sent"], stats.bytes_sent)
-        transfer.add_metric(["received"], stats.bytes_received)
-        yield transfer
-        refused = CounterMetricFamily(
-            "garden_transfer_refused", "Transfers refused for bad content (the sender is avoided).", labels=["reason"]
-        )
-        for reason, count in sorted(stats.refused.items()):
-            refused.add_metric([reason], count)
-        yield refused
-    if g.keeper is not None:
-        yield CounterMetricFamily(
-            "garden_row_sets_refused",
-            "Row sets fetched intact (hash right) whose rows were invalid or did not fit their shard.",
-            value=g.keeper.refused,
-        )
+    stats = g.transfer.stats
+    transfer = CounterMetricFamily("garden_transfer_bytes", "Content bytes moved between peers.", labels=["way"])
+    transfer.add_metric(["sent"], stats.bytes_sent)
+    transfer.add_metric(["received"], stats.bytes_received)
+    yield transfer
+    refused = CounterMetricFamily(
+        "garden_transfer_refused", "Transfers refused for bad content (the sender is avoided).", labels=["reason"]
+    )
+    for reason, count in sorted(stats.refused.items()):
+        refused.add_metric([reason], count)
+    yield refused
+    yield CounterMetricFamily(
+        "garden_row_sets_refused",
+        "Row sets fetched intact (hash right) whose rows were invalid or did not fit their shard.",
+        value=g.keeper.refused,
+    )
     work = g.work
-    if g.missions is None or work is None:
-        return
     shards = GaugeMetricFamily(
         "garden_mission_shards", "Shards of a mission by state.", labels=["mission", "name", "state"]
     )
@@ -97,10 +92,9 @@ def _mission_metrics(g: Gardener) -> Iterator[Metric]:
         progress = work.progress.get(mission.id)
         shaken.add_metric(labels, progress.rows_shaken if progress else 0)
         shards_shaken.add_metric(labels, progress.shards_shaken if progress else 0)
-        held.add_metric(labels, len(g.store.row_sets(mission.id)) if g.store is not None else 0)
+        held.add_metric(labels, len(g.store.row_sets(mission.id)))
     yield from (shards, rows, shaken, shards_shaken, held)
-    if g.training is not None:
-        yield from _training_metrics(g.training, list(g.missions.missions.values()))
+    yield from _training_metrics(g.training, list(g.missions.missions.values()))
 
 
 TRAIN_GAUGES = {
@@ -125,9 +119,9 @@ def _training_metrics(training: TrainingWork, missions: list[Mission]) -> Iterat
         **{k: CounterMetricFamily(f"garden_train_{k}", doc, labels=labels) for k, doc in TRAIN_COUNTERS.items()},
     }
     for mission in missions:
-        status = training.status(mission.id)
+        status = training.worker_status(mission.id)
         for key, family in families.items():
-            value = status.get(key)
+            value = getattr(status, key, None) if status is not None else None
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 family.add_metric([mission.id, mission.name], value)
     yield from families.values()

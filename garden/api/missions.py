@@ -30,14 +30,16 @@ from garden.api.schemas import (
     TrainPoint,
 )
 from garden.data import DEMO_PROMPTS, demo_prompts
-from garden.peer.missions import Mission, MissionBook, MissionError
+from garden.api.errors import error_response
+from garden.errors import GardenError
+from garden.mission.book import Mission, MissionBook
 from garden.protocol.mission import MissionDraft, MissionSpec, MissionSpecError
 from garden.protocol.rows import PromptRow, preference_json_line
-from garden.trainer.leases import ShardStatus
-from garden.trainer.mission_work import MissionView, MissionWork
+from garden.mission.leases import ShardStatus
+from garden.mission.shaking import MissionView, MissionWork
 from garden.protocol.checkpoints import CheckpointRecord
-from garden.trainer.checkpoint_sharing import CheckpointSharing, PullError
-from garden.trainer.training_work import TrainingWork
+from garden.mission.checkpoints import CheckpointSharing
+from garden.mission.training import TrainingWork
 
 BUILTIN_PROMPTS = {DEMO_PROMPTS: demo_prompts}
 MAX_POST_PROMPTS = 100_000
@@ -46,18 +48,10 @@ on the peer itself in a later version, or split them."""
 
 
 def make_missions_router(
-    book: MissionBook, work_of: Any, training_of: Any = lambda: None, checkpoints_of: Any = lambda: None
+    book: MissionBook, work: MissionWork, training: TrainingWork, sharing: CheckpointSharing
 ) -> APIRouter:
-    """``work_of()``, ``training_of()`` and ``checkpoints_of()`` give the daemon's :class:`MissionWork`,
-    :class:`TrainingWork` and :class:`CheckpointSharing` (created once the event loop runs)."""
     router = APIRouter(tags=["missions"])
     errors: dict[int | str, dict[str, Any]] = {404: {"model": Error}, 422: {"model": Error}}
-
-    def work() -> MissionWork:
-        current = work_of()
-        if current is None:
-            raise MissionError("the peer is still starting", 503)
-        return current
 
     @router.post("/missions", status_code=201, response_model=MissionSummary, responses=errors)
     async def create_mission(body: MissionCreate) -> Any:
@@ -66,13 +60,13 @@ def make_missions_router(
         if isinstance(draft_or_error, JSONResponse):
             return draft_or_error
         mission = await book.publish(draft_or_error)
-        return _summary(await work().view(mission, with_holders=False))
+        return _summary(await work.view(mission, with_holders=False))
 
     @router.get("/missions", response_model=list[MissionSummary])
     async def list_missions() -> list[MissionSummary]:
         """Every mission this peer knows, newest first, with progress."""
         missions = sorted(book.missions.values(), key=lambda m: m.signed.body.created, reverse=True)
-        views = await asyncio.gather(*(work().view(m, with_holders=False) for m in missions))
+        views = await asyncio.gather(*(work.view(m, with_holders=False) for m in missions))
         return [_summary(v) for v in views]
 
     @router.get("/missions/{mission_id}", response_model=MissionDetail, responses=errors)
@@ -80,9 +74,9 @@ def make_missions_router(
         """One mission: shards done/leased/open, rows, the peers working on it, teachers, ETA."""
         try:
             mission = book.get(mission_id)
-        except MissionError as e:
-            return _error(e)
-        return _detail(await work().view(mission), _training(training_of(), mission))
+        except GardenError as e:
+            return error_response(e)
+        return _detail(await work.view(mission), _training(training, mission))
 
     @router.get("/missions/{mission_id}/rows", responses=errors)
     async def export_rows(mission_id: str, format: str = Query("jsonl")) -> Any:  # noqa: A002 (the API's name)
@@ -92,9 +86,9 @@ def make_missions_router(
             return _validation_error(["query", "format"], f"unsupported format {format!r}; use jsonl")
         try:
             mission = book.get(mission_id)
-        except MissionError as e:
-            return _error(e)
-        rows, missing = await work().export(mission)
+        except GardenError as e:
+            return error_response(e)
+        rows, missing = await work.export(mission)
         headers = {
             "X-Garden-Rows": str(len(rows)),
             "X-Garden-Missing-Shards": ",".join(map(str, missing)),
@@ -107,20 +101,14 @@ def make_missions_router(
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
 
-    def sharing() -> CheckpointSharing:
-        current = checkpoints_of()
-        if current is None:
-            raise MissionError("the peer is still starting", 503)
-        return current
-
     @router.get("/missions/{mission_id}/checkpoints", response_model=list[CheckpointInfo], responses=errors)
     async def list_checkpoints(mission_id: str) -> Any:
         """Checkpoints of the mission's student that peers announce (one entry per epoch and holder)."""
         try:
             mission = book.get(mission_id)
-            records = await sharing().records(mission.id)
-        except MissionError as e:
-            return _error(e)
+            records = await sharing.records(mission.id)
+        except GardenError as e:
+            return error_response(e)
         return [_checkpoint_info(r) for r in records]
 
     @router.post(
@@ -134,11 +122,9 @@ def make_missions_router(
             return _validation_error(["path", "epoch"], f"{epoch!r}: an epoch number or 'latest'")
         try:
             mission = book.get(mission_id)
-            path, record = await sharing().pull(mission.id, None if epoch == "latest" else int(epoch))
-        except MissionError as e:
-            return _error(e)
-        except PullError as e:
-            return JSONResponse({"detail": str(e)}, status_code=404 if "announces" in str(e) else 502)
+            path, record = await sharing.pull(mission.id, None if epoch == "latest" else int(epoch))
+        except GardenError as e:
+            return error_response(e)
         return PulledCheckpoint(**_checkpoint_info(record).model_dump(), local_path=str(path))
 
     @router.get("/missions/{mission_id}/checkpoints/{epoch}/files/{path:path}", responses=errors)
@@ -146,21 +132,21 @@ def make_missions_router(
         """One file of a checkpoint this peer holds (its own, or pulled): the CLI's download."""
         try:
             mission = book.get(mission_id)
-            held = next((c for c in sharing().local(mission.id) if c.epoch == epoch), None)
-        except MissionError as e:
-            return _error(e)
+            held = next((c for c in sharing.local(mission.id) if c.epoch == epoch), None)
+        except GardenError as e:
+            return error_response(e)
         if held is None or path not in held.files:
             return JSONResponse({"detail": f"this peer holds no {path!r} of epoch {epoch}"}, status_code=404)
-        return FileResponse(sharing().file_path(held, path), headers={"X-Garden-Sha256": held.files[path]})
+        return FileResponse(sharing.file_path(held, path), headers={"X-Garden-Sha256": held.files[path]})
 
     @router.delete("/missions/{mission_id}", response_model=MissionSummary, responses=errors | {403: {"model": Error}})
     async def cancel_mission(mission_id: str, reason: str = Query("", max_length=200)) -> Any:
         """Cancel a mission; only its lead (the peer that created it) may."""
         try:
             mission = await book.cancel(mission_id, reason)
-        except MissionError as e:
-            return _error(e)
-        return _summary(await work().view(mission, with_holders=False))
+        except GardenError as e:
+            return error_response(e)
+        return _summary(await work.view(mission, with_holders=False))
 
     return router
 
@@ -207,10 +193,6 @@ def _validation_error(loc: list[Any], msg: str) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": loc, "msg": msg, "type": "value_error"}]}, status_code=422)
 
 
-def _error(e: MissionError) -> JSONResponse:
-    return JSONResponse({"detail": str(e)}, status_code=e.status)
-
-
 def _shards(view: MissionView) -> ShardCounts:
     if view.board is None:
         total = view.mission.shard_count
@@ -245,13 +227,13 @@ def _checkpoint_info(record: CheckpointRecord) -> CheckpointInfo:
     )
 
 
-def _training(training: TrainingWork | None, mission: Mission) -> MissionTraining | None:
-    view = training.view(mission) if training is not None else None
+def _training(training: TrainingWork, mission: Mission) -> MissionTraining | None:
+    view = training.view(mission)
     if view is None:
         return None
     known = set(MissionTraining.model_fields) - {"state", "restarts", "history"}
-    status = {k: v for k, v in view.status.items() if k in known}
-    history = [TrainPoint(**point) for point in training.history.get(mission.id, [])] if training else []
+    status = view.worker.model_dump(include=known) if view.worker is not None else {}
+    history = [TrainPoint(**point) for point in training.history.get(mission.id, [])]
     try:
         return MissionTraining(state=view.state, restarts=view.restarts, history=history, **status)
     except ValidationError:  # a status file from another version: show the state alone

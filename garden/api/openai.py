@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from garden.inference.client import GenerationStats, SamplingConfig
 from garden.inference.route import CoverageError
 from garden.inference.service import InferenceService
-from garden.inference.wire import ERROR_BUSY, BlocksRpcError
-from garden.models import ModelRefError
+from garden.protocol.inference_rpc import ERROR_BUSY, BlocksRpcError
+from garden.models.loading import ModelRefError
 
 logger = logging.getLogger(__name__)
 
@@ -106,20 +106,13 @@ def _usage(stats: GenerationStats) -> dict[str, int]:
     }  # fmt: skip
 
 
-def make_openai_router(inference: Any) -> APIRouter:
-    """``inference``: a callable returning the daemon's :class:`InferenceService` (None while starting)."""
+def make_openai_router(inference: InferenceService) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
-
-    def service() -> InferenceService:
-        found = inference()
-        if found is None:
-            raise OpenAIError(503, "the peer is still starting", "server_error", "starting")
-        return found
 
     @router.get("/models")
     async def list_models() -> JSONResponse:
         """Models whose every layer some server of the swarm serves; their ids are model references."""
-        coverage = await service().coverage()
+        coverage = await inference.coverage()
         data = [
             {"id": c.model, "object": "model", "created": 0, "owned_by": f"garden swarm ({c.servers} servers)"}
             for c in coverage
@@ -128,8 +121,7 @@ def make_openai_router(inference: Any) -> APIRouter:
         return JSONResponse({"object": "list", "data": data})
 
     async def generator_for(model: str) -> Any:
-        svc = service()
-        known = {c.model: c for c in await svc.coverage()}
+        known = {c.model: c for c in await inference.coverage()}
         if model not in known:
             raise OpenAIError(
                 404, f"the model {model!r} is not served by the swarm (GET /v1/models lists what is)",
@@ -142,7 +134,7 @@ def make_openai_router(inference: Any) -> APIRouter:
                 "start a peer with --serve to fill the gap", "server_error", "layers_missing",
             )  # fmt: skip
         try:
-            return await svc.generator(model)
+            return await inference.generator(model)
         except ModelRefError as e:
             raise OpenAIError(404, str(e), code="model_not_found", param="model") from None
 

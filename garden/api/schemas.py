@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from garden.peer.governor import PauseState
+from garden.host.governor import PauseState
 from garden.protocol.records import ContributionTotals, GpuInfo, Role
 
 
@@ -196,7 +196,7 @@ class TrainPoint(BaseModel):
 
 
 class MissionTraining(BaseModel):
-    """This peer's share of training the mission's student (``garden.trainer.training_work``)."""
+    """This peer's share of training the mission's student (``garden.mission.training``)."""
 
     state: str = Field(description="waiting for rows | starting | loading state from peers | training | done | "
                        "stopped | failed | restarting in N s")  # fmt: skip

@@ -40,7 +40,7 @@ def daemon_url(url: str | None, data_dir: Path | None, config: Path | None) -> s
     """--url, else the URL the local daemon wrote into its data dir, else the configured port."""
     if url:
         return url.rstrip("/")
-    from garden.datadir import DataDir
+    from garden.daemon.datadir import DataDir
 
     settings = settings_from({"data_dir": data_dir}, config)
     runtime = DataDir(settings.data_dir).read_runtime()

@@ -38,7 +38,7 @@ def _running_url(url: str | None, data_dir: Path | None, config: Path | None) ->
     pause goes into its store; guessing the default port could pause another data dir's daemon)."""
     if url:
         return daemon_url(url, data_dir, config)
-    from garden.datadir import DataDir
+    from garden.daemon.datadir import DataDir
 
     runtime = DataDir(settings_from({"data_dir": data_dir}, config).data_dir).read_runtime()
     return runtime["url"] if runtime and isinstance(runtime.get("url"), str) else None
@@ -46,8 +46,8 @@ def _running_url(url: str | None, data_dir: Path | None, config: Path | None) ->
 
 def _offline(data_dir: Path | None, config: Path | None, pause: bool, for_s: float | None, serving: bool) -> None:
     """No daemon answers: write the pause into the store of a data dir nobody uses."""
-    from garden.datadir import DataDir, DataDirBusyError, DataDirLock
-    from garden.peer.governor import Governor
+    from garden.daemon.datadir import DataDir, DataDirBusyError, DataDirLock
+    from garden.host.governor import Governor
     from garden.store import Store, StoreError
 
     settings = settings_from({"data_dir": data_dir}, config)

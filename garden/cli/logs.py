@@ -1,5 +1,5 @@
 """``garden logs``: the daemon's log file, for a peer that runs as a service and so has no terminal. Reads the
-file the daemon writes in its data dir (``garden.logs.log_file``), so it works whether or not the daemon runs;
+file the daemon writes in its data dir (``garden.host.logs.log_file``), so it works whether or not the daemon runs;
 ``--follow`` keeps up across the daemon's own rotation (``garden.log`` renamed to ``garden.log.1`` and a new
 one opened), as ``tail -F`` does."""
 
@@ -14,7 +14,7 @@ from typing import BinaryIO
 import typer
 
 from garden.cli.common import app, fail, settings_from
-from garden.logs import log_file
+from garden.host.logs import log_file
 
 FOLLOW_PERIOD = 0.25  # seconds between looks at a log with nothing new
 _BLOCK = 64 * 1024

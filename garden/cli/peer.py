@@ -106,9 +106,11 @@ def run(
     # process (~60 MB) beside the daemon; the DHT's futures need only a few pooled buffers, which
     # file descriptors serve as well. Must be set before hivemind is first imported.
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
-    from garden.runner import run as run_daemon  # imports hivemind and torch: only for `run`
+    # both import hivemind and torch: only for `run`
+    from garden.api.app import create_app
+    from garden.daemon.runner import run as run_daemon
 
-    raise typer.Exit(run_daemon(settings))
+    raise typer.Exit(run_daemon(settings, create_app))
 
 
 @app.command()

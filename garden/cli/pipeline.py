@@ -49,26 +49,20 @@ def shake(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from garden.data import DEMO_PROMPTS, demo_prompts
-    from garden.datadir import DataDir
-    from garden.models import LoadedModel, load_model
+    from garden.daemon.datadir import DataDir
+    from garden.models.loading import LoadedModel, load_model
     from garden.protocol.rows import read_prompts_jsonl, write_preference_jsonl
     from garden.store import Store, StoreError
-    from garden.trainer.judges import Judge, make_judge
-    from garden.trainer.shaker import ShakeConfig
-    from garden.trainer.teachers import JudgeFactory, NoTeacherError, shake_with_fallback
+    from garden.distill.judges import build_judge
+    from garden.distill.shaker import ShakeConfig
+    from garden.distill.teachers import NoTeacherError, shake_with_fallback
 
     try:
         config = ShakeConfig(candidates, temperature, top_p, max_new_tokens, top_k, batch_prompts, seed)
         rows_in = demo_prompts(cast(Any, split)) if prompts == DEMO_PROMPTS else read_prompts_jsonl(prompts)
-        judge_spec: Judge | JudgeFactory
-        if judge == "teacher":  # grades with each teacher itself, so it is built once that teacher is loaded
-
-            def teacher_judge(loaded: LoadedModel) -> Judge:
-                return make_judge("teacher", teacher=loaded)
-
-            judge_spec = teacher_judge
-        else:  # built now: a bad --judge or --pattern fails before any model loads
-            judge_spec = make_judge(judge, **({"pattern": pattern} if judge == "regex" else {}))
+        # as a mission's [judge]: built now (a bad --judge or --pattern fails before any model loads), except
+        # the teacher judge, which grades with each teacher itself and is built once that teacher is loaded
+        judge_spec = build_judge({"kind": judge, **({"pattern": pattern} if judge == "regex" else {})})
     except (ValueError, OSError) as e:  # bad prompts file, judge or settings
         raise fail(str(e), EXIT_CONFIG) from None
     # opened before shaking, so that an unusable store fails now rather than after an hour of sampling; a
@@ -90,7 +84,7 @@ def shake(
 
             def load(ref: str) -> LoadedModel:
                 progress.console.print(
-                    f"loading {ref} (the first load of a .gguf converts it once, ~30 s)", markup=False
+                    f"loading {ref} (the first load of a .gguf converts it once, ~15 s)", markup=False
                 )
                 return load_model(ref)
 
@@ -176,12 +170,12 @@ def train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from garden.models import ModelRefError
+    from garden.models.loading import ModelRefError
     from garden.protocol.rows import read_preference_jsonl
-    from garden.trainer.checkpoint import CheckpointError
-    from garden.trainer.student import LoraSpec
-    from garden.trainer.train import StepReport, TrainConfig
-    from garden.trainer.training_run import resume_run, start_run
+    from garden.distill.checkpoints import CheckpointError
+    from garden.models.student import LoraSpec
+    from garden.distill.trainer import StepReport, TrainConfig
+    from garden.distill.runs import resume_run, start_run
 
     logging.basicConfig(level=logging.WARNING, format="garden: %(message)s")
     given: dict[str, Any] = dict(
@@ -270,9 +264,9 @@ def eval_command(
     """Evaluate a student on held-out rows: KL to the teacher, NLL, preference accuracy, top-1 agreement."""
     import math
 
-    from garden.models import load_model
-    from garden.trainer.evaluate import evaluate, load_eval_data
-    from garden.trainer.student import PRUNE_SCHEME, build_student, parse_student_ref
+    from garden.models.loading import load_model
+    from garden.distill.evaluate import evaluate, load_eval_data
+    from garden.models.student import PRUNE_SCHEME, build_student, parse_student_ref
 
     say = Console(stderr=True, quiet=as_json)  # progress on stderr: stdout holds only the table or the JSON
     if batch_size < 1 or max_length < 2 or not 1 <= top_k <= 256:
@@ -353,7 +347,7 @@ def generate(
     import sys
 
     from garden.inference.generate import GenerateConfig, TextGeneration
-    from garden.models import load_model
+    from garden.models.loading import load_model
 
     say = Console(stderr=True)  # stdout holds only the answer, for pipes
     if swarm is not None:
@@ -367,7 +361,7 @@ def generate(
         return
     try:
         config = GenerateConfig(max_new_tokens, temperature, top_p, seed, system)
-        say.print(f"loading {model} (the first load of a .gguf converts it once, ~30 s)", markup=False)
+        say.print(f"loading {model} (the first load of a .gguf converts it once, ~15 s)", markup=False)
         generation = TextGeneration(load_model(model), prompt, config)
     except (ValueError, OSError) as e:  # bad model reference, settings, or a prompt too long for the model
         raise fail(str(e), EXIT_CONFIG) from None

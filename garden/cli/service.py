@@ -1,6 +1,6 @@
 """``garden service install|uninstall``: run this machine's peer as a service of the user's login (a systemd
 user unit, a launchd agent, a scheduled task), so that it keeps running without a terminal and comes back
-after a crash or a reboot. The files themselves come from ``garden.service_unit``; this module writes them
+after a crash or a reboot. The files themselves come from ``garden.daemon.service_unit``; this module writes them
 and asks the service manager to pick them up.
 
 A service manager that cannot be reached (no user session bus in a container, no ``systemctl`` at all) is
@@ -19,7 +19,7 @@ import typer
 
 from garden.cli.common import app, fail, settings_from
 from garden.config import CONFIG_ENV
-from garden.service_unit import (
+from garden.daemon.service_unit import (
     LAUNCHD_LABEL,
     SERVICE_NAME,
     ServiceSpec,

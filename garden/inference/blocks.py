@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from garden.models import ModelRef, ModelRefError, model_source, parse_model_ref
+from garden.models.loading import ModelRef, ModelRefError, model_source, parse_model_ref
 
 SUPPORTED_FAMILIES = ("llama",)
 """``config.model_type`` values whose decoder layers :class:`Blocks` can run (SmolLM2 is a Llama)."""
@@ -112,7 +112,7 @@ def load_tensors(ref: str | ModelRef, wanted: Any) -> dict[str, Any]:
                     if wanted(name):
                         tensors[name] = f.get_tensor(name).float()
         return tensors
-    from garden.models import load_model
+    from garden.models.loading import load_model
 
     state = load_model(parsed).model.state_dict()
     return {name: t.detach().clone().float() for name, t in state.items() if wanted(name)}

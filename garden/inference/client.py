@@ -28,7 +28,7 @@ from hivemind.proto import runtime_pb2
 from garden.inference.blocks import Ends, LayerSpan
 from garden.inference.route import CoverageError, Hop, Router
 from garden.inference.server import rpc_names
-from garden.inference.wire import (
+from garden.protocol.inference_rpc import (
     ERROR_BUSY,
     ERROR_OUT_OF_SYNC,
     ERROR_UNKNOWN_SESSION,

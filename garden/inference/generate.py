@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from garden.models import LoadedModel
+from garden.models.loading import LoadedModel
 
 # the same prompt encoding as the shaker and the trainer: a student is asked the way it was taught
-from garden.encoding import chat_prompt_ids, pad_id
+from garden.models.chat import chat_prompt_ids, pad_id
 
 FinishReason = Literal["stop", "length", "cancelled"]
 """``stop``: the model ended its turn; ``length``: ``max_new_tokens`` (or the context) ran out;

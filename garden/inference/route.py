@@ -106,7 +106,7 @@ def shortest_chain(
 class Router:
     """The servers of one model as the swarm announces them, minus those that failed recently.
 
-    :param swarm: ``garden.peer.swarm.Swarm`` (bounded DHT access)
+    :param swarm: ``garden.net.swarm.Swarm`` (bounded DHT access)
     :param refresh_s: how long one read of the records is reused
     """
 

@@ -28,14 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
+from garden.host.memory import memory_shortfall
 from garden.inference.blocks import Blocks, LayerSpan, load_config
 from garden.inference.route import read_blocks
-from garden.inference.wire import (
+from garden.protocol.inference_rpc import (
     ERROR_BAD_REQUEST,
     ERROR_BUSY,
     ERROR_INTERNAL,
@@ -184,20 +184,15 @@ class BlockServer:
 
     def _check_memory(self, span: LayerSpan) -> None:
         """Refuse a range that would not fit: the model's estimate, scaled to the range's share of layers."""
-        from garden.models import model_memory_bytes
+        from garden.models.loading import model_memory_bytes
 
         whole = model_memory_bytes(self.config.model)
         if whole is None:
             return
         need = whole * (span.end - span.start) // max(1, self._num_layers)
-        available = psutil.virtual_memory().available
-        budget = min(available, self.config.max_memory) if self.config.max_memory else available
-        if need > budget:
-            cap = f" (--max-memory {self.config.max_memory / 2**20:.0f} MiB)" if self.config.max_memory else ""
-            raise MemoryError(
-                f"not serving {self.config.model} layers {span}: they need about {need / 2**20:.0f} MiB, "
-                f"{budget / 2**20:.0f} MiB available{cap}"
-            )
+        shortfall = memory_shortfall(need, self.config.max_memory)
+        if shortfall is not None:
+            raise MemoryError(f"not serving {self.config.model} layers {span}: they need {shortfall}")
 
     async def _load(self, span: LayerSpan) -> None:
         started = time.monotonic()

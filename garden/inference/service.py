@@ -12,17 +12,19 @@ import asyncio
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any
 
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
+from garden.host.governor import Governor
 from garden.inference.blocks import Ends, LayerSpan
 from garden.inference.client import ChainConfig, SwarmGenerator
 from garden.inference.route import Router, missing_spans
 from garden.inference.server import BlockServer, ServeConfig, rpc_names
-from garden.inference.wire import (
+from garden.lifecycle import Service
+from garden.net.swarm import Swarm
+from garden.protocol.inference_rpc import (
     ERROR_NOT_SERVED,
     MAX_METADATA_BYTES,
     OpenRequest,
@@ -58,7 +60,7 @@ class BlockRpc:
         self.servers, self.names = servers, rpc_names(namespace)
 
     def handlers(self) -> dict[str, Any]:
-        return dict(zip(self.names, (self.open, self.forward, self.close)))
+        return dict(zip(self.names, (self.open, self.forward, self.close), strict=False))
 
     async def register(self, p2p: Any) -> None:
         for name, handler in self.handlers().items():
@@ -123,17 +125,22 @@ def _not_ready() -> Any:
 
 
 @dataclass
-class InferenceService:
-    p2p: Any
-    swarm: Any
+class InferenceService(Service):
+    """:param serving: the layer ranges this peer serves (``--serve``; none without the server role)
+    :param governor: the owner's switch: while serving is paused, servers refuse new sessions as busy"""
+
+    swarm: Swarm
     keys: DHTKeys
     private_key: Any
     peer_id: str
     chain: ChainConfig = field(default_factory=ChainConfig)
+    serving: list[ServeConfig] = field(default_factory=list)
+    governor: Governor | None = None
     servers: list[BlockServer] = field(default_factory=list)
     rpc: BlockRpc | None = None
     invalid_records: Counter[str] = field(default_factory=Counter)
-    refuse: Callable[[], str | None] | None = None  # why servers refuse new sessions now (a pause), or None
+    name: str = "inference"
+    _p2p: Any = None
     _generators: dict[str, SwarmGenerator] = field(default_factory=dict)
     _loading: dict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
@@ -141,11 +148,31 @@ class InferenceService:
     def namespace(self) -> str:
         return self.keys.swarm
 
+    @property
+    def p2p(self) -> Any:
+        if self._p2p is None:
+            raise RuntimeError("the inference service is not started")
+        return self._p2p
+
+    async def start(self) -> None:
+        self._p2p = await self.swarm.p2p()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve every configured range until ``stop``."""
+        await asyncio.gather(*(self.serve(config, stop) for config in self.serving))
+
+    async def close(self) -> None:
+        await self.stop()
+
+    def refusal(self) -> str | None:
+        """Why servers refuse new sessions now, or None."""
+        return "paused by its owner" if self.governor is not None and self.governor.serving_paused else None
+
     # --- serving -----------------------------------------------------------------------------------------
     async def serve(self, config: ServeConfig, stop: asyncio.Event) -> None:
         """Start a block server and run it until ``stop``; a failure is logged and shown in its view."""
         server = BlockServer(self.p2p, self.swarm, self.keys, self.private_key, self.peer_id, config)
-        server.refuse = self.refuse
+        server.refuse = self.refusal
         self.servers.append(server)
         if self.rpc is None:
             self.rpc = BlockRpc(self.servers, self.namespace)
@@ -163,8 +190,8 @@ class InferenceService:
         return self.rpc.handlers() if self.rpc is not None else {}
 
     async def stop(self) -> None:
-        if self.rpc is not None:
-            await self.rpc.unregister(self.p2p)
+        if self.rpc is not None and self._p2p is not None:
+            await self.rpc.unregister(self._p2p)
         await asyncio.gather(*(s.stop() for s in self.servers), return_exceptions=True)
 
     # --- generating --------------------------------------------------------------------------------------

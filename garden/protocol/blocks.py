@@ -1,4 +1,4 @@
-"""Served layer ranges under ``<swarm>/model/<model ref>/blocks`` (ARCHITECTURE.md, "DHT keys").
+"""Served layer ranges under ``<swarm>/model/<model ref>/blocks`` (docs/architecture.md, "DHT keys").
 
 A peer with the ``server`` role announces, for each model it serves, a :class:`BlocksRecord`: which
 decoder layers it holds (``[start, end)``), how fast it runs them, how much KV cache it has left, and its

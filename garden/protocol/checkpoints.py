@@ -1,4 +1,4 @@
-"""Checkpoint manifests under ``<swarm>/m/<mission id>/ckpt`` (ARCHITECTURE.md, "DHT keys").
+"""Checkpoint manifests under ``<swarm>/m/<mission id>/ckpt`` (docs/architecture.md, "DHT keys").
 
 When a trainer of a mission writes a checkpoint of the swarm's student, its daemon publishes a
 :class:`CheckpointRecord`: the epoch, every file a user needs to load the model (path, size, sha256), the

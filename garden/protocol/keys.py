@@ -1,4 +1,4 @@
-"""DHT key names (ARCHITECTURE.md, "DHT keys"). One place, so no module spells a key by hand."""
+"""DHT key names (docs/architecture.md, "DHT keys"). One place, so no module spells a key by hand."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ canonical encoding (its sha256 is what the lead signs, with the prompts' hash: s
 A mission travels from a stranger's machine to every peer that works on it, so the spec is checked as
 strictly as any DHT record: unknown keys, wrong types and out-of-range numbers are errors naming the
 key (a typo such as ``temprature`` must not silently fall back to a default on a thousand machines).
-Ranges mirror the single-machine settings (``ShakeConfig``, ``TrainConfig``), which ``protocol/`` may not import.
+Sampling ranges mirror ``ShakeConfig``, which ``protocol/`` may not import. The training hyper-parameters
+are defined here once (:class:`DorpoSettings`, :class:`SwarmSettings`): the spec's ``[train]`` section, the
+swarm trainer's ``CollabConfig`` and the single-machine ``TrainConfig`` are built on them.
 """
 
 from __future__ import annotations
@@ -12,10 +14,19 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from garden.protocol.records import RecordError, decode_record
 from garden.protocol.rows import sorted_maps
@@ -46,7 +57,7 @@ class _Section(BaseModel):
 
 
 class LoraSection(_Section):
-    """A LoRA adapter on the student (mirrors ``garden.trainer.student.LoraSpec``; the caps are the spec's)."""
+    """A LoRA adapter on the student (mirrors ``garden.models.student.LoraSpec``; the caps are the spec's)."""
 
     r: int = Field(default=16, ge=1, le=1024)
     alpha: int = Field(default=32, ge=1, le=4096)
@@ -63,7 +74,7 @@ class StudentSection(_Section):
 
 
 class SamplingSection(_Section):
-    """Teacher sampling; fields and ranges mirror ``garden.trainer.shaker.ShakeConfig``. Its
+    """Teacher sampling; fields and ranges mirror ``garden.distill.shaker.ShakeConfig``. Its
     ``batch_prompts`` is each peer's own (hardware) choice and its ``seed`` comes from :func:`prompt_seed`."""
 
     candidates: int = Field(default=4, ge=1, le=64)
@@ -74,7 +85,7 @@ class SamplingSection(_Section):
 
 
 class ReferenceJudgeSection(_Section):
-    """Options of ``garden.trainer.judges.ReferenceJudge``."""
+    """Options of ``garden.distill.judges.ReferenceJudge``."""
 
     kind: Literal["reference"] = "reference"
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -147,34 +158,115 @@ JudgeSection = Annotated[
 ]
 
 
-class TrainSection(_Section):
-    """Collaborative training settings every trainer must share (ranges mirror
-    ``garden.trainer.collab.CollabConfig``; ``batch_size``, ``grad_accum`` and threads are per peer).
-    An *epoch* is hivemind's: ``target_batch_size`` rows trained across the swarm."""
+class Settings(_Section):
+    """A strict, frozen settings object. A subclass that sets :attr:`invalid` (e.g. ``"training settings"``)
+    raises a one-line ``ValueError`` naming each bad key when constructed directly:
+    ``invalid training settings: lr=nan (Input should be a finite number)``."""
+
+    invalid: ClassVar[str | None] = None
+
+    def __init__(self, **data: Any) -> None:
+        what = type(self).invalid
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            if what is None:
+                raise
+            raise ValueError(f"invalid {what}: {describe_settings_error(e)}") from None
+
+
+Schedule = Literal["cosine", "linear", "constant"]
+TrainMode = Literal["sync", "local"]
+Compression = Literal["none", "fp16", "8bit"]
+TargetBatchSize = Annotated[int, Field(ge=1, le=1_000_000)]
+Epochs = Annotated[int, Field(ge=1, le=10_000_000)]
+WarmupEpochs = Annotated[int, Field(ge=0)]
+
+
+class DorpoSettings(Settings):
+    """The DORPO loss and optimiser hyper-parameters, defined once: the mission spec's ``[train]``, the swarm
+    trainer (``garden.collab.trainer.CollabConfig``) and the single-machine trainer
+    (``garden.distill.trainer.TrainConfig``) are built on this class.
+
+    :param lr: AdamW's peak learning rate, reached after the warm-up
+    :param weight_decay: AdamW's weight decay
+    :param schedule: decay after the warm-up: cosine or linear to 0, or constant
+    :param max_grad_norm: clip the gradient's global norm to this (0: no clipping)
+    :param max_length: longest prompt + answer in tokens; longer rows are left out
+    :param lambda_or: weight of the odds-ratio (preference) term; 0 with ``lambda_kl`` 0 is plain SFT
+    :param lambda_kl: weight of the top-k KL to the teacher
+    """
 
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
-    lambda_or: float = Field(default=0.1, ge=0.0)
-    lambda_kl: float = Field(default=1.0, ge=0.0)
-    target_batch_size: int = Field(default=256, ge=1, le=1_000_000)
-    max_epochs: int = Field(default=20, ge=1, le=10_000_000)
-    warmup_epochs: int = Field(default=1, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    schedule: Schedule = "cosine"
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     max_length: int = Field(default=512, ge=8, le=32768)
-    mode: Literal["sync", "local"] = "sync"
+    lambda_or: float = Field(default=0.1, ge=0.0)
+    lambda_kl: float = Field(default=1.0, ge=0.0)
+
+
+class SwarmSettings(DorpoSettings):
+    """What every trainer of one mission must share, on top of :class:`DorpoSettings`. An *epoch* is
+    hivemind's: ``target_batch_size`` rows trained across the swarm.
+
+    :param target_batch_size: samples (rows) across the swarm per epoch
+    :param max_epochs: the run ends at this epoch; also the length of the learning-rate schedule
+    :param warmup_epochs: epochs of linear warm-up before ``schedule`` decays (at most ``max_epochs``)
+    :param mode: ``sync`` averages gradients every epoch (equivalent to one big batch); ``local`` steps on
+        its own and averages parameters every epoch, then takes an outer step (DiLoCo: far fewer bytes per
+        sample)
+    :param outer_lr: ``local`` mode: the outer SGD learning rate on the pseudo-gradient (parameters at the
+        last round minus their average now); 1 with ``outer_momentum`` 0 is plain averaging
+    :param outer_momentum: ``local`` mode: Nesterov momentum of the outer step (DiLoCo uses 0.7 and 0.9). The
+        anchor and momentum are each peer's own: a peer that misses a round keeps another anchor from then
+        on, so the outer step suits swarms whose peers rarely miss rounds; the default is plain averaging
+    :param compression: how averaged tensors travel: ``none`` (fp32), ``fp16``, or ``8bit`` (uniform
+        8-bit quantization for large tensors, fp16 for small ones)
+    :param matchmaking_time: seconds a peer waits to gather others for an averaging round
+    :param averaging_timeout: seconds a round may take before the peers that answered go on without the
+        others (a peer killed mid-round holds the rest up for at most this long)
+    :param min_trainers: trainers that must be in the swarm's progress record before any of them takes its
+        first step (1: each starts alone). A condition on the start only: once met, the run goes on whoever
+        leaves. Left out of the spec's canonical encoding while 1 (see :data:`OMITTED_AT_DEFAULT`)
+    """
+
+    target_batch_size: TargetBatchSize = 256
+    max_epochs: Epochs = 20
+    warmup_epochs: WarmupEpochs = 1
+    mode: TrainMode = "sync"
     outer_lr: float = Field(default=1.0, gt=0.0, le=10.0)
     outer_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
-    compression: Literal["none", "fp16", "8bit"] = "none"
-    checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
+    compression: Compression = "none"
     matchmaking_time: float = Field(default=5.0, gt=0.0, le=600.0)
     averaging_timeout: float = Field(default=30.0, gt=0.0, le=3600.0)
+    min_trainers: int = Field(default=1, ge=1, le=1000)
 
-    @model_validator(mode="after")
-    def _warmup_fits(self) -> TrainSection:
-        if self.warmup_epochs > self.max_epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds max_epochs ({self.max_epochs})")
-        return self
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_fits(cls, warmup_epochs: int, info: ValidationInfo) -> int:
+        max_epochs = info.data.get("max_epochs")
+        if max_epochs is not None and warmup_epochs > max_epochs:
+            raise ValueError(f"{warmup_epochs} exceeds max_epochs ({max_epochs})")
+        return warmup_epochs
+
+
+class TrainSection(SwarmSettings):
+    """The spec's ``[train]``: :class:`SwarmSettings` and how often the swarm writes a checkpoint
+    (``batch_size``, ``grad_accum`` and threads are each peer's own).
+
+    :param checkpoint_every: epochs between checkpoints (the last epoch is always saved)
+    """
+
+    checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
+
+
+OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {"train": ("min_trainers",)}
+"""Keys added to a section after missions were first signed (section -> keys). The canonical encoding holds every
+other key, defaults included, but leaves these out while they equal their default: a spec that does not set one
+encodes, hashes (the mission id) and reads on older peers exactly as before the key existed, and since
+:meth:`MissionSpec.from_canonical` asks for the canonical bytes, a spec that spells such a key out at its default is
+refused (one spec, one encoding). A key added later goes here, never into the encoding of specs that do not use it."""
 
 
 class MissionSpec(_Section):
@@ -215,9 +307,16 @@ class MissionSpec(_Section):
         return self
 
     def canonical(self) -> bytes:
-        """msgpack of every key (defaults included), maps sorted by key, floats as float64: equal specs encode
-        to equal bytes whatever the TOML's key order, whitespace or number spelling."""
-        return canonical_msgpack(self.model_dump(mode="python", by_alias=True))
+        """msgpack of every key (defaults included, except those of :data:`OMITTED_AT_DEFAULT` while at their
+        default), maps sorted by key, floats as float64: equal specs encode to equal bytes whatever the TOML's key
+        order, whitespace or number spelling."""
+        encoded = self.model_dump(mode="python", by_alias=True)
+        for name, keys in OMITTED_AT_DEFAULT.items():
+            section = getattr(self, name)
+            for key in keys:
+                if getattr(section, key) == type(section).model_fields[key].default:
+                    del encoded[name][key]
+        return canonical_msgpack(encoded)
 
     @property
     def sha256(self) -> str:
@@ -252,6 +351,22 @@ def describe_spec_error(e: ValidationError, limit: int = 5) -> str:
             loc, message = ["judge", "kind"], f"unknown judge {tag!r}; one of {', '.join(JUDGE_KINDS)}"
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "spec"
         parts.append(f"{path}: {message}")
+    more = len(e.errors()) - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def describe_settings_error(e: ValidationError, limit: int = 5) -> str:
+    """``key=value (problem)`` for each of the first ``limit`` errors of a settings object, joined by ``; ``."""
+    parts = []
+    for err in e.errors()[:limit]:
+        key = ".".join(str(p) for p in err["loc"]) or "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            parts.append(f"{key}: missing")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown setting")
+        else:
+            parts.append(f"{key}={err['input']!r} ({message})")
     more = len(e.errors()) - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 

@@ -68,7 +68,7 @@ class GpuInfo(StrictRecord):
 
 
 class ContributionTotals(StrictRecord):
-    """What a peer gave, in all (``garden.peer.contribution``); announced so a lead sees who helped."""
+    """What a peer gave, in all (``garden.host.contribution``); announced so a lead sees who helped."""
 
     rows_shaken: int = Field(0, ge=0)
     shards_shaken: int = Field(0, ge=0)

@@ -1,5 +1,5 @@
 """Row sets: the rows one attempt sampled for one shard, as they travel between peers, and the signed
-announcement of which row sets a peer holds (``<swarm>/m/<mission id>/rows``, ARCHITECTURE.md "DHT keys").
+announcement of which row sets a peer holds (``<swarm>/m/<mission id>/rows``, docs/architecture.md "DHT keys").
 
 A row set's bytes are a msgpack array of its rows' canonical encodings (``DorpoRow.to_msgpack``), in the
 shard's prompt order. Its sha256 is what the done record names (``DoneRecord.row_set_sha256``), so a peer
@@ -32,7 +32,7 @@ MAX_ROW_SET_BYTES = 64 * 1024 * 1024
 the cap leaves room for big shards and long answers while bounding what a stranger can make us buffer."""
 MAX_HELD_PER_ANNOUNCEMENT = 320
 """Row sets one announcement may list (~150 bytes each, so ~48 KiB: DHT values should stay small). A peer
-holding more of one mission lists the winning ones first (see ``garden.peer.missions``)."""
+holding more of one mission lists the winning ones first (see ``garden.mission.book``)."""
 MAX_ROWS_RECORD_BYTES = 64 * 1024
 ROWS_PREFIX = "rows:"
 

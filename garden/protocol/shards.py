@@ -1,4 +1,4 @@
-"""Shard bookkeeping records under ``<swarm>/m/<mission id>/shards`` (ARCHITECTURE.md, "DHT keys").
+"""Shard bookkeeping records under ``<swarm>/m/<mission id>/shards`` (docs/architecture.md, "DHT keys").
 
 Two signed records share that dictionary key:
 
@@ -14,7 +14,7 @@ worker's peer id, so no peer can lease, release or finish a shard in another pee
 is derived from the content and checked on decode, as peer records are.
 
 This module is pure protocol (no hivemind import: that costs torch's ~3 s import); the hivemind
-validator that applies these checks inside the DHT lives in ``garden.trainer.leases``.
+validator that applies these checks inside the DHT lives in ``garden.mission.leases``.
 """
 
 from __future__ import annotations

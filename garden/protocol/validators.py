@@ -27,6 +27,7 @@ from garden.protocol.records import (
     RecordError,
 )
 from garden.protocol.row_sets import RowsAnnouncement, is_rows_subkey
+from garden.protocol.shards import decode_shard_entry, is_shard_subkey
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +134,43 @@ def check_missions_entry(value: Any, subkey: Any) -> SignedMission | CancelRecor
     if isinstance(subkey, str) and subkey.startswith(CANCEL_PREFIX):
         return open_any_cancel(value, subkey)
     return SignedMission.from_record(value, subkey)
+
+
+class ShardRecordValidator(CountingValidator):
+    """Refuses, inside the DHT node, lease/done entries that are forged, garbage or misplaced.
+
+    hivemind calls ``validate`` when a peer asks this node to store a record and on every record a
+    search returns (a node that answers with any invalid entry has its whole answer dropped), so an
+    honest node never stores nor hands out a forged lease.
+
+    What it recognises: any subkey starting with ``lease:`` or ``done:``, under any key; the record
+    must then be a valid signed record whose subkey, mission key (``<swarm>/m/<mission>/shards``),
+    shard range and times check out. What it cannot do: know which keys are shards keys (it sees only
+    key hashes, and missions appear after the DHT process forked), so an entry under a shards key with
+    some *other* subkey passes here and is dropped by :class:`ShardBoard` instead; nor check the shard
+    count against the signed mission (``ShardBoard`` does).
+    """
+
+    what = "shard record"
+
+    def __init__(self, keys: DHTKeys):
+        super().__init__()
+        self.keys = keys
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception:  # a stranger's undecodable subkey: not ours to judge (other validators may)
+            return True
+        if not is_shard_subkey(subkey):
+            return True
+        try:
+            value = MSGPackSerializer.loads(record.value)
+            decoded = decode_shard_entry(value, subkey, record.expiration_time, get_dht_time())
+            if record.key != key_id(self.keys.mission_shards(decoded.mission_id)):
+                raise RecordError(f"a {subkey[:80]!r} record stored under another key than its mission's")
+        except RecordError as e:
+            return self._reject(str(e))
+        except Exception as e:  # undecodable value: a stranger's garbage, never our crash
+            return self._reject(f"undecodable: {str(e)[:200]}")
+        return True

@@ -10,7 +10,9 @@ import torch
 
 from garden.inference.blocks import Blocks, Ends, LayerSpan, UnsupportedModelError, load_config
 from garden.inference.generate import prompt_ids
-from garden.models import load_model
+from garden.models.loading import load_model
+
+pytestmark = pytest.mark.heavy(10)  # seconds in `make check`: see tests/conftest.py
 
 MODEL = "builtin:smollm2-135m"
 
@@ -26,7 +28,7 @@ def parts(model_cache: Path) -> dict:
 
 def run(parts: dict, ids: list[int], caches: list) -> torch.Tensor:
     hidden = parts["ends"].embed(ids)
-    for blocks, cache in zip(parts["spans"], caches):
+    for blocks, cache in zip(parts["spans"], caches, strict=False):
         hidden = blocks.forward(hidden, cache)
     return hidden
 
@@ -73,7 +75,7 @@ def test_fp16_at_the_boundaries_keeps_greedy_output(parts: dict) -> None:
         tokens, feed = [], ids
         for _ in range(16):
             hidden = ends.embed(feed)
-            for blocks, cache in zip(parts["spans"], caches):
+            for blocks, cache in zip(parts["spans"], caches, strict=False):
                 hidden = blocks.forward(hidden.half().float(), cache)
             tokens.append(int(ends.logits(hidden).argmax()))
             feed = [tokens[-1]]

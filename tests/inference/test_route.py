@@ -12,7 +12,7 @@ from garden.inference.blocks import LayerSpan
 from garden.inference.client import SamplingConfig, _pick, _TextDecoder
 from garden.inference.route import CoverageError, missing_spans, shortest_chain
 from garden.inference.server import better_span, choose_span
-from garden.inference.wire import deserialize_hidden, serialize_hidden
+from garden.protocol.inference_rpc import deserialize_hidden, serialize_hidden
 from garden.protocol import signing
 from garden.protocol.blocks import BlocksRecord, models_subkey
 from garden.protocol.records import RecordError, check_fresh

@@ -30,6 +30,7 @@ from garden.protocol.mission import (
     sign_mission,
     verify_prompts,
 )
+from garden.protocol.mission_spec import MissionSpec
 from garden.protocol.records import RecordError, seal
 from garden.protocol.rows import PromptRow, sorted_maps
 
@@ -255,6 +256,35 @@ def test_identity_ignores_key_order_whitespace_and_number_spelling(tmp_path: Pat
     assert sign_mission(c, lead, now=NOW).mission_id != sign_mission(a, lead, now=NOW).mission_id
 
 
+# the example's spec sha256 before [train] min_trainers existed: a spec that does not set a key added later keeps
+# its id (see garden.protocol.mission_spec.OMITTED_AT_DEFAULT)
+EXAMPLE_SPEC_SHA256 = "0361333015c9f7de9008ebd6414acccf61305e58d77c107803be241bf30cd387"
+
+
+def test_min_trainers_defaults_to_one_is_bounded_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
+    spec = load_mission_toml(EXAMPLE, BUILTIN).spec
+    assert spec.train.min_trainers == 1 and b"min_trainers" not in spec.canonical()
+    assert spec.sha256 == EXAMPLE_SPEC_SHA256
+    one = load_mission_toml(write_mission(tmp_path / "one", MINIMAL + "[train]\nmin_trainers = 1\n"), BUILTIN)
+    unset = load_mission_toml(write_mission(tmp_path / "unset", MINIMAL), BUILTIN)
+    assert one.spec.canonical() == unset.spec.canonical()  # written out at its default: the same spec, same id
+
+    two = load_mission_toml(write_mission(tmp_path / "two", MINIMAL + "[train]\nmin_trainers = 2\n"), BUILTIN)
+    assert two.spec.train.min_trainers == 2 and two.spec.sha256 != unset.spec.sha256
+    assert MissionSpec.from_canonical(two.spec.canonical()) == two.spec
+    # the default spelled out is not the canonical encoding: a peer refuses it (one spec, one encoding)
+    spelled = msgpack.unpackb(unset.spec.canonical())
+    spelled["train"]["min_trainers"] = 1
+    with pytest.raises(RecordError, match="not in canonical form"):
+        MissionSpec.from_canonical(msgpack.packb(sorted_maps(spelled), use_bin_type=True))
+
+    for bad, expected in (("0", "greater than or equal to 1"), ("1001", "less than or equal to 1000"),
+                          ("2.0", "valid integer"), ("true", "valid integer")):  # fmt: skip
+        path = write_mission(tmp_path / "bad", MINIMAL + f"[train]\nmin_trainers = {bad}\n")
+        with pytest.raises(MissionSpecError, match=f"train.min_trainers: Input should be (a )?{expected}"):
+            load_mission_toml(path, BUILTIN)
+
+
 def test_id_covers_everything_signed(lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> None:
     draft = load_mission_toml(EXAMPLE, BUILTIN)
     base = sign_mission(draft, lead, now=NOW).mission_id
@@ -307,9 +337,10 @@ class Forger:
         return msgpack.packb(sorted_maps(self.m.body.model_dump() | changes), use_bin_type=True)
 
     def spec(self, sort: bool = True, **sampling: Any) -> bytes:
-        spec = self.m.spec.model_dump(by_alias=True)
+        """The signed spec's own keys and values with ``sampling`` changed; not sorted: its sections reversed."""
+        spec = msgpack.unpackb(self.m.body.spec)
         spec["sampling"] |= sampling
-        return msgpack.packb(sorted_maps(spec) if sort else spec, use_bin_type=True)
+        return msgpack.packb(sorted_maps(spec) if sort else dict(reversed(spec.items())), use_bin_type=True)
 
     def flipped_signature(self) -> bytes:
         return bytes([self.m.signature[0] ^ 1]) + self.m.signature[1:]

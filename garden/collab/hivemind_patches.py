@@ -1,0 +1,420 @@
+"""Every change garden makes to hivemind's internals, in one place, fenced by the hivemind release they were
+written for.
+
+hivemind offers no hook for what follows, so each one replaces a method or a registry entry of a private
+class. They were written against hivemind ``TESTED_HIVEMIND`` (the version ``pyproject.toml`` pins);
+:func:`install` refuses any other release, naming both, because a patch of a method that moved or changed
+its arguments would fail silently (a guard that no longer runs lets one peer's NaN into everyone's
+model). :data:`PATCHED` lists every ``(owner, attribute)`` replaced here; ``tests/collab/
+test_hivemind_patches.py`` fails when one of them is gone from the installed hivemind. To move to a new
+hivemind: read each patch against its source, update ``TESTED_HIVEMIND`` and the pin, run those tests.
+
+There is deliberately no environment switch to skip the version check: the pin already keeps other
+releases out of a normal install, whoever runs another one on purpose can change ``TESTED_HIVEMIND`` in
+their checkout, and a switch would let a volunteer's machine join a swarm with checks that no longer run.
+
+The patches (each installed once per process, before the optimizer forks its averagers, which inherit them):
+
+* **the averaging guard** (``AllReduceRunner.__init__``, ``TensorPartReducer.accumulate_part``,
+  ``TensorPartContainer.register_processed_part``, ``DecentralizedAverager.load_state_from_peers``): refuse
+  tensor parts from peers that would poison an averaging round: another shape, or values that are not
+  finite. hivemind's all-reduce splits every averaged tensor into parts; each peer reduces some parts (it
+  sums what every sender sent for them) and sends the average back. A volunteer's broken GPU, a bug, or a
+  hostile peer can send NaN, inf or a part of the wrong size, and one NaN in a sum makes the whole swarm's
+  model NaN. hivemind already has the way out: an exception while accumulating a sender's stream bans that
+  sender for the rest of the round (its data is left out, the others' average goes on), and an exception
+  while reading a reducer's answer keeps this peer's own values for that part. The guard raises those
+  exceptions for bad data (:func:`check_part`), and logs which peer sent it. A state downloaded by a peer
+  that catches up (``load_state_from_peers``) is refused too when it holds non-finite values. hivemind
+  builds its all-reduce objects deep inside the averager (no factory to pass), hence the wrapped methods.
+* **the bytes meter** (``AllReduceRunner._generate_input_for_peer``,
+  ``AllReduceRunner._accumulate_parts_streaming``): the bytes this trainer sends while averaging with peers,
+  what ``benchmarks/collab_scaling.py`` compares across modes and compressions and what
+  ``train.bytes_sent`` shows (:func:`bytes_sent`). hivemind moves averaged tensors in its averager
+  processes (forked from the trainer), as protobuf messages of two streams per round: the parts this peer
+  sends to each reducer, and the averaged parts it sends back as a reducer. Their sizes are added to one
+  counter in shared memory, created at install, before the averagers fork, so that they all write to it.
+  Not counted: the state a peer serves to a late joiner (once per join, not per round; hivemind registers
+  that RPC handler by its exact signature, which a wrapper would hide), DHT traffic and libp2p framing.
+* **the 8-bit decoder** (``hivemind.compression.serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"]``):
+  hivemind 1.1.12's ``Uniform8BitQuantization.extract`` fails on numpy 2 (see
+  :mod:`garden.collab.compression`), and hivemind decodes every part with one registry of compression
+  objects by wire type (not with the averager's own object), so garden's
+  :class:`~garden.collab.compression.Uniform8Bit` goes there. :func:`install_decoder` installs this one
+  alone: ``make_compression`` needs it wherever an 8-bit compression is built (a test's averagers too).
+* **averagers tied to their trainer** (``DecentralizedAverager.run``): hivemind's averagers are forked
+  children that outlive a worker killed with SIGKILL (the OOM killer, a crash); each one watches its
+  parent, as the DHT process does, and exits when the worker is gone.
+* **states served whole** (``TrainingStateAverager.step``, ``.load_state_from_peers``, ``.get_current_state``):
+  a peer serves its state (to a late joiner) labelled with an epoch, and the parameters it sends are the ones it
+  held at that epoch. hivemind labels the state with ``local_epoch``, which it increments *before* the epoch's
+  optimizer step and averaging round run (in a background thread, seconds when peers are slow to meet), and which
+  ``Optimizer.load_state_from_peers`` advances to the swarm's epoch without new parameters when the state it got
+  is one epoch behind ("catching up"). A late joiner asking at such a moment got epoch E+1 with the parameters of
+  E, and trained, reported and checkpointed them as E+1. Here every step that changes the parameters and every
+  load marks the state as moving, and ``get_current_state`` answers no state (the downloader asks the next peer,
+  as for a peer that does not share) while the state moves or while its parameters are not those of its epoch
+  (:func:`params_epoch`: the epoch of the last step or load that set them). A load counts only when the
+  parameters it left are those the peer sent under the epoch it now holds (:func:`loaded_states`).
+
+Not patches, but hivemind's internals too, for trainers that wait for each other (``[train] min_trainers``):
+:func:`report_presence` stores a trainer's entry in the progress record before its first step (hivemind's reporter
+stores one only once the trainer has accumulated samples), and :func:`refresh_progress` has the tracker read the
+record now rather than at its next scheduled read (up to 10 s away).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import multiprocessing
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TESTED_HIVEMIND = "1.1.12"
+"""The hivemind release these patches were written for and tested with (``pyproject.toml`` pins it)."""
+
+PATCHED: tuple[tuple[str, str], ...] = (
+    # the averaging guard
+    ("hivemind.averaging.allreduce:AllReduceRunner", "__init__"),
+    ("hivemind.averaging.partition:TensorPartReducer", "accumulate_part"),
+    ("hivemind.averaging.partition:TensorPartContainer", "register_processed_part"),
+    ("hivemind.averaging.averager:DecentralizedAverager", "load_state_from_peers"),
+    # the bytes meter
+    ("hivemind.averaging.allreduce:AllReduceRunner", "_generate_input_for_peer"),
+    ("hivemind.averaging.allreduce:AllReduceRunner", "_accumulate_parts_streaming"),
+    # the 8-bit decoder (an entry of this dict)
+    ("hivemind.compression.serialization", "_BASE_COMPRESSION_TYPES"),
+    # averagers tied to their trainer
+    ("hivemind.averaging.averager:DecentralizedAverager", "run"),
+    # states served whole
+    ("hivemind.optim.state_averager:TrainingStateAverager", "step"),
+    ("hivemind.optim.state_averager:TrainingStateAverager", "load_state_from_peers"),
+    ("hivemind.optim.state_averager:TrainingStateAverager", "get_current_state"),
+)
+"""Every ``(owner, attribute)`` replaced here; an owner is ``module`` or ``module:Class``."""
+
+_lock = threading.Lock()
+_installed: set[str] = set()
+_counter: Any = None
+
+
+def owner(path: str) -> Any:
+    """The module or class an entry of :data:`PATCHED` names (``module`` or ``module:Class``)."""
+    module, _, qualname = path.partition(":")
+    found: Any = importlib.import_module(module)
+    for name in filter(None, qualname.split(".")):
+        found = getattr(found, name)
+    return found
+
+
+def check_version() -> None:
+    """Raise ``RuntimeError`` unless the installed hivemind is :data:`TESTED_HIVEMIND`."""
+    import hivemind
+
+    found = getattr(hivemind, "__version__", "unknown")
+    if found != TESTED_HIVEMIND:
+        raise RuntimeError(
+            f"garden's patches of hivemind internals (garden.collab.hivemind_patches) were written for hivemind "
+            f"{TESTED_HIVEMIND}, but hivemind {found} is installed; install hivemind=={TESTED_HIVEMIND} "
+            f"(pip install 'hivemind=={TESTED_HIVEMIND}')"
+        )
+
+
+def install() -> None:
+    """Install every patch in this process (idempotent; the version is checked at each call). Call it before
+    the optimizer forks its averagers: they inherit the patches."""
+    with _lock:
+        check_version()
+        _once("decoder", _install_decoder)
+        _once("guard", _install_guard)
+        _once("meter", _install_meter)
+        _once("tie", _install_tie)
+        _once("whole states", _install_whole_states)
+
+
+def install_decoder() -> None:
+    """Install the 8-bit decoder alone (idempotent; the version is checked at each call)."""
+    with _lock:
+        check_version()
+        _once("decoder", _install_decoder)
+
+
+def _once(name: str, patch: Callable[[], None]) -> None:
+    if name not in _installed:
+        patch()
+        _installed.add(name)
+
+
+# --- the averaging guard ---------------------------------------------------------------------------------
+
+
+class RefusedPart(Exception):
+    """A tensor part from a peer was refused; hivemind bans the sender for this round."""
+
+
+def check_part(part: Any, expected_shape: Any, peer: str, what: str) -> None:
+    """Raise :class:`RefusedPart` (and log ``peer``) unless ``part`` has ``expected_shape`` and finite values."""
+    import torch
+
+    problem = None
+    if tuple(part.shape) != tuple(expected_shape):
+        problem = f"shape {tuple(part.shape)}, expected {tuple(expected_shape)}"
+    elif not bool(torch.isfinite(part).all()):
+        problem = "non-finite values"
+    if problem is not None:
+        logger.warning("refused %s from peer %s: %s; it is left out of this averaging round", what, peer, problem)
+        raise RefusedPart(f"{what} from {peer}: {problem}")
+
+
+def _install_guard() -> None:
+    from hivemind.averaging.allreduce import AllReduceRunner
+    from hivemind.averaging.averager import DecentralizedAverager
+    from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
+
+    original_init = AllReduceRunner.__init__
+    original_accumulate = TensorPartReducer.accumulate_part
+    original_register = TensorPartContainer.register_processed_part
+    original_load_state = DecentralizedAverager.load_state_from_peers
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # who is who, for the checks below: senders (as the reducer counts them) and reducers (by peer index)
+        self.tensor_part_reducer.garden_senders = [str(p) for p in self.sender_peer_ids]
+        self.tensor_part_container.garden_peers = [str(p) for p in self.ordered_peer_ids]
+        self.tensor_part_container.garden_part_shapes = [
+            [tuple(part.shape) for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
+        ]
+
+    async def accumulate_part(
+        self: Any, sender_index: int, part_index: int, tensor_part: Any, weight: float = 1.0
+    ) -> Any:
+        senders = getattr(self, "garden_senders", None)
+        if senders is not None and 0 <= part_index < self.num_parts:
+            check_part(tensor_part, self.part_shapes[part_index], senders[sender_index], "a tensor part")
+        return await original_accumulate(self, sender_index, part_index, tensor_part, weight)
+
+    def register_processed_part(self: Any, peer_index: int, part_index: int, part: Any) -> None:
+        shapes = getattr(self, "garden_part_shapes", None)
+        if shapes is not None and part_index < len(shapes[peer_index]):
+            check_part(part, shapes[peer_index][part_index], self.garden_peers[peer_index], "an averaged part")
+        original_register(self, peer_index, part_index, part)
+
+    def load_state_from_peers(self: Any, *args: Any, **kwargs: Any) -> Any:
+        loaded = original_load_state(self, *args, **kwargs)
+        if loaded is not None and kwargs.get("wait", True):
+            import torch
+
+            _, tensors = loaded
+            if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+                logger.warning("refused a state downloaded from a peer: it holds non-finite values")
+                loaded = None  # hivemind reads this as "no state loaded" and tries again later
+            self._garden_download = loaded  # what "states served whole" checks the load against
+        return loaded
+
+    AllReduceRunner.__init__ = init  # type: ignore[method-assign]
+    TensorPartReducer.accumulate_part = accumulate_part  # type: ignore[method-assign]
+    TensorPartContainer.register_processed_part = register_processed_part  # type: ignore[method-assign]
+    DecentralizedAverager.load_state_from_peers = load_state_from_peers  # type: ignore[method-assign]
+
+
+# --- the bytes meter -------------------------------------------------------------------------------------
+
+
+def bytes_sent() -> int:
+    """Bytes this process and its averagers sent in averaging rounds since :func:`install` (0 before)."""
+    return int(_counter.value) if _counter is not None else 0
+
+
+def _counting(stream: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    @functools.wraps(stream)
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async for message in stream(self, *args, **kwargs):
+            with _counter.get_lock():
+                _counter.value += message.ByteSize()
+            yield message
+
+    return counted
+
+
+def _install_meter() -> None:
+    global _counter
+    from hivemind.averaging.allreduce import AllReduceRunner
+
+    _counter = multiprocessing.Value("q", 0)
+    for name in ("_generate_input_for_peer", "_accumulate_parts_streaming"):
+        setattr(AllReduceRunner, name, _counting(getattr(AllReduceRunner, name)))
+
+
+# --- the 8-bit decoder -----------------------------------------------------------------------------------
+
+
+def _install_decoder() -> None:
+    from hivemind.compression import serialization
+
+    from garden.collab.compression import Uniform8Bit
+
+    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
+
+
+# --- averagers tied to their trainer ---------------------------------------------------------------------
+
+
+def _install_tie() -> None:
+    from hivemind.averaging.averager import DecentralizedAverager
+
+    original = DecentralizedAverager.run
+
+    def run(self: DecentralizedAverager) -> None:
+        from garden.lifecycle import watch_parent
+
+        watch_parent(self._parent_pid)
+        original(self)
+
+    DecentralizedAverager.run = run  # type: ignore[method-assign]
+
+
+# --- states served whole ---------------------------------------------------------------------------------
+
+_serving = threading.Lock()
+"""Guards the marks below (``_garden_moving``, ``_garden_version``, ``_garden_params_epoch``). Never held while
+waiting on anything: a read for a peer checks the marks before and after, it does not hold steps back."""
+
+
+def params_epoch(averager: Any) -> int:
+    """The epoch the parameters of ``averager`` (hivemind's ``TrainingStateAverager``) belong to: its
+    ``local_epoch``, unless hivemind advanced that without new parameters (the epoch of the last step or load that
+    set them). Without the patches installed, ``local_epoch``."""
+    return int(getattr(averager, "_garden_params_epoch", averager.local_epoch))
+
+
+def loaded_states(averager: Any) -> int:
+    """How many states ``averager`` loaded from peers (loads that left this peer holding a peer's parameters
+    under that peer's epoch; a load that found no state, or was refused, does not count)."""
+    return int(getattr(averager, "_garden_loads", 0))
+
+
+class _Moving:
+    """The state of ``averager`` changes inside this block: a read for a peer that overlaps it is not served."""
+
+    def __init__(self, averager: Any):
+        self.averager = averager
+
+    def __enter__(self) -> None:
+        averager = self.averager
+        with _serving:
+            if not hasattr(averager, "_garden_params_epoch"):  # before hivemind can move the epoch alone
+                averager._garden_params_epoch = averager.local_epoch
+            averager._garden_moving = getattr(averager, "_garden_moving", 0) + 1
+            averager._garden_version = getattr(averager, "_garden_version", 0) + 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with _serving:
+            self.averager._garden_moving -= 1
+
+
+def _servable(averager: Any, epoch: Any, version: int | None = None) -> str | None:
+    """Why the state of ``averager``, read as of ``epoch`` (and ``version``), must not be served; None if it
+    may. Called with :data:`_serving` held."""
+    moved = version is not None and getattr(averager, "_garden_version", 0) != version
+    if getattr(averager, "_garden_moving", 0) or moved:
+        return "it moves to another epoch"
+    if epoch != params_epoch(averager):
+        return f"its parameters are those of epoch {params_epoch(averager)}, not {epoch}"
+    return None
+
+
+def _holds(averager: Any, download: Any) -> bool:
+    """Whether ``averager`` holds the parameters (and extra tensors) of ``download`` under its epoch."""
+    import torch
+
+    metadata, tensors = download
+    if not isinstance(metadata, dict) or metadata.get("epoch") != averager.local_epoch:
+        return False
+    mine = [p for group in averager.optimizer.param_groups for p in group["params"]] + list(averager.extra_tensors)
+    return len(tensors) >= len(mine) and all(
+        tuple(p.shape) == tuple(t.shape) and torch.equal(p.detach().cpu(), t.to(p.dtype))
+        for p, t in zip(mine, tensors, strict=False)
+    )
+
+
+def _install_whole_states() -> None:
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    original_step = TrainingStateAverager.step
+    original_load = TrainingStateAverager.load_state_from_peers
+    original_state = TrainingStateAverager.get_current_state
+    changing = ("increment_epoch", "optimizer_step", "averaging_round")
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not args and not any(kwargs.get(name) for name in changing):
+            return original_step(self, *args, **kwargs)  # waits for or applies nothing garden runs delayed
+        # garden runs no delayed optimizer step nor delayed averaging (garden.collab.trainer.make_optimizer): the
+        # parameters are final when this returns
+        with _Moving(self):
+            try:
+                return original_step(self, *args, **kwargs)
+            finally:
+                self._garden_params_epoch = self.local_epoch
+
+    def load_state_from_peers(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _Moving(self):  # the parameters are copied before the epoch is set
+            self._garden_download = None
+            try:
+                return original_load(self, *args, **kwargs)
+            finally:
+                download, self._garden_download = self._garden_download, None
+                if download is not None and _holds(self, download):
+                    self._garden_params_epoch = self.local_epoch
+                    self._garden_loads = loaded_states(self) + 1
+
+    def get_current_state(self: Any) -> Any:
+        with _serving:
+            why = _servable(self, self.local_epoch)
+            version = getattr(self, "_garden_version", 0)
+        if why is None:
+            metadata, tensors, infos = original_state(self)
+            # hivemind hands over views of the live parameters (on CPU), streamed to the peer later: copy them,
+            # so that a step taken while the state is on its way does not change what is sent
+            count = sum(len(group["params"]) for group in self.optimizer.param_groups) + len(self.extra_tensors)
+            tensors = [t.clone() if i < count else t for i, t in enumerate(tensors)]
+            with _serving:  # nothing moved while it was read
+                why = _servable(self, metadata.get("epoch"), version)
+            if why is None:
+                return metadata, tensors, infos
+        logger.info("a peer asked for this trainer's state while %s: not served (it asks another)", why)
+        return None, [], []  # no tensors: the stream is empty and the downloader goes on to the next peer
+
+    TrainingStateAverager.step = step  # type: ignore[method-assign]
+    TrainingStateAverager.load_state_from_peers = load_state_from_peers  # type: ignore[method-assign]
+    TrainingStateAverager.get_current_state = get_current_state  # type: ignore[method-assign]
+
+
+def report_presence(tracker: Any) -> None:
+    """Store this trainer's progress record (0 samples at its epoch) under hivemind's progress key, as hivemind's
+    own reporter does once a trainer has accumulated samples (before that it stores none, so a trainer that
+    waits to start is invisible to the others). Returns once stored. The record expires after the tracker's
+    ``metadata_expiration``; call again to keep it. hivemind's reporter replaces it (later expiration) from the
+    first step on."""
+    from hivemind.utils import get_dht_time
+
+    tracker.dht.store(
+        key=tracker.training_progress_key,
+        subkey=tracker._local_public_key,
+        value=tracker.local_progress.dict(),
+        expiration_time=get_dht_time() + tracker.metadata_expiration,
+    )
+
+
+def refresh_progress(tracker: Any) -> None:
+    """Have hivemind's progress tracker read the progress record now (it reads it on a schedule of its own,
+    every 0.5 to 10 s by its estimate of the epoch's end); the new view is in ``tracker.global_progress`` once
+    read, a moment later."""
+    from hivemind.utils import get_dht_time
+
+    tracker.global_progress.next_fetch_time = get_dht_time()
+    tracker.global_state_updated.set()  # wakes the fetcher, which finds its next read due

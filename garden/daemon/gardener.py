@@ -1,0 +1,360 @@
+"""The Gardener: one peer of the swarm, the composition root where every service is built and wired.
+
+It knows nothing of HTTP or signals (``garden.daemon.runner`` runs the process; ``garden.api`` serves the
+port, reading the services' snapshots), so tests can drive a Gardener directly. :meth:`Gardener.open` is
+synchronous and runs before the event loop exists, because the hivemind DHT forks a child process; the
+services take what needs the loop (the P2P handle, threads) in their ``start``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden import __version__
+from garden.config import GardenSettings
+from garden.daemon.datadir import DataDir
+from garden.daemon.supervisor import Supervisor
+from garden.inference.blocks import LayerSpan
+from garden.inference.client import ChainConfig
+from garden.inference.server import ServeConfig
+from garden.inference.service import InferenceService
+from garden.host.contribution import Ledger
+from garden.host.disk import DiskKeeper
+from garden.host.governor import Governor
+from garden.host.idle import IdleConfig
+from garden.host.capabilities import MachineInfo, choose_roles, machine_load, probe_machine
+from garden.net.directory import PeerDirectory
+from garden.net.identity import Identity, load_or_create_identity
+from garden.net.swarm import Swarm, SwarmConfig
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import PeerInfo, PeerState, Role
+from garden.protocol.serve_spec import parse_serve_spec
+from garden.mission.book import MissionBook
+from garden.mission.replication import RowSetKeeper
+from garden.net.transfer import ContentTransfer, TransferLimits
+from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator, ShardRecordValidator
+from garden.lifecycle import Service
+from garden.store import Store
+from garden.mission.leases import LeaseConfig, LeaseManager
+from garden.mission.shaking import MissionWork, WorkConfig
+from garden.mission.checkpoints import CheckpointSharing
+from garden.mission.training import TrainingConfig, TrainingWork
+
+logger = logging.getLogger(__name__)
+
+LEDGER_PERIOD = 5.0
+"""Seconds between writes of the contribution counters to the store (a crash loses at most these)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """What :meth:`Gardener.open` set up before any service exists: the machine's side of the peer, and the
+    running DHT. Each part can fail for a reason the user can fix, so they are made (and undone) first."""
+
+    settings: GardenSettings
+    data_dir: DataDir
+    identity: Identity
+    store: Store
+    machine: MachineInfo
+    roles: list[Role]
+    skipped_roles: dict[str, str]
+    governor: Governor
+    ledger: Ledger
+    validators: Validators
+    swarm: Swarm
+    addresses: list[str]
+
+
+@dataclass(frozen=True)
+class Validators:
+    """The DHT node's record validators (they count what they refuse, for ``/metrics``)."""
+
+    peers: PeerRecordValidator
+    shards: ShardRecordValidator
+    missions: MissionRecordValidator
+
+
+class LedgerKeeper(Service):
+    """Counts tokens served by this peer's block servers and time online, and writes the contribution
+    counters every ``LEDGER_PERIOD`` (a crash loses at most that), and once more at the end."""
+
+    name = "contribution"
+
+    def __init__(self, ledger: Ledger, inference: InferenceService):
+        self.ledger, self.inference = ledger, inference
+        self._served: dict[int, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while True:
+            await self.flush()
+            if stop.is_set():
+                return
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=LEDGER_PERIOD)
+            except TimeoutError:
+                pass
+
+    async def flush(self) -> None:
+        for server in self.inference.servers:
+            total = server.stats.tokens_served
+            self.ledger.add("tokens_served", total - self._served.get(id(server), 0))
+            self._served[id(server)] = total
+        try:
+            await asyncio.to_thread(self.ledger.flush)
+        except Exception as e:
+            logger.warning("could not write the contribution counters: %s", e)
+
+
+class Gardener:
+    """The composition root: every service of one peer is built here, fully, in :meth:`__init__`; nothing is
+    wired later. :meth:`open` prepares the machine and the DHT (synchronously: the DHT forks), :meth:`start`
+    starts the services in order on the event loop, :meth:`stop` stops them in the reverse order, and
+    :meth:`close` stops the DHT and closes the store.
+
+    Who uses whom (each arrow a constructor argument)::
+
+        transfer -> swarm                      directory -> swarm
+        missions -> store, swarm, transfer     (registers prompts and rows with the transfer)
+        checkpoints -> swarm, transfer         (registers ckpt)
+        disk -> store, missions, checkpoints   keeper -> store, missions, transfer, disk (takes row-set offers)
+        shaking -> missions, keeper, leases, directory, governor, ledger
+        training -> missions, store, checkpoints, governor, ledger
+        inference -> swarm, governor           contribution -> ledger, inference
+    """
+
+    def __init__(self, host: Host):
+        self.host = host
+        settings, identity, swarm, keys = host.settings, host.identity, host.swarm, DHTKeys(host.settings.swarm)
+        self.settings, self.keys, self.data_dir, self.swarm = settings, keys, host.data_dir, swarm
+        self.store, self.governor, self.ledger = host.store, host.governor, host.ledger
+        self.machine, self.roles, self.skipped_roles, self.addresses = (
+            host.machine, host.roles, host.skipped_roles, host.addresses
+        )  # fmt: skip
+        period = min(settings.announce_period, 5.0)
+        rates = TransferLimits(upload_rate=settings.max_upload_rate, download_rate=settings.max_download_rate)
+        self.transfer = ContentTransfer(swarm, limits=rates, namespace=keys.swarm)
+        self.directory = PeerDirectory(swarm, keys, identity.private_key, self._make_record, settings.announce_period)
+        self.missions = MissionBook(
+            self.store, swarm, keys, identity.private_key, identity.peer_id, settings.announce_period, self.transfer
+        )
+        self.checkpoints = CheckpointSharing(
+            swarm, keys, identity.private_key, identity.peer_id, self.transfer,
+            train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
+        )  # fmt: skip
+        self.disk = DiskKeeper(self.data_dir.root, settings.max_disk, self.store, self.missions, self.checkpoints)
+        self.keeper = RowSetKeeper(self.store, self.missions, self.transfer, self.disk)
+        leases = LeaseManager(
+            swarm.dht, keys, identity.private_key,
+            LeaseConfig(lease_duration=settings.lease_seconds, dht_timeout=settings.dht_timeout),
+        )  # fmt: skip
+        self.work = MissionWork(
+            self.missions, self.keeper, leases, self.directory,
+            WorkConfig(shaker="shaker" in self.roles, period=period, max_memory=settings.max_memory),
+            governor=self.governor, ledger=self.ledger,
+        )  # fmt: skip
+        idle = self._idle_config()
+        self.training = TrainingWork(
+            self.missions,
+            self.store,
+            TrainingConfig(
+                trainer="trainer" in self.roles,
+                root=self.data_dir.train,
+                store_path=self.data_dir.store,
+                initial_peers=list(self.addresses or settings.join),
+                host_maddrs=settings.host_maddr,
+                client_mode=settings.client_mode,
+                batch_size=settings.train_batch_size,
+                max_threads=self.max_threads,
+                log_level=settings.log_level,
+                period=period,
+                limits={
+                    "max_cpu": self.max_cpu_fraction,
+                    "idle_threshold": idle.threshold if idle else None,
+                    "idle_quiet_s": idle.quiet_s if idle else 60.0,
+                },
+                max_memory=settings.max_memory,
+            ),
+            sharing=self.checkpoints,
+            governor=self.governor,
+            ledger=self.ledger,
+        )
+        self.inference = InferenceService(
+            swarm, keys, identity.private_key, identity.peer_id, ChainConfig(call_timeout=settings.inference_timeout),
+            serving=self._serve_configs(), governor=self.governor,
+        )  # fmt: skip
+        self.contribution = LedgerKeeper(self.ledger, self.inference)
+        self.supervisor = Supervisor(
+            [self.transfer, self.directory, self.missions, self.work, self.training, self.inference, self.disk,
+             self.contribution]
+        )  # fmt: skip
+        self.started_at = time.time()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: GardenSettings) -> Gardener:
+        """Open the store, load the identity, probe the machine, start the DHT, and build every service.
+        Raises on failure (``SwarmError``, ``IdentityError``, ``StoreError``) after undoing what it did."""
+        data_dir = DataDir(settings.data_dir)
+        data_dir.ensure()
+        store: Store | None = None
+        governor: Governor | None = None
+        swarm: Swarm | None = None
+        try:
+            identity = load_or_create_identity(data_dir.identity)
+            store = Store(data_dir.store)
+            store.set_meta("peer_id", identity.peer_id)
+            machine = probe_machine()
+            roles, skipped_roles = choose_roles(settings.roles, machine)
+            governor = Governor(store, _max_cpu_fraction(settings), _idle_config(settings), root_pid=os.getpid())
+            _cap_threads(_max_threads(settings, machine))
+            validators = Validators(
+                PeerRecordValidator(DHTKeys(settings.swarm)),
+                ShardRecordValidator(DHTKeys(settings.swarm)),
+                MissionRecordValidator(DHTKeys(settings.swarm)),
+            )
+            swarm = Swarm(
+                SwarmConfig(
+                    initial_peers=settings.join,
+                    host_maddrs=settings.host_maddr,
+                    announce_maddrs=settings.announce_maddr,
+                    client_mode=settings.client_mode,
+                    identity_path=str(identity.path),
+                    dht_timeout=settings.dht_timeout,
+                    record_validators=[validators.peers, validators.shards, validators.missions],
+                )
+            )
+            swarm.start()
+            addresses = [] if settings.client_mode else swarm.visible_maddrs()
+            host = Host(
+                settings, data_dir, identity, store, machine, roles, skipped_roles, governor, Ledger(store),
+                validators, swarm, addresses,
+            )  # fmt: skip
+            return cls(host)
+        except BaseException:
+            if swarm is not None:
+                swarm.shutdown()
+            if store is not None:
+                store.close()
+            raise
+
+    async def start(self) -> None:
+        """Start the governor's sampling and every service in order (the P2P handlers, then the periodic work);
+        returns once all run in the background."""
+        self.governor.start()
+        machine_load()  # prime psutil's CPU counter so the first announce reports a real value
+        await self.supervisor.start()
+
+    async def stop(self) -> None:
+        """Leave the swarm politely: stop the services in the reverse order (the last one announces
+        ``offline``), then close this process's P2P handle."""
+        await self.supervisor.stop()
+        await self.swarm.close_p2p()
+
+    def close(self) -> None:
+        """Stop the DHT process (and its p2pd) and close the store. Idempotent."""
+        self.governor.stop()
+        try:
+            self.ledger.flush()
+        except Exception as e:
+            logger.warning("could not write the contribution counters: %s", e)
+        self.swarm.shutdown()
+        self.store.close()
+
+    @property
+    def max_cpu_fraction(self) -> float | None:
+        return _max_cpu_fraction(self.settings)
+
+    @property
+    def max_threads(self) -> int | None:
+        return _max_threads(self.settings, self.machine)
+
+    def _idle_config(self) -> IdleConfig | None:
+        return _idle_config(self.settings)
+
+    def _serve_configs(self) -> list[ServeConfig]:
+        settings = self.settings
+        if settings.serve and "server" not in self.roles:
+            logger.warning("--serve given, but this peer does not take the server role: serving nothing")
+            return []
+        configs = []
+        for spec in map(parse_serve_spec, settings.serve):
+            configs.append(
+                ServeConfig(
+                    model=spec.model,
+                    span=LayerSpan(spec.start, spec.end) if spec.start is not None and spec.end is not None else None,
+                    blocks=settings.serve_blocks,
+                    max_sessions=settings.max_sessions,
+                    max_session_tokens=settings.max_session_tokens,
+                    idle_timeout=settings.session_idle_timeout,
+                    announce_period=settings.announce_period,
+                    namespace=self.keys.swarm,
+                    max_memory=settings.max_memory,
+                )
+            )
+        return configs
+
+    # --- state -------------------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return self.host.identity.peer_id
+
+    @property
+    def uptime_s(self) -> float:
+        return time.time() - self.started_at
+
+    @property
+    def invalid_peer_records(self) -> int:
+        """Peer records refused by the DHT node plus those dropped when reading."""
+        return self.host.validators.peers.rejected + self.directory.invalid_records
+
+    def child_pids(self) -> list[int]:
+        return self.swarm.child_pids() + self.training.child_pids()
+
+    def _make_record(self, state: PeerState) -> PeerInfo:
+        return PeerInfo(
+            peer_id=self.peer_id,
+            version=__version__,
+            state=state,
+            roles=list(self.roles),
+            cores=self.machine.cores,
+            ram_bytes=self.machine.ram_bytes,
+            gpu=self.machine.gpu,
+            load=machine_load(),
+            addresses=self.addresses[:32],
+            client_mode=self.settings.client_mode,
+            announced_at=get_dht_time(),
+            paused=self.governor.paused,
+            working=self.governor.working_state()[:200],
+            contribution=self.ledger.totals(),
+        )
+
+
+def _max_cpu_fraction(settings: GardenSettings) -> float | None:
+    return settings.max_cpu / 100.0 if settings.max_cpu else None
+
+
+def _max_threads(settings: GardenSettings, machine: MachineInfo) -> int | None:
+    """``--max-threads``, else as many threads as ``--max-cpu`` leaves whole cores (at least one)."""
+    if settings.max_threads:
+        return settings.max_threads
+    fraction = _max_cpu_fraction(settings)
+    return max(1, int(fraction * machine.cores)) if fraction else None
+
+
+def _idle_config(settings: GardenSettings) -> IdleConfig | None:
+    if settings.when != "idle":
+        return None
+    return IdleConfig(threshold=settings.idle_threshold / 100.0, quiet_s=settings.idle_quiet_s)
+
+
+def _cap_threads(threads: int | None) -> None:
+    if threads:
+        import torch  # already imported by hivemind; local import keeps the dependency visible
+
+        torch.set_num_threads(threads)

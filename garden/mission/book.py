@@ -1,0 +1,355 @@
+"""The missions this peer knows: lead-signed records read from and renewed in the DHT, their prompts fetched
+from the peers that hold them, the lead's cancels, and the announcements of who holds what.
+
+Everything read here came from strangers, so every mission is verified (:meth:`SignedMission.from_record`),
+every prompt list checked against the hash the lead signed, and every announcement against its signer;
+invalid entries are logged, counted and ignored. What this peer has verified is kept in the store, so a
+restart (or a swarm where the lead has left) loses nothing.
+
+Key layout (docs/architecture.md, "DHT keys"): under ``missions`` the subkey is the mission id (value: the
+signed mission, renewed by every peer that holds it) or ``cancel:<id>:<lead peer id>`` (the lead's signed cancel); under
+``m/<id>/rows`` the subkey ``rows:<peer id>`` holds that peer's :class:`RowsAnnouncement`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden.net.swarm import Swarm
+from garden.errors import Conflict, NotAllowed, NotFound
+from garden.lifecycle import Service
+from garden.net.transfer import ContentTransfer, TransferError
+from garden.protocol.content import ContentRef
+from garden.protocol.keys import DHTKeys
+from garden.protocol.mission import (
+    CANCEL_PREFIX,
+    CancelRecord,
+    MissionDraft,
+    SignedMission,
+    cancel_subkey,
+    open_cancel,
+    pack_prompts,
+    parse_cancel_subkey,
+    shard_prompts,
+    sign_cancel,
+    sign_mission,
+    unpack_prompts,
+)
+from garden.protocol.records import RecordError
+from garden.protocol.row_sets import MAX_HELD_PER_ANNOUNCEMENT, HeldRowSet, RowsAnnouncement, pack_encoded_rows
+from garden.protocol.rows import PromptRow
+from garden.store import Store
+
+logger = logging.getLogger(__name__)
+
+REFRESH_PERIOD = 5.0
+"""Longest wait between reads of the ``missions`` key (new missions, cancels)."""
+MISSION_RECORD_TTL = 2 * 3600.0
+"""Seconds a mission record lives in the DHT unless renewed; every peer holding it renews it each period."""
+
+
+@dataclass
+class Mission:
+    """A verified mission as this peer knows it."""
+
+    signed: SignedMission
+    prompts: tuple[PromptRow, ...] | None = None
+    cancel: CancelRecord | None = None
+
+    @property
+    def id(self) -> str:
+        return self.signed.mission_id
+
+    @property
+    def name(self) -> str:
+        return self.signed.name
+
+    @property
+    def shard_count(self) -> int:
+        return self.signed.body.shard_count
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None
+
+    def shard(self, index: int) -> list[PromptRow]:
+        """The prompts of shard ``index`` (the prompts must be known)."""
+        if self.prompts is None:
+            raise Conflict(f"mission {self.id[:12]}: prompts not fetched yet")
+        return shard_prompts(self.prompts, self.signed.spec.shard_size)[index]
+
+
+class MissionBook(Service):
+    """Missions known to this peer, kept in step with the DHT by :meth:`run`.
+
+    :param period: seconds between refreshes (new missions, cancels, prompts) and renewals of what this
+        peer holds; the daemon passes its announce period
+    :param transfer: where it fetches prompts from peers, and serves its prompts and row sets (it registers
+        both kinds)
+    """
+
+    name = "missions"
+
+    def __init__(
+        self,
+        store: Store,
+        swarm: Swarm,
+        keys: DHTKeys,
+        private_key: rsa.RSAPrivateKey,
+        peer_id: str,
+        period: float,
+        transfer: ContentTransfer,
+    ):
+        self.store, self.swarm, self.keys = store, swarm, keys
+        self._private_key, self.peer_id, self.period = private_key, peer_id, period
+        self.transfer = transfer
+        transfer.register("prompts", self.content)
+        transfer.register("rows", self.content)
+        self.missions: dict[str, Mission] = {}
+        self.invalid_records: Counter[str] = Counter()  # by kind: mission, cancel, prompts, rows
+        self._wake = asyncio.Event()
+        self.news = asyncio.Event()
+        """Set when a mission becomes known, gets its prompts or is cancelled: the work loop reacts at once."""
+        self._load()
+
+    # --- local state --------------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Missions kept in the store, verified again (the store is ours, but a bug must not spread)."""
+        for kept in self.store.list_missions():
+            try:
+                signed = SignedMission.from_wire(kept.record)
+                mission = Mission(signed)
+                if kept.prompts is not None:
+                    mission.prompts = unpack_prompts(kept.prompts, signed)
+                if kept.cancel is not None:
+                    mission.cancel = open_cancel(kept.cancel, signed)
+            except RecordError as e:
+                logger.error("stored mission %s is unreadable, ignored: %s", kept.mission_id[:12], e)
+                continue
+            self.missions[signed.mission_id] = mission
+
+    def get(self, mission_id: str) -> Mission:
+        mission = self.missions.get(mission_id)
+        if mission is None:
+            raise NotFound(f"no mission {mission_id!r} is known to this peer")
+        return mission
+
+    def _keep(self, signed: SignedMission) -> Mission:
+        if signed.mission_id not in self.missions:
+            self.store.add_mission(signed.mission_id, signed.to_wire(), signed.name, signed.lead_peer_id)
+            self.missions[signed.mission_id] = Mission(signed)
+            self.news.set()
+            logger.info("mission %s (%s) by %s is known now", signed.name, signed.mission_id[:12], signed.lead_peer_id)
+        return self.missions[signed.mission_id]
+
+    def _keep_prompts(self, mission: Mission, prompts: tuple[PromptRow, ...]) -> None:
+        self.store.set_mission_prompts(mission.id, pack_prompts(prompts))
+        mission.prompts = prompts
+        self.news.set()
+
+    def _keep_cancel(self, mission: Mission, raw: bytes, cancel: CancelRecord) -> None:
+        if mission.cancel is None:
+            self.store.set_mission_cancel(mission.id, raw)
+            mission.cancel = cancel
+            self.news.set()
+            logger.info("mission %s (%s) was cancelled by its lead", mission.name, mission.id[:12])
+
+    def wake(self) -> None:
+        """Announce soon (e.g. after storing a row set), instead of at the next period."""
+        self._wake.set()
+
+    # --- what the lead does ---------------------------------------------------------------------------
+    async def publish(self, draft: MissionDraft) -> Mission:
+        """Sign ``draft`` with this peer's key (this peer becomes the lead), keep it, and publish it."""
+        signed = sign_mission(draft, self._private_key)
+        mission = self._keep(signed)
+        self._keep_prompts(mission, draft.prompts)
+        if not await self.announce(mission):
+            logger.warning("mission %s is kept here, but the DHT did not take it yet; retrying", signed.mission_id)
+        return mission
+
+    async def cancel(self, mission_id: str, reason: str = "") -> Mission:
+        mission = self.get(mission_id)
+        if mission.signed.lead_peer_id != self.peer_id:
+            raise NotAllowed(
+                f"only the mission's lead ({mission.signed.lead_peer_id}) may cancel it; this peer is {self.peer_id}"
+            )
+        if mission.cancel is None:
+            raw = sign_cancel(mission.id, self._private_key, reason=reason)
+            self._keep_cancel(mission, raw, open_cancel(raw, mission.signed))
+        await self.announce(mission)
+        return mission
+
+    # --- the DHT ------------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Read ``missions``: keep new verified missions, obey the leads' cancels; then fetch missing prompts."""
+        found = await self.swarm.get(self.keys.missions, latest=True)
+        entries: Mapping[Any, Any] = {}
+        if found is not None and hasattr(found.value, "items"):
+            entries = dict(found.value.items())
+        cancels: list[tuple[str, Any]] = []
+        for subkey, item in entries.items():
+            value = getattr(item, "value", None)
+            if isinstance(subkey, str) and subkey.startswith(CANCEL_PREFIX):
+                cancels.append((subkey, value))
+                continue
+            try:
+                self._keep(SignedMission.from_record(value, subkey))
+            except RecordError as e:
+                self._invalid("mission", f"under {str(subkey)[:80]!r}: {e}")
+        for subkey, value in cancels:
+            try:
+                mission_id, signer = parse_cancel_subkey(subkey)
+            except RecordError as e:
+                self._invalid("cancel", str(e))
+                continue
+            mission = self.missions.get(mission_id)
+            if mission is None or mission.cancel is not None:
+                continue
+            if signer != mission.signed.lead_peer_id:
+                self._invalid("cancel", f"for {mission_id[:12]} by {signer}, who is not its lead")
+                continue
+            try:
+                self._keep_cancel(mission, value, open_cancel(value, mission.signed))
+            except RecordError as e:
+                self._invalid("cancel", f"for {mission_id[:12]}: {e}")
+        for mission in list(self.missions.values()):
+            if mission.prompts is None:
+                await self.fetch_prompts(mission)
+
+    async def holders(self, mission_id: str) -> dict[str, RowsAnnouncement]:
+        """Who announces holding what of a mission (this peer included), verified; empty if the DHT is silent."""
+        found = await self.swarm.get(self.keys.mission_rows(mission_id), latest=True)
+        result: dict[str, RowsAnnouncement] = {}
+        if found is None or not hasattr(found.value, "items"):
+            return result
+        for subkey, item in found.value.items():
+            try:
+                announcement = RowsAnnouncement.from_wire(getattr(item, "value", None), subkey)
+                if announcement.mission_id != mission_id:
+                    raise RecordError(f"announces mission {announcement.mission_id[:12]}")
+            except RecordError as e:
+                self._invalid("rows", f"under {str(subkey)[:80]!r}: {e}")
+                continue
+            result[announcement.peer_id] = announcement
+        return result
+
+    async def fetch_prompts(self, mission: Mission) -> bool:
+        """Get the mission's prompts from a peer that announces them; True once they are here."""
+        if mission.prompts is not None:
+            return True
+        holders = [peer for peer, a in (await self.holders(mission.id)).items() if a.has_prompts]
+        if not holders:
+            logger.info("no peer announces the prompts of mission %s yet", mission.id[:12])
+            return False
+        ref = ContentRef(kind="prompts", mission_id=mission.id, sha256=mission.signed.body.prompts_sha256)
+        try:
+            raw, source = await self.transfer.fetch_any(holders, ref)
+            prompts = unpack_prompts(raw, mission.signed)
+        except (TransferError, RecordError) as e:  # the transfer checked the hash; a decode error is a bug's
+            self._invalid("prompts", f"mission {mission.id[:12]}: {e}")
+            return False
+        self._keep_prompts(mission, prompts)
+        logger.info("fetched the %d prompts of mission %s from %s", len(prompts), mission.id[:12], source)
+        self.wake()
+        return True
+
+    async def announce(self, mission: Mission) -> bool:
+        """Renew the mission record (and its cancel) and say what this peer holds of it. True if stored."""
+        expiration = get_dht_time() + MISSION_RECORD_TTL
+        ok = await self.swarm.store(self.keys.missions, mission.signed.to_wire(), expiration, subkey=mission.id)
+        if mission.cancel is not None:
+            kept = self.store.get_mission(mission.id)
+            if kept is not None and kept.cancel is not None:
+                await self.swarm.store(
+                    self.keys.missions,
+                    kept.cancel,
+                    expiration,
+                    subkey=cancel_subkey(mission.id, mission.signed.lead_peer_id),
+                )
+        held = sorted(self.store.row_sets(mission.id), key=lambda s: (s.shard, s.attempt))
+        announcement = RowsAnnouncement(
+            mission_id=mission.id,
+            peer_id=self.peer_id,
+            has_prompts=mission.prompts is not None,
+            row_sets=[
+                HeldRowSet(shard=s.shard, attempt=s.attempt, producer=s.producer, sha256=s.sha256, rows=s.rows)
+                for s in held[:MAX_HELD_PER_ANNOUNCEMENT]
+            ],
+            announced_at=get_dht_time(),
+        )
+        ok_rows = await self.swarm.store(
+            self.keys.mission_rows(mission.id),
+            announcement.to_wire(self._private_key),
+            get_dht_time() + max(4 * self.period, 60.0),
+            subkey=announcement.subkey,
+        )
+        return ok and ok_rows
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Look for new missions and cancels every ``REFRESH_PERIOD`` at most (so a mission reaches every
+        peer within seconds even with a long announce period), and renew what this peer holds every
+        period, or sooner after :meth:`wake`."""
+        refresh_period = min(self.period, REFRESH_PERIOD)
+        last_announce = -float("inf")
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.refresh()
+                if self._wake.is_set() or started - last_announce >= self.period:
+                    self._wake.clear()
+                    last_announce = started
+                    for mission in list(self.missions.values()):
+                        await self.announce(mission)
+            except Exception:  # one bad round must not end the loop; the next one retries
+                logger.exception("mission refresh failed")
+            await wait_any((stop, self._wake), timeout=max(0.0, refresh_period - (time.monotonic() - started)))
+
+    # --- serving content to other peers ---------------------------------------------------------------
+    async def content(self, ref: ContentRef) -> bytes | None:
+        """The transfer's source: this peer's prompts and row sets, rebuilt from the store."""
+        mission = self.missions.get(ref.mission_id)
+        if mission is None:
+            return None
+        if ref.kind == "prompts":
+            kept = self.store.get_mission(ref.mission_id)
+            return kept.prompts if kept is not None else None
+        attempt = parse_row_set_item(ref.item)[1] if ref.item else ""
+        bodies = await asyncio.to_thread(self.store.row_set_bodies, ref.mission_id, attempt)
+        return None if bodies is None else pack_encoded_rows(bodies)
+
+    def _invalid(self, kind: str, reason: str) -> None:
+        self.invalid_records[kind] += 1
+        logger.warning("ignored an invalid %s record: %s", kind, reason)
+
+
+async def wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Until any of ``events`` is set, or ``timeout`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def row_set_item(shard: int, attempt: str, producer: str) -> str:
+    """``ContentRef.item`` naming a row set: ``<shard>:<attempt>:<producer>``."""
+    return f"{shard}:{attempt}:{producer}"
+
+
+def parse_row_set_item(item: str) -> tuple[int, str, str]:
+    """Inverse of :func:`row_set_item`; ``ValueError`` for anything else."""
+    parts = item.split(":")
+    if len(parts) != 3 or not parts[0].isdigit():
+        raise ValueError(f"not a row set name: {item[:80]!r}")
+    return int(parts[0]), parts[1], parts[2]

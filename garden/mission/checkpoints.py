@@ -1,0 +1,258 @@
+"""Sharing a mission's checkpoints between peers: the daemon publishes the checkpoints its trainer wrote,
+serves their files, and pulls other peers' checkpoints on a user's request (``garden mission pull``).
+
+* **publish**: every period, each checkpoint in the mission's run directory
+  (``<data dir>/train/<mission>/out``) is announced as a sealed :class:`CheckpointRecord` under
+  ``m/<id>/ckpt`` (re-published, so it stays while this peer holds it);
+* **serve**: a ``ckpt`` content ref names ``<epoch>/<path>`` and the file's sha256; a file is served only
+  when this peer holds a checkpoint of that epoch whose manifest lists that exact hash;
+* **pull**: the files of one epoch are fetched from the peers that announce it (each file hash-checked
+  on arrival by the transfer layer, then once more on disk) into ``<data dir>/checkpoints/<mission>/
+  epoch-<E>/``: a plain transformers directory, plus ``adapter/`` for LoRA students and
+  ``garden-checkpoint.json`` (the record). A file already there with the right hash is not fetched again.
+
+Checkpoint files are held in memory while they travel (the transfer layer's design, fine for small
+students: the 10-layer demo student is ~250 MB); a streaming transfer is left for bigger ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden.models.loading import file_sha256
+from garden.net.swarm import Swarm
+from garden.errors import NotFound, PeerFailed
+from garden.net.transfer import ContentTransfer, TransferError
+from garden.protocol.content import ContentRef
+from garden.protocol.checkpoints import CHECKPOINT_TTL, CheckpointFile, CheckpointRecord
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import RecordError
+from garden.distill.checkpoints import CheckpointError, RunDir
+
+logger = logging.getLogger(__name__)
+
+PULLED_MANIFEST = "garden-checkpoint.json"
+SHARED_DIRS = ("model", "adapter")
+"""What a checkpoint shares: the loadable model (LoRA merged in) and the adapter; not the optimizer state."""
+
+
+class PullError(PeerFailed):
+    """A checkpoint that could not be pulled from the peers that announce it; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    epoch: int
+    path: Path  # the checkpoint directory (holds model/, adapter/)
+    files: dict[str, str]  # relative path -> sha256, shared files only
+
+
+class CheckpointSharing:
+    """:param train_root: ``<data dir>/train`` (each mission's worker writes its run directory there)
+    :param pulled_root: ``<data dir>/checkpoints`` (where pulls land)"""
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        keys: DHTKeys,
+        private_key: Any,
+        peer_id: str,
+        transfer: ContentTransfer,
+        train_root: Path,
+        pulled_root: Path,
+    ):
+        self.swarm, self.keys, self.private_key, self.peer_id = swarm, keys, private_key, peer_id
+        self.transfer, self.train_root, self.pulled_root = transfer, train_root, pulled_root
+        transfer.register("ckpt", self.content)
+        self.invalid_records: Counter[str] = Counter()
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    # --- what this peer holds ----------------------------------------------------------------------
+    def local(self, mission_id: str) -> list[LocalCheckpoint]:
+        """Checkpoints of ``mission_id`` this peer holds: its trainer's, then the ones it pulled."""
+        found: dict[int, LocalCheckpoint] = {}
+        run = RunDir(self.train_root / mission_id / "out")
+        if run.exists():
+            for path in sorted((run.path / "checkpoints").glob("step-*")):
+                if path.name.endswith(".partial"):
+                    continue
+                try:
+                    checkpoint = run.checkpoint(path.name)
+                except (CheckpointError, KeyError, ValueError):
+                    continue
+                listed = checkpoint.manifest.get("files", {})
+                files = {k: v for k, v in listed.items() if k.split("/")[0] in SHARED_DIRS}
+                found[checkpoint.step] = LocalCheckpoint(checkpoint.step, checkpoint.path, files)
+        for path in sorted((self.pulled_root / mission_id).glob("epoch-*")):
+            try:
+                record = json.loads((path / PULLED_MANIFEST).read_text())
+                found.setdefault(
+                    int(record["epoch"]),
+                    LocalCheckpoint(int(record["epoch"]), path, {f["path"]: f["sha256"] for f in record["files"]}),
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return [found[e] for e in sorted(found)]
+
+    def _intact(self, local: LocalCheckpoint) -> bool:
+        return all(file_sha256(self.file_path(local, rel)) == sha for rel, sha in local.files.items())
+
+    def file_path(self, local: LocalCheckpoint, rel: str) -> Path:
+        """Where a shared file lives: under the run's checkpoint as written, flat in a pulled copy."""
+        nested = local.path / rel
+        if nested.is_file():
+            return nested
+        subdir, name = rel.split("/", 1)
+        return local.path / name if subdir == "model" else local.path / rel
+
+    async def publish(self, mission_id: str) -> int:
+        """Announce every checkpoint held here; returns how many were stored."""
+        stored = 0
+        for local in self.local(mission_id):
+            files = [
+                CheckpointFile(path=rel, size=self.file_path(local, rel).stat().st_size, sha256=digest)
+                for rel, digest in sorted(local.files.items())
+            ]
+            metrics = _metrics_of(local.path)
+            record = CheckpointRecord(
+                mission_id=mission_id, epoch=local.epoch, peer_id=self.peer_id, files=files,
+                metrics=metrics, created=get_dht_time(),
+            )  # fmt: skip
+            expiration = get_dht_time() + CHECKPOINT_TTL
+            if await self.swarm.store(
+                self.keys.mission_checkpoints(mission_id), record.to_wire(self.private_key), expiration,
+                subkey=record.subkey,
+            ):  # fmt: skip
+                stored += 1
+        return stored
+
+    async def content(self, ref: ContentRef) -> bytes | None:
+        """The transfer's source for ``ckpt`` refs: the file, when a checkpoint held here lists that hash."""
+        epoch_text, _, rel = ref.item.partition("/")
+        if not epoch_text.isdigit():
+            return None
+        for local in self.local(ref.mission_id):
+            if local.epoch == int(epoch_text) and local.files.get(rel) == ref.sha256:
+                return await asyncio.to_thread(self.file_path(local, rel).read_bytes)
+        return None
+
+    # --- what the swarm holds ----------------------------------------------------------------------
+    async def records(self, mission_id: str) -> list[CheckpointRecord]:
+        """Verified checkpoint records of a mission, by epoch (newest last); invalid ones are counted."""
+        found = await self.swarm.get(self.keys.mission_checkpoints(mission_id), latest=True)
+        result = []
+        for subkey, item in (found.value.items() if found is not None and hasattr(found.value, "items") else []):
+            try:
+                record = CheckpointRecord.from_wire(getattr(item, "value", None), subkey)
+                if record.mission_id != mission_id:
+                    raise RecordError(f"names mission {record.mission_id[:12]}")
+            except RecordError as e:
+                self.invalid_records["ckpt"] += 1
+                logger.warning("ignored an invalid checkpoint record under %r: %s", str(subkey)[:80], e)
+                continue
+            result.append(record)
+        return sorted(result, key=lambda r: (r.epoch, r.peer_id))
+
+    # --- pulling -----------------------------------------------------------------------------------
+    async def pull(self, mission_id: str, epoch: int | None = None) -> tuple[Path, CheckpointRecord]:
+        """Fetch a checkpoint (the newest when ``epoch`` is None) into the pulled root; returns its directory
+        and record. Raises :class:`garden.errors.NotFound` when no peer announces it, :class:`PullError` when it
+        could not be fetched."""
+        records = await self.records(mission_id)
+        if epoch is None:
+            if not records:
+                raise NotFound(f"no peer announces a checkpoint of mission {mission_id[:12]} yet")
+            epoch = records[-1].epoch
+        offers = [r for r in records if r.epoch == epoch]
+        if not offers:
+            known = sorted({r.epoch for r in records})
+            raise NotFound(
+                f"no peer announces epoch {epoch} of mission {mission_id[:12]} (announced: {known or 'none'})"
+            )
+        # this peer's own checkpoint of that epoch first: two trainers may both write one when the last round
+        # did not gather them, with different weights, and the files this peer serves (``local``) are its own
+        offers.sort(key=lambda r: r.peer_id != self.peer_id)
+        if offers[0].peer_id == self.peer_id:
+            own = next((c for c in self.local(mission_id) if c.epoch == epoch), None)
+            if own is not None and own.files == {f.path: f.sha256 for f in offers[0].files}:
+                if await asyncio.to_thread(self._intact, own):
+                    return own.path, offers[0]
+                raise PullError(f"this peer's own checkpoint of epoch {epoch} no longer matches its sha256s (damaged?)")
+        lock = self._locks.setdefault((mission_id, epoch), asyncio.Lock())
+        async with lock:
+            return await self._pull(mission_id, epoch, offers), offers[0]
+
+    async def _fetch(self, holders: list[str], ref: ContentRef) -> tuple[bytes, str]:
+        for attempt in range(1, FETCH_TRIES + 1):
+            try:
+                return await self.transfer.fetch_any(holders, ref)
+            except TransferError as e:
+                if attempt == FETCH_TRIES or "hash mismatch" in str(e):
+                    raise PullError(f"could not fetch {ref.item} of mission {ref.mission_id[:12]}: {e}") from None
+                logger.info("fetch of %s failed (%s); trying again", ref.item, e)
+                await asyncio.sleep(2.0 * attempt)
+        raise AssertionError("unreachable")
+
+    async def _pull(self, mission_id: str, epoch: int, offers: list[CheckpointRecord]) -> Path:
+        target = self.pulled_root / mission_id / f"epoch-{epoch}"
+        files = offers[0].files
+        if target.is_dir() and await asyncio.to_thread(_all_match, target, files):
+            return target  # pulled before, and intact
+        own = next((c for c in self.local(mission_id) if c.epoch == epoch and c.path != target), None)
+        staging = target.with_name(target.name + ".partial")
+        staging.mkdir(parents=True, exist_ok=True)
+        for item in files:
+            dest = staging / _flat(item.path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_file() and await asyncio.to_thread(file_sha256, dest) == item.sha256:
+                continue
+            if own is not None and own.files.get(item.path) == item.sha256:
+                await asyncio.to_thread(shutil.copyfile, self.file_path(own, item.path), dest)
+            else:
+                holders = [r.peer_id for r in offers if getattr(r.file(item.path), "sha256", None) == item.sha256]
+                ref = ContentRef(kind="ckpt", mission_id=mission_id, item=f"{epoch}/{item.path}", sha256=item.sha256)
+                data, source = await self._fetch(holders, ref)
+                await asyncio.to_thread(dest.write_bytes, data)
+                logger.info("pulled %s of mission %s epoch %d from %s", item.path, mission_id[:12], epoch, source)
+            if await asyncio.to_thread(file_sha256, dest) != item.sha256:  # a disk that lies, a race
+                dest.unlink(missing_ok=True)
+                raise PullError(f"{item.path} of epoch {epoch} does not match its sha256 after writing")
+        (staging / PULLED_MANIFEST).write_text(json.dumps(offers[0].model_dump(mode="json"), indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return target
+
+
+FETCH_TRIES = 3
+"""Tries of each file (a few seconds apart): a holder's stream can break off once, e.g. while it is busy."""
+
+
+def _all_match(directory: Path, files: list[CheckpointFile]) -> bool:
+    return all((directory / _flat(f.path)).is_file() and file_sha256(directory / _flat(f.path)) == f.sha256
+               for f in files)  # fmt: skip
+
+
+def _flat(path: str) -> str:
+    """Where a shared file goes in a pulled checkpoint: model files at the top (a transformers directory),
+    adapter files under ``adapter/``."""
+    subdir, name = path.split("/", 1)
+    return name if subdir == "model" else path
+
+
+def _metrics_of(path: Path) -> dict[str, float]:
+    try:
+        metrics = json.loads((path / "manifest.json").read_text()).get("metrics", {})
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

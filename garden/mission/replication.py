@@ -1,0 +1,231 @@
+"""Row sets on this peer: keep the ones it samples, copy them to other peers, take copies from others,
+and drop the ones that lost their shard.
+
+Replication is pull-based: a producer *offers* a row set to a peer (``ContentTransfer.offer``), and the
+peer fetches it back from the producer, checks its hash and that its rows answer the shard's prompts,
+then stores it. So nobody can push unchecked data onto a peer, and the same fetch serves late copies
+(``top_up``: a winning row set held by fewer than ``copies`` peers) and exports (``gather``).
+
+Which attempt won a shard is decided by the shard records (``garden.protocol.shards.pick_winner``); this
+module gets the winners and losers from its caller (``garden.mission.shaking``), which reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from garden.mission.book import Mission, MissionBook, parse_row_set_item, row_set_item
+from garden.host.disk import DiskKeeper
+from garden.net.transfer import ContentTransfer, TransferError
+from garden.protocol.content import ContentRef
+from garden.protocol.records import RecordError
+from garden.protocol.row_sets import RowsAnnouncement, pack_row_set, row_set_sha256, unpack_row_set
+from garden.protocol.rows import DorpoRow
+from garden.protocol.shards import DoneRecord
+from garden.store import Store, StoredRowSet
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COPIES = 2
+"""Peers that should hold each winning row set: its producer and at least one more."""
+
+
+@dataclass(frozen=True)
+class SettleReport:
+    dropped: int = 0  # losing row sets dropped here
+    fetched: int = 0  # winning row sets copied here
+
+
+class RowSetKeeper:
+    """:param disk: the data dir's keeper: told when a copy arrives, and asked which copies it pruned (those
+        are not copied back)"""
+
+    def __init__(
+        self, store: Store, book: MissionBook, transfer: ContentTransfer, disk: DiskKeeper, copies: int = DEFAULT_COPIES
+    ):
+        self.store, self.book, self.transfer, self.disk, self.copies = store, book, transfer, disk, copies
+        self.peer_id = book.peer_id
+        self.refused = 0  # offers or fetches refused for bad content
+        transfer.accept_offers("rows", self.on_offer)
+
+    # --- this peer's own work -------------------------------------------------------------------------
+    def keep_own(self, mission: Mission, shard: int, attempt: str, rows: Sequence[DorpoRow]) -> StoredRowSet:
+        """Store the rows this peer sampled for ``shard`` (in the shard's prompt order) as one row set."""
+        held = StoredRowSet(
+            mission_id=mission.id, attempt=attempt, shard=shard, producer=self.peer_id,
+            sha256=row_set_sha256(pack_row_set(rows)), rows=len(rows), received_from=None, added_at=time.time(),
+        )  # fmt: skip
+        self.store.add_row_set(held, [(row.row_id, row.to_msgpack(), row.prompt) for row in rows])
+        self.book.wake()
+        return held
+
+    async def replicate(self, mission: Mission, held: StoredRowSet, candidates: Sequence[str]) -> list[str]:
+        """Offer ``held`` to ``candidates`` in order until ``copies - 1`` peers took it; returns those peers."""
+        ref = self._ref(mission.id, held.shard, held.attempt, held.producer, held.sha256)
+        taken: list[str] = []
+        for peer in candidates:
+            if len(taken) >= self.copies - 1:
+                break
+            if peer == self.peer_id:
+                continue
+            try:
+                ok, reason = await self.transfer.offer(peer, ref)
+            except TransferError as e:
+                logger.info("could not offer shard %d to %s: %s", held.shard, peer, e)
+                continue
+            if ok:
+                taken.append(peer)
+            else:
+                logger.info("%s declined shard %d of mission %s: %s", peer, held.shard, mission.id[:12], reason)
+        return taken
+
+    # --- other peers' row sets ------------------------------------------------------------------------
+    async def on_offer(self, sender: str, ref: ContentRef) -> tuple[bool, str]:
+        """Another peer offers a row set: fetch it from that peer, check it, keep it."""
+        if ref.kind != "rows":
+            return False, f"only row sets are taken, not {ref.kind}"
+        try:
+            shard, attempt, producer = parse_row_set_item(ref.item)
+        except ValueError as e:
+            return False, str(e)
+        mission = self.book.missions.get(ref.mission_id)
+        if mission is None:
+            await self.book.refresh()
+            mission = self.book.missions.get(ref.mission_id)
+        if mission is None:
+            return False, f"unknown mission {ref.mission_id[:12]}"
+        if mission.prompts is None and not await self.book.fetch_prompts(mission):
+            return False, "the mission's prompts are not here yet"
+        try:
+            await self.fetch(mission, shard, attempt, producer, ref.sha256, [sender])
+        except TransferError as e:  # the short reason first: the reply is capped at 200 characters
+            return False, f"{e.reason}: {e.detail}" if e.detail else e.reason
+        except RecordError as e:
+            return False, str(e)
+        self.disk.poke()
+        return True, "stored"
+
+    async def fetch(
+        self, mission: Mission, shard: int, attempt: str, producer: str, sha256: str, peers: Sequence[str]
+    ) -> bool:
+        """Copy a row set here from the first of ``peers`` that serves it intact; False if already held.
+        Raises ``TransferError`` (no peer served it) or ``RecordError`` (its rows do not fit the shard)."""
+        if any(s.attempt == attempt for s in self.store.row_sets(mission.id)):
+            return False
+        if not 0 <= shard < mission.shard_count:
+            raise RecordError(f"shard {shard} is out of range for mission {mission.id[:12]}")
+        raw, source = await self.transfer.fetch_any(peers, self._ref(mission.id, shard, attempt, producer, sha256))
+        try:
+            rows = await asyncio.to_thread(unpack_row_set, raw)
+            _check_rows_fit(rows, mission.shard(shard))
+        except RecordError as e:
+            self.refused += 1
+            logger.warning("refused the row set of shard %d from %s: %s", shard, source, e)
+            raise
+        held = StoredRowSet(
+            mission_id=mission.id, attempt=attempt, shard=shard, producer=producer, sha256=sha256,
+            rows=len(rows), received_from=source, added_at=time.time(),
+        )  # fmt: skip
+        self.store.add_row_set(held, [(row.row_id, row.to_msgpack(), row.prompt) for row in rows])
+        logger.info("copied shard %d of mission %s (%d rows) from %s", shard, mission.id[:12], len(rows), source)
+        self.book.wake()
+        return True
+
+    # --- settling: drop losers, top up winners ------------------------------------------------------
+    async def settle(
+        self,
+        mission: Mission,
+        winners: Mapping[int, DoneRecord],
+        losers: Sequence[DoneRecord],
+        holders: Mapping[str, RowsAnnouncement],
+    ) -> SettleReport:
+        """Make this peer's row sets agree with the shard records: copy winning sets held by fewer than
+        ``copies`` peers, then drop losing sets, but only those whose shard's winner is held twice, so that
+        a winner that later turns out unreachable does not leave its shard with no rows anywhere."""
+        held_by = _held_by(holders)
+        mine = {s.attempt for s in self.store.row_sets(mission.id)}
+        fetched = 0
+        for shard, done in sorted(winners.items()):
+            peers = held_by.get(done.attempt, set())
+            pruned = done.attempt in self.disk.pruned_rows
+            if done.attempt in mine or pruned or len(peers | {done.peer_id}) >= self.copies:
+                continue
+            try:
+                sources = sorted(peers) + ([done.peer_id] if done.peer_id not in peers else [])
+                if await self.fetch(mission, shard, done.attempt, done.peer_id, done.row_set_sha256, sources):
+                    fetched += 1
+                    mine.add(done.attempt)
+            except (TransferError, RecordError) as e:
+                logger.info("could not copy shard %d of mission %s yet: %s", shard, mission.id[:12], e)
+        dropped = 0
+        for loser in losers:
+            winner = winners.get(loser.shard)
+            if loser.attempt not in mine or winner is None:
+                continue
+            if winner.attempt not in mine and len(held_by.get(winner.attempt, set())) < 2:
+                continue  # keep the loser until the winner is safely held (here, or by two peers)
+            if self.store.drop_row_set(mission.id, loser.attempt):
+                dropped += 1
+                logger.info("dropped the losing attempt %s at shard %d of mission %s", loser.attempt, loser.shard,
+                            mission.id[:12])  # fmt: skip
+        if fetched or dropped:
+            self.book.wake()
+        return SettleReport(dropped=dropped, fetched=fetched)
+
+    async def gather(
+        self, mission: Mission, winners: Mapping[int, DoneRecord], holders: Mapping[str, RowsAnnouncement]
+    ) -> list[int]:
+        """Copy here every winning row set not held yet (for an export); returns the shards still missing."""
+        held_by = _held_by(holders)
+        mine = {s.attempt for s in self.store.row_sets(mission.id)}
+        missing = []
+        for shard, done in sorted(winners.items()):
+            if done.attempt in mine:
+                continue
+            sources = sorted(held_by.get(done.attempt, set()) | {done.peer_id})
+            try:
+                await self.fetch(mission, shard, done.attempt, done.peer_id, done.row_set_sha256, sources)
+            except (TransferError, RecordError) as e:
+                logger.warning("shard %d of mission %s is not reachable now: %s", shard, mission.id[:12], e)
+                missing.append(shard)
+        return missing
+
+    def winner_rows(self, mission: Mission, winners: Mapping[int, DoneRecord]) -> list[DorpoRow]:
+        """The rows of the winning row sets held here, in shard order (the mission's rows)."""
+        rows: list[DorpoRow] = []
+        for _, done in sorted(winners.items()):
+            bodies = self.store.row_set_bodies(mission.id, done.attempt)
+            for body in bodies or []:
+                rows.append(DorpoRow.from_msgpack(body, max_bytes=len(body)))
+        return rows
+
+    @staticmethod
+    def _ref(mission_id: str, shard: int, attempt: str, producer: str, sha256: str) -> ContentRef:
+        return ContentRef(
+            kind="rows", mission_id=mission_id, item=row_set_item(shard, attempt, producer), sha256=sha256
+        )
+
+
+def _held_by(holders: Mapping[str, RowsAnnouncement]) -> dict[str, set[str]]:
+    """attempt -> peers announcing its row set."""
+    result: dict[str, set[str]] = {}
+    for peer, announcement in holders.items():
+        for held in announcement.row_sets:
+            result.setdefault(held.attempt, set()).add(peer)
+    return result
+
+
+def _check_rows_fit(rows: Sequence[DorpoRow], prompts: Sequence[object]) -> None:
+    """A row set must answer its shard's prompts, in order, each at most once (a judge may drop some)."""
+    texts = [getattr(p, "prompt", None) for p in prompts]
+    position = 0
+    for i, row in enumerate(rows):
+        while position < len(texts) and texts[position] != row.prompt:
+            position += 1
+        if position == len(texts):
+            raise RecordError(f"row {i} answers {row.prompt[:60]!r}, which is not a prompt of this shard (in order)")
+        position += 1

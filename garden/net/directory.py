@@ -1,0 +1,152 @@
+"""The swarm's phone book: this peer announces its signed ``PeerInfo`` under ``<swarm>/peers`` every
+``announce_period`` seconds (expiring after 2x, so a peer that vanishes drops out on its own), and
+reads everyone else's. On a clean stop it announces ``state="offline"`` so that others drop it at
+once instead of waiting for the expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden.lifecycle import Service
+from garden.net.swarm import Swarm
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import PROTOCOL_VERSION, IncompatibleVersionError, PeerInfo, PeerState, RecordError
+
+logger = logging.getLogger(__name__)
+
+GOODBYE_TIMEOUT = 3.0
+"""Seconds a clean stop waits for the ``offline`` record to be stored; the record expires anyway."""
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    info: PeerInfo
+    expiration_time: float  # DHT time at which the record expires unless re-announced
+
+    @property
+    def last_seen(self) -> float:
+        return self.info.announced_at
+
+
+class PeerDirectory(Service):
+    """:param make_record: builds this peer's current record (load and roles change over time)
+    :param period: seconds between announces; the record's TTL is twice that"""
+
+    name = "directory"
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        keys: DHTKeys,
+        private_key: rsa.RSAPrivateKey,
+        make_record: Callable[[PeerState], PeerInfo],
+        period: float,
+    ):
+        self.swarm, self.keys, self._private_key = swarm, keys, private_key
+        self.peer_id = swarm.peer_id
+        self._make_record = make_record
+        self.period = period
+        self.invalid_records = 0
+        self.last_announced: PeerInfo | None = None  # this peer's latest record stored in the DHT
+        self.known: list[PeerEntry] = []
+        self.incompatible: dict[str, int] = {}  # peer id -> protocol version, of peers ignored for it (last read)
+        self._warned: set[tuple[str, int]] = set()
+
+    @property
+    def joined(self) -> bool:
+        return self.last_announced is not None
+
+    async def announce(self, state: PeerState = "online") -> bool:
+        record = self._make_record(state)
+        ok = await self.swarm.store(
+            self.keys.peers,
+            record.to_wire(self._private_key),
+            expiration_time=record.announced_at + 2 * self.period,
+            subkey=record.peer_id,
+        )
+        if ok:
+            self.last_announced = record
+        else:
+            logger.warning("could not announce this peer in the DHT (will retry in %.0f s)", self.period)
+        return ok
+
+    async def read(self) -> list[PeerEntry]:
+        """Valid, online, unexpired records, sorted by peer id. Invalid ones are logged and counted."""
+        found = await self.swarm.get(self.keys.peers, latest=True)
+        entries: list[PeerEntry] = []
+        incompatible: dict[str, int] = {}
+        if found is not None:
+            if not isinstance(found.value, (dict, DictionaryDHTValue)):
+                self._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
+            else:
+                now = get_dht_time()
+                for subkey, item in found.value.items():
+                    try:
+                        raw, expiration_time = item
+                        info = PeerInfo.from_wire(raw, subkey)
+                        info.check_fresh(expiration_time, now)
+                    except IncompatibleVersionError as e:
+                        if (e.peer_id, e.version) not in self._warned:  # one line per peer, not per read
+                            self._warned.add((e.peer_id, e.version))
+                            logger.warning("ignoring %s", e)
+                        incompatible[e.peer_id] = e.version
+                        continue
+                    except (RecordError, TypeError, ValueError) as e:
+                        self._drop(subkey, str(e))
+                        continue
+                    if info.state == "online" and expiration_time > now:
+                        entries.append(PeerEntry(info, expiration_time))
+        mine = self.last_announced
+        if mine is not None and mine.state == "online" and not any(e.info.peer_id == self.peer_id for e in entries):
+            # this peer is alive whatever the DHT answered (e.g. a read that timed out)
+            entries.append(PeerEntry(mine, mine.announced_at + 2 * self.period))
+        self.known = sorted(entries, key=lambda e: e.info.peer_id)
+        self.incompatible = incompatible
+        return self.known
+
+    @property
+    def upgrade_advice(self) -> str | None:
+        """What ``garden status`` tells the owner when peers speak a newer protocol, or None."""
+        newer = sorted({v for v in self.incompatible.values() if v > PROTOCOL_VERSION})
+        if not newer:
+            return None
+        count = sum(1 for v in self.incompatible.values() if v > PROTOCOL_VERSION)
+        return (
+            f"{count} peer(s) speak protocol v{newer[-1]}, newer than this garden's v{PROTOCOL_VERSION}, and are "
+            "ignored: upgrade garden (pip install -U communal-garden) to work with them"
+        )
+
+    def _drop(self, subkey: object, reason: str) -> None:
+        self.invalid_records += 1
+        logger.info("ignored an invalid peer record under %r: %s", str(subkey)[:80], reason)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Announce and refresh until ``stop`` is set."""
+        while not stop.is_set():
+            await self.announce()
+            await self.read()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.period)
+            except TimeoutError:
+                pass
+
+    async def say_goodbye(self) -> None:
+        await self.announce(state="offline")
+
+    async def close(self) -> None:
+        """Leave politely: an ``offline`` record, if this peer ever announced and its DHT still runs (the record
+        expires anyway, so a goodbye that takes too long is given up)."""
+        if not self.joined or self.swarm.failure() is not None:
+            return
+        try:
+            await asyncio.wait_for(self.say_goodbye(), timeout=GOODBYE_TIMEOUT)
+        except TimeoutError:
+            logger.info("goodbye record not stored in time; it will expire on its own")

@@ -1,0 +1,212 @@
+"""Swarm membership: the hivemind DHT (its own child process, with its ``p2pd``), and bounded,
+counted access to it from the daemon's event loop.
+
+Every call to the DHT has a timeout (``dht_timeout``): a slow or partitioned swarm must make a
+request fail, never hang the HTTP port. Failures are counted for ``/metrics`` and returned as
+``None``/``False``, because a missing answer from a peer-to-peer network is normal, not exceptional.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from collections.abc import Sequence
+
+import hivemind
+import psutil
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.timed_storage import ValueWithExpiration
+
+from garden.lifecycle import watch_parent
+
+logger = logging.getLogger(__name__)
+
+DHT_STARTUP_TIMEOUT = 60.0
+"""Seconds to wait for the DHT process to start and bootstrap (p2pd start ~1 s; pinging initial peers)."""
+
+
+
+
+class GardenDHT(hivemind.DHT):
+    """hivemind's DHT process, which also dies with the daemon.
+
+    hivemind's DHT child outlives a parent killed with SIGKILL (or the OOM killer), and keeps its
+    ``p2pd`` running: an orphaned peer on a volunteer's machine, holding a port and an identity. Here
+    a thread in the child watches its parent; when the parent is gone it terminates its own children
+    (``p2pd``) and exits.
+
+    It also leaves the daemon's process group. Ctrl+C in a terminal signals the whole foreground
+    group: ``p2pd`` would die at once, before the daemon has said goodbye and stopped the DHT in
+    order. Only the daemon should hear the terminal; it stops its children itself.
+    """
+
+    def run(self) -> None:
+        try:
+            os.setpgid(0, 0)
+        except OSError as e:  # e.g. a session leader; the watch below still ties us to the daemon
+            logger.debug("DHT process stays in the daemon's process group: %s", e)
+        watch_parent(self._parent_pid)
+        super().run()
+
+
+class SwarmError(RuntimeError):
+    """The swarm could not be started or joined; the message says what to do."""
+
+
+@dataclass
+class SwarmConfig:
+    """What the DHT needs from the settings (see ``garden.config`` for meanings and defaults)."""
+
+    initial_peers: Sequence[str]
+    host_maddrs: Sequence[str]
+    announce_maddrs: Sequence[str]
+    client_mode: bool
+    identity_path: str
+    dht_timeout: float
+    record_validators: Sequence[RecordValidatorBase] = ()
+
+
+@dataclass
+class DHTStats:
+    """DHT requests made by this daemon, by operation and outcome (``ok``, ``miss``, ``error``, ``timeout``)."""
+
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+class Swarm:
+    def __init__(self, config: SwarmConfig):
+        self.config = config
+        self.stats = DHTStats()
+        self.dht: GardenDHT | None = None
+        self._p2p: Any = None
+        self._p2p_lock: asyncio.Lock | None = None
+
+    async def p2p(self) -> Any:
+        """This process's handle on the DHT's ``p2pd`` (a replica made on first use, shared by the content
+        transfer and the block servers): the services that need it are built before the event loop runs,
+        and take it in their ``start``."""
+        if self._p2p_lock is None:
+            self._p2p_lock = asyncio.Lock()
+        async with self._p2p_lock:
+            if self._p2p is None:
+                self._p2p = await self._require().replicate_p2p()
+        return self._p2p
+
+    async def close_p2p(self) -> None:
+        """Close this process's replica (not the DHT's ``p2pd``, which :meth:`shutdown` stops)."""
+        if self._p2p is not None:
+            p2p, self._p2p = self._p2p, None
+            await p2p.shutdown()
+
+    def start(self) -> None:
+        """Start the DHT process and join (or found) the swarm. Synchronous: call before the event loop
+        starts, because the DHT forks and forking a process with a running loop is unsafe."""
+        for maddr in self.config.initial_peers:
+            _check_join_maddr(maddr)
+        try:
+            self.dht = GardenDHT(
+                initial_peers=list(self.config.initial_peers) or None,
+                host_maddrs=list(self.config.host_maddrs),
+                announce_maddrs=list(self.config.announce_maddrs) or None,
+                client_mode=self.config.client_mode,
+                identity_path=self.config.identity_path,
+                # the data-dir lock already keeps one identity to one daemon on this machine; the
+                # network check spawns a second p2pd and adds seconds to every restart
+                check_if_identity_free=False,
+                record_validators=list(self.config.record_validators),
+                start=True,
+                await_ready=False,
+            )
+            self.dht.wait_until_ready(timeout=DHT_STARTUP_TIMEOUT)
+        except Exception as e:
+            self.shutdown()
+            hint = (
+                " Check that the --join addresses are right and those peers are running."
+                if self.config.initial_peers
+                else ""
+            )
+            raise SwarmError(f"could not start the swarm: {e}.{hint}") from None
+
+    @property
+    def peer_id(self) -> str:
+        return self._require().peer_id.to_base58()
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self._require().get_visible_maddrs()]
+
+    def child_pids(self) -> list[int]:
+        """The DHT process; its ``p2pd`` is that process's child."""
+        return [self.dht.pid] if self.dht is not None and self.dht.pid is not None else []
+
+    def failure(self) -> str | None:
+        """Why this peer has lost the swarm (its DHT process or ``p2pd`` died), or None while both run.
+
+        hivemind does not restart either, and a DHT process cannot safely be forked again from a
+        running event loop, so the daemon stops and leaves the restart to its service manager.
+        """
+        if self.dht is None:
+            return "the swarm is not started"
+        if not self.dht.is_alive():
+            return f"the DHT process exited (code {self.dht.exitcode})"
+        try:
+            p2pd = [p for p in psutil.Process(self.dht.pid).children() if p.name() == "p2pd"]
+            if not p2pd or all(p.status() == psutil.STATUS_ZOMBIE for p in p2pd):
+                return "the p2p daemon (p2pd) exited"
+        except psutil.Error:
+            return "the DHT process exited"
+        return None
+
+    async def get(self, key: str, latest: bool = False) -> ValueWithExpiration[Any] | None:
+        return await self._call("get", lambda dht: dht.get(key, latest=latest, return_future=True))
+
+    async def store(self, key: str, value: Any, expiration_time: float, subkey: Any = None) -> bool:
+        return bool(
+            await self._call(
+                "store", lambda dht: dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
+            )
+        )
+
+    async def _call(self, op: str, request: Callable[[GardenDHT], Any]) -> Any:
+        try:
+            # sending the request can fail too (a dead DHT process: BrokenPipeError)
+            result = await asyncio.wait_for(request(self._require()), timeout=self.config.dht_timeout)
+        except TimeoutError:
+            self.stats.requests[op, "timeout"] += 1
+            logger.warning("DHT %s timed out after %.1f s", op, self.config.dht_timeout)
+            return None
+        except Exception as e:
+            self.stats.requests[op, "error"] += 1
+            logger.warning("DHT %s failed: %s", op, e)
+            return None
+        self.stats.requests[op, "ok" if result else "miss"] += 1
+        return result
+
+    def _require(self) -> GardenDHT:
+        if self.dht is None:
+            raise SwarmError("the swarm is not started")
+        return self.dht
+
+    def shutdown(self) -> None:
+        """Stop the DHT process; hivemind's DHT node stops its ``p2pd`` on the way out."""
+        if self.dht is not None:
+            if self.dht.is_alive():
+                self.dht.shutdown()
+            self.dht = None
+
+
+def _check_join_maddr(maddr: str) -> None:
+    try:
+        parsed = Multiaddr(maddr)
+    except Exception as e:
+        raise SwarmError(f"--join {maddr!r} is not a multiaddr ({e})") from None
+    if "p2p" not in parsed:
+        raise SwarmError(
+            f"--join {maddr!r} lacks the peer id: use the full address printed by the peer you join, "
+            "ending in /p2p/<peer id>"
+        )

@@ -1,1 +1,0 @@
-"""Swarm membership: DHT start/join, identity, peer records, capability probe."""

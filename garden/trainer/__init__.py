@@ -1,1 +1,0 @@
-"""Teacher sampling ("shaking"), the DORPO loss and collaborative training (issues 4-6)."""

@@ -1,0 +1,171 @@
+"""Real trainer worker processes (``python -m garden.collab.worker``) for tests, bootstrapped from a
+real daemon on 127.0.0.1, with a tiny random Llama student (built from a config, the built-in tokenizer)
+and real DORPO rows shaken from the built-in teacher.
+
+Every worker a test starts is stopped at teardown, with its descendants (its DHT process, ``p2pd``,
+hivemind's averagers) recorded by PID and killed if they outlive it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.daemons import TrackedProcess
+
+MISSION = "c011ab" + "0" * 58
+
+
+def make_tiny_student(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with the built-in model's tokenizer (so the teacher's top-k applies), saved to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from garden.models.loading import load_model
+
+    tokenizer = load_model("builtin:smollm2-135m").tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_rows_store(path: Path, prompts: int = 8) -> Path:
+    """A garden store holding real rows of ``MISSION``, shaken from the built-in teacher."""
+    from garden.data import demo_prompts
+    from garden.models.loading import load_model
+    from garden.store import Store
+    from garden.distill.judges import ReferenceJudge
+    from garden.distill.shaker import ShakeConfig, shake
+
+    teacher = load_model("builtin:smollm2-135m")
+    config = ShakeConfig(candidates=2, max_new_tokens=8, seed=1)
+    rows = shake(teacher, demo_prompts()[:prompts], ReferenceJudge(), config).rows
+    store = Store(path)
+    try:
+        store.add_rows(rows, mission_id=MISSION)
+    finally:
+        store.close()
+    return path
+
+
+@dataclass
+class Worker(TrackedProcess):
+    name: str
+    proc: subprocess.Popen
+    dir: Path
+    descendants: dict[int, float] = field(default_factory=dict)
+
+    def status(self) -> dict[str, Any]:
+        self.record_descendants()  # its DHT process and averagers start in its first seconds
+        try:
+            return dict(json.loads((self.dir / "status.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def log(self) -> str:
+        return (self.dir / "worker.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        """``kill -9`` the worker alone: its children must notice and go by themselves."""
+        self.record_descendants()
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def probe(self) -> Any:
+        """The worker's parameter probe at its last epoch change, as a tensor (see ``params_probe``)."""
+        import torch
+
+        return torch.tensor(self.status()["params_probe"], dtype=torch.float64)
+
+    def probes(self) -> dict[int, Any]:
+        """The worker's probe at each of its last epochs (epoch -> tensor)."""
+        import torch
+
+        recorded = self.status().get("probes", {})
+        return {int(e): torch.tensor(p, dtype=torch.float64) for e, p in recorded.items()}
+
+    def checkpoint_params(self) -> Any:
+        """The tensors of the last checkpoint this worker wrote (name -> tensor), or None."""
+        from safetensors.torch import load_file
+
+        last = self.status().get("last_checkpoint")
+        return None if not last else load_file(str(Path(last["path"]) / "model" / "model.safetensors"))
+
+
+class WorkerFactory:
+    """:param student: the student's base (a directory, or any model reference), pruned to ``keep_layers``"""
+
+    def __init__(self, base_dir: Path, student: Path | str, store: Path, keep_layers: int | None = None):
+        self.base_dir, self.student, self.store, self.keep_layers = base_dir, student, store, keep_layers
+        self.workers: list[Worker] = []
+
+    def start(
+        self, initial_peers: list[str], executable: list[str] | None = None, worker: dict[str, Any] | None = None,
+        **collab: Any,
+    ) -> Worker:
+        """A worker with ``collab`` settings (``CollabConfig``) and ``worker`` ones (``WorkerConfig``)."""
+        name = f"worker{len(self.workers) + 1}"
+        wdir = self.base_dir / name
+        wdir.mkdir(parents=True)
+        shutil.copy(self.store, wdir / "garden.sqlite3")  # each peer has a store of its own
+        settings = {
+            "target_batch_size": 256, "max_epochs": 4, "batch_size": 2, "lr": 1e-2,
+            "matchmaking_time": 2.0, "averaging_timeout": 10.0, "load_state_timeout": 30.0,
+        } | collab  # fmt: skip
+        config = {
+            "mission_id": MISSION,
+            "student": {"base": str(self.student), "keep_layers": self.keep_layers},
+            "collab": settings,
+            "initial_peers": initial_peers,
+            "store_path": str(wdir / "garden.sqlite3"),
+            "status_path": str(wdir / "status.json"),
+            "out_dir": str(wdir / "out"),
+            "max_threads": 1,
+            "row_poll_s": 2.0,
+            "linger_s": 8.0,
+        } | (worker or {})
+        (wdir / "config.json").write_text(json.dumps(config))
+        argv = executable or [sys.executable, "-m", "garden.collab.worker"]
+        with open(wdir / "worker.log", "wb") as log:
+            proc = subprocess.Popen(
+                [*argv, str(wdir / "config.json")], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        started = Worker(name=name, proc=proc, dir=wdir)
+        self.workers.append(started)
+        return started
+
+    def close(self) -> list[str]:
+        """Stop every worker (SIGTERM, then SIGKILL); return the descendants that outlived them."""
+        for worker in self.workers:
+            worker.record_descendants()
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait(timeout=10)
+        orphans = []
+        deadline = time.time() + 10
+        for worker in self.workers:
+            while worker.alive_descendants() and time.time() < deadline:
+                time.sleep(0.2)
+            for proc in worker.alive_descendants():
+                orphans.append(f"{worker.name}: {proc.pid} {' '.join(proc.cmdline())[:100]}")
+                proc.kill()
+        return orphans

@@ -1,0 +1,220 @@
+"""The fence around garden's patches of hivemind internals (``garden.collab.hivemind_patches``): every patched
+attribute exists on the installed hivemind, the wrapped methods still take the arguments the wrappers pass,
+another hivemind release is refused with a message naming both versions, and no other module patches
+hivemind."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import hivemind
+import pytest
+
+from garden.collab import hivemind_patches
+
+pytestmark = pytest.mark.heavy(9)  # seconds in `make check`: see tests/conftest.py
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"), hivemind_patches.PATCHED, ids=[f"{o}.{n}" for o, n in hivemind_patches.PATCHED]
+)
+def test_every_patched_attribute_exists(owner: str, name: str) -> None:
+    assert hasattr(hivemind_patches.owner(owner), name), (
+        f"hivemind {hivemind.__version__} has no {owner}.{name}: garden.collab.hivemind_patches must be updated"
+    )
+
+
+def test_the_wrapped_methods_take_the_arguments_the_wrappers_pass() -> None:
+    from hivemind.averaging.allreduce import AllReduceRunner
+    from hivemind.averaging.averager import DecentralizedAverager
+    from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
+    from hivemind.compression import serialization
+
+    def params(method: object) -> list[str]:
+        return list(inspect.signature(inspect.unwrap(method)).parameters)  # type: ignore[arg-type]
+
+    # read from the originals where the patches are installed in this process (the guard's wrappers are
+    # closures with the same parameters; the meter's keep the original under __wrapped__)
+    assert params(TensorPartReducer.accumulate_part) == ["self", "sender_index", "part_index", "tensor_part", "weight"]
+    assert params(TensorPartContainer.register_processed_part) == ["self", "peer_index", "part_index", "part"]
+    assert params(AllReduceRunner._generate_input_for_peer) == ["self", "peer_index"]
+    assert params(AllReduceRunner._accumulate_parts_streaming) == ["self", "stream", "sender_index"]
+    assert "wait" in inspect.signature(DecentralizedAverager.load_state_from_peers).parameters
+    assert params(DecentralizedAverager.run) == ["self"]
+    assert "UNIFORM_8BIT" in serialization._BASE_COMPRESSION_TYPES
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    assert {"increment_epoch", "optimizer_step", "averaging_round"} < set(params(TrainingStateAverager.step))
+    assert params(TrainingStateAverager.get_current_state) == ["self"]
+    assert params(TrainingStateAverager.load_state_from_peers) == ["self", "kwargs"]
+
+
+def test_the_tested_hivemind_is_the_pinned_and_installed_one() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert f"hivemind=={hivemind_patches.TESTED_HIVEMIND}" in pyproject["project"]["dependencies"]
+    assert hivemind.__version__ == hivemind_patches.TESTED_HIVEMIND
+
+
+@pytest.mark.parametrize("install", [hivemind_patches.install, hivemind_patches.install_decoder])
+def test_another_hivemind_release_is_refused(monkeypatch: pytest.MonkeyPatch, install: object) -> None:
+    installed = set(hivemind_patches._installed)
+    monkeypatch.setattr(hivemind, "__version__", "1.2.0")
+    with pytest.raises(RuntimeError, match=r"written for hivemind 1\.1\.12, but hivemind 1\.2\.0 is installed"):
+        install()  # type: ignore[operator]
+    assert hivemind_patches._installed == installed  # refused before patching anything
+
+
+def test_a_worker_on_another_hivemind_fails_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from garden.collab.trainer import CollabConfig
+    from garden.collab.worker import WorkerConfig, WorkerStatus, run
+    from garden.protocol.mission_spec import StudentSection
+
+    config = WorkerConfig(
+        mission_id="c011ab", student=StudentSection(base="builtin:smollm2-135m"),
+        collab=CollabConfig(target_batch_size=8, max_epochs=1), store_path=tmp_path / "garden.sqlite3",
+        status_path=tmp_path / "status.json", out_dir=tmp_path / "out",
+    )  # fmt: skip
+    monkeypatch.setattr(hivemind, "__version__", "1.2.0")
+    assert run(config, threading.Event()) == 1
+    status = WorkerStatus.read(config.status_path)
+    assert status is not None and status.state == "failed" and status.pid == os.getpid()
+    assert status.error is not None and "hivemind 1.2.0 is installed" in status.error
+
+
+def test_install_patches_every_listed_attribute_once() -> None:
+    """In a fresh process (the guard and the watch of the parent stay out of this one)."""
+    script = """
+from garden.collab import hivemind_patches as h
+from garden.collab.compression import Uniform8Bit
+before = {(o, n): getattr(h.owner(o), n) for o, n in h.PATCHED}
+h.install()
+after = {(o, n): getattr(h.owner(o), n) for o, n in h.PATCHED}
+h.install()
+again = {(o, n): getattr(h.owner(o), n) for o, n in h.PATCHED}
+registry = ("hivemind.compression.serialization", "_BASE_COMPRESSION_TYPES")
+unchanged = [k for k in h.PATCHED if k != registry and after[k] is before[k]]
+assert not unchanged, f"listed but not patched: {unchanged}"
+assert isinstance(after[registry]["UNIFORM_8BIT"], Uniform8Bit)
+assert all(again[k] is after[k] for k in h.PATCHED), "a second install() patched again"
+assert h.bytes_sent() == 0
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_state_is_served_only_whole_and_a_waiting_trainer_is_in_the_progress_record() -> None:
+    """In a fresh process with the patches installed, a one-peer hivemind.Optimizer: asked for its state while its
+    epoch ends (from inside the optimizer step), it serves none; after, it serves the new epoch's parameters as a
+    copy; with the epoch advanced without parameters (hivemind's catch-up), none. report_presence stores the
+    progress record hivemind stores only after a first step."""
+    script = """
+import hivemind, torch
+from garden.collab import hivemind_patches as h
+h.install()
+dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+seen, spying = [], []
+class Spy(torch.optim.SGD):
+    def step(self, closure=None):
+        if spying:
+            seen.append(opt.state_averager.get_current_state())
+        return super().step(closure)
+p = torch.nn.Parameter(torch.zeros(3))
+opt = hivemind.Optimizer(dht=dht, run_id="whole", target_batch_size=4, batch_size_per_step=4, params=[p],
+                         optimizer=lambda ps: Spy(ps, lr=1.0), matchmaking_time=1.0, averaging_timeout=5.0)
+states = opt.state_averager
+try:
+    h.report_presence(opt.tracker)
+    record = dht.get("whole_progress", latest=True)
+    assert record is not None and len(record.value) == 1, record
+    meta, tensors, _ = states.get_current_state()
+    assert meta["epoch"] == 0 and torch.equal(tensors[0], torch.zeros(3))
+    spying.append(True)
+    p.grad = torch.ones(3)
+    opt.step()  # 4 samples of 4: the epoch ends, its optimizer step asks for the state
+    assert opt.local_epoch == 1 and h.params_epoch(states) == 1 and not torch.equal(p.detach(), torch.zeros(3))
+    assert len(seen) == 1 and seen[0][0] is None and len(seen[0][1]) == 0, seen
+    meta, tensors, _ = states.get_current_state()
+    assert meta["epoch"] == 1 and torch.equal(tensors[0], p.detach())
+    with torch.no_grad():
+        p.add_(1.0)
+        states.optimizer.param_groups[0]["params"][0].add_(1.0)
+    assert not torch.equal(tensors[0], p.detach()), "a view of the live parameters was served"
+    states.local_epoch = 2  # as hivemind's catch-up does after a state one epoch behind
+    assert h.params_epoch(states) == 1 and len(states.get_current_state()[1]) == 0
+    print("ok")
+finally:
+    opt.shutdown()
+    dht.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+
+
+def hivemind_names(tree: ast.AST) -> set[str]:
+    """The names a module binds to hivemind's modules, classes and functions by importing them."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hivemind"):
+            names.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.asname or alias.name.split(".")[0] for alias in node.names
+                         if alias.name.startswith("hivemind"))  # fmt: skip
+    return names
+
+
+def patches_outside(path: Path, source: str) -> list[str]:
+    """Lines of ``source`` that assign (or ``setattr``) onto something imported from hivemind."""
+    tree = ast.parse(source, str(path))
+    names = hivemind_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" and node.args:
+            targets = [ast.Attribute(value=node.args[0], attr="?")]
+        for target in targets:
+            root = target
+            while isinstance(root, ast.Attribute | ast.Subscript):
+                root = root.value
+            if target is not root and isinstance(root, ast.Name) and root.id in names:
+                found.append(f"{path}:{node.lineno}")
+    return found
+
+
+def test_the_check_for_patches_elsewhere_finds_them() -> None:
+    source = """
+from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.compression import serialization
+import hivemind
+DecentralizedAverager.run = None
+serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = None
+setattr(hivemind.Optimizer, "step", None)
+local = DecentralizedAverager
+mine = object()
+mine.run = None
+"""
+    assert patches_outside(Path("x.py"), source) == ["x.py:5", "x.py:6", "x.py:7"]
+
+
+def test_no_other_module_patches_hivemind() -> None:
+    """Every assignment onto hivemind lives in garden/collab/hivemind_patches.py."""
+    offenders = [
+        line
+        for path in sorted((ROOT / "garden").rglob("*.py"))
+        if path.name != "hivemind_patches.py"
+        for line in patches_outside(path.relative_to(ROOT), path.read_text())
+    ]
+    assert not offenders, f"hivemind patched outside garden/collab/hivemind_patches.py: {offenders}"

@@ -1,0 +1,366 @@
+"""Shard leases and done records: the record checks, the board's winner rule, and real hivemind DHTs
+on 127.0.0.1 (three honest nodes, each with the shard validator) for claim / renew / expiry / races."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import hivemind
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
+
+from garden.protocol import signing
+from garden.protocol.keys import DHTKeys
+from garden.protocol.records import RecordError, seal
+from garden.protocol.shards import (
+    MAX_SHARD_RECORD_BYTES,
+    DoneRecord,
+    LeaseRecord,
+    decode_shard_entry,
+    done_subkey,
+    pick_winner,
+)
+from garden.protocol.validators import ShardRecordValidator
+from garden.mission.leases import (
+    LeaseConfig,
+    LeaseLostError,
+    LeaseManager,
+    ShardBoard,
+    ShardDHTError,
+    ShardStatus,
+    ShardSummary,
+)
+
+pytestmark = pytest.mark.heavy(6)  # seconds in `make check`: see tests/conftest.py
+
+KEYS = DHTKeys("leasetest")
+SHORT = LeaseConfig(lease_duration=2.0, dht_timeout=10.0)
+
+
+def new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # small: the tests only need speed
+
+
+def peer_id(key: rsa.RSAPrivateKey) -> str:
+    return signing.peer_id_of(signing.public_key_der(key))
+
+
+def mission_id() -> str:
+    return secrets.token_hex(32)
+
+
+def lease_for(key: rsa.RSAPrivateKey, mission: str, shard: int = 0, count: int = 3, **changes: Any) -> LeaseRecord:
+    now = get_dht_time()
+    fields: dict[str, Any] = dict(
+        mission_id=mission, shard=shard, shard_count=count, peer_id=peer_id(key), attempt=secrets.token_hex(8),
+        started=now, renewed=now, expires=now + 60,
+    )  # fmt: skip
+    fields.update(changes)
+    return LeaseRecord(**fields)
+
+
+def done_for(lease: LeaseRecord, finished: float, sha: str = "ab" * 32, rows: int = 4) -> DoneRecord:
+    return DoneRecord(
+        mission_id=lease.mission_id, shard=lease.shard, shard_count=lease.shard_count, peer_id=lease.peer_id,
+        attempt=lease.attempt, rows=rows, row_set_sha256=sha, finished=finished,
+    )  # fmt: skip
+
+
+# --- records and the pure winner rule -------------------------------------------------------------------
+
+
+def test_records_roundtrip_and_refuse_forgeries() -> None:
+    mine, other = new_key(), new_key()
+    mission = mission_id()
+    lease = lease_for(mine, mission, shard=1)
+    assert LeaseRecord.from_wire(lease.to_wire(mine), "lease:1") == lease
+    done = done_for(lease, finished=get_dht_time())
+    assert DoneRecord.from_wire(done.to_wire(mine), done.subkey) == done
+    assert done.subkey == f"done:1:{peer_id(mine)}:{lease.attempt}"
+
+    refused = {
+        "wrong subkey": (lease.to_wire(mine), "lease:2"),
+        "signed by another peer": (lease.to_wire(other), "lease:1"),
+        "garbage": (b"\xc1\xc1\xc1", "lease:1"),
+        "not bytes": (42, "lease:1"),
+        "oversized": (b"\x00" * (MAX_SHARD_RECORD_BYTES + 1), "lease:1"),
+        "subkey not a string": (lease.to_wire(mine), 1),
+    }
+    for why, (raw, subkey) in refused.items():
+        with pytest.raises(RecordError):
+            LeaseRecord.from_wire(raw, subkey)
+            pytest.fail(why)
+    # a done record replayed as another peer's or another shard's
+    with pytest.raises(RecordError, match="belongs under"):
+        DoneRecord.from_wire(done.to_wire(mine), done_subkey(2, peer_id(mine), lease.attempt))
+
+    with pytest.raises(ValueError, match="out of range"):
+        lease_for(mine, mission, shard=3, count=3)
+    with pytest.raises(ValueError, match="after its last renewal"):
+        lease_for(mine, mission, expires=get_dht_time() + 2 * 3600)
+    with pytest.raises(ValueError):
+        done_for(lease, finished=1.0, sha="not a hash")
+    # strict: no coercion of a string shard index
+    with pytest.raises(ValueError):
+        LeaseRecord.model_validate(lease.model_dump() | {"shard": "1"})
+
+    now = get_dht_time()
+    with pytest.raises(RecordError, match="lease ends"):  # DHT expiration must be the lease's own end
+        decode_shard_entry(lease.to_wire(mine), "lease:1", lease.expires + 3600, now)
+    with pytest.raises(RecordError, match="future"):
+        decode_shard_entry(done_for(lease, now + 3600).to_wire(mine), done.subkey, now + 60, now)
+
+
+def test_winner_is_earliest_finish_and_stable_under_later_results() -> None:
+    key = new_key()
+    mission = mission_id()
+    leases = [lease_for(key, mission, attempt=a) for a in ("0" * 16, "f" * 16, "1" * 16)]
+    early, late, tie = done_for(leases[0], 100.0), done_for(leases[1], 200.0), done_for(leases[2], 100.0)
+    assert pick_winner([late, early]) == early == pick_winner([early, late])
+    assert pick_winner([early, tie, late]) == early  # tie on finish: smaller attempt id
+    assert pick_winner([tie, early]) == early
+    assert pick_winner([]) is None
+
+
+def test_board_picks_one_winner_and_ignores_forged_entries(caplog: pytest.LogCaptureFixture) -> None:
+    alice, bob, mallory = new_key(), new_key(), new_key()
+    mission, now = mission_id(), get_dht_time()
+    lease_a = lease_for(alice, mission, shard=0)
+    lease_b = lease_for(bob, mission, shard=0)
+    lease_1 = lease_for(bob, mission, shard=1)
+    done_a, done_b = done_for(lease_a, now - 5), done_for(lease_b, now - 9)
+    forged = lease_for(mallory, mission, shard=2).model_copy(update={"peer_id": peer_id(alice)})
+    other_mission = lease_for(mallory, mission_id(), shard=0)
+    wrong_count = done_for(lease_for(mallory, mission, shard=2, count=8), now)
+    entries: dict[Any, Any] = {
+        done_a.subkey: ValueWithExpiration(done_a.to_wire(alice), now + 3600),
+        done_b.subkey: ValueWithExpiration(done_b.to_wire(bob), now + 3600),
+        "lease:1": ValueWithExpiration(lease_1.to_wire(bob), lease_1.expires),
+        "lease:2": ValueWithExpiration(forged.to_wire(mallory), forged.expires),
+        "lease:0": ValueWithExpiration(other_mission.to_wire(mallory), other_mission.expires),
+        wrong_count.subkey: ValueWithExpiration(wrong_count.to_wire(mallory), now + 3600),
+        "done:2:x:y": ValueWithExpiration(done_a.to_wire(alice), now + 3600),  # replayed under another subkey
+        "junk": ValueWithExpiration(b"\x00", now + 60),
+        7: ValueWithExpiration("text", now + 60),
+        "tuple-less": "not a pair",
+    }
+    with caplog.at_level(logging.INFO, logger="garden.mission.leases"):
+        board = ShardBoard(entries, mission, 3, now)
+    assert board.invalid_records == 7
+    assert caplog.text.count("ignored an invalid shard record") == 7
+    states = board.shards
+    assert states[0].status is ShardStatus.DONE and states[0].winner == done_b  # bob finished first
+    assert states[1].status is ShardStatus.LEASED and states[1].lease == lease_1
+    assert states[2].status is ShardStatus.OPEN and states[2].lease is None
+    assert board.losing_attempts() == [done_a]
+    assert board.summary() == ShardSummary(total=3, done=1, leased=1, open=1)
+    assert board.open_shards() == [2]
+    assert not board.all_done
+    # the same records in another order give the same answer
+    reordered = ShardBoard(dict(reversed(list(entries.items()))), mission, 3, now)
+    assert reordered.winners() == board.winners() and reordered.losing_attempts() == [done_a]
+    # a lease past its end no longer holds the shard
+    assert ShardBoard(entries, mission, 3, lease_1.expires + 1).shards[1].status is ShardStatus.OPEN
+
+
+def shard_record(key: bytes | str, subkey: Any, value: Any, expiration_time: float) -> DHTRecord:
+    key_bytes = key if isinstance(key, bytes) else DHTID.generate(source=key).to_bytes()
+    return DHTRecord(key_bytes, MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value), expiration_time)
+
+
+def test_validator_refuses_forged_and_misplaced_records() -> None:
+    alice, mallory = new_key(), new_key()
+    mission = mission_id()
+    key = KEYS.mission_shards(mission)
+    validator = ShardRecordValidator(KEYS)
+    lease = lease_for(alice, mission, shard=1)
+    done = done_for(lease, get_dht_time())
+    assert validator.validate(shard_record(key, "lease:1", lease.to_wire(alice), lease.expires))
+    assert validator.validate(shard_record(key, done.subkey, done.to_wire(alice), get_dht_time() + 3600))
+    # not a shard entry: left to other validators (peer records, other swarms)
+    assert validator.validate(shard_record(KEYS.peers, "QmSomePeer", b"anything", get_dht_time() + 60))
+
+    out_of_range = dict(done.model_dump(), shard=5, shard_count=3)
+    bad = [
+        shard_record(key, "lease:1", lease.to_wire(mallory), lease.expires),  # signed by someone else
+        shard_record(key, "lease:2", lease.to_wire(alice), lease.expires),  # subkey does not match
+        shard_record(key, "lease:1", b"\xc1garbage", lease.expires),
+        shard_record(key, "lease:1", b"\x00" * 5000, lease.expires),  # oversized
+        shard_record(key, "lease:1", lease.to_wire(alice), lease.expires + 600),  # outlives its lease
+        shard_record(KEYS.mission_shards(mission_id()), "lease:1", lease.to_wire(alice), lease.expires),  # replay
+        shard_record(DHTKeys("other").mission_shards(mission), "lease:1", lease.to_wire(alice), lease.expires),
+        shard_record(key, done_subkey(5, peer_id(alice), lease.attempt), seal(msgpack.packb(out_of_range), alice), 0),
+        shard_record(key, "done:1", done.to_wire(alice), get_dht_time() + 60),
+    ]
+    for i, record in enumerate(bad):
+        assert not validator.validate(record), f"forged record {i} accepted"
+    assert validator.rejected == len(bad)
+
+
+class _SilentDHT:
+    """A DHT whose requests never complete (a partitioned or wedged peer)."""
+
+    def get(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    store = get
+
+
+async def test_an_unanswered_dht_call_raises_instead_of_reading_as_empty() -> None:
+    manager = LeaseManager(_SilentDHT(), KEYS, new_key(), LeaseConfig(dht_timeout=0.1))  # type: ignore[arg-type]
+    with pytest.raises(ShardDHTError, match="timed out"):
+        await manager.claim(mission_id(), 4)  # not None: an unread board must not look all open
+    with pytest.raises(ValueError, match="lease_duration"):
+        LeaseConfig(lease_duration=0)
+
+
+# --- on real DHTs ---------------------------------------------------------------------------------------
+
+
+VALIDATORS: list[ShardRecordValidator] = []
+"""The validators of the module's DHT nodes (their refusal counters live in shared memory)."""
+
+
+@pytest.fixture(scope="module")
+def dhts() -> Iterator[list[hivemind.DHT]]:
+    """Three honest nodes with the shard validator, shared by the DHT tests (each uses its own mission)."""
+    started: list[hivemind.DHT] = []
+    VALIDATORS[:] = [ShardRecordValidator(KEYS) for _ in range(3)]
+    try:
+        for validator in VALIDATORS:
+            started.append(
+                hivemind.DHT(
+                    initial_peers=[str(m) for m in started[0].get_visible_maddrs()] if started else None,
+                    host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                    record_validators=[validator],
+                    start=True,
+                )
+            )
+        yield started
+    finally:
+        for dht in started:
+            dht.shutdown()
+
+
+async def test_lease_blocks_renews_expires_and_the_race_has_one_winner(dhts: list[hivemind.DHT]) -> None:
+    a = LeaseManager(dhts[0], KEYS, new_key(), SHORT)
+    b = LeaseManager(dhts[1], KEYS, new_key(), SHORT)
+    c = LeaseManager(dhts[2], KEYS, new_key(), SHORT)
+    mission = mission_id()
+
+    lease_a = await a.claim(mission, 1)
+    assert lease_a is not None and lease_a.shard == 0 and lease_a.peer_id == a.peer_id
+    assert await b.claim(mission, 1) is None  # held by A
+    await asyncio.sleep(1.2)
+    lease_a = await a.renew(lease_a)
+    await asyncio.sleep(1.2)  # past the first lease's end: only the renewal holds it now
+    assert await b.claim(mission, 1) is None
+    board = await c.fetch(mission, 1)
+    assert board.shards[0].status is ShardStatus.LEASED and board.shards[0].lease == lease_a
+
+    await asyncio.sleep(lease_a.expires - get_dht_time() + 0.2)  # A stalls; its lease runs out
+    lease_b = await b.claim(mission, 1)
+    assert lease_b is not None and lease_b.peer_id == b.peer_id and lease_b.attempt != lease_a.attempt
+    with pytest.raises(LeaseLostError, match="leased by"):
+        await a.renew(lease_a)
+
+    # both finish: B first, then slow A (whose rows differ only by chance of sampling)
+    done_b = await b.mark_done(lease_b, rows=5, row_set_sha256=hashlib.sha256(b"b").hexdigest())
+    done_a = await a.mark_done(lease_a, rows=5, row_set_sha256=hashlib.sha256(b"a").hexdigest())
+    assert done_a.finished > done_b.finished
+    for manager in (a, b, c):
+        board = await manager.fetch(mission, 1)
+        assert board.winners() == {0: done_b}, f"{manager.peer_id} sees another winner"
+        assert board.losing_attempts() == [done_a]
+        assert board.all_done and board.summary() == ShardSummary(total=1, done=1, leased=0, open=0)
+        assert board.invalid_records == 0
+    assert await c.claim(mission, 1) is None
+    with pytest.raises(LeaseLostError, match="finished by"):
+        await b.renew(lease_b)
+
+
+async def test_every_shard_is_claimed_once_then_all_done(dhts: list[hivemind.DHT]) -> None:
+    a = LeaseManager(dhts[0], KEYS, new_key(), SHORT)
+    b = LeaseManager(dhts[2], KEYS, new_key(), SHORT)
+    mission = mission_id()
+    leases = [await a.claim(mission, 3) for _ in range(3)]
+    assert all(lease is not None for lease in leases)
+    assert sorted(lease.shard for lease in leases if lease is not None) == [0, 1, 2]
+    assert await b.claim(mission, 3) is None
+    assert (await b.fetch(mission, 3)).summary() == ShardSummary(total=3, done=0, leased=3, open=0)
+
+    # a released shard is open at once, and can be claimed over the release marker
+    first = leases[0]
+    assert first is not None and await a.release(first)
+    assert (await b.fetch(mission, 3)).open_shards() == [first.shard]
+    taken = await b.claim(mission, 3)
+    assert taken is not None and taken.shard == first.shard
+    leases[0] = taken
+
+    for lease in leases:
+        assert lease is not None
+        owner = b if lease.peer_id == b.peer_id else a
+        await owner.mark_done(lease, rows=2, row_set_sha256="0f" * 32)
+    board = await a.fetch(mission, 3)
+    assert board.all_done and board.summary() == ShardSummary(total=3, done=3, leased=0, open=0)
+    assert board.losing_attempts() == []
+
+
+async def test_forged_and_out_of_range_records_do_not_get_in(dhts: list[hivemind.DHT]) -> None:
+    honest_key, mallory = new_key(), new_key()
+    honest = LeaseManager(dhts[0], KEYS, honest_key, SHORT)
+    mission = mission_id()
+    key = KEYS.mission_shards(mission)
+    lease = await honest.claim(mission, 2)
+    assert lease is not None
+    rejected_before = sum(v.rejected for v in VALIDATORS)
+
+    # Mallory (on an honest node) tries to take over the lease, and to finish a shard that is not there
+    stolen = lease.model_copy(update={"attempt": "0" * 16, "expires": lease.expires + 30})
+    out_of_range = dict(done_for(lease_for(mallory, mission, shard=0, count=2), get_dht_time()).model_dump(), shard=7)
+    attempts = [
+        (lease.subkey, stolen.to_wire(mallory), stolen.expires),  # the honest peer's id, Mallory's signature
+        (lease.subkey, b"\xc1garbage", lease.expires + 30),
+        (done_subkey(7, peer_id(mallory), "0" * 16), seal(msgpack.packb(out_of_range), mallory), get_dht_time() + 60),
+    ]
+    for subkey, value, expiration_time in attempts:
+        assert not dhts[1].store(key, value, expiration_time, subkey=subkey), f"stored forged {subkey}"
+    with pytest.raises(ValueError, match="belongs to"):  # a manager cannot finish another peer's lease
+        await LeaseManager(dhts[1], KEYS, mallory, SHORT).mark_done(lease, rows=1, row_set_sha256="0f" * 32)
+    # a record valid on its own but for a mission of another size: stored, then ignored by readers
+    wrong_count = lease_for(mallory, mission, shard=5, count=8, expires=get_dht_time() + 30)
+    assert dhts[1].store(key, wrong_count.to_wire(mallory), wrong_count.expires, subkey=wrong_count.subkey)
+
+    assert sum(v.rejected for v in VALIDATORS) > rejected_before
+    board = await LeaseManager(dhts[2], KEYS, new_key(), SHORT).fetch(mission, 2)
+    assert board.shards[lease.shard].lease == lease  # the honest lease is intact
+    assert board.invalid_records == 1  # the wrong-count record
+    assert board.summary() == ShardSummary(total=2, done=0, leased=1, open=1)
+
+
+async def test_a_done_record_is_kept_alive_by_holders_before_it_expires(dhts: list[hivemind.DHT]) -> None:
+    producer = LeaseManager(dhts[0], KEYS, new_key(), LeaseConfig(lease_duration=2.0, done_expiration=20.0))
+    mission = mission_id()
+    lease = await producer.claim(mission, 1)
+    assert lease is not None
+    done = await producer.mark_done(lease, rows=3, row_set_sha256=hashlib.sha256(b"rows").hexdigest())
+    first_expiry = (await producer.fetch(mission, 1)).stored[done.subkey][1]
+
+    # another peer holding the rows: with 20 s of 20 left nothing is due; with a 60 s horizon it renews
+    holder = LeaseManager(dhts[1], KEYS, new_key(), LeaseConfig(done_expiration=20.0))
+    assert not await holder.keep_alive(await holder.fetch(mission, 1), done)
+    keeper = LeaseManager(dhts[2], KEYS, new_key(), LeaseConfig(done_expiration=60.0))
+    assert await keeper.keep_alive(await keeper.fetch(mission, 1), done)
+    board = await producer.fetch(mission, 1)
+    assert board.stored[done.subkey][1] > first_expiry + 30  # the producer's own bytes, stored for longer
+    assert board.winners() == {0: done} and board.invalid_records == 0

@@ -1,0 +1,163 @@
+"""A hostile peer (a plain hivemind DHT plus garden's transfer code, serving lies) against real daemons:
+forged mission records, a stranger's cancel, forged announcements, and row sets offered with garbage,
+oversized or mismatching content. The daemons refuse and count all of it, store nothing, and keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import hivemind
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden.data import demo_prompts
+from garden.mission.book import row_set_item
+from garden.net.transfer import ContentTransfer
+from garden.protocol.content import ContentRef
+from garden.protocol import signing
+from garden.protocol.keys import DHTKeys
+from garden.protocol.mission import (
+    MissionBody,
+    MissionDraft,
+    MissionSpec,
+    cancel_subkey,
+    sign_cancel,
+    sign_mission,
+)
+from garden.protocol.mission_spec import canonical_msgpack
+from garden.protocol.records import seal
+from garden.protocol.row_sets import HeldRowSet, RowsAnnouncement, rows_subkey
+from harness.daemons import Daemon, DaemonFactory, wait_until
+
+pytestmark = pytest.mark.swarm
+
+SPEC = {
+    "name": "real",
+    "teachers": ["builtin:smollm2-135m"],
+    "prompts": "prompts.jsonl",
+    "shard_size": 2,
+    "student": {"base": "builtin:smollm2-135m"},
+}
+
+
+def metric(daemon: Daemon, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in daemon.get("/metrics").text.splitlines() if line.startswith(prefix))
+
+
+def forged_records(attacker: rsa.RSAPrivateKey, real_id: str, lead_id: str) -> list[tuple[str, object, object]]:
+    """(key, subkey, value) of every forgery; the real mission is ``real_id``."""
+    keys = DHTKeys()
+    prompts = tuple(demo_prompts()[:4])
+    theirs = sign_mission(
+        MissionDraft(spec=MissionSpec.model_validate(SPEC | {"name": "fake"}), prompts=prompts), attacker
+    )
+    wire = bytearray(theirs.to_wire())
+    wire[-5] ^= 0xFF  # inside the signature
+    bad_spec = MissionBody(
+        spec=canonical_msgpack(SPEC | {"sampling": {"temperature": 99.0}}),
+        prompts_sha256="ab" * 32,
+        prompts_count=4,
+        shard_count=2,
+        lead=signing.public_key_der(attacker),
+        created=time.time(),
+    )
+    bad_spec_body = canonical_msgpack(bad_spec.model_dump(mode="python"))
+    lie = RowsAnnouncement(
+        mission_id=real_id,
+        peer_id=lead_id,  # claims the lead holds what it does not
+        has_prompts=True,
+        row_sets=[HeldRowSet(shard=0, attempt="0" * 16, producer=lead_id, sha256="cd" * 32, rows=2)],
+        announced_at=get_dht_time(),
+    )
+    return [
+        (keys.missions, theirs.mission_id, bytes(wire)),  # bad signature
+        (keys.missions, "ef" * 32, theirs.to_wire()),  # stored under another hash than its own
+        (keys.missions, hashlib.sha256(bad_spec_body).hexdigest(), seal(bad_spec_body, attacker)),  # invalid spec
+        (keys.missions, theirs.mission_id, b"\xc1garbage"),
+        (keys.missions, cancel_subkey(real_id, lead_id), sign_cancel(real_id, attacker)),  # posing as the lead
+        (keys.mission_rows(real_id), rows_subkey(lead_id), lie.to_wire(attacker)),  # someone else's announcement
+    ]
+
+
+def test_forged_mission_records_and_lying_senders_are_refused(daemons: DaemonFactory) -> None:
+    lead = daemons.start("--roles", "trainer")  # no shaker: only the forgeries move data in this test
+    other = daemons.start("--roles", "trainer", "--join", lead.join_addr)
+    body = {"spec": SPEC, "prompts": [p.model_dump(mode="json") for p in demo_prompts()[:4]]}
+    created = lead.request("POST", "/missions", json=body)
+    assert created.status_code == 201, created.text
+    real_id = created.json()["id"]
+    wait_until(lambda: other.get(f"/missions/{real_id}").status_code == 200, 30, 0.5, "the other peer knows it")
+
+    attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    hostile = hivemind.DHT(initial_peers=[lead.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        records = forged_records(attacker, real_id, lead.peer_id)
+        for key, subkey, value in records:
+            hostile.store(key, value, get_dht_time() + 600, subkey=subkey)
+        # a stranger's cancel under its own subkey passes the DHT but is not obeyed
+        attacker_id = signing.peer_id_of(signing.public_key_der(attacker))
+        hostile.store(
+            DHTKeys().missions, sign_cancel(real_id, attacker), get_dht_time() + 600,
+            subkey=cancel_subkey(real_id, attacker_id),
+        )  # fmt: skip
+        answers = asyncio.run(lying_offers(hostile, real_id, lead.peer_id))
+        time.sleep(3)  # a few refresh rounds (announce period 1 s)
+
+        for daemon in (lead, other):
+            missions = daemon.get("/missions").json()
+            assert [m["id"] for m in missions] == [real_id], missions
+            assert missions[0]["state"] != "cancelled"
+            assert daemon.get("/health").json() == {"status": "ok"}
+        refused = metric(lead, "garden_invalid_mission_records_total") + metric(
+            other, "garden_invalid_mission_records_total"
+        )
+        assert refused >= len(records), refused
+
+        # every lying offer was answered "no", nothing was stored, and the liars were counted
+        assert [ok for ok, _ in answers] == [False] * len(answers), answers
+        assert "unknown mission" in answers[-1][1]
+        assert metric(lead, "garden_mission_row_sets_held") == 0
+        assert metric(lead, "garden_row_sets_refused_total") == 1  # the one that hashed right but decoded to nothing
+        assert metric(lead, 'garden_transfer_refused_total{reason="hash mismatch"}') == 1
+        assert "avoided" in answers[2][1], answers[2]  # a sender caught lying is not asked again for 10 min
+        detail = lead.get(f"/missions/{real_id}").json()
+        assert all(p["row_sets"] == 0 for p in detail["peers"])
+    finally:
+        hostile.shutdown()
+
+
+async def lying_offers(hostile: hivemind.DHT, mission_id: str, target: str) -> list[tuple[bool, str]]:
+    """Offer row sets to ``target`` whose content, fetched back from us, is a lie of each kind."""
+    served: dict[str, bytes] = {}
+
+    async def source(ref: ContentRef) -> bytes | None:
+        return served.get(ref.item)
+
+    p2p = await hostile.replicate_p2p()
+    transfer = ContentTransfer(p2p, source)
+    await transfer.start()
+    me = p2p.peer_id.to_base58()
+    try:
+        garbage = b"\xc1not a row set"
+        lies = [
+            (garbage, hashlib.sha256(garbage).hexdigest()),  # hashes right, decodes to nothing: refused
+            (b"some bytes", "ab" * 32),  # does not hash to what the ref names: refused, and we are avoided
+            (b"\x00" * (64 * 1024 * 1024 + 1), "cd" * 32),  # over the 64 MiB cap: never even asked for
+        ]
+        answers = []
+        for shard, (content, digest) in enumerate(lies):
+            item = row_set_item(shard % 2, f"{shard:016x}", me)  # the mission has 2 shards
+            served[item] = content
+            ref = ContentRef(kind="rows", mission_id=mission_id, item=item, sha256=digest)
+            answers.append(await transfer.offer(target, ref))
+        unknown = ContentRef(kind="rows", mission_id="ee" * 32, item=row_set_item(0, "f" * 16, me), sha256="ab" * 32)
+        answers.append(await transfer.offer(target, unknown))
+        return answers
+    finally:
+        await transfer.stop()
+        await p2p.shutdown()

@@ -1,0 +1,225 @@
+"""Missions trained across real daemons: each trainer peer's daemon starts, supervises and stops its
+trainer worker; shaking and training overlap; the swarm ends with one model.
+
+The student is a tiny random Llama with the built-in tokenizer (an epoch takes seconds); the teacher
+is the real built-in model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from garden.data import demo_prompts
+from harness.daemons import Daemon, DaemonFactory, wait_until
+from harness.trainers import make_tiny_student
+
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
+TEACHER = "builtin:smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    from garden.models.loading import builtin_gguf, converted_gguf
+
+    converted_gguf(builtin_gguf("smollm2-135m"))
+    return make_tiny_student(tmp_path_factory.mktemp("tiny") / "student")
+
+
+def start(factory: DaemonFactory, cache: Path, *args: str, join: Daemon | None = None, **kwargs: Any) -> Daemon:
+    extra = ["--join", join.join_addr] if join is not None else []
+    env = {"GARDEN_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    return factory.start(*extra, "--max-threads", "1", "--train-batch-size", "2", *args, env=env, **kwargs)
+
+
+EPOCHS = 2
+
+
+def mission_body(student: Path, max_epochs: int = EPOCHS, min_trainers: int = 1) -> dict[str, Any]:
+    rows = demo_prompts()[:8]
+    return {
+        "spec": {
+            "name": "train-test",
+            "teachers": [TEACHER],
+            "prompts": "prompts.jsonl",
+            "shard_size": 2,
+            "student": {"base": str(student)},
+            "sampling": {"candidates": 2, "max_new_tokens": 6, "top_k_logprobs": 4},
+            "train": {"target_batch_size": 64, "max_epochs": max_epochs, "warmup_epochs": 0, "lr": 1e-2,
+                      "matchmaking_time": 2.0, "averaging_timeout": 15.0, "min_trainers": min_trainers},
+        },
+        "prompts": [{"prompt": r.prompt, "reference": r.reference} for r in rows],
+    }  # fmt: skip
+
+
+def create(daemon: Daemon, body: dict[str, Any]) -> str:
+    response = daemon.request("POST", "/missions", json=body)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def training(daemon: Daemon, mission_id: str) -> dict[str, Any]:
+    response = daemon.get(f"/missions/{mission_id}")
+    return (response.json().get("train") or {}) if response.status_code == 200 else {}
+
+
+def final_params(daemon: Daemon, mission_id: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    path = Path(training(daemon, mission_id)["last_checkpoint"]["path"]) / "model" / "model.safetensors"
+    tensors = load_file(str(path))
+    return torch.cat([tensors[k].reshape(-1) for k in sorted(tensors)])
+
+
+def garden_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_two_peers_shake_and_train_one_student(
+    daemons: DaemonFactory, model_cache: Path, tiny: Path, tmp_path: Path
+) -> None:
+    a = start(daemons, model_cache)
+    b = start(daemons, model_cache, join=a)
+    # both train from the first step: neither worker may train the 2 epochs alone while the other is still
+    # shaking its first shard or starting its process (it would then load the finished state and never average)
+    mission_id = create(a, mission_body(tiny, min_trainers=2))
+
+    wait_until(lambda: training(a, mission_id).get("epoch", 0) >= 1, 180, 0.5, "a trained an epoch")
+    done = wait_until(
+        lambda: all(training(d, mission_id).get("state") == "done" for d in (a, b)), 180, 1.0, "both trained"
+    )
+    assert done
+    for daemon in (a, b):
+        train = training(daemon, mission_id)
+        assert train["epoch"] == EPOCHS and train["max_epochs"] == EPOCHS and train["restarts"] == 0
+        assert train["rows"] > 0 and train["samples"] > 0 and train["skipped_steps"] == 0
+        assert train["loss"] is not None
+    # both trained the same student (equal parameters after a joint round are checked at the worker level,
+    # tests/trainer/test_collab_swarm.py; here two busy daemons shake beside, and a late round may be missed)
+    pa, pb = (torch.tensor(training(d, mission_id)["params_probe"], dtype=torch.float64) for d in (a, b))
+    assert torch.isfinite(pa).all() and torch.isfinite(pb).all()
+    assert all(training(d, mission_id)["bytes_sent"] > 0 for d in (a, b))  # they averaged
+    writers = [d for d in (a, b) if (training(d, mission_id).get("last_checkpoint") or {}).get("epoch") == EPOCHS]
+    assert writers, "no peer wrote the last epoch's checkpoint"
+    assert torch.isfinite(final_params(writers[0], mission_id)).all()
+    metrics = b.get("/metrics").text
+    assert f'garden_train_epoch{{mission="{mission_id}",name="train-test"}} {EPOCHS}.0' in metrics
+    shown = garden_cli("mission", "show", mission_id[:12], "--url", a.url)
+    assert shown.returncode == 0 and f"epoch {EPOCHS}/{EPOCHS}" in shown.stdout
+    assert "training here: done" in shown.stdout
+
+    # the checkpoint is announced, pulled through the other peer (over P2P unless it wrote one too),
+    # hash-checked, and loads as a model
+    writer = writers[0]
+    other = b if writer is a else a
+
+    def announced() -> set[int]:
+        return {c["epoch"] for c in other.get(f"/missions/{mission_id}/checkpoints").json()}
+
+    wait_until(lambda: EPOCHS in announced(), 30, 0.5, "the last epoch's checkpoint announced")
+    out = tmp_path / "pulled"
+    pulled = garden_cli("mission", "pull", mission_id[:12], "-o", str(out), "--url", other.url)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert "every sha256 checked" in pulled.stdout
+    from safetensors.torch import load_file
+
+    got = torch.cat([t.reshape(-1) for _, t in sorted(load_file(str(out / "model.safetensors")).items())])
+    # the last epoch's checkpoint of a writer (both may write one when the last round did not gather both)
+    assert any(torch.equal(got, final_params(w, mission_id)) for w in writers)
+    generated = garden_cli("generate", "--model", str(out), "--max-new-tokens", "4", "Hello")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    # bad requests: a clear status, nothing fetched
+    base = f"/missions/{mission_id}/checkpoints"
+    assert other.request("POST", f"{base}/abc/pull").status_code == 422
+    missing = other.request("POST", f"{base}/999/pull")
+    assert missing.status_code == 404 and "announces" in missing.json()["detail"]
+    assert other.get(f"{base}/{EPOCHS}/files/model/../../garden.sqlite3").status_code == 404
+    assert other.get(f"/missions/{'0' * 64}/checkpoints").status_code == 404
+
+    # a file that changes after it was announced is refused: nothing is written
+    written = Path(training(writer, mission_id)["last_checkpoint"]["path"]) / "model" / "model.safetensors"
+    damaged = bytearray(written.read_bytes())
+    damaged[-1] ^= 0xFF
+    written.write_bytes(bytes(damaged))
+    shutil.rmtree(other.data_dir / "checkpoints", ignore_errors=True)
+    if other is not writer and training(other, mission_id).get("last_checkpoint"):  # both wrote one
+        own = Path(training(other, mission_id)["last_checkpoint"]["path"]) / "model" / "model.safetensors"
+        own.write_bytes(bytes(damaged))
+    refused = garden_cli("mission", "pull", mission_id[:12], "-o", str(tmp_path / "again"), "--url", other.url)
+    assert refused.returncode == 1 and "sha256" in refused.stderr + refused.stdout, refused.stderr
+    assert not (tmp_path / "again" / "model.safetensors").exists()
+    assert a.get("/health").status_code == 200 and b.get("/health").status_code == 200
+
+    # a restarted daemon does not train a finished mission again
+    assert b.stop() == 0
+    log = b.data_dir / "train" / mission_id / "worker.log"
+    starts = log.read_text().count("training mission")
+    b = start(daemons, model_cache, join=a, data_dir=b.data_dir)
+    wait_until(lambda: training(b, mission_id).get("state") == "done", 30, 0.5, "b knows it is done")
+    time.sleep(3)  # several supervision periods
+    assert log.read_text().count("training mission") == starts
+
+
+def test_the_daemon_restarts_a_killed_trainer_and_stops_it_on_exit(
+    daemons: DaemonFactory, model_cache: Path, tiny: Path
+) -> None:
+    a = start(daemons, model_cache)
+    mission_id = create(a, mission_body(tiny, max_epochs=1000))
+    first = wait_until(lambda: training(a, mission_id).get("pid"), 180, 0.5, "a trainer worker")
+    wait_until(lambda: training(a, mission_id).get("state") == "training", 60, 0.5, "training")
+    a.record_descendants()
+    os.kill(first, signal.SIGKILL)  # a crash: the daemon notices and starts another after a back-off
+    wait_until(lambda: training(a, mission_id).get("state", "").startswith("restarting"), 30, 0.2, "restarting")
+    second = wait_until(
+        lambda: (lambda t: t.get("pid") if t.get("pid") != first and t.get("state") == "training" else None)(
+            training(a, mission_id)
+        ),
+        60, 0.5, "a new trainer worker",
+    )  # fmt: skip
+    assert training(a, mission_id)["restarts"] == 1
+    wait_until(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE, 10)
+
+    # the owner pauses: the trainer finishes its step and exits within 2 s; resume starts a new one (not a
+    # failure: no restart counted)
+    paused_at = time.monotonic()
+    assert a.request("POST", "/pause").json()["paused"] is True
+    wait_until(lambda: _gone(second), 10, 0.05, "the trainer stopped")
+    stopped_in = time.monotonic() - paused_at
+    assert stopped_in <= 2.0, f"the trainer took {stopped_in:.1f} s to stop"
+    samples = training(a, mission_id)["samples"]
+    time.sleep(1.5)
+    assert training(a, mission_id)["samples"] == samples and training(a, mission_id)["state"] == "paused"
+    assert a.request("POST", "/resume").json()["paused"] is False
+    second = wait_until(
+        lambda: (lambda t: t.get("pid") if t.get("pid") != second and t.get("state") == "training" else None)(
+            training(a, mission_id)
+        ),
+        60, 0.5, "a trainer again after resume",
+    )  # fmt: skip
+    assert training(a, mission_id)["restarts"] == 1
+    assert a.get("/contribution").json()["missions"][mission_id]["samples_trained"] >= samples > 0
+    a.record_descendants()
+    assert a.stop() == 0, a.stderr()[-3000:]
+    assert _gone(second)
+    status = json.loads((a.data_dir / "train" / mission_id / "status.json").read_text())
+    assert status["state"] == "stopped"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

