@@ -333,6 +333,10 @@ class Store:
         found = self.query("SELECT * FROM row_sets WHERE mission_id = ? ORDER BY shard, attempt", (mission_id,))
         return [StoredRowSet(**dict(r)) for r in found]
 
+    def count_row_sets(self, mission_id: str) -> int:
+        """Number of row sets held for a mission (``/metrics`` asks at every scrape: no rows are read)."""
+        return int(self.query("SELECT COUNT(*) FROM row_sets WHERE mission_id = ?", (mission_id,))[0][0])
+
     def row_set_bodies(self, mission_id: str, attempt: str) -> list[bytes] | None:
         """The encoded rows of a held row set in shard order, or None when it is not held."""
         with self._lock:

@@ -213,6 +213,7 @@ def test_row_sets_are_stored_read_back_and_dropped(tmp_path: Path) -> None:
     empty = _held("0000000000000003", [], shard=2)
     assert store.add_row_set(empty, []) and store.row_set_bodies("m1", empty.attempt) == []
     assert [s.attempt for s in store.row_sets("m1")] == [first.attempt, second.attempt, empty.attempt]
+    assert store.count_row_sets("m1") == 3 and store.count_row_sets("m2") == 0
 
     # a row garden shake stored (no mission) is kept when a row set that references it is dropped
     shaken = _rows(1, "s")
@@ -233,7 +234,7 @@ def test_row_sets_are_stored_read_back_and_dropped(tmp_path: Path) -> None:
     assert [r.row_id for r in store.get_rows(limit=None) if r.prompt.startswith("s")] == [shaken[0].row_id]
     assert store.drop_row_set("m1", second.attempt) and store.count_rows("m1") == 0
     assert store.count_rows() == 1 and store.drop_row_set("m1", empty.attempt)
-    assert store.row_sets("m1") == []
+    assert store.row_sets("m1") == [] and store.count_row_sets("m1") == 0
     store.close()
 
 

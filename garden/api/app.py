@@ -8,6 +8,7 @@ traceback page.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -39,6 +40,8 @@ from garden.api.schemas import (
     Status,
 )
 from garden.daemon.gardener import Gardener
+from garden.mission.shaking import ShakingSnapshot
+from garden.mission.training import TrainingSnapshot
 from garden.net.directory import PeerEntry
 from garden.protocol.records import PROTOCOL_VERSION
 
@@ -86,7 +89,7 @@ def create_app(gardener: Gardener) -> FastAPI:
     @app.get("/status", response_model=Status, tags=["peer"])
     async def status() -> Status:
         """This peer: identity, uptime, roles, addresses and how many peers it sees."""
-        guest = governor.snapshot()
+        guest, swarm = governor.snapshot(), directory.snapshot()
         return Status(
             peer_id=gardener.peer_id,
             version=__version__,
@@ -94,14 +97,14 @@ def create_app(gardener: Gardener) -> FastAPI:
             roles=gardener.roles,
             skipped_roles=gardener.skipped_roles,
             addresses=gardener.addresses,
-            peers=len(directory.known),
-            joined=directory.joined,
+            peers=swarm.peers_seen,
+            joined=swarm.joined,
             swarm=gardener.keys.swarm,
             client_mode=gardener.settings.client_mode,
             announce_period_s=gardener.settings.announce_period,
             machine=Machine(cores=machine.cores, ram_bytes=machine.ram_bytes, gpu=machine.gpu),
-            shaking=_shaking(gardener),
-            serving=[Serving(**server.view()) for server in gardener.inference.servers],
+            shaking=_shaking(gardener.work.snapshot(), gardener.training.snapshot()),
+            serving=[Serving(**asdict(server)) for server in gardener.inference.snapshot()],
             paused=guest.paused,
             pause=guest.pause,
             working=guest.working,
@@ -109,8 +112,8 @@ def create_app(gardener: Gardener) -> FastAPI:
             resources=_resources(guest, gardener.disk.snapshot()),
             contribution=ledger.totals(),
             protocol=PROTOCOL_VERSION,
-            upgrade=directory.upgrade_advice,
-            incompatible_peers=len(directory.incompatible),
+            upgrade=swarm.upgrade_advice,
+            incompatible_peers=swarm.incompatible_peers,
         )
 
     @app.get("/peers", response_model=list[Peer], tags=["swarm"])
@@ -153,12 +156,11 @@ def _resources(guest: GovernorSnapshot, disk: DiskSnapshot) -> Resources:
     )  # fmt: skip
 
 
-def _shaking(gardener: Gardener) -> Shaking:
-    work = gardener.work
+def _shaking(shaking: ShakingSnapshot, training: TrainingSnapshot) -> Shaking:
     return Shaking(
-        blocked=work.blocked,
-        missions={mid: p.state for mid, p in work.progress.items()},
-        training_blocked=dict(gardener.training.blocked),
+        blocked=shaking.blocked,
+        missions={mission_id: work.state for mission_id, work in shaking.missions.items() if work.seen},
+        training_blocked=training.blocked,
     )
 
 

@@ -21,7 +21,8 @@ def make_control_router(governor: Governor, ledger: Ledger, pause_serving: bool)
     router = APIRouter(tags=["peer"])
 
     def reply() -> PauseReply:
-        return PauseReply(**governor.pause_state.model_dump(), working=governor.working_state())
+        guest = governor.snapshot()
+        return PauseReply(**guest.pause.model_dump(), working=guest.working)
 
     @router.post("/pause", response_model=PauseReply, responses={422: {"model": Error}})
     async def pause(body: PauseRequest | None = None) -> PauseReply:

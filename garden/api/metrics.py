@@ -15,43 +15,53 @@ from prometheus_client.registry import Collector
 
 from garden import __version__
 from garden.daemon.gardener import Gardener
-from garden.mission.book import Mission
-from garden.mission.training import TrainingWork
+from garden.mission.shaking import ShakingSnapshot
+from garden.mission.training import TrainingSnapshot
+from garden.net.transfer import TransferSnapshot
 
 
 class GardenerCollector(Collector):
+    """Reads the services' snapshots at each scrape; it touches no service's internals."""
+
     def __init__(self, gardener: Gardener):
         self.gardener = gardener
 
     def collect(self) -> Iterator[Metric]:
         g = self.gardener
+        counters = g.counters()
         yield InfoMetricFamily("garden", "This peer.", value={"version": __version__, "peer_id": g.peer_id})
         yield GaugeMetricFamily("garden_uptime_seconds", "Seconds since the daemon joined.", value=g.uptime_s)
-        known = len(g.directory.known)
+        known = g.directory.snapshot().peers_seen
         yield GaugeMetricFamily("garden_peers_seen", "Peers seen at the last refresh, this one included.", known)
         requests = CounterMetricFamily(
             "garden_dht_requests", "DHT requests made by this daemon.", labels=["op", "outcome"]
         )
-        for (op, outcome), count in sorted(g.swarm.stats.requests.items()):
+        for (op, outcome), count in sorted(counters.dht_requests.items()):
             requests.add_metric([op, outcome], count)
         yield requests
         yield CounterMetricFamily(
-            "garden_invalid_peer_records", "Invalid peer records refused or ignored.", value=g.invalid_peer_records
+            "garden_invalid_peer_records",
+            "Invalid peer records refused or ignored.",
+            value=counters.invalid_peer_records,
         )
-        yield from _mission_metrics(g)
+        invalid = CounterMetricFamily(
+            "garden_invalid_mission_records", "Invalid mission-related records refused or ignored.", labels=["kind"]
+        )
+        for kind, count in counters.invalid_mission_records.items():
+            invalid.add_metric([kind], count)
+        yield invalid
+        yield from _transfer_metrics(g.transfer.snapshot())
+        shaking = g.work.snapshot()
+        yield CounterMetricFamily(
+            "garden_row_sets_refused",
+            "Row sets fetched intact (hash right) whose rows were invalid or did not fit their shard.",
+            value=shaking.row_sets_refused,
+        )
+        yield from _mission_metrics(shaking)
+        yield from _training_metrics(g.training.snapshot(), shaking)
 
 
-def _mission_metrics(g: Gardener) -> Iterator[Metric]:
-    invalid = CounterMetricFamily(
-        "garden_invalid_mission_records", "Invalid mission-related records refused or ignored.", labels=["kind"]
-    )
-    validators = g.host.validators
-    for kind, validator in (("shard", validators.shards), ("mission", validators.missions)):
-        invalid.add_metric([f"{kind} (DHT)"], validator.rejected)
-    for kind, count in sorted(g.missions.invalid_records.items()):
-        invalid.add_metric([kind], count)
-    yield invalid
-    stats = g.transfer.stats
+def _transfer_metrics(stats: TransferSnapshot) -> Iterator[Metric]:
     transfer = CounterMetricFamily("garden_transfer_bytes", "Content bytes moved between peers.", labels=["way"])
     transfer.add_metric(["sent"], stats.bytes_sent)
     transfer.add_metric(["received"], stats.bytes_received)
@@ -62,12 +72,9 @@ def _mission_metrics(g: Gardener) -> Iterator[Metric]:
     for reason, count in sorted(stats.refused.items()):
         refused.add_metric([reason], count)
     yield refused
-    yield CounterMetricFamily(
-        "garden_row_sets_refused",
-        "Row sets fetched intact (hash right) whose rows were invalid or did not fit their shard.",
-        value=g.keeper.refused,
-    )
-    work = g.work
+
+
+def _mission_metrics(shaking: ShakingSnapshot) -> Iterator[Metric]:
     shards = GaugeMetricFamily(
         "garden_mission_shards", "Shards of a mission by state.", labels=["mission", "name", "state"]
     )
@@ -81,20 +88,16 @@ def _mission_metrics(g: Gardener) -> Iterator[Metric]:
         "garden_mission_shards_shaken", "Shards this peer sampled for a mission.", labels=["mission", "name"]
     )
     held = GaugeMetricFamily("garden_mission_row_sets_held", "Row sets this peer holds.", labels=["mission", "name"])
-    for mission in list(g.missions.missions.values()):
-        labels = [mission.id, mission.name]
-        board = work.boards.get(mission.id)
-        if board is not None:
-            summary = board.summary()
+    for mission_id, work in shaking.missions.items():
+        labels = [mission_id, work.name]
+        if work.shards is not None:
             for state in ("done", "leased", "open"):
-                shards.add_metric([*labels, state], getattr(summary, state))
-            rows.add_metric(labels, sum(d.rows for d in board.winners().values()))
-        progress = work.progress.get(mission.id)
-        shaken.add_metric(labels, progress.rows_shaken if progress else 0)
-        shards_shaken.add_metric(labels, progress.shards_shaken if progress else 0)
-        held.add_metric(labels, len(g.store.row_sets(mission.id)))
+                shards.add_metric([*labels, state], getattr(work.shards, state))
+            rows.add_metric(labels, work.rows_done)
+        shaken.add_metric(labels, work.rows_shaken)
+        shards_shaken.add_metric(labels, work.shards_shaken)
+        held.add_metric(labels, work.row_sets_held)
     yield from (shards, rows, shaken, shards_shaken, held)
-    yield from _training_metrics(g.training, list(g.missions.missions.values()))
 
 
 TRAIN_GAUGES = {
@@ -111,19 +114,19 @@ TRAIN_COUNTERS = {
 }
 
 
-def _training_metrics(training: TrainingWork, missions: list[Mission]) -> Iterator[Metric]:
+def _training_metrics(training: TrainingSnapshot, shaking: ShakingSnapshot) -> Iterator[Metric]:
     """``garden_train_<field>{mission, name}`` from each trainer's status (the fields of ``GET /missions/{id}``)."""
     labels = ["mission", "name"]
     families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
         **{k: GaugeMetricFamily(f"garden_train_{k}", doc, labels=labels) for k, doc in TRAIN_GAUGES.items()},
         **{k: CounterMetricFamily(f"garden_train_{k}", doc, labels=labels) for k, doc in TRAIN_COUNTERS.items()},
     }
-    for mission in missions:
-        status = training.worker_status(mission.id)
+    for mission_id, status in training.workers.items():
+        name = shaking.missions[mission_id].name if mission_id in shaking.missions else ""
         for key, family in families.items():
-            value = getattr(status, key, None) if status is not None else None
+            value = getattr(status, key, None)
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                family.add_metric([mission.id, mission.name], value)
+                family.add_metric([mission_id, name], value)
     yield from families.values()
 
 

@@ -65,7 +65,7 @@ def make_missions_router(
     @router.get("/missions", response_model=list[MissionSummary])
     async def list_missions() -> list[MissionSummary]:
         """Every mission this peer knows, newest first, with progress."""
-        missions = sorted(book.missions.values(), key=lambda m: m.signed.body.created, reverse=True)
+        missions = book.newest_first()
         views = await asyncio.gather(*(work.view(m, with_holders=False) for m in missions))
         return [_summary(v) for v in views]
 
@@ -233,7 +233,7 @@ def _training(training: TrainingWork, mission: Mission) -> MissionTraining | Non
         return None
     known = set(MissionTraining.model_fields) - {"state", "restarts", "history"}
     status = view.worker.model_dump(include=known) if view.worker is not None else {}
-    history = [TrainPoint(**point) for point in training.history.get(mission.id, [])]
+    history = [TrainPoint(**point) for point in view.history]
     try:
         return MissionTraining(state=view.state, restarts=view.restarts, history=history, **status)
     except ValidationError:  # a status file from another version: show the state alone

@@ -72,6 +72,20 @@ class Host:
 
 
 @dataclass(frozen=True)
+class PeerCounters:
+    """The peer-wide counters of ``/metrics`` that belong to no one service.
+
+    :param dht_requests: DHT requests made by this daemon, by (operation, outcome)
+    :param invalid_peer_records: peer records refused by the DHT node plus those dropped when reading
+    :param invalid_mission_records: mission-related records refused or ignored, by kind
+    """
+
+    dht_requests: dict[tuple[str, str], int]
+    invalid_peer_records: int
+    invalid_mission_records: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Validators:
     """The DHT node's record validators (they count what they refuse, for ``/metrics``)."""
 
@@ -308,10 +322,14 @@ class Gardener:
     def uptime_s(self) -> float:
         return time.time() - self.started_at
 
-    @property
-    def invalid_peer_records(self) -> int:
-        """Peer records refused by the DHT node plus those dropped when reading."""
-        return self.host.validators.peers.rejected + self.directory.invalid_records
+    def counters(self) -> PeerCounters:
+        validators = self.host.validators
+        missions = {"shard (DHT)": validators.shards.rejected, "mission (DHT)": validators.missions.rejected}
+        return PeerCounters(
+            dht_requests=dict(self.swarm.stats.requests),
+            invalid_peer_records=validators.peers.rejected + self.directory.invalid_records,
+            invalid_mission_records={**missions, **dict(sorted(self.missions.invalid_records.items()))},
+        )
 
     def child_pids(self) -> list[int]:
         return self.swarm.child_pids() + self.training.child_pids()

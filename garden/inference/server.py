@@ -112,6 +112,25 @@ class ServerStats:
     refused: Counter[str] = field(default_factory=Counter)  # by error code
 
 
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """One block server as ``/status`` shows it.
+
+    :param layers: ``START-END`` (half-open); None while loading or after a failure
+    :param throughput: layer-tokens per second measured at start, one token at a time
+    :param refused: RPCs refused, by error code
+    """
+
+    model: str
+    layers: str | None
+    throughput: float
+    sessions: int
+    max_sessions: int
+    tokens_served: int
+    refused: dict[str, int]
+    error: str | None
+
+
 def rpc_names(namespace: str) -> tuple[str, str, str]:
     return f"{namespace}.blocks.open", f"{namespace}.blocks.forward", f"{namespace}.blocks.close"
 
@@ -280,13 +299,13 @@ class BlockServer:
                 logger.info("session %s idle for %.0f s: dropped", sid[:8], now - session.last_used)
                 del self.sessions[sid]
 
-    def view(self) -> dict[str, Any]:
+    def snapshot(self) -> ServerSnapshot:
         span = self.blocks.span if self.blocks is not None else None
-        return {
-            "model": self.config.model, "layers": str(span) if span else None, "throughput": round(self.throughput, 1),
-            "sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
-            "tokens_served": self.stats.tokens_served, "refused": dict(self.stats.refused), "error": self.error,
-        }  # fmt: skip
+        return ServerSnapshot(
+            model=self.config.model, layers=str(span) if span else None, throughput=round(self.throughput, 1),
+            sessions=len(self.sessions), max_sessions=self.config.max_sessions,
+            tokens_served=self.stats.tokens_served, refused=dict(self.stats.refused), error=self.error,
+        )  # fmt: skip
 
     # --- RPCs --------------------------------------------------------------------------------------------
     def _error(self, code: str, detail: str) -> runtime_pb2.ExpertResponse:

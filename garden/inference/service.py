@@ -21,7 +21,7 @@ from garden.host.governor import Governor
 from garden.inference.blocks import Ends, LayerSpan
 from garden.inference.client import ChainConfig, SwarmGenerator
 from garden.inference.route import Router, missing_spans
-from garden.inference.server import BlockServer, ServeConfig, rpc_names
+from garden.inference.server import BlockServer, ServeConfig, ServerSnapshot, rpc_names
 from garden.lifecycle import Service
 from garden.net.swarm import Swarm
 from garden.protocol.inference_rpc import (
@@ -163,6 +163,10 @@ class InferenceService(Service):
 
     async def close(self) -> None:
         await self.stop()
+
+    def snapshot(self) -> list[ServerSnapshot]:
+        """This peer's block servers, as ``/status`` shows them."""
+        return [server.snapshot() for server in self.servers]
 
     def refusal(self) -> str | None:
         """Why servers refuse new sessions now, or None."""

@@ -137,6 +137,10 @@ class MissionBook(Service):
                 continue
             self.missions[signed.mission_id] = mission
 
+    def newest_first(self) -> list[Mission]:
+        """Every mission this peer knows, the newest (by its signed creation time) first."""
+        return sorted(self.missions.values(), key=lambda m: m.signed.body.created, reverse=True)
+
     def get(self, mission_id: str) -> Mission:
         mission = self.missions.get(mission_id)
         if mission is None:

@@ -52,6 +52,10 @@ class RowSetKeeper:
         self.refused = 0  # offers or fetches refused for bad content
         transfer.accept_offers("rows", self.on_offer)
 
+    def held(self, mission_id: str) -> int:
+        """Row sets of the mission held here (own and copies)."""
+        return self.store.count_row_sets(mission_id)
+
     # --- this peer's own work -------------------------------------------------------------------------
     def keep_own(self, mission: Mission, shard: int, attempt: str, rows: Sequence[DorpoRow]) -> StoredRowSet:
         """Store the rows this peer sampled for ``shard`` (in the shard's prompt order) as one row set."""

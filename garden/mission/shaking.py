@@ -42,7 +42,7 @@ from garden.protocol.mission import prompt_seed
 from garden.protocol.row_sets import RowsAnnouncement
 from garden.protocol.rows import DorpoRow
 from garden.distill.judges import build_judge
-from garden.mission.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError
+from garden.mission.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError, ShardSummary
 from garden.distill.shaker import ShakeCancelled, ShakeConfig
 from garden.distill.teachers import FallbackShakeResult, NoTeacherError, shake_with_fallback
 
@@ -117,6 +117,38 @@ class MissionView:
         if self.board is None:
             return 0
         return sum(done.rows for done in self.board.winners().values())
+
+
+@dataclass(frozen=True)
+class MissionWorkSnapshot:
+    """One mission's shaking as ``/status`` and ``/metrics`` show it, without a DHT read.
+
+    :param seen: the shaking loop has looked at the mission on this peer (``/status`` lists only those)
+    :param state: what this peer is doing for it, in words
+    :param shards: the shards by state on the last board seen, None before one was read
+    :param rows_done: rows of the shards done (winning attempts) on that board
+    :param row_sets_held: row sets of the mission stored here, own and copies
+    """
+
+    name: str
+    seen: bool
+    state: str
+    shards: ShardSummary | None
+    rows_done: int
+    shards_shaken: int
+    rows_shaken: int
+    row_sets_held: int
+
+
+@dataclass(frozen=True)
+class ShakingSnapshot:
+    """:param blocked: why this peer takes no shards (memory), or None
+    :param row_sets_refused: row sets fetched intact (hash right) whose rows were invalid or did not fit
+    :param missions: every mission of the book, by id"""
+
+    blocked: str | None
+    row_sets_refused: int
+    missions: dict[str, MissionWorkSnapshot]
 
 
 class MissionWork(Service):
@@ -440,6 +472,23 @@ class MissionWork(Service):
                 del self._teachers_used[ref]
 
     # --- views for the HTTP port ---------------------------------------------------------------------
+    def snapshot(self) -> ShakingSnapshot:
+        """Every mission's work as last seen (boards are not read afresh: ``/metrics`` is scraped often)."""
+        missions = {}
+        for mission in list(self.book.missions.values()):
+            board, progress = self.boards.get(mission.id), self.progress.get(mission.id)
+            missions[mission.id] = MissionWorkSnapshot(
+                name=mission.name,
+                seen=progress is not None,
+                state=progress.state if progress else MissionProgress.state,
+                shards=board.summary() if board else None,
+                rows_done=sum(d.rows for d in board.winners().values()) if board else 0,
+                shards_shaken=progress.shards_shaken if progress else 0,
+                rows_shaken=progress.rows_shaken if progress else 0,
+                row_sets_held=self.keeper.held(mission.id),
+            )
+        return ShakingSnapshot(blocked=self.blocked, row_sets_refused=self.keeper.refused, missions=missions)
+
     async def view(self, mission: Mission, with_holders: bool = True) -> MissionView:
         """The mission's shards read fresh from the DHT (the last board seen if the DHT is silent), and
         who holds what when ``with_holders``."""

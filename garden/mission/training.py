@@ -98,12 +98,27 @@ class _Worker:
 class TrainingView:
     """What ``GET /missions/{id}`` shows of this peer's training of one mission.
 
-    :param worker: the worker's last status file (None: none yet)"""
+    :param worker: the worker's last status file (None: none yet)
+    :param history: loss/KL/accuracy points over time (``t``, ``epoch``, ``loss``, ``kl``, ``pref_acc``,
+        ``samples``), oldest first, at most ``HISTORY_POINTS``"""
 
     state: str
     worker: WorkerStatus | None = None
     restarts: int = 0
     last_exit: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """What ``/status`` and ``/metrics`` show of training on this peer.
+
+    :param blocked: missions this peer does not train, with the reason (memory)
+    :param workers: each mission's last worker status file, for the missions that have one
+    """
+
+    blocked: dict[str, str]
+    workers: dict[str, WorkerStatus]
 
 
 def worker_host_maddrs(host_maddrs: Sequence[str]) -> list[str]:
@@ -333,13 +348,22 @@ class TrainingWork(Service):
         """The worker's last status file (it outlives the worker), or None."""
         return WorkerStatus.read(self.config.root / mission_id / STATUS_FILE)
 
+    def snapshot(self) -> TrainingSnapshot:
+        workers = {}
+        for mission_id in list(self.book.missions):
+            status = self.worker_status(mission_id)
+            if status is not None:
+                workers[mission_id] = status
+        return TrainingSnapshot(blocked=dict(self.blocked), workers=workers)
+
     def view(self, mission: Mission) -> TrainingView | None:
         worker = self._workers.get(mission.id)
         status = self.worker_status(mission.id)
+        history = list(self.history.get(mission.id, []))
         if worker is None and status is None:
             if mission.id in self.blocked:
-                return TrainingView(state=self.blocked[mission.id])
-            return TrainingView(state="waiting for rows") if self.config.trainer else None
+                return TrainingView(state=self.blocked[mission.id], history=history)
+            return TrainingView(state="waiting for rows", history=history) if self.config.trainer else None
         running = worker is not None and worker.proc is not None
         if status is not None:
             state = status.state
@@ -354,6 +378,7 @@ class TrainingWork(Service):
             worker=status,
             restarts=worker.failures if worker else 0,
             last_exit=worker.last_exit if worker else None,
+            history=history,
         )
 
     def child_pids(self) -> list[int]:

@@ -36,6 +36,24 @@ class PeerEntry:
         return self.info.announced_at
 
 
+@dataclass(frozen=True)
+class DirectorySnapshot:
+    """What ``/status`` and ``/metrics`` show of the swarm's phone book, as of the last read.
+
+    :param peers_seen: peers in the last read, this one included
+    :param joined: this peer's record is in the DHT
+    :param incompatible_peers: peers ignored because they speak another protocol version
+    :param upgrade_advice: what to tell the owner when some of those are newer, else None
+    :param invalid_records: peer records dropped when reading (unsigned, forged, malformed)
+    """
+
+    peers_seen: int
+    joined: bool
+    incompatible_peers: int
+    upgrade_advice: str | None
+    invalid_records: int
+
+
 class PeerDirectory(Service):
     """:param make_record: builds this peer's current record (load and roles change over time)
     :param period: seconds between announces; the record's TTL is twice that"""
@@ -111,6 +129,12 @@ class PeerDirectory(Service):
         self.known = sorted(entries, key=lambda e: e.info.peer_id)
         self.incompatible = incompatible
         return self.known
+
+    def snapshot(self) -> DirectorySnapshot:
+        return DirectorySnapshot(
+            peers_seen=len(self.known), joined=self.joined, incompatible_peers=len(self.incompatible),
+            upgrade_advice=self.upgrade_advice, invalid_records=self.invalid_records,
+        )  # fmt: skip
 
     @property
     def upgrade_advice(self) -> str | None:

@@ -142,6 +142,18 @@ class TransferStats:
     served: int = 0
 
 
+@dataclass(frozen=True)
+class TransferSnapshot:
+    """The transfer's counters as ``/metrics`` shows them, copied so that a reader never sees them move."""
+
+    bytes_sent: int
+    bytes_received: int
+    fetches_ok: int
+    served: int
+    refused: dict[str, int]
+    failed: dict[str, int]
+
+
 class _Failure(Exception):
     """Internal: why a fetch stopped; ``blame`` means the sender misbehaved (it gets avoided)."""
 
@@ -213,6 +225,13 @@ class ContentTransfer(Service):
 
     def _offer_handler_of(self, kind: str) -> OfferHandler | None:
         return self._offer_handlers.get(kind, self._default_on_offer)
+
+    def snapshot(self) -> TransferSnapshot:
+        stats = self.stats
+        return TransferSnapshot(
+            bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received, fetches_ok=stats.fetches_ok,
+            served=stats.served, refused=dict(stats.refused), failed=dict(stats.failed),
+        )  # fmt: skip
 
     @property
     def p2p(self) -> P2P:

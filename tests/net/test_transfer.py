@@ -193,10 +193,14 @@ async def test_a_liar_is_refused_avoided_and_skipped_for_an_honest_holder(p2ps: 
         assert (got, source) == (data, honest.peer_id)
         assert client.avoided(liar.peer_id) and not client.avoided(honest.peer_id)
         assert client.stats.refused["hash mismatch"] == 1
+        seen = client.snapshot()  # what /metrics reads: a copy that later fetches do not move
+        assert (seen.refused, seen.fetches_ok) == ({"hash mismatch": 1}, 1)
+        assert seen.bytes_received == client.stats.bytes_received > len(data)  # the liar's bytes count too
 
         again, source = await client.fetch_any([liar.peer_id, honest.peer_id], ref_for(data))
         assert (again, source) == (data, honest.peer_id)
         assert liar_source.asked == 1  # avoided: not asked again
+        assert (seen.fetches_ok, client.snapshot().fetches_ok) == (1, 2)
         with pytest.raises(TransferError, match=f"{liar.peer_id}: avoided"):
             await client.fetch_any([liar.peer_id], ref_for(data))
 
