@@ -1,6 +1,6 @@
 """``garden demo`` (the README's first command, ``make demo``) end to end, small: three local peers (the demo's
 default) form a swarm, shake the real built-in teacher (24 prompts, 8 a shard: a shard each), train the real
-pruned student together, checkpoint, and the student is pulled through the last peer; the held-out KL to the
+pruned student, checkpoint, and the student is pulled through the last peer; the held-out KL to the
 teacher falls. Every peer it started is gone afterwards. It takes about 130 s on two cores."""
 
 from __future__ import annotations

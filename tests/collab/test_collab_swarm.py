@@ -66,11 +66,13 @@ def test_trainers_reach_the_same_parameters_and_a_late_one_loads_their_state(
     daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
 ) -> None:
     peers = bootstrap(daemons)
-    a, b = workers.start(peers, max_epochs=5), workers.start(peers, max_epochs=5)
+    # min_trainers: neither takes a step before the other is in the progress record (else one could train an
+    # epoch alone while the other starts); the late one finds two and starts at once
+    a, b = (workers.start(peers, max_epochs=5, min_trainers=2) for _ in range(2))
     # the late one starts after the first joint epoch: it must load the state mid-run, not at the very end
     wait_until(lambda: min(w.status().get("epoch", 0) for w in (a, b)) >= 1, 120, 0.5, "an epoch together")
     assert a.status()["peers"] == 2 and b.status()["peers"] == 2
-    late = workers.start(peers, max_epochs=5)
+    late = workers.start(peers, max_epochs=5, min_trainers=2)
     # each trains on its own batches (other seeds): only averaging makes their parameters equal
     wait_until(lambda: agreed_epochs(a.probes(), b.probes()), 60, 0.5, "an epoch where a and b agree")
     wait_until(lambda: all(w.status().get("state") == "done" for w in (a, b, late)), 180, 0.5, "all done")
@@ -96,7 +98,7 @@ def test_trainers_reach_the_same_parameters_and_a_late_one_loads_their_state(
 
 def test_a_trainer_killed_mid_run_does_not_stall_the_others(daemons: DaemonFactory, workers: WorkerFactory) -> None:
     peers = bootstrap(daemons)
-    trio = [workers.start(peers, max_epochs=5, averaging_timeout=8.0) for _ in range(3)]
+    trio = [workers.start(peers, max_epochs=5, averaging_timeout=8.0, min_trainers=3) for _ in range(3)]
     wait_until(lambda: min(w.status().get("epoch", 0) for w in trio) >= 1, 150, 0.5, "an epoch with three")
     victim, survivors = trio[2], trio[:2]
     victim.kill()  # kill -9, alone: its DHT process and averagers must follow by themselves
@@ -115,7 +117,9 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
     daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
 ) -> None:
     peers = bootstrap(daemons)
-    honest = [workers.start(peers, max_epochs=3) for _ in range(2)]
+    # the honest ones take no step before the hostile one is in the progress record (after its first step): they
+    # cannot finish before it joins a round
+    honest = [workers.start(peers, max_epochs=3, min_trainers=3) for _ in range(2)]
     hostile = workers.start(peers, executable=HOSTILE, max_epochs=1000)
     wait_until(lambda: all(w.status().get("state") == "done" for w in honest), 180, 0.5, "honest peers done")
     hostile_id = wait_until(lambda: hostile.status().get("peer_id"), 10, 0.5, "the hostile peer's id")
@@ -139,7 +143,8 @@ def test_local_mode_with_8bit_averaging_forms_rounds(
     peers = bootstrap(daemons)
     # local steps go on while a round runs, and 8-bit deltas are lossy: the copies end close, not equal, so
     # this asks for rounds (bytes sent by both), not for one model
-    settings = {"mode": "local", "compression": "8bit", "max_epochs": 3, "target_batch_size": 128}
+    # min_trainers: neither trains its epochs alone while the other is still starting (a CI run saw one send 0 bytes)
+    settings = {"mode": "local", "compression": "8bit", "max_epochs": 3, "target_batch_size": 128, "min_trainers": 2}
     pair = [workers.start(peers, **settings) for _ in range(2)]
     wait_until(lambda: all(w.status().get("state") == "done" for w in pair), 180, 0.5, "both done")
     for w in pair:
