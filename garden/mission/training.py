@@ -9,7 +9,8 @@ the daemon stores them. The daemon
 * restarts it when it exits with an error or is killed, after a back-off that grows (5 s, 15 s, 1 min,
   5 min): a broken student reference must not become a fork loop;
 * stops it when the mission is cancelled and when the daemon stops (SIGTERM, then SIGKILL after
-  ``STOP_GRACE``; the worker's own children follow it either way);
+  ``STOP_GRACE``; the worker's own children follow it either way; a worker killed in its step cannot say it
+  stopped, so the daemon writes ``state: stopped`` into its status file);
 * reads its status file (a :class:`~garden.collab.worker.WorkerStatus`) for ``GET /missions/{id}`` and
   ``/metrics``.
 
@@ -289,7 +290,11 @@ class TrainingWork(Service):
         self._count(worker.mission_id, worker)
         status = self.worker_status(worker.mission_id)
         state = status.state if status is not None else None
-        if asked or (code == 0 and state in ("done", "stopped")):
+        if asked:
+            self._note_stopped(worker.mission_id, status)
+            logger.info("trainer of mission %s stopped (exit %s)", worker.mission_id[:12], code)
+            return
+        if code == 0 and state in ("done", "stopped"):
             logger.info("trainer of mission %s finished (%s)", worker.mission_id[:12], state)
             return
         delay = BACKOFF[min(worker.failures, len(BACKOFF) - 1)]
@@ -325,6 +330,19 @@ class TrainingWork(Service):
                 logger.warning("trainer of mission %s did not stop in time: killed", worker.mission_id[:12])
                 self._signal(worker, signal.SIGKILL)
                 await asyncio.to_thread(worker.proc.wait)
+            self._note_stopped(worker.mission_id, self.worker_status(worker.mission_id))
+
+    def _note_stopped(self, mission_id: str, status: WorkerStatus | None) -> None:
+        """A worker the daemon stopped and that was killed in its step (after the grace) could not say so: its
+        file still says ``training``, which a user (and a restarted daemon's ``GET /missions/{id}``) would read
+        as a worker at work. The daemon, which stopped it, says so in its place; a final state stays."""
+        if status is None or status.state in ("done", "failed", "stopped"):
+            return
+        status.state = "stopped"
+        try:
+            status.write(self.config.root / mission_id / STATUS_FILE)
+        except OSError as e:
+            logger.warning("could not note the stop of mission %s's trainer: %s", mission_id[:12], e)
 
     def _count(self, mission_id: str, worker: _Worker) -> None:
         """Samples trained since the last look into the ledger, and a point of the loss/KL history."""
