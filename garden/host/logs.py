@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+import traceback
 from pathlib import Path
+from types import TracebackType
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 LOG_FILE_NAME = "garden.log"
@@ -42,6 +44,23 @@ def setup_logging(level: str, log_dir: Path | None = None) -> None:
 
     use_hivemind_log_handler("nowhere")
     logging.getLogger("hivemind").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """Uncaught exceptions go to the log (and so to the log file), not as bare text on stderr. One case is
+    no bug: multiprocessing's fd-sharing thread (hivemind hands file descriptors to its DHT process that
+    way) reports a child that died mid-handover through ``sys.excepthook``; the daemon already says that the
+    child is gone, so that is one line, not a traceback."""
+    if not issubclass(kind, Exception):  # Ctrl+C, SystemExit: as Python shows them
+        sys.__excepthook__(kind, error, tb)
+        return
+    if issubclass(kind, (ConnectionError, EOFError)) and any(
+        frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(tb)
+    ):
+        logging.getLogger("garden").warning("a child process went away while being handed a file: %s", error)
+        return
+    logging.getLogger("garden").critical("uncaught exception", exc_info=(kind, error, tb))
 
 
 def _make_private_dir(log_dir: Path) -> None:
