@@ -8,6 +8,8 @@ comma-separated string in env variables (``GARDEN_ROLES=shaker,trainer``) as wel
 
 from __future__ import annotations
 
+import re
+
 import contextvars
 import os
 import tomllib
@@ -66,6 +68,11 @@ class GardenSettings(BaseSettings):
     # --- local HTTP port ---------------------------------------------------------------------------
     http_host: str = Field("127.0.0.1", description="Address of the local HTTP port.")
     http_port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535, description="0 picks a free port (printed).")
+    http_allowed_host: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More names the local HTTP port answers to (beside 127.0.0.1, localhost, [::1] and this "
+        "machine's addresses), e.g. a name for it on your LAN; any other Host header is refused.",
+    )
 
     # --- this machine ------------------------------------------------------------------------------
     data_dir: Path = Field(
@@ -117,6 +124,21 @@ class GardenSettings(BaseSettings):
     train_batch_size: int = Field(
         4, ge=1, le=4096, description="Rows per forward pass when this peer trains a mission's student."
     )
+    # --- which missions this peer works on -----------------------------------------------------------
+    trust_lead: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Peer ids of leads whose missions this peer works on; missions of other leads are listed "
+        "(marked untrusted) but never worked on. None given: every lead is trusted.",
+    )
+    max_missions_per_lead: int = Field(
+        4, ge=1, le=1000, description="Open missions kept per lead; a lead's later ones are ignored."
+    )
+    max_missions: int = Field(2, ge=1, le=100, description="Missions this peer shakes at once (each loads a teacher).")
+    max_trainers: int = Field(1, ge=0, le=64, description="Trainer processes at once (one per mission trained).")
+    mission_max_age: float = Field(
+        30 * 86400.0, gt=0, description="Seconds after which another lead's mission is dropped from the store "
+        "and no longer renewed (default 30 days).",
+    )  # fmt: skip
     # --- serving layers (the server role) ----------------------------------------------------------
     serve: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -139,12 +161,22 @@ class GardenSettings(BaseSettings):
     )  # fmt: skip
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
-    @field_validator("join", "host_maddr", "announce_maddr", "roles", "serve", mode="before")
+    @field_validator(
+        "join", "host_maddr", "announce_maddr", "roles", "serve", "http_allowed_host", "trust_lead", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("trust_lead")
+    @classmethod
+    def _peer_ids(cls, value: list[str]) -> list[str]:
+        for peer_id in value:
+            if not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{30,80}", peer_id):
+                raise ValueError(f"{peer_id!r} is not a peer id (as `garden status` prints it: 12D3Koo... or Qm...)")
+        return sorted(set(value))
 
     @field_validator("roles")
     @classmethod

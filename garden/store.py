@@ -370,6 +370,15 @@ class Store:
                 )
         return True
 
+    def drop_mission(self, mission_id: str) -> bool:
+        """Forget a mission: its record, prompts, cancel, row sets and rows, in one transaction (what this
+        peer contributed to it stays in ``contribution``). True if it was kept here."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM row_set_rows WHERE mission_id = ?", (mission_id,))
+            tx.execute("DELETE FROM row_sets WHERE mission_id = ?", (mission_id,))
+            tx.execute("DELETE FROM rows WHERE mission_id = ?", (mission_id,))
+            return tx.execute("DELETE FROM missions WHERE mission_id = ?", (mission_id,)).rowcount == 1
+
     # --- contribution (migration 4) -------------------------------------------------------------------
     def add_contribution(self, amounts: Mapping[tuple[str, str], float]) -> None:
         """Add to the running totals, keyed by (mission id or "" for the peer as a whole, metric)."""

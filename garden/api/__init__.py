@@ -1,6 +1,7 @@
 """Level 7: the local HTTP port. Reads the Gardener's services; only this package maps errors to HTTP codes.
 
 - ``app``: the FastAPI app: ``/status``, ``/peers``, ``/models``, error shapes
+- ``guard``: the port answers only its owner (Host check, no state changes from other origins, the token)
 - ``missions``: ``/missions`` (launch, list, inspect, export, pull, cancel)
 - ``openai``: ``/v1``, the OpenAI-compatible part
 - ``control``: the owner's ``/pause``, ``/resume`` and ``/contribution``

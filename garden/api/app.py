@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from garden import __version__
 from garden.api.metrics import make_registry
 from garden.api.errors import error_response
+from garden.api.guard import OwnerGuard, OwnerPolicy
 from garden.errors import GardenError
 from garden.host.disk import DiskSnapshot
 from garden.host.governor import GovernorSnapshot
@@ -58,6 +59,11 @@ def create_app(gardener: Gardener) -> FastAPI:
         responses={500: {"model": Error}},
     )
     registry = make_registry(gardener)
+    settings = gardener.settings
+    data_dir = gardener.data_dir
+    token = data_dir.read_http_token() or data_dir.new_http_token()
+    # installed last (below), so outermost: nothing, not even the JSON-body rewrite, sees a request it refuses
+    guard = OwnerPolicy.of(settings.http_host, settings.http_allowed_host, token)
 
     @app.exception_handler(GardenError)
     async def _domain(request: Request, exc: GardenError) -> JSONResponse:
@@ -75,7 +81,6 @@ def create_app(gardener: Gardener) -> FastAPI:
 
     machine, directory = gardener.machine, gardener.directory
     governor, ledger = gardener.governor, gardener.ledger
-    settings = gardener.settings
     caps = Caps(
         max_cpu=settings.max_cpu,
         max_threads=gardener.max_threads,
@@ -146,6 +151,7 @@ def create_app(gardener: Gardener) -> FastAPI:
     app.include_router(make_openai_router(gardener.inference))
     install_openai_errors(app)
     app.include_router(make_dashboard_router())
+    app.add_middleware(OwnerGuard, policy=guard)
     return app
 
 

@@ -50,6 +50,12 @@ class GardenerCollector(Collector):
         for kind, count in counters.invalid_mission_records.items():
             invalid.add_metric([kind], count)
         yield invalid
+        ignored = GaugeMetricFamily(
+            "garden_missions_ignored", "Valid missions of other leads not kept now, by reason.", labels=["reason"]
+        )
+        for reason, count in counters.missions_ignored.items():
+            ignored.add_metric([reason], count)
+        yield ignored
         yield from _transfer_metrics(g.transfer.snapshot())
         shaking = g.work.snapshot()
         yield CounterMetricFamily(

@@ -209,6 +209,8 @@ def _summary(view: MissionView) -> MissionSummary:
         name=mission.name,
         state=view.state,
         lead=mission.signed.lead_peer_id,
+        trusted=view.trusted,
+        not_worked_on=view.refused,
         created=body.created,
         prompts=body.prompts_count,
         shards=_shards(view),

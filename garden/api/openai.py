@@ -246,12 +246,14 @@ JSON_PATHS = ("/v1/", "/pause")
 
 def install_openai_errors(app: Any) -> None:
     """OpenAI's error shape for ``/v1`` (and FastAPI's own for every other path). A ``/v1`` (or ``/pause``)
-    body is JSON whatever its content type says: ``curl -d '{...}'`` sends a JSON body as a form."""
+    body is JSON whatever its content type says: ``curl -d '{...}'`` sends a JSON body as a form. Not for a
+    browser's request (one that carries ``Origin``): a ``text/plain`` body is what a page of another site may
+    send without asking, so a page must say JSON (and pass :mod:`garden.api.guard`) to be read as JSON."""
     from fastapi.exception_handlers import request_validation_exception_handler
 
     @app.middleware("http")
     async def _json_bodies(request: Request, call_next: Any) -> Any:
-        if request.method == "POST" and request.url.path.startswith(JSON_PATHS):
+        if request.method == "POST" and request.url.path.startswith(JSON_PATHS) and "origin" not in request.headers:
             if "json" not in request.headers.get("content-type", ""):
                 headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
                 request.scope["headers"] = [*headers, (b"content-type", b"application/json")]

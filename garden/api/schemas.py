@@ -156,8 +156,14 @@ class ShardCounts(BaseModel):
 class MissionSummary(BaseModel):
     id: str
     name: str
-    state: str = Field(description="fetching (prompts not here yet) | shaking | done | cancelled")
+    state: str = Field(
+        description="fetching (prompts not here yet) | shaking | done | cancelled | not worked on here"
+    )
     lead: str = Field(description="peer id of the lead, who signed the mission")
+    trusted: bool = Field(True, description="whether this peer works for its lead (--trust-lead; true without it)")
+    not_worked_on: str | None = Field(
+        None, description="why this peer does not work on it: an untrusted lead, a model path from another peer"
+    )
     created: float = Field(description="the lead's clock at signing (unix seconds)")
     prompts: int
     shards: ShardCounts

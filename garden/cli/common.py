@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,36 @@ def fail(message: str, code: int = EXIT_NO_DAEMON) -> typer.Exit:
     return typer.Exit(code)
 
 
+_tokens: dict[str, str] = {}
+"""The local port's token, read from a data dir (:func:`daemon_url`), by the URL of the daemon it belongs to."""
+
+
 def daemon_url(url: str | None, data_dir: Path | None, config: Path | None) -> str:
-    """--url, else the URL the local daemon wrote into its data dir, else the configured port."""
-    if url:
-        return url.rstrip("/")
+    """--url, else the URL the local daemon wrote into its data dir, else the configured port. The token of
+    that daemon's port (its data dir's ``http-token``) goes with every request to it (:func:`auth_headers`)."""
     from garden.daemon.datadir import DataDir
 
     settings = settings_from({"data_dir": data_dir}, config)
-    runtime = DataDir(settings.data_dir).read_runtime()
-    if runtime and isinstance(runtime.get("url"), str):
-        return runtime["url"]
-    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
-    return f"http://{host}:{settings.http_port}"
+    local = DataDir(settings.data_dir)
+    runtime = local.read_runtime()
+    if url:
+        found = url.rstrip("/")
+    elif runtime and isinstance(runtime.get("url"), str):
+        found = runtime["url"]
+    else:
+        host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
+        found = f"http://{host}:{settings.http_port}"
+    token = local.read_http_token()
+    if token and (not url or (runtime and runtime.get("url") == found)):
+        _tokens[found] = token
+    return found
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    """What a request to the daemon at ``url`` carries: its token when known (the data dir, else the
+    ``GARDEN_TOKEN`` environment variable, for a peer on another machine)."""
+    token = _tokens.get(url) or os.environ.get("GARDEN_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def call_daemon(
@@ -57,7 +76,8 @@ def call_daemon(
     import httpx
 
     try:
-        response = httpx.request(method, url + path, timeout=timeout, **kwargs)
+        headers = {**auth_headers(url), **kwargs.pop("headers", {})}
+        response = httpx.request(method, url + path, timeout=timeout, headers=headers, **kwargs)
     except httpx.TransportError:
         raise fail(f"no garden daemon answers at {url}; start one with `garden run` (or pass --url)") from None
     if response.status_code not in ok:

@@ -41,7 +41,7 @@ def _running_url(url: str | None, data_dir: Path | None, config: Path | None) ->
     from garden.daemon.datadir import DataDir
 
     runtime = DataDir(settings_from({"data_dir": data_dir}, config).data_dir).read_runtime()
-    return runtime["url"] if runtime and isinstance(runtime.get("url"), str) else None
+    return daemon_url(None, data_dir, config) if runtime and isinstance(runtime.get("url"), str) else None
 
 
 def _offline(data_dir: Path | None, config: Path | None, pause: bool, for_s: float | None, serving: bool) -> None:

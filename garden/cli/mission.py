@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from garden.cli.common import EXIT_CONFIG, app, call_daemon, console, daemon_url, fail
+from garden.cli.common import EXIT_CONFIG, app, auth_headers, call_daemon, console, daemon_url, fail
 
 mission_app = typer.Typer(help="Launch and watch missions (distil a teacher into a student, together).")
 app.add_typer(mission_app, name="mission")
@@ -203,7 +203,8 @@ def pull(
         digest = hashlib.sha256()
         try:
             with httpx.stream(
-                "GET", f"{base}/missions/{full}/checkpoints/{record['epoch']}/files/{item['path']}", timeout=600
+                "GET", f"{base}/missions/{full}/checkpoints/{record['epoch']}/files/{item['path']}", timeout=600,
+                headers=auth_headers(base),
             ) as response:
                 if response.status_code != 200:
                     raise fail(f"the daemon does not serve {item['path']}: {response.status_code}")

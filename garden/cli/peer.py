@@ -31,6 +31,9 @@ def run(
     ),
     http_host: str | None = typer.Option(None, "--http-host", help=_help("http_host")),
     http_port: int | None = typer.Option(None, "--http-port", help=_help("http_port")),
+    http_allowed_host: list[str] | None = typer.Option(
+        None, "--http-allowed-host", metavar="NAME", help=_help("http_allowed_host") + " Repeatable."
+    ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help=_help("data_dir")),
     roles: str | None = typer.Option(None, "--roles", metavar="ROLE,...", help=_help("roles")),
     max_threads: int | None = typer.Option(None, "--max-threads", help=_help("max_threads")),
@@ -51,6 +54,17 @@ def run(
     pause_serving: bool | None = typer.Option(None, "--pause-serving/--no-pause-serving", help=_help("pause_serving")),
     lease_seconds: float | None = typer.Option(None, "--lease-seconds", help=_help("lease_seconds")),
     train_batch_size: int | None = typer.Option(None, "--train-batch-size", help=_help("train_batch_size")),
+    trust_lead: list[str] | None = typer.Option(
+        None, "--trust-lead", metavar="PEER_ID", help=_help("trust_lead") + " Repeatable."
+    ),
+    max_missions_per_lead: int | None = typer.Option(
+        None, "--max-missions-per-lead", help=_help("max_missions_per_lead")
+    ),
+    max_missions: int | None = typer.Option(None, "--max-missions", help=_help("max_missions")),
+    max_trainers: int | None = typer.Option(None, "--max-trainers", help=_help("max_trainers")),
+    mission_max_age: float | None = typer.Option(
+        None, "--mission-max-age", metavar="SECONDS", help=_help("mission_max_age")
+    ),
     serve: list[str] | None = typer.Option(
         None, "--serve", metavar="REF[:START-END]", help=_help("serve") + " Repeatable."
     ),
@@ -75,6 +89,7 @@ def run(
         announce_maddr=announce_maddr or None,
         http_host=http_host,
         http_port=http_port,
+        http_allowed_host=http_allowed_host or None,
         data_dir=data_dir,
         roles=roles,
         max_threads=max_threads,
@@ -89,6 +104,11 @@ def run(
         pause_serving=pause_serving,
         lease_seconds=lease_seconds,
         train_batch_size=train_batch_size,
+        trust_lead=trust_lead or None,
+        max_missions_per_lead=max_missions_per_lead,
+        max_missions=max_missions,
+        max_trainers=max_trainers,
+        mission_max_age=mission_max_age,
         serve=serve or None,
         serve_blocks=serve_blocks,
         max_sessions=max_sessions,

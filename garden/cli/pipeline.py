@@ -53,7 +53,8 @@ def shake(
     from garden.models.loading import LoadedModel, load_model
     from garden.protocol.rows import read_prompts_jsonl, write_preference_jsonl
     from garden.store import Store, StoreError
-    from garden.distill.judges import build_judge
+    from garden.distill.judge_sandbox import JudgeLimitError
+    from garden.distill.judges import Judge, build_judge
     from garden.distill.shaker import ShakeConfig
     from garden.distill.teachers import NoTeacherError, shake_with_fallback
 
@@ -95,6 +96,12 @@ def shake(
             except NoTeacherError as e:
                 progress.stop()
                 raise fail(str(e), EXIT_CONFIG) from None
+            except JudgeLimitError as e:
+                progress.stop()
+                raise fail(str(e)) from None
+            finally:
+                if isinstance(judge_spec, Judge):
+                    judge_spec.close()
         for report in result.teachers:
             if report.error is not None:
                 console.print(f"teacher {report.ref}: skipped: {report.error}", markup=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from garden.cli.common import fail
+from garden.cli.common import auth_headers, fail
 
 
 def stream_from_daemon(url: str, body: dict[str, Any], say: Console) -> None:
@@ -19,7 +19,10 @@ def stream_from_daemon(url: str, body: dict[str, Any], say: Console) -> None:
     started, first, usage = time.monotonic(), None, None
     request = body | {"stream": True, "stream_options": {"include_usage": True}}
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, timeout=httpx.Timeout(30, read=300)) as r:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=request, timeout=httpx.Timeout(30, read=300),
+            headers=auth_headers(url),
+        ) as r:  # fmt: skip
             if r.status_code != 200:
                 r.read()
                 raise fail(f"{url} answered {r.status_code}: {_message(r.text)}")

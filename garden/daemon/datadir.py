@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,31 @@ class DataDir:
     def runtime(self) -> Path:
         """Written by the running daemon (pid, HTTP URL, peer id) so the CLI finds it; removed on stop."""
         return self.root / "daemon.json"
+
+    @property
+    def http_token(self) -> Path:
+        """The local port's token (mode 0600), new at every start: what a request needs on a non-loopback bind."""
+        return self.root / "http-token"
+
+    def new_http_token(self) -> str:
+        """Write a fresh random token (readable by this user only) and return it."""
+        token = secrets.token_urlsafe(32)
+        tmp = self.http_token.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.http_token)
+        return token
+
+    def read_http_token(self) -> str | None:
+        try:
+            token = self.http_token.read_text().strip()
+        except OSError:
+            return None
+        return token or None
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from hivemind.utils.timed_storage import get_dht_time
@@ -35,7 +36,7 @@ from garden.net.swarm import Swarm, SwarmConfig
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import PeerInfo, PeerState, Role
 from garden.protocol.serve_spec import parse_serve_spec
-from garden.mission.book import MissionBook
+from garden.mission.book import MissionBook, MissionPolicy
 from garden.mission.replication import RowSetKeeper
 from garden.net.transfer import ContentTransfer, TransferLimits
 from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator, ShardRecordValidator
@@ -78,11 +79,13 @@ class PeerCounters:
     :param dht_requests: DHT requests made by this daemon, by (operation, outcome)
     :param invalid_peer_records: peer records refused by the DHT node plus those dropped when reading
     :param invalid_mission_records: mission-related records refused or ignored, by kind
+    :param missions_ignored: valid missions of other leads not kept now, by reason (over the lead's cap, too old)
     """
 
     dht_requests: dict[tuple[str, str], int]
     invalid_peer_records: int
     invalid_mission_records: dict[str, int]
+    missions_ignored: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,15 @@ class Gardener:
         rates = TransferLimits(upload_rate=settings.max_upload_rate, download_rate=settings.max_download_rate)
         self.transfer = ContentTransfer(swarm, limits=rates, namespace=keys.swarm)
         self.directory = PeerDirectory(swarm, keys, identity.private_key, self._make_record, settings.announce_period)
-        self.missions = MissionBook(
-            self.store, swarm, keys, identity.private_key, identity.peer_id, settings.announce_period, self.transfer
+        policy = MissionPolicy(
+            trusted_leads=frozenset(settings.trust_lead),
+            max_open_per_lead=settings.max_missions_per_lead,
+            max_age=settings.mission_max_age,
         )
+        self.missions = MissionBook(
+            self.store, swarm, keys, identity.private_key, identity.peer_id, settings.announce_period, self.transfer,
+            policy,
+        )  # fmt: skip
         self.checkpoints = CheckpointSharing(
             swarm, keys, identity.private_key, identity.peer_id, self.transfer,
             train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
@@ -169,7 +178,10 @@ class Gardener:
         )  # fmt: skip
         self.work = MissionWork(
             self.missions, self.keeper, leases, self.directory,
-            WorkConfig(shaker="shaker" in self.roles, period=period, max_memory=settings.max_memory),
+            WorkConfig(
+                shaker="shaker" in self.roles, period=period, max_memory=settings.max_memory,
+                max_missions=settings.max_missions,
+            ),  # fmt: skip
             governor=self.governor, ledger=self.ledger,
         )  # fmt: skip
         idle = self._idle_config()
@@ -193,6 +205,7 @@ class Gardener:
                     "idle_quiet_s": idle.quiet_s if idle else 60.0,
                 },
                 max_memory=settings.max_memory,
+                max_trainers=min(settings.max_trainers, settings.max_missions),
             ),
             sharing=self.checkpoints,
             governor=self.governor,
@@ -329,6 +342,7 @@ class Gardener:
             dht_requests=dict(self.swarm.stats.requests),
             invalid_peer_records=validators.peers.rejected + self.directory.invalid_records,
             invalid_mission_records={**missions, **dict(sorted(self.missions.invalid_records.items()))},
+            missions_ignored=dict(sorted(Counter(self.missions.ignored.values()).items())),
         )
 
     def child_pids(self) -> list[int]:

@@ -8,6 +8,7 @@ the swarm too, so uvicorn's own signal capture is switched off.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 from typing import Any
 from collections.abc import Iterator
@@ -23,6 +24,17 @@ class HttpServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding to ``host`` keeps the port on this machine (no token needed, no warning)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:

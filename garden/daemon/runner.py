@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from garden.daemon.http_server import HttpPortError, HttpServer, bind_http_socket, make_server
+from garden.daemon.http_server import HttpPortError, HttpServer, bind_http_socket, is_loopback_host, make_server
 from garden.config import GardenSettings
 from garden.daemon.gardener import Gardener
 from garden.host.logs import log_file, setup_logging
@@ -39,9 +39,10 @@ SWARM_CHECK_PERIOD = 1.0
 EXIT_USAGE = 2  # the daemon could not start for a reason the user can fix
 
 
-def say(message: str, error: bool = False) -> None:
-    """A line for the person at the terminal: news on stdout, errors on stderr (with the logs)."""
-    print(f"garden: {'error: ' if error else ''}{message}", file=sys.stderr if error else sys.stdout, flush=True)
+def say(message: str, error: bool = False, warning: bool = False) -> None:
+    """A line for the person at the terminal: news on stdout, errors and warnings on stderr (with the logs)."""
+    prefix = "error: " if error else "warning: " if warning else ""
+    print(f"garden: {prefix}{message}", file=sys.stderr if error or warning else sys.stdout, flush=True)
 
 
 AppFactory = Callable[[Gardener], Any]
@@ -77,6 +78,14 @@ def _run(settings: GardenSettings, create_app: AppFactory) -> int:
     gardener: Gardener | None = None
     try:
         sock = bind_http_socket(settings.http_host, settings.http_port)
+        data_dir.new_http_token()  # before the app reads it: a token from an earlier start is void
+        if not is_loopback_host(settings.http_host):
+            say(
+                f"the local HTTP port listens on {settings.http_host}, beyond this machine: anyone who can reach it "
+                "and holds the token (in the data dir's http-token file) can read this peer's status, pause it, "
+                "generate text, and launch or cancel missions in its name; every request but /health needs the token",
+                warning=True,
+            )
         say("starting the swarm" if not settings.join else f"joining the swarm via {len(settings.join)} peer(s)")
         gardener = Gardener.open(settings)
         return asyncio.run(_serve(gardener, settings, sock, create_app))
@@ -113,7 +122,7 @@ async def _serve(gardener: Gardener, settings: GardenSettings, sock: socket.sock
     await gardener.start()
     port = sock.getsockname()[1]
     url = f"http://{_url_host(settings.http_host)}:{port}"
-    _announce_ready(gardener, url)
+    _announce_ready(gardener, url, gardener.data_dir.read_http_token())
 
     stopper = asyncio.create_task(stop_requested.wait())
     watcher = asyncio.create_task(_watch_swarm(gardener))
@@ -150,13 +159,15 @@ async def _stop(gardener: Gardener, server: HttpServer, serving: asyncio.Task) -
     await serving
 
 
-def _announce_ready(gardener: Gardener, url: str) -> None:
+def _announce_ready(gardener: Gardener, url: str, token: str | None) -> None:
     join = _best_maddr(gardener.addresses)
     if join:
         say(f"peer {gardener.peer_id} is up; others join with: garden run --join {join}")
     else:
         say(f"peer {gardener.peer_id} is up (client mode: others cannot join through this peer)")
     say(f"local HTTP port: {url} (status: {url}/status, API docs: {url}/docs)")
+    if not is_loopback_host(gardener.settings.http_host):
+        say(f"dashboard (this link carries the token once, then a cookie does): {url}/?token={token}")
     gardener.data_dir.write_runtime(
         {"pid": os.getpid(), "url": url, "peer_id": gardener.peer_id, "addresses": gardener.addresses}
     )

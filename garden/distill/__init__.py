@@ -6,6 +6,7 @@ Shaking (sampling the teacher and judging its answers) makes DORPO rows; trainin
 - ``teachers``: several teachers in order of preference, the first that loads and answers is used
 - ``judges``: turn a prompt's candidates into a chosen/rejected pair (reference, regex, JSON schema,
   a teacher as grader); :func:`garden.distill.judges.build_judge` is the one place judges are built
+- ``judge_sandbox``: a mission's regex and JSON schema judges in a child process, with time and memory limits
 - ``dorpo``: the DORPO loss (NLL + odds-ratio + top-k KL to the teacher)
 - ``collate``: rows to the tensors the loss needs
 - ``trainer``: the single-machine DORPO trainer (AdamW, schedule, accumulation, exact resume)

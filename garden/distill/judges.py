@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ValidationError
 
 from garden.models.loading import LoadedModel, load_model
-from garden.protocol.mission_spec import JudgeSection, describe_spec_error
+from garden.protocol.linear_regex import LinearRegexError, compile_linear
+from garden.protocol.mission_spec import JudgeSection, check_local_refs, describe_spec_error
 from garden.protocol.rows import PromptRow
 from garden.models.chat import left_pad, pad_id
 
@@ -74,6 +75,9 @@ class Judge(ABC):
                 f"{self.name} judge: {len(prompts)} prompts but {len(candidates_per_prompt)} candidate lists"
             )
         return [self.judge(p, c) for p, c in zip(prompts, candidates_per_prompt, strict=True)]
+
+    def close(self) -> None:  # noqa: B027  # most judges hold nothing: not abstract, on purpose
+        """Let go of what the judge holds (a child process: :mod:`garden.distill.judge_sandbox`)."""
 
 
 def _candidates(judge: str, candidates: Sequence[str]) -> list[str]:
@@ -224,18 +228,19 @@ class RegexJudge(Judge):
     """Pass/fail on a regular expression: chosen = first matching candidate, rejected = first other one;
     no match → unusable prompt, all match → chosen-only row.
 
-    :param pattern: a Python ``re`` pattern, compiled once here (a bad one is a ``ValueError`` now, not
-        at the first prompt)
-    :param flags: ``re`` flags, e.g. ``re.IGNORECASE``
-    :param full_match: the whole answer must match (``re.fullmatch``) rather than any part (``re.search``)
+    :param pattern: an RE2 pattern (Python's syntax, minus backreferences and lookarounds: it runs in linear
+        time, see :mod:`garden.protocol.linear_regex`), compiled once here (a bad one is a ``ValueError`` now,
+        not at the first prompt)
+    :param flags: ``re.IGNORECASE``, ``re.MULTILINE`` and ``re.DOTALL``, combined
+    :param full_match: the whole answer must match (``fullmatch``) rather than any part (``search``)
     """
 
     name = "regex"
 
     def __init__(self, pattern: str, flags: int = 0, full_match: bool = False) -> None:
         try:
-            self._regex = re.compile(pattern, flags)
-        except (re.error, TypeError) as e:
+            self._regex = compile_linear(pattern, flags)
+        except LinearRegexError as e:
             raise ValueError(f"regex judge: bad pattern {pattern!r}: {e}") from None
         self._test = self._regex.fullmatch if full_match else self._regex.search
 
@@ -282,13 +287,19 @@ class JsonSchemaJudge(Judge):
 
         if not isinstance(schema, Mapping | bool):
             raise ValueError(f"json_schema judge: the schema must be a JSON object, got {type(schema).__name__}")
+        from referencing import Registry
+
         schema = dict(schema) if isinstance(schema, Mapping) else schema
         cls = validators.validator_for(schema)
         try:
             cls.check_schema(schema)
+            check_local_refs(schema)
         except exceptions.SchemaError as e:
             raise ValueError(f"json_schema judge: bad schema: {e.message} (at {list(e.path)})") from None
-        self._validator = cls(schema)
+        except ValueError as e:
+            raise ValueError(f"json_schema judge: {e}") from None
+        # an empty registry, which retrieves nothing: jsonschema's default one would fetch URLs and files
+        self._validator = cls(schema, registry=Registry())
 
     def _passes(self, text: str) -> bool:
         try:
@@ -448,6 +459,12 @@ def make_judge(kind: str, **options: Any) -> Judge:
     return cls(**options)
 
 
+ISOLATED_KINDS = ("regex", "json_schema")
+"""Judges that :func:`build_judge` runs in a child process with a time and memory limit (their work is pure
+Python configured by a mission, which would hold the daemon's GIL); ``reference`` runs fixed code, and
+``teacher`` is a model's forward pass."""
+
+
 class _JudgeSpec(BaseModel):
     judge: JudgeSection
 
@@ -458,7 +475,8 @@ def build_judge(
     """The judge ``spec`` asks for: a mission's ``[judge]`` section, or the same keys as a mapping (the CLI's
     ``--judge`` and ``--pattern``), which is checked as strictly as a mission's (``ValueError`` naming the key).
 
-    The judge is built now, so a bad spec fails before any teacher loads, except the ``teacher`` judge without
+    ``regex`` and ``json_schema`` judges run in a child process (:data:`ISOLATED_KINDS`): :meth:`Judge.close`
+    stops it. The judge is built now, so a bad spec fails before any teacher loads, except the ``teacher`` judge without
     a ``model``: it grades with whichever teacher sampled, so a factory comes back
     (``garden.distill.teachers.JudgeFactory``), to call with that loaded teacher. A ``teacher`` judge that
     names a ``model`` loads it now, with ``load``."""
@@ -474,4 +492,8 @@ def build_judge(
         if grader is not None:
             return make_judge("teacher", teacher=load(grader), **options)
         return lambda loaded: make_judge("teacher", teacher=loaded, **options)
+    if spec.kind in ISOLATED_KINDS:
+        from garden.distill.judge_sandbox import IsolatedJudge
+
+        return IsolatedJudge(spec.kind, options)
     return make_judge(spec.kind, **options)

@@ -44,6 +44,7 @@ from garden.protocol.mission import (
     sign_mission,
     unpack_prompts,
 )
+from garden.models.loading import stranger_ref_problem
 from garden.protocol.records import RecordError
 from garden.protocol.row_sets import MAX_HELD_PER_ANNOUNCEMENT, HeldRowSet, RowsAnnouncement, pack_encoded_rows
 from garden.protocol.rows import PromptRow
@@ -55,6 +56,26 @@ REFRESH_PERIOD = 5.0
 """Longest wait between reads of the ``missions`` key (new missions, cancels)."""
 MISSION_RECORD_TTL = 2 * 3600.0
 """Seconds a mission record lives in the DHT unless renewed; every peer holding it renews it each period."""
+
+
+CANCEL_KEEP = 24 * 3600.0
+"""Seconds a cancelled mission of another lead is kept (and its cancel renewed) before it is dropped."""
+
+
+@dataclass(frozen=True)
+class MissionPolicy:
+    """Which missions this peer keeps and works on: the swarm is open, and a mission costs every peer that
+    keeps it (storage, renewals, a trainer process), so strangers' missions are bounded.
+
+    :param trusted_leads: peer ids whose missions this peer works on; empty: every lead (missions of other
+        leads are still listed, marked untrusted)
+    :param max_open_per_lead: open (not cancelled) missions kept per lead; a lead's later ones are ignored
+    :param max_age: seconds after its creation that another lead's mission is dropped (store and renewals)
+    """
+
+    trusted_leads: frozenset[str] = frozenset()
+    max_open_per_lead: int = 4
+    max_age: float = 30 * 24 * 3600.0
 
 
 @dataclass
@@ -108,9 +129,15 @@ class MissionBook(Service):
         peer_id: str,
         period: float,
         transfer: ContentTransfer,
+        policy: MissionPolicy = MissionPolicy(),
     ):
         self.store, self.swarm, self.keys = store, swarm, keys
         self._private_key, self.peer_id, self.period = private_key, peer_id, period
+        self.policy = policy
+        self.ignored: dict[str, str] = {}  # mission id -> why it is not kept now: over its lead's cap, too old
+        self._ignored_ids: set[str] = set()  # too old, or dropped: not kept again
+        self._logged_ids: set[str] = set()  # missions whose refusal was logged, once each
+        self._ref_problems: dict[str, str | None] = {}  # mission -> why its model references are not usable here
         self.transfer = transfer
         transfer.register("prompts", self.content)
         transfer.register("rows", self.content)
@@ -147,8 +174,81 @@ class MissionBook(Service):
             raise NotFound(f"no mission {mission_id!r} is known to this peer")
         return mission
 
-    def _keep(self, signed: SignedMission) -> Mission:
+    # --- the policy ------------------------------------------------------------------------------------
+    def leads_here(self, mission: Mission) -> bool:
+        return mission.signed.lead_peer_id == self.peer_id
+
+    def trusted(self, mission: Mission) -> bool:
+        """Whether this peer works on missions of the mission's lead (``--trust-lead``; every lead without it)."""
+        trusted = self.policy.trusted_leads
+        return not trusted or self.leads_here(mission) or mission.signed.lead_peer_id in trusted
+
+    def refusal(self, mission: Mission) -> str | None:
+        """Why this peer does not work on ``mission`` (shake, train, copy its rows); None when it does."""
+        if not self.trusted(mission):
+            return f"its lead {mission.signed.lead_peer_id} is not one this peer trusts (--trust-lead)"
+        if self.leads_here(mission):
+            return None
+        if mission.id not in self._ref_problems:  # a mission's references never change: looked at once
+            spec = mission.signed.spec
+            grader = getattr(spec.judge, "model", None)
+            refs = [*spec.teachers, spec.student.base, *([grader] if grader else [])]
+            self._ref_problems[mission.id] = next(filter(None, map(stranger_ref_problem, refs)), None)
+        return self._ref_problems[mission.id]
+
+    def _open_missions_of(self, lead: str) -> int:
+        return sum(1 for m in self.missions.values() if m.signed.lead_peer_id == lead and not m.cancelled)
+
+    def _admits(self, signed: SignedMission, cancelled: bool = False) -> bool:
+        """Whether to keep another lead's new mission: not past its age, and, unless it comes with its
+        lead's cancel (it is not open then), not past its lead's cap. A mission over the cap is looked at
+        again at every refresh (a cancel of the lead's may make room); one too old never is."""
+        lead, mission_id = signed.lead_peer_id, signed.mission_id
+        if lead == self.peer_id:
+            return True
+        if mission_id in self._ignored_ids:
+            return False
+        if signed.body.created < time.time() - self.policy.max_age:
+            reason = "too old"
+            self._ignored_ids.add(mission_id)
+        elif not cancelled and self._open_missions_of(lead) >= self.policy.max_open_per_lead:
+            reason = "over its lead's cap"
+        else:
+            self.ignored.pop(mission_id, None)
+            return True
+        self.ignored[mission_id] = reason
+        if mission_id not in self._logged_ids:
+            self._logged_ids.add(mission_id)
+            logger.warning(
+                "mission %s (%s) by %s is not kept: %s (at most %d open missions per lead, %.0f days old)",
+                signed.name, mission_id[:12], lead, reason, self.policy.max_open_per_lead, self.policy.max_age / 86400,
+            )  # fmt: skip
+        return False
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Drop other leads' missions past their end (older than ``max_age``, or cancelled over
+        ``CANCEL_KEEP`` ago) from memory and the store, rows included: they are not renewed any more. Returns
+        the ids dropped."""
+        now = time.time() if now is None else now
+        dropped = []
+        for mission in list(self.missions.values()):
+            if self.leads_here(mission):
+                continue
+            old = mission.signed.body.created < now - self.policy.max_age
+            ended = mission.cancel is not None and mission.cancel.cancelled_at < now - CANCEL_KEEP
+            if old or ended:
+                self.store.drop_mission(mission.id)
+                del self.missions[mission.id]
+                self._ignored_ids.add(mission.id)
+                dropped.append(mission.id)
+                why = "too old" if old else "cancelled a day ago"
+                logger.info("dropped mission %s (%s): %s", mission.name, mission.id[:12], why)
+        return dropped
+
+    def _keep(self, signed: SignedMission, cancelled: bool = False) -> Mission:
         if signed.mission_id not in self.missions:
+            if not self._admits(signed, cancelled):
+                raise _NotKept(signed.mission_id)
             self.store.add_mission(signed.mission_id, signed.to_wire(), signed.name, signed.lead_peer_id)
             self.missions[signed.mission_id] = Mission(signed)
             self.news.set()
@@ -173,7 +273,14 @@ class MissionBook(Service):
 
     # --- what the lead does ---------------------------------------------------------------------------
     async def publish(self, draft: MissionDraft) -> Mission:
-        """Sign ``draft`` with this peer's key (this peer becomes the lead), keep it, and publish it."""
+        """Sign ``draft`` with this peer's key (this peer becomes the lead), keep it, and publish it. A lead
+        already at the cap of open missions is refused: other peers would ignore one more."""
+        cap = self.policy.max_open_per_lead
+        if self._open_missions_of(self.peer_id) >= cap:
+            raise Conflict(
+                f"this peer already leads {cap} open missions, the most other peers keep per lead "
+                "(max_missions_per_lead); cancel one first"
+            )
         signed = sign_mission(draft, self._private_key)
         mission = self._keep(signed)
         self._keep_prompts(mission, draft.prompts)
@@ -200,34 +307,47 @@ class MissionBook(Service):
         entries: Mapping[Any, Any] = {}
         if found is not None and hasattr(found.value, "items"):
             entries = dict(found.value.items())
-        cancels: list[tuple[str, Any]] = []
+        cancels: dict[str, list[tuple[str, Any]]] = {}  # mission id -> (signer, signed cancel), any signer
+        new: list[SignedMission] = []
         for subkey, item in entries.items():
             value = getattr(item, "value", None)
             if isinstance(subkey, str) and subkey.startswith(CANCEL_PREFIX):
-                cancels.append((subkey, value))
+                try:
+                    mission_id, signer = parse_cancel_subkey(subkey)
+                except RecordError as e:
+                    self._invalid("cancel", str(e))
+                    continue
+                cancels.setdefault(mission_id, []).append((signer, value))
+                continue
+            if subkey in self.missions or subkey in self._ignored_ids:
                 continue
             try:
-                self._keep(SignedMission.from_record(value, subkey))
+                new.append(SignedMission.from_record(value, subkey))
             except RecordError as e:
                 self._invalid("mission", f"under {str(subkey)[:80]!r}: {e}")
-        for subkey, value in cancels:
+        # oldest first, so which of a lead's missions fit under its cap is the same on every peer; a mission
+        # that arrives with its lead's cancel is no open mission and takes no place under the cap
+        for signed in sorted(new, key=lambda m: (m.body.created, m.mission_id)):
+            offered = cancels.get(signed.mission_id, ())
+            by_lead = any(signer == signed.lead_peer_id and _opens(value, signed) for signer, value in offered)
             try:
-                mission_id, signer = parse_cancel_subkey(subkey)
-            except RecordError as e:
-                self._invalid("cancel", str(e))
-                continue
-            mission = self.missions.get(mission_id)
-            if mission is None or mission.cancel is not None:
-                continue
-            if signer != mission.signed.lead_peer_id:
-                self._invalid("cancel", f"for {mission_id[:12]} by {signer}, who is not its lead")
-                continue
-            try:
-                self._keep_cancel(mission, value, open_cancel(value, mission.signed))
-            except RecordError as e:
-                self._invalid("cancel", f"for {mission_id[:12]}: {e}")
+                self._keep(signed, cancelled=by_lead)
+            except _NotKept:
+                pass
+        for mission_id, signed_cancels in cancels.items():
+            for signer, value in signed_cancels:
+                mission = self.missions.get(mission_id)
+                if mission is None or mission.cancel is not None:
+                    break
+                if signer != mission.signed.lead_peer_id:
+                    self._invalid("cancel", f"for {mission_id[:12]} by {signer}, who is not its lead")
+                    continue
+                try:
+                    self._keep_cancel(mission, value, open_cancel(value, mission.signed))
+                except RecordError as e:
+                    self._invalid("cancel", f"for {mission_id[:12]}: {e}")
         for mission in list(self.missions.values()):
-            if mission.prompts is None:
+            if mission.prompts is None and self.refusal(mission) is None:  # no bytes for what it will not do
                 await self.fetch_prompts(mission)
 
     async def holders(self, mission_id: str) -> dict[str, RowsAnnouncement]:
@@ -309,6 +429,8 @@ class MissionBook(Service):
             started = time.monotonic()
             try:
                 await self.refresh()
+                if self.sweep():
+                    self.news.set()
                 if self._wake.is_set() or started - last_announce >= self.period:
                     self._wake.clear()
                     last_announce = started
@@ -334,6 +456,19 @@ class MissionBook(Service):
     def _invalid(self, kind: str, reason: str) -> None:
         self.invalid_records[kind] += 1
         logger.warning("ignored an invalid %s record: %s", kind, reason)
+
+
+def _opens(raw: Any, signed: SignedMission) -> bool:
+    """Whether ``raw`` is a valid cancel of ``signed`` by its lead."""
+    try:
+        open_cancel(raw, signed)
+    except RecordError:
+        return False
+    return True
+
+
+class _NotKept(Exception):
+    """A mission the policy does not keep (:meth:`MissionBook._admits` said why)."""
 
 
 async def wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:

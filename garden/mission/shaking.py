@@ -40,8 +40,9 @@ from garden.mission.book import Mission, MissionBook, wait_any
 from garden.mission.replication import RowSetKeeper
 from garden.protocol.mission import prompt_seed
 from garden.protocol.row_sets import RowsAnnouncement
-from garden.protocol.rows import DorpoRow
-from garden.distill.judges import build_judge
+from garden.protocol.mission_spec import MissionSpec
+from garden.protocol.rows import DorpoRow, PromptRow
+from garden.distill.judges import Judge, build_judge
 from garden.mission.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError, ShardSummary
 from garden.distill.shaker import ShakeCancelled, ShakeConfig
 from garden.distill.teachers import FallbackShakeResult, NoTeacherError, shake_with_fallback
@@ -70,6 +71,7 @@ class WorkConfig:
     :param teacher_idle_s: unload a teacher after this long without a shard
     :param batch_prompts: prompts per sampling batch (a shard may be several batches)
     :param max_memory: bytes the daemon may use for a teacher (None: the machine's available RAM)
+    :param max_missions: missions this peer shakes at once (each loads its teacher); the others wait
     """
 
     shaker: bool = True
@@ -77,6 +79,7 @@ class WorkConfig:
     teacher_idle_s: float = 300.0
     batch_prompts: int = 16
     max_memory: int | None = None
+    max_missions: int = 2
 
 
 @dataclass
@@ -101,11 +104,15 @@ class MissionView:
     holders: dict[str, RowsAnnouncement]
     progress: MissionProgress
     teachers: dict[str, int] = field(default_factory=dict)
+    trusted: bool = True  # its lead is one this peer works for (--trust-lead)
+    refused: str | None = None  # why this peer does not work on it (an untrusted lead, a local path)
 
     @property
     def state(self) -> str:
         if self.mission.cancelled:
             return "cancelled"
+        if self.refused is not None and (self.board is None or not self.board.all_done):
+            return "not worked on here"
         if self.mission.prompts is None:
             return "fetching"
         if self.board is not None and self.board.all_done:
@@ -203,6 +210,10 @@ class MissionWork(Service):
         self.book.news.clear()
 
     async def _tend(self, mission: Mission) -> None:
+        refused = self.book.refusal(mission)
+        if refused is not None:  # listed, never worked on: no shard, no copies of its rows
+            self.progress.setdefault(mission.id, MissionProgress()).state = f"not worked on: {refused}"
+            return
         try:
             board = await self.leases.fetch(mission.id, mission.shard_count)
         except ShardDHTError as e:
@@ -225,6 +236,10 @@ class MissionWork(Service):
         elif self._paused:
             progress.state = "paused"
         elif mission.id not in self._workers or self._workers[mission.id].done():
+            busy = sum(1 for task in self._workers.values() if not task.done())
+            if busy >= self.config.max_missions:
+                progress.state = f"waiting: shaking {busy} other missions (max_missions {self.config.max_missions})"
+                return
             self._workers[mission.id] = asyncio.create_task(
                 self._shake_mission(mission), name=f"shake-{mission.id[:8]}"
             )
@@ -355,7 +370,7 @@ class MissionWork(Service):
         started = time.monotonic()
         progress.started = progress.started or time.time()
         try:
-            return await _in_thread(shake_with_fallback, spec.teachers, prompts, build_judge(spec.judge), config)
+            return await _in_thread(_shake_shard, spec, prompts, config)
         except ShakeCancelled:
             if self._paused:
                 logger.info("shard %d of mission %s: paused by the owner; the shard is given back", lease.shard,
@@ -503,7 +518,9 @@ class MissionWork(Service):
         for done in (board.winners() if board else {}).values():
             teachers.update(done.teachers)
         progress = self.progress.get(mission.id, MissionProgress())
-        return MissionView(mission, board, holders, progress, dict(teachers))
+        return MissionView(
+            mission, board, holders, progress, dict(teachers), self.book.trusted(mission), self.book.refusal(mission)
+        )
 
     async def export(self, mission: Mission) -> tuple[list[DorpoRow], list[int]]:
         """Every winning row of the mission so far (copied here first when held elsewhere), in shard order;
@@ -518,6 +535,17 @@ def _in_prompt_order(rows: Sequence[DorpoRow], prompts: Sequence[Any]) -> list[D
     """Rows sorted into the shard's prompt order (fallback teachers append rows out of order)."""
     order = {p.prompt: i for i, p in reversed(list(enumerate(prompts)))}
     return sorted(rows, key=lambda r: order.get(r.prompt, len(order)))
+
+
+def _shake_shard(spec: MissionSpec, prompts: list[PromptRow], config: ShakeConfig) -> FallbackShakeResult:
+    """One shard, in the sampling thread: the judge is built here too (a teacher judge may load a model, a
+    format judge starts its process: neither on the event loop) and let go of when the shard ends."""
+    judge = build_judge(spec.judge)
+    try:
+        return shake_with_fallback(spec.teachers, prompts, judge, config)
+    finally:
+        if isinstance(judge, Judge):
+            judge.close()
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:

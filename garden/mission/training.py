@@ -81,6 +81,7 @@ class TrainingConfig:
     period: float = 5.0
     limits: dict[str, Any] = field(default_factory=dict)  # the worker's max_cpu / idle settings (WorkerConfig)
     max_memory: int | None = None  # bytes a student's training may take (--max-memory)
+    max_trainers: int = 1  # trainer processes at once (--max-trainers); the other missions wait their turn
 
 
 @dataclass
@@ -144,6 +145,7 @@ class TrainingWork(Service):
         self.governor, self.ledger = governor, ledger
         self.history: dict[str, list[dict[str, Any]]] = {}  # mission -> loss/KL/accuracy points over time
         self.blocked: dict[str, str] = {}  # mission -> why this peer does not train it (memory)
+        self.waiting: dict[str, str] = {}  # mission -> why its trainer has not started yet (max_trainers)
         self._need: dict[str, int | None] = {}
         self._workers: dict[str, _Worker] = {}
         self._published: dict[str, tuple[tuple[int, ...], float]] = {}  # mission -> (epochs, when)
@@ -202,6 +204,12 @@ class TrainingWork(Service):
                 continue
             if paused or not self._wants(mission):
                 continue
+            running = sum(1 for w in self._workers.values() if w.proc is not None)
+            if running >= self.config.max_trainers:
+                cap = self.config.max_trainers
+                self.waiting[mission.id] = f"waiting: {running} trainer(s) running (max_trainers {cap})"
+                continue
+            self.waiting.pop(mission.id, None)
             worker = self._workers.setdefault(mission.id, _Worker(mission.id, self.config.root / mission.id))
             if now >= worker.next_start:
                 self._start(mission, worker)
@@ -225,6 +233,8 @@ class TrainingWork(Service):
 
     def _wants(self, mission: Mission) -> bool:
         if not self.config.trainer or mission.cancelled or mission.prompts is None:
+            return False
+        if self.book.refusal(mission) is not None:
             return False
         status = self.worker_status(mission.id)
         if status is not None and status.state == "done":
@@ -379,8 +389,13 @@ class TrainingWork(Service):
         status = self.worker_status(mission.id)
         history = list(self.history.get(mission.id, []))
         if worker is None and status is None:
+            refused = self.book.refusal(mission) if self.config.trainer else None
+            if refused is not None:
+                return TrainingView(state=f"not worked on: {refused}", history=history)
             if mission.id in self.blocked:
                 return TrainingView(state=self.blocked[mission.id], history=history)
+            if mission.id in self.waiting:
+                return TrainingView(state=self.waiting[mission.id], history=history)
             return TrainingView(state="waiting for rows", history=history) if self.config.trainer else None
         running = worker is not None and worker.proc is not None
         if status is not None:

@@ -106,6 +106,19 @@ def parse_model_ref(text: str) -> ModelRef:
     return ModelRef("hub", text)
 
 
+def stranger_ref_problem(text: str) -> str | None:
+    """Why a model reference in another peer's mission may not be used on this machine; None when it may.
+    Only built-in models and hub ids: a path would make this peer's own files (a private fine-tune, any
+    directory) a teacher or student for strangers."""
+    try:
+        ref = parse_model_ref(text)
+    except ModelRefError as e:
+        return str(e)
+    if ref.kind in ("gguf", "dir"):
+        return f"{text!r} is a path on this machine; another peer's mission may name built-in models and hub ids only"
+    return None
+
+
 def builtin_gguf(name: str) -> Path:
     """The GGUF file of a built-in model. Located without importing the package: its ``__init__``
     imports the ``llm`` command-line tool it plugs into, which garden does not install."""

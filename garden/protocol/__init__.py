@@ -9,6 +9,7 @@ coerce, sizes are capped, and signed records name their signer.
 - ``validators``: hivemind record validators, so the DHT node itself refuses forged or garbage records
   (peer records, missions and cancels, row-set announcements, shard leases and done records)
 - ``mission_spec`` and ``mission``: the lead's mission file, its canonical encoding and signed identity
+- ``linear_regex``: the RE2 patterns a mission's regex judge may use (linear time, refused otherwise)
 - ``rows``: prompt rows and DORPO rows, as shakers write them and trainers read them
 - ``shards``: shard leases and done records, and which attempt wins a shard
 - ``row_sets``: the rows one attempt sampled for one shard, and the announcement of who holds which

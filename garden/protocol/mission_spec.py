@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgpack
@@ -29,6 +28,7 @@ from pydantic import (
 )
 
 from garden.protocol.records import RecordError, decode_record
+from garden.protocol.linear_regex import LinearRegexError, compile_linear
 from garden.protocol.rows import sorted_maps
 
 MAX_SPEC_BYTES = 12 * 1024
@@ -103,9 +103,9 @@ class RegexJudgeSection(_Section):
     @classmethod
     def _compiles(cls, pattern: str) -> str:
         try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"not a valid Python regular expression: {e}") from None
+            compile_linear(pattern)  # it runs on strangers' machines: linear time only
+        except LinearRegexError as e:
+            raise ValueError(f"not a usable regular expression: {e}") from None
         return pattern
 
 
@@ -127,7 +127,29 @@ class JsonSchemaJudgeSection(_Section):
             validators.validator_for(schema).check_schema(schema)
         except exceptions.SchemaError as e:
             raise ValueError(f"not a valid JSON Schema: {e.message} (at {list(e.path)})") from None
+        check_local_refs(schema)
         return schema
+
+
+REF_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
+
+
+def check_local_refs(schema: Any, where: str = "schema") -> None:
+    """Refuse a schema that refers outside itself: a reference is resolved on every shaker's machine, and a
+    URL or a file there (``http://192.168.1.1/``, ``file:///dev/zero``) would make strangers' machines fetch
+    into their own LAN or read their own disks. Only ``#...`` (this schema) is allowed; raises ``ValueError``
+    naming the place."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in REF_KEYWORDS and isinstance(value, str) and not value.startswith("#"):
+                raise ValueError(
+                    f"{where}.{key} is {str(value)[:100]!r}: only references inside the schema (#...) are allowed, "
+                    "never a URL or a file"
+                )
+            check_local_refs(value, f"{where}.{key}")
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            check_local_refs(value, f"{where}[{i}]")
 
 
 class TeacherJudgeSection(_Section):

@@ -12,6 +12,7 @@ import pytest
 from garden.models.loading import LoadedModel, load_model
 from garden.protocol.mission_spec import RegexJudgeSection, ReferenceJudgeSection
 from garden.protocol.rows import PromptRow
+from garden.distill.judge_sandbox import IsolatedJudge
 from garden.distill.judges import (
     JUDGES,
     RATING_PREFIX,
@@ -235,10 +236,15 @@ def test_build_judge_from_a_mission_section_or_the_same_keys() -> None:
     """One function builds judges for missions (their [judge] section) and the CLI (--judge, --pattern)."""
     rouge = build_judge(ReferenceJudgeSection(threshold=0.7, metric="rougeL"))
     assert isinstance(rouge, ReferenceJudge) and (rouge.threshold, rouge.metric) == (0.7, "rougeL")
-    assert isinstance(build_judge(RegexJudgeSection(kind="regex", pattern=r"\d+")), RegexJudge)
     assert isinstance(build_judge({"kind": "reference"}), ReferenceJudge)
-    assert isinstance(build_judge({"kind": "regex", "pattern": "x", "full_match": True}), RegexJudge)
-    assert isinstance(build_judge({"kind": "json_schema", "schema": SCHEMA}), JsonSchemaJudge)
+    # the format judges run in a child process (garden.distill.judge_sandbox), built from the same options
+    regex = build_judge(RegexJudgeSection(kind="regex", pattern=r"\d+"))
+    assert isinstance(regex, IsolatedJudge)
+    assert (regex.kind, regex.options) == ("regex", {"pattern": r"\d+", "full_match": False})
+    whole = build_judge({"kind": "regex", "pattern": "x", "full_match": True})
+    assert isinstance(whole, IsolatedJudge) and whole.options["full_match"] is True
+    schema = build_judge({"kind": "json_schema", "schema": SCHEMA})
+    assert isinstance(schema, IsolatedJudge) and (schema.kind, schema.options) == ("json_schema", {"schema": SCHEMA})
 
     def never(ref: str) -> LoadedModel:
         raise AssertionError(f"loaded {ref}")
@@ -252,7 +258,10 @@ def test_build_judge_from_a_mission_section_or_the_same_keys() -> None:
     [
         ({"kind": "llm"}, "judge.kind: unknown judge 'llm'; one of reference, regex, json_schema, teacher"),
         ({"kind": "regex"}, "judge.pattern: Field required"),
-        ({"kind": "regex", "pattern": "["}, "judge.pattern: not a valid Python regular expression"),
+        ({"kind": "regex", "pattern": "["}, "judge.pattern: not a usable regular expression"),
+        ({"kind": "regex", "pattern": "(a)\\1"}, "judge.pattern: not a usable regular expression: invalid escape"),
+        ({"kind": "json_schema", "schema": {"$ref": "file:///dev/zero"}},
+         "judge.schema: schema.$ref is 'file:///dev/zero': only references inside"),
         ({"kind": "reference", "treshold": 0.5}, "judge.treshold: unknown key"),
         ({"kind": "json_schema"}, "judge.schema: Field required"),
     ],

@@ -58,15 +58,20 @@ def forged_records(attacker: rsa.RSAPrivateKey, real_id: str, lead_id: str) -> l
     )
     wire = bytearray(theirs.to_wire())
     wire[-5] ^= 0xFF  # inside the signature
-    bad_spec = MissionBody(
-        spec=canonical_msgpack(SPEC | {"sampling": {"temperature": 99.0}}),
-        prompts_sha256="ab" * 32,
-        prompts_count=4,
-        shard_count=2,
-        lead=signing.public_key_der(attacker),
-        created=time.time(),
-    )
-    bad_spec_body = canonical_msgpack(bad_spec.model_dump(mode="python"))
+
+    def signed_body(spec: dict) -> tuple[str, bytes]:
+        """A mission record, signed by its lead, whose spec no honest peer could have written."""
+        body = MissionBody(
+            spec=canonical_msgpack(spec), prompts_sha256="ab" * 32, prompts_count=4, shard_count=2,
+            lead=signing.public_key_der(attacker), created=time.time(),
+        )  # fmt: skip
+        encoded = canonical_msgpack(body.model_dump(mode="python"))
+        return hashlib.sha256(encoded).hexdigest(), seal(encoded, attacker)
+
+    # judges that would make every shaker read its own disk, or send requests into its own LAN
+    file_ref = {"kind": "json_schema", "schema": {"properties": {"a": {"$ref": "file:///dev/zero"}}}}
+    lan_ref = {"kind": "json_schema", "schema": {"$ref": "http://192.168.1.1/schema.json"}}
+    backtracking = {"kind": "regex", "pattern": r"^(a+)+\1$"}  # a backreference: RE2 refuses it
     lie = RowsAnnouncement(
         mission_id=real_id,
         peer_id=lead_id,  # claims the lead holds what it does not
@@ -77,7 +82,10 @@ def forged_records(attacker: rsa.RSAPrivateKey, real_id: str, lead_id: str) -> l
     return [
         (keys.missions, theirs.mission_id, bytes(wire)),  # bad signature
         (keys.missions, "ef" * 32, theirs.to_wire()),  # stored under another hash than its own
-        (keys.missions, hashlib.sha256(bad_spec_body).hexdigest(), seal(bad_spec_body, attacker)),  # invalid spec
+        (keys.missions, *signed_body(SPEC | {"sampling": {"temperature": 99.0}})),  # invalid spec
+        (keys.missions, *signed_body(SPEC | {"judge": file_ref})),
+        (keys.missions, *signed_body(SPEC | {"judge": lan_ref})),
+        (keys.missions, *signed_body(SPEC | {"judge": backtracking})),
         (keys.missions, theirs.mission_id, b"\xc1garbage"),
         (keys.missions, cancel_subkey(real_id, lead_id), sign_cancel(real_id, attacker)),  # posing as the lead
         (keys.mission_rows(real_id), rows_subkey(lead_id), lie.to_wire(attacker)),  # someone else's announcement

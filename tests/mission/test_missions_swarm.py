@@ -244,7 +244,14 @@ def test_bad_requests_and_a_peer_without_memory_for_the_teacher(swarm: DaemonFac
             ["body", "spec", "judge", "kind"],
         ),  # reference judge, no reference
         ({"prompts": []}, ["body", "spec"]),
-    ]
+        # judges that would read the shakers' disks, reach into their LAN, or need a backtracking engine
+        ({**good, "spec": {**good["spec"], "judge": {"kind": "json_schema", "schema": {"$ref": "file:///dev/zero"}}}},
+         ["body", "spec", "judge", "json_schema", "schema"]),
+        ({**good, "spec": {**good["spec"], "judge": {"kind": "json_schema", "schema": {"$ref": "http://10.0.0.1/"}}}},
+         ["body", "spec", "judge", "json_schema", "schema"]),
+        ({**good, "spec": {**good["spec"], "judge": {"kind": "regex", "pattern": r"(?=a)a"}}},
+         ["body", "spec", "judge", "regex", "pattern"]),
+    ]  # fmt: skip
     for body, loc in cases:
         response = a.request("POST", "/missions", json=body)
         assert response.status_code == 422, (loc, response.text)
