@@ -68,6 +68,10 @@ class GardenSettings(BaseSettings):
     # --- local HTTP port ---------------------------------------------------------------------------
     http_host: str = Field("127.0.0.1", description="Address of the local HTTP port.")
     http_port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535, description="0 picks a free port (printed).")
+    http_max_body: ByteSize = Field(
+        ByteSize(64 << 20), ge=1024, description="Largest HTTP request body the local port reads, e.g. 64MiB "
+        "(a mission's prompts are the largest); a bigger one is answered 413.",
+    )  # fmt: skip
     http_allowed_host: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="More names the local HTTP port answers to (beside 127.0.0.1, localhost, [::1] and this "
@@ -129,6 +133,11 @@ class GardenSettings(BaseSettings):
         default_factory=list,
         description="Peer ids of leads whose missions this peer works on; missions of other leads are listed "
         "(marked untrusted) but never worked on. None given: every lead is trusted.",
+    )
+    allow_local_models: bool = Field(
+        False, description="Let missions of the leads named by --trust-lead name model paths on this machine (a "
+        "swarm of your own machines sharing a model directory). Without --trust-lead it has no effect: a "
+        "stranger's mission never makes this machine's files its models.",
     )
     max_missions_per_lead: int = Field(
         4, ge=1, le=1000, description="Open missions kept per lead; a lead's later ones are ignored."

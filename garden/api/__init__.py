@@ -2,6 +2,7 @@
 
 - ``app``: the FastAPI app: ``/status``, ``/peers``, ``/models``, error shapes
 - ``guard``: the port answers only its owner (Host check, no state changes from other origins, the token)
+- ``limits``: the cap on request bodies (413)
 - ``missions``: ``/missions`` (launch, list, inspect, export, pull, cancel)
 - ``openai``: ``/v1``, the OpenAI-compatible part
 - ``control``: the owner's ``/pause``, ``/resume`` and ``/contribution``

@@ -20,6 +20,7 @@ from garden import __version__
 from garden.api.metrics import make_registry
 from garden.api.errors import error_response
 from garden.api.guard import OwnerGuard, OwnerPolicy
+from garden.api.limits import BodyLimit
 from garden.errors import GardenError
 from garden.host.disk import DiskSnapshot
 from garden.host.governor import GovernorSnapshot
@@ -151,6 +152,7 @@ def create_app(gardener: Gardener) -> FastAPI:
     app.include_router(make_openai_router(gardener.inference))
     install_openai_errors(app)
     app.include_router(make_dashboard_router())
+    app.add_middleware(BodyLimit, max_bytes=int(settings.http_max_body))
     app.add_middleware(OwnerGuard, policy=guard)
     return app
 
@@ -167,6 +169,7 @@ def _shaking(shaking: ShakingSnapshot, training: TrainingSnapshot) -> Shaking:
         blocked=shaking.blocked,
         missions={mission_id: work.state for mission_id, work in shaking.missions.items() if work.seen},
         training_blocked=training.blocked,
+        publish_errors={m: work.publish_error for m, work in shaking.missions.items() if work.publish_error},
     )
 
 

@@ -1,8 +1,8 @@
 """The owner's controls on the HTTP port: ``POST /pause``, ``POST /resume``, ``GET /contribution``.
 
 They are for the person whose machine this is (``garden pause``, the dashboard's buttons). The port
-listens on 127.0.0.1 by default and has no authentication, like the rest of it: whoever can reach it
-can run the peer anyway.
+answers only its owner (:mod:`garden.api.guard`): a page of another site cannot press them, and beyond
+loopback they need the token.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class OwnerGuard:
         if refusal is not None:
             status, detail, extra = refusal
             logger.info("refused %s %s: %s", scope["method"], scope["path"], detail)
-            await _json(send, status, {"detail": detail}, extra)
+            await send_json(send, status, {"detail": detail}, extra)
             return
         if self.policy.token is not None and link_token is not None:  # valid, or _refusal had refused it
             await _set_cookie_and_redirect(send, scope, self.policy.token)
@@ -214,7 +214,8 @@ def _query_token(scope: Scope) -> str | None:
     return given[-1] if given else None
 
 
-async def _json(send: Send, status: int, body: dict[str, Any], extra: list[tuple[bytes, bytes]]) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any], extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Answer a request from a middleware, before (or instead of) the app: a JSON body."""
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -10,7 +10,13 @@ import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from garden import __version__
@@ -56,6 +62,14 @@ class GardenerCollector(Collector):
         for reason, count in counters.missions_ignored.items():
             ignored.add_metric([reason], count)
         yield ignored
+        lag = g.loop_lag.snapshot()
+        yield HistogramMetricFamily(
+            "garden_event_loop_lag_seconds",
+            "How late the daemon's event loop woke from a short sleep (what a blocking call costs HTTP, Pause "
+            "and lease renewals).",
+            buckets=[*((str(b), c) for b, c in zip(lag.buckets, lag.counts, strict=True)), ("+Inf", lag.count)],
+            sum_value=lag.total,
+        )
         yield from _transfer_metrics(g.transfer.snapshot())
         shaking = g.work.snapshot()
         yield CounterMetricFamily(

@@ -281,6 +281,7 @@ def _detail(view: MissionView, training: MissionTraining | None = None) -> Missi
             shards_lost=progress.shards_lost,
             replicated=progress.replicated,
             seconds_shaking=round(progress.seconds_shaking, 3),
+            publish_error=progress.publish_error,
         ),
         cancel_reason=view.mission.cancel.reason if view.mission.cancel is not None else None,
         train=training,

@@ -14,6 +14,7 @@ one last event ``{"error": {...}}`` before ``[DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -143,10 +144,12 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
         """A chat answer; ``stream: true`` sends it as server-sent ``chat.completion.chunk`` events."""
         generator = await generator_for(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        _check_chars(sum(len(m["content"]) for m in messages), generator, body.model, "messages")
         try:
-            encoded = generator.ends.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
+            encoded = await asyncio.to_thread(
+                generator.ends.tokenizer.apply_chat_template,
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+            )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - e.g. a template that refuses the roles' order
             message = f"the messages do not fit the model's chat template: {e}"
             raise OpenAIError(400, message, param="messages") from None
@@ -161,10 +164,24 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
         if len(prompts) != 1:
             raise OpenAIError(400, "one prompt per request", param="prompt")
         generator = await generator_for(body.model)
-        ids = list(generator.ends.tokenizer(prompts[0])["input_ids"])
+        _check_chars(len(prompts[0]), generator, body.model, "prompt")
+        ids = list((await asyncio.to_thread(generator.ends.tokenizer, prompts[0]))["input_ids"])
         return await _answer(generator, ids, _sampling(body, body.max_tokens), body, chat=False)
 
     return router
+
+
+MAX_CHARS_PER_TOKEN = 32
+"""A prompt longer than the context times this cannot fit whatever its tokens: refused before the tokenizer
+spends the event loop's time (and memory) on it. Real text runs 3 to 5 characters per token."""
+
+
+def _check_chars(chars: int, generator: Any, model: str, param: str) -> None:
+    if chars > generator.context * MAX_CHARS_PER_TOKEN:
+        raise OpenAIError(
+            400, f"{'the messages are' if param == 'messages' else 'the prompt is'} {chars} characters, more than "
+            f"{model}'s {generator.context}-token context can hold", param=param,
+        )  # fmt: skip
 
 
 async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body: _Sampling, chat: bool) -> Any:

@@ -30,6 +30,11 @@ class Shaking(BaseModel):
     training_blocked: dict[str, str] = Field(
         default_factory=dict, description="missions this peer does not train, with the reason (memory)"
     )
+    publish_errors: dict[str, str] = Field(
+        default_factory=dict,
+        description="missions whose last finished shard could not be stored or published yet (a full disk, a "
+        "silent DHT), with the error; retried, and gone once a try works",
+    )
 
 
 class Serving(BaseModel):
@@ -188,6 +193,7 @@ class MissionWorkHere(BaseModel):
     shards_lost: int
     replicated: int
     seconds_shaking: float
+    publish_error: str | None = Field(None, description="the last failure to store or publish a finished shard")
 
 
 class TrainPoint(BaseModel):

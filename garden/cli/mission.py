@@ -156,17 +156,13 @@ def export(
     config: Path | None = CONFIG,
 ) -> None:
     """All rows so far as TRL preference JSONL (prompt, chosen, rejected) plus the teacher's log-probs."""
-    import os
-    import tempfile
+    from garden.durable import write_bytes
 
     base = daemon_url(url, data_dir, config)
     full = _resolve(base, mission_id)
     response = call_daemon("GET", base, f"/missions/{full}/rows", params={"format": "jsonl"}, timeout=600)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(response.content)
-    os.replace(tmp, output)
+    write_bytes(output, response.content)
     missing = response.headers.get("x-garden-missing-shards", "")
     console.print(f"wrote {response.headers.get('x-garden-rows', '?')} rows to {output}")
     if missing:
@@ -185,9 +181,10 @@ def pull(
     """Download a checkpoint of the mission's student from a peer that has it, verify every file's sha256,
     and write it as a model directory (``garden generate --model DIR`` and ``garden eval`` load it)."""
     import hashlib
-    import os
 
     import httpx
+
+    from garden.durable import replace_file
 
     base = daemon_url(url, data_dir, config)
     full = _resolve(base, mission_id)
@@ -221,7 +218,7 @@ def pull(
                 f"{item['path']} does not match its sha256 (got {digest.hexdigest()[:12]}, the checkpoint "
                 f"names {item['sha256'][:12]}): refused, nothing written for it"
             )
-        os.replace(tmp, dest)
+        replace_file(tmp, dest)  # flushed first: a crash never leaves a file that only looks pulled
     (output / "garden-checkpoint.json").write_text(json.dumps({"mission_id": full, **record}, indent=2))
     size = sum(f["size"] for f in record["files"]) / 2**20
     console.print(

@@ -31,6 +31,7 @@ def run(
     ),
     http_host: str | None = typer.Option(None, "--http-host", help=_help("http_host")),
     http_port: int | None = typer.Option(None, "--http-port", help=_help("http_port")),
+    http_max_body: str | None = typer.Option(None, "--http-max-body", metavar="SIZE", help=_help("http_max_body")),
     http_allowed_host: list[str] | None = typer.Option(
         None, "--http-allowed-host", metavar="NAME", help=_help("http_allowed_host") + " Repeatable."
     ),
@@ -56,6 +57,9 @@ def run(
     train_batch_size: int | None = typer.Option(None, "--train-batch-size", help=_help("train_batch_size")),
     trust_lead: list[str] | None = typer.Option(
         None, "--trust-lead", metavar="PEER_ID", help=_help("trust_lead") + " Repeatable."
+    ),
+    allow_local_models: bool | None = typer.Option(
+        None, "--allow-local-models/--no-allow-local-models", help=_help("allow_local_models")
     ),
     max_missions_per_lead: int | None = typer.Option(
         None, "--max-missions-per-lead", help=_help("max_missions_per_lead")
@@ -90,6 +94,7 @@ def run(
         http_host=http_host,
         http_port=http_port,
         http_allowed_host=http_allowed_host or None,
+        http_max_body=http_max_body,
         data_dir=data_dir,
         roles=roles,
         max_threads=max_threads,
@@ -105,6 +110,7 @@ def run(
         lease_seconds=lease_seconds,
         train_batch_size=train_batch_size,
         trust_lead=trust_lead or None,
+        allow_local_models=allow_local_models,
         max_missions_per_lead=max_missions_per_lead,
         max_missions=max_missions,
         max_trainers=max_trainers,

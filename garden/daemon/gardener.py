@@ -26,6 +26,7 @@ from garden.inference.client import ChainConfig
 from garden.inference.server import ServeConfig
 from garden.inference.service import InferenceService
 from garden.host.contribution import Ledger
+from garden.host.loop_lag import LoopLag
 from garden.host.disk import DiskKeeper
 from garden.host.governor import Governor
 from garden.host.idle import IdleConfig
@@ -161,6 +162,7 @@ class Gardener:
             trusted_leads=frozenset(settings.trust_lead),
             max_open_per_lead=settings.max_missions_per_lead,
             max_age=settings.mission_max_age,
+            local_models_from_trusted=settings.allow_local_models,
         )
         self.missions = MissionBook(
             self.store, swarm, keys, identity.private_key, identity.peer_id, settings.announce_period, self.transfer,
@@ -216,9 +218,10 @@ class Gardener:
             serving=self._serve_configs(), governor=self.governor,
         )  # fmt: skip
         self.contribution = LedgerKeeper(self.ledger, self.inference)
+        self.loop_lag = LoopLag()
         self.supervisor = Supervisor(
-            [self.transfer, self.directory, self.missions, self.work, self.training, self.inference, self.disk,
-             self.contribution]
+            [self.loop_lag, self.transfer, self.directory, self.missions, self.work, self.training, self.inference,
+             self.disk, self.contribution]
         )  # fmt: skip
         self.started_at = time.time()
 

@@ -22,14 +22,13 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from garden.durable import recover_dir, swap_dir, write_bytes
 from garden.models.loading import RUN_MANIFEST, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -47,16 +46,7 @@ class CheckpointError(RuntimeError):
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON via a temporary file and a rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def checkpoint_name(step: int) -> str:
@@ -133,6 +123,7 @@ class RunDir:
 
     def checkpoint(self, name: str) -> Checkpoint:
         path = self.path / CHECKPOINTS / name
+        recover_dir(path)  # a crash in the middle of replacing it: the previous one comes back
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as e:
@@ -169,8 +160,8 @@ class RunDir:
         manifest = {"step": step, "time": time.time(), "metrics": _finite(metrics), "files": files}
         write_json_atomic(staging / MANIFEST, manifest)
         final = root / name
-        shutil.rmtree(final, ignore_errors=True)  # a rewrite of the same step after a resume
-        os.replace(staging, final)
+        recover_dir(final)
+        swap_dir(staging, final)  # a rewrite of the same step after a resume replaces it whole, never emptied
         info = self.read_info()
         info["latest"] = name
         write_json_atomic(self.manifest_path, info)
@@ -179,7 +170,7 @@ class RunDir:
 
     def _prune(self, keep: int, protect: str) -> None:
         root = self.path / CHECKPOINTS
-        done = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+        done = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".old")))
         for old in done[: max(0, len(done) - max(1, keep))]:
             if old.name != protect:
                 shutil.rmtree(old, ignore_errors=True)

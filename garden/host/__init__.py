@@ -8,4 +8,5 @@
 - ``memory``: ``--max-memory``, the one check that a model fits in the memory the peer may use
 - ``contribution``: what this peer gave (rows, samples, tokens, hours), kept in the store
 - ``logs``: one log format for every garden process, and the daemon's rotating log file
+- ``loop_lag``: how late the daemon's event loop runs (``garden_event_loop_lag_seconds``)
 """

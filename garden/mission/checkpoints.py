@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 from hivemind.utils.timed_storage import get_dht_time
 
+from garden.durable import swap_dir
 from garden.models.loading import file_sha256
 from garden.net.swarm import Swarm
 from garden.errors import NotFound, PeerFailed
@@ -228,9 +228,7 @@ class CheckpointSharing:
                 dest.unlink(missing_ok=True)
                 raise PullError(f"{item.path} of epoch {epoch} does not match its sha256 after writing")
         (staging / PULLED_MANIFEST).write_text(json.dumps(offers[0].model_dump(mode="json"), indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        await asyncio.to_thread(swap_dir, staging, target)  # flushed, then swapped: never half, never neither
         return target
 
 

@@ -57,13 +57,19 @@ class RowSetKeeper:
         return self.store.count_row_sets(mission_id)
 
     # --- this peer's own work -------------------------------------------------------------------------
-    def keep_own(self, mission: Mission, shard: int, attempt: str, rows: Sequence[DorpoRow]) -> StoredRowSet:
-        """Store the rows this peer sampled for ``shard`` (in the shard's prompt order) as one row set."""
-        held = StoredRowSet(
-            mission_id=mission.id, attempt=attempt, shard=shard, producer=self.peer_id,
-            sha256=row_set_sha256(pack_row_set(rows)), rows=len(rows), received_from=None, added_at=time.time(),
-        )  # fmt: skip
-        self.store.add_row_set(held, [(row.row_id, row.to_msgpack(), row.prompt) for row in rows])
+    async def keep_own(self, mission: Mission, shard: int, attempt: str, rows: Sequence[DorpoRow]) -> StoredRowSet:
+        """Store the rows this peer sampled for ``shard`` (in the shard's prompt order) as one row set. Encoding,
+        hashing and the write (tens of MiB for a big shard) run off the event loop."""
+
+        def write() -> StoredRowSet:
+            held = StoredRowSet(
+                mission_id=mission.id, attempt=attempt, shard=shard, producer=self.peer_id,
+                sha256=row_set_sha256(pack_row_set(rows)), rows=len(rows), received_from=None, added_at=time.time(),
+            )  # fmt: skip
+            self.store.add_row_set(held, [(row.row_id, row.to_msgpack(), row.prompt) for row in rows])
+            return held
+
+        held = await asyncio.to_thread(write)
         self.book.wake()
         return held
 
@@ -134,7 +140,8 @@ class RowSetKeeper:
             mission_id=mission.id, attempt=attempt, shard=shard, producer=producer, sha256=sha256,
             rows=len(rows), received_from=source, added_at=time.time(),
         )  # fmt: skip
-        self.store.add_row_set(held, [(row.row_id, row.to_msgpack(), row.prompt) for row in rows])
+        encoded = [(row.row_id, row.to_msgpack(), row.prompt) for row in rows]
+        await asyncio.to_thread(self.store.add_row_set, held, encoded)
         logger.info("copied shard %d of mission %s (%d rows) from %s", shard, mission.id[:12], len(rows), source)
         self.book.wake()
         return True

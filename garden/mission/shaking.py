@@ -38,6 +38,7 @@ from garden.lifecycle import Service
 from garden.net.directory import PeerDirectory
 from garden.mission.book import Mission, MissionBook, wait_any
 from garden.mission.replication import RowSetKeeper
+from garden.store import StoredRowSet, StoreError
 from garden.protocol.mission import prompt_seed
 from garden.protocol.row_sets import RowsAnnouncement
 from garden.protocol.mission_spec import MissionSpec
@@ -54,6 +55,9 @@ FINISH_ON_STOP = 3.0
 """Seconds a stopping peer waits for sampled shards to be replicated and published."""
 CONFIRM_AFTER = 1.0
 """Seconds after a claim when the lease is checked (and renewed) the first time."""
+PUBLISH_RETRY = (2.0, 10.0, 30.0)
+"""Seconds before each new try to store and publish a finished shard (a full disk, a DHT that does not
+answer); the lease is renewed meanwhile."""
 SHAKE_THREAD = "garden-shake"
 
 
@@ -93,6 +97,7 @@ class MissionProgress:
     replicated: int = 0  # copies of own row sets other peers took
     started: float | None = None
     seconds_shaking: float = 0.0
+    publish_error: str | None = None  # the last failure to store or publish a finished shard (None once one works)
 
 
 @dataclass
@@ -135,6 +140,7 @@ class MissionWorkSnapshot:
     :param shards: the shards by state on the last board seen, None before one was read
     :param rows_done: rows of the shards done (winning attempts) on that board
     :param row_sets_held: row sets of the mission stored here, own and copies
+    :param publish_error: the last failure to store or publish a finished shard, None once one works
     """
 
     name: str
@@ -145,6 +151,7 @@ class MissionWorkSnapshot:
     shards_shaken: int
     rows_shaken: int
     row_sets_held: int
+    publish_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -399,31 +406,49 @@ class MissionWork(Service):
         progress: MissionProgress,
     ) -> None:
         """Store the shard's rows, have another peer copy them, then publish the result; the lease is
-        renewed until the result is out."""
+        renewed until the result is out. A failure (a full disk, a DHT that does not answer) is retried
+        after ``PUBLISH_RETRY`` seconds; the last one is kept in ``progress.publish_error`` (``/status``)
+        and logged, and once every try failed the lease expires and the swarm samples the shard again."""
         try:
             rows = _in_prompt_order(result.rows, mission.shard(lease.shard))
-            held = self.keeper.keep_own(mission, lease.shard, lease.attempt, rows)
-            taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
-            progress.replicated += len(taken)
-            if not taken:
-                logger.warning(
-                    "shard %d of mission %s: no other peer took a copy yet; it is marked done and copied later",
-                    lease.shard, mission.id[:12],
-                )  # fmt: skip
-            try:
-                await self.leases.mark_done(
-                    lease, rows=len(rows), row_set_sha256=held.sha256, teachers=result.rows_by_teacher()
-                )
-            except ShardDHTError as e:  # the rows are kept; the lease expires and the shard is redone
-                logger.warning("shard %d of mission %s: could not publish the result: %s", lease.shard,
-                               mission.id[:12], e)  # fmt: skip
-                return
+            held: StoredRowSet | None = None
+            for attempt, delay in enumerate((*PUBLISH_RETRY, None), start=1):
+                try:
+                    if held is None:
+                        held = await self.keeper.keep_own(mission, lease.shard, lease.attempt, rows)
+                        taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
+                        progress.replicated += len(taken)
+                        if not taken:
+                            logger.warning(
+                                "shard %d of mission %s: no other peer took a copy yet; it is marked done and "
+                                "copied later", lease.shard, mission.id[:12],
+                            )  # fmt: skip
+                    await self.leases.mark_done(
+                        lease, rows=len(rows), row_set_sha256=held.sha256, teachers=result.rows_by_teacher()
+                    )
+                    break
+                except (StoreError, OSError, ShardDHTError) as e:
+                    what = "store" if held is None else "publish"
+                    progress.publish_error = f"shard {lease.shard}: could not {what} its rows: {e}"[:500]
+                    if delay is None:
+                        logger.error(
+                            "shard %d of mission %s: gave up after %d tries (%s); the lease expires and the shard "
+                            "is sampled again", lease.shard, mission.id[:12], attempt, e,
+                        )  # fmt: skip
+                        return
+                    logger.warning("shard %d of mission %s: could not %s its rows (try %d, again in %.0f s): %s",
+                                   lease.shard, mission.id[:12], what, attempt, delay, e)  # fmt: skip
+                    await asyncio.sleep(delay)
+            progress.publish_error = None
             progress.shards_shaken += 1
             progress.rows_shaken += len(rows)
             if self.ledger is not None:
                 self.ledger.add("rows_shaken", len(rows), mission.id)
                 self.ledger.add("shards_shaken", 1, mission.id)
             self.book.wake()
+        except Exception as e:  # a task nobody awaits: what goes wrong here must reach the log and /status
+            logger.exception("shard %d of mission %s: finishing failed", lease.shard, mission.id[:12])
+            progress.publish_error = f"shard {lease.shard}: {type(e).__name__}: {e}"[:500]
         finally:
             renewer.cancel()
             self._leases.pop(lease.attempt, None)
@@ -501,6 +526,7 @@ class MissionWork(Service):
                 shards_shaken=progress.shards_shaken if progress else 0,
                 rows_shaken=progress.rows_shaken if progress else 0,
                 row_sets_held=self.keeper.held(mission.id),
+                publish_error=progress.publish_error if progress else None,
             )
         return ShakingSnapshot(blocked=self.blocked, row_sets_refused=self.keeper.refused, missions=missions)
 

@@ -40,6 +40,8 @@ from typing import Any, Literal
 
 import platformdirs
 
+from garden.durable import swap_dir
+
 logger = logging.getLogger(__name__)
 
 RefKind = Literal["hub", "dir", "gguf", "builtin"]
@@ -166,7 +168,7 @@ def converted_gguf(gguf: Path, root: Path | None = None) -> Path:
         staging = root / f"{target.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         _convert(gguf, staging)
-        os.replace(staging, target)
+        swap_dir(staging, target)  # a half-written target left by an older garden is swapped out, not kept
     return target
 
 

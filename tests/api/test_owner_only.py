@@ -125,7 +125,7 @@ def test_a_page_of_another_site_changes_nothing_and_a_rebinding_name_reads_nothi
 
 def test_a_port_beyond_loopback_needs_the_token_for_everything_but_health(daemons: DaemonFactory) -> None:
     sync_playwright, chromium = _sync_playwright()
-    daemon = daemons.start("--roles", "shaker", "--http-host", "0.0.0.0")
+    daemon = daemons.start("--roles", "shaker", "--http-host", "0.0.0.0", "--http-max-body", "1MiB")
     assert "beyond this machine" in daemon.stderr() and "launch or cancel missions" in daemon.stderr()
     token_file = daemon.data_dir / "http-token"
     assert token_file.stat().st_mode & 0o777 == 0o600
@@ -141,6 +141,12 @@ def test_a_port_beyond_loopback_needs_the_token_for_everything_but_health(daemon
     bearer = {"Authorization": f"Bearer {token}"}
     assert daemon.get("/status", headers=bearer).json()["peer_id"] == daemon.peer_id
     assert daemon.get("/v1/models", headers=bearer).status_code == 200
+    # a body past --http-max-body is refused whole, and the port goes on
+    huge = daemon.request("POST", "/missions", headers=bearer, content=b"x" * (2 << 20))
+    assert huge.status_code == 413 and "http_max_body" in huge.json()["detail"]
+    assert daemon.request("POST", "/missions", content=b"x" * (2 << 20)).status_code == 401  # the token first
+    lag = [line for line in daemon.get("/metrics", headers=bearer).text.splitlines() if "event_loop_lag" in line]
+    assert any(line.startswith('garden_event_loop_lag_seconds_bucket{le="0.25"}') for line in lag), lag
 
     # the CLI reads the token from the data dir
     status = garden("status", "--data-dir", str(daemon.data_dir), "--json")

@@ -41,6 +41,8 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory) -> None:
     lead = daemons.start("--roles", "trainer", "--max-missions-per-lead", "4")  # no shaker: nothing is sampled
     # the volunteer works for `lead` only, and shakes (the role that would load a stranger's teacher)
     volunteer = daemons.start("--roles", "shaker", "--join", lead.join_addr, "--trust-lead", lead.peer_id)
+    # local models allowed, but for trusted leads only, and this one trusts no one in particular: no effect
+    careless = daemons.start("--roles", "shaker", "--join", lead.join_addr, "--allow-local-models")
 
     # a lead's own cap: the fifth open mission is refused with a reason; a cancel makes room
     ids = []
@@ -96,7 +98,9 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory) -> None:
         assert seen["this_peer"]["state"].startswith("not worked on:")
         assert seen["shards"]["leased"] == 0 and seen["shards"]["done"] == 0
         assert lead.get(f"/missions/{mission_id}").json()["not_worked_on"] is None  # its lead may use it
-    assert volunteer.get("/health").status_code == 200 and lead.get("/health").status_code == 200
+        wait_until(lambda m=mission_id: careless.get(f"/missions/{m}").status_code == 200, 30, 0.5, "known")
+        assert "is a path on this machine" in careless.get(f"/missions/{mission_id}").json()["not_worked_on"]
+    assert all(d.get("/health").status_code == 200 for d in (lead, volunteer, careless))
 
 
 def test_a_peer_drops_missions_past_their_end(daemons: DaemonFactory) -> None:

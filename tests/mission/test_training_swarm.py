@@ -92,7 +92,8 @@ def test_two_peers_shake_and_train_one_student(
     daemons: DaemonFactory, model_cache: Path, tiny: Path, tmp_path: Path
 ) -> None:
     a = start(daemons, model_cache)
-    b = start(daemons, model_cache, join=a)
+    # the student is a path on this machine: b uses it only because it trusts a's missions with local models
+    b = start(daemons, model_cache, "--trust-lead", a.peer_id, "--allow-local-models", join=a)
     # both train from the first step: neither worker may train the 2 epochs alone while the other is still
     # shaking its first shard or starting its process (it would then load the finished state and never average)
     mission_id = create(a, mission_body(tiny, min_trainers=2))
@@ -167,7 +168,7 @@ def test_two_peers_shake_and_train_one_student(
     assert b.stop() == 0
     log = b.data_dir / "train" / mission_id / "worker.log"
     starts = log.read_text().count("training mission")
-    b = start(daemons, model_cache, join=a, data_dir=b.data_dir)
+    b = start(daemons, model_cache, "--trust-lead", a.peer_id, "--allow-local-models", join=a, data_dir=b.data_dir)
     wait_until(lambda: training(b, mission_id).get("state") == "done", 30, 0.5, "b knows it is done")
     time.sleep(3)  # several supervision periods
     assert log.read_text().count("training mission") == starts
