@@ -66,12 +66,7 @@ class IsolatedJudge(Judge):
     def judge_many(
         self, prompts: Sequence[PromptRow], candidates_per_prompt: Sequence[Sequence[str]]
     ) -> list[Judgement]:
-        if len(prompts) != len(candidates_per_prompt):
-            raise ValueError(
-                f"{self.name} judge: {len(prompts)} prompts but {len(candidates_per_prompt)} candidate lists"
-            )
-        if any(isinstance(c, str) for c in candidates_per_prompt):
-            raise TypeError(f"{self.name} judge: candidates must be a sequence of answers, not one string")
+        self._check_batch(prompts, candidates_per_prompt)
         if not prompts:
             return []
         self._start()

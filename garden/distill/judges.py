@@ -70,11 +70,16 @@ class Judge(ABC):
     def judge_many(
         self, prompts: Sequence[PromptRow], candidates_per_prompt: Sequence[Sequence[str]]
     ) -> list[Judgement]:
+        self._check_batch(prompts, candidates_per_prompt)
+        return [self.judge(p, c) for p, c in zip(prompts, candidates_per_prompt, strict=True)]
+
+    def _check_batch(self, prompts: Sequence[PromptRow], candidates_per_prompt: Sequence[Sequence[str]]) -> None:
         if len(prompts) != len(candidates_per_prompt):
             raise ValueError(
                 f"{self.name} judge: {len(prompts)} prompts but {len(candidates_per_prompt)} candidate lists"
             )
-        return [self.judge(p, c) for p, c in zip(prompts, candidates_per_prompt, strict=True)]
+        for candidates in candidates_per_prompt:
+            _candidates(self.name, candidates)
 
     def close(self) -> None:  # noqa: B027  # most judges hold nothing: not abstract, on purpose
         """Let go of what the judge holds (a child process: :mod:`garden.distill.judge_sandbox`)."""
