@@ -377,7 +377,7 @@ class MissionWork(Service):
         started = time.monotonic()
         progress.started = progress.started or time.time()
         try:
-            return await _in_thread(_shake_shard, spec, prompts, config)
+            return await _in_thread(_shake_shard, spec, prompts, config, self.config.max_memory)
         except ShakeCancelled:
             if self._paused:
                 logger.info("shard %d of mission %s: paused by the owner; the shard is given back", lease.shard,
@@ -394,7 +394,8 @@ class MissionWork(Service):
             return None
         finally:
             progress.seconds_shaking += time.monotonic() - started
-            for ref in spec.teachers:
+            grader = getattr(spec.judge, "model", None)
+            for ref in [*spec.teachers, *([grader] if grader else [])]:  # unloaded alike once idle
                 self._teachers_used[ref] = time.monotonic()
 
     async def _finish(
@@ -484,20 +485,21 @@ class MissionWork(Service):
         return later + [p for p in peers if p not in later]
 
     async def _fits(self, mission: Mission) -> bool:
-        """Whether the mission's first teacher fits in memory here; sets :attr:`blocked` when not."""
-        ref = mission.signed.spec.teachers[0]
-        if is_loaded(ref):
-            self.blocked = None
-            return True
-        if ref not in self._memory_need:
-            self._memory_need[ref] = await _in_thread(model_memory_bytes, ref)
-        need = self._memory_need[ref]
-        if need is None:
-            self.blocked = None
-            return True
-        shortfall = memory_shortfall(need, self.config.max_memory)
+        """Whether the mission's first teacher, and its grading model if its judge names one, fit in memory
+        here (both are loaded at once); sets :attr:`blocked` when not. Checked before a shard is claimed."""
+        spec = mission.signed.spec
+        grader = getattr(spec.judge, "model", None)
+        refs = [r for r in dict.fromkeys([spec.teachers[0], *([grader] if grader else [])]) if not is_loaded(r)]
+        need = 0
+        for ref in refs:
+            if ref not in self._memory_need:
+                self._memory_need[ref] = await _in_thread(model_memory_bytes, ref)
+            need += self._memory_need[ref] or 0  # unknown (a hub id): try and see
+        shortfall = memory_shortfall(need, self.config.max_memory) if need else None
         if shortfall is not None:
-            self.blocked = f"cannot hold the teacher {ref}: it needs {shortfall}"
+            named = [f"the {'grading model' if r == grader and r != spec.teachers[0] else 'teacher'} {r}" for r in refs]
+            subject = "they need" if len(named) > 1 else "it needs"
+            self.blocked = f"cannot hold {' and '.join(named)}: {subject} {shortfall}"
             return False
         self.blocked = None
         return True
@@ -563,9 +565,18 @@ def _in_prompt_order(rows: Sequence[DorpoRow], prompts: Sequence[Any]) -> list[D
     return sorted(rows, key=lambda r: order.get(r.prompt, len(order)))
 
 
-def _shake_shard(spec: MissionSpec, prompts: list[PromptRow], config: ShakeConfig) -> FallbackShakeResult:
-    """One shard, in the sampling thread: the judge is built here too (a teacher judge may load a model, a
-    format judge starts its process: neither on the event loop) and let go of when the shard ends."""
+def _shake_shard(
+    spec: MissionSpec, prompts: list[PromptRow], config: ShakeConfig, max_memory: int | None
+) -> FallbackShakeResult:
+    """One shard, in the sampling thread: the judge is built here too (a teacher judge may load a grading
+    model, after the same memory check as a teacher; a format judge starts its process: neither on the event
+    loop) and let go of when the shard ends."""
+    grader = getattr(spec.judge, "model", None)
+    if grader is not None and not is_loaded(grader):
+        need = model_memory_bytes(grader)
+        shortfall = None if need is None else memory_shortfall(need, max_memory)
+        if shortfall is not None:
+            raise NoTeacherError(f"cannot hold the grading model {grader}: it needs {shortfall}")
     judge = build_judge(spec.judge)
     try:
         return shake_with_fallback(spec.teachers, prompts, judge, config)

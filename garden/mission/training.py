@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -146,7 +147,8 @@ class TrainingWork(Service):
         self.history: dict[str, list[dict[str, Any]]] = {}  # mission -> loss/KL/accuracy points over time
         self.blocked: dict[str, str] = {}  # mission -> why this peer does not train it (memory)
         self.waiting: dict[str, str] = {}  # mission -> why its trainer has not started yet (max_trainers)
-        self._need: dict[str, int | None] = {}
+        self._need: dict[str, int | None] = {}  # mission -> bytes its training needs (None: unknown), once measured
+        self._measuring: set[str] = set()
         self._workers: dict[str, _Worker] = {}
         self._published: dict[str, tuple[tuple[int, ...], float]] = {}  # mission -> (epochs, when)
 
@@ -247,10 +249,16 @@ class TrainingWork(Service):
         Full fine-tuning holds weights, gradients and two AdamW moments (4x the weights); LoRA about 1.5x."""
         student = mission.signed.spec.student
         if mission.id not in self._need:
-            from garden.models.loading import model_memory_bytes
-
-            whole = model_memory_bytes(student.base)
-            self._need[mission.id] = None if whole is None else int(whole * (4.0 if student.lora is None else 1.5))
+            # measured in a thread of its own (a .gguf student is converted first: seconds), never on the loop;
+            # the mission waits for the answer at a later round
+            if mission.id not in self._measuring:
+                self._measuring.add(mission.id)
+                threading.Thread(
+                    target=self._measure, args=(mission.id, student.base, student.lora is None),
+                    name="garden-measure-student", daemon=True,
+                ).start()  # fmt: skip
+            self.waiting[mission.id] = "measuring the student's memory"
+            return False
         need = self._need[mission.id]
         if need is None:
             return True
@@ -263,6 +271,17 @@ class TrainingWork(Service):
             return False
         self.blocked.pop(mission.id, None)
         return True
+
+    def _measure(self, mission_id: str, base: str, full: bool) -> None:
+        from garden.models.loading import model_memory_bytes
+
+        try:
+            whole = model_memory_bytes(base)
+        except Exception as e:  # noqa: BLE001 - a student that cannot be read: its worker will say why
+            logger.warning("could not measure the student %s of mission %s: %s", base, mission_id[:12], e)
+            whole = None
+        self._need[mission_id] = None if whole is None else int(whole * (4.0 if full else 1.5))
+        self._measuring.discard(mission_id)
 
     # --- one worker --------------------------------------------------------------------------------
     def _start(self, mission: Mission, worker: _Worker) -> None:
