@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 from garden.lifecycle import Service
 
-PERIOD = 0.05
-"""Seconds between probes: fine enough to see a 100 ms stall, cheap enough to run always (20 wakeups/s)."""
+PERIOD = 0.25
+"""Seconds between probes. A stall is seen when it covers a probe's wake-up time, so every stall longer than
+the period is seen, and a shorter one with a chance of its length over the period. 0.25 s sees every stall
+that matters (the lag budget is 0.25 s) and costs an idle peer nothing measurable (probing 20 times a second
+doubled its idle CPU, 0.5 % to 1.1 % of a core)."""
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Upper bounds (seconds) of the histogram's buckets; the last, +Inf, is implied."""
 
