@@ -72,6 +72,19 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _hub_offline() -> Iterator[None]:
+    """No test reaches the Hugging Face hub, not even for a model's size: every process a test starts inherits
+    ``HF_HUB_OFFLINE=1``. A test of the hub path points ``HF_ENDPOINT`` at a server of its own on 127.0.0.1."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    if previous is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Commands run by tests without --data-dir (e.g. `garden shake`, which stores rows) must never touch the
     real user's data dir: point the default at a throwaway one."""

@@ -76,7 +76,7 @@ SWAPPER = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from garden.durable import swap_dir
+    from garden.durable import swap_dir, write_bytes
     root, version = Path(sys.argv[1]), 0
     while True:
         version += 1
@@ -86,7 +86,7 @@ SWAPPER = textwrap.dedent(
             (staging / f"part-{i}.bin").write_bytes(f"{version}:".encode() * 20_000)
         (staging / "version.json").write_text(json.dumps({"version": version, "files": 8}))
         swap_dir(staging, root / "ckpt")
-        (root / "done").write_text(str(version))
+        write_bytes(root / "done", str(version).encode())  # whole, or the previous number: never empty
     """
 )
 

@@ -140,6 +140,7 @@ class MissionBook(Service):
         self.ignored: dict[str, str] = {}  # mission id -> why it is not kept now: over its lead's cap, too old
         self._ignored_ids: set[str] = set()  # too old, or dropped: not kept again
         self._logged_ids: set[str] = set()  # missions whose refusal was logged, once each
+        self._capped: dict[str, SignedMission] = {}  # verified missions over their lead's cap, looked at again
         self._ref_problems: dict[str, str | None] = {}  # mission -> why its model references are not usable here
         self.transfer = transfer
         transfer.register("prompts", self.content)
@@ -216,12 +217,16 @@ class MissionBook(Service):
         if signed.body.created < time.time() - self.policy.max_age:
             reason = "too old"
             self._ignored_ids.add(mission_id)
+            self._capped.pop(mission_id, None)
         elif not cancelled and self._open_missions_of(lead) >= self.policy.max_open_per_lead:
             reason = "over its lead's cap"
         else:
             self.ignored.pop(mission_id, None)
+            self._capped.pop(mission_id, None)
             return True
         self.ignored[mission_id] = reason
+        if reason == "over its lead's cap":
+            self._capped[mission_id] = signed
         if mission_id not in self._logged_ids:
             self._logged_ids.add(mission_id)
             logger.warning(
@@ -325,6 +330,9 @@ class MissionBook(Service):
                 cancels.setdefault(mission_id, []).append((signer, value))
                 continue
             if subkey in self.missions or subkey in self._ignored_ids:
+                continue
+            if subkey in self._capped:  # verified before: looked at again, not verified again
+                new.append(self._capped[subkey])
                 continue
             try:
                 new.append(SignedMission.from_record(value, subkey))

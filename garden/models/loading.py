@@ -303,14 +303,37 @@ def is_loaded(ref: str | ModelRef) -> bool:
         return any(key[0] == str(parsed) for key in _loaded)
 
 
+HUB_METADATA_TIMEOUT = 10.0
+"""Seconds to wait for the hub's answer about a model's size."""
+
+
+def hub_parameter_count(hub_id: str) -> int | None:
+    """The parameter count the hub reports for ``hub_id`` (its safetensors metadata), read before any download:
+    a mission's hub teacher too big for this machine is refused without fetching gigabytes first. None when
+    offline (``HF_HUB_OFFLINE``), unreachable, or not reported."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(hub_id, expand=["safetensors"], timeout=HUB_METADATA_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - any failure means "unknown": loading will tell the real story
+        logger.info("the hub did not say how big %s is (%s); its size is found out by loading it", hub_id, e)
+        return None
+    total = getattr(getattr(info, "safetensors", None), "total", None)
+    return total if isinstance(total, int) and total > 0 else None
+
+
 def model_memory_bytes(ref: str | ModelRef, dtype_bytes: int = 4) -> int | None:
     """Roughly the memory ``load_model`` needs for ``ref``: its parameter count (read from the safetensors
-    headers, no weights loaded) times ``dtype_bytes``, plus a fifth for activations and the tokenizer.
-    None when it cannot be known without loading (a hub id, weights in another format): callers then
-    try and see. May convert a ``.gguf`` first (as loading would)."""
+    headers, no weights loaded; for a hub id, the count the hub reports, nothing downloaded) times
+    ``dtype_bytes``, plus a fifth for activations and the tokenizer. None when it cannot be known without
+    loading (offline, weights in another format): callers then try and see. May convert a ``.gguf`` first
+    (as loading would)."""
     parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
     if parsed.kind == "hub":
-        return None
+        params = hub_parameter_count(parsed.value)
+        return None if params is None else int(params * dtype_bytes * 1.2)
     try:
         directory = Path(_source(parsed))
     except ModelRefError:
