@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from garden.durable import write_bytes
+
 
 class DataDirBusyError(RuntimeError):
     """Another live process holds this data dir."""
@@ -59,16 +61,10 @@ class DataDir:
         return self.root / "http-token"
 
     def new_http_token(self) -> str:
-        """Write a fresh random token (readable by this user only) and return it."""
+        """Write a fresh random token (readable by this user only: ``write_bytes`` creates files 0600) and
+        return it."""
         token = secrets.token_urlsafe(32)
-        tmp = self.http_token.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.http_token)
+        write_bytes(self.http_token, (token + "\n").encode())
         return token
 
     def read_http_token(self) -> str | None:
