@@ -109,6 +109,12 @@ class GardenSettings(BaseSettings):
     max_download_rate: ByteSize | None = Field(
         None, description="Bytes per second this peer fetches row sets and checkpoints at, e.g. 5MB."
     )
+    max_serving_memory: ByteSize = Field(
+        ByteSize(256 * 1024**2),
+        ge=1024**2,
+        description="Memory this peer spends at once on content other peers fetch from it (row sets whole, a few "
+        "chunks per checkpoint stream), e.g. 64MiB; a fetch that does not fit waits, then is answered busy.",
+    )
     when: Literal["always", "idle"] = Field(
         "always",
         description="always, or idle: work only while other programs leave the machine idle (and on AC power).",

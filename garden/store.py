@@ -140,7 +140,10 @@ class StoreError(RuntimeError):
 
 
 class Store:
-    """One connection, shared by the daemon's threads behind a lock (SQLite serialises writes anyway).
+    """Two connections shared by the daemon's threads: one that writes, behind a lock (SQLite serialises
+    writes anyway), and one that only reads, behind a lock of its own. In WAL mode a reader never waits for a
+    writer, so the reads the event loop makes (``/status``, the missions' loop, the peer's record) never
+    stall behind a 64 MiB row set being written in a thread; each read sees what was committed before it.
 
     :param path: the database file; created with its parent directory if missing
     :param migrations: the schema history to apply (tests pass longer ones)
@@ -164,6 +167,10 @@ class Store:
                 "move it away (or restore a backup) to start with an empty store"
             ) from None
         self._migrate(migrations)
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA query_only=ON")
 
     # --- schema ------------------------------------------------------------------------------------
     def _migrate(self, migrations: tuple[Migration, ...]) -> None:
@@ -203,8 +210,18 @@ class Store:
         return _Transaction(self._db, self._lock)
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        """One read, on the reading connection: it does not wait for a write in progress."""
+        with self._read_lock:
+            return self._reader.execute(sql, params).fetchall()
+
+    def _reads(self, *queries: tuple[str, tuple[Any, ...]]) -> list[list[sqlite3.Row]]:
+        """Several reads that see one state of the database (one read transaction)."""
+        with self._read_lock:
+            self._reader.execute("BEGIN")
+            try:
+                return [self._reader.execute(sql, params).fetchall() for sql, params in queries]
+            finally:
+                self._reader.execute("COMMIT")
 
     def get_meta(self, key: str) -> str | None:
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -339,15 +356,15 @@ class Store:
 
     def row_set_bodies(self, mission_id: str, attempt: str) -> list[bytes] | None:
         """The encoded rows of a held row set in shard order, or None when it is not held."""
-        with self._lock:
-            if not self.query("SELECT 1 FROM row_sets WHERE mission_id = ? AND attempt = ?", (mission_id, attempt)):
-                return None
-            found = self.query(
+        held, found = self._reads(
+            ("SELECT 1 FROM row_sets WHERE mission_id = ? AND attempt = ?", (mission_id, attempt)),
+            (
                 "SELECT r.body FROM row_set_rows m JOIN rows r ON r.row_id = m.row_id"
                 " WHERE m.mission_id = ? AND m.attempt = ? ORDER BY m.position",
                 (mission_id, attempt),
-            )
-        return [bytes(r["body"]) for r in found]
+            ),
+        )
+        return [bytes(r["body"]) for r in found] if held else None
 
     def drop_row_set(self, mission_id: str, attempt: str) -> bool:
         """Forget a row set (a losing attempt); its rows go too, unless another row set still uses them or
@@ -400,11 +417,18 @@ class Store:
             out.setdefault(row["mission_id"], {})[row["metric"]] = row["value"]
         return out
 
+    def vacuum(self) -> None:
+        """Give the pages SQLite freed back to the disk (rewrites the file: call it off the event loop)."""
+        with self._lock:
+            self._db.execute("VACUUM")
+
     @staticmethod
     def _mission_filter(mission_id: str | None) -> tuple[str, tuple[Any, ...]]:
         return ("", ()) if mission_id is None else (" WHERE mission_id = ?", (mission_id,))
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 

@@ -23,8 +23,9 @@ from harness.daemons import TrackedProcess
 MISSION = "c011ab" + "0" * 58
 
 
-def make_tiny_student(path: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with the built-in model's tokenizer (so the teacher's top-k applies), saved to ``path``."""
+def make_tiny_student(path: Path, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A 2-layer Llama with the built-in model's tokenizer (so the teacher's top-k applies), saved to ``path``.
+    Its weights are mostly the embedding: ~6 MB at the default ``hidden_size``, 100 MB at 512."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,7 +33,7 @@ def make_tiny_student(path: Path, seed: int = 0) -> Path:
 
     tokenizer = load_model("builtin:smollm2-135m").tokenizer
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

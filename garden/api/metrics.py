@@ -92,6 +92,17 @@ def _transfer_metrics(stats: TransferSnapshot) -> Iterator[Metric]:
     for reason, count in sorted(stats.refused.items()):
         refused.add_metric([reason], count)
     yield refused
+    memory = GaugeMetricFamily(
+        "garden_transfer_serving_memory_bytes",
+        "Memory spent on content served to peers: now, the most at once, and the cap (--max-serving-memory).",
+        labels=["of"],
+    )
+    memory.add_metric(["used"], stats.serve_memory_used)
+    memory.add_metric(["peak"], stats.serve_memory_peak)
+    memory.add_metric(["cap"], stats.serve_memory)
+    yield memory
+    busy = "Fetches answered busy (no serving slot, or no room in --max-serving-memory)."
+    yield CounterMetricFamily("garden_transfer_busy", busy, value=stats.busy)
 
 
 def _mission_metrics(shaking: ShakingSnapshot) -> Iterator[Metric]:

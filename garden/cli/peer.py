@@ -47,6 +47,9 @@ def run(
     max_download_rate: str | None = typer.Option(
         None, "--max-download-rate", metavar="SIZE", help=_help("max_download_rate")
     ),
+    max_serving_memory: str | None = typer.Option(
+        None, "--max-serving-memory", metavar="SIZE", help=_help("max_serving_memory")
+    ),
     when: str | None = typer.Option(None, "--when", metavar="always|idle", help=_help("when")),
     idle_threshold: float | None = typer.Option(
         None, "--idle-threshold", metavar="PERCENT", help=_help("idle_threshold")
@@ -103,6 +106,7 @@ def run(
         max_disk=max_disk,
         max_upload_rate=max_upload_rate,
         max_download_rate=max_download_rate,
+        max_serving_memory=max_serving_memory,
         when=when,
         idle_threshold=idle_threshold,
         idle_quiet_s=idle_quiet_s,

@@ -155,8 +155,11 @@ class Gardener:
             host.machine, host.roles, host.skipped_roles, host.addresses
         )  # fmt: skip
         period = min(settings.announce_period, 5.0)
-        rates = TransferLimits(upload_rate=settings.max_upload_rate, download_rate=settings.max_download_rate)
-        self.transfer = ContentTransfer(swarm, limits=rates, namespace=keys.swarm)
+        limits = TransferLimits(
+            upload_rate=settings.max_upload_rate, download_rate=settings.max_download_rate,
+            serve_memory=settings.max_serving_memory,
+        )  # fmt: skip
+        self.transfer = ContentTransfer(swarm, limits=limits, namespace=keys.swarm)
         self.directory = PeerDirectory(swarm, keys, identity.private_key, self._make_record, settings.announce_period)
         policy = MissionPolicy(
             trusted_leads=frozenset(settings.trust_lead),

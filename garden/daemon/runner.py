@@ -148,7 +148,7 @@ async def _watch_swarm(gardener: Gardener) -> str:
     """Returns (ending the daemon) when the swarm connection is gone for good."""
     while True:
         await asyncio.sleep(SWARM_CHECK_PERIOD)
-        failure = gardener.swarm.failure()
+        failure = await asyncio.to_thread(gardener.swarm.failure)  # psutil reads /proc: not on the loop
         if failure is not None:
             return failure
 

@@ -232,7 +232,7 @@ class DiskKeeper(Service):
 
     def _vacuum(self) -> None:
         """SQLite keeps freed pages in the file; give them back to the disk."""
-        self.store.query("VACUUM")
+        self.store.vacuum()
 
 
 def _holders_elsewhere(holders: Mapping[str, RowsAnnouncement], me: str) -> dict[str, set[str]]:

@@ -11,8 +11,8 @@ serves their files, and pulls other peers' checkpoints on a user's request (``ga
   epoch-<E>/``: a plain transformers directory, plus ``adapter/`` for LoRA students and
   ``garden-checkpoint.json`` (the record). A file already there with the right hash is not fetched again.
 
-Checkpoint files are held in memory while they travel (the transfer layer's design, fine for small
-students: the 10-layer demo student is ~250 MB); a streaming transfer is left for bigger ones.
+Checkpoint files stream from disk to disk a chunk at a time (the transfer's file kinds): a peer serving eight
+pulls of a 2 GiB file holds a few MiB for them, within ``--max-serving-memory``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class CheckpointSharing:
     ):
         self.swarm, self.keys, self.private_key, self.peer_id = swarm, keys, private_key, peer_id
         self.transfer, self.train_root, self.pulled_root = transfer, train_root, pulled_root
-        transfer.register("ckpt", self.content)
+        transfer.register_files("ckpt", self.content)
         self.invalid_records: Counter[str] = Counter()
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
 
@@ -136,14 +136,14 @@ class CheckpointSharing:
                 stored += 1
         return stored
 
-    async def content(self, ref: ContentRef) -> bytes | None:
+    async def content(self, ref: ContentRef) -> Path | None:
         """The transfer's source for ``ckpt`` refs: the file, when a checkpoint held here lists that hash."""
         epoch_text, _, rel = ref.item.partition("/")
         if not epoch_text.isdigit():
             return None
         for local in self.local(ref.mission_id):
             if local.epoch == int(epoch_text) and local.files.get(rel) == ref.sha256:
-                return await asyncio.to_thread(self.file_path(local, rel).read_bytes)
+                return self.file_path(local, rel)
         return None
 
     # --- what the swarm holds ----------------------------------------------------------------------
@@ -192,10 +192,10 @@ class CheckpointSharing:
         async with lock:
             return await self._pull(mission_id, epoch, offers), offers[0]
 
-    async def _fetch(self, holders: list[str], ref: ContentRef) -> tuple[bytes, str]:
+    async def _fetch(self, holders: list[str], ref: ContentRef, dest: Path) -> str:
         for attempt in range(1, FETCH_TRIES + 1):
             try:
-                return await self.transfer.fetch_any(holders, ref)
+                return await self.transfer.fetch_any_file(holders, ref, dest)
             except TransferError as e:
                 if attempt == FETCH_TRIES or "hash mismatch" in str(e):
                     raise PullError(f"could not fetch {ref.item} of mission {ref.mission_id[:12]}: {e}") from None
@@ -221,8 +221,7 @@ class CheckpointSharing:
             else:
                 holders = [r.peer_id for r in offers if getattr(r.file(item.path), "sha256", None) == item.sha256]
                 ref = ContentRef(kind="ckpt", mission_id=mission_id, item=f"{epoch}/{item.path}", sha256=item.sha256)
-                data, source = await self._fetch(holders, ref)
-                await asyncio.to_thread(dest.write_bytes, data)
+                source = await self._fetch(holders, ref, dest)
                 logger.info("pulled %s of mission %s epoch %d from %s", item.path, mission_id[:12], epoch, source)
             if await asyncio.to_thread(file_sha256, dest) != item.sha256:  # a disk that lies, a race
                 dest.unlink(missing_ok=True)

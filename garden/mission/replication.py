@@ -129,9 +129,8 @@ class RowSetKeeper:
         if not 0 <= shard < mission.shard_count:
             raise RecordError(f"shard {shard} is out of range for mission {mission.id[:12]}")
         raw, source = await self.transfer.fetch_any(peers, self._ref(mission.id, shard, attempt, producer, sha256))
-        try:
-            rows = await asyncio.to_thread(unpack_row_set, raw)
-            _check_rows_fit(rows, mission.shard(shard))
+        try:  # up to 64 MiB to decode, check and encode for the store: never on the event loop
+            rows, encoded = await asyncio.to_thread(_decode_fitting, raw, mission.shard(shard))
         except RecordError as e:
             self.refused += 1
             logger.warning("refused the row set of shard %d from %s: %s", shard, source, e)
@@ -140,7 +139,6 @@ class RowSetKeeper:
             mission_id=mission.id, attempt=attempt, shard=shard, producer=producer, sha256=sha256,
             rows=len(rows), received_from=source, added_at=time.time(),
         )  # fmt: skip
-        encoded = [(row.row_id, row.to_msgpack(), row.prompt) for row in rows]
         await asyncio.to_thread(self.store.add_row_set, held, encoded)
         logger.info("copied shard %d of mission %s (%d rows) from %s", shard, mission.id[:12], len(rows), source)
         self.book.wake()
@@ -228,6 +226,13 @@ def _held_by(holders: Mapping[str, RowsAnnouncement]) -> dict[str, set[str]]:
         for held in announcement.row_sets:
             result.setdefault(held.attempt, set()).add(peer)
     return result
+
+
+def _decode_fitting(raw: bytes, prompts: Sequence[object]) -> tuple[list[DorpoRow], list[tuple[str, bytes, str]]]:
+    """A fetched row set's rows, checked against its shard's prompts, and encoded as the store keeps them."""
+    rows = unpack_row_set(raw)
+    _check_rows_fit(rows, prompts)
+    return rows, [(row.row_id, row.to_msgpack(), row.prompt) for row in rows]
 
 
 def _check_rows_fit(rows: Sequence[DorpoRow], prompts: Sequence[object]) -> None:

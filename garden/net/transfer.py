@@ -16,6 +16,12 @@ Why chunked: hivemind frames every stream message whole (a length prefix, then t
 Why the hash: the sender is a stranger; a peer that sends anything but the promised bytes is refused, and is
 avoided for a while so that :meth:`ContentTransfer.fetch_any` goes to the next holder.
 
+Why files stream: a checkpoint file can be 2 GiB. A kind kept in files is registered with
+:meth:`ContentTransfer.register_files`: it is served from disk a chunk at a time, and fetched to disk a chunk at
+a time (:meth:`ContentTransfer.fetch_any_file`), so neither side ever holds it whole. What a peer holds for
+others at once (row sets whole, a few chunks per file stream) is bounded by ``TransferLimits.serve_memory``
+(``--max-serving-memory``).
+
 Why the fetcher reads the stream itself (``call_binary_stream_handler``) instead of through
 ``P2P.iterate_protobuf_handler``: hivemind's reader trusts the 8-byte length prefix of each message and
 buffers that many bytes before the caller sees any of it, so a stranger could make us hold gigabytes in
@@ -28,12 +34,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import closing
+from contextlib import aclosing, closing
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, get_args
 
 import msgpack
 from google.protobuf.message import DecodeError
@@ -41,7 +49,9 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import p2pd_pb2, runtime_pb2
 
 from garden.protocol.records import RecordError, decode_record
+from garden.durable import fsync_path
 from garden.lifecycle import Service
+from garden.net.budget import ByteBudget
 from garden.net.rate_limit import RateLimit
 from garden.net.swarm import Swarm
 from garden.protocol.content import (
@@ -59,6 +69,10 @@ from garden.protocol.content import (
 
 logger = logging.getLogger(__name__)
 
+STREAM_CHUNKS = 4
+"""Chunks a file stream holds in memory at once, counted against ``serve_memory``: the one read from disk, its
+message, the message's bytes, and the connection's send buffer (hivemind waits for it to drain)."""
+
 OFFER_REPLY_MARGIN = 5.0
 """Seconds an offer's receiver keeps back from ``offer_timeout`` so its answer arrives before the offerer
 gives up."""
@@ -66,6 +80,9 @@ gives up."""
 ContentSource = Callable[[ContentRef], Awaitable[bytes | None]]
 """The local holder: the full content of a ref, or None when this peer does not hold it. It must return the
 bytes whose sha256 the ref names: fetchers avoid a peer that serves anything else."""
+FileSource = Callable[[ContentRef], Awaitable[Path | None]]
+"""The local holder of a kind kept in files: the file that holds a ref's content, or None. The file is streamed
+from disk; it must not change while it is served (checkpoint files never do)."""
 OfferHandler = Callable[[str, ContentRef], Awaitable[tuple[bool, str]]]
 """Called with (offering peer's id, ref) when a peer offers content; usually fetches it back from that peer
 and stores it. Returns (accepted, reason)."""
@@ -100,6 +117,9 @@ class TransferLimits:
       back before answering, so keep it above ``timeout``.
     :param avoid_seconds: how long a peer that sent garbage, too much or the wrong bytes is skipped.
     :param max_serving: concurrent fetch streams (and, separately, offers) served; more are answered "busy".
+    :param serve_memory: the most bytes of content held in memory at once for peers (``--max-serving-memory``):
+      a row set or prompt list whole while it is served, :data:`STREAM_CHUNKS` chunks per file stream. A fetch
+      that does not fit waits up to half of ``timeout``, then is answered "busy".
     :param upload_rate: bytes per second this peer sends content at, all streams together (None: no cap;
       ``--max-upload-rate``); a capped rate stretches fetches, so big kinds keep their long timeouts
     :param download_rate: the same for what it fetches (``--max-download-rate``)
@@ -114,6 +134,7 @@ class TransferLimits:
     offer_timeout: float = 60.0
     avoid_seconds: float = 600.0
     max_serving: int = 8
+    serve_memory: int = 256 * 1024**2
     upload_rate: float | None = None
     download_rate: float | None = None
 
@@ -127,6 +148,11 @@ class TransferLimits:
             raise ValueError(f"timeout must be > 0 and offer_timeout > {OFFER_REPLY_MARGIN} s")
         if self.max_serving < 1:
             raise ValueError(f"max_serving must be >= 1, got {self.max_serving}")
+        if self.serve_memory < STREAM_CHUNKS * self.chunk_bytes:
+            raise ValueError(
+                f"serve_memory must hold at least one file stream ({STREAM_CHUNKS * self.chunk_bytes} bytes), "
+                f"got {self.serve_memory}"
+            )
 
 
 @dataclass
@@ -140,6 +166,7 @@ class TransferStats:
     refused: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
     served: int = 0
+    busy: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +177,10 @@ class TransferSnapshot:
     bytes_received: int
     fetches_ok: int
     served: int
+    busy: int
+    serve_memory_used: int
+    serve_memory_peak: int
+    serve_memory: int
     refused: dict[str, int]
     failed: dict[str, int]
 
@@ -160,6 +191,44 @@ class _Failure(Exception):
     def __init__(self, reason: str, detail: str = "", blame: bool = False) -> None:
         super().__init__(reason)
         self.reason, self.detail, self.blame = reason, detail, blame
+
+
+class _Sink(Protocol):
+    """Where a fetch puts the bytes as they arrive: memory, or a file."""
+
+    async def write(self, chunk: bytes) -> None: ...
+
+
+class _Memory:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    async def write(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+
+class _File:
+    """Writes a fetch to ``path`` (created or truncated), a chunk at a time, off the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            self._file = await asyncio.to_thread(self.path.open, "wb")
+        await asyncio.to_thread(self._file.write, chunk)
+
+    async def finish(self, ok: bool) -> None:
+        """Flush and close it; a fetch that failed leaves no file behind."""
+        if self._file is None and ok:  # empty content: no chunk came
+            self._file = await asyncio.to_thread(self.path.open, "wb")
+        if self._file is not None:
+            await asyncio.to_thread(self._file.close)
+        if ok:
+            await asyncio.to_thread(fsync_path, self.path)
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 def _pack(obj: dict[str, Any]) -> runtime_pb2.ExpertResponse:
@@ -199,6 +268,7 @@ class ContentTransfer(Service):
         self._p2p_from = p2p
         self._p2p: P2P | None = p2p if isinstance(p2p, P2P) else None
         self._sources: dict[str, ContentSource] = {}
+        self._file_sources: dict[str, FileSource] = {}
         self._offer_handlers: dict[str, OfferHandler] = {}
         self._default_source, self._default_on_offer = source, on_offer
         self.limits = limits or TransferLimits()
@@ -207,6 +277,7 @@ class ContentTransfer(Service):
         chunk = self.limits.chunk_bytes
         self.upload = RateLimit(self.limits.upload_rate, burst=max(chunk, self.limits.upload_rate or 0))
         self.download = RateLimit(self.limits.download_rate, burst=max(chunk, self.limits.download_rate or 0))
+        self.memory = ByteBudget(self.limits.serve_memory)
         self._avoid_until: dict[str, float] = {}
         self._serving = 0
         self._offers = 0
@@ -215,6 +286,10 @@ class ContentTransfer(Service):
     def register(self, kind: ContentKind, source: ContentSource) -> None:
         """``source`` holds this kind of content here (what peers may fetch from this one)."""
         self._sources[kind] = source
+
+    def register_files(self, kind: ContentKind, source: FileSource) -> None:
+        """``source`` holds this kind of content in files here: they are streamed from disk, never read whole."""
+        self._file_sources[kind] = source
 
     def accept_offers(self, kind: ContentKind, on_offer: OfferHandler) -> None:
         """Offers of this kind go to ``on_offer`` (a package may hold a kind that another one takes from peers)."""
@@ -230,7 +305,9 @@ class ContentTransfer(Service):
         stats = self.stats
         return TransferSnapshot(
             bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received, fetches_ok=stats.fetches_ok,
-            served=stats.served, refused=dict(stats.refused), failed=dict(stats.failed),
+            served=stats.served, busy=stats.busy, serve_memory_used=self.memory.used,
+            serve_memory_peak=self.memory.peak, serve_memory=self.memory.total,
+            refused=dict(stats.refused), failed=dict(stats.failed),
         )  # fmt: skip
 
     @property
@@ -291,10 +368,28 @@ class ContentTransfer(Service):
 
     async def fetch(self, peer_id: str, ref: ContentRef) -> bytes:
         """The content ``ref`` names, from ``peer_id``, hash-checked. Raises only :class:`TransferError`."""
+        sink = _Memory()
+        await self._fetch(peer_id, ref, sink)
+        return await asyncio.to_thread(b"".join, sink.chunks)  # up to 64 MiB copied: not on the event loop
+
+    async def fetch_file(self, peer_id: str, ref: ContentRef, dest: Path) -> None:
+        """Fetch ``ref`` from ``peer_id`` straight into the file ``dest`` (created or replaced; flushed to disk),
+        a chunk at a time: the content is never held whole. When the fetch fails (a wrong hash included),
+        ``dest`` is deleted and :class:`TransferError` raised. Put ``dest`` where a partial file does no harm
+        (a staging directory): it is written in place."""
+        sink = _File(dest)
+        try:
+            await self._fetch(peer_id, ref, sink)
+        except BaseException:
+            await asyncio.shield(sink.finish(ok=False))
+            raise
+        await sink.finish(ok=True)
+
+    async def _fetch(self, peer_id: str, ref: ContentRef, sink: _Sink) -> None:
         timeout = self.limits.kind_timeout.get(ref.kind, self.limits.timeout)
         try:
             async with asyncio.timeout(timeout):
-                content = await self._download(peer_id, ref)
+                await self._download(peer_id, ref, sink)
         except _Failure as e:
             failure = e
         except TimeoutError:
@@ -303,7 +398,7 @@ class ContentTransfer(Service):
             failure = _Failure("unreachable", f"{type(e).__name__}: {str(e)[:200]}")
         else:
             self.stats.fetches_ok += 1
-            return content
+            return
         if failure.blame:
             now = time.monotonic()
             self._avoid_until = {peer: until for peer, until in self._avoid_until.items() if until > now}
@@ -321,6 +416,19 @@ class ContentTransfer(Service):
     async def fetch_any(self, peer_ids: Sequence[str], ref: ContentRef) -> tuple[bytes, str]:
         """Try the holders in order (skipping this peer and avoided ones); return (content, the peer it came
         from). Raises :class:`TransferError` listing every peer's failure when none worked."""
+        got: list[bytes] = []
+
+        async def fetch(peer_id: str) -> None:
+            got.append(await self.fetch(peer_id, ref))
+
+        source = await self._any(peer_ids, ref, fetch)
+        return got[-1], source
+
+    async def fetch_any_file(self, peer_ids: Sequence[str], ref: ContentRef, dest: Path) -> str:
+        """:meth:`fetch_any` into the file ``dest`` (see :meth:`fetch_file`); returns the peer it came from."""
+        return await self._any(peer_ids, ref, lambda peer_id: self.fetch_file(peer_id, ref, dest))
+
+    async def _any(self, peer_ids: Sequence[str], ref: ContentRef, fetch: Callable[[str], Awaitable[None]]) -> str:
         problems: list[str] = []
         for peer_id in dict.fromkeys(peer_ids):  # each once, order kept
             if peer_id == self.peer_id:
@@ -329,12 +437,13 @@ class ContentTransfer(Service):
                 problems.append(f"{peer_id}: avoided")
                 continue
             try:
-                return await self.fetch(peer_id, ref), peer_id
+                await fetch(peer_id)
+                return peer_id
             except TransferError as e:
                 problems.append(f"{peer_id}: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
         raise TransferError("any holder", ref, "no holder could serve it", "; ".join(problems) or "no other holders")
 
-    async def _download(self, peer_id: str, ref: ContentRef) -> bytes:
+    async def _download(self, peer_id: str, ref: ContentRef, sink: _Sink) -> None:
         try:
             peer = PeerID.from_base58(peer_id)
         except Exception as e:
@@ -360,22 +469,23 @@ class ContentTransfer(Service):
             if header.total > cap:
                 raise _Failure("too large", f"declares {header.total} bytes, the {ref.kind} cap is {cap}", blame=True)
 
-            received, digest = bytearray(), hashlib.sha256()
-            while len(received) < header.total:
+            received, digest = 0, hashlib.sha256()
+            while received < header.total:
                 chunk = await _read_message(reader, self.limits.chunk_bytes + CHUNK_SLACK_BYTES)
                 if chunk is None:
-                    raise _Failure("short", f"the stream ended at {len(received)} of {header.total} bytes")
+                    raise _Failure("short", f"the stream ended at {received} of {header.total} bytes")
                 if len(chunk) > self.limits.chunk_bytes:
                     raise _Failure("oversize chunk", f"{len(chunk)} bytes > {self.limits.chunk_bytes}", blame=True)
                 self.stats.bytes_received += len(chunk)
                 await self.download.take(len(chunk))
-                if len(received) + len(chunk) > header.total:
+                if received + len(chunk) > header.total:
                     raise _Failure("overrun", f"more than the declared {header.total} bytes", blame=True)
-                received += chunk
+                received += len(chunk)
                 digest.update(chunk)  # as it arrives: hashing 64 MiB at once would stall the event loop
+                await sink.write(chunk)
+                await asyncio.sleep(0)  # buffered chunks are read without a pause: let the loop's others run
         if digest.hexdigest() != ref.sha256:
             raise _Failure("hash mismatch", f"got sha256 {digest.hexdigest()[:12]}", blame=True)
-        return bytes(received)
 
     # --- offering -------------------------------------------------------------------------------------------
 
@@ -438,6 +548,7 @@ class ContentTransfer(Service):
         """Answer one fetch: a header, then the content in chunks. Never raises: every refusal is a header."""
         requester = context.remote_id.to_base58()
         if self._serving >= self.limits.max_serving:
+            self.stats.busy += 1
             yield _pack({"error": ERROR_BUSY})
             return
         self._serving += 1
@@ -448,10 +559,28 @@ class ContentTransfer(Service):
                 logger.info(f"malformed fetch request from peer {requester}: {e}")
                 yield _pack({"error": ERROR_BAD_REQUEST})
                 return
-            source = self._source_of(ref.kind)
-            if source is None:
-                yield _pack({"error": ERROR_NOT_HELD})
-                return
+            if ref.kind in self._file_sources:
+                serve = self._serve_file(ref, requester)
+            else:
+                serve = self._serve_bytes(ref, requester)
+            async with aclosing(serve):  # a fetcher that hangs up closes the file at once, not at garbage collection
+                async for message in serve:
+                    yield message
+        finally:
+            self._serving -= 1
+
+    async def _serve_bytes(self, ref: ContentRef, requester: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Content held in memory whole: the room for the kind's biggest is taken before the source is asked,
+        and shrunk to the content's size once it is known."""
+        source = self._source_of(ref.kind)
+        if source is None:
+            yield _pack({"error": ERROR_NOT_HELD})
+            return
+        held = min(self.limits.max_bytes[ref.kind], self.memory.total)
+        if not await self._take_memory(held, ref, requester):
+            yield _pack({"error": ERROR_BUSY})
+            return
+        try:
             try:
                 async with asyncio.timeout(self.limits.timeout):
                     content = await source(ref)
@@ -466,6 +595,14 @@ class ContentTransfer(Service):
                 logger.warning(f"content source returned {type(content).__name__} for {ref}, not bytes")
                 yield _pack({"error": ERROR_SOURCE_FAILED})
                 return
+            needed = len(content) + self.limits.chunk_bytes
+            if needed > held and not self.memory.grow(needed - held):
+                logger.warning(f"{ref} ({len(content)} bytes) does not fit --max-serving-memory now; answered busy")
+                self.stats.busy += 1
+                yield _pack({"error": ERROR_BUSY})
+                return
+            self.memory.give(max(0, held - needed))
+            held = needed
             yield _pack({"total": len(content)})
             view, step = memoryview(content), self.limits.chunk_bytes
             for offset in range(0, len(content), step):
@@ -473,9 +610,55 @@ class ContentTransfer(Service):
                 await self.upload.take(len(chunk))
                 yield runtime_pb2.ExpertResponse(metadata=chunk)
                 self.stats.bytes_sent += len(chunk)
+                await asyncio.sleep(0)  # a fast peer drains the socket at once: let the loop's others run
             self.stats.served += 1
         finally:
-            self._serving -= 1
+            self.memory.give(held)
+
+    async def _serve_file(self, ref: ContentRef, requester: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A file streamed from disk, read a chunk at a time off the event loop."""
+        source = self._file_sources[ref.kind]
+        held = STREAM_CHUNKS * self.limits.chunk_bytes
+        if not await self._take_memory(held, ref, requester):
+            yield _pack({"error": ERROR_BUSY})
+            return
+        file: BinaryIO | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.limits.timeout):
+                    path = await source(ref)
+                    file = None if path is None else await asyncio.to_thread(path.open, "rb")
+            except Exception:
+                logger.warning(f"content source failed on {ref} for peer {requester}", exc_info=True)
+                yield _pack({"error": ERROR_SOURCE_FAILED})
+                return
+            if file is None:
+                yield _pack({"error": ERROR_NOT_HELD})
+                return
+            total = os.fstat(file.fileno()).st_size
+            yield _pack({"total": total})
+            sent, step = 0, self.limits.chunk_bytes
+            while sent < total:
+                chunk = await asyncio.to_thread(file.read, min(step, total - sent))
+                if not chunk:  # the file shrank under us; the fetcher sees a short stream and tries elsewhere
+                    logger.warning(f"{ref}: the file ended at {sent} of {total} bytes while served")
+                    return
+                await self.upload.take(len(chunk))
+                yield runtime_pb2.ExpertResponse(metadata=chunk)
+                sent += len(chunk)
+                self.stats.bytes_sent += len(chunk)
+            self.stats.served += 1
+        finally:
+            if file is not None:
+                file.close()
+            self.memory.give(held)
+
+    async def _take_memory(self, n: int, ref: ContentRef, requester: str) -> bool:
+        if await self.memory.take(n, timeout=self.limits.timeout / 2):
+            return True
+        self.stats.busy += 1
+        logger.info(f"{ref} for peer {requester}: no room in --max-serving-memory; answered busy")
+        return False
 
 
 async def _read_message(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:

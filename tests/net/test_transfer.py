@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import hivemind
@@ -225,6 +226,93 @@ async def test_a_chunk_over_the_cap_is_refused_unread(p2ps: list[P2P]) -> None:
         with pytest.raises(TransferError, match="oversize chunk"):
             await client.fetch(server_id, ref_for(data))
     assert client.avoided(server_id) and client.stats.bytes_received == 0
+
+
+# --- files and the serving memory ----------------------------------------------------------------------------
+
+
+class Files:
+    """A file source: the files under ``root`` by sha256, as checkpoint sharing serves them."""
+
+    def __init__(self, *paths: Path) -> None:
+        self.paths = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in paths}
+
+    async def __call__(self, ref: ContentRef) -> Path | None:
+        return self.paths.get(ref.sha256)
+
+
+@module_loop
+async def test_a_file_streams_from_disk_to_disk(p2ps: list[P2P], tmp_path: Path) -> None:
+    data = os.urandom(20 * 1000 + 7)
+    (tmp_path / "served.bin").write_bytes(data)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    namespace = unique_namespace()
+    client = ContentTransfer(p2ps[0], Holder(), limits(), namespace=namespace)
+    server = ContentTransfer(p2ps[1], None, limits(), namespace=namespace)
+    server.register_files("ckpt", Files(tmp_path / "served.bin", tmp_path / "empty.bin"))
+    async with started(client, server):
+        dest = tmp_path / "fetched.bin"
+        await client.fetch_file(server.peer_id, ref_for(data, kind="ckpt", item="1/model/x"), dest)
+        assert dest.read_bytes() == data
+        empty = ref_for(b"", kind="ckpt", item="1/e")
+        assert await client.fetch_any_file([server.peer_id], empty, dest) == server.peer_id
+        assert dest.read_bytes() == b""
+        assert await client.fetch(server.peer_id, ref_for(data, kind="ckpt", item="1/model/x")) == data
+        with pytest.raises(TransferError, match="not held"):
+            await client.fetch_file(server.peer_id, ref_for(b"other", kind="ckpt", item="1/y"), dest)
+        assert not dest.exists()  # a failed fetch leaves no file
+    assert server.stats.served == 3 and server.memory.used == 0
+    assert server.memory.peak == 4 * 1000  # STREAM_CHUNKS chunks per file stream, whatever the file's size
+
+
+@module_loop
+async def test_a_lying_file_server_leaves_no_file(p2ps: list[P2P], tmp_path: Path) -> None:
+    (tmp_path / "other.bin").write_bytes(os.urandom(5000))
+    wanted = os.urandom(5000)
+
+    async def lie(ref: ContentRef) -> Path:
+        return tmp_path / "other.bin"
+
+    namespace = unique_namespace()
+    client = ContentTransfer(p2ps[0], Holder(), limits(), namespace=namespace)
+    server = ContentTransfer(p2ps[1], None, limits(), namespace=namespace)
+    server.register_files("ckpt", lie)
+    dest = tmp_path / "fetched.bin"
+    async with started(client, server):
+        with pytest.raises(TransferError, match="hash mismatch"):
+            await client.fetch_file(server.peer_id, ref_for(wanted, kind="ckpt", item="1/x"), dest)
+    assert not dest.exists() and client.avoided(server.peer_id)
+
+
+@module_loop
+async def test_content_past_the_serving_memory_waits_or_is_answered_busy(p2ps: list[P2P]) -> None:
+    """Row sets are served from memory: with room for one 30 kB row set at a time, a second fetch waits for the
+    first to finish, and a row set bigger than the whole budget is answered busy (the fetcher tries elsewhere)."""
+    small, big = os.urandom(30_000), os.urandom(80_000)
+    release = asyncio.Event()
+    holder = Holder(small, big)
+
+    async def slow(ref: ContentRef) -> bytes | None:
+        if ref.sha256 == ref_for(small).sha256 and not release.is_set():
+            await release.wait()
+        return await holder(ref)
+
+    caps = {"prompts": 40_000, "rows": 40_000, "ckpt": 10**6}
+    server_limits = limits(serve_memory=50_000, max_bytes=caps)
+    client, server, server_id = pair(p2ps, slow, server_limits=server_limits, max_bytes={**caps, "rows": 10**6})
+    async with started(client, server):
+        first = asyncio.create_task(client.fetch(server_id, ref_for(small)))
+        await asyncio.sleep(0.5)
+        assert server.memory.used == 40_000  # room for the kind's biggest, taken before the source is asked
+        second = asyncio.create_task(client.fetch(server_id, ref_for(small)))
+        await asyncio.sleep(0.5)
+        assert not second.done() and server.memory.used == 40_000  # waiting for room
+        release.set()
+        assert await first == small and await second == small
+        with pytest.raises(TransferError, match="busy"):
+            await client.fetch(server_id, ref_for(big))
+    assert server.memory.used == 0 and server.memory.peak <= 50_000
+    assert server.snapshot().busy == 1 and not client.avoided(server_id)
 
 
 def fake_server(*messages: bytes) -> Callable[..., AsyncIterator[runtime_pb2.ExpertResponse]]:

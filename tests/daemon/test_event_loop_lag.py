@@ -1,0 +1,177 @@
+"""Nothing blocks a peer's event loop, measured on a real daemon by its own probe
+(``garden_event_loop_lag_seconds``) and by a client polling ``/health`` from another process, while the peer
+at once:
+
+* loads its teacher (a mission it leads starts shaking at once),
+* takes a 56 MiB row set another peer offers it (fetched, decoded, checked against the shard, written),
+* serves a 100 MB checkpoint file to another peer.
+
+Each of these used to hold the loop for seconds (read whole, hashed, decoded or loaded on it)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hivemind
+import numpy as np
+import pytest
+
+from garden.net.transfer import ContentTransfer
+from garden.protocol.content import ContentRef
+from garden.protocol.keys import DEFAULT_SWARM
+from garden.protocol.row_sets import pack_encoded_rows
+from garden.protocol.rows import DorpoRow
+from harness.daemons import Daemon, DaemonFactory, wait_until
+from tests.mission.test_missions_swarm import converted, create, mission_body, start  # noqa: F401
+
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
+
+LAG_BUDGET = 0.25
+TOKENS, K = 8192, 256  # the most a row may carry: ~8 MiB of top-k per row
+
+POLLER = textwrap.dedent(
+    """
+    import json, sys, time, httpx
+    from pathlib import Path
+    url, stop, latencies = sys.argv[1], Path(sys.argv[2]), []
+    with httpx.Client(timeout=30) as client:
+        while not stop.exists():
+            began = time.monotonic()
+            client.get(url + "/health").raise_for_status()
+            latencies.append(time.monotonic() - began)
+            time.sleep(0.05)
+    print(json.dumps(latencies))
+    """
+)
+"""Polls /health every 50 ms from a process of its own (the test process is busy serving and fetching) until
+the file ``argv[2]`` exists; prints every answer's latency."""
+
+
+def big_row_set(prompts: list[str], tokenizer_name: str) -> bytes:
+    ids = np.arange(TOKENS) % 1000
+    topk = np.tile(np.arange(K), (TOKENS, 1))
+    logprobs = np.full((TOKENS, K), -np.log(2 * K))  # half the mass in the top-k: a valid distribution
+    rows = [
+        DorpoRow.from_arrays(
+            prompt=prompt, chosen="x" * 1000, chosen_ids=ids, topk_ids=topk, topk_logprobs=logprobs,
+            teacher="builtin:smollm2-135m", judge="reference", tokenizer=tokenizer_name, vocab_size=49152,
+        )  # fmt: skip
+        for prompt in prompts
+    ]
+    return pack_encoded_rows([row.to_msgpack() for row in rows])
+
+
+def lag_counts(daemon: Daemon) -> dict[str, int]:
+    found = re.findall(r'garden_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)', daemon.get("/metrics").text)
+    return {le: int(float(n)) for le, n in found}
+
+
+def quantile(before: dict[str, int], after: dict[str, int], q: float) -> float:
+    """The bucket bound under which a share ``q`` of the probes between the two readings fell."""
+    bounds = sorted(after, key=lambda le: float(le))
+    total = after["+Inf"] - before.get("+Inf", 0)
+    for le in bounds:
+        if after[le] - before.get(le, 0) >= q * total:
+            return float(le)
+    return float("inf")
+
+
+@pytest.fixture
+def peer(daemons: DaemonFactory, converted: Path) -> Iterator[Daemon]:  # noqa: F811
+    yield start(daemons, "--roles", "shaker", cache=converted)
+
+
+def test_the_loop_stays_responsive_while_the_peer_loads_writes_and_serves(
+    peer: Daemon, tmp_path: Path, model_cache: Path
+) -> None:
+    from garden.distill.checkpoints import RunDir
+    from garden.models.loading import load_model
+    from harness.trainers import make_tiny_student
+
+    # a 100 MB checkpoint in the peer's data dir, as its trainer writes one
+    student = make_tiny_student(tmp_path / "student", hidden_size=512)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    body = mission_body(8, shard_size=8)
+    prompts = [p["prompt"] for p in body["prompts"]][:7]
+    tokenizer_name = load_model("builtin:smollm2-135m").tokenizer.name_or_path
+    row_set = big_row_set(prompts, tokenizer_name)
+    assert 50 * 2**20 < len(row_set) <= 64 * 2**20
+
+    stop = tmp_path / "stop-polling"
+    poller = subprocess.Popen([sys.executable, "-c", POLLER, peer.url, str(stop)], stdout=subprocess.PIPE, text=True)
+    dht = hivemind.DHT(initial_peers=[peer.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        before = lag_counts(peer)
+        mission_id = create(peer, body)  # the peer loads its teacher and starts shaking now
+        run = RunDir(peer.data_dir / "train" / mission_id / "out")
+        run.create({"student": str(student)})
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(student), AutoTokenizer.from_pretrained(student)
+        checkpoint = run.save(1, model, tokenizer, {"step": 1}, {"loss": 1.0})
+        weights = "model/model.safetensors"
+        assert checkpoint.manifest["files"][weights] and (checkpoint.path / weights).stat().st_size > 90e6
+
+        async def load() -> tuple[tuple[bool, str], float]:
+            p2p = await dht.replicate_p2p()
+            ref_rows = ContentRef(kind="rows", mission_id=mission_id, item=f"0:{secrets.token_hex(8)}:{dht.peer_id}",
+                                  sha256=hashlib.sha256(row_set).hexdigest())  # fmt: skip
+            ref_ckpt = ContentRef(kind="ckpt", mission_id=mission_id, item=f"1/{weights}",
+                                  sha256=checkpoint.manifest["files"][weights])  # fmt: skip
+
+            async def holder(ref: ContentRef) -> bytes | None:
+                return row_set if ref == ref_rows else None
+
+            transfer = ContentTransfer(p2p, holder, namespace=DEFAULT_SWARM)
+            await transfer.start()
+            began = time.monotonic()
+            try:
+                offered, *_ = await asyncio.gather(
+                    transfer.offer(peer.peer_id, ref_rows),
+                    transfer.fetch_file(peer.peer_id, ref_ckpt, tmp_path / "pulled"),
+                )
+            finally:
+                await transfer.stop()
+                await p2p.shutdown()
+            return offered, time.monotonic() - began
+
+        offered, took = asyncio.run(load())
+        assert offered == (True, "stored"), offered
+        assert hashlib.sha256((tmp_path / "pulled").read_bytes()).hexdigest() == checkpoint.manifest["files"][weights]
+        wait_until(lambda: shaken(peer, mission_id), 180, interval=1.0, message="a shard shaken (the teacher loaded)")
+        after = lag_counts(peer)
+    finally:
+        stop.touch()
+        latencies = stop_poller(poller)
+        dht.shutdown()
+    p99 = quantile(before, after, 0.99)
+    probes = after["+Inf"] - before["+Inf"]
+    over = {le: probes - (after[le] - before[le]) for le in ("0.05", "0.1", "0.25")}
+    print(json.dumps({"load_s": round(took, 1), "probes": probes, "probes_later_than": over, "lag_p99_le": p99,
+                      "health_max_s": round(max(latencies), 3), "health_polls": len(latencies)}))
+    assert p99 <= LAG_BUDGET, (before, after)
+    assert max(latencies) < LAG_BUDGET * 4, sorted(latencies)[-5:]
+
+
+def shaken(peer: Daemon, mission_id: str) -> bool:
+    """The peer has loaded its teacher and sampled a shard with it."""
+    return bool(peer.get(f"/missions/{mission_id}").json()["this_peer"]["shards_shaken"] >= 1)
+
+
+def stop_poller(poller: subprocess.Popen[str]) -> list[float]:
+    try:
+        out, _ = poller.communicate(timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        poller.kill()
+        poller.wait()
+        return [float("inf")]
+    return list(json.loads(out))

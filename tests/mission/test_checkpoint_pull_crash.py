@@ -1,0 +1,172 @@
+"""A pull killed with SIGKILL half-way never costs the checkpoint pulled before: a real peer publishes a real
+training checkpoint (``RunDir.save``) in a real DHT; a child process pulls it with ``CheckpointSharing.pull``;
+the trainer then rewrites that epoch with other weights (a resume's rewrite), the child pulls again through a
+slow link and is killed mid-file. The first copy is still whole (every sha256) and loads; the next pull
+finishes from where the dead one left its staging directory, and loads the new weights."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from garden.distill.checkpoints import RunDir
+from garden.mission.checkpoints import PULLED_MANIFEST, CheckpointSharing
+from garden.net.identity import load_or_create_identity
+from garden.net.rate_limit import RateLimit
+from garden.net.swarm import Swarm, SwarmConfig
+from garden.net.transfer import ContentTransfer
+from garden.protocol.keys import DHTKeys
+
+pytestmark = [pytest.mark.swarm, pytest.mark.heavy(40)]
+
+MISSION = secrets.token_hex(32)
+NAMESPACE = f"pull-crash-{secrets.token_hex(4)}"
+
+PULLER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from garden.mission.checkpoints import CheckpointSharing
+    from garden.net.swarm import Swarm, SwarmConfig
+    from garden.net.transfer import ContentTransfer
+    from garden.protocol.keys import DHTKeys
+    join, root, mission, namespace = sys.argv[1:5]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    swarm = Swarm(SwarmConfig(initial_peers=[join], host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=[],
+                              client_mode=False, identity_path=str(root / "puller.key"), dht_timeout=10.0))
+    swarm.start()
+
+    async def main():
+        transfer = ContentTransfer(swarm, namespace=namespace)
+        sharing = CheckpointSharing(swarm, DHTKeys(namespace), None, swarm.peer_id, transfer, root / "train",
+                                    root / "checkpoints")
+        await transfer.start()
+        print("pulling", flush=True)
+        path, record = await sharing.pull(mission, 1)
+        print("pulled", path, flush=True)
+        await transfer.stop()
+        await swarm.close_p2p()
+
+    try:
+        asyncio.run(main())
+    finally:
+        swarm.shutdown()
+    """
+)
+
+
+def swarm_config(identity: Path, join: list[str] | None = None) -> SwarmConfig:
+    return SwarmConfig(
+        initial_peers=join or [], host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=[], client_mode=False,
+        identity_path=str(identity), dht_timeout=10.0,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Swarm, Path]]:
+    root = tmp_path_factory.mktemp("server")
+    load_or_create_identity(root / "identity.key")
+    swarm = Swarm(swarm_config(root / "identity.key"))
+    swarm.start()  # before the event loop runs: the DHT forks
+    yield swarm, root
+    swarm.shutdown()
+
+
+def save_checkpoint(run: RunDir, student: Path, seed: int) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(student), AutoTokenizer.from_pretrained(student)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    run.save(1, model, tokenizer, {"step": seed}, {"loss": float(seed)}, keep=2)
+
+
+def sha256s(directory: Path) -> dict[str, str]:
+    record = json.loads((directory / PULLED_MANIFEST).read_text())
+    return {f["path"]: f["sha256"] for f in record["files"]}
+
+
+def assert_whole_and_loads(directory: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    for rel, digest in sha256s(directory).items():
+        name = rel.split("/", 1)[1] if rel.startswith("model/") else rel
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest, rel
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    return model.get_input_embeddings().weight.detach().clone()
+
+
+def start_puller(join: str, root: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", PULLER, join, str(root), MISSION, NAMESPACE], stdout=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_pull_killed_mid_file_leaves_the_previous_copy_whole(
+    server_swarm: tuple[Swarm, Path], model_cache: Path, tmp_path: Path
+) -> None:
+    from harness.trainers import make_tiny_student
+
+    swarm, root = server_swarm
+    identity = load_or_create_identity(root / "identity.key")
+    transfer = ContentTransfer(swarm, namespace=NAMESPACE)
+    sharing = CheckpointSharing(swarm, DHTKeys(NAMESPACE), identity.private_key, swarm.peer_id, transfer,
+                                root / "train", root / "checkpoints")  # fmt: skip
+    run = RunDir(root / "train" / MISSION / "out")
+    run.create({"student": "tiny"})
+    student = make_tiny_student(tmp_path / "student")
+    save_checkpoint(run, student, seed=1)
+    join = swarm.visible_maddrs()[0]
+    puller_root = tmp_path / "puller"
+    target = puller_root / "checkpoints" / MISSION / "epoch-1"
+    await transfer.start()
+    try:
+        assert await sharing.publish(MISSION) == 1
+        first = start_puller(join, puller_root)  # a whole pull: the copy to keep
+        out, _ = await asyncio.to_thread(first.communicate, timeout=120)
+        assert first.returncode == 0 and f"pulled {target}" in out
+        before = sha256s(target)
+        weights = assert_whole_and_loads(target)
+
+        save_checkpoint(run, student, seed=2)  # the trainer rewrites epoch 1 with other weights
+        assert await sharing.publish(MISSION) == 1
+        transfer.upload = RateLimit(1_000_000, burst=256 * 1024)  # ~10 s for the files: time to kill it mid-way
+        second = start_puller(join, puller_root)
+        staging = target.with_name("epoch-1.partial")
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > 0 for p in staging.glob("*") if p.is_file()):
+            assert second.poll() is None and time.monotonic() < deadline, "the second pull never started a file"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        os.kill(second.pid, signal.SIGKILL)
+        await asyncio.to_thread(second.wait)
+        assert staging.is_dir()  # it died half-way
+        assert sha256s(target) == before  # the previous copy: untouched, whole, and it loads
+        assert torch.equal(assert_whole_and_loads(target), weights)
+
+        transfer.upload = RateLimit(None)
+        third = start_puller(join, puller_root)
+        out, _ = await asyncio.to_thread(third.communicate, timeout=120)
+        assert third.returncode == 0 and f"pulled {target}" in out
+        assert sha256s(target) != before and not staging.exists()
+        assert not torch.equal(assert_whole_and_loads(target), weights)
+    finally:
+        await transfer.stop()
+        await swarm.close_p2p()
