@@ -100,8 +100,9 @@ class GardenSettings(BaseSettings):
     )
     max_disk: ByteSize | None = Field(
         None,
-        description="Disk the data dir may take (rows, checkpoints, caches), e.g. 20GiB; over it, copies of rows other "
-        "peers also hold and old checkpoints are pruned, never the last copy of a row set (default: no cap).",
+        description="Disk the data dir may take (rows, checkpoints, downloaded models), e.g. 20GiB; over it, copies of "
+        "rows other peers also hold, old checkpoints and unused models are pruned, never the last copy of a row set, "
+        "and a hub model that does not fit is not downloaded (default: no cap).",
     )
     max_upload_rate: ByteSize | None = Field(
         None, description="Bytes per second this peer sends when serving row sets and checkpoints, e.g. 2MB."

@@ -15,6 +15,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # torch op waits on the other's spinning threads (the shaker's tests ran 8x slower). Before torch loads.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(name, "1")
+# No test reaches the Hugging Face hub, not even for a model's size: set before any test module imports
+# huggingface_hub (it reads the variable once, at import), and inherited by every process a test starts. A
+# test of the hub path points ``HF_ENDPOINT`` at a server of its own on 127.0.0.1.
+os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 
 from harness.daemons import DaemonFactory
@@ -69,19 +73,6 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop(models.CACHE_ENV, None)
     else:
         os.environ[models.CACHE_ENV] = previous
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _hub_offline() -> Iterator[None]:
-    """No test reaches the Hugging Face hub, not even for a model's size: every process a test starts inherits
-    ``HF_HUB_OFFLINE=1``. A test of the hub path points ``HF_ENDPOINT`` at a server of its own on 127.0.0.1."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    if previous is None:
-        os.environ.pop("HF_HUB_OFFLINE", None)
-    else:
-        os.environ["HF_HUB_OFFLINE"] = previous
 
 
 @pytest.fixture(scope="session", autouse=True)

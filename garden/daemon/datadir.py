@@ -51,6 +51,11 @@ class DataDir:
         return self.root / "checkpoints"
 
     @property
+    def models(self) -> Path:
+        """Hub downloads and converted GGUF files (``garden.models.cache``): inside, so ``--max-disk`` counts them."""
+        return self.root / "models"
+
+    @property
     def runtime(self) -> Path:
         """Written by the running daemon (pid, HTTP URL, peer id) so the CLI finds it; removed on stop."""
         return self.root / "daemon.json"

@@ -42,6 +42,7 @@ from garden.mission.replication import RowSetKeeper
 from garden.net.transfer import ContentTransfer, TransferLimits
 from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator, ShardRecordValidator
 from garden.lifecycle import Service
+from garden.models.cache import use_data_dir
 from garden.store import Store
 from garden.mission.leases import LeaseConfig, LeaseManager
 from garden.mission.shaking import MissionWork, WorkConfig
@@ -187,7 +188,7 @@ class Gardener:
                 shaker="shaker" in self.roles, period=period, max_memory=settings.max_memory,
                 max_missions=settings.max_missions,
             ),  # fmt: skip
-            governor=self.governor, ledger=self.ledger,
+            governor=self.governor, ledger=self.ledger, disk=self.disk,
         )  # fmt: skip
         idle = self._idle_config()
         self.training = TrainingWork(
@@ -215,6 +216,7 @@ class Gardener:
             sharing=self.checkpoints,
             governor=self.governor,
             ledger=self.ledger,
+            disk=self.disk,
         )
         self.inference = InferenceService(
             swarm, keys, identity.private_key, identity.peer_id, ChainConfig(call_timeout=settings.inference_timeout),
@@ -235,6 +237,7 @@ class Gardener:
         Raises on failure (``SwarmError``, ``IdentityError``, ``StoreError``) after undoing what it did."""
         data_dir = DataDir(settings.data_dir)
         data_dir.ensure()
+        use_data_dir(data_dir.models)  # before anything loads a model, here or in a worker process
         store: Store | None = None
         governor: Governor | None = None
         swarm: Swarm | None = None

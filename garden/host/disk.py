@@ -1,7 +1,9 @@
 """``--max-disk``: keep the data dir under the owner's size.
 
 What may go, first to last: copies of row sets this peer took from others (oldest first) that some
-other peer still announces holding, then checkpoints older than each mission's newest. What never goes:
+other peer still announces holding, then checkpoints older than each mission's newest, then hub models
+downloaded into the data dir that are not loaded now (least recently used first: they can be downloaded
+again). What never goes:
 a row set no other peer announces (it may be the last copy in the swarm), the newest checkpoint of a
 mission, the identity and the store's own bookkeeping. When that is not enough the peer says so in
 ``/status`` (``resources.disk_note``) rather than delete what cannot be found again.
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Protocol
 
 from garden.lifecycle import Service
+from garden.models.cache import cached_hub_models
+from garden.models.loading import in_use
 from garden.protocol.row_sets import RowsAnnouncement
 from garden.store import Store
 
@@ -31,6 +35,8 @@ CHECK_PERIOD = 30.0
 """Seconds between measurements of the data dir."""
 POKE_DELAY = 2.0
 """Seconds a check waits after new data arrived, and the shortest time between two checks then."""
+FREE_MARGIN = 1024**3
+"""Bytes of the disk a download may never take: the owner's machine needs room to run."""
 
 
 class RowHolders(Protocol):
@@ -68,14 +74,14 @@ class Prunable:
     """Something the data dir holds that might go. ``holders_elsewhere``: other peers announcing the
     same row set (0 for a checkpoint, where ``newest`` protects the last one)."""
 
-    kind: str  # "rows" | "checkpoint"
-    mission_id: str
-    key: str  # the row set's attempt, or the checkpoint's directory
+    kind: str  # "rows" | "checkpoint" | "model"
+    mission_id: str  # "" for a model
+    key: str  # the row set's attempt, the checkpoint's directory, or the model's cache directory
     size: int
     added_at: float
     replica: bool = False  # a row set copied from another peer (not sampled here)
     holders_elsewhere: int = 0
-    newest: bool = False
+    newest: bool = False  # a mission's newest checkpoint, or a model in use: kept
 
 
 def plan_pruning(items: Sequence[Prunable], used: int, cap: int) -> list[Prunable]:
@@ -88,8 +94,9 @@ def plan_pruning(items: Sequence[Prunable], used: int, cap: int) -> list[Prunabl
         key=lambda i: (-i.holders_elsewhere, i.added_at),
     )
     checkpoints = sorted((i for i in items if i.kind == "checkpoint" and not i.newest), key=lambda i: i.added_at)
+    models = sorted((i for i in items if i.kind == "model" and not i.newest), key=lambda i: i.added_at)
     plan: list[Prunable] = []
-    for item in [*replicas, *checkpoints]:
+    for item in [*replicas, *checkpoints, *models]:
         if used <= cap:
             break
         plan.append(item)
@@ -142,6 +149,23 @@ class DiskKeeper(Service):
     def snapshot(self) -> DiskSnapshot:
         return DiskSnapshot(used=self.used, pruned=self.pruned, note=self.note)
 
+    def room(self) -> int:
+        """Bytes that may still be written: what ``--max-disk`` leaves (as last measured), and never the disk's
+        last ``FREE_MARGIN``. A hub model bigger than this is not downloaded."""
+        free = shutil.disk_usage(self.root).free - FREE_MARGIN
+        if self.cap is None:
+            return max(0, free)
+        return max(0, min(free, self.cap - (self.used or 0)))
+
+    def shortfall(self, need: int) -> str | None:
+        """None when ``need`` bytes (a download) fit in :meth:`room`; else the end of a refusal, for the
+        caller's subject: ``"about N MiB to download, M MiB of room (--max-disk C MiB)"``."""
+        room = self.room()
+        if need <= room:
+            return None
+        cap = f" (--max-disk {self.cap / 2**20:.0f} MiB)" if self.cap is not None else " (free disk)"
+        return f"about {need / 2**20:.0f} MiB to download, {room / 2**20:.0f} MiB of room{cap}"
+
     def poke(self) -> None:
         """Something was just stored (a row set copied here): check soon rather than in 30 s (with a cap)."""
         if self.cap is not None:
@@ -178,7 +202,7 @@ class DiskKeeper(Service):
         if self.used > self.cap:
             self.note = (
                 f"the data dir takes {self.used / 2**20:.0f} MiB, over --max-disk {self.cap / 2**20:.0f} MiB; what is "
-                "left is the only copy of its rows or the newest checkpoint, and is kept"
+                "left is the only copy of its rows, the newest checkpoint or a model in use, and is kept"
             )
             logger.warning(self.note)
         else:
@@ -210,6 +234,13 @@ class DiskKeeper(Service):
                         added_at=path.stat().st_mtime if path.exists() else 0.0, newest=index == len(found) - 1,
                     )
                 )  # fmt: skip
+        for model in await asyncio.to_thread(cached_hub_models):
+            items.append(
+                Prunable(
+                    kind="model", mission_id="", key=str(model.path), size=model.size, added_at=model.last_used,
+                    newest=in_use(model.ref),
+                )
+            )  # fmt: skip
         return items
 
     def _row_set_bytes(self, mission_id: str) -> dict[str, int]:
@@ -226,6 +257,9 @@ class DiskKeeper(Service):
                 logger.info("pruned a copy of row set %s of mission %s (%d other holder(s)) for --max-disk",
                             item.key, item.mission_id[:12], item.holders_elsewhere)  # fmt: skip
                 self.pruned_rows.add(item.key)
+        elif item.kind == "model":
+            shutil.rmtree(item.key, ignore_errors=True)
+            logger.info("pruned the unused hub model %s for --max-disk (downloaded again when needed)", item.key)
         else:
             shutil.rmtree(item.key, ignore_errors=True)
             logger.info("pruned the old checkpoint %s for --max-disk", item.key)

@@ -9,7 +9,8 @@ Scheduling:
 * the teacher is loaded once and kept while there is work; after ``teacher_idle_s`` without a shard it
   is unloaded (``garden.models.loading.unload_model``), so an idle volunteer's RAM is given back;
 * before claiming, the peer checks that the first teacher fits in memory (available RAM, capped by
-  ``--max-memory``); if not, it takes no shards and says why (:attr:`MissionWork.blocked`, in ``/status``);
+  ``--max-memory``) and its download on disk (``--max-disk``); if not, it takes no shards and says why
+  (:attr:`MissionWork.blocked`, in ``/status``);
 * the shard's lease is renewed in the background while the teacher samples; a lost lease (another
   attempt finished the shard) throws the work away rather than publishing a result that cannot win.
 
@@ -30,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 
-from garden.models.loading import is_loaded, load_model, model_memory_bytes, unload_model
+from garden.models.loading import is_loaded, load_model, model_disk_bytes, model_memory_bytes, unload_model
 from garden.host.contribution import Ledger
+from garden.host.disk import DiskKeeper
 from garden.host.governor import Governor
 from garden.host.memory import memory_shortfall
 from garden.lifecycle import Service
@@ -179,12 +181,13 @@ class MissionWork(Service):
         config: WorkConfig,
         governor: Governor | None = None,
         ledger: Ledger | None = None,
+        disk: DiskKeeper | None = None,
     ):
         self.book, self.keeper, self.leases, self.config = book, keeper, leases, config
-        self.governor, self.ledger, self.directory = governor, ledger, directory
+        self.governor, self.ledger, self.directory, self.disk = governor, ledger, directory, disk
         self.progress: dict[str, MissionProgress] = {}
         self.boards: dict[str, ShardBoard] = {}
-        self.blocked: str | None = None  # why this peer takes no shards (memory), or None
+        self.blocked: str | None = None  # why this peer takes no shards (memory, disk), or None
         self.errors: Counter[str] = Counter()
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._compute = asyncio.Lock()  # one shard at a time on this peer
@@ -486,10 +489,13 @@ class MissionWork(Service):
 
     async def _fits(self, mission: Mission) -> bool:
         """Whether the mission's first teacher, and its grading model if its judge names one, fit in memory
-        here (both are loaded at once); sets :attr:`blocked` when not. Checked before a shard is claimed."""
+        here (both are loaded at once), and their downloads fit on disk (``--max-disk``); sets :attr:`blocked`
+        when not. Checked before a shard is claimed; a hub model's sizes come from the hub's metadata."""
         spec = mission.signed.spec
         grader = getattr(spec.judge, "model", None)
         refs = [r for r in dict.fromkeys([spec.teachers[0], *([grader] if grader else [])]) if not is_loaded(r)]
+        named = [f"the {'grading model' if r == grader and r != spec.teachers[0] else 'teacher'} {r}" for r in refs]
+        subject = "they need" if len(named) > 1 else "it needs"
         need = 0
         for ref in refs:
             if ref not in self._memory_need:
@@ -497,9 +503,12 @@ class MissionWork(Service):
             need += self._memory_need[ref] or 0  # unknown (a hub id): try and see
         shortfall = memory_shortfall(need, self.config.max_memory) if need else None
         if shortfall is not None:
-            named = [f"the {'grading model' if r == grader and r != spec.teachers[0] else 'teacher'} {r}" for r in refs]
-            subject = "they need" if len(named) > 1 else "it needs"
             self.blocked = f"cannot hold {' and '.join(named)}: {subject} {shortfall}"
+            return False
+        downloads = [await _in_thread(model_disk_bytes, ref) for ref in refs]  # 0 once downloaded
+        short = self.disk.shortfall(sum(d or 0 for d in downloads)) if self.disk is not None else None
+        if short is not None:
+            self.blocked = f"cannot download {' and '.join(named)}: {subject} {short}"
             return False
         self.blocked = None
         return True

@@ -38,6 +38,7 @@ from typing import Any
 from garden.collab.trainer import CollabConfig
 from garden.collab.worker import WorkerConfig, WorkerStatus
 from garden.host.contribution import Ledger
+from garden.host.disk import DiskKeeper
 from garden.host.governor import Governor
 from garden.host.memory import memory_shortfall
 from garden.lifecycle import Service
@@ -141,13 +142,15 @@ class TrainingWork(Service):
         sharing: CheckpointSharing | None = None,
         governor: Governor | None = None,
         ledger: Ledger | None = None,
+        disk: DiskKeeper | None = None,
     ):
         self.book, self.store, self.config, self.sharing = book, store, config, sharing
-        self.governor, self.ledger = governor, ledger
+        self.governor, self.ledger, self.disk = governor, ledger, disk
         self.history: dict[str, list[dict[str, Any]]] = {}  # mission -> loss/KL/accuracy points over time
-        self.blocked: dict[str, str] = {}  # mission -> why this peer does not train it (memory)
+        self.blocked: dict[str, str] = {}  # mission -> why this peer does not train it (memory, disk)
         self.waiting: dict[str, str] = {}  # mission -> why its trainer has not started yet (max_trainers)
         self._need: dict[str, int | None] = {}  # mission -> bytes its training needs (None: unknown), once measured
+        self._download: dict[str, int] = {}  # mission -> bytes its student's first load downloads, until it starts
         self._measuring: set[str] = set()
         self._workers: dict[str, _Worker] = {}
         self._published: dict[str, tuple[tuple[int, ...], float]] = {}  # mission -> (epochs, when)
@@ -245,8 +248,9 @@ class TrainingWork(Service):
         return self._fits(mission) and self.store.count_rows(mission.id) > 0
 
     def _fits(self, mission: Mission) -> bool:
-        """Whether training the mission's student fits in memory; the reason goes to :attr:`blocked` if not.
-        Full fine-tuning holds weights, gradients and two AdamW moments (4x the weights); LoRA about 1.5x."""
+        """Whether training the mission's student fits in memory, and its download on disk; the reason goes to
+        :attr:`blocked` if not. Full fine-tuning holds weights, gradients and two AdamW moments (4x the
+        weights); LoRA about 1.5x."""
         student = mission.signed.spec.student
         if mission.id not in self._need:
             # measured in a thread of its own (a .gguf student is converted first: seconds), never on the loop;
@@ -260,9 +264,11 @@ class TrainingWork(Service):
             self.waiting[mission.id] = "measuring the student's memory"
             return False
         need = self._need[mission.id]
-        if need is None:
-            return True
-        shortfall = memory_shortfall(need, self.config.max_memory)
+        shortfall = None if need is None else memory_shortfall(need, self.config.max_memory)
+        download = self._download.get(mission.id, 0)
+        if shortfall is None and download and self.disk is not None:
+            short = self.disk.shortfall(download)
+            shortfall = None if short is None else f"{short} for its base {student.base}"
         if shortfall is not None:
             reason = f"not training: the student needs {shortfall}"
             if self.blocked.get(mission.id) != reason:
@@ -273,10 +279,11 @@ class TrainingWork(Service):
         return True
 
     def _measure(self, mission_id: str, base: str, full: bool) -> None:
-        from garden.models.loading import model_memory_bytes
+        from garden.models.loading import model_disk_bytes, model_memory_bytes
 
         try:
             whole = model_memory_bytes(base)
+            self._download[mission_id] = model_disk_bytes(base) or 0
         except Exception as e:  # noqa: BLE001 - a student that cannot be read: its worker will say why
             logger.warning("could not measure the student %s of mission %s: %s", base, mission_id[:12], e)
             whole = None
@@ -285,6 +292,7 @@ class TrainingWork(Service):
 
     # --- one worker --------------------------------------------------------------------------------
     def _start(self, mission: Mission, worker: _Worker) -> None:
+        self._download.pop(mission.id, None)  # the worker downloads its student now: its room is taken
         worker.dir.mkdir(parents=True, exist_ok=True)
         spec = mission.signed.spec
         config = WorkerConfig(

@@ -38,14 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import platformdirs
-
 from garden.durable import swap_dir
+from garden.models.cache import CACHE_ENV, cache_dir, hub_cache_dir, is_hub_cached, touch  # noqa: F401 (CACHE_ENV)
+from garden.models.hub import hub_parameter_count, hub_size
 
 logger = logging.getLogger(__name__)
 
 RefKind = Literal["hub", "dir", "gguf", "builtin"]
-CACHE_ENV = "GARDEN_CACHE_DIR"
 RUN_MANIFEST = "garden-run.json"
 """Marks a training run directory (see ``garden.distill.checkpoints``); ``latest`` names its newest checkpoint."""
 
@@ -135,10 +134,6 @@ def builtin_gguf(name: str) -> Path:
     if not path.is_file():
         raise ModelRefError(f"{path} is missing from the installed {model.distribution} package; reinstall it")
     return path
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_path("garden", appauthor=False))
 
 
 def file_sha256(path: Path) -> str:
@@ -266,6 +261,9 @@ class LoadedModel:
 
 _loaded: dict[tuple[str, str, str], LoadedModel] = {}
 _loaded_lock = threading.Lock()
+"""Guards ``_loaded`` and ``_loading`` only, never a load: the event loop asks :func:`is_loaded` while a
+thread loads a model for seconds."""
+_loading: dict[tuple[str, str, str], threading.Lock] = {}
 
 
 def load_model(ref: str | ModelRef, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -277,9 +275,21 @@ def load_model(ref: str | ModelRef, dtype: str = "float32", device: str = "cpu")
     parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
     key = (str(parsed), dtype, device)
     with _loaded_lock:
-        if key not in _loaded:
-            _loaded[key] = _load(parsed, dtype, device)
-        return _loaded[key]
+        if key in _loaded:
+            return _loaded[key]
+        one_load = _loading.setdefault(key, threading.Lock())
+    with one_load:  # two threads asking for one model: the second waits for the first's load
+        with _loaded_lock:
+            if key in _loaded:
+                return _loaded[key]
+        try:
+            loaded = _load(parsed, dtype, device)
+            with _loaded_lock:
+                _loaded[key] = loaded
+        finally:
+            with _loaded_lock:
+                _loading.pop(key, None)
+        return loaded
 
 
 def unload_model(ref: str | ModelRef) -> bool:
@@ -303,25 +313,21 @@ def is_loaded(ref: str | ModelRef) -> bool:
         return any(key[0] == str(parsed) for key in _loaded)
 
 
-HUB_METADATA_TIMEOUT = 10.0
-"""Seconds to wait for the hub's answer about a model's size."""
+def in_use(ref: str | ModelRef) -> bool:
+    """Loaded in this process, or being loaded now (its files must stay)."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    with _loaded_lock:
+        return any(key[0] == str(parsed) for key in [*_loaded, *_loading])
 
 
-def hub_parameter_count(hub_id: str) -> int | None:
-    """The parameter count the hub reports for ``hub_id`` (its safetensors metadata), read before any download:
-    a mission's hub teacher too big for this machine is refused without fetching gigabytes first. None when
-    offline (``HF_HUB_OFFLINE``), unreachable, or not reported."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return None
-    try:
-        from huggingface_hub import HfApi
-
-        info = HfApi().model_info(hub_id, expand=["safetensors"], timeout=HUB_METADATA_TIMEOUT)
-    except Exception as e:  # noqa: BLE001 - any failure means "unknown": loading will tell the real story
-        logger.info("the hub did not say how big %s is (%s); its size is found out by loading it", hub_id, e)
-        return None
-    total = getattr(getattr(info, "safetensors", None), "total", None)
-    return total if isinstance(total, int) and total > 0 else None
+def model_disk_bytes(ref: str | ModelRef) -> int | None:
+    """Roughly the disk a first load of ``ref`` would fill: a hub model's download from the hub's metadata (0
+    once downloaded); None when unknown (offline, no metadata); 0 for models already on this machine."""
+    parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    if parsed.kind != "hub" or is_hub_cached(parsed.value):
+        return 0
+    size = hub_size(parsed.value)
+    return None if size is None else size.download_bytes
 
 
 def model_memory_bytes(ref: str | ModelRef, dtype_bytes: int = 4) -> int | None:
@@ -401,14 +407,17 @@ def _load(ref: ModelRef, dtype: str, device: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _source(ref)
+    hub = {"cache_dir": hub_cache_dir()} if not Path(source).is_dir() else {}  # a daemon's go to its data dir
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **hub)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
             raise ModelRefError(f"{ref} is not a causal language model ({str(e).splitlines()[0][:200]})") from None
         raise
     except OSError as e:
         raise ModelRefError(f"cannot load {ref}: {str(e).splitlines()[0][:300]}") from None
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+    if hub:
+        touch(source)
     model.to(device).eval()
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, source=source)

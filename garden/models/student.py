@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from garden.models.cache import hub_cache_dir
 from garden.models.loading import LoadedModel, ModelRefError, load_model, parse_model_ref
 
 PRUNE_SCHEME = "prune:"
@@ -144,7 +145,9 @@ def _build_qlora(spec: StudentSpec) -> LoadedModel:
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
     )
-    model = AutoModelForCausalLM.from_pretrained(base.source, quantization_config=quantization, device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(
+        base.source, quantization_config=quantization, device_map={"": 0}, cache_dir=hub_cache_dir()
+    )  # the files load_model just fetched (a daemon's hub cache is in its data dir)
     if spec.keep_layers is not None:
         prune_layers_(model, kept_layer_indices(model.config.num_hidden_layers, spec.keep_layers))
     model = _with_lora(prepare_model_for_kbit_training(model), spec.lora)

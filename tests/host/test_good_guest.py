@@ -173,11 +173,15 @@ def test_disk_pruning_never_takes_the_last_copy_of_a_row_set() -> None:
         _rows("copy-well-held", 100, 8.0, elsewhere=2),
         _ckpt("ckpt-1", 1000, 1.0),
         _ckpt("ckpt-2", 1000, 2.0, newest=True),
+        Prunable("model", "", "models--org--recent", 3000, added_at=5.0),
+        Prunable("model", "", "models--org--old", 3000, added_at=4.0),
+        Prunable("model", "", "models--org--loaded", 3000, added_at=1.0, newest=True),
     ]
     assert plan_pruning(items, used=1000, cap=2000) == []
-    plan = [i.key for i in plan_pruning(items, used=10_000, cap=0)]
-    # copies held most widely, then the oldest; then old checkpoints; never the rest
-    assert plan == ["copy-well-held", "copy-old", "copy-new", "ckpt-1"]
+    plan = [i.key for i in plan_pruning(items, used=20_000, cap=0)]
+    # copies held most widely, then the oldest; then old checkpoints; then unused models, least recent first;
+    # never the rest
+    assert plan == ["copy-well-held", "copy-old", "copy-new", "ckpt-1", "models--org--old", "models--org--recent"]
     assert [i.key for i in plan_pruning(items, used=2150, cap=2000)] == ["copy-well-held", "copy-old"]
 
 
