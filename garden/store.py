@@ -500,9 +500,31 @@ class _Transaction:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            try:
+                self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            except sqlite3.OperationalError as e:
+                if exc_type is None and _is_environmental(e):
+                    raise _store_error(e) from e
+                if exc_type is None:
+                    raise
+                # the write failed and SQLite rolled the transaction back itself: its error is the one to tell
         finally:
             self._lock.release()
+        if isinstance(exc, sqlite3.OperationalError) and _is_environmental(exc):
+            raise _store_error(exc) from exc
+
+
+_ENVIRONMENTAL = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")
+"""SQLite's errors that say "not now" (a full disk, an I/O error, a lock) rather than "never" (a bug in the SQL):
+they become :class:`StoreError`, which the daemon's callers retry and report."""
+
+
+def _is_environmental(error: sqlite3.OperationalError) -> bool:
+    return str(getattr(error, "sqlite_errorname", "")).startswith(_ENVIRONMENTAL)
+
+
+def _store_error(error: sqlite3.OperationalError) -> StoreError:
+    return StoreError(f"could not write to the store ({getattr(error, 'sqlite_errorname', '?')}): {error}")
 
 
 def _split_sql(script: str) -> Iterator[str]:

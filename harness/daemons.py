@@ -82,6 +82,11 @@ class Daemon(TrackedProcess):
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
 
+    def loop_stalls(self) -> list[str]:
+        """The times its event loop was held past the lag budget (``garden.host.loop_lag``'s watchdog logs each,
+        with where the loop was)."""
+        return [line for line in self.stderr().splitlines() if "the event loop was held" in line]
+
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
@@ -229,3 +234,62 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.25, message: 
             return last
         time.sleep(interval)
     raise AssertionError(f"{message} not reached in {timeout} s (last value: {last!r})")
+
+
+_POLLER = """
+import json, sys, time, httpx
+from pathlib import Path
+url, stop, latencies = sys.argv[1], Path(sys.argv[2]), []
+with httpx.Client(timeout=30) as client:
+    while not stop.exists():
+        began = time.monotonic()
+        client.get(url + "/health").raise_for_status()
+        latencies.append(time.monotonic() - began)
+        time.sleep(0.05)
+print(json.dumps(latencies))
+"""
+
+
+class HealthPoller:
+    """Asks a daemon's ``/health`` every 50 ms, from a process of its own (the test's process may be busy
+    serving or fetching), until :meth:`stop`, which returns every answer's time in seconds::
+
+        with HealthPoller(daemon, tmp_path) as health:
+            ...  # the load under test
+        assert max(health.latencies) < 0.25
+    """
+
+    def __init__(self, daemon: Daemon, scratch: Path) -> None:
+        self._stop_file = scratch / f"stop-polling-{daemon.proc.pid}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _POLLER, daemon.url, str(self._stop_file)], stdout=subprocess.PIPE, text=True
+        )
+        self.latencies: list[float] = []
+
+    def stop(self) -> list[float]:
+        """End the polling and return the latencies; fails if the daemon stopped answering. Idempotent."""
+        if self._proc.poll() is None or not self.latencies:
+            self._stop_file.touch()
+            try:
+                out, _ = self._proc.communicate(timeout=60)
+                self.latencies = list(json.loads(out))
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                self.close()
+                raise AssertionError("the /health poller failed (the daemon stopped answering?)") from None
+        assert self.latencies, "the /health poller got no answer"
+        return self.latencies
+
+    def close(self) -> None:
+        """Stop the poller without asking for its answers (a test that failed already)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+
+    def __enter__(self) -> HealthPoller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.stop()
+        else:
+            self.close()

@@ -137,3 +137,21 @@ class CpuBudget:
         if now <= then:
             return None
         return (total - before) / (now - then) / self.cores
+
+
+WORK_NICENESS = 10
+"""How much lower than the daemon's own threads the work threads run (Linux nice, per thread)."""
+
+
+def lower_this_thread() -> None:
+    """Run the calling thread, and the torch threads it starts, at ``WORK_NICENESS`` below the process: when
+    the CPU is short, the event loop (the HTTP port, Pause, lease renewals) and the owner's own programs go
+    first. Linux schedules threads one by one and a new thread inherits its creator's niceness, so the
+    intra-op threads torch starts for this thread's work are lowered too. Elsewhere it does nothing."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORK_NICENESS))
+    except (AttributeError, OSError) as e:  # not Linux, or not allowed: the work runs at the daemon's priority
+        logger.debug("could not lower the work thread's priority: %s", e)

@@ -235,7 +235,7 @@ class MissionBook(Service):
             )  # fmt: skip
         return False
 
-    def sweep(self, now: float | None = None) -> list[str]:
+    async def sweep(self, now: float | None = None) -> list[str]:
         """Drop other leads' missions past their end (older than ``max_age``, or cancelled over
         ``CANCEL_KEEP`` ago) from memory and the store, rows included: they are not renewed any more. Returns
         the ids dropped."""
@@ -247,32 +247,37 @@ class MissionBook(Service):
             old = mission.signed.body.created < now - self.policy.max_age
             ended = mission.cancel is not None and mission.cancel.cancelled_at < now - CANCEL_KEEP
             if old or ended:
-                self.store.drop_mission(mission.id)
-                del self.missions[mission.id]
+                del self.missions[mission.id]  # first: nothing starts on it while its rows go
                 self._ignored_ids.add(mission.id)
+                await asyncio.to_thread(self.store.drop_mission, mission.id)  # its rows too: many deletes
                 dropped.append(mission.id)
                 why = "too old" if old else "cancelled a day ago"
                 logger.info("dropped mission %s (%s): %s", mission.name, mission.id[:12], why)
         return dropped
 
-    def _keep(self, signed: SignedMission, cancelled: bool = False) -> Mission:
+    # the store's writes run in a thread: one waits while another thread writes a row set of tens of MiB
+    async def _keep(self, signed: SignedMission, cancelled: bool = False) -> Mission:
         if signed.mission_id not in self.missions:
             if not self._admits(signed, cancelled):
                 raise _NotKept(signed.mission_id)
-            self.store.add_mission(signed.mission_id, signed.to_wire(), signed.name, signed.lead_peer_id)
-            self.missions[signed.mission_id] = Mission(signed)
-            self.news.set()
-            logger.info("mission %s (%s) by %s is known now", signed.name, signed.mission_id[:12], signed.lead_peer_id)
+            await asyncio.to_thread(
+                self.store.add_mission, signed.mission_id, signed.to_wire(), signed.name, signed.lead_peer_id
+            )
+            if signed.mission_id not in self.missions:  # a publish of the same mission may have come first
+                self.missions[signed.mission_id] = Mission(signed)
+                self.news.set()
+                logger.info("mission %s (%s) by %s is known now", signed.name, signed.mission_id[:12],
+                            signed.lead_peer_id)  # fmt: skip
         return self.missions[signed.mission_id]
 
-    def _keep_prompts(self, mission: Mission, prompts: tuple[PromptRow, ...]) -> None:
-        self.store.set_mission_prompts(mission.id, pack_prompts(prompts))
+    async def _keep_prompts(self, mission: Mission, prompts: tuple[PromptRow, ...]) -> None:
+        await asyncio.to_thread(lambda: self.store.set_mission_prompts(mission.id, pack_prompts(prompts)))
         mission.prompts = prompts
         self.news.set()
 
-    def _keep_cancel(self, mission: Mission, raw: bytes, cancel: CancelRecord) -> None:
+    async def _keep_cancel(self, mission: Mission, raw: bytes, cancel: CancelRecord) -> None:
         if mission.cancel is None:
-            self.store.set_mission_cancel(mission.id, raw)
+            await asyncio.to_thread(self.store.set_mission_cancel, mission.id, raw)
             mission.cancel = cancel
             self.news.set()
             logger.info("mission %s (%s) was cancelled by its lead", mission.name, mission.id[:12])
@@ -292,8 +297,8 @@ class MissionBook(Service):
                 "(max_missions_per_lead); cancel one first"
             )
         signed = sign_mission(draft, self._private_key)
-        mission = self._keep(signed)
-        self._keep_prompts(mission, draft.prompts)
+        mission = await self._keep(signed)
+        await self._keep_prompts(mission, draft.prompts)
         if not await self.announce(mission):
             logger.warning("mission %s is kept here, but the DHT did not take it yet; retrying", signed.mission_id)
         return mission
@@ -306,7 +311,7 @@ class MissionBook(Service):
             )
         if mission.cancel is None:
             raw = sign_cancel(mission.id, self._private_key, reason=reason)
-            self._keep_cancel(mission, raw, open_cancel(raw, mission.signed))
+            await self._keep_cancel(mission, raw, open_cancel(raw, mission.signed))
         await self.announce(mission)
         return mission
 
@@ -344,7 +349,7 @@ class MissionBook(Service):
             offered = cancels.get(signed.mission_id, ())
             by_lead = any(signer == signed.lead_peer_id and _opens(value, signed) for signer, value in offered)
             try:
-                self._keep(signed, cancelled=by_lead)
+                await self._keep(signed, cancelled=by_lead)
             except _NotKept:
                 pass
         for mission_id, signed_cancels in cancels.items():
@@ -356,7 +361,7 @@ class MissionBook(Service):
                     self._invalid("cancel", f"for {mission_id[:12]} by {signer}, who is not its lead")
                     continue
                 try:
-                    self._keep_cancel(mission, value, open_cancel(value, mission.signed))
+                    await self._keep_cancel(mission, value, open_cancel(value, mission.signed))
                 except RecordError as e:
                     self._invalid("cancel", f"for {mission_id[:12]}: {e}")
         for mission in list(self.missions.values()):
@@ -391,11 +396,11 @@ class MissionBook(Service):
         ref = ContentRef(kind="prompts", mission_id=mission.id, sha256=mission.signed.body.prompts_sha256)
         try:
             raw, source = await self.transfer.fetch_any(holders, ref)
-            prompts = unpack_prompts(raw, mission.signed)
+            prompts = await asyncio.to_thread(unpack_prompts, raw, mission.signed)  # up to 64 MiB to decode
         except (TransferError, RecordError) as e:  # the transfer checked the hash; a decode error is a bug's
             self._invalid("prompts", f"mission {mission.id[:12]}: {e}")
             return False
-        self._keep_prompts(mission, prompts)
+        await self._keep_prompts(mission, prompts)
         logger.info("fetched the %d prompts of mission %s from %s", len(prompts), mission.id[:12], source)
         self.wake()
         return True
@@ -442,7 +447,7 @@ class MissionBook(Service):
             started = time.monotonic()
             try:
                 await self.refresh()
-                if self.sweep():
+                if await self.sweep():
                     self.news.set()
                 if self._wake.is_set() or started - last_announce >= self.period:
                     self._wake.clear()

@@ -177,7 +177,7 @@ class RowSetKeeper:
                 continue
             if winner.attempt not in mine and len(held_by.get(winner.attempt, set())) < 2:
                 continue  # keep the loser until the winner is safely held (here, or by two peers)
-            if self.store.drop_row_set(mission.id, loser.attempt):
+            if await asyncio.to_thread(self.store.drop_row_set, mission.id, loser.attempt):
                 dropped += 1
                 logger.info("dropped the losing attempt %s at shard %d of mission %s", loser.attempt, loser.shard,
                             mission.id[:12])  # fmt: skip

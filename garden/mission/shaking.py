@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from garden.models.loading import is_loaded, load_model, model_disk_bytes, model_memory_bytes, unload_model
 from garden.host.contribution import Ledger
+from garden.host.cpu_budget import lower_this_thread
 from garden.host.disk import DiskKeeper
 from garden.host.governor import Governor
 from garden.host.memory import memory_shortfall
@@ -600,6 +601,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     future: asyncio.Future[T] = loop.create_future()
 
     def target() -> None:
+        lower_this_thread()  # sampling and loading yield the CPU to the loop and to the owner's programs
         try:
             outcome: tuple[Any, BaseException | None] = (fn(*args), None)
         except BaseException as e:

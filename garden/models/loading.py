@@ -162,12 +162,39 @@ def converted_gguf(gguf: Path, root: Path | None = None) -> Path:
         logger.info("converting %s once into %s (about 15 s; later loads take under a second)", gguf.name, target)
         staging = root / f"{target.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        _convert(gguf, staging)
+        _convert_in_child(gguf, staging)
         swap_dir(staging, target)  # a half-written target left by an older garden is swapped out, not kept
     return target
 
 
-def _convert(gguf: Path, out: Path) -> None:
+CONVERT_TIMEOUT = 1800.0
+"""Seconds a conversion may take: the built-in model takes ~15 s on two cores, a 7B one minutes."""
+
+
+def _convert_in_child(gguf: Path, out: Path) -> None:
+    """Convert in a process of its own (``garden.models.convert``). Reading a GGUF is seconds of pure-Python
+    parsing that holds the GIL: in a daemon's thread it starved the event loop (``/health`` answered in
+    0.7 s instead of milliseconds while the built-in model converted); a child costs the daemon nothing."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile() as output:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "garden.models.convert", str(gguf), str(out)],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, timeout=CONVERT_TIMEOUT,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ModelRefError(f"converting {gguf} took over {CONVERT_TIMEOUT:.0f} s; gave up") from None
+        if done.returncode != 0:
+            output.seek(0)
+            tail = output.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise ModelRefError(f"cannot convert {gguf} (exit {done.returncode}): " + " / ".join(tail)[-600:])
+
+
+def convert_gguf_here(gguf: Path, out: Path) -> None:
+    """The conversion itself, in this process (``python -m garden.models.convert`` runs it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with gguf_read_once():

@@ -15,9 +15,6 @@ import hashlib
 import json
 import re
 import secrets
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,31 +28,13 @@ from garden.protocol.content import ContentRef
 from garden.protocol.keys import DEFAULT_SWARM
 from garden.protocol.row_sets import pack_encoded_rows
 from garden.protocol.rows import DorpoRow
-from harness.daemons import Daemon, DaemonFactory, wait_until
+from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
 from tests.mission.test_missions_swarm import converted, create, mission_body, start  # noqa: F401
 
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
 LAG_BUDGET = 0.25
 TOKENS, K = 8192, 256  # the most a row may carry: ~8 MiB of top-k per row
-
-POLLER = textwrap.dedent(
-    """
-    import json, sys, time, httpx
-    from pathlib import Path
-    url, stop, latencies = sys.argv[1], Path(sys.argv[2]), []
-    with httpx.Client(timeout=30) as client:
-        while not stop.exists():
-            began = time.monotonic()
-            client.get(url + "/health").raise_for_status()
-            latencies.append(time.monotonic() - began)
-            time.sleep(0.05)
-    print(json.dumps(latencies))
-    """
-)
-"""Polls /health every 50 ms from a process of its own (the test process is busy serving and fetching) until
-the file ``argv[2]`` exists; prints every answer's latency."""
-
 
 def big_row_set(prompts: list[str], tokenizer_name: str) -> bytes:
     ids = np.arange(TOKENS) % 1000
@@ -108,8 +87,7 @@ def test_the_loop_stays_responsive_while_the_peer_loads_writes_and_serves(
     row_set = big_row_set(prompts, tokenizer_name)
     assert 50 * 2**20 < len(row_set) <= 64 * 2**20
 
-    stop = tmp_path / "stop-polling"
-    poller = subprocess.Popen([sys.executable, "-c", POLLER, peer.url, str(stop)], stdout=subprocess.PIPE, text=True)
+    health = HealthPoller(peer, tmp_path)
     dht = hivemind.DHT(initial_peers=[peer.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
         before = lag_counts(peer)
@@ -149,9 +127,9 @@ def test_the_loop_stays_responsive_while_the_peer_loads_writes_and_serves(
         assert hashlib.sha256((tmp_path / "pulled").read_bytes()).hexdigest() == checkpoint.manifest["files"][weights]
         wait_until(lambda: shaken(peer, mission_id), 180, interval=1.0, message="a shard shaken (the teacher loaded)")
         after = lag_counts(peer)
+        latencies = health.stop()
     finally:
-        stop.touch()
-        latencies = stop_poller(poller)
+        health.close()
         dht.shutdown()
     p99 = quantile(before, after, 0.99)
     probes = after["+Inf"] - before["+Inf"]
@@ -165,13 +143,3 @@ def test_the_loop_stays_responsive_while_the_peer_loads_writes_and_serves(
 def shaken(peer: Daemon, mission_id: str) -> bool:
     """The peer has loaded its teacher and sampled a shard with it."""
     return bool(peer.get(f"/missions/{mission_id}").json()["this_peer"]["shards_shaken"] >= 1)
-
-
-def stop_poller(poller: subprocess.Popen[str]) -> list[float]:
-    try:
-        out, _ = poller.communicate(timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        poller.kill()
-        poller.wait()
-        return [float("inf")]
-    return list(json.loads(out))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from pathlib import Path
 
 import hivemind
 
@@ -32,7 +33,7 @@ from garden.protocol.mission import (
 from garden.protocol.mission_spec import canonical_msgpack
 from garden.protocol.records import seal
 from garden.protocol.row_sets import HeldRowSet, RowsAnnouncement, rows_subkey
-from harness.daemons import Daemon, DaemonFactory, wait_until
+from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -92,9 +93,12 @@ def forged_records(attacker: rsa.RSAPrivateKey, real_id: str, lead_id: str) -> l
     ]
 
 
-def test_forged_mission_records_and_lying_senders_are_refused(daemons: DaemonFactory) -> None:
-    lead = daemons.start("--roles", "trainer")  # no shaker: only the forgeries move data in this test
-    other = daemons.start("--roles", "trainer", "--join", lead.join_addr)
+def test_forged_mission_records_and_lying_senders_are_refused(
+    daemons: DaemonFactory, tmp_path: Path, model_cache: Path
+) -> None:
+    env = {"GARDEN_CACHE_DIR": str(model_cache)}  # the trainers measure the built-in student: converted once
+    lead = daemons.start("--roles", "trainer", env=env)  # no shaker: only the forgeries move data in this test
+    other = daemons.start("--roles", "trainer", "--join", lead.join_addr, env=env)
     body = {"spec": SPEC, "prompts": [p.model_dump(mode="json") for p in demo_prompts()[:4]]}
     created = lead.request("POST", "/missions", json=body)
     assert created.status_code == 201, created.text
@@ -103,6 +107,7 @@ def test_forged_mission_records_and_lying_senders_are_refused(daemons: DaemonFac
 
     attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     hostile = hivemind.DHT(initial_peers=[lead.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    health = HealthPoller(other, tmp_path)  # the port stays quick while the forgeries are read and refused
     try:
         records = forged_records(attacker, real_id, lead.peer_id)
         for key, subkey, value in records:
@@ -135,7 +140,11 @@ def test_forged_mission_records_and_lying_senders_are_refused(daemons: DaemonFac
         assert "avoided" in answers[2][1], answers[2]  # a sender caught lying is not asked again for 10 min
         detail = lead.get(f"/missions/{real_id}").json()
         assert all(p["row_sets"] == 0 for p in detail["peers"])
+        latencies = health.stop()
+        print(f"/health through forgeries: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms")
+        assert max(latencies) < 0.25, sorted(latencies)[-5:]
     finally:
+        health.close()
         hostile.shutdown()
 
 

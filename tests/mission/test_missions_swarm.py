@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from garden.data import demo_prompts
-from harness.daemons import Daemon, DaemonFactory, wait_until
+from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -279,6 +279,57 @@ def test_bad_requests_and_a_peer_without_memory_for_the_teacher(swarm: DaemonFac
     assert detail(small, mission_id)["train"]["state"] == refused
     assert small.request("DELETE", f"/missions/{mission_id}").status_code == 403
     assert a.get("/health").status_code == 200 and small.get("/health").status_code == 200
+
+
+def test_a_catastrophic_regex_judge_costs_the_shaker_nothing(
+    swarm: DaemonFactory, converted: Path, tmp_path: Path
+) -> None:
+    """A lead's judge pattern that takes Python's ``re`` seconds per answer (doubling with every few characters)
+    is judged in linear time (RE2): the shaker finishes the mission, and its port answers quickly throughout."""
+    lead = start(swarm, "--roles", "trainer", cache=converted)  # only the shaker samples
+    shaker = start(swarm, join=lead, cache=converted)
+    body = mission_body(prompts=4, shard_size=2, max_new_tokens=24)
+    body["spec"]["judge"] = {"kind": "regex", "pattern": r"^(\w*\s*)*ZZZ$"}
+    with HealthPoller(shaker, tmp_path) as health:
+        mission_id = create(lead, body)
+        done = wait_done(shaker, mission_id, timeout=180)
+    assert done["shards"]["done"] == 2
+    latencies = health.latencies
+    print(f"/health while judging: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms")
+    # the loop itself is never held (Python's re held it, and the port, for 30 s and more); what is left of
+    # an answer's time is the sampling thread's share of the GIL and the CPU (about 0.2 s at worst on 2 cores)
+    assert not shaker.loop_stalls(), shaker.loop_stalls()
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+
+
+def test_a_shard_whose_publication_fails_is_retried_and_its_error_shown(swarm: DaemonFactory, converted: Path) -> None:
+    """The DHT stops answering (its process is frozen with SIGSTOP) while a shard is sampled: publishing the
+    result fails, the error shows in ``/status`` and the log, and a later try, once the DHT is back, publishes
+    it. Nothing is lost in a task nobody awaits."""
+    import psutil
+
+    a = start(swarm, "--lease-seconds", "120", "--dht-timeout", "3", cache=converted)
+    dht = next(p for p in psutil.Process(a.proc.pid).children() if any(c.name() == "p2pd" for c in p.children()))
+    mission_id = create(a, mission_body(prompts=2, shard_size=2, max_new_tokens=24))
+    wait_until(
+        lambda: (detail(a, mission_id) or {}).get("this_peer", {}).get("state", "").startswith("shaking shard"),
+        120, 0.2, "shaking",
+    )  # fmt: skip
+    dht.suspend()  # only a process this test's daemon started, by its pid
+    try:
+        errors = wait_until(
+            lambda: (a.get("/status").json().get("shaking") or {}).get("publish_errors", {}).get(mission_id),
+            120, 0.5, "the publication error in /status",
+        )  # fmt: skip
+    finally:
+        dht.resume()
+    assert errors.startswith("shard 0: could not publish its rows") and "DHT write" in errors, errors
+    assert wait_done(a, mission_id, timeout=120)["shards"]["done"] == 1
+    # the try that failed may still have reached the DHT late; the next one publishes (again) and clears the error
+    wait_until(lambda: detail(a, mission_id)["this_peer"]["publish_error"] is None, 60, 0.5, "the error cleared")
+    assert detail(a, mission_id)["this_peer"]["shards_shaken"] == 1
+    assert not (a.get("/status").json().get("shaking") or {}).get("publish_errors")
+    assert "could not publish its rows (try 1, again in 2 s)" in a.stderr()
 
 
 def test_a_stop_while_shaking_exits_cleanly(swarm: DaemonFactory, converted: Path) -> None:
