@@ -56,7 +56,8 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory, tmp_path: Pa
     fifth = lead.request("POST", "/missions", json=body(name="own-4"))
     assert fifth.status_code == 409 and "max_missions_per_lead" in fifth.json()["detail"]
     assert lead.request("DELETE", f"/missions/{ids[-1]}").status_code == 200
-    assert lead.request("POST", "/missions", json=body(name="own-4")).status_code == 201
+    # a path again: the volunteer samples nothing in this test, so its port answers for the flood alone
+    assert lead.request("POST", "/missions", json=body(name="own-4", teachers=[local_teacher])).status_code == 201
 
     # a hostile lead floods the swarm with 20 valid, signed missions
     attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -92,10 +93,8 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory, tmp_path: Pa
         assert all(m["trusted"] for m in theirs(lead))  # the lead trusts everyone (no --trust-lead)
         latencies = health.stop()
         print(f"/health through a flood: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms")
-        # the loop is never held; the volunteer samples the trusted lead's mission meanwhile, and its sampling
-        # thread's share of the GIL and the CPU is what is left of an answer's time
-        assert not volunteer.loop_stalls(), volunteer.loop_stalls()
-        assert max(latencies) < 1.0, sorted(latencies)[-5:]
+        assert not volunteer.loop_stalls(), volunteer.loop_stalls()  # the watchdog saw no stall of 0.25 s
+        assert max(latencies) < 0.25, sorted(latencies)[-5:]
     finally:
         health.close()
         hostile.shutdown()
