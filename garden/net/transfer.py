@@ -73,6 +73,12 @@ STREAM_CHUNKS = 4
 """Chunks a file stream holds in memory at once, counted against ``serve_memory``: the one read from disk, its
 message, the message's bytes, and the connection's send buffer (hivemind waits for it to drain)."""
 
+TRANSIENT = frozenset({"short"})
+"""Failures that say nothing of the holder's honesty, only that its stream broke off (a home link dropped, a NAT
+mapping expired, a stream reset under load): :meth:`ContentTransfer.fetch_any` tries such a holder again
+(``TransferLimits.retries``) before it goes to the next one, or gives up when it was the only one. A holder that
+cannot be reached at all is not tried twice: a dial to a dead peer can take many seconds."""
+
 OFFER_REPLY_MARGIN = 5.0
 """Seconds an offer's receiver keeps back from ``offer_timeout`` so its answer arrives before the offerer
 gives up."""
@@ -123,6 +129,9 @@ class TransferLimits:
     :param upload_rate: bytes per second this peer sends content at, all streams together (None: no cap;
       ``--max-upload-rate``); a capped rate stretches fetches, so big kinds keep their long timeouts
     :param download_rate: the same for what it fetches (``--max-download-rate``)
+    :param retries: how many more times :meth:`ContentTransfer.fetch_any` tries a holder whose stream broke
+      (:data:`TRANSIENT` failures), ``retry_delay`` seconds apart; a holder that refused or sent the wrong bytes
+      is never tried again
     """
 
     chunk_bytes: int = 256 * 1024
@@ -137,6 +146,8 @@ class TransferLimits:
     serve_memory: int = 256 * 1024**2
     upload_rate: float | None = None
     download_rate: float | None = None
+    retries: int = 1
+    retry_delay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1:
@@ -146,6 +157,8 @@ class TransferLimits:
             raise ValueError(f"max_bytes needs a cap for every content kind; missing {missing}")
         if self.timeout <= 0 or self.offer_timeout <= OFFER_REPLY_MARGIN:
             raise ValueError(f"timeout must be > 0 and offer_timeout > {OFFER_REPLY_MARGIN} s")
+        if self.retries < 0 or self.retry_delay < 0:
+            raise ValueError(f"retries and retry_delay must be >= 0, got {self.retries} and {self.retry_delay}")
         if self.max_serving < 1:
             raise ValueError(f"max_serving must be >= 1, got {self.max_serving}")
         if self.serve_memory < STREAM_CHUNKS * self.chunk_bytes:
@@ -436,11 +449,17 @@ class ContentTransfer(Service):
             if self.avoided(peer_id):
                 problems.append(f"{peer_id}: avoided")
                 continue
-            try:
-                await fetch(peer_id)
-                return peer_id
-            except TransferError as e:
-                problems.append(f"{peer_id}: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
+            for attempt in range(1 + self.limits.retries):
+                try:
+                    await fetch(peer_id)
+                    return peer_id
+                except TransferError as e:
+                    problem = f"{peer_id}: {e.reason}" + (f" ({e.detail})" if e.detail else "")
+                    if e.reason not in TRANSIENT or attempt == self.limits.retries:
+                        problems.append(problem)
+                        break
+                    logger.info(f"{problem}; trying it again in {self.limits.retry_delay:.0f} s")
+                    await asyncio.sleep(self.limits.retry_delay)
         raise TransferError("any holder", ref, "no holder could serve it", "; ".join(problems) or "no other holders")
 
     async def _download(self, peer_id: str, ref: ContentRef, sink: _Sink) -> None:

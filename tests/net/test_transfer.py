@@ -355,6 +355,56 @@ async def test_misbehaving_senders(p2ps: list[P2P], messages: tuple[bytes, ...],
 
 
 @module_loop
+async def test_a_holder_whose_stream_broke_off_is_tried_again_and_a_liar_is_not(p2ps: list[P2P]) -> None:
+    """A stream cut mid-transfer (a home link drops) says nothing of the holder: fetch_any tries it once more
+    and gets the content; a stream cut on every try ends in a clear error; a holder that refused is asked once."""
+    data = os.urandom(3000)
+    client, _, server_id = pair(p2ps, Holder(), retry_delay=0.1)
+    calls: list[int] = []
+
+    def cut_first(cuts: int) -> Callable[..., AsyncIterator[runtime_pb2.ExpertResponse]]:
+        async def handler(request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[Any]:
+            calls.append(1)
+            yield runtime_pb2.ExpertResponse(metadata=header(total=len(data)))
+            yield runtime_pb2.ExpertResponse(metadata=data[:1000])
+            if len(calls) > cuts:
+                for offset in range(1000, len(data), 1000):
+                    yield runtime_pb2.ExpertResponse(metadata=data[offset : offset + 1000])
+
+        return handler
+
+    for cuts, expected in ((1, data), (2, None)):
+        calls.clear()
+        await p2ps[1].add_protobuf_handler(
+            client.fetch_name, cut_first(cuts), runtime_pb2.ExpertRequest, stream_output=True
+        )
+        try:
+            if expected is None:
+                with pytest.raises(TransferError, match="short") as info:
+                    await client.fetch_any([server_id], ref_for(data))
+                assert "no holder could serve it" in str(info.value)
+            else:
+                assert await client.fetch_any([server_id], ref_for(data)) == (data, server_id)
+        finally:
+            await p2ps[1].remove_protobuf_handler(client.fetch_name, stream_output=True)
+        assert len(calls) == 2 and not client.avoided(server_id)
+
+    calls.clear()
+
+    async def refuse(request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[Any]:
+        calls.append(1)
+        yield runtime_pb2.ExpertResponse(metadata=header(error="disk on fire"))
+
+    await p2ps[1].add_protobuf_handler(client.fetch_name, refuse, runtime_pb2.ExpertRequest, stream_output=True)
+    try:
+        with pytest.raises(TransferError, match="refused"):
+            await client.fetch_any([server_id], ref_for(data))
+    finally:
+        await p2ps[1].remove_protobuf_handler(client.fetch_name, stream_output=True)
+    assert len(calls) == 1
+
+
+@module_loop
 async def test_a_garbage_request_gets_an_error_and_the_server_keeps_serving(p2ps: list[P2P]) -> None:
     data = os.urandom(3000)
     client, server, server_id = pair(p2ps, Holder(data))
