@@ -170,6 +170,8 @@ def _shaking(shaking: ShakingSnapshot, training: TrainingSnapshot) -> Shaking:
         missions={mission_id: work.state for mission_id, work in shaking.missions.items() if work.seen},
         training_blocked=training.blocked,
         publish_errors={m: work.publish_error for m, work in shaking.missions.items() if work.publish_error},
+        sampler_pid=shaking.sampler_pid, sampler_starts=shaking.sampler_starts,
+        teachers_loaded=sorted(shaking.teachers_loaded),
     )
 
 

@@ -35,6 +35,11 @@ class Shaking(BaseModel):
         description="missions whose last finished shard could not be stored or published yet (a full disk, a "
         "silent DHT), with the error; retried, and gone once a try works",
     )
+    sampler_pid: int | None = Field(
+        default=None, description="the process where this peer's teachers load and sample (None: not started)"
+    )
+    sampler_starts: int = Field(default=0, description="times it was started (more than once: it died and came back)")
+    teachers_loaded: list[str] = Field(default_factory=list, description="the models it holds now")
 
 
 class Serving(BaseModel):

@@ -215,6 +215,19 @@ class Governor:
         self.budget.wait(stop, limit=HOLD_LIMIT)
         return stop()
 
+    def verdict(self, give_up: Callable[[], bool] | None = None, period: float = SAMPLE_PERIOD) -> str:
+        """:meth:`hold` without blocking, for work in another process that a thread here watches every
+        ``period`` seconds: ``"stop"`` (paused, or ``give_up()``), ``"hold"`` (idle-only mode holds work, or the
+        CPU share is spent: the time counts as held) or ``"run"``."""
+        if self.paused or (give_up is not None and give_up()):
+            return "stop"
+        if self.held_reason is not None:
+            return "hold"
+        if self.budget.over():
+            self.budget.held_s += period
+            return "hold"
+        return "run"
+
     async def wait_until_free(self, stop: asyncio.Event, period: float = 1.0) -> None:
         """For loops on the event loop: return once work may go on (or ``stop`` is set)."""
         while not stop.is_set() and (self.paused or self.held_reason is not None):

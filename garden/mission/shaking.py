@@ -7,15 +7,17 @@ Scheduling:
   CPU-bound and ``--max-threads`` caps torch's threads, so two shards at once would only slow each other
   (and hold two leases) while the claim for the second waits;
 * the teacher is loaded once and kept while there is work; after ``teacher_idle_s`` without a shard it
-  is unloaded (``garden.models.loading.unload_model``), so an idle volunteer's RAM is given back;
+  is unloaded from the sampling process, so an idle volunteer's RAM is given back;
 * before claiming, the peer checks that the first teacher fits in memory (available RAM, capped by
   ``--max-memory``) and its download on disk (``--max-disk``); if not, it takes no shards and says why
   (:attr:`MissionWork.blocked`, in ``/status``);
 * the shard's lease is renewed in the background while the teacher samples; a lost lease (another
   attempt finished the shard) throws the work away rather than publishing a result that cannot win.
 
-Sampling runs in a daemon thread (not the event loop's executor), so a daemon that is stopped mid-shard
-exits at once: the lease is released, the unfinished shard is lost, and nothing half-done is stored.
+Teachers load and sample in the daemon's sampling process (:mod:`garden.mission.sampling_process`), never in
+the event loop's process: their long calls hold the GIL. A thread of the daemon waits for each answer (not the
+event loop's executor), so a daemon that is stopped mid-shard exits at once: the lease is released, the
+unfinished shard is lost, and nothing half-done is stored.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 
-from garden.models.loading import is_loaded, load_model, model_disk_bytes, model_memory_bytes, unload_model
+from garden.models.loading import held_elsewhere, model_disk_bytes, model_memory_bytes, parse_model_ref
 from garden.host.contribution import Ledger
 from garden.host.cpu_budget import lower_this_thread
 from garden.host.disk import DiskKeeper
@@ -42,14 +44,14 @@ from garden.net.directory import PeerDirectory
 from garden.mission.book import Mission, MissionBook, wait_any
 from garden.mission.replication import RowSetKeeper
 from garden.store import StoredRowSet, StoreError
-from garden.protocol.mission import prompt_seed
 from garden.protocol.row_sets import RowsAnnouncement
-from garden.protocol.mission_spec import MissionSpec
-from garden.protocol.rows import DorpoRow, PromptRow
-from garden.distill.judges import Judge, build_judge
+from garden.protocol.rows import DorpoRow
 from garden.mission.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError, ShardSummary
-from garden.distill.shaker import ShakeCancelled, ShakeConfig
-from garden.distill.teachers import FallbackShakeResult, NoTeacherError, shake_with_fallback
+from garden.distill.shaker import ShakeCancelled
+from garden.distill.teachers import FallbackShakeResult, NoTeacherError
+from garden.mission.sampling_process import (
+    HOLD, POLL, RUN, STOP, SamplerCrashed, SamplerSetup, SamplingProcess, ShardJob,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,8 @@ SHAKE_THREAD = "garden-shake"
 
 
 def sampling_in_progress() -> bool:
-    """A shard is being sampled in this process (its thread is inside torch): the runner then leaves
-    without finalising the interpreter, which would abort inside torch."""
+    """A thread of this process waits on a shard or a teacher (or, in a process without a sampling process,
+    is inside torch): the runner then leaves without finalising the interpreter, which could abort there."""
     return any(t.name == SHAKE_THREAD and t.is_alive() for t in threading.enumerate())
 """Name of the threads that sample shards (the runner looks for them at exit)."""
 
@@ -79,6 +81,7 @@ class WorkConfig:
     :param batch_prompts: prompts per sampling batch (a shard may be several batches)
     :param max_memory: bytes the daemon may use for a teacher (None: the machine's available RAM)
     :param max_missions: missions this peer shakes at once (each loads its teacher); the others wait
+    :param threads: torch threads of the sampling process (``--max-threads``; None: torch's default)
     """
 
     shaker: bool = True
@@ -87,6 +90,7 @@ class WorkConfig:
     batch_prompts: int = 16
     max_memory: int | None = None
     max_missions: int = 2
+    threads: int | None = None
 
 
 @dataclass
@@ -161,11 +165,16 @@ class MissionWorkSnapshot:
 class ShakingSnapshot:
     """:param blocked: why this peer takes no shards (memory), or None
     :param row_sets_refused: row sets fetched intact (hash right) whose rows were invalid or did not fit
-    :param missions: every mission of the book, by id"""
+    :param missions: every mission of the book, by id
+    :param sampler_pid: the sampling process (None: not running), ``sampler_starts`` times started, and the
+      models it holds"""
 
     blocked: str | None
     row_sets_refused: int
     missions: dict[str, MissionWorkSnapshot]
+    sampler_pid: int | None = None
+    sampler_starts: int = 0
+    teachers_loaded: frozenset[str] = frozenset()
 
 
 class MissionWork(Service):
@@ -197,6 +206,7 @@ class MissionWork(Service):
         self._teachers_used: dict[str, float] = {}  # teacher ref -> monotonic time of its last shard
         self._memory_need: dict[str, int | None] = {}
         self._stop = asyncio.Event()
+        self.sampler = SamplingProcess(SamplerSetup(threads=config.threads))
 
     # --- the loop -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -211,7 +221,7 @@ class MissionWork(Service):
                     await self._tend(mission)
                 except Exception:  # one mission's trouble must not stop the others
                     logger.exception("mission %s: settling failed", mission.id[:12])
-            self._unload_idle_teachers()
+            await self._unload_idle_teachers()
             await self._pause(stop)
         await self.close()
 
@@ -290,6 +300,8 @@ class MissionWork(Service):
             except Exception as e:
                 logger.info("could not release shard %d: %s", lease.shard, e)
         self._leases.clear()
+        await asyncio.to_thread(self.sampler.close)  # a shard it still samples gets STOP first: its lease is gone
+        held_elsewhere(frozenset())
 
     # --- shaking --------------------------------------------------------------------------------------
     async def _shake_mission(self, mission: Mission) -> None:
@@ -345,16 +357,26 @@ class MissionWork(Service):
             finishing.add_done_callback(self._finishing.discard)
 
     async def _load_teacher(self, mission: Mission) -> None:
-        """Load the mission's first teacher (kept in ``load_model``'s cache); a failure is left to the
+        """Load the mission's first teacher (kept in the sampling process); a failure is left to the
         multi-teacher fallback, which tries the next teacher when the shard is sampled."""
         ref = mission.signed.spec.teachers[0]
         self._teachers_used[ref] = time.monotonic()
-        if is_loaded(ref):
+        if self._holds(ref):
             return
+        held_elsewhere(self.sampler.loaded | {ref})  # its download's files must stay while it loads
         try:
-            await _in_thread(load_model, ref)
-        except (ValueError, OSError) as e:
+            await _in_thread(self.sampler.load, ref)
+        except (ValueError, OSError, SamplerCrashed) as e:
             logger.warning("teacher %s does not load here (%s); its fallbacks will be tried", ref, e)
+        finally:
+            held_elsewhere(self.sampler.loaded)
+
+    def _holds(self, ref: str) -> bool:
+        """The sampling process has ``ref`` loaded."""
+        try:
+            return str(parse_model_ref(ref)) in self.sampler.loaded
+        except ValueError:
+            return False
 
     async def _sample(
         self, mission: Mission, lease: Lease, progress: MissionProgress, lost: asyncio.Event
@@ -366,22 +388,23 @@ class MissionWork(Service):
 
         def gone() -> bool:
             return lost.is_set() or stopping.is_set() or mission.cancelled
-        config = ShakeConfig(
-            candidates=spec.sampling.candidates,
-            temperature=spec.sampling.temperature,
-            top_p=spec.sampling.top_p,
-            max_new_tokens=spec.sampling.max_new_tokens,
-            top_k_logprobs=spec.sampling.top_k_logprobs,
-            batch_prompts=min(self.config.batch_prompts, len(prompts)),
-            prompt_seeds=lambda p: prompt_seed(mission.id, p),
-            # read from the sampling thread: Event.is_set only reads a flag, safe across threads; the governor
-            # holds the thread here while the owner's programs need the machine or the CPU share is spent
-            cancelled=lambda: gone() or (self.governor is not None and self.governor.hold(gone)),
-        )
+
+        def control() -> int:
+            """Asked from the waiting thread (Event.is_set only reads a flag, safe across threads): the
+            governor holds the work while the owner's programs need the machine or the CPU share is spent."""
+            verdict = "stop" if gone() else self.governor.verdict(gone, POLL) if self.governor is not None else "run"
+            return {"stop": STOP, "hold": HOLD}.get(verdict, RUN)
+
+        job = ShardJob(
+            spec=spec, prompts=list(prompts), mission_id=mission.id,
+            batch_prompts=min(self.config.batch_prompts, len(prompts)), max_memory=self.config.max_memory,
+        )  # fmt: skip
+        grader = getattr(spec.judge, "model", None)
         started = time.monotonic()
         progress.started = progress.started or time.time()
+        held_elsewhere(self.sampler.loaded | set(spec.teachers) | ({grader} if grader else set()))
         try:
-            return await _in_thread(_shake_shard, spec, prompts, config, self.config.max_memory)
+            return await _in_thread(self.sampler.shake, job, control)
         except ShakeCancelled:
             if self._paused:
                 logger.info("shard %d of mission %s: paused by the owner; the shard is given back", lease.shard,
@@ -397,8 +420,8 @@ class MissionWork(Service):
             logger.warning("mission %s: %s", mission.id[:12], e)
             return None
         finally:
+            held_elsewhere(self.sampler.loaded)
             progress.seconds_shaking += time.monotonic() - started
-            grader = getattr(spec.judge, "model", None)
             for ref in [*spec.teachers, *([grader] if grader else [])]:  # unloaded alike once idle
                 self._teachers_used[ref] = time.monotonic()
 
@@ -494,7 +517,7 @@ class MissionWork(Service):
         when not. Checked before a shard is claimed; a hub model's sizes come from the hub's metadata."""
         spec = mission.signed.spec
         grader = getattr(spec.judge, "model", None)
-        refs = [r for r in dict.fromkeys([spec.teachers[0], *([grader] if grader else [])]) if not is_loaded(r)]
+        refs = [r for r in dict.fromkeys([spec.teachers[0], *([grader] if grader else [])]) if not self._holds(r)]
         named = [f"the {'grading model' if r == grader and r != spec.teachers[0] else 'teacher'} {r}" for r in refs]
         subject = "they need" if len(named) > 1 else "it needs"
         need = 0
@@ -514,14 +537,22 @@ class MissionWork(Service):
         self.blocked = None
         return True
 
-    def _unload_idle_teachers(self) -> None:
+    async def _unload_idle_teachers(self) -> None:
         if self._compute.locked():
             return
         now = time.monotonic()
         for ref, used in list(self._teachers_used.items()):
-            if now - used > self.config.teacher_idle_s and unload_model(ref):
+            if now - used <= self.config.teacher_idle_s:
+                continue
+            try:
+                unloaded = await _in_thread(self.sampler.unload, ref)
+            except SamplerCrashed as e:
+                logger.warning("could not unload the teacher %s: %s", ref, e)
+                unloaded = False
+            if unloaded:
                 logger.info("unloaded the teacher %s after %.0f s without work", ref, now - used)
-                del self._teachers_used[ref]
+            del self._teachers_used[ref]  # held nowhere now (a crashed sampling process holds nothing)
+            held_elsewhere(self.sampler.loaded)
 
     # --- views for the HTTP port ---------------------------------------------------------------------
     def snapshot(self) -> ShakingSnapshot:
@@ -540,7 +571,10 @@ class MissionWork(Service):
                 row_sets_held=self.keeper.held(mission.id),
                 publish_error=progress.publish_error if progress else None,
             )
-        return ShakingSnapshot(blocked=self.blocked, row_sets_refused=self.keeper.refused, missions=missions)
+        return ShakingSnapshot(
+            blocked=self.blocked, row_sets_refused=self.keeper.refused, missions=missions,
+            sampler_pid=self.sampler.pid, sampler_starts=self.sampler.starts, teachers_loaded=self.sampler.loaded,
+        )  # fmt: skip
 
     async def view(self, mission: Mission, with_holders: bool = True) -> MissionView:
         """The mission's shards read fresh from the DHT (the last board seen if the DHT is silent), and
@@ -573,26 +607,6 @@ def _in_prompt_order(rows: Sequence[DorpoRow], prompts: Sequence[Any]) -> list[D
     """Rows sorted into the shard's prompt order (fallback teachers append rows out of order)."""
     order = {p.prompt: i for i, p in reversed(list(enumerate(prompts)))}
     return sorted(rows, key=lambda r: order.get(r.prompt, len(order)))
-
-
-def _shake_shard(
-    spec: MissionSpec, prompts: list[PromptRow], config: ShakeConfig, max_memory: int | None
-) -> FallbackShakeResult:
-    """One shard, in the sampling thread: the judge is built here too (a teacher judge may load a grading
-    model, after the same memory check as a teacher; a format judge starts its process: neither on the event
-    loop) and let go of when the shard ends."""
-    grader = getattr(spec.judge, "model", None)
-    if grader is not None and not is_loaded(grader):
-        need = model_memory_bytes(grader)
-        shortfall = None if need is None else memory_shortfall(need, max_memory)
-        if shortfall is not None:
-            raise NoTeacherError(f"cannot hold the grading model {grader}: it needs {shortfall}")
-    judge = build_judge(spec.judge)
-    try:
-        return shake_with_fallback(spec.teachers, prompts, judge, config)
-    finally:
-        if isinstance(judge, Judge):
-            judge.close()
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:

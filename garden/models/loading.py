@@ -341,10 +341,28 @@ def is_loaded(ref: str | ModelRef) -> bool:
 
 
 def in_use(ref: str | ModelRef) -> bool:
-    """Loaded in this process, or being loaded now (its files must stay)."""
+    """Loaded in this process or in another one of this daemon (:func:`held_elsewhere`), or being loaded now
+    (its files must stay)."""
     parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
     with _loaded_lock:
-        return any(key[0] == str(parsed) for key in [*_loaded, *_loading])
+        return str(parsed) in _elsewhere or any(key[0] == str(parsed) for key in [*_loaded, *_loading])
+
+
+_elsewhere: frozenset[str] = frozenset()
+
+
+def held_elsewhere(refs: frozenset[str]) -> None:
+    """Models another process of this daemon holds or is loading now (its sampling process): ``in_use`` counts
+    them, so the disk keeper never prunes their files."""
+    global _elsewhere
+    with _loaded_lock:
+        _elsewhere = frozenset(str(parse_model_ref(ref)) for ref in refs)
+
+
+def loaded_refs() -> list[str]:
+    """The references loaded in this process (any dtype or device)."""
+    with _loaded_lock:
+        return sorted({key[0] for key in _loaded})
 
 
 def model_disk_bytes(ref: str | ModelRef) -> int | None:

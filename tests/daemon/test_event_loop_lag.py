@@ -34,11 +34,9 @@ from tests.mission.test_missions_swarm import converted, create, mission_body, s
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
 LAG_BUDGET = 0.25
-"""The issue's target for the loop's p99 lag. Met in most runs (27-42 probes, none past 0.25 s); one run in
-about eight sees one probe between 0.25 and 0.5 s, while the teacher loads in a thread of this process (a load
-holds the GIL in long calls). Sampling and loading in a worker process of their own is the fix still to come,
-so the test holds the peer to what it guarantees now, the next bucket up; it was 2.5 s before this work."""
-LAG_GUARANTEED = 0.5
+"""The issue's target for the loop's p99 lag. Before the teacher loaded and sampled in the sampling process, a
+thread of this process held the GIL past it in about one run in eight (a 2 MB tokenizer.json parsed in one
+call); measured since: p99 0.025-0.1 s."""
 TOKENS, K = 8192, 256  # the most a row may carry: ~8 MiB of top-k per row
 
 def big_row_set(prompts: list[str], tokenizer_name: str) -> bytes:
@@ -141,7 +139,7 @@ def test_the_loop_stays_responsive_while_the_peer_loads_writes_and_serves(
     over = {le: probes - (after[le] - before[le]) for le in ("0.05", "0.1", "0.25")}
     print(json.dumps({"load_s": round(took, 1), "probes": probes, "probes_later_than": over, "lag_p99_le": p99,
                       "health_max_s": round(max(latencies), 3), "health_polls": len(latencies)}))
-    assert p99 <= LAG_GUARANTEED, (before, after)
+    assert p99 <= LAG_BUDGET, (before, after)
     assert max(latencies) < LAG_BUDGET * 4, sorted(latencies)[-5:]
 
 

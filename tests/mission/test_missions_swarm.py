@@ -225,6 +225,39 @@ def test_a_peer_killed_while_holding_a_lease_loses_nothing(swarm: DaemonFactory,
     wait_until(announced, 60, 0.5, "the restarted peer re-announces its row sets")
 
 
+def test_the_sampling_process_killed_mid_shard_comes_back_and_the_mission_finishes(
+    swarm: DaemonFactory, converted: Path, tmp_path: Path
+) -> None:
+    """Teachers load and sample in a process of the daemon's own; killed (as the kernel's OOM killer would) in
+    the middle of a shard, it takes nothing else down: the shard fails with the reason in the log, the port
+    keeps answering, a new sampling process finishes the mission, and none is left behind at the end."""
+    import psutil
+
+    a = start(swarm, "--lease-seconds", "10", cache=converted)
+    mission_id = create(a, mission_body(prompts=8, max_new_tokens=24))
+
+    def sampling() -> int | None:
+        status = a.get("/status").json()["shaking"]
+        shaking = str((detail(a, mission_id) or {}).get("this_peer", {}).get("state", "")).startswith("shaking")
+        return status["sampler_pid"] if shaking and status["teachers_loaded"] == [TEACHER] else None
+
+    first = wait_until(sampling, 120, 0.2, "a shard sampling in the sampling process")
+    assert first != a.proc.pid and psutil.Process(first).ppid() == a.proc.pid
+    a.record_descendants()
+    with HealthPoller(a, tmp_path) as health:
+        psutil.Process(first).kill()
+        final = wait_done(a, mission_id)
+        latencies = health.stop()
+    assert final["shards"]["done"] == 4 and final["rows"] == 8
+    status = a.get("/status").json()["shaking"]
+    assert status["sampler_starts"] == 2 and status["sampler_pid"] not in (None, first)
+    assert "the sampling process died" in a.stderr()
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    a.record_descendants()
+    a.stop()
+    assert a.wait_children_gone() == []
+
+
 def test_bad_requests_and_a_peer_without_memory_for_the_teacher(swarm: DaemonFactory, converted: Path) -> None:
     a = start(swarm, "--roles", "trainer", cache=converted)  # no shaker: nothing is sampled in this test
     small = start(swarm, "--max-memory", "50MB", "--roles", "shaker,trainer", join=a, cache=converted)
