@@ -177,11 +177,11 @@ class Gardener:
             train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
         )  # fmt: skip
         self.disk = DiskKeeper(self.data_dir.root, settings.max_disk, self.store, self.missions, self.checkpoints)
-        self.keeper = RowSetKeeper(self.store, self.missions, self.transfer, self.disk)
         leases = LeaseManager(
             swarm.dht, keys, identity.private_key,
             LeaseConfig(lease_duration=settings.lease_seconds, dht_timeout=settings.dht_timeout),
         )  # fmt: skip
+        self.keeper = RowSetKeeper(self.store, self.missions, self.transfer, self.disk, leases)
         self.work = MissionWork(
             self.missions, self.keeper, leases, self.directory,
             WorkConfig(

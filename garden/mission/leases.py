@@ -34,7 +34,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from garden.protocol import signing
 from garden.protocol.keys import DHTKeys
-from garden.protocol.records import RecordError
+from garden.protocol.records import MAX_CLOCK_SKEW, RecordError
 from garden.protocol.shards import (
     MAX_LEASE_SECONDS,
     MAX_DONE_TTL,
@@ -88,6 +88,7 @@ class ShardBoard:
     :param mission_id: the mission the board is for
     :param shard_count: shards in the mission (``count_shards`` of the signed mission)
     :param now: DHT time that decides which leases are live
+    :param created: the mission's creation time, when known: a done record leased before it is dropped
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class ShardBoard:
         mission_id: str,
         shard_count: int,
         now: float,
+        created: float | None = None,
     ):
         if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
             raise ValueError(f"shard_count must be an int >= 1, got {shard_count!r}")
@@ -113,6 +115,8 @@ class ShardBoard:
                         f"record is for mission {record.mission_id[:12]}.. of {record.shard_count} shards, "
                         f"not {mission_id[:12]}.. of {shard_count}"
                     )
+                if isinstance(record, DoneRecord) and created is not None:
+                    record.check_mission(created)
             except (RecordError, TypeError, ValueError) as e:
                 self._drop(subkey, str(e))
                 continue
@@ -125,7 +129,12 @@ class ShardBoard:
 
     @classmethod
     def from_found(
-        cls, found: ValueWithExpiration[Any] | None, mission_id: str, shard_count: int, now: float
+        cls,
+        found: ValueWithExpiration[Any] | None,
+        mission_id: str,
+        shard_count: int,
+        now: float,
+        created: float | None = None,
     ) -> ShardBoard:
         """From what ``DHT.get(key, latest=True)`` returned."""
         board = cls(None, mission_id, shard_count, now)
@@ -134,7 +143,7 @@ class ShardBoard:
         if not isinstance(found.value, (dict, DictionaryDHTValue)):
             board._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
             return board
-        return cls(found.value, mission_id, shard_count, now)
+        return cls(found.value, mission_id, shard_count, now, created)
 
     def _state(self, index: int, lease: LeaseRecord | None, results: list[DoneRecord]) -> ShardState:
         winner = pick_winner(results)
@@ -261,6 +270,16 @@ class LeaseManager:
         self.config = config or LeaseConfig()
         self.peer_id = signing.peer_id_of(signing.public_key_der(private_key))
         self._rng = rng or random.Random()
+        self._created: dict[str, float] = {}
+        self._latest: dict[str, LeaseRecord] = {}  # attempt -> this peer's latest stored lease for it
+
+    def know(self, mission_id: str, created: float) -> None:
+        """The mission's creation time (from its signed record): boards read afterwards drop done records
+        leased before it."""
+        self._created[mission_id] = created
+
+    def forget(self, mission_id: str) -> None:
+        self._created.pop(mission_id, None)
 
     async def fetch(self, mission_id: str, shard_count: int, now: float | None = None) -> ShardBoard:
         """The mission's shards as the DHT has them now (latest value of every subkey)."""
@@ -268,7 +287,7 @@ class LeaseManager:
         found = await self._dht_call(
             "read", self.dht.get(self.keys.mission_shards(mission_id), latest=True, return_future=True)
         )
-        return ShardBoard.from_found(found, mission_id, shard_count, now)
+        return ShardBoard.from_found(found, mission_id, shard_count, now, self._created.get(mission_id))
 
     async def claim(self, mission_id: str, shard_count: int, now: float | None = None) -> Lease | None:
         """Lease a random open shard (random, so that peers starting together spread out).
@@ -308,6 +327,7 @@ class LeaseManager:
             state = after.shards[shard]
             if state.status is ShardStatus.LEASED and state.lease is not None and state.lease.attempt == lease.attempt:
                 logger.info("leased shard %d of mission %s until %.0f", shard, mission_id[:12], lease.expires)
+                self._latest[lease.attempt] = lease
                 return lease
             if not stored:
                 logger.info("lease of shard %d of mission %s not stored: %s", shard, mission_id[:12], failure)
@@ -340,6 +360,7 @@ class LeaseManager:
             if after.winner is None and held is not None and held.attempt == lease.attempt and held.active(now):
                 raise ShardDHTError(f"the DHT did not take the renewal of shard {lease.shard}; its lease still holds")
             raise LeaseLostError(f"the DHT refused the renewal of shard {lease.shard}: it holds a newer lease")
+        self._latest[lease.attempt] = renewed
         return renewed
 
     async def release(self, lease: Lease) -> bool:
@@ -348,6 +369,7 @@ class LeaseManager:
         has no delete, and only a later-expiring value overwrites a subkey. True if stored; False if
         the lease is not the stored one any more (nothing to release)."""
         self._check_mine(lease)
+        self._latest.pop(lease.attempt, None)
         state = (await self.fetch(lease.mission_id, lease.shard_count)).shards[lease.shard]
         if state.lease is None or state.lease.attempt != lease.attempt or state.lease.released:
             return False
@@ -364,18 +386,26 @@ class LeaseManager:
         now: float | None = None,
         teachers: Mapping[str, int] | None = None,
     ) -> DoneRecord:
-        """Publish this attempt's result. Done even if the lease expired meanwhile: the shard may then
-        have two results, and ``pick_winner`` decides. Raises ``ShardDHTError`` if the DHT did not take
-        it (retry: the record is idempotent per attempt) and ``ValueError`` for bad arguments."""
+        """Publish this attempt's result, with the attempt's latest lease (the claim, or the last renewal this
+        manager stored). It counts only if finished while that lease held (see ``garden.protocol.shards``):
+        a lease that ended (renewals failed) raises ``LeaseLostError``; another attempt may then finish the
+        shard. Raises ``ShardDHTError`` if the DHT did not take it (retry: the record is idempotent per
+        attempt) and ``ValueError`` for bad arguments."""
         self._check_mine(lease)
+        held = self._latest.get(lease.attempt, lease)
+        if held.renewed < lease.renewed:
+            held = lease
         finished = get_dht_time() if now is None else now
+        if finished > held.expires + MAX_CLOCK_SKEW:
+            raise LeaseLostError(f"the lease of shard {lease.shard} ended {finished - held.expires:.0f} s ago")
         done = DoneRecord(
             mission_id=lease.mission_id, shard=lease.shard, shard_count=lease.shard_count, peer_id=self.peer_id,
-            attempt=lease.attempt, rows=rows, row_set_sha256=row_set_sha256, finished=finished,
-            teachers=dict(teachers or {}),
+            attempt=lease.attempt, rows=rows, row_set_sha256=row_set_sha256, finished=max(finished, held.started),
+            teachers=dict(teachers or {}), lease=held.to_wire(self._private_key),
         )  # fmt: skip
         if not await self._store(done, finished + self.config.done_expiration):
             raise ShardDHTError(f"no DHT peer stored the done record of shard {lease.shard}")
+        self._latest.pop(lease.attempt, None)
         logger.info("shard %d of mission %s done: %d rows", lease.shard, lease.mission_id[:12], rows)
         return done
 

@@ -2,9 +2,11 @@
 and drop the ones that lost their shard.
 
 Replication is pull-based: a producer *offers* a row set to a peer (``ContentTransfer.offer``), and the
-peer fetches it back from the producer, checks its hash and that its rows answer the shard's prompts,
-then stores it. So nobody can push unchecked data onto a peer, and the same fetch serves late copies
-(``top_up``: a winning row set held by fewer than ``copies`` peers) and exports (``gather``).
+peer takes it only when a signed done record on the shard's board names it (its attempt, producer and
+hash: a stranger's invented row set is refused before a byte moves), fetches it back from the offerer,
+checks its hash and that its rows answer the shard's prompts, then stores it. So nobody can push unchecked
+data onto a peer, and the same fetch serves late copies (``top_up``: a winning row set held by fewer than
+``copies`` peers) and exports (``gather``).
 
 Which attempt won a shard is decided by the shard records (``garden.protocol.shards.pick_winner``); this
 module gets the winners and losers from its caller (``garden.mission.shaking``), which reads them.
@@ -19,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from garden.mission.book import Mission, MissionBook, parse_row_set_item, row_set_item
+from garden.mission.leases import LeaseManager, ShardDHTError
 from garden.host.disk import DiskKeeper
 from garden.net.transfer import ContentTransfer, TransferError
 from garden.protocol.content import ContentRef
@@ -42,12 +45,20 @@ class SettleReport:
 
 class RowSetKeeper:
     """:param disk: the data dir's keeper: told when a copy arrives, and asked which copies it pruned (those
-        are not copied back)"""
+        are not copied back)
+    :param leases: where offered row sets are looked up: an offer is taken only when a done record names it"""
 
     def __init__(
-        self, store: Store, book: MissionBook, transfer: ContentTransfer, disk: DiskKeeper, copies: int = DEFAULT_COPIES
+        self,
+        store: Store,
+        book: MissionBook,
+        transfer: ContentTransfer,
+        disk: DiskKeeper,
+        leases: LeaseManager,
+        copies: int = DEFAULT_COPIES,
     ):
         self.store, self.book, self.transfer, self.disk, self.copies = store, book, transfer, disk, copies
+        self.leases = leases
         self.peer_id = book.peer_id
         self.refused = 0  # offers or fetches refused for bad content
         transfer.accept_offers("rows", self.on_offer)
@@ -110,6 +121,20 @@ class RowSetKeeper:
             return False, f"unknown mission {ref.mission_id[:12]}"
         if mission.prompts is None and not await self.book.fetch_prompts(mission):
             return False, "the mission's prompts are not here yet"
+        if not 0 <= shard < mission.shard_count:
+            return False, f"shard {shard} is out of range"
+        try:
+            board = await self.leases.fetch(mission.id, mission.shard_count)
+        except ShardDHTError as e:
+            return False, f"cannot read the shard's done records now: {e}"
+        named = any(
+            (r.attempt, r.peer_id, r.row_set_sha256) == (attempt, producer, ref.sha256)
+            for r in board.shards[shard].results
+        )
+        if not named:
+            self.refused += 1
+            logger.info("refused an offered row set of shard %d from %s: no done record names it", shard, sender)
+            return False, "no done record names this row set"
         try:
             await self.fetch(mission, shard, attempt, producer, ref.sha256, [sender])
         except TransferError as e:  # the short reason first: the reply is capped at 200 characters

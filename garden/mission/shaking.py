@@ -231,6 +231,7 @@ class MissionWork(Service):
         self.book.news.clear()
 
     async def _tend(self, mission: Mission) -> None:
+        self.leases.know(mission.id, mission.signed.body.created)
         refused = self.book.refusal(mission)
         if refused is not None:  # listed, never worked on: no shard, no copies of its rows
             self.progress.setdefault(mission.id, MissionProgress()).state = f"not worked on: {refused}"
@@ -433,10 +434,11 @@ class MissionWork(Service):
         renewer: asyncio.Task[None],
         progress: MissionProgress,
     ) -> None:
-        """Store the shard's rows, have another peer copy them, then publish the result; the lease is
-        renewed until the result is out. A failure (a full disk, a DHT that does not answer) is retried
-        after ``PUBLISH_RETRY`` seconds; the last one is kept in ``progress.publish_error`` (``/status``)
-        and logged, and once every try failed the lease expires and the swarm samples the shard again."""
+        """Store the shard's rows, publish the result, then have other peers copy the rows (they take only
+        a row set a done record names); the lease is renewed until the result is out. A failure (a full disk,
+        a DHT that does not answer) is retried after ``PUBLISH_RETRY`` seconds; the last one is kept in
+        ``progress.publish_error`` (``/status``) and logged, and once every try failed the lease expires and
+        the swarm samples the shard again."""
         try:
             rows = _in_prompt_order(result.rows, mission.shard(lease.shard))
             held: StoredRowSet | None = None
@@ -444,13 +446,6 @@ class MissionWork(Service):
                 try:
                     if held is None:
                         held = await self.keeper.keep_own(mission, lease.shard, lease.attempt, rows)
-                        taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
-                        progress.replicated += len(taken)
-                        if not taken:
-                            logger.warning(
-                                "shard %d of mission %s: no other peer took a copy yet; it is marked done and "
-                                "copied later", lease.shard, mission.id[:12],
-                            )  # fmt: skip
                     await self.leases.mark_done(
                         lease, rows=len(rows), row_set_sha256=held.sha256, teachers=result.rows_by_teacher()
                     )
@@ -468,6 +463,15 @@ class MissionWork(Service):
                                    lease.shard, mission.id[:12], what, attempt, delay, e)  # fmt: skip
                     await asyncio.sleep(delay)
             progress.publish_error = None
+            renewer.cancel()  # done: the lease has nothing left to hold
+            assert held is not None
+            taken = await self.keeper.replicate(mission, held, self._replica_candidates(mission))
+            progress.replicated += len(taken)
+            if not taken:
+                logger.warning(
+                    "shard %d of mission %s: no other peer took a copy yet; peers copy it when they settle the "
+                    "shard", lease.shard, mission.id[:12],
+                )  # fmt: skip
             progress.shards_shaken += 1
             progress.rows_shaken += len(rows)
             if self.ledger is not None:

@@ -7,7 +7,12 @@ Two signed records share that dictionary key:
   a renewal overwrites the lease and a lease nobody renews vanishes on its own.
 * ``done:<shard>:<peer id>:<attempt>`` holds a :class:`DoneRecord`: "attempt A of peer P sampled shard
   S into N rows whose row set hashes to H". One subkey per attempt, so a late finisher never overwrites
-  an earlier one; :func:`pick_winner` chooses among them.
+  an earlier one; :func:`pick_winner` chooses among them. It carries P's own lease for attempt A, as P
+  signed it (the claim or its latest renewal), and counts only when it was finished while that lease held
+  (``started <= finished <= expires``, with :data:`MAX_CLOCK_SKEW` of allowance); a reader that knows the
+  mission also refuses a lease older than the mission (:meth:`DoneRecord.check_mission`). A backdated
+  record (``finished = 0``) is refused. What this does not stop: a peer can sign a lease it never stored,
+  so a done record is a claim, checked later by verification, not a proof of work.
 
 Both are sealed with the worker's identity key (``garden.protocol.records.seal``) and carry that
 worker's peer id, so no peer can lease, release or finish a shard in another peer's name. The subkey
@@ -136,7 +141,8 @@ class LeaseRecord(_ShardRecord):
 
 class DoneRecord(_ShardRecord):
     """An attempt's result: the shard was sampled into ``rows`` rows whose row set hashes to
-    ``row_set_sha256``; the rows themselves live in the workers' stores and replicas."""
+    ``row_set_sha256``; the rows themselves live in the workers' stores and replicas. ``lease`` is the
+    producer's sealed lease for this attempt (see the module docstring)."""
 
     rows: int = Field(ge=0, le=MAX_ROWS_PER_SHARD)
     row_set_sha256: Sha256Hex
@@ -144,6 +150,32 @@ class DoneRecord(_ShardRecord):
     teachers: dict[Annotated[str, StringConstraints(min_length=1, max_length=512)], Annotated[int, Field(ge=0)]] = (
         Field(default_factory=dict, max_length=8, description="rows per teacher reference (multi-teacher fallback)")
     )
+    lease: bytes = Field(max_length=MAX_SHARD_RECORD_BYTES // 2, description="the producer's sealed lease")
+
+    @model_validator(mode="after")
+    def _finished_under_its_lease(self) -> Self:
+        held = self.held_lease()
+        mine = (held.mission_id, held.shard, held.shard_count, held.peer_id, held.attempt)
+        if mine != (self.mission_id, self.shard, self.shard_count, self.peer_id, self.attempt):
+            raise ValueError("its lease is not this attempt's (another mission, shard, peer or attempt)")
+        if not held.started <= self.finished <= held.expires + MAX_CLOCK_SKEW:
+            raise ValueError(
+                f"finished at {self.finished:.0f}, outside its lease ({held.started:.0f} to {held.expires:.0f})"
+            )
+        return self
+
+    def held_lease(self) -> LeaseRecord:
+        """The lease this attempt was done under, decoded and checked (its signer is its ``peer_id``)."""
+        try:
+            return LeaseRecord.from_wire(self.lease, lease_subkey(self.shard))
+        except RecordError as e:
+            raise ValueError(f"its lease: {e}") from None
+
+    def check_mission(self, created: float) -> None:
+        """A shard cannot be leased before its mission was created (``created``: the signed mission's time)."""
+        started = self.held_lease().started
+        if started < created - MAX_CLOCK_SKEW:
+            raise RecordError(f"leased at {started:.0f}, before the mission was created ({created:.0f})")
 
     @property
     def subkey(self) -> str:

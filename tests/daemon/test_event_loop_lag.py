@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +22,12 @@ import hivemind
 import numpy as np
 import pytest
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from garden.mission.leases import LeaseManager
 from garden.net.transfer import ContentTransfer
 from garden.protocol.content import ContentRef
-from garden.protocol.keys import DEFAULT_SWARM
+from garden.protocol.keys import DEFAULT_SWARM, DHTKeys
 from garden.protocol.row_sets import pack_encoded_rows
 from garden.protocol.rows import DorpoRow
 from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
@@ -84,11 +86,12 @@ def test_the_loop_stays_responsive_while_the_peer_loads_writes_and_serves(
     student = make_tiny_student(tmp_path / "student", hidden_size=512)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    body = mission_body(8, shard_size=8)
-    prompts = [p["prompt"] for p in body["prompts"]][:7]
+    body = mission_body(16, shard_size=8)  # two shards: the peer samples one, this test "finishes" the other
+    prompts = [p["prompt"] for p in body["prompts"]]
     tokenizer_name = load_model("builtin:smollm2-135m").tokenizer.name_or_path
-    row_set = big_row_set(prompts, tokenizer_name)
-    assert 50 * 2**20 < len(row_set) <= 64 * 2**20
+    row_sets = [big_row_set(prompts[shard * 8 :][:7], tokenizer_name) for shard in (0, 1)]
+    assert all(50 * 2**20 < len(row_set) <= 64 * 2**20 for row_set in row_sets)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     health = HealthPoller(peer, tmp_path)
     dht = hivemind.DHT(initial_peers=[peer.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
@@ -103,9 +106,16 @@ def test_the_loop_stays_responsive_while_the_peer_loads_writes_and_serves(
         assert checkpoint.manifest["files"][weights] and (checkpoint.path / weights).stat().st_size > 90e6
 
         async def load() -> tuple[tuple[bool, str], float]:
+            # a producer's done record names the row set first, as an honest peer's does: peers take no other
+            leases = LeaseManager(dht, DHTKeys(), key)
+            lease = await leases.claim(mission_id, 2)
+            assert lease is not None
+            row_set = row_sets[lease.shard]
+            digest = hashlib.sha256(row_set).hexdigest()
+            await leases.mark_done(lease, rows=7, row_set_sha256=digest)
             p2p = await dht.replicate_p2p()
-            ref_rows = ContentRef(kind="rows", mission_id=mission_id, item=f"0:{secrets.token_hex(8)}:{dht.peer_id}",
-                                  sha256=hashlib.sha256(row_set).hexdigest())  # fmt: skip
+            ref_rows = ContentRef(kind="rows", mission_id=mission_id, sha256=digest,
+                                  item=f"{lease.shard}:{lease.attempt}:{leases.peer_id}")  # fmt: skip
             ref_ckpt = ContentRef(kind="ckpt", mission_id=mission_id, item=f"1/{weights}",
                                   sha256=checkpoint.manifest["files"][weights])  # fmt: skip
 

@@ -47,8 +47,14 @@ KEYS = DHTKeys("leasetest")
 SHORT = LeaseConfig(lease_duration=2.0, dht_timeout=10.0)
 
 
+SIGNERS: dict[str, rsa.RSAPrivateKey] = {}
+"""Every key the tests made, by peer id: a done record embeds its producer's lease, sealed with its key."""
+
+
 def new_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # small: the tests only need speed
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # small: the tests only need speed
+    SIGNERS[peer_id(key)] = key
+    return key
 
 
 def peer_id(key: rsa.RSAPrivateKey) -> str:
@@ -63,7 +69,7 @@ def lease_for(key: rsa.RSAPrivateKey, mission: str, shard: int = 0, count: int =
     now = get_dht_time()
     fields: dict[str, Any] = dict(
         mission_id=mission, shard=shard, shard_count=count, peer_id=peer_id(key), attempt=secrets.token_hex(8),
-        started=now, renewed=now, expires=now + 60,
+        started=now - 600, renewed=now - 30, expires=now + 60,
     )  # fmt: skip
     fields.update(changes)
     return LeaseRecord(**fields)
@@ -73,6 +79,7 @@ def done_for(lease: LeaseRecord, finished: float, sha: str = "ab" * 32, rows: in
     return DoneRecord(
         mission_id=lease.mission_id, shard=lease.shard, shard_count=lease.shard_count, peer_id=lease.peer_id,
         attempt=lease.attempt, rows=rows, row_set_sha256=sha, finished=finished,
+        lease=lease.to_wire(SIGNERS[lease.peer_id]),
     )  # fmt: skip
 
 
@@ -118,13 +125,49 @@ def test_records_roundtrip_and_refuse_forgeries() -> None:
     with pytest.raises(RecordError, match="lease ends"):  # DHT expiration must be the lease's own end
         decode_shard_entry(lease.to_wire(mine), "lease:1", lease.expires + 3600, now)
     with pytest.raises(RecordError, match="future"):
-        decode_shard_entry(done_for(lease, now + 3600).to_wire(mine), done.subkey, now + 60, now)
+        future = lease.model_copy(update={"started": now + 3000, "renewed": now + 3000, "expires": now + 3700})
+        decode_shard_entry(done_for(future, now + 3600).to_wire(mine), done.subkey, now + 60, now)
+
+
+def test_a_done_record_counts_only_under_its_producers_own_lease() -> None:
+    """The attack: a throwaway key finishes any shard with a backdated record (finished = 0), which wins every
+    race. A done record now carries the producer's lease for that attempt and must fall inside it."""
+    alice, mallory = new_key(), new_key()
+    mission, now = mission_id(), get_dht_time()
+    lease = lease_for(mallory, mission, shard=0)
+    assert done_for(lease, now).held_lease() == lease
+
+    with pytest.raises(ValueError, match="outside its lease"):  # backdated
+        done_for(lease, 0.0)
+    with pytest.raises(ValueError, match="outside its lease"):  # long after its lease ended
+        done_for(lease, lease.expires + 600)
+    with pytest.raises(ValueError, match="lease"):  # no lease at all
+        DoneRecord.model_validate({k: v for k, v in done_for(lease, now).model_dump().items() if k != "lease"})
+    alices = lease_for(alice, mission, shard=0)
+    stolen = done_for(lease, now).model_dump() | {"lease": alices.to_wire(alice)}  # someone else's lease
+    with pytest.raises(ValueError, match="not this attempt's"):
+        DoneRecord.model_validate(stolen)
+    forged = done_for(lease, now).model_dump() | {"lease": alices.model_copy(update={"peer_id": peer_id(mallory)})
+                                                  .to_wire(alice)}  # fmt: skip
+    with pytest.raises(ValueError, match="signed by"):
+        DoneRecord.model_validate(forged)
+    other_shard = lease_for(mallory, mission, shard=1, attempt=lease.attempt)
+    with pytest.raises(ValueError, match="belongs under"):  # a lease of another shard, same attempt id
+        DoneRecord.model_validate(done_for(lease, now).model_dump() | {"lease": other_shard.to_wire(mallory)})
+
+    # leased before the mission existed: readers that know the mission drop it
+    early = done_for(lease, now)
+    entries = {early.subkey: ValueWithExpiration(early.to_wire(mallory), now + 3600)}
+    assert ShardBoard(entries, mission, 3, now).winners() == {0: early}
+    late_mission = ShardBoard(entries, mission, 3, now, created=now - 60)
+    assert late_mission.winners() == {} and late_mission.invalid_records == 1
+    assert ShardBoard(entries, mission, 3, now, created=now - 3600).winners() == {0: early}
 
 
 def test_winner_is_earliest_finish_and_stable_under_later_results() -> None:
     key = new_key()
     mission = mission_id()
-    leases = [lease_for(key, mission, attempt=a) for a in ("0" * 16, "f" * 16, "1" * 16)]
+    leases = [lease_for(key, mission, attempt=a, started=50.0) for a in ("0" * 16, "f" * 16, "1" * 16)]
     early, late, tie = done_for(leases[0], 100.0), done_for(leases[1], 200.0), done_for(leases[2], 100.0)
     assert pick_winner([late, early]) == early == pick_winner([early, late])
     assert pick_winner([early, tie, late]) == early  # tie on finish: smaller attempt id

@@ -1,5 +1,6 @@
 """A hostile peer (a plain hivemind DHT plus garden's transfer code, serving lies) against real daemons:
-forged mission records, a stranger's cancel, forged announcements, and row sets offered with garbage,
+forged mission records, a stranger's cancel, forged announcements, a backdated done record, a row set offered
+that no done record names, and row sets offered (named by the attacker's own done records) with garbage,
 oversized or mismatching content. The daemons refuse and count all of it, store nothing, and keep running.
 """
 
@@ -18,6 +19,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from garden.data import demo_prompts
 from garden.mission.book import row_set_item
+from garden.mission.leases import LeaseManager
 from garden.net.transfer import ContentTransfer
 from garden.protocol.content import ContentRef
 from garden.protocol import signing
@@ -33,6 +35,7 @@ from garden.protocol.mission import (
 from garden.protocol.mission_spec import canonical_msgpack
 from garden.protocol.records import seal
 from garden.protocol.row_sets import HeldRowSet, RowsAnnouncement, rows_subkey
+from garden.protocol.shards import DoneRecord, LeaseRecord
 from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
 
 pytestmark = pytest.mark.swarm
@@ -118,7 +121,18 @@ def test_forged_mission_records_and_lying_senders_are_refused(
             DHTKeys().missions, sign_cancel(real_id, attacker), get_dht_time() + 600,
             subkey=cancel_subkey(real_id, attacker_id),
         )  # fmt: skip
-        answers = asyncio.run(lying_offers(hostile, real_id, lead.peer_id))
+        # a done record with no lease, or finished before its lease (backdated to 0, to win every race): the
+        # DHT nodes of honest peers refuse to store it (the hostile node keeps its own copy), and readers drop it
+        attempts = [f"{i:016x}" for i in range(4)]
+        backdated = done_record(attacker, real_id, 0, "e" * 16, "ab" * 32, finished=0.0, check=False)
+        no_lease = {k: v for k, v in backdated.items() if k != "lease"}
+        for body in (backdated, no_lease):
+            sealed = seal(canonical_msgpack(body), attacker)
+            hostile.store(DHTKeys().mission_shards(real_id), sealed, get_dht_time() + 600,
+                          subkey=f"done:0:{attacker_id}:{'e' * 16}")  # fmt: skip
+        board = asyncio.run(LeaseManager(hostile, DHTKeys(), attacker).fetch(real_id, 2))
+        assert board.shards[0].winner is None and board.winners() == {}
+        answers = asyncio.run(lying_offers(hostile, real_id, lead.peer_id, attacker, attempts))
         time.sleep(3)  # a few refresh rounds (announce period 1 s)
 
         for daemon in (lead, other):
@@ -134,8 +148,10 @@ def test_forged_mission_records_and_lying_senders_are_refused(
         # every lying offer was answered "no", nothing was stored, and the liars were counted
         assert [ok for ok, _ in answers] == [False] * len(answers), answers
         assert "unknown mission" in answers[-1][1]
+        assert answers[3] == (False, "no done record names this row set"), answers[3]
         assert metric(lead, "garden_mission_row_sets_held") == 0
-        assert metric(lead, "garden_row_sets_refused_total") == 1  # the one that hashed right but decoded to nothing
+        # the one that hashed right but decoded to nothing, and the one no done record names
+        assert metric(lead, "garden_row_sets_refused_total") == 2
         assert metric(lead, 'garden_transfer_refused_total{reason="hash mismatch"}') == 1
         assert "avoided" in answers[2][1], answers[2]  # a sender caught lying is not asked again for 10 min
         detail = lead.get(f"/missions/{real_id}").json()
@@ -148,8 +164,32 @@ def test_forged_mission_records_and_lying_senders_are_refused(
         hostile.shutdown()
 
 
-async def lying_offers(hostile: hivemind.DHT, mission_id: str, target: str) -> list[tuple[bool, str]]:
-    """Offer row sets to ``target`` whose content, fetched back from us, is a lie of each kind."""
+def done_record(
+    key: rsa.RSAPrivateKey, mission_id: str, shard: int, attempt: str, digest: str, finished: float | None = None,
+    check: bool = True,
+) -> dict[str, object]:
+    """A done record of ``key``'s, under a lease it signed itself (what anyone can make), as a dict; checked
+    as a DoneRecord unless ``check`` is False (a forgery the model would refuse)."""
+    now = get_dht_time()
+    producer = signing.peer_id_of(signing.public_key_der(key))
+    lease = LeaseRecord(mission_id=mission_id, shard=shard, shard_count=2, peer_id=producer, attempt=attempt,
+                        started=now, renewed=now, expires=now + 60)  # fmt: skip
+    body: dict[str, object] = {
+        "v": 1, "mission_id": mission_id, "shard": shard, "shard_count": 2, "peer_id": producer, "attempt": attempt,
+        "rows": 2, "row_set_sha256": digest, "finished": now if finished is None else finished, "teachers": {},
+        "lease": lease.to_wire(key),
+    }  # fmt: skip
+    if check:
+        DoneRecord.model_validate(body)
+    return body
+
+
+async def lying_offers(
+    hostile: hivemind.DHT, mission_id: str, target: str, attacker: rsa.RSAPrivateKey, attempts: list[str]
+) -> list[tuple[bool, str]]:
+    """Offer row sets to ``target`` whose content, fetched back from us, is a lie of each kind. The attacker
+    publishes done records naming the first three (a lease it signed itself is all it takes), so that the
+    target fetches them and checks the content; the fourth no done record names."""
     served: dict[str, bytes] = {}
 
     async def source(ref: ContentRef) -> bytes | None:
@@ -166,9 +206,17 @@ async def lying_offers(hostile: hivemind.DHT, mission_id: str, target: str) -> l
             (b"some bytes", "ab" * 32),  # does not hash to what the ref names: refused, and we are avoided
             (b"\x00" * (64 * 1024 * 1024 + 1), "cd" * 32),  # over the 64 MiB cap: never even asked for
         ]
+        producer = signing.peer_id_of(signing.public_key_der(attacker))
+        shards_key = DHTKeys().mission_shards(mission_id)
         answers = []
-        for shard, (content, digest) in enumerate(lies):
-            item = row_set_item(shard % 2, f"{shard:016x}", me)  # the mission has 2 shards
+        for i, (content, digest) in enumerate([*lies, (b"unvouched", hashlib.sha256(b"unvouched").hexdigest())]):
+            shard, attempt = i % 2, attempts[i]  # the mission has 2 shards
+            if i < len(lies):
+                done = DoneRecord.model_validate(done_record(attacker, mission_id, shard, attempt, digest))
+                stored = await hostile.store(shards_key, done.to_wire(attacker), get_dht_time() + 600,
+                                             subkey=done.subkey, return_future=True)  # fmt: skip
+                assert stored, "the attacker's own done record is a valid record"
+            item = row_set_item(shard, attempt, producer)  # served by us, produced (it says) by the attacker
             served[item] = content
             ref = ContentRef(kind="rows", mission_id=mission_id, item=item, sha256=digest)
             answers.append(await transfer.offer(target, ref))
