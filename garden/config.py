@@ -132,6 +132,11 @@ class GardenSettings(BaseSettings):
     lease_seconds: float = Field(
         300.0, ge=2.0, le=3600.0, description="Seconds a shard lease lasts unless renewed (renewed every third)."
     )
+    void_after: float = Field(
+        600.0, ge=5.0, le=7 * 86400.0,
+        description="Seconds after a shard's winning done record was finished past which, if no peer has served "
+        "its row set to this one, the record is void here and the shard is sampled again.",
+    )
     train_batch_size: int = Field(
         4, ge=1, le=4096, description="Rows per forward pass when this peer trains a mission's student."
     )

@@ -74,8 +74,15 @@ class GardenerCollector(Collector):
         shaking = g.work.snapshot()
         yield CounterMetricFamily(
             "garden_row_sets_refused",
-            "Row sets fetched intact (hash right) whose rows were invalid or did not fit their shard.",
+            "Row sets refused: offered with no done record naming them, or fetched intact (hash right) with rows "
+            "that were invalid or did not fit their shard.",
             value=shaking.row_sets_refused,
+        )
+        yield CounterMetricFamily(
+            "garden_done_records_voided",
+            "Winning done records held void here: no peer served their row set in --void-after, or it did not "
+            "answer the shard; their shards were opened again.",
+            value=shaking.done_records_voided,
         )
         yield from _mission_metrics(shaking)
         yield from _training_metrics(g.training.snapshot(), shaking)

@@ -57,6 +57,7 @@ def run(
     idle_quiet_s: float | None = typer.Option(None, "--idle-quiet", metavar="SECONDS", help=_help("idle_quiet_s")),
     pause_serving: bool | None = typer.Option(None, "--pause-serving/--no-pause-serving", help=_help("pause_serving")),
     lease_seconds: float | None = typer.Option(None, "--lease-seconds", help=_help("lease_seconds")),
+    void_after: float | None = typer.Option(None, "--void-after", metavar="SECONDS", help=_help("void_after")),
     train_batch_size: int | None = typer.Option(None, "--train-batch-size", help=_help("train_batch_size")),
     trust_lead: list[str] | None = typer.Option(
         None, "--trust-lead", metavar="PEER_ID", help=_help("trust_lead") + " Repeatable."
@@ -112,6 +113,7 @@ def run(
         idle_quiet_s=idle_quiet_s,
         pause_serving=pause_serving,
         lease_seconds=lease_seconds,
+        void_after=void_after,
         train_batch_size=train_batch_size,
         trust_lead=trust_lead or None,
         allow_local_models=allow_local_models,

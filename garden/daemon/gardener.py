@@ -181,7 +181,9 @@ class Gardener:
             swarm.dht, keys, identity.private_key,
             LeaseConfig(lease_duration=settings.lease_seconds, dht_timeout=settings.dht_timeout),
         )  # fmt: skip
-        self.keeper = RowSetKeeper(self.store, self.missions, self.transfer, self.disk, leases)
+        self.keeper = RowSetKeeper(
+            self.store, self.missions, self.transfer, self.disk, leases, void_after=settings.void_after
+        )
         self.work = MissionWork(
             self.missions, self.keeper, leases, self.directory,
             WorkConfig(

@@ -89,6 +89,7 @@ class ShardBoard:
     :param shard_count: shards in the mission (``count_shards`` of the signed mission)
     :param now: DHT time that decides which leases are live
     :param created: the mission's creation time, when known: a done record leased before it is dropped
+    :param void: subkeys of done records this peer holds void (their row sets were never served): left out
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class ShardBoard:
         shard_count: int,
         now: float,
         created: float | None = None,
+        void: frozenset[str] | set[str] = frozenset(),
     ):
         if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
             raise ValueError(f"shard_count must be an int >= 1, got {shard_count!r}")
@@ -107,6 +109,8 @@ class ShardBoard:
         results: dict[int, list[DoneRecord]] = {}
         self.stored: dict[str, tuple[bytes, float]] = {}  # subkey -> (value as stored, expiration) of valid entries
         for subkey, item in _items(entries):
+            if subkey in void:
+                continue
             try:
                 raw, expiration_time = item
                 record = decode_shard_entry(raw, subkey, expiration_time, now)
@@ -135,6 +139,7 @@ class ShardBoard:
         shard_count: int,
         now: float,
         created: float | None = None,
+        void: frozenset[str] | set[str] = frozenset(),
     ) -> ShardBoard:
         """From what ``DHT.get(key, latest=True)`` returned."""
         board = cls(None, mission_id, shard_count, now)
@@ -143,7 +148,7 @@ class ShardBoard:
         if not isinstance(found.value, (dict, DictionaryDHTValue)):
             board._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
             return board
-        return cls(found.value, mission_id, shard_count, now, created)
+        return cls(found.value, mission_id, shard_count, now, created, void)
 
     def _state(self, index: int, lease: LeaseRecord | None, results: list[DoneRecord]) -> ShardState:
         winner = pick_winner(results)
@@ -272,6 +277,7 @@ class LeaseManager:
         self._rng = rng or random.Random()
         self._created: dict[str, float] = {}
         self._latest: dict[str, LeaseRecord] = {}  # attempt -> this peer's latest stored lease for it
+        self._void: dict[str, set[str]] = {}  # mission id -> subkeys of done records held void here
 
     def know(self, mission_id: str, created: float) -> None:
         """The mission's creation time (from its signed record): boards read afterwards drop done records
@@ -280,6 +286,15 @@ class LeaseManager:
 
     def forget(self, mission_id: str) -> None:
         self._created.pop(mission_id, None)
+        self._void.pop(mission_id, None)
+
+    def void(self, done: DoneRecord) -> None:
+        """Hold ``done`` void on this peer: boards read afterwards leave it out, so its shard is open again
+        unless another attempt finished it (see ``RowSetKeeper.settle``: no peer ever served its rows)."""
+        self._void.setdefault(done.mission_id, set()).add(done.subkey)
+
+    def voided(self, mission_id: str) -> frozenset[str]:
+        return frozenset(self._void.get(mission_id, ()))
 
     async def fetch(self, mission_id: str, shard_count: int, now: float | None = None) -> ShardBoard:
         """The mission's shards as the DHT has them now (latest value of every subkey)."""
@@ -287,7 +302,9 @@ class LeaseManager:
         found = await self._dht_call(
             "read", self.dht.get(self.keys.mission_shards(mission_id), latest=True, return_future=True)
         )
-        return ShardBoard.from_found(found, mission_id, shard_count, now, self._created.get(mission_id))
+        return ShardBoard.from_found(
+            found, mission_id, shard_count, now, self._created.get(mission_id), self.voided(mission_id)
+        )
 
     async def claim(self, mission_id: str, shard_count: int, now: float | None = None) -> Lease | None:
         """Lease a random open shard (random, so that peers starting together spread out).

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from garden.mission.book import Mission, MissionBook, parse_row_set_item, row_set_item
+from hivemind.utils.timed_storage import get_dht_time
+
 from garden.mission.leases import LeaseManager, ShardDHTError
 from garden.host.disk import DiskKeeper
 from garden.net.transfer import ContentTransfer, TransferError
@@ -46,7 +48,11 @@ class SettleReport:
 class RowSetKeeper:
     """:param disk: the data dir's keeper: told when a copy arrives, and asked which copies it pruned (those
         are not copied back)
-    :param leases: where offered row sets are looked up: an offer is taken only when a done record names it"""
+    :param leases: where offered row sets are looked up: an offer is taken only when a done record names it,
+        and where a winning done record is held void when its row set is never served here
+    :param void_after: seconds after a winning done record was finished past which, if no peer served its row
+        set here yet, the record is void (``--void-after``); one whose served rows do not fit the shard is void
+        at once"""
 
     def __init__(
         self,
@@ -56,9 +62,11 @@ class RowSetKeeper:
         disk: DiskKeeper,
         leases: LeaseManager,
         copies: int = DEFAULT_COPIES,
+        void_after: float = 600.0,
     ):
         self.store, self.book, self.transfer, self.disk, self.copies = store, book, transfer, disk, copies
-        self.leases = leases
+        self.leases, self.void_after = leases, void_after
+        self.voided = 0  # winning done records held void here (their rows never served, or not the shard's)
         self.peer_id = book.peer_id
         self.refused = 0  # offers or fetches refused for bad content
         transfer.accept_offers("rows", self.on_offer)
@@ -193,8 +201,14 @@ class RowSetKeeper:
                 if await self.fetch(mission, shard, done.attempt, done.peer_id, done.row_set_sha256, sources):
                     fetched += 1
                     mine.add(done.attempt)
-            except (TransferError, RecordError) as e:
-                logger.info("could not copy shard %d of mission %s yet: %s", shard, mission.id[:12], e)
+            except TransferError as e:
+                late = get_dht_time() - done.finished
+                if late <= self.void_after:
+                    logger.info("could not copy shard %d of mission %s yet: %s", shard, mission.id[:12], e)
+                    continue
+                self._void(done, f"no peer served its row set in {late:.0f} s ({e})")
+            except RecordError as e:
+                self._void(done, f"its row set does not answer the shard ({e})")
         dropped = 0
         for loser in losers:
             winner = winners.get(loser.shard)
@@ -209,6 +223,13 @@ class RowSetKeeper:
         if fetched or dropped:
             self.book.wake()
         return SettleReport(dropped=dropped, fetched=fetched)
+
+    def _void(self, done: DoneRecord, why: str) -> None:
+        """A done record that names rows nobody can have: the shard opens again here, and is sampled anew."""
+        self.leases.void(done)
+        self.voided += 1
+        logger.warning("shard %d of mission %s: the done record of %s (attempt %s) is void here: %s; the shard "
+                       "is open again", done.shard, done.mission_id[:12], done.peer_id, done.attempt, why)  # fmt: skip
 
     async def gather(
         self, mission: Mission, winners: Mapping[int, DoneRecord], holders: Mapping[str, RowsAnnouncement]

@@ -166,6 +166,7 @@ class ShakingSnapshot:
     """:param blocked: why this peer takes no shards (memory), or None
     :param row_sets_refused: row sets fetched intact (hash right) whose rows were invalid or did not fit
     :param missions: every mission of the book, by id
+    :param done_records_voided: winning done records held void here (rows never served, or not the shard's)
     :param sampler_pid: the sampling process (None: not running), ``sampler_starts`` times started, and the
       models it holds"""
 
@@ -174,6 +175,7 @@ class ShakingSnapshot:
     missions: dict[str, MissionWorkSnapshot]
     sampler_pid: int | None = None
     sampler_starts: int = 0
+    done_records_voided: int = 0
     teachers_loaded: frozenset[str] = frozenset()
 
 
@@ -577,6 +579,7 @@ class MissionWork(Service):
             )
         return ShakingSnapshot(
             blocked=self.blocked, row_sets_refused=self.keeper.refused, missions=missions,
+            done_records_voided=self.keeper.voided,
             sampler_pid=self.sampler.pid, sampler_starts=self.sampler.starts, teachers_loaded=self.sampler.loaded,
         )  # fmt: skip
 

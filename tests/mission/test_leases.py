@@ -162,6 +162,9 @@ def test_a_done_record_counts_only_under_its_producers_own_lease() -> None:
     late_mission = ShardBoard(entries, mission, 3, now, created=now - 60)
     assert late_mission.winners() == {} and late_mission.invalid_records == 1
     assert ShardBoard(entries, mission, 3, now, created=now - 3600).winners() == {0: early}
+    # held void here (its rows were never served): left out, not counted invalid, the shard is open again
+    voided = ShardBoard(entries, mission, 3, now, void={early.subkey})
+    assert voided.winners() == {} and voided.invalid_records == 0 and 0 in voided.open_shards()
 
 
 def test_winner_is_earliest_finish_and_stable_under_later_results() -> None:

@@ -37,6 +37,15 @@ from garden.protocol.records import seal
 from garden.protocol.row_sets import HeldRowSet, RowsAnnouncement, rows_subkey
 from garden.protocol.shards import DoneRecord, LeaseRecord
 from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
+from tests.mission.test_missions_swarm import (  # noqa: F401 (converted: a fixture)
+    converted,
+    create,
+    export,
+    held_row_sets,
+    mission_body,
+    start,
+    wait_done,
+)
 
 pytestmark = pytest.mark.swarm
 
@@ -226,3 +235,31 @@ async def lying_offers(
     finally:
         await transfer.stop()
         await p2p.shutdown()
+
+
+def test_a_done_record_naming_rows_nobody_serves_is_void_and_the_shard_sampled_again(
+    daemons: DaemonFactory,
+    converted: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """The attack: a throwaway key "finishes" every shard first (a lease it signed itself, a row set nobody
+    has), which used to mark the mission done with no rows forever. A peer that cannot get the rows within
+    --void-after holds those records void, samples the shards itself, and its rows are the mission's."""
+    a = start(daemons, "--void-after", "5", "--lease-seconds", "10", cache=converted)
+    mission_id = create(a, mission_body(prompts=4))  # 2 shards of 2 prompts
+    attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    hostile = hivemind.DHT(initial_peers=[a.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    forged = {f"{shard:016x}" for shard in (0, 1)}
+    try:
+        for shard, attempt in enumerate(sorted(forged)):
+            done = DoneRecord.model_validate(done_record(attacker, mission_id, shard, attempt, "ab" * 32))
+            stored = hostile.store(DHTKeys().mission_shards(mission_id), done.to_wire(attacker),
+                                   get_dht_time() + 600, subkey=done.subkey)  # fmt: skip
+            assert stored, "a done record under a self-signed lease is a valid record"
+        wait_until(lambda: metric(a, "garden_done_records_voided") >= 2, 120, 0.5, "both forged records void")
+        final = wait_done(a, mission_id)
+    finally:
+        hostile.shutdown()
+    held = held_row_sets(a, mission_id)
+    assert sorted(held) == [0, 1] and not set().union(*held.values()) & forged, held
+    assert final["rows"] == 4 and len(export(a, mission_id)) == 4
+    assert a.get("/health").json() == {"status": "ok"}

@@ -1,0 +1,101 @@
+"""What checking other peers' rows costs and catches, on the built-in teacher (``garden.distill.verify``).
+
+Run: ``.venv/bin/python benchmarks/integrity.py [--prompts 24] [--runs 10]``. Prints ONE JSON object.
+
+All in one run, on one machine:
+
+- ``shake_s`` / ``verify_all_s``: seconds to shake ``--prompts`` prompts, and to verify every resulting row
+  (one teacher-forced pass per row, the judge re-run); ``verify_fraction_cost``: the throughput of shaking
+  plus verifying a ``--fraction`` (0.1) of rows, over shaking alone (the issue's target: >= 0.85)
+- ``worst_fp32``: the largest log-prob gap between honest rows and a recomputation in float32 with another
+  batch shape (float16 storage and batching: what honest peers of one setup differ by);
+  ``worst_bf16`` / ``off_bf16``: the same recomputed by a bfloat16 teacher (a peer with another dtype or a
+  GPU), and the largest share of a row's tokens outside the tolerance; ``honest_refused_bf16``: how many
+  honest rows a bfloat16 verifier would refuse under the default :class:`Tolerance`
+- ``detection``: over ``--runs`` seeds, a shaker wins every shard of a mission of ``--mission-rows`` rows
+  (the shaken rows, cycled) and fakes the log-probs of 20 % of its rows (a fifth of their tokens' log-probs
+  lowered by 0.3: more confident ones would not pass the row schema's sum check); a verifier checks a
+  ``--fraction`` sample of each shard's rows (at least one) chosen by the seed; ``caught_runs`` counts the
+  runs in which at least one faked row was checked and refused (one is enough: a refutation re-verifies all
+  of that producer's shards)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+from garden.data import demo_prompts
+from garden.distill.judges import ReferenceJudge
+from garden.distill.shaker import ShakeConfig, shake
+from garden.distill.verify import Tolerance, verify_rows
+from garden.models.loading import load_model
+from garden.protocol.rows import DorpoRow
+
+
+def _faked(row: DorpoRow) -> DorpoRow:
+    logprobs = row.topk_logprobs_array().copy()
+    logprobs[: max(1, logprobs.shape[0] // 5)] -= 0.3
+    return DorpoRow.from_arrays(
+        prompt=row.prompt, chosen=row.chosen, rejected=row.rejected, chosen_ids=row.chosen_ids_array(),
+        topk_ids=row.topk_ids_array(), topk_logprobs=logprobs, teacher=row.teacher, judge=row.judge,
+        scores=dict(row.scores), tokenizer=row.tokenizer, reference_used=row.reference_used, vocab_size=49152,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--mission-rows", type=int, default=160)
+    args = parser.parse_args()
+
+    teacher = load_model("builtin:smollm2-135m")
+    judge = ReferenceJudge(threshold=0.5)
+    prompts = demo_prompts("train")[: args.prompts]
+    config = ShakeConfig(candidates=4, max_new_tokens=48, batch_prompts=8, seed=0)
+    began = time.perf_counter()
+    rows = shake(teacher, prompts, judge, config).rows
+    shake_s = time.perf_counter() - began
+    by_text = {p.prompt: p for p in prompts}
+    answered = [by_text[row.prompt] for row in rows]
+
+    began = time.perf_counter()
+    fp32 = verify_rows(teacher, rows, answered, judge)
+    verify_all_s = time.perf_counter() - began
+    bf16_teacher = load_model("builtin:smollm2-135m", dtype="bfloat16")
+    bf16 = verify_rows(bf16_teacher, rows, answered, judge)
+
+    mission = [rows[i % len(rows)] for i in range(args.mission_rows)]
+    caught = 0
+    for seed in range(args.runs):
+        rng = random.Random(seed)
+        shards = [mission[i : i + args.shard_size] for i in range(0, len(mission), args.shard_size)]
+        found = False
+        for shard in shards:
+            fake = set(rng.sample(range(len(shard)), max(1, round(0.2 * len(shard)))))
+            sent = [_faked(row) if i in fake else row for i, row in enumerate(shard)]
+            checked = rng.sample(range(len(sent)), max(1, round(args.fraction * len(sent))))
+            verdicts = verify_rows(teacher, [sent[i] for i in checked], [by_text[sent[i].prompt] for i in checked])
+            found = found or any(not v.ok for i, v in zip(checked, verdicts, strict=True) if i in fake)
+        caught += found
+
+    fraction_s = verify_all_s * args.fraction
+    print(json.dumps({
+        "rows": len(rows), "prompts": len(prompts), "shake_s": round(shake_s, 2),
+        "verify_all_s": round(verify_all_s, 2),
+        "verify_fraction": args.fraction, "verify_fraction_cost": round(shake_s / (shake_s + fraction_s), 3),
+        "honest_refused_fp32": sum(not c.ok for c in fp32), "worst_fp32": round(max(c.worst for c in fp32), 4),
+        "honest_refused_bf16": sum(not c.ok for c in bf16), "worst_bf16": round(max(c.worst for c in bf16), 4),
+        "off_bf16": round(max(c.off for c in bf16), 4), "tolerance": Tolerance().__dict__,
+        "detection": {"runs": args.runs, "caught_runs": caught, "shard_size": args.shard_size,
+                      "mission_rows": args.mission_rows},
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
