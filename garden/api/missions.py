@@ -28,6 +28,7 @@ from garden.api.schemas import (
     PulledCheckpoint,
     ShardCounts,
     TrainPoint,
+    Verification,
 )
 from garden.data import DEMO_PROMPTS, demo_prompts
 from garden.api.errors import error_response
@@ -37,6 +38,7 @@ from garden.protocol.mission import MissionDraft, MissionSpec, MissionSpecError
 from garden.protocol.rows import PromptRow, preference_json_line
 from garden.mission.leases import ShardStatus
 from garden.mission.shaking import MissionView, MissionWork
+from garden.mission.verification import VerificationSnapshot
 from garden.protocol.checkpoints import CheckpointRecord
 from garden.mission.checkpoints import CheckpointSharing
 from garden.mission.training import TrainingWork
@@ -283,7 +285,17 @@ def _detail(view: MissionView, training: MissionTraining | None = None) -> Missi
             seconds_shaking=round(progress.seconds_shaking, 3),
             publish_error=progress.publish_error,
         ),
+        verification=_verification(view.verification),
         cancel_reason=view.mission.cancel.reason if view.mission.cancel is not None else None,
         train=training,
         spec=view.mission.signed.spec.model_dump(mode="json", by_alias=True),
     )
+
+
+def _verification(snapshot: VerificationSnapshot | None) -> Verification:
+    if snapshot is None:
+        return Verification()
+    return Verification(
+        verified=snapshot.verified, refuted=snapshot.refuted, pending=snapshot.pending,
+        rows_checked=snapshot.rows_checked, producers_refuted=list(snapshot.producers_refuted),
+    )  # fmt: skip

@@ -255,12 +255,24 @@ class PulledCheckpoint(CheckpointInfo):
     local_path: str = Field(description="where this peer keeps the pulled copy (a transformers directory)")
 
 
+class Verification(BaseModel):
+    """Other producers' winning row sets that this peer checked against the teacher (``verify_fraction`` of
+    each one's rows; every row once its producer was refuted)."""
+
+    verified: int = Field(0, description="row sets whose checked rows all held")
+    refuted: int = Field(0, description="row sets with a row that failed: void here, their shards sampled again")
+    pending: int = Field(0, description="winning row sets held here, produced elsewhere, not checked yet")
+    rows_checked: int = 0
+    producers_refuted: list[str] = Field(default_factory=list, description="their later results are ignored here")
+
+
 class MissionDetail(MissionSummary):
     peers: list[MissionPeer]
     teachers: dict[str, int] = Field(description="rows per teacher reference, over the shards done")
     shards_per_s: float | None = Field(None, description="shards finished per second since the mission began")
     eta_s: float | None = Field(None, description="seconds until every shard is done at that rate")
     this_peer: MissionWorkHere
+    verification: Verification = Field(default_factory=Verification)
     cancel_reason: str | None = None
     train: MissionTraining | None = Field(None, description="None: this peer does not train missions")
     spec: dict[str, Any]

@@ -90,6 +90,8 @@ class ShardBoard:
     :param now: DHT time that decides which leases are live
     :param created: the mission's creation time, when known: a done record leased before it is dropped
     :param void: subkeys of done records this peer holds void (their row sets were never served): left out
+    :param distrusted: producers whose done records finished after a time are left out (producer -> DHT time:
+        this peer refuted one of their row sets then)
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class ShardBoard:
         now: float,
         created: float | None = None,
         void: frozenset[str] | set[str] = frozenset(),
+        distrusted: Mapping[str, float] | None = None,
     ):
         if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
             raise ValueError(f"shard_count must be an int >= 1, got {shard_count!r}")
@@ -121,6 +124,9 @@ class ShardBoard:
                     )
                 if isinstance(record, DoneRecord) and created is not None:
                     record.check_mission(created)
+                refuted_at = (distrusted or {}).get(record.peer_id)
+                if isinstance(record, DoneRecord) and refuted_at is not None and record.finished > refuted_at:
+                    continue  # a producer refuted here: its later results are ignored
             except (RecordError, TypeError, ValueError) as e:
                 self._drop(subkey, str(e))
                 continue
@@ -140,6 +146,7 @@ class ShardBoard:
         now: float,
         created: float | None = None,
         void: frozenset[str] | set[str] = frozenset(),
+        distrusted: Mapping[str, float] | None = None,
     ) -> ShardBoard:
         """From what ``DHT.get(key, latest=True)`` returned."""
         board = cls(None, mission_id, shard_count, now)
@@ -148,7 +155,7 @@ class ShardBoard:
         if not isinstance(found.value, (dict, DictionaryDHTValue)):
             board._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
             return board
-        return cls(found.value, mission_id, shard_count, now, created, void)
+        return cls(found.value, mission_id, shard_count, now, created, void, distrusted)
 
     def _state(self, index: int, lease: LeaseRecord | None, results: list[DoneRecord]) -> ShardState:
         winner = pick_winner(results)
@@ -278,6 +285,7 @@ class LeaseManager:
         self._created: dict[str, float] = {}
         self._latest: dict[str, LeaseRecord] = {}  # attempt -> this peer's latest stored lease for it
         self._void: dict[str, set[str]] = {}  # mission id -> subkeys of done records held void here
+        self._distrusted: dict[str, dict[str, float]] = {}  # mission id -> producer -> refuted at (DHT time)
 
     def know(self, mission_id: str, created: float) -> None:
         """The mission's creation time (from its signed record): boards read afterwards drop done records
@@ -287,6 +295,7 @@ class LeaseManager:
     def forget(self, mission_id: str) -> None:
         self._created.pop(mission_id, None)
         self._void.pop(mission_id, None)
+        self._distrusted.pop(mission_id, None)
 
     def void(self, done: DoneRecord) -> None:
         """Hold ``done`` void on this peer: boards read afterwards leave it out, so its shard is open again
@@ -296,6 +305,10 @@ class LeaseManager:
     def voided(self, mission_id: str) -> frozenset[str]:
         return frozenset(self._void.get(mission_id, ()))
 
+    def distrust(self, mission_id: str, producer: str, since: float) -> None:
+        """Ignore ``producer``'s done records of the mission that finished after ``since`` (DHT time)."""
+        self._distrusted.setdefault(mission_id, {}).setdefault(producer, since)
+
     async def fetch(self, mission_id: str, shard_count: int, now: float | None = None) -> ShardBoard:
         """The mission's shards as the DHT has them now (latest value of every subkey)."""
         now = get_dht_time() if now is None else now
@@ -303,7 +316,8 @@ class LeaseManager:
             "read", self.dht.get(self.keys.mission_shards(mission_id), latest=True, return_future=True)
         )
         return ShardBoard.from_found(
-            found, mission_id, shard_count, now, self._created.get(mission_id), self.voided(mission_id)
+            found, mission_id, shard_count, now, self._created.get(mission_id), self.voided(mission_id),
+            self._distrusted.get(mission_id),
         )
 
     async def claim(self, mission_id: str, shard_count: int, now: float | None = None) -> Lease | None:

@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from garden.protocol.mission_spec import MissionSpec
-from garden.protocol.rows import PromptRow
+from garden.protocol.rows import DorpoRow, PromptRow
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,17 @@ class ShardJob:
     mission_id: str
     batch_prompts: int
     max_memory: int | None
+
+
+@dataclass(frozen=True)
+class VerifyJob:
+    """Rows of one teacher to check (:func:`garden.distill.verify.verify_rows`): ``prompts[i]`` is the prompt
+    ``rows[i]`` answers; the mission's judge is re-run when its verdicts are deterministic."""
+
+    spec: MissionSpec
+    teacher: str
+    rows: list[DorpoRow]
+    prompts: list[PromptRow]
 
 
 class SamplingProcess:
@@ -102,6 +113,10 @@ class SamplingProcess:
         :data:`HOLD` or :data:`STOP`. Returns a ``FallbackShakeResult``; raises ``ShakeCancelled`` when stopped,
         ``NoTeacherError`` when no teacher loads, :class:`SamplerCrashed` when the child died."""
         return self._call("shake", job, control=control)
+
+    def verify(self, job: VerifyJob) -> list[Any]:
+        """Check rows in the child (the teacher loaded there, kept); returns a ``RowCheck`` per row."""
+        return list(self._call("verify", job))
 
     def close(self) -> None:
         """Stop the child (its models' memory goes back to the machine) without waiting for its work: a call
@@ -265,4 +280,18 @@ def shake_shard(spec: MissionSpec, prompts: list[PromptRow], config: Any, max_me
             judge.close()
 
 
-_OPS: dict[str, Callable[..., Any]] = {"load": _load, "unload": _unload, "shake": _shake}
+def _verify(control: Any, job: VerifyJob) -> list[Any]:
+    from garden.distill.judges import Judge, build_judge
+    from garden.distill.verify import DETERMINISTIC_JUDGES, verify_rows
+    from garden.models.loading import load_model
+
+    teacher = load_model(job.teacher)
+    judge = build_judge(job.spec.judge) if job.spec.judge.kind in DETERMINISTIC_JUDGES else None
+    try:
+        return verify_rows(teacher, job.rows, job.prompts, judge if isinstance(judge, Judge) else None)
+    finally:
+        if isinstance(judge, Judge):
+            judge.close()
+
+
+_OPS: dict[str, Callable[..., Any]] = {"load": _load, "unload": _unload, "shake": _shake, "verify": _verify}

@@ -49,8 +49,9 @@ from garden.protocol.rows import DorpoRow
 from garden.mission.leases import Lease, LeaseLostError, LeaseManager, ShardBoard, ShardDHTError, ShardSummary
 from garden.distill.shaker import ShakeCancelled
 from garden.distill.teachers import FallbackShakeResult, NoTeacherError
+from garden.mission.verification import Verifier, VerificationSnapshot
 from garden.mission.sampling_process import (
-    HOLD, POLL, RUN, STOP, SamplerCrashed, SamplerSetup, SamplingProcess, ShardJob,
+    HOLD, POLL, RUN, STOP, SamplerCrashed, SamplerSetup, SamplingProcess, ShardJob, VerifyJob,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ PUBLISH_RETRY = (2.0, 10.0, 30.0)
 """Seconds before each new try to store and publish a finished shard (a full disk, a DHT that does not
 answer); the lease is renewed meanwhile."""
 SHAKE_THREAD = "garden-shake"
+VERIFY_PER_ROUND = 4
+"""Row sets a peer checks per mission per round of its loop, so that checking never starves sampling."""
 
 
 def sampling_in_progress() -> bool:
@@ -118,6 +121,7 @@ class MissionView:
     teachers: dict[str, int] = field(default_factory=dict)
     trusted: bool = True  # its lead is one this peer works for (--trust-lead)
     refused: str | None = None  # why this peer does not work on it (an untrusted lead, a local path)
+    verification: VerificationSnapshot | None = None  # other producers' row sets checked here
 
     @property
     def state(self) -> str:
@@ -209,6 +213,7 @@ class MissionWork(Service):
         self._memory_need: dict[str, int | None] = {}
         self._stop = asyncio.Event()
         self.sampler = SamplingProcess(SamplerSetup(threads=config.threads))
+        self.verifier = Verifier(keeper.store, leases, self._verify_job, book.peer_id)
 
     # --- the loop -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -249,6 +254,8 @@ class MissionWork(Service):
             holders = await self.book.holders(mission.id)
             await self.keeper.settle(mission, board.winners(), board.losing_attempts(), holders)
             await self._keep_results_alive(mission, board)
+        if self.config.shaker and not self._paused and not mission.cancelled:
+            await self._verify_some(mission, board)
         if mission.cancelled:
             progress.state = "cancelled"
         elif board.all_done:
@@ -487,6 +494,30 @@ class MissionWork(Service):
             renewer.cancel()
             self._leases.pop(lease.attempt, None)
 
+    async def _verify_some(self, mission: Mission, board: ShardBoard) -> None:
+        """Check other producers' winning row sets held here (``garden.mission.verification``), a few per
+        round, when the peer is not sampling and the mission's teacher fits here."""
+        if mission.signed.spec.sampling.verify_fraction <= 0 or self._compute.locked():
+            return
+        if self.governor is not None and self.governor.held_reason is not None:
+            return
+        pending = self.verifier.pending(mission, board)
+        if not pending or not await self._fits(mission):
+            return
+        async with self._compute:
+            for done in pending[:VERIFY_PER_ROUND]:
+                try:
+                    await self.verifier.check(mission, done)
+                except (SamplerCrashed, ValueError, OSError) as e:  # a teacher that does not load, a dead child
+                    logger.warning("mission %s: could not check shard %d: %s", mission.id[:12], done.shard, e)
+                    self.errors["verification"] += 1
+                    break
+            for ref in mission.signed.spec.teachers:
+                self._teachers_used[ref] = time.monotonic()
+
+    async def _verify_job(self, job: VerifyJob) -> list[Any]:
+        return await _in_thread(self.sampler.verify, job)
+
     async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
         """Keep the lease while the shard is sampled. The first check comes soon after the claim: two
         claims crossing in flight can both read their own lease back, and the one the DHT did not keep
@@ -598,8 +629,9 @@ class MissionWork(Service):
             teachers.update(done.teachers)
         progress = self.progress.get(mission.id, MissionProgress())
         return MissionView(
-            mission, board, holders, progress, dict(teachers), self.book.trusted(mission), self.book.refusal(mission)
-        )
+            mission, board, holders, progress, dict(teachers), self.book.trusted(mission), self.book.refusal(mission),
+            self.verifier.snapshot(mission, board),
+        )  # fmt: skip
 
     async def export(self, mission: Mission) -> tuple[list[DorpoRow], list[int]]:
         """Every winning row of the mission so far (copied here first when held elsewhere), in shard order;

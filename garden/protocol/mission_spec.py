@@ -82,6 +82,11 @@ class SamplingSection(_Section):
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     top_k_logprobs: int = Field(default=20, ge=1, le=256)
+    verify_fraction: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="share of each winning row set that peers with the teacher check (garden.distill.verify); "
+        "one row at least, unless 0",
+    )
 
 
 class ReferenceJudgeSection(_Section):
@@ -283,7 +288,7 @@ class TrainSection(SwarmSettings):
     checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
 
 
-OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {"train": ("min_trainers",)}
+OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {"train": ("min_trainers",), "sampling": ("verify_fraction",)}
 """Keys added to a section after missions were first signed (section -> keys). The canonical encoding holds every
 other key, defaults included, but leaves these out while they equal their default: a spec that does not set one
 encodes, hashes (the mission id) and reads on older peers exactly as before the key existed, and since

@@ -35,6 +35,7 @@ from garden.protocol.mission import (
 from garden.protocol.mission_spec import canonical_msgpack
 from garden.protocol.records import seal
 from garden.protocol.row_sets import HeldRowSet, RowsAnnouncement, rows_subkey
+from garden.protocol.rows import DorpoRow
 from garden.protocol.shards import DoneRecord, LeaseRecord
 from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
 from tests.mission.test_missions_swarm import (  # noqa: F401 (converted: a fixture)
@@ -263,3 +264,100 @@ def test_a_done_record_naming_rows_nobody_serves_is_void_and_the_shard_sampled_a
     assert sorted(held) == [0, 1] and not set().union(*held.values()) & forged, held
     assert final["rows"] == 4 and len(export(a, mission_id)) == 4
     assert a.get("/health").json() == {"status": "ok"}
+
+
+def test_a_row_set_with_forged_log_probs_is_refuted_and_an_honest_one_verified(
+    daemons: DaemonFactory,
+    converted: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """Two strangers win a shard each with a done record under a lease they signed themselves, and offer the
+    rows: real rows of the built-in teacher, but one stranger's log-probs are made up. The peer, which holds
+    the teacher, checks the rows it took (garden.distill.verify): it refutes the forged row set (void, dropped,
+    its shard sampled again by itself, its producer's later records ignored) and verifies the honest one."""
+    from garden.distill.judges import ReferenceJudge
+    from garden.distill.shaker import ShakeConfig, shake
+    from garden.models.loading import load_model
+    from garden.protocol.mission import shard_prompts
+    from garden.protocol.row_sets import pack_row_set, row_set_sha256
+    from garden.protocol.rows import PromptRow
+
+    body = mission_body(prompts=4)  # 2 shards of 2 prompts; its own rows first, then the mission
+    prompts = [PromptRow.model_validate(p) for p in body["prompts"]]
+    teacher = load_model("builtin:smollm2-135m")
+    sampling = ShakeConfig(candidates=2, max_new_tokens=6, top_k_logprobs=4, batch_prompts=2, seed=7)
+    row_sets = []
+    for shard, shard_rows in enumerate(shard_prompts(prompts, 2)):
+        rows = shake(teacher, shard_rows, ReferenceJudge(threshold=0.5), sampling).rows
+        assert len(rows) == 2
+        if shard == 0:  # every token's log-probs lowered: the rows still decode, the numbers are not the teacher's
+            rows = [remade(row, topk_logprobs=row.topk_logprobs_array() - 0.3) for row in rows]
+        row_sets.append(pack_row_set(rows))
+    liar, honest = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    producers = [liar, honest]
+
+    a = start(daemons, "--lease-seconds", "10", cache=converted)
+    mission_id = create(a, body)
+    hostile = hivemind.DHT(initial_peers=[a.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    attempts = [f"{shard + 10:016x}" for shard in (0, 1)]
+    try:
+        for shard, (key, packed) in enumerate(zip(producers, row_sets, strict=True)):
+            done = DoneRecord.model_validate(done_record(key, mission_id, shard, attempts[shard],
+                                                         row_set_sha256(packed)))  # fmt: skip
+            assert hostile.store(DHTKeys().mission_shards(mission_id), done.to_wire(key), get_dht_time() + 600,
+                                 subkey=done.subkey)  # fmt: skip
+        answers = asyncio.run(offer_row_sets(hostile, mission_id, a.peer_id, producers, attempts, row_sets))
+        assert answers == [(True, "stored")] * 2, answers
+
+        def checked() -> dict[str, object] | None:
+            found = a.get(f"/missions/{mission_id}").json()["verification"]
+            return found if found["refuted"] == 1 and found["verified"] == 1 else None
+
+        verification = wait_until(checked, 120, 0.5, "one row set refuted, one verified")
+        final = wait_done(a, mission_id)
+    finally:
+        hostile.shutdown()
+    liar_id = signing.peer_id_of(signing.public_key_der(liar))
+    assert verification["producers_refuted"] == [liar_id] and verification["rows_checked"] >= 2
+    held = held_row_sets(a, mission_id)
+    assert attempts[0] not in held.get(0, set()) and held[0], held  # sampled again, by the peer itself
+    assert held[1] == {attempts[1]}  # the honest stranger's rows stand
+    assert final["rows"] == 4 and len(export(a, mission_id)) == 4
+    assert "is refuted" in a.stderr()
+
+
+def remade(row: DorpoRow, **changes: object) -> DorpoRow:
+    fields: dict[str, object] = dict(
+        prompt=row.prompt, chosen=row.chosen, rejected=row.rejected, chosen_ids=row.chosen_ids_array(),
+        topk_ids=row.topk_ids_array(), topk_logprobs=row.topk_logprobs_array(), teacher=row.teacher,
+        judge=row.judge, scores=dict(row.scores), tokenizer=row.tokenizer, reference_used=row.reference_used,
+        vocab_size=49152,
+    )  # fmt: skip
+    return DorpoRow.from_arrays(**(fields | changes))  # type: ignore[arg-type]
+
+
+async def offer_row_sets(
+    hostile: hivemind.DHT, mission_id: str, target: str, producers: list[rsa.RSAPrivateKey], attempts: list[str],
+    row_sets: list[bytes],
+) -> list[tuple[bool, str]]:
+    """Serve each row set from the hostile node and offer it to ``target``, as its producer would."""
+    from garden.protocol.row_sets import row_set_sha256
+
+    served: dict[str, bytes] = {}
+
+    async def source(ref: ContentRef) -> bytes | None:
+        return served.get(ref.item)
+
+    p2p = await hostile.replicate_p2p()
+    transfer = ContentTransfer(p2p, source)
+    await transfer.start()
+    try:
+        answers = []
+        for shard, (key, attempt, packed) in enumerate(zip(producers, attempts, row_sets, strict=True)):
+            item = row_set_item(shard, attempt, signing.peer_id_of(signing.public_key_der(key)))
+            served[item] = packed
+            ref = ContentRef(kind="rows", mission_id=mission_id, item=item, sha256=row_set_sha256(packed))
+            answers.append(await transfer.offer(target, ref))
+        return answers
+    finally:
+        await transfer.stop()
+        await p2p.shutdown()

@@ -1,0 +1,140 @@
+"""Checking the winning row sets of other producers, on a peer that can load the mission's teacher.
+
+Shaking is checkable (``garden.distill.verify``): a teacher-forced pass recomputes a row's top-k at a
+fraction of sampling's cost. For each winning row set held here that another peer produced, this peer checks
+``verify_fraction`` of its rows (one at least), chosen by a seed nobody controls alone: the row set's own hash,
+which the producer fixed before anyone chose anything. A row that fails *refutes* the row set, here:
+
+* its done record is held void, so its shard opens again and is sampled anew, and its rows leave the store
+  (the trainer never reads them);
+* the producer's other winning row sets in the mission are checked again, every row;
+* the producer's later done records for the mission are ignored.
+
+What is not here yet: a signed refutation record that tells peers without the teacher (issue 16, next).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from garden.mission.book import Mission
+from garden.mission.leases import LeaseManager, ShardBoard
+from garden.mission.sampling_process import VerifyJob
+from garden.protocol.rows import DorpoRow
+from garden.protocol.shards import DoneRecord
+from garden.store import Store
+
+logger = logging.getLogger(__name__)
+
+Verify = Callable[[VerifyJob], Awaitable[list]]
+"""Runs a job in the sampling process (off the event loop) and returns a ``RowCheck`` per row."""
+
+
+@dataclass
+class VerificationState:
+    """One mission's checks on this peer (in memory: a restarted peer checks again, which is cheap)."""
+
+    verified: dict[str, str] = field(default_factory=dict)  # attempt whose rows held -> its producer
+    refuted: dict[str, str] = field(default_factory=dict)  # attempt -> why
+    producers_refuted: set[str] = field(default_factory=set)
+    rows_checked: int = 0
+
+
+@dataclass(frozen=True)
+class VerificationSnapshot:
+    verified: int
+    refuted: int
+    pending: int
+    rows_checked: int
+    producers_refuted: tuple[str, ...]
+
+
+def sample_rows(done: DoneRecord, rows: int, fraction: float, everything: bool = False) -> list[int]:
+    """Which rows of a row set to check: ``fraction`` of them (one at least, none when 0), drawn with the row
+    set's hash as the seed, so that its producer cannot know beforehand which rows escape."""
+    if rows == 0 or (fraction <= 0 and not everything):
+        return []
+    count = rows if everything else min(rows, max(1, math.ceil(fraction * rows)))
+    return sorted(random.Random(int(done.row_set_sha256[:16], 16)).sample(range(rows), count))
+
+
+class Verifier:
+    """:param verify: runs a :class:`VerifyJob` where the teacher is (the sampling process)
+    :param peer_id: this peer: its own row sets are not checked"""
+
+    def __init__(self, store: Store, leases: LeaseManager, verify: Verify, peer_id: str) -> None:
+        self.store, self.leases, self._verify, self.peer_id = store, leases, verify, peer_id
+        self.missions: dict[str, VerificationState] = {}
+
+    def pending(self, mission: Mission, board: ShardBoard) -> list[DoneRecord]:
+        """Winning row sets held here, produced elsewhere, not checked yet (shard order)."""
+        state = self.missions.setdefault(mission.id, VerificationState())
+        held = {s.attempt for s in self.store.row_sets(mission.id)}
+        return [
+            done for _, done in sorted(board.winners().items())
+            if done.peer_id != self.peer_id and done.attempt in held
+            and done.attempt not in state.verified and done.attempt not in state.refuted
+        ]  # fmt: skip
+
+    def snapshot(self, mission: Mission, board: ShardBoard | None) -> VerificationSnapshot:
+        state = self.missions.get(mission.id, VerificationState())
+        pending = len(self.pending(mission, board)) if board is not None else 0
+        return VerificationSnapshot(
+            verified=len(state.verified), refuted=len(state.refuted), pending=pending,
+            rows_checked=state.rows_checked, producers_refuted=tuple(sorted(state.producers_refuted)),
+        )  # fmt: skip
+
+    async def check(self, mission: Mission, done: DoneRecord) -> bool:
+        """Check one row set; True if it held (or had nothing to check). A refutation acts at once."""
+        state = self.missions.setdefault(mission.id, VerificationState())
+        spec = mission.signed.spec
+        bodies = await asyncio.to_thread(self.store.row_set_bodies, mission.id, done.attempt)
+        if bodies is None:  # dropped meanwhile (a loser, pruned)
+            return True
+        rows = await asyncio.to_thread(lambda: [DorpoRow.from_msgpack(b, max_bytes=len(b)) for b in bodies])
+        chosen = sample_rows(done, len(rows), spec.sampling.verify_fraction, done.peer_id in state.producers_refuted)
+        prompts = {p.prompt: p for p in mission.shard(done.shard)}
+        reason = None
+        by_teacher: dict[str, list[int]] = {}
+        for index in chosen:
+            if rows[index].teacher not in spec.teachers:
+                reason = f"row {index} names the teacher {rows[index].teacher}, which the mission does not"
+                break
+            by_teacher.setdefault(rows[index].teacher, []).append(index)
+        for teacher, indices in by_teacher.items():
+            if reason is not None:
+                break
+            job = VerifyJob(spec, teacher, [rows[i] for i in indices], [prompts[rows[i].prompt] for i in indices])
+            checks = await self._verify(job)
+            state.rows_checked += len(indices)
+            failed = [(i, c.reason) for i, c in zip(indices, checks, strict=True) if c.reason is not None]
+            if failed:
+                reason = f"row {failed[0][0]}: {failed[0][1]}"
+        if reason is None:
+            state.verified[done.attempt] = done.peer_id
+            logger.info("shard %d of mission %s: %d of %d rows of %s's row set checked, all hold", done.shard,
+                        mission.id[:12], len(chosen), len(rows), done.peer_id)  # fmt: skip
+            return True
+        await self._refute(mission, state, done, reason)
+        return False
+
+    async def _refute(self, mission: Mission, state: VerificationState, done: DoneRecord, reason: str) -> None:
+        state.refuted[done.attempt] = reason
+        logger.warning("shard %d of mission %s: the row set of %s (attempt %s) is refuted: %s; the shard is open "
+                       "again here, and the producer's other row sets are checked in full", done.shard,
+                       mission.id[:12], done.peer_id, done.attempt, reason)  # fmt: skip
+        self.leases.void(done)
+        self.leases.distrust(done.mission_id, done.peer_id, since=get_dht_time())
+        await asyncio.to_thread(self.store.drop_row_set, mission.id, done.attempt)
+        if done.peer_id not in state.producers_refuted:
+            state.producers_refuted.add(done.peer_id)
+            for attempt, producer in list(state.verified.items()):  # checked with a sample: again, every row
+                if producer == done.peer_id:
+                    del state.verified[attempt]
