@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 from garden.data import demo_prompts
 from garden.distill.judges import ReferenceJudge
@@ -34,15 +36,14 @@ from garden.distill.verify import Tolerance, verify_rows
 from garden.models.loading import load_model
 from garden.protocol.rows import DorpoRow
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's harness
+from harness.rows import remake_row  # noqa: E402
+
 
 def _faked(row: DorpoRow) -> DorpoRow:
     logprobs = row.topk_logprobs_array().copy()
     logprobs[: max(1, logprobs.shape[0] // 5)] -= 0.3
-    return DorpoRow.from_arrays(
-        prompt=row.prompt, chosen=row.chosen, rejected=row.rejected, chosen_ids=row.chosen_ids_array(),
-        topk_ids=row.topk_ids_array(), topk_logprobs=logprobs, teacher=row.teacher, judge=row.judge,
-        scores=dict(row.scores), tokenizer=row.tokenizer, reference_used=row.reference_used, vocab_size=49152,
-    )  # fmt: skip
+    return remake_row(row, topk_logprobs=logprobs)
 
 
 def main() -> None:

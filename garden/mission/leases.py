@@ -139,23 +139,17 @@ class ShardBoard:
 
     @classmethod
     def from_found(
-        cls,
-        found: ValueWithExpiration[Any] | None,
-        mission_id: str,
-        shard_count: int,
-        now: float,
-        created: float | None = None,
-        void: frozenset[str] | set[str] = frozenset(),
-        distrusted: Mapping[str, float] | None = None,
+        cls, found: ValueWithExpiration[Any] | None, mission_id: str, shard_count: int, now: float, **checks: Any
     ) -> ShardBoard:
-        """From what ``DHT.get(key, latest=True)`` returned."""
+        """From what ``DHT.get(key, latest=True)`` returned; ``checks`` are the constructor's ``created``,
+        ``void`` and ``distrusted``."""
         board = cls(None, mission_id, shard_count, now)
         if found is None:
             return board
         if not isinstance(found.value, (dict, DictionaryDHTValue)):
             board._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
             return board
-        return cls(found.value, mission_id, shard_count, now, created, void, distrusted)
+        return cls(found.value, mission_id, shard_count, now, **checks)
 
     def _state(self, index: int, lease: LeaseRecord | None, results: list[DoneRecord]) -> ShardState:
         winner = pick_winner(results)
@@ -316,9 +310,9 @@ class LeaseManager:
             "read", self.dht.get(self.keys.mission_shards(mission_id), latest=True, return_future=True)
         )
         return ShardBoard.from_found(
-            found, mission_id, shard_count, now, self._created.get(mission_id), self.voided(mission_id),
-            self._distrusted.get(mission_id),
-        )
+            found, mission_id, shard_count, now, created=self._created.get(mission_id),
+            void=self.voided(mission_id), distrusted=self._distrusted.get(mission_id),
+        )  # fmt: skip
 
     async def claim(self, mission_id: str, shard_count: int, now: float | None = None) -> Lease | None:
         """Lease a random open shard (random, so that peers starting together spread out).

@@ -67,6 +67,8 @@ answer); the lease is renewed meanwhile."""
 SHAKE_THREAD = "garden-shake"
 VERIFY_PER_ROUND = 4
 """Row sets a peer checks per mission per round of its loop, so that checking never starves sampling."""
+VERIFY_RETRY = 300.0
+"""Seconds a mission's checks wait after they could not run (its teacher does not load here, a dead child)."""
 
 
 def sampling_in_progress() -> bool:
@@ -214,6 +216,7 @@ class MissionWork(Service):
         self._stop = asyncio.Event()
         self.sampler = SamplingProcess(SamplerSetup(threads=config.threads))
         self.verifier = Verifier(keeper.store, leases, self._verify_job, book.peer_id)
+        self._verify_failed: dict[str, float] = {}  # mission id -> when its checks last could not run
 
     # --- the loop -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -228,6 +231,9 @@ class MissionWork(Service):
                     await self._tend(mission)
                 except Exception:  # one mission's trouble must not stop the others
                     logger.exception("mission %s: settling failed", mission.id[:12])
+            for gone in set(self.verifier.missions) - set(self.book.missions):  # dropped from the book
+                self.verifier.missions.pop(gone, None)
+                self.leases.forget(gone)
             await self._unload_idle_teachers()
             await self._pause(stop)
         await self.close()
@@ -499,6 +505,8 @@ class MissionWork(Service):
         round, when the peer is not sampling and the mission's teacher fits here."""
         if mission.signed.spec.sampling.verify_fraction <= 0 or self._compute.locked():
             return
+        if time.monotonic() - self._verify_failed.get(mission.id, -VERIFY_RETRY) < VERIFY_RETRY:
+            return
         if self.governor is not None and self.governor.held_reason is not None:
             return
         pending = self.verifier.pending(mission, board)
@@ -509,8 +517,10 @@ class MissionWork(Service):
                 try:
                     await self.verifier.check(mission, done)
                 except (SamplerCrashed, ValueError, OSError) as e:  # a teacher that does not load, a dead child
-                    logger.warning("mission %s: could not check shard %d: %s", mission.id[:12], done.shard, e)
+                    logger.warning("mission %s: could not check shard %d (again in %.0f s): %s", mission.id[:12],
+                                   done.shard, VERIFY_RETRY, e)  # fmt: skip
                     self.errors["verification"] += 1
+                    self._verify_failed[mission.id] = time.monotonic()
                     break
             for ref in mission.signed.spec.teachers:
                 self._teachers_used[ref] = time.monotonic()

@@ -5,8 +5,6 @@ not pick but with the teacher's real numbers, another tokenizer)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
 
@@ -17,6 +15,7 @@ from garden.distill.verify import Tolerance, verify_rows
 from garden.models.chat import answer_ids, chat_prompt_ids
 from garden.models.loading import LoadedModel, load_model
 from garden.protocol.rows import DorpoRow, PromptRow
+from harness.rows import remake_row
 
 pytestmark = pytest.mark.heavy(12)  # seconds in `make check`: see tests/conftest.py
 
@@ -30,17 +29,6 @@ def shaken(model_cache: Path) -> tuple[LoadedModel, list[DorpoRow], list[PromptR
     result = shake(teacher, prompts, JUDGE, ShakeConfig(candidates=3, max_new_tokens=12, batch_prompts=4, seed=2))
     by_text = {p.prompt: p for p in prompts}
     return teacher, result.rows, [by_text[row.prompt] for row in result.rows]
-
-
-def remake(row: DorpoRow, **changes: Any) -> DorpoRow:
-    """The row rebuilt with some fields or arrays changed (and re-signed by nobody: rows carry no signature)."""
-    fields: dict[str, Any] = dict(
-        prompt=row.prompt, chosen=row.chosen, rejected=row.rejected, chosen_ids=row.chosen_ids_array(),
-        topk_ids=row.topk_ids_array(), topk_logprobs=row.topk_logprobs_array(), teacher=row.teacher,
-        judge=row.judge, scores=dict(row.scores), tokenizer=row.tokenizer, reference_used=row.reference_used,
-        vocab_size=49152,
-    )  # fmt: skip
-    return DorpoRow.from_arrays(**(fields | changes))
 
 
 def test_honest_rows_hold(shaken: tuple[LoadedModel, list[DorpoRow], list[PromptRow]]) -> None:
@@ -66,9 +54,9 @@ def test_forged_log_probs_are_caught(shaken: tuple[LoadedModel, list[DorpoRow], 
     one[tokens // 2, 0] = one[tokens // 2, 0] - 3.0
     shuffled = row.topk_ids_array()[:, ::-1].copy()  # the right numbers on the wrong ids
     forged = [
-        remake(row, topk_logprobs=sharper),
-        remake(row, topk_logprobs=one),
-        remake(row, topk_ids=shuffled),
+        remake_row(row, topk_logprobs=sharper),
+        remake_row(row, topk_logprobs=one),
+        remake_row(row, topk_ids=shuffled),
     ]
     checks = verify_rows(teacher, forged, [prompt] * 3, JUDGE)
     assert "tokens' log-probs are not the teacher's" in str(checks[0].reason), checks[0]
@@ -89,15 +77,15 @@ def test_text_ids_judge_and_tokenizer_forgeries_are_caught(
     worse = row.rejected
     ids = answer_ids(tokenizer, worse)
     [(top_ids, top_logprobs)], _ = teacher_topk(teacher, [(chat_prompt_ids(tokenizer, row.prompt), ids)], row.k)
-    swapped = remake(
+    swapped = remake_row(
         row, chosen=worse, rejected=row.chosen, chosen_ids=ids, topk_ids=top_ids, topk_logprobs=top_logprobs,
         reference_used=False, scores={"chosen": row.scores.get("rejected", 0.0), "rejected": row.scores["chosen"]},
     )  # fmt: skip
     forged = [
         swapped,
-        remake(row, chosen=row.chosen + " and more"),  # the text changed, the ids kept
-        remake(row, tokenizer="0" * 16),  # claims another tokenizer
-        remake(row, scores={**row.scores, "chosen": 0.99}),  # inflated score
+        remake_row(row, chosen=row.chosen + " and more"),  # the text changed, the ids kept
+        remake_row(row, tokenizer="0" * 16),  # claims another tokenizer
+        remake_row(row, scores={**row.scores, "chosen": 0.99}),  # inflated score
     ]
     checks = verify_rows(teacher, forged, [prompt] * len(forged), JUDGE)
     assert checks[0].reason == "the reference judge does not pick this pair", checks[0]

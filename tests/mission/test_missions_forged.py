@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import hivemind
@@ -35,9 +37,9 @@ from garden.protocol.mission import (
 from garden.protocol.mission_spec import canonical_msgpack
 from garden.protocol.records import seal
 from garden.protocol.row_sets import HeldRowSet, RowsAnnouncement, rows_subkey
-from garden.protocol.rows import DorpoRow
 from garden.protocol.shards import DoneRecord, LeaseRecord
 from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
+from harness.rows import remake_row
 from tests.mission.test_missions_swarm import (  # noqa: F401 (converted: a fixture)
     converted,
     create,
@@ -201,15 +203,8 @@ async def lying_offers(
     publishes done records naming the first three (a lease it signed itself is all it takes), so that the
     target fetches them and checks the content; the fourth no done record names."""
     served: dict[str, bytes] = {}
-
-    async def source(ref: ContentRef) -> bytes | None:
-        return served.get(ref.item)
-
-    p2p = await hostile.replicate_p2p()
-    transfer = ContentTransfer(p2p, source)
-    await transfer.start()
-    me = p2p.peer_id.to_base58()
-    try:
+    async with serving(hostile, served) as transfer:
+        me = transfer.peer_id
         garbage = b"\xc1not a row set"
         lies = [
             (garbage, hashlib.sha256(garbage).hexdigest()),  # hashes right, decodes to nothing: refused
@@ -233,6 +228,20 @@ async def lying_offers(
         unknown = ContentRef(kind="rows", mission_id="ee" * 32, item=row_set_item(0, "f" * 16, me), sha256="ab" * 32)
         answers.append(await transfer.offer(target, unknown))
         return answers
+
+
+@asynccontextmanager
+async def serving(hostile: hivemind.DHT, served: dict[str, bytes]) -> AsyncIterator[ContentTransfer]:
+    """A content transfer on the hostile node that serves ``served`` (row-set item -> bytes) as they are put."""
+
+    async def source(ref: ContentRef) -> bytes | None:
+        return served.get(ref.item)
+
+    p2p = await hostile.replicate_p2p()
+    transfer = ContentTransfer(p2p, source)
+    await transfer.start()
+    try:
+        yield transfer
     finally:
         await transfer.stop()
         await p2p.shutdown()
@@ -290,7 +299,7 @@ def test_a_row_set_with_forged_log_probs_is_refuted_and_an_honest_one_verified(
         rows = shake(teacher, shard_rows, ReferenceJudge(threshold=0.5), sampling).rows
         assert len(rows) == 2
         if shard == 0:  # every token's log-probs lowered: the rows still decode, the numbers are not the teacher's
-            rows = [remade(row, topk_logprobs=row.topk_logprobs_array() - 0.3) for row in rows]
+            rows = [remake_row(row, topk_logprobs=row.topk_logprobs_array() - 0.3) for row in rows]
         row_sets.append(pack_row_set(rows))
     liar, honest = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
     producers = [liar, honest]
@@ -325,16 +334,6 @@ def test_a_row_set_with_forged_log_probs_is_refuted_and_an_honest_one_verified(
     assert "is refuted" in a.stderr()
 
 
-def remade(row: DorpoRow, **changes: object) -> DorpoRow:
-    fields: dict[str, object] = dict(
-        prompt=row.prompt, chosen=row.chosen, rejected=row.rejected, chosen_ids=row.chosen_ids_array(),
-        topk_ids=row.topk_ids_array(), topk_logprobs=row.topk_logprobs_array(), teacher=row.teacher,
-        judge=row.judge, scores=dict(row.scores), tokenizer=row.tokenizer, reference_used=row.reference_used,
-        vocab_size=49152,
-    )  # fmt: skip
-    return DorpoRow.from_arrays(**(fields | changes))  # type: ignore[arg-type]
-
-
 async def offer_row_sets(
     hostile: hivemind.DHT, mission_id: str, target: str, producers: list[rsa.RSAPrivateKey], attempts: list[str],
     row_sets: list[bytes],
@@ -343,14 +342,7 @@ async def offer_row_sets(
     from garden.protocol.row_sets import row_set_sha256
 
     served: dict[str, bytes] = {}
-
-    async def source(ref: ContentRef) -> bytes | None:
-        return served.get(ref.item)
-
-    p2p = await hostile.replicate_p2p()
-    transfer = ContentTransfer(p2p, source)
-    await transfer.start()
-    try:
+    async with serving(hostile, served) as transfer:
         answers = []
         for shard, (key, attempt, packed) in enumerate(zip(producers, attempts, row_sets, strict=True)):
             item = row_set_item(shard, attempt, signing.peer_id_of(signing.public_key_der(key)))
@@ -358,6 +350,3 @@ async def offer_row_sets(
             ref = ContentRef(kind="rows", mission_id=mission_id, item=item, sha256=row_set_sha256(packed))
             answers.append(await transfer.offer(target, ref))
         return answers
-    finally:
-        await transfer.stop()
-        await p2p.shutdown()
