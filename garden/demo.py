@@ -74,6 +74,17 @@ def mission_spec(settings: DemoSettings) -> dict[str, Any]:
     }  # fmt: skip
 
 
+SAMPLE_PROMPT = "What is the capital of France?"
+
+
+def _finish_reason(stderr: str) -> str | None:
+    """``stop`` or ``length`` from ``garden generate``'s closing line (``N tokens in … s (…); stop``)."""
+    for line in reversed(stderr.strip().splitlines()):
+        if " tokens in " in line and ";" in line:
+            return line.rsplit(";", 1)[1].strip() or None
+    return None
+
+
 def _garden(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=timeout, check=False
@@ -165,7 +176,9 @@ class Demo:
         self.stop()  # the evaluation wants the CPU
         say("evaluating on the held-out demo prompts (KL to the teacher, before and after)")
         before, after = evaluate_students([f"prune:{TEACHER}:layers={STUDENT_LAYERS}", str(out)])
-        answer = _garden("generate", "--model", str(out), "--max-new-tokens", "24", "What is the capital of France?")
+        answer = _garden("generate", "--model", str(out), "--max-new-tokens", "24", SAMPLE_PROMPT)
+        if answer.returncode != 0:
+            raise RuntimeError(f"the trained student does not generate: {answer.stderr[-2000:]}")
         result = {
             "mission_id": mission_id,
             "seconds_to_trained": shaking_s,
@@ -174,11 +187,15 @@ class Demo:
             "top1_before": before.get("top1"),
             "top1_after": after.get("top1"),
             "sample_answer": answer.stdout.strip(),
+            "sample_finish": _finish_reason(answer.stderr),
             "student": str(out),
         }
         say(f"held-out KL(teacher || student): {before.get('kl'):.3f} before -> {after.get('kl'):.3f} after")
         say(f"top-1 agreement with the teacher: {before.get('top1'):.3f} -> {after.get('top1'):.3f}")
-        say(f"the student answers 'What is the capital of France?': {answer.stdout.strip()!r}")
+        if answer.stdout.strip():
+            say(f"the student answers {SAMPLE_PROMPT!r}: {answer.stdout.strip()!r}")
+        else:  # a student trained for a minute is still far from its teacher: it may end its turn at once
+            say(f"the student ends its answer to {SAMPLE_PROMPT!r} at once (train longer: --epochs, --prompts)")
         return result
 
     def watch(self, mission_id: str, started: float) -> None:

@@ -29,7 +29,9 @@ def test_the_demo_trains_a_student_closer_to_the_teacher(tmp_path: Path, model_c
     assert "starting 3 peers" in done.stdout and "pulled the trained student" in done.stdout
     result = json.loads((work / "demo-result.json").read_text())
     assert result["heldout_kl_after"] < result["heldout_kl_before"], result
-    assert result["sample_answer"], result
+    # the trained student generates through `garden generate`; what it says is up to a minute of training
+    # (in one of six runs of this small demo, its first token was already the end of its turn)
+    assert result["sample_finish"] in ("stop", "length") and isinstance(result["sample_answer"], str), result
     assert (work / "student" / "model.safetensors").is_file()
     leftovers = []
     for proc in psutil.process_iter(["cmdline"]):
