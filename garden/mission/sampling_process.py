@@ -37,8 +37,6 @@ logger = logging.getLogger(__name__)
 RUN, HOLD, STOP = 0, 1, 2
 POLL = 0.05
 """Seconds between the parent's looks at the control (the lease, the governor) while the child works."""
-START_TIMEOUT = 120.0
-"""Seconds the child may take to start and answer its first request beyond the request itself (imports)."""
 
 
 class SamplerCrashed(RuntimeError):
