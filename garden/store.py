@@ -104,6 +104,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        5,
+        "row set wins",
+        """
+        ALTER TABLE row_sets ADD COLUMN won INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 
@@ -133,6 +140,9 @@ class StoredRowSet:
     rows: int
     received_from: str | None
     added_at: float
+    won: bool = False
+    """Whether the shard's records name this row set the shard's winner (as this peer last read them): only
+    winning row sets are trained on and exported; the others are the first to be pruned."""
 
 
 class StoreError(RuntimeError):
@@ -348,7 +358,19 @@ class Store:
     def row_sets(self, mission_id: str) -> list[StoredRowSet]:
         """Row sets held for a mission, by shard then attempt."""
         found = self.query("SELECT * FROM row_sets WHERE mission_id = ? ORDER BY shard, attempt", (mission_id,))
-        return [StoredRowSet(**dict(r)) for r in found]
+        return [StoredRowSet(**{**dict(r), "won": bool(r["won"])}) for r in found]
+
+    def mark_winners(self, mission_id: str, attempts: Iterable[str]) -> int:
+        """Mark the row sets of ``attempts`` as their shards' winners and every other row set of the mission as
+        not (a winner voided or refuted since loses its mark). Returns how many marks changed."""
+        won = sorted(set(attempts))
+        marks = ",".join("?" * len(won))
+        is_won = f"(attempt IN ({marks}))"
+        with self.transaction() as tx:
+            changed = tx.execute(
+                f"UPDATE row_sets SET won = {is_won} WHERE mission_id = ? AND won != {is_won}", (*won, mission_id, *won)
+            ).rowcount
+        return int(changed)
 
     def count_row_sets(self, mission_id: str) -> int:
         """Number of row sets held for a mission (``/metrics`` asks at every scrape: no rows are read)."""
@@ -437,29 +459,61 @@ class RowFeed:
     """New rows of one mission, read from a store another process writes (the daemon), read-only.
 
     The swarm trainer runs in a process of its own while the daemon keeps storing rows (its own shards,
-    copies from other peers); each :meth:`new_rows` returns only what arrived since the last call. A stored
-    row that no longer decodes (a damaged page, a row written by a newer garden) is skipped and counted in
-    :attr:`skipped`, never raised: one bad row must not stop a training run."""
+    copies from other peers); each :meth:`new_rows` returns only what was not returned before. Only rows
+    the swarm agreed on are read: those of row sets marked as their shard's winner (``won``), and rows this
+    peer's owner stored outside any row set (``garden shake``, a test's fixture). A row set a peer offered
+    that then lost its shard, or was never won, is never trained on. A stored row that no longer decodes (a
+    damaged page, a row written by a newer garden) is skipped and counted in :attr:`skipped`, never raised:
+    one bad row must not stop a training run."""
 
     def __init__(self, path: Path, mission_id: str):
         self.path, self.mission_id = Path(path), mission_id
         self.skipped = 0
-        self._after = 0  # SQLite rowid of the last row read
+        self._after = 0  # SQLite rowid of the last row read outside row sets
+        self._sets_read: set[str] = set()  # winning row sets (attempts) read
+        self._seen: set[str] = set()  # row ids returned (a row may be in two row sets)
         if not self.path.exists():
             raise StoreError(f"{self.path}: no garden database here")
         self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
 
     def new_rows(self, limit: int = 10_000) -> list[DorpoRow]:
+        found = self._db.execute(
+            "SELECT rowid, row_id, body FROM rows r WHERE mission_id = ? AND rowid > ?"
+            " AND NOT EXISTS (SELECT 1 FROM row_set_rows m WHERE m.row_id = r.row_id) ORDER BY rowid LIMIT ?",
+            (self.mission_id, self._after, limit),
+        ).fetchall()
+        if found:
+            self._after = found[-1][0]
+        rows = self._decode((row_id, body) for _, row_id, body in found)
+        won = [
+            a
+            for (a,) in self._db.execute(
+                "SELECT attempt FROM row_sets WHERE mission_id = ? AND won = 1 ORDER BY shard, attempt",
+                (self.mission_id,),
+            ).fetchall()
+            if a not in self._sets_read
+        ]
+        for attempt in won:
+            if len(rows) >= limit:
+                break
+            members = self._db.execute(
+                "SELECT r.row_id, r.body FROM row_set_rows m JOIN rows r ON r.row_id = m.row_id"
+                " WHERE m.mission_id = ? AND m.attempt = ? ORDER BY m.position",
+                (self.mission_id, attempt),
+            ).fetchall()
+            self._sets_read.add(attempt)
+            rows.extend(self._decode(members))
+        return rows
+
+    def _decode(self, found: Iterable[tuple[str, bytes]]) -> list[DorpoRow]:
         from garden.protocol.records import RecordError
         from garden.protocol.rows import DorpoRow
 
-        found = self._db.execute(
-            "SELECT rowid, row_id, body FROM rows WHERE mission_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
-            (self.mission_id, self._after, limit),
-        ).fetchall()
         rows = []
-        for rowid, row_id, body in found:
-            self._after = rowid
+        for row_id, body in found:
+            if row_id in self._seen:
+                continue
+            self._seen.add(row_id)
             try:
                 row = DorpoRow.from_msgpack(body, max_bytes=len(body))
             except RecordError as e:

@@ -302,3 +302,47 @@ def test_missions_migration_upgrades_a_v2_database(tmp_path: Path) -> None:
     assert store.count_rows() == 4  # the old rows are referenced, not copied
     assert store.row_set_bodies("m", "0000000000000001") == [r.to_msgpack() for r in rows]
     store.close()
+
+
+def test_a_v4_database_gains_the_won_mark_and_its_row_sets_start_unmarked(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    old = Store(path, MIGRATIONS[:4])
+    rows = _rows(2)
+    old.add_row_set(_held("0000000000000001", rows, mission_id="m"), _encoded(rows))
+    old.close()
+    store = Store(path)
+    assert store.schema_version == MIGRATIONS[-1].version
+    assert [s.won for s in store.row_sets("m")] == [False]
+    store.close()
+
+
+def test_the_row_feed_reads_winning_row_sets_and_the_owners_rows_only(tmp_path: Path) -> None:
+    """A row set stored here trains only once the shard's records name it the winner; one that loses its win
+    (voided, refuted) is not read again; rows stored outside any row set (``garden shake``) are read at once."""
+    from garden.store import RowFeed
+
+    store = Store(tmp_path / "g.sqlite3")
+    won, lost, late = _rows(2, "w"), _rows(2, "l"), _rows(2, "z")
+    store.add_row_set(_held("0000000000000001", won, mission_id="m", shard=0), _encoded(won))
+    store.add_row_set(_held("0000000000000002", lost, mission_id="m", shard=0), _encoded(lost))
+    own = _rows(1, "own")
+    store.add_rows(own, mission_id="m")
+    feed = RowFeed(store.path, "m")
+    assert [r.row_id for r in feed.new_rows()] == [own[0].row_id]  # nothing won yet
+    assert store.mark_winners("m", ["0000000000000001"]) == 1
+    assert [s.won for s in store.row_sets("m")] == [True, False]
+    assert [r.row_id for r in feed.new_rows()] == [r.row_id for r in won] and feed.new_rows() == []
+    # a later set that wins while the first loses its mark: only the new rows come, the lost set never does
+    store.add_row_set(_held("0000000000000003", late, mission_id="m", shard=1), _encoded(late))
+    assert store.mark_winners("m", ["0000000000000003"]) == 2
+    assert [r.row_id for r in feed.new_rows()] == [r.row_id for r in late] and feed.new_rows() == []
+    assert store.mark_winners("m", ["0000000000000003"]) == 0  # idempotent
+    assert store.mark_winners("m", []) == 1 and not any(s.won for s in store.row_sets("m"))
+    # a row shared by a winning set and the owner's rows comes once
+    again = RowFeed(store.path, "m")
+    store.mark_winners("m", ["0000000000000001"])
+    store.add_rows(won[:1], mission_id="m")  # already stored: a no-op, the row stays in its set
+    assert sorted(r.row_id for r in again.new_rows()) == sorted([own[0].row_id, *(r.row_id for r in won)])
+    feed.close()
+    again.close()
+    store.close()

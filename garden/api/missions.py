@@ -298,4 +298,5 @@ def _verification(snapshot: VerificationSnapshot | None) -> Verification:
     return Verification(
         verified=snapshot.verified, refuted=snapshot.refuted, pending=snapshot.pending,
         rows_checked=snapshot.rows_checked, producers_refuted=list(snapshot.producers_refuted),
+        unconfirmed=snapshot.unconfirmed,
     )  # fmt: skip

@@ -264,6 +264,10 @@ class Verification(BaseModel):
     pending: int = Field(0, description="winning row sets held here, produced elsewhere, not checked yet")
     rows_checked: int = 0
     producers_refuted: list[str] = Field(default_factory=list, description="their later results are ignored here")
+    unconfirmed: int = Field(
+        0, description="other peers' refutations not obeyed here: signed by peers this one does not trust, and "
+        "their named row held when checked here (or this peer cannot check)"
+    )
 
 
 class MissionDetail(MissionSummary):

@@ -396,6 +396,9 @@ def teacher_topk(
             logits = model(
                 input_ids=batch.to(device), attention_mask=mask.to(device), logits_to_keep=positions.to(device)
             ).logits
+        if logits.dim() != 3:  # transformers before 5.21 read a per-row logits_to_keep as one index for all rows
+            shape = tuple(logits.shape)
+            raise RuntimeError(f"the teacher's logits came back as {shape}: garden needs transformers >= 5.21")
         vocab = int(logits.shape[-1])
         for row, (_, answer) in enumerate(chunk):
             top = torch.log_softmax(logits[row, : len(answer)].float(), dim=-1).topk(min(k, vocab), dim=-1)

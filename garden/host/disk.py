@@ -1,12 +1,13 @@
 """``--max-disk``: keep the data dir under the owner's size.
 
-What may go, first to last: copies of row sets this peer took from others (oldest first) that some
-other peer still announces holding, then checkpoints older than each mission's newest, then hub models
-downloaded into the data dir that are not loaded now (least recently used first: they can be downloaded
-again). What never goes:
-a row set no other peer announces (it may be the last copy in the swarm), the newest checkpoint of a
-mission, the identity and the store's own bookkeeping. When that is not enough the peer says so in
-``/status`` (``resources.disk_note``) rather than delete what cannot be found again.
+What may go, first to last: copies of row sets this peer took from others that did not win their shard
+(a losing attempt, a winner voided or refuted since: nobody trains on them, so they never count as a last
+copy), then copies of winning row sets (oldest first) that some other peer still announces holding, then
+checkpoints older than each mission's newest, then hub models downloaded into the data dir that are not
+loaded now (least recently used first: they can be downloaded again). What never goes: a winning row set no
+other peer announces (it may be the last copy in the swarm), a row set this peer sampled, the newest
+checkpoint of a mission, the identity and the store's own bookkeeping. When that is not enough the peer
+says so in ``/status`` (``resources.disk_note``) rather than delete what cannot be found again.
 
 :func:`plan_pruning` decides (pure, tested on its own); :class:`DiskKeeper` measures, asks the DHT who
 holds what, and carries the plan out.
@@ -80,23 +81,25 @@ class Prunable:
     size: int
     added_at: float
     replica: bool = False  # a row set copied from another peer (not sampled here)
+    won: bool = True  # a row set its shard's records name the winner (those not are pruned first)
     holders_elsewhere: int = 0
     newest: bool = False  # a mission's newest checkpoint, or a model in use: kept
 
 
 def plan_pruning(items: Sequence[Prunable], used: int, cap: int) -> list[Prunable]:
-    """What to delete, in order, to bring ``used`` under ``cap``; never a row set without another holder,
-    never a mission's newest checkpoint."""
+    """What to delete, in order, to bring ``used`` under ``cap``; never a winning row set without another
+    holder, never a row set sampled here, never a mission's newest checkpoint."""
     if used <= cap:
         return []
+    unvouched = sorted((i for i in items if i.kind == "rows" and i.replica and not i.won), key=lambda i: i.added_at)
     replicas = sorted(
-        (i for i in items if i.kind == "rows" and i.replica and i.holders_elsewhere >= 1),
+        (i for i in items if i.kind == "rows" and i.replica and i.won and i.holders_elsewhere >= 1),
         key=lambda i: (-i.holders_elsewhere, i.added_at),
     )
     checkpoints = sorted((i for i in items if i.kind == "checkpoint" and not i.newest), key=lambda i: i.added_at)
     models = sorted((i for i in items if i.kind == "model" and not i.newest), key=lambda i: i.added_at)
     plan: list[Prunable] = []
-    for item in [*replicas, *checkpoints, *models]:
+    for item in [*unvouched, *replicas, *checkpoints, *models]:
         if used <= cap:
             break
         plan.append(item)
@@ -222,7 +225,7 @@ class DiskKeeper(Service):
                         Prunable(
                             kind="rows", mission_id=mission_id, key=row_set.attempt,
                             size=row_bytes.get(row_set.attempt, 0), added_at=row_set.added_at,
-                            replica=row_set.received_from is not None,
+                            replica=row_set.received_from is not None, won=row_set.won,
                             holders_elsewhere=len(elsewhere.get(row_set.attempt, set())),
                         )
                     )  # fmt: skip

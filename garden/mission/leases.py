@@ -39,8 +39,10 @@ from garden.protocol.shards import (
     MAX_LEASE_SECONDS,
     MAX_DONE_TTL,
     RELEASE_MARGIN,
+    MAX_REASON,
     DoneRecord,
     LeaseRecord,
+    RefutationRecord,
     decode_shard_entry,
     pick_winner,
 )
@@ -110,6 +112,7 @@ class ShardBoard:
         self.invalid_records = 0
         leases: dict[int, LeaseRecord] = {}
         results: dict[int, list[DoneRecord]] = {}
+        self.refutations: list[RefutationRecord] = []  # valid ones, whoever signed them: a claim to weigh
         self.stored: dict[str, tuple[bytes, float]] = {}  # subkey -> (value as stored, expiration) of valid entries
         for subkey, item in _items(entries):
             if subkey in void:
@@ -133,6 +136,8 @@ class ShardBoard:
             self.stored[record.subkey] = (raw, float(expiration_time))
             if isinstance(record, LeaseRecord):
                 leases[record.shard] = record
+            elif isinstance(record, RefutationRecord):
+                self.refutations.append(record)
             else:
                 results.setdefault(record.shard, []).append(record)
         self.shards: list[ShardState] = [self._state(i, leases.get(i), results.get(i, [])) for i in range(shard_count)]
@@ -448,11 +453,24 @@ class LeaseManager:
         future = self.dht.store(key, raw, now + self.config.done_expiration, subkey=done.subkey, return_future=True)
         return bool(await self._dht_call("write", future))
 
+    async def refute(self, done: DoneRecord, row: int, reason: str) -> RefutationRecord:
+        """Publish, signed, that row ``row`` of ``done``'s row set failed this peer's check (``reason``), so
+        that peers who trust this one, or who can check the row themselves, learn of it. Kept as long as a
+        done record may be; raises ``ShardDHTError`` when no DHT peer stored it."""
+        record = RefutationRecord(
+            mission_id=done.mission_id, shard=done.shard, shard_count=done.shard_count, peer_id=self.peer_id,
+            attempt=done.attempt, producer=done.peer_id, row_set_sha256=done.row_set_sha256, row=row,
+            reason=reason[:MAX_REASON], at=get_dht_time(),
+        )  # fmt: skip
+        if not await self._store(record, record.at + MAX_DONE_TTL):
+            raise ShardDHTError(f"no DHT peer stored the refutation of shard {done.shard}")
+        return record
+
     def _check_mine(self, lease: Lease) -> None:
         if lease.peer_id != self.peer_id:
             raise ValueError(f"lease belongs to {lease.peer_id}, this peer is {self.peer_id}")
 
-    async def _store(self, record: LeaseRecord | DoneRecord, expiration_time: float) -> bool:
+    async def _store(self, record: LeaseRecord | DoneRecord | RefutationRecord, expiration_time: float) -> bool:
         key = self.keys.mission_shards(record.mission_id)
         future = self.dht.store(
             key, record.to_wire(self._private_key), expiration_time, subkey=record.subkey, return_future=True

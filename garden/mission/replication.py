@@ -187,7 +187,8 @@ class RowSetKeeper:
     ) -> SettleReport:
         """Make this peer's row sets agree with the shard records: copy winning sets held by fewer than
         ``copies`` peers, then drop losing sets, but only those whose shard's winner is held twice, so that
-        a winner that later turns out unreachable does not leave its shard with no rows anywhere."""
+        a winner that later turns out unreachable does not leave its shard with no rows anywhere; then mark
+        which held sets won (what the trainer reads, and what pruning keeps longest)."""
         held_by = _held_by(holders)
         mine = {s.attempt for s in self.store.row_sets(mission.id)}
         fetched = 0
@@ -220,6 +221,7 @@ class RowSetKeeper:
                 dropped += 1
                 logger.info("dropped the losing attempt %s at shard %d of mission %s", loser.attempt, loser.shard,
                             mission.id[:12])  # fmt: skip
+        await asyncio.to_thread(self.store.mark_winners, mission.id, [d.attempt for d in winners.values()])
         if fetched or dropped:
             self.book.wake()
         return SettleReport(dropped=dropped, fetched=fetched)

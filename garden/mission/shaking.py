@@ -251,6 +251,9 @@ class MissionWork(Service):
             return
         try:
             board = await self.leases.fetch(mission.id, mission.shard_count)
+            trusted = {mission.signed.lead_peer_id, *self.book.policy.trusted_leads}
+            if await self.verifier.consider(mission, board, trusted, can_check=self.config.shaker):
+                board = await self.leases.fetch(mission.id, mission.shard_count)  # without what was refuted
         except ShardDHTError as e:
             logger.info("mission %s: shards unreadable now: %s", mission.id[:12], e)
             return
@@ -260,6 +263,8 @@ class MissionWork(Service):
             holders = await self.book.holders(mission.id)
             await self.keeper.settle(mission, board.winners(), board.losing_attempts(), holders)
             await self._keep_results_alive(mission, board)
+        else:  # every winner voided or refuted since: none of the held sets is trained on
+            await asyncio.to_thread(self.keeper.store.mark_winners, mission.id, ())
         if self.config.shaker and not self._paused and not mission.cancelled:
             await self._verify_some(mission, board)
         if mission.cancelled:

@@ -1,6 +1,6 @@
 """Shard bookkeeping records under ``<swarm>/m/<mission id>/shards`` (docs/architecture.md, "DHT keys").
 
-Two signed records share that dictionary key:
+Three signed records share that dictionary key:
 
 * ``lease:<shard>`` holds a :class:`LeaseRecord`: "peer P works on shard S (attempt A) until T". Its DHT
   expiration time *is* ``expires``: hivemind keeps, per subkey, the value with the latest expiration, so
@@ -13,6 +13,10 @@ Two signed records share that dictionary key:
   mission also refuses a lease older than the mission (:meth:`DoneRecord.check_mission`). A backdated
   record (``finished = 0``) is refused. What this does not stop: a peer can sign a lease it never stored,
   so a done record is a claim, checked later by verification, not a proof of work.
+* ``refuted:<shard>:<producer>:<attempt>:<refuter>`` holds a :class:`RefutationRecord`: "peer R recomputed
+  row N of that attempt's row set (hash H) with the teacher and it does not hold: why". A claim like any
+  other: readers obey it when R is someone they trust (the mission's lead, ``--trust-lead``), and a peer
+  that holds the teacher re-checks the named row itself (``garden.mission.verification``).
 
 Both are sealed with the worker's identity key (``garden.protocol.records.seal``) and carry that
 worker's peer id, so no peer can lease, release or finish a shard in another peer's name. The subkey
@@ -63,6 +67,9 @@ PeerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=
 _LEASE_SUBKEY = re.compile(r"^lease:(0|[1-9][0-9]{0,6})$")
 LEASE_PREFIX = "lease:"
 DONE_PREFIX = "done:"
+REFUTED_PREFIX = "refuted:"
+MAX_REASON = 200
+"""Characters of a refutation's reason: enough for a verifier's message, no room for a payload."""
 
 
 class _ShardRecord(StrictRecord):
@@ -190,6 +197,34 @@ class DoneRecord(_ShardRecord):
             raise RecordError(f"stored for {expiration_time - now:.0f} s, over {MAX_DONE_TTL:.0f}")
 
 
+class RefutationRecord(_ShardRecord):
+    """A verifier's finding that a row set does not hold: ``peer_id`` (the verifier, who signs) recomputed row
+    ``row`` of the row set ``row_set_sha256`` that ``producer`` sampled for ``shard`` as attempt ``attempt``,
+    and it failed for ``reason``. Anyone with the teacher can recompute that one row to see who is right."""
+
+    producer: PeerId
+    row_set_sha256: Sha256Hex
+    row: int = Field(ge=0, lt=MAX_ROWS_PER_SHARD, description="position of a failing row in the row set")
+    reason: str = Field(max_length=MAX_REASON)
+    at: float = Field(ge=0.0, description="DHT time of the finding")
+
+    @property
+    def subkey(self) -> str:
+        return refuted_subkey(self.shard, self.producer, self.attempt, self.peer_id)
+
+    def names(self, done: DoneRecord) -> bool:
+        """Whether this refutes ``done`` (the same shard, attempt, producer and row set)."""
+        return (self.shard, self.attempt, self.producer, self.row_set_sha256) == (
+            done.shard, done.attempt, done.peer_id, done.row_set_sha256,
+        )  # fmt: skip
+
+    def check_times(self, expiration_time: float, now: float) -> None:
+        if self.at > now + MAX_CLOCK_SKEW:
+            raise RecordError(f"made {self.at - now:.0f} s in the future")
+        if expiration_time > now + MAX_DONE_TTL + MAX_CLOCK_SKEW:
+            raise RecordError(f"stored for {expiration_time - now:.0f} s, over {MAX_DONE_TTL:.0f}")
+
+
 def lease_subkey(shard: int) -> str:
     return f"{LEASE_PREFIX}{shard}"
 
@@ -198,22 +233,31 @@ def done_subkey(shard: int, peer_id: str, attempt: str) -> str:
     return f"{DONE_PREFIX}{shard}:{peer_id}:{attempt}"
 
 
+def refuted_subkey(shard: int, producer: str, attempt: str, refuter: str) -> str:
+    return f"{REFUTED_PREFIX}{shard}:{producer}:{attempt}:{refuter}"
+
+
 def is_shard_subkey(subkey: object) -> bool:
-    """Does this subkey claim to be a lease or done entry (and so must pass their checks)?"""
-    return isinstance(subkey, str) and (subkey.startswith(LEASE_PREFIX) or subkey.startswith(DONE_PREFIX))
+    """Does this subkey claim to be a lease, done or refutation entry (and so must pass their checks)?"""
+    return isinstance(subkey, str) and subkey.startswith((LEASE_PREFIX, DONE_PREFIX, REFUTED_PREFIX))
 
 
-def decode_shard_entry(raw: Any, subkey: Any, expiration_time: float, now: float) -> LeaseRecord | DoneRecord:
+ShardEntry = LeaseRecord | DoneRecord | RefutationRecord
+
+
+def decode_shard_entry(raw: Any, subkey: Any, expiration_time: float, now: float) -> ShardEntry:
     """One entry of the shards dictionary, fully checked; raises ``RecordError`` (never anything else)."""
     if not isinstance(subkey, str):
         raise RecordError(f"subkey is {type(subkey).__name__}, not a string")
     if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)):
         raise RecordError(f"expiration time is {type(expiration_time).__name__}")
-    record: LeaseRecord | DoneRecord
+    record: ShardEntry
     if _LEASE_SUBKEY.match(subkey):
         record = LeaseRecord.from_wire(raw, subkey)
     elif subkey.startswith(DONE_PREFIX):
         record = DoneRecord.from_wire(raw, subkey)
+    elif subkey.startswith(REFUTED_PREFIX):
+        record = RefutationRecord.from_wire(raw, subkey)
     else:
         raise RecordError(f"unknown subkey {subkey[:80]!r}")
     record.check_times(float(expiration_time), now)

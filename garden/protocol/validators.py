@@ -143,7 +143,7 @@ class ShardRecordValidator(CountingValidator):
     search returns (a node that answers with any invalid entry has its whole answer dropped), so an
     honest node never stores nor hands out a forged lease.
 
-    What it recognises: any subkey starting with ``lease:`` or ``done:``, under any key; the record
+    What it recognises: any subkey starting with ``lease:``, ``done:`` or ``refuted:``, under any key; the record
     must then be a valid signed record whose subkey, mission key (``<swarm>/m/<mission>/shards``),
     shard range and times check out. What it cannot do: know which keys are shards keys (it sees only
     key hashes, and missions appear after the DHT process forked), so an entry under a shards key with

@@ -156,8 +156,8 @@ def test_the_ledger_keeps_contribution_across_restarts(tmp_path: Path) -> None:
     store.close()
 
 
-def _rows(key: str, size: int, age: float, elsewhere: int, replica: bool = True) -> Prunable:
-    return Prunable("rows", "m", key, size, added_at=age, replica=replica, holders_elsewhere=elsewhere)
+def _rows(key: str, size: int, age: float, elsewhere: int, replica: bool = True, won: bool = True) -> Prunable:
+    return Prunable("rows", "m", key, size, added_at=age, replica=replica, holders_elsewhere=elsewhere, won=won)
 
 
 def _ckpt(key: str, size: int, age: float, newest: bool = False) -> Prunable:
@@ -171,6 +171,9 @@ def test_disk_pruning_never_takes_the_last_copy_of_a_row_set() -> None:
         _rows("copy-old", 100, 3.0, elsewhere=1),
         _rows("copy-new", 100, 9.0, elsewhere=1),
         _rows("copy-well-held", 100, 8.0, elsewhere=2),
+        _rows("lost-only-here", 50, 7.0, elsewhere=0, won=False),
+        _rows("lost-held-elsewhere", 50, 6.0, elsewhere=2, won=False),
+        _rows("own-lost", 50, 1.0, elsewhere=0, replica=False, won=False),
         _ckpt("ckpt-1", 1000, 1.0),
         _ckpt("ckpt-2", 1000, 2.0, newest=True),
         Prunable("model", "", "models--org--recent", 3000, added_at=5.0),
@@ -179,10 +182,16 @@ def test_disk_pruning_never_takes_the_last_copy_of_a_row_set() -> None:
     ]
     assert plan_pruning(items, used=1000, cap=2000) == []
     plan = [i.key for i in plan_pruning(items, used=20_000, cap=0)]
-    # copies held most widely, then the oldest; then old checkpoints; then unused models, least recent first;
-    # never the rest
-    assert plan == ["copy-well-held", "copy-old", "copy-new", "ckpt-1", "models--org--old", "models--org--recent"]
-    assert [i.key for i in plan_pruning(items, used=2150, cap=2000)] == ["copy-well-held", "copy-old"]
+    # copies of sets that did not win first (oldest first: nobody trains on them, no "last copy" to keep);
+    # then winning copies held most widely, then the oldest; then old checkpoints; then unused models, least
+    # recent first; never the rest (the last copy of a winner, what this peer sampled, the newest checkpoint)
+    assert plan == [
+        "lost-held-elsewhere", "lost-only-here", "copy-well-held", "copy-old", "copy-new", "ckpt-1",
+        "models--org--old", "models--org--recent",
+    ]  # fmt: skip
+    assert [i.key for i in plan_pruning(items, used=2250, cap=2000)] == [
+        "lost-held-elsewhere", "lost-only-here", "copy-well-held", "copy-old",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

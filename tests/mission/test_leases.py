@@ -26,9 +26,11 @@ from garden.protocol.shards import (
     MAX_SHARD_RECORD_BYTES,
     DoneRecord,
     LeaseRecord,
+    RefutationRecord,
     decode_shard_entry,
     done_subkey,
     pick_winner,
+    refuted_subkey,
 )
 from garden.protocol.validators import ShardRecordValidator
 from garden.mission.leases import (
@@ -410,3 +412,97 @@ async def test_a_done_record_is_kept_alive_by_holders_before_it_expires(dhts: li
     board = await producer.fetch(mission, 1)
     assert board.stored[done.subkey][1] > first_expiry + 30  # the producer's own bytes, stored for longer
     assert board.winners() == {0: done} and board.invalid_records == 0
+
+
+# --- refutations ----------------------------------------------------------------------------------------
+
+
+def refutation_of(
+    done: DoneRecord, refuter: rsa.RSAPrivateKey, row: int = 1, at: float | None = None
+) -> RefutationRecord:
+    return RefutationRecord(
+        mission_id=done.mission_id, shard=done.shard, shard_count=done.shard_count, peer_id=peer_id(refuter),
+        attempt=done.attempt, producer=done.peer_id, row_set_sha256=done.row_set_sha256, row=row,
+        reason="top-k log-probs off", at=get_dht_time() if at is None else at,
+    )  # fmt: skip
+
+
+def test_a_refutation_is_signed_by_its_verifier_and_names_one_result() -> None:
+    producer, verifier, mallory = new_key(), new_key(), new_key()
+    mission, now = mission_id(), get_dht_time()
+    done = done_for(lease_for(producer, mission, shard=1), now)
+    claim = refutation_of(done, verifier)
+    assert claim.subkey == refuted_subkey(1, peer_id(producer), done.attempt, peer_id(verifier))
+    assert RefutationRecord.from_wire(claim.to_wire(verifier), claim.subkey) == claim and claim.names(done)
+    other = done_for(lease_for(producer, mission, shard=1), now)
+    assert not claim.names(other)  # another attempt of the same shard
+    with pytest.raises(RecordError, match="signed by"):  # in another verifier's name
+        RefutationRecord.from_wire(claim.to_wire(mallory), claim.subkey)
+    with pytest.raises(ValueError):
+        refutation_of(done, verifier).model_validate(claim.model_dump() | {"reason": "x" * 201})
+    with pytest.raises(RecordError, match="future"):
+        future = refutation_of(done, verifier, at=now + 3600)
+        decode_shard_entry(future.to_wire(verifier), future.subkey, now + 60, now)
+
+    key = KEYS.mission_shards(mission)
+    validator = ShardRecordValidator(KEYS)
+    assert validator.validate(shard_record(key, claim.subkey, claim.to_wire(verifier), now + 3600))
+    assert not validator.validate(shard_record(key, claim.subkey, claim.to_wire(mallory), now + 3600))
+    assert not validator.validate(shard_record(key, claim.subkey + "x", claim.to_wire(verifier), now + 3600))
+    assert not validator.validate(shard_record(key, claim.subkey, claim.to_wire(verifier), now + 30 * 86400))
+    # on the board: kept aside as a claim; it changes no shard's state by itself
+    entries = {
+        done.subkey: ValueWithExpiration(done.to_wire(producer), now + 3600),
+        claim.subkey: ValueWithExpiration(claim.to_wire(verifier), now + 3600),
+    }
+    board = ShardBoard(entries, mission, 3, now)
+    assert board.refutations == [claim] and board.winners() == {1: done} and board.invalid_records == 0
+
+
+async def test_a_refutation_is_obeyed_from_a_trusted_peer_and_only_weighed_from_a_stranger(
+    dhts: list[hivemind.DHT], tmp_path: Any
+) -> None:
+    """A stranger's refutation of an honest row set changes nothing but which rows this peer checks next; the
+    lead's (a peer this one trusts) voids the row set here, drops its rows and distrusts its producer."""
+    from types import SimpleNamespace
+
+    from garden.mission.verification import VerificationState, Verifier
+    from garden.store import Store, StoredRowSet
+
+    producer, lead, stranger, me = new_key(), new_key(), new_key(), new_key()
+    mission = mission_id()
+    made = LeaseManager(dhts[0], KEYS, producer)
+    lease = await made.claim(mission, 2)
+    assert lease is not None
+    done = await made.mark_done(lease, rows=2, row_set_sha256=hashlib.sha256(b"rows").hexdigest())
+    store = Store(tmp_path / "g.sqlite3")
+    held = StoredRowSet(mission_id=mission, attempt=done.attempt, shard=done.shard, producer=done.peer_id,
+                        sha256=done.row_set_sha256, rows=0, received_from="QmSomeone", added_at=0.0)  # fmt: skip
+    store.add_row_set(held, [])
+
+    async def never(job: Any) -> list:
+        raise AssertionError("weighing a refutation runs no check by itself")
+
+    leases = LeaseManager(dhts[1], KEYS, me)
+    verifier = Verifier(store, leases, never, peer_id(me))
+    subject: Any = SimpleNamespace(id=mission)
+    verifier.missions[mission] = VerificationState(verified={done.attempt: done.peer_id})  # checked: a sample
+    claim = await LeaseManager(dhts[2], KEYS, stranger).refute(done, row=1, reason="made up")
+    board = await leases.fetch(mission, 2)
+    assert board.refutations == [claim]
+    assert not await verifier.consider(subject, board, trusted={peer_id(lead)}, can_check=True)
+    state = verifier.missions[mission]
+    assert done.attempt not in state.verified  # pending again: row 1 is checked at the next look
+    assert state.claims[done.attempt] == {peer_id(stranger): claim}
+    assert store.row_sets(mission) and (await leases.fetch(mission, 2)).winners() == {done.shard: done}
+    assert not await verifier.consider(subject, board, trusted={peer_id(lead)}, can_check=True)  # once only
+
+    await LeaseManager(dhts[2], KEYS, lead).refute(done, row=0, reason="row 0 fails")
+    board = await leases.fetch(mission, 2)
+    assert len(board.refutations) == 2
+    assert await verifier.consider(subject, board, trusted={peer_id(lead)}, can_check=False)
+    assert store.row_sets(mission) == [] and done.attempt in state.refuted
+    assert (await leases.fetch(mission, 2)).winners() == {}  # void here: the shard is open again
+    assert state.producers_refuted == {done.peer_id} and state.published == 0  # obeyed, not signed again
+    store.close()
+

@@ -280,15 +280,19 @@ def test_a_row_set_with_forged_log_probs_is_refuted_and_an_honest_one_verified(
     converted: Path,  # noqa: F811 (the fixture imported above)
 ) -> None:
     """Two strangers win a shard each with a done record under a lease they signed themselves, and offer the
-    rows: real rows of the built-in teacher, but one stranger's log-probs are made up. The peer, which holds
-    the teacher, checks the rows it took (garden.distill.verify): it refutes the forged row set (void, dropped,
-    its shard sampled again by itself, its producer's later records ignored) and verifies the honest one."""
+    rows to both peers: real rows of the built-in teacher, but one stranger's log-probs are made up. Peer A
+    (the lead, with the teacher) checks the rows it took (garden.distill.verify): it refutes the forged row set
+    (void, dropped, its shard sampled again by itself, its producer's later records ignored), publishes a
+    signed refutation, and verifies the honest one. Peer B, which samples nothing and cannot check, obeys A's
+    refutation (A leads the mission) and drops the forged rows. A third stranger's refutation of the honest
+    row set is only a claim: A checks the named row, it holds, and both peers keep the honest rows."""
     from garden.distill.judges import ReferenceJudge
     from garden.distill.shaker import ShakeConfig, shake
     from garden.models.loading import load_model
     from garden.protocol.mission import shard_prompts
     from garden.protocol.row_sets import pack_row_set, row_set_sha256
     from garden.protocol.rows import PromptRow
+    from garden.protocol.shards import RefutationRecord
 
     body = mission_body(prompts=4)  # 2 shards of 2 prompts; its own rows first, then the mission
     prompts = [PromptRow.model_validate(p) for p in body["prompts"]]
@@ -301,28 +305,49 @@ def test_a_row_set_with_forged_log_probs_is_refuted_and_an_honest_one_verified(
         if shard == 0:  # every token's log-probs lowered: the rows still decode, the numbers are not the teacher's
             rows = [remake_row(row, topk_logprobs=row.topk_logprobs_array() - 0.3) for row in rows]
         row_sets.append(pack_row_set(rows))
-    liar, honest = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    liar, honest, slanderer = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(3))
     producers = [liar, honest]
 
     a = start(daemons, "--lease-seconds", "10", cache=converted)
+    b = start(daemons, "--roles", "trainer", join=a, cache=converted)  # no teacher checks here
     mission_id = create(a, body)
+    wait_until(lambda: b.get(f"/missions/{mission_id}").status_code == 200, 30, 0.5, "B knows the mission")
     hostile = hivemind.DHT(initial_peers=[a.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     attempts = [f"{shard + 10:016x}" for shard in (0, 1)]
+    shards_key = DHTKeys().mission_shards(mission_id)
     try:
+        dones = []
         for shard, (key, packed) in enumerate(zip(producers, row_sets, strict=True)):
             done = DoneRecord.model_validate(done_record(key, mission_id, shard, attempts[shard],
                                                          row_set_sha256(packed)))  # fmt: skip
-            assert hostile.store(DHTKeys().mission_shards(mission_id), done.to_wire(key), get_dht_time() + 600,
-                                 subkey=done.subkey)  # fmt: skip
-        answers = asyncio.run(offer_row_sets(hostile, mission_id, a.peer_id, producers, attempts, row_sets))
-        assert answers == [(True, "stored")] * 2, answers
+            assert hostile.store(shards_key, done.to_wire(key), get_dht_time() + 600, subkey=done.subkey)
+            dones.append(done)
+        targets = [a.peer_id, b.peer_id]
+        answers = asyncio.run(offer_row_sets(hostile, mission_id, targets, producers, attempts, row_sets))
+        assert answers == [(True, "stored")] * 4, answers
+        # the slanderer says row 0 of the honest set fails
+        slanderer_id = signing.peer_id_of(signing.public_key_der(slanderer))
+        slander = RefutationRecord(
+            mission_id=mission_id, shard=1, shard_count=2, peer_id=slanderer_id, attempt=attempts[1],
+            producer=dones[1].peer_id, row_set_sha256=dones[1].row_set_sha256, row=0, reason="top-k log-probs off",
+            at=get_dht_time(),
+        )  # fmt: skip
+        assert hostile.store(shards_key, slander.to_wire(slanderer), get_dht_time() + 600, subkey=slander.subkey)
 
         def checked() -> dict[str, object] | None:
             found = a.get(f"/missions/{mission_id}").json()["verification"]
-            return found if found["refuted"] == 1 and found["verified"] == 1 else None
+            done = found["refuted"] == 1 and found["verified"] == 1 and found["unconfirmed"] == 1
+            return found if done and "is not confirmed here" in a.stderr() else None
 
-        verification = wait_until(checked, 120, 0.5, "one row set refuted, one verified")
+        verification = wait_until(checked, 120, 0.5, "one row set refuted, one verified, the slander not confirmed")
         final = wait_done(a, mission_id)
+
+        def obeyed() -> dict[str, object] | None:
+            found = b.get(f"/missions/{mission_id}").json()["verification"]
+            gone = attempts[0] not in held_row_sets(b, mission_id).get(0, set())
+            return found if found["refuted"] == 1 and gone else None
+
+        on_b = wait_until(obeyed, 60, 0.5, "B obeys the lead's refutation")
     finally:
         hostile.shutdown()
     liar_id = signing.peer_id_of(signing.public_key_der(liar))
@@ -332,21 +357,83 @@ def test_a_row_set_with_forged_log_probs_is_refuted_and_an_honest_one_verified(
     assert held[1] == {attempts[1]}  # the honest stranger's rows stand
     assert final["rows"] == 4 and len(export(a, mission_id)) == 4
     assert "is refuted" in a.stderr()
+    # B: the forged rows gone on the lead's word, the honest ones kept despite the slander (B trusts only A)
+    assert on_b["producers_refuted"] == [liar_id] and on_b["rows_checked"] == 0 and on_b["unconfirmed"] == 1
+    assert attempts[1] in held_row_sets(b, mission_id).get(1, set())
+    assert "whom this peer trusts" in b.stderr()
+    for peer in (a, b):
+        assert peer.get("/health").json() == {"status": "ok"}
 
 
 async def offer_row_sets(
-    hostile: hivemind.DHT, mission_id: str, target: str, producers: list[rsa.RSAPrivateKey], attempts: list[str],
-    row_sets: list[bytes],
+    hostile: hivemind.DHT, mission_id: str, target: str | list[str], producers: list[rsa.RSAPrivateKey],
+    attempts: list[str], row_sets: list[bytes],
 ) -> list[tuple[bool, str]]:
-    """Serve each row set from the hostile node and offer it to ``target``, as its producer would."""
+    """Serve each row set from the hostile node and offer it to ``target`` (each of them, in turn), as its
+    producer would; the answers in order, target by target. One serving transfer for all (a hivemind DHT
+    hands out its p2p replica once per event loop)."""
     from garden.protocol.row_sets import row_set_sha256
 
     served: dict[str, bytes] = {}
     async with serving(hostile, served) as transfer:
         answers = []
-        for shard, (key, attempt, packed) in enumerate(zip(producers, attempts, row_sets, strict=True)):
-            item = row_set_item(shard, attempt, signing.peer_id_of(signing.public_key_der(key)))
-            served[item] = packed
-            ref = ContentRef(kind="rows", mission_id=mission_id, item=item, sha256=row_set_sha256(packed))
-            answers.append(await transfer.offer(target, ref))
+        for peer in [target] if isinstance(target, str) else target:
+            for shard, (key, attempt, packed) in enumerate(zip(producers, attempts, row_sets, strict=True)):
+                item = row_set_item(shard, attempt, signing.peer_id_of(signing.public_key_der(key)))
+                served[item] = packed
+                ref = ContentRef(kind="rows", mission_id=mission_id, item=item, sha256=row_set_sha256(packed))
+                answers.append(await transfer.offer(peer, ref))
         return answers
+
+
+
+def test_an_offered_row_set_that_did_not_win_is_never_trained_on(
+    daemons: DaemonFactory,
+    converted: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """The attack: a stranger finishes shard 0 second (a lease it signed itself, a done record that names its
+    row set) and offers invented answers. The peer takes the offer (a done record names it) and keeps it while
+    the shard's winner is not safely held anywhere (here the winner's rows are served by nobody), but the set
+    lost its shard: the training feed never reads it and the export leaves it out."""
+    import numpy as np
+
+    from garden.protocol.row_sets import pack_row_set, row_set_sha256
+    from garden.protocol.rows import DorpoRow
+    from garden.store import RowFeed
+
+    body = mission_body(prompts=4)  # 2 shards of 2 prompts
+    a = start(daemons, "--roles", "trainer", cache=converted)  # samples nothing: only the strangers' rows
+    mission_id = create(a, body)
+    poisoned = [
+        DorpoRow.from_arrays(
+            prompt=p["prompt"], chosen="POISONED ANSWER", rejected=None, chosen_ids=[1, 2], topk_ids=[[1], [2]],
+            topk_logprobs=np.zeros((2, 1)), teacher="builtin:smollm2-135m", judge="reference", scores={},
+            tokenizer="tok", vocab_size=49152,
+        )  # fmt: skip
+        for p in body["prompts"][:2]
+    ]
+    packed = pack_row_set(poisoned)
+    first, second = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    attempts = ["0e" * 8, "0f" * 8]
+    hostile = hivemind.DHT(initial_peers=[a.join_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        for key, attempt, digest in ((first, attempts[0], "ab" * 32), (second, attempts[1], row_set_sha256(packed))):
+            # the first wins, and nobody serves its rows; the second finishes a second later: it loses
+            time.sleep(1.0)
+            done = DoneRecord.model_validate(done_record(key, mission_id, 0, attempt, digest))
+            assert hostile.store(DHTKeys().mission_shards(mission_id), done.to_wire(key), get_dht_time() + 600,
+                                 subkey=done.subkey)  # fmt: skip
+        answers = asyncio.run(offer_row_sets(hostile, mission_id, a.peer_id, [second], [attempts[1]], [packed]))
+        assert answers == [(True, "stored")], answers
+        time.sleep(3)  # a few looks at the mission: the loser stays (its winner is not held), and is not won
+        assert held_row_sets(a, mission_id) == {0: {attempts[1]}}
+        feed = RowFeed(a.data_dir / "garden.sqlite3", mission_id)
+        try:
+            assert feed.new_rows() == []
+        finally:
+            feed.close()
+        response = a.get(f"/missions/{mission_id}/rows", params={"format": "jsonl"})
+        assert response.status_code == 200 and "POISONED" not in response.text, response.text[:300]
+    finally:
+        hostile.shutdown()
+    assert a.get("/health").json() == {"status": "ok"}

@@ -388,8 +388,10 @@
       meta.push(["this peer", `${here.state || "—"}, ${plural(here.shards_shaken, "shard")}, ${plural(here.rows_shaken, "row")}`]);
       if (train) meta.push(["training", `${train.state}, ${plural(train.samples, "sample")}, ${plural(train.peers, "trainer")}`]);
       const checks = detail.verification;
-      if (checks && (checks.verified || checks.refuted || checks.pending)) {
-        meta.push(["checked", `${fmtInt(checks.verified)} verified, ${fmtInt(checks.refuted)} refuted, ${fmtInt(checks.pending)} pending`]);
+      if (checks && (checks.verified || checks.refuted || checks.pending || checks.unconfirmed)) {
+        let text = `${fmtInt(checks.verified)} verified, ${fmtInt(checks.refuted)} refuted, ${fmtInt(checks.pending)} pending`;
+        if (checks.unconfirmed) text += `, ${plural(checks.unconfirmed, "unconfirmed refutation")}`;
+        meta.push(["checked", text]);
       }
       if (detail.cancel_reason) meta.push(["cancelled", detail.cancel_reason]);
       if (train && train.error) meta.push(["error", train.error]);
