@@ -48,7 +48,7 @@ import numpy as np
 from garden.data import demo_prompts
 from garden.distill.judges import ReferenceJudge
 from garden.distill.shaker import ShakeConfig, shake, teacher_topk
-from garden.distill.verify import Tolerance, _compare, verify_rows
+from garden.distill.verify import Tolerance, compare_topk, verify_rows
 from garden.models.chat import chat_prompt_ids
 from garden.models.loading import LoadedModel, load_model, tokenizer_fingerprint
 from garden.protocol.rows import DorpoRow, PromptRow
@@ -170,7 +170,7 @@ def measure(
         **gap_stats(rows, again),
         "off": {"share": round(off_tokens / max(1, sum(tokens)), 4), "row_max": round(max(c.off for c in checks), 4)},
         "accepted_by": {
-            name: sum(_compare(row, ids, lps, tol).ok for row, (ids, lps) in zip(rows, again, strict=True))
+            name: sum(compare_topk(row, ids, lps, tol).ok for row, (ids, lps) in zip(rows, again, strict=True))
             for name, tol in TOLERANCES.items()
         },
         "refused_reasons": refused[:5],
@@ -197,7 +197,7 @@ def fakes_refused(verifier: LoadedModel, rows: Sequence[DorpoRow]) -> dict[str, 
     for shift in FAKE_SHIFTS:
         forged = [faked(row, shift, vocab_size) for row in rows]
         out[f"-{shift}"] = {
-            name: sum(not _compare(row, ids, lps, tol).ok for row, (ids, lps) in zip(forged, again, strict=True))
+            name: sum(not compare_topk(row, ids, lps, tol).ok for row, (ids, lps) in zip(forged, again, strict=True))
             for name, tol in TOLERANCES.items()
         }
     return out

@@ -102,7 +102,7 @@ def verify_rows(
         items = [(chat_prompt_ids(tokenizer, rows[i].prompt), rows[i].chosen_ids_array().tolist()) for i in forced]
         tops, _ = teacher_topk(teacher, items, max(rows[i].k for i in forced))
         for index, (top_ids, top_logprobs) in zip(forced, tops, strict=True):
-            checks[index] = _compare(rows[index], top_ids.numpy(), top_logprobs.numpy(), tolerance)
+            checks[index] = compare_topk(rows[index], top_ids.numpy(), top_logprobs.numpy(), tolerance)
     return [check if check is not None else RowCheck("not checked") for check in checks]
 
 
@@ -140,8 +140,9 @@ def _judge_reason(row: DorpoRow, prompt: PromptRow, judge: Judge) -> str | None:
     return None
 
 
-def _compare(row: DorpoRow, ids: np.ndarray, logprobs: np.ndarray, tolerance: Tolerance) -> RowCheck:
-    """The row's stored top-k against the recomputed one (both [T, k'], k' >= the row's k)."""
+def compare_topk(row: DorpoRow, ids: np.ndarray, logprobs: np.ndarray, tolerance: Tolerance) -> RowCheck:
+    """The row's stored top-k against a recomputed one (both [T, k'], k' >= the row's k), within ``tolerance``: what
+    :func:`verify_rows` applies, callable on numbers recomputed elsewhere (another device, ``benchmarks/``)."""
     stored_ids, stored = row.topk_ids_array(), row.topk_logprobs_array().astype(np.float64)
     tokens, k = stored_ids.shape
     if ids.shape[0] != tokens:
