@@ -15,24 +15,30 @@ All in one run, on one machine:
 - ``detection``: over ``--runs`` seeds, a shaker wins every shard of a mission of ``--mission-rows`` rows
   (the shaken rows, cycled) and fakes the log-probs of 20 % of its rows (a fifth of their tokens' log-probs
   lowered by 0.3: more confident ones would not pass the row schema's sum check); a verifier checks a
-  ``--fraction`` sample of each shard's rows (at least one) chosen by the seed; ``caught_runs`` counts the
-  runs in which at least one faked row was checked and refused (one is enough: a refutation re-verifies all
-  of that producer's shards)
+  ``--fraction`` sample of each shard's rows (at least one), the producer's first ``PROBATION_ROWS`` rows in
+  full, chosen as the daemon chooses (``garden.mission.verification.sample_rows``, seeded by each row set's
+  hash); ``caught_runs`` counts the runs in which at least one faked row was checked and refused (one is
+  enough: a refutation re-verifies all of that producer's shards)
+- ``probation_cost``: shaking's throughput with the probation's checks (``PROBATION_ROWS`` rows, once per
+  producer and mission) over shaking alone, for a mission of ``--prompts`` prompts: the worst case
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from garden.data import demo_prompts
 from garden.distill.judges import ReferenceJudge
 from garden.distill.shaker import ShakeConfig, shake
 from garden.distill.verify import Tolerance, verify_rows
+from garden.mission.verification import PROBATION_ROWS, sample_rows
 from garden.models.loading import load_model
 from garden.protocol.rows import DorpoRow
 
@@ -72,18 +78,25 @@ def main() -> None:
     bf16 = verify_rows(bf16_teacher, rows, answered, judge)
 
     mission = [rows[i % len(rows)] for i in range(args.mission_rows)]
-    caught = 0
+    caught, checked_rows = 0, []
     for seed in range(args.runs):
         rng = random.Random(seed)
         shards = [mission[i : i + args.shard_size] for i in range(0, len(mission), args.shard_size)]
-        found = False
-        for shard in shards:
+        found, producer_rows = False, 0
+        for index, shard in enumerate(shards):
             fake = set(rng.sample(range(len(shard)), max(1, round(0.2 * len(shard)))))
             sent = [_faked(row) if i in fake else row for i, row in enumerate(shard)]
-            checked = rng.sample(range(len(sent)), max(1, round(args.fraction * len(sent))))
+            # the daemon's own choice: seeded by the row set's hash, the producer's probation first
+            done = SimpleNamespace(row_set_sha256=hashlib.sha256(f"{seed}:{index}".encode()).hexdigest())
+            probation = max(0, PROBATION_ROWS - producer_rows)
+            checked = sample_rows(done, len(sent), args.fraction, at_least=probation)  # type: ignore[arg-type]
+            producer_rows += len(checked)
             verdicts = verify_rows(teacher, [sent[i] for i in checked], [by_text[sent[i].prompt] for i in checked])
             found = found or any(not v.ok for i, v in zip(checked, verdicts, strict=True) if i in fake)
+            if found:
+                break  # refuted: from here every row of the producer's is checked (and discarded)
         caught += found
+        checked_rows.append(producer_rows)
 
     fraction_s = verify_all_s * args.fraction
     print(json.dumps({
@@ -94,7 +107,9 @@ def main() -> None:
         "honest_refused_bf16": sum(not c.ok for c in bf16), "worst_bf16": round(max(c.worst for c in bf16), 4),
         "off_bf16": round(max(c.off for c in bf16), 4), "tolerance": Tolerance().__dict__,
         "detection": {"runs": args.runs, "caught_runs": caught, "shard_size": args.shard_size,
-                      "mission_rows": args.mission_rows},
+                      "mission_rows": args.mission_rows, "probation_rows": PROBATION_ROWS,
+                      "rows_checked_until_caught": checked_rows},
+        "probation_cost": round(shake_s / (shake_s + verify_all_s * min(1.0, PROBATION_ROWS / len(rows))), 3),
     }))  # fmt: skip
 
 

@@ -14,6 +14,9 @@ What is measured, and why:
   tokens, with a spare 10-20 server up: the longest gap between two chunks, next to the median gap.
 - **wire dtype**: in this process, greedy output of 8 prompts x 48 tokens with hidden states cast to
   float16 (and, separately, bfloat16) at the two range boundaries, compared with float32 all the way.
+- **spot checks**: the same requests from another client peer started with ``--spot-check F`` (F = 0.1 and
+  1): each step of a hop is, with probability F, also run on the other 10-20 server after a replay of the
+  session's history there. ``over_off`` = its tokens/s over the plain client's (the cost of checking).
 """
 
 from __future__ import annotations
@@ -180,6 +183,20 @@ def main() -> int:
             pipelined_rate(client, texts[:1], 4)  # warm-up: the client loads the embeddings and head
             report["pipelined"] = pipelined_rate(client, texts, args.tokens)
             log(f"pipelined: {report['pipelined']}")
+            report["spot_check"] = {}
+            for fraction in (0.1, 1.0):
+                checking = factory.start(
+                    "--roles", "shaker", "--join", first.join_addr, "--max-threads", "1", "--inference-timeout", "5",
+                    "--spot-check", str(fraction), env=env,
+                )  # fmt: skip
+                wait_until(lambda c=checking: c.get("/v1/models").json()["data"], 60, 0.5, "the model covered")
+                pipelined_rate(checking, texts[:1], 4)  # warm-up
+                rate = pipelined_rate(checking, texts, args.tokens)
+                rate["over_off"] = round(rate["tokens_per_s"] / report["pipelined"]["tokens_per_s"], 3)
+                rate["servers_banned"] = checking.stderr().count(" banned for ")  # honest servers: none
+                report["spot_check"][str(fraction)] = rate
+                checking.stop()
+            log(f"spot checks: {report['spot_check']}")
             report["stream"] = stream_gaps(client, texts[0], args.tokens)
             report["failover"] = stream_gaps(client, texts[1 % len(texts)], args.tokens, 5, [middle, spare])
             log(f"stream: {report['stream']}; failover: {report['failover']}")

@@ -180,6 +180,11 @@ class GardenSettings(BaseSettings):
         20.0, gt=0, le=600, description="Seconds one call to a layer server may take before generation routes "
         "around that server.",
     )  # fmt: skip
+    spot_check: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of generation steps that this peer also runs on a second "
+        "server of the same layers to compare their hidden states (0 = off, 1 = every step); a server outvoted "
+        "by a third is banned. Costs the servers about that fraction more work, plus replays of the history.",
+    )  # fmt: skip
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
     @field_validator(

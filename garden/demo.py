@@ -172,7 +172,7 @@ class Demo:
         pulled = _garden("mission", "pull", mission_id, "-o", str(out), "--url", self.peers[-1].url, timeout=1200)
         if pulled.returncode != 0:
             raise RuntimeError(f"pulling the checkpoint failed: {pulled.stderr[-2000:]}")
-        say(f"pulled the trained student into {out} (every file's sha256 checked)")
+        say(f"pulled the trained student into {out} (vouched for by the lead, every file's sha256 checked)")
         self.stop()  # the evaluation wants the CPU
         say("evaluating on the held-out demo prompts (KL to the teacher, before and after)")
         before, after = evaluate_students([f"prune:{TEACHER}:layers={STUDENT_LAYERS}", str(out)])
@@ -229,18 +229,27 @@ class Demo:
                 )
             time.sleep(2)
 
-    def wait_for_checkpoint(self, mission_id: str, timeout: float = 120.0) -> None:
-        """The last epoch's checkpoint is written when training ends; its holder announces it a moment later."""
+    def wait_for_checkpoint(self, mission_id: str, timeout: float = 300.0) -> None:
+        """The last epoch's checkpoint is written when training ends; its holder announces it a moment later, and
+        the lead pulls it, evaluates it and vouches for it (a pull takes verified checkpoints only)."""
         url = f"{self.peers[-1].url}/missions/{mission_id}/checkpoints"
         deadline = time.monotonic() + timeout
+        said = False
         while time.monotonic() < deadline:
             try:
-                if any(c["epoch"] >= self.settings.epochs for c in httpx.get(url, timeout=30).json()):
-                    return
+                listed = [c for c in httpx.get(url, timeout=30).json() if c["epoch"] >= self.settings.epochs]
             except (httpx.HTTPError, ValueError, TypeError, KeyError):
-                pass
+                listed = []
+            if any(c.get("verified") for c in listed):
+                return
+            if listed and not said:
+                say("the last checkpoint is announced; the lead checks it and vouches for it before anyone pulls it")
+                said = True
             time.sleep(1.0)
-        raise RuntimeError(f"no peer announced the checkpoint of epoch {self.settings.epochs} in {timeout:.0f} s")
+        raise RuntimeError(
+            f"the lead did not vouch for a checkpoint of epoch {self.settings.epochs} in {timeout:.0f} s "
+            f"(announced: {said}); see {self.peers[0].url}/missions/{mission_id} and the lead's log"
+        )
 
 
 

@@ -39,7 +39,7 @@ from garden.protocol.rows import PromptRow, preference_json_line
 from garden.mission.leases import ShardStatus
 from garden.mission.shaking import MissionView, MissionWork
 from garden.mission.verification import VerificationSnapshot
-from garden.protocol.checkpoints import CheckpointRecord
+from garden.protocol.checkpoints import CheckpointRecord, CheckpointVouch
 from garden.mission.checkpoints import CheckpointSharing
 from garden.mission.training import TrainingWork
 
@@ -108,26 +108,37 @@ def make_missions_router(
         """Checkpoints of the mission's student that peers announce (one entry per epoch and holder)."""
         try:
             mission = book.get(mission_id)
-            records = await sharing.records(mission.id)
+            catalog = await sharing.catalog(mission.id)
         except GardenError as e:
             return error_response(e)
-        return [_checkpoint_info(r) for r in records]
+        vouched = catalog.vouched(_vouchers(book, mission))
+        return [_checkpoint_info(r, vouched.get(r.epoch)) for r in catalog.records]
 
     @router.post(
         "/missions/{mission_id}/checkpoints/{epoch}/pull", response_model=PulledCheckpoint,
         responses=errors | {502: {"model": Error}},
     )  # fmt: skip
-    async def pull_checkpoint(mission_id: str, epoch: str) -> Any:
+    async def pull_checkpoint(
+        mission_id: str,
+        epoch: str,
+        unverified: bool = Query(False, description="also a checkpoint nobody this peer trusts vouched for"),
+    ) -> Any:
         """Fetch a checkpoint (``latest`` or an epoch) from the peers that hold it into this peer's data dir,
-        every file checked against its sha256; then its files can be read from ``.../files/{path}``."""
+        every file checked against its sha256; then its files can be read from ``.../files/{path}``. Only a
+        verified checkpoint (its manifest vouched for by the mission's lead or a ``--trust-lead``) unless
+        ``unverified``; never an epoch past the mission's ``max_epochs``."""
         if epoch != "latest" and not epoch.isdigit():
             return _validation_error(["path", "epoch"], f"{epoch!r}: an epoch number or 'latest'")
         try:
             mission = book.get(mission_id)
-            path, record = await sharing.pull(mission.id, None if epoch == "latest" else int(epoch))
+            path, record = await sharing.pull(
+                mission.id, None if epoch == "latest" else int(epoch), trusted=_vouchers(book, mission),
+                unverified=unverified, max_epoch=mission.signed.spec.train.max_epochs,
+            )  # fmt: skip
+            vouch = (await sharing.catalog(mission.id)).vouched(_vouchers(book, mission)).get(record.epoch)
         except GardenError as e:
             return error_response(e)
-        return PulledCheckpoint(**_checkpoint_info(record).model_dump(), local_path=str(path))
+        return PulledCheckpoint(**_checkpoint_info(record, vouch).model_dump(), local_path=str(path))
 
     @router.get("/missions/{mission_id}/checkpoints/{epoch}/files/{path:path}", responses=errors)
     async def checkpoint_file(mission_id: str, epoch: int, path: str) -> Any:
@@ -220,7 +231,13 @@ def _summary(view: MissionView) -> MissionSummary:
     )
 
 
-def _checkpoint_info(record: CheckpointRecord) -> CheckpointInfo:
+def _vouchers(book: MissionBook, mission: Mission) -> set[str]:
+    """Whose vouch makes a checkpoint of ``mission`` verified here: its lead's, and the ``--trust-lead`` peers'."""
+    return {mission.signed.lead_peer_id, *book.policy.trusted_leads}
+
+
+def _checkpoint_info(record: CheckpointRecord, vouch: CheckpointVouch | None = None) -> CheckpointInfo:
+    verified = vouch is not None and vouch.vouches_for(record)
     return CheckpointInfo(
         epoch=record.epoch,
         peer_id=record.peer_id,
@@ -228,6 +245,9 @@ def _checkpoint_info(record: CheckpointRecord) -> CheckpointInfo:
         files=[f.model_dump() for f in record.files],
         metrics=record.metrics,
         created=record.created,
+        verified=verified,
+        vouched_by=vouch.peer_id if verified and vouch is not None else None,
+        vouch_metrics=dict(vouch.metrics) if verified and vouch is not None else {},
     )
 
 

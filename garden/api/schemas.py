@@ -53,6 +53,15 @@ class Serving(BaseModel):
     error: str | None = None
 
 
+class Routing(BaseModel):
+    """What this peer's generation client learned of a model's servers (``garden.inference.route``)."""
+
+    model: str
+    measured: int = Field(description="servers whose round trip or speed this peer measured (last 10 minutes)")
+    spot_checks: dict[str, int] = Field(description="spot checks by outcome (agreed, disagreed, ...: --spot-check)")
+    liars: dict[str, str] = Field(description="servers a spot check caught answering wrong hidden states, and how")
+
+
 class Caps(BaseModel):
     """The owner's limits on this peer (``garden run --max-cpu ...``)."""
 
@@ -110,6 +119,7 @@ class Status(BaseModel):
     machine: Machine
     shaking: Shaking | None = None
     serving: list[Serving] = Field(default_factory=list, description="layer ranges this peer serves (--serve)")
+    routing: list[Routing] = Field(default_factory=list, description="what generating here learned of the servers")
     paused: bool = Field(False, description="its owner paused it (garden pause)")
     pause: PauseState = Field(default_factory=PauseState)
     working: str = Field("working", description="working | paused | waiting: <why> | working (throttled ...)")
@@ -249,6 +259,10 @@ class CheckpointInfo(BaseModel):
     files: list[dict[str, Any]] = Field(description='[{"path": "model/...", "size": n, "sha256": ...}]')
     metrics: dict[str, float]
     created: float
+    verified: bool = Field(False, description="its files are what the mission's lead (or a --trust-lead) vouched for")
+    vouched_by: str | None = Field(None, description="the voucher's peer id, when verified")
+    vouch_metrics: dict[str, float] = Field(default_factory=dict, description="what the voucher measured (kl: "
+                                            "KL(teacher || student) on rows it holds, base_kl: the base student's)")
 
 
 class PulledCheckpoint(CheckpointInfo):

@@ -173,13 +173,17 @@ def export(
 def pull(
     mission_id: str = typer.Argument(..., metavar="ID"),
     output: Path = typer.Option(..., "-o", "--output", help="Directory to write the model to (created)."),
-    epoch: int | None = typer.Option(None, "--epoch", help="Which epoch's checkpoint (default: the newest announced)."),
+    epoch: int | None = typer.Option(None, "--epoch", help="Which epoch's checkpoint (default: the newest verified)."),
+    unverified: bool = typer.Option(
+        False, "--unverified", help="Also take a checkpoint the mission's lead did not vouch for (anyone may publish)."
+    ),
     url: str | None = URL,
     data_dir: Path | None = DATA_DIR,
     config: Path | None = CONFIG,
 ) -> None:
     """Download a checkpoint of the mission's student from a peer that has it, verify every file's sha256,
-    and write it as a model directory (``garden generate --model DIR`` and ``garden eval`` load it)."""
+    and write it as a model directory (``garden generate --model DIR`` and ``garden eval`` load it). Only a
+    checkpoint the mission's lead vouched for (it pulled, checked and evaluated it), unless ``--unverified``."""
     import hashlib
 
     import httpx
@@ -190,7 +194,8 @@ def pull(
     full = _resolve(base, mission_id)
     which = "latest" if epoch is None else str(epoch)
     console.print(f"fetching the checkpoint ({which}) of mission {full[:12]} from the swarm ...")
-    record = call_daemon("POST", base, f"/missions/{full}/checkpoints/{which}/pull", timeout=3600).json()
+    query = "?unverified=true" if unverified else ""
+    record = call_daemon("POST", base, f"/missions/{full}/checkpoints/{which}/pull{query}", timeout=3600).json()
     output.mkdir(parents=True, exist_ok=True)
     for item in record["files"]:
         subdir, name = item["path"].split("/", 1)
@@ -222,7 +227,8 @@ def pull(
     (output / "garden-checkpoint.json").write_text(json.dumps({"mission_id": full, **record}, indent=2))
     size = sum(f["size"] for f in record["files"]) / 2**20
     console.print(
-        f"wrote epoch {record['epoch']} ({len(record['files'])} files, {size:.1f} MiB, every sha256 checked) "
+        f"wrote epoch {record['epoch']} ({len(record['files'])} files, {size:.1f} MiB, every sha256 checked, "
+        f"{'vouched for by ' + record['vouched_by'] if record.get('verified') else 'NOT verified'}) "
         f"to {output}; try: garden generate --model {output} \"What is the capital of France?\""
     )
 

@@ -83,6 +83,7 @@ def run(
         None, "--session-idle-timeout", help=_help("session_idle_timeout")
     ),
     inference_timeout: float | None = typer.Option(None, "--inference-timeout", help=_help("inference_timeout")),
+    spot_check: float | None = typer.Option(None, "--spot-check", metavar="FRACTION", help=_help("spot_check")),
     log_level: str | None = typer.Option(None, "--log-level", help=_help("log_level")),
     client_mode: bool | None = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
     swarm: str | None = typer.Option(None, "--swarm", help=_help("swarm")),
@@ -127,6 +128,7 @@ def run(
         max_session_tokens=max_session_tokens,
         session_idle_timeout=session_idle_timeout,
         inference_timeout=inference_timeout,
+        spot_check=spot_check,
         log_level=log_level,
         client_mode=client_mode,
         swarm=swarm,

@@ -47,6 +47,7 @@ from garden.store import Store
 from garden.mission.leases import LeaseConfig, LeaseManager
 from garden.mission.shaking import MissionWork, WorkConfig
 from garden.mission.checkpoints import CheckpointSharing
+from garden.mission.vouching import CheckpointVoucher
 from garden.mission.training import TrainingConfig, TrainingWork
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Gardener:
         missions -> store, swarm, transfer     (registers prompts and rows with the transfer)
         checkpoints -> swarm, transfer         (registers ckpt)
         disk -> store, missions, checkpoints   keeper -> store, missions, transfer, disk (takes row-set offers)
+        vouching -> missions, checkpoints, store (the lead countersigns its missions' checkpoints)
         shaking -> missions, keeper, leases, directory, governor, ledger
         training -> missions, store, checkpoints, governor, ledger
         inference -> swarm, governor           contribution -> ledger, inference
@@ -177,6 +179,9 @@ class Gardener:
             train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
         )  # fmt: skip
         self.disk = DiskKeeper(self.data_dir.root, settings.max_disk, self.store, self.missions, self.checkpoints)
+        self.vouching = CheckpointVoucher(
+            self.missions, self.checkpoints, self.data_dir.store, self.data_dir.root / "vouching", period=period
+        )
         leases = LeaseManager(
             swarm.dht, keys, identity.private_key,
             LeaseConfig(lease_duration=settings.lease_seconds, dht_timeout=settings.dht_timeout),
@@ -221,14 +226,15 @@ class Gardener:
             disk=self.disk,
         )
         self.inference = InferenceService(
-            swarm, keys, identity.private_key, identity.peer_id, ChainConfig(call_timeout=settings.inference_timeout),
+            swarm, keys, identity.private_key, identity.peer_id,
+            ChainConfig(call_timeout=settings.inference_timeout, spot_check=settings.spot_check),
             serving=self._serve_configs(), governor=self.governor,
         )  # fmt: skip
         self.contribution = LedgerKeeper(self.ledger, self.inference)
         self.loop_lag = LoopLag()
         self.supervisor = Supervisor(
             [self.loop_lag, self.transfer, self.directory, self.missions, self.work, self.training, self.inference,
-             self.disk, self.contribution]
+             self.disk, self.contribution, self.vouching]
         )  # fmt: skip
         self.started_at = time.time()
 

@@ -6,6 +6,20 @@ server dies, times out or loses the session, the client routes around it (a new 
 that hop's layers), replays the hop's history into the new servers' caches, and sends the step again.
 Greedy output is then the same as if nothing had happened: the new caches hold what the old one held.
 
+Spot checks (``ChainConfig.spot_check``, off by default): a server could return wrong hidden states (noise,
+another model) and change every answer that goes through it. With probability ``spot_check`` a step of a
+hop also runs on a second server of the same layers (the *witness*, picked at random; this peer's own
+server if it serves them, since it is trusted), in a session of its own that first replays the hop's
+history, so its cache holds what the hop's does. The two answers for the step must agree within
+:data:`SPOT_TOLERANCE` (per token, relative L2). If they do not, the client cannot tell which one lied: a
+third server of those layers (the *referee*) runs the step too, and the server the referee disagrees with is
+banned for :data:`LIAR_BAN_SECONDS`. Without a referee (or if no two agree), every server in the dispute is
+banned for :data:`SUSPECT_BAN_SECONDS`. A step whose server is banned is run again on a new route, and if
+that server's earlier answers reached the next hops unchecked, those hops are rebuilt too: their caches
+are refilled from the client's history through honest servers, so the rest of the answer is computed on
+honest states (tokens already produced from unchecked steps cannot be taken back; ``spot_check=1`` checks
+every step before its output goes on).
+
 :class:`SwarmGenerator` is the token loop on top: embeddings and the LM head run here
 (:class:`garden.inference.blocks.Ends`), then greedy or sampled decoding (temperature, top-p, seed), stop
 tokens and stop strings, and text streamed in pieces that never split a character or a stop string.
@@ -16,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,6 +65,19 @@ logger = logging.getLogger(__name__)
 BUSY_BAN_SECONDS = 5.0
 """A busy server (all sessions taken) is left out of routing this long; a failed one for the router's
 ``ban_seconds``."""
+SPOT_TOLERANCE = 1e-3
+"""Largest per-token relative L2 distance (:func:`hidden_distance`) between two servers' answers to the same
+step that counts as agreement. Measured on the built-in model, layers 10-20 (6 prompts x 24 tokens, float16
+on the wire, the witness replaying the history in one call, 1 vs 2 torch threads): honest servers differ by
+at most 7.7e-5. Noise that changes greedy answers starts near 3e-2 (at 1e-2, 24 tokens of 4 prompts were
+unchanged; at 1e-1 all 4 changed within 5 tokens). ``tests/inference/test_blocks.py`` checks both sides."""
+LIAR_BAN_SECONDS = 24 * 3600.0
+"""How long a server outvoted by a referee stays out of this client's routes."""
+SUSPECT_BAN_SECONDS = 600.0
+"""How long the servers of an unresolved dispute (no referee, or no two agree) stay out: long enough to
+route around a liar, short enough that an honest server it disputed comes back."""
+DISAGREED = "disagreed"
+"""``BlocksRpcError.code`` of a server banned by a spot check (never on the wire: the client's verdict)."""
 
 LocalHandlers = Callable[[], dict[str, Callable[..., Awaitable[Any]]]]
 """This daemon's own block-server handlers by RPC name (called directly, not over P2P)."""
@@ -60,12 +88,18 @@ class ChainConfig:
     """:param wire_dtype: dtype of hidden states on the wire
     :param call_timeout: seconds one call may take before the server counts as failed
     :param max_failovers: re-routes one generation may take before it gives up
-    :param max_step_tokens: tokens per forward call (servers refuse more than their cap, 1024 by default)"""
+    :param max_step_tokens: tokens per forward call (servers refuse more than their cap, 1024 by default)
+    :param spot_check: probability that a step of a hop is also run on a second server of its layers and
+        compared (0: never, the default, for speed; 1: every step, about twice the servers' work and more
+        for the replays)
+    :param spot_tolerance: see :data:`SPOT_TOLERANCE`"""
 
     wire_dtype: WireDtype = "float16"
     call_timeout: float = 20.0
     max_failovers: int = 4
     max_step_tokens: int = 512
+    spot_check: float = 0.0
+    spot_tolerance: float = SPOT_TOLERANCE
 
 
 @dataclass
@@ -74,6 +108,7 @@ class _Hop:
     session: str
     history: list[Any] = field(default_factory=list)  # what was sent in, float32 [1, n, hidden] each
     tokens: int = 0
+    unchecked: int = 0  # tokens whose output from this hop went on to the next hop without a spot check
 
     @property
     def peer_id(self) -> str:
@@ -91,6 +126,10 @@ class ChainSession:
         self.hops: list[_Hop] = []
         self.failovers = 0
         self.failover_seconds: list[float] = []
+        self.spot_checks = 0  # steps compared with a witness
+        self.caught: list[str] = []  # servers banned by this session's spot checks
+        self._rng = random.Random()  # which steps are checked: the servers cannot predict it
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Route and open a session on every hop; raises ``CoverageError`` or ``BlocksRpcError``."""
@@ -132,7 +171,7 @@ class ChainSession:
         return _Hop(hop, session)
 
     async def close(self) -> None:
-        await asyncio.gather(*(self._close(h) for h in self.hops), return_exceptions=True)
+        await asyncio.gather(*(self._close(h) for h in self.hops), *self._closing, return_exceptions=True)
         self.hops = []
 
     async def _close(self, hop: _Hop) -> None:
@@ -153,7 +192,7 @@ class ChainSession:
             while index < len(self.hops):
                 hop = self.hops[index]
                 try:
-                    out = await self._forward(hop, chunk)
+                    out, checked = await self._run_hop(hop, chunk)
                 except BlocksRpcError as e:
                     if not e.server_failed:
                         raise
@@ -161,6 +200,7 @@ class ChainSession:
                     continue  # the same index now names the first replacement hop
                 hop.history.append(chunk)
                 hop.tokens += chunk.shape[1]
+                hop.unchecked += 0 if checked else chunk.shape[1]
                 chunk = out
                 index += 1
             outputs.append(chunk)
@@ -171,7 +211,8 @@ class ChainSession:
             metadata=pack(ForwardRequest(session=hop.session, offset=hop.tokens)),
             tensors=[serialize_hidden(hidden, self.config.wire_dtype)],
         )
-        response = await self._call(hop.peer_id, self.forward_name, request)
+        work = (len(hop.hop.span), int(hidden.shape[1]))
+        response = await self._call(hop.peer_id, self.forward_name, request, work=work)
         if len(response.tensors) != 1:
             raise BlocksRpcError(hop.peer_id, "bad answer", f"{len(response.tensors)} tensors")
         try:
@@ -179,8 +220,120 @@ class ChainSession:
         except RecordError as e:
             raise BlocksRpcError(hop.peer_id, "bad answer", str(e)) from None
 
+    # --- spot checks ---------------------------------------------------------------------------------------
+    @property
+    def _me(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+    async def _run_hop(self, hop: _Hop, chunk: Any) -> tuple[Any, bool]:
+        """The hop's answer for ``chunk`` and whether a witness confirmed it. Raises ``BlocksRpcError`` (code
+        :data:`DISAGREED` when the hop's server was caught and banned)."""
+        p = self.config.spot_check
+        if p <= 0 or hop.peer_id == self._me or self._rng.random() >= p:
+            return await self._forward(hop, chunk), False
+        witness = await self._second(hop.hop.span, {hop.peer_id})
+        if witness is None:
+            self.router.checks["no second server"] += 1
+            return await self._forward(hop, chunk), False
+        main, other = await asyncio.gather(
+            self._forward(hop, chunk), self._replay(witness, hop.history, chunk), return_exceptions=True
+        )
+        if isinstance(main, BaseException):
+            raise main
+        if isinstance(other, BlocksRpcError):  # no verdict: the step stands unchecked
+            self.router.checks["witness failed"] += 1
+            logger.info("spot check of %s skipped: witness %s failed (%s)", hop.peer_id, witness.peer_id, other)
+            if other.server_failed:
+                self.router.ban(other.peer_id, BUSY_BAN_SECONDS if other.code == ERROR_BUSY else None)
+            return main, False
+        if isinstance(other, BaseException):
+            raise other
+        self.spot_checks += 1
+        distance = hidden_distance(main, other)
+        if distance <= self.config.spot_tolerance:
+            self.router.checks["agreed"] += 1
+            return main, True
+        self.router.checks["disagreed"] += 1
+        await self._settle(hop, chunk, main, witness, other, distance)
+        return main, True  # the referee sided with the hop's server
+
+    async def _second(self, span: LayerSpan, exclude: set[str]) -> Hop | None:
+        """Another server that can run all of ``span``: this peer's own if it serves them (it is trusted),
+        else one picked at random (a liar cannot count on being compared only with its friends)."""
+        records = [
+            r for r in await self.router.servers()
+            if r.start <= span.start and span.end <= r.end and r.peer_id not in exclude
+        ]  # fmt: skip
+        if not records:
+            return None
+        own = [r for r in records if r.peer_id == self._me]
+        record = own[0] if own else self._rng.choice(records)
+        return Hop(record.peer_id, span, record)
+
+    async def _replay(self, hop: Hop, history: list[Any], chunk: Any) -> Any:
+        """``chunk``'s answer from a fresh session on ``hop`` after the same history: what the hop's own
+        server should have answered. The last call is ``chunk`` alone, the same step the hop ran."""
+        import torch
+
+        probe = await self._open(hop)
+        try:
+            if history:
+                for part in torch.split(torch.cat(history, dim=1), self.config.max_step_tokens, dim=1):
+                    await self._forward(probe, part)
+                    probe.tokens += part.shape[1]
+            return await self._forward(probe, chunk)
+        finally:
+            task = asyncio.ensure_future(self._close(probe))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _settle(self, hop: _Hop, chunk: Any, main: Any, witness: Hop, other: Any, distance: float) -> None:
+        """The hop's server and the witness disagree: ask a referee, ban whoever it outvotes (or everyone in
+        an unresolved dispute). Raises ``BlocksRpcError(DISAGREED)`` when the hop's server is banned."""
+        accused, tolerance = hop.peer_id, self.config.spot_tolerance
+        span = hop.hop.span
+        what = f"layers {span} of {self.router.model}"
+        if witness.peer_id == self._me:  # this peer's own layers: the truth as far as it can know
+            liars, proven = [accused], True
+            why = f"its hidden states for {what} are {distance:.3g} off this peer's own (tolerance {tolerance:g})"
+        else:
+            referee = await self._second(span, {accused, witness.peer_id})
+            third: Any = None
+            if referee is not None:
+                try:
+                    third = await self._replay(referee, hop.history, chunk)
+                except BlocksRpcError as e:
+                    logger.info("referee %s failed: %s", referee.peer_id, e)
+            if third is None:
+                liars, proven = [accused, witness.peer_id], False
+                why = (f"its hidden states for {what} and another server's differ by {distance:.3g} "
+                       f"(tolerance {tolerance:g}) and no third server could tell which is right")  # fmt: skip
+            else:
+                assert referee is not None
+                hop_ok = hidden_distance(main, third) <= tolerance
+                witness_ok = hidden_distance(other, third) <= tolerance
+                if hop_ok and witness_ok:  # both near the referee, not near each other: at the tolerance's edge
+                    logger.warning("spot check of %s on %s: inconclusive (%.3g apart)", accused, what, distance)
+                    return
+                if hop_ok or witness_ok:
+                    liars, proven = [witness.peer_id if hop_ok else accused], True
+                    why = (f"its hidden states for {what} differ from two other servers' (by {distance:.3g}, "
+                           f"tolerance {tolerance:g})")  # fmt: skip
+                else:
+                    liars, proven = [accused, witness.peer_id, referee.peer_id], False
+                    why = f"three servers' hidden states for {what} all differ (by {distance:.3g} or more)"
+        for liar in liars:
+            self.router.ban(liar, LIAR_BAN_SECONDS if proven else SUSPECT_BAN_SECONDS, lied=why)
+            self.caught.append(liar)
+        if accused in liars:
+            raise BlocksRpcError(accused, DISAGREED, why)
+
+    # --- fail-over -----------------------------------------------------------------------------------------
     async def _fail_over(self, index: int, error: BlocksRpcError) -> None:
-        """Replace hop ``index`` by a new sub-chain for its layers, its caches refilled from the history."""
+        """Replace hop ``index`` by a new sub-chain for its layers, its caches refilled from the history.
+
+        A hop banned by a spot check whose earlier answers went on unchecked may have spoiled the next hops'
+        caches: then every hop from ``index`` on is replaced, and the history replayed through all of them."""
         import torch
 
         if self.failovers >= self.config.max_failovers:
@@ -188,11 +341,24 @@ class ChainSession:
         self.failovers += 1
         started = time.monotonic()
         failed = self.hops[index]
+        rebuild = error.code == DISAGREED and failed.unchecked > 0
+        replaced = self.hops[index:] if rebuild else [failed]
+        span = LayerSpan(failed.hop.span.start, replaced[-1].hop.span.end)
         logger.warning("layers %s on %s failed (%s); routing around it", failed.hop.span, failed.peer_id, error)
-        if error.code not in (ERROR_UNKNOWN_SESSION, ERROR_OUT_OF_SYNC):  # a lost session is no reason to
+        if error.code == DISAGREED:
+            pass  # banned by the spot check already
+        elif error.code not in (ERROR_UNKNOWN_SESSION, ERROR_OUT_OF_SYNC):  # a lost session is no reason to
             self.router.ban(failed.peer_id, BUSY_BAN_SECONDS if error.code == ERROR_BUSY else None)  # avoid it
-        asyncio.ensure_future(self._close(failed))
-        replacement = await self._open_chain(failed.hop.span)
+        for old in replaced:
+            task = asyncio.ensure_future(self._close(old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        try:
+            replacement = await self._open_chain(span)
+        except CoverageError as e:
+            if error.code == DISAGREED:  # say why the layers have no server left for this peer
+                raise BlocksRpcError(failed.peer_id, DISAGREED, f"{error.detail}; {e}") from None
+            raise
         if failed.history:
             states = torch.cat(failed.history, dim=1)
             for new in replacement:
@@ -201,15 +367,20 @@ class ChainSession:
                     outs.append(await self._forward(new, chunk))
                     new.history.append(chunk)
                     new.tokens += chunk.shape[1]
+                new.unchecked = new.tokens  # its replayed answers went on to the next replacement unchecked
                 states = torch.cat(outs, dim=1)
-        self.hops[index : index + 1] = replacement
+        self.hops[index : index + len(replaced)] = replacement
         self.failover_seconds.append(time.monotonic() - started)
         logger.info(
             "layers %s now on %s (replayed %d tokens in %.2f s)",
-            failed.hop.span, ", ".join(h.peer_id for h in replacement), failed.tokens, time.monotonic() - started,
+            span, ", ".join(h.peer_id for h in replacement), failed.tokens, time.monotonic() - started,
         )  # fmt: skip
 
-    async def _call(self, peer_id: str, name: str, request: Any, timeout: float | None = None) -> Any:
+    async def _call(
+        self, peer_id: str, name: str, request: Any, timeout: float | None = None, work: tuple[int, int] = (0, 0)
+    ) -> Any:
+        """One RPC to ``peer_id`` (this daemon's own handlers for itself); its time is measured for routing,
+        with ``work`` = (layers, tokens) it ran. Raises ``BlocksRpcError`` on an error or no answer."""
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout or self.config.call_timeout):
@@ -225,14 +396,28 @@ class ChainSession:
             raise BlocksRpcError(peer_id, "timeout", f"no answer in {timeout or self.config.call_timeout} s") from None
         except Exception as e:  # noqa: BLE001 - a dead peer, a refused stream, a too-large message
             raise BlocksRpcError(peer_id, "unreachable", f"{type(e).__name__}: {str(e)[:200]}") from None
-        self.router.measured(peer_id, time.monotonic() - started)
+        elapsed = time.monotonic() - started
         try:
             reply: Reply = unpack(Reply, response.metadata, "reply")
         except RecordError as e:
             raise BlocksRpcError(peer_id, "bad answer", str(e)) from None
         if not reply.ok:
             raise BlocksRpcError(peer_id, reply.error or "refused", reply.detail)
+        self.router.measured(peer_id, elapsed, *work)  # only answers that did the work count
         return response
+
+
+def hidden_distance(a: Any, b: Any) -> float:
+    """How far two answers to the same step are apart: per token, the L2 norm of the difference over the
+    larger of the two norms; the largest over the tokens. Relative, because hidden states of different
+    layers differ in scale by orders of magnitude; per token, so one forged position is not averaged away."""
+    import torch
+
+    a, b = a.float(), b.float()
+    if a.shape != b.shape:
+        return float("inf")
+    scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-6)
+    return float(((a - b).norm(dim=-1) / scale).max())
 
 
 @dataclass(frozen=True)
@@ -262,6 +447,8 @@ class GenerationStats:
     failovers: int = 0
     failover_seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    spot_checks: int = 0  # steps compared with a second server
+    caught: list[str] = field(default_factory=list)  # servers banned by those checks
 
 
 class SwarmGenerator:
@@ -325,6 +512,7 @@ class SwarmGenerator:
         finally:
             stats.seconds = time.monotonic() - started
             stats.failovers, stats.failover_seconds = session.failovers, session.failover_seconds
+            stats.spot_checks, stats.caught = session.spot_checks, session.caught
             await session.close()
 
 

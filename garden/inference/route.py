@@ -1,19 +1,32 @@
 """Choosing a chain of servers that covers a model's layers, from the swarm's ``model/<ref>/blocks`` records.
 
 A chain is a shortest path over layer boundaries: from boundary ``a`` a server whose range holds ``a`` can
-take the client to any boundary ``b`` up to the end of its range, at a cost of its round trip plus
-``(b - a) / throughput`` (its announced layer-tokens per second, one token at a time: the decode step the
-chain repeats for every token). Round trips are what the client measured on its calls to that server (a
-default until then). Servers that failed recently are left out for ``ban_seconds``, so a dead peer whose
-record has not expired yet is not chosen again and again.
+take the client to any boundary ``b`` up to the end of its range, at a cost of the expected seconds of one
+decode step there: its round trip plus ``(b - a)`` times its seconds per layer.
+
+Routing trusts what this client measured, not what servers announce: a record's throughput is a claim any
+peer can inflate (up to 1e9), and a server that attracts every route reads every hidden state. So each
+server's round trip (calls that run no layer: open, close) and its seconds per layer (one-token steps: the
+call's time beyond the round trip, divided by the layers it ran) are smoothed averages of this client's own
+calls (:class:`Measurement`). A server not measured yet is tried once before routes settle on the fastest
+measured one (it is assumed a little faster than that, :func:`guesses`); its announcement, clamped to
+the median of the other servers' announcements, only decides which unmeasured server goes first. So a liar
+is tried at most like any other server, once, and then ranked by what it did. A measurement not renewed
+for :data:`MEASUREMENT_TTL` is forgotten, so a server that was slow once (a busy moment) is tried again.
+
+Servers that failed recently are left out for ``ban_seconds``, so a dead peer whose record has not expired
+yet is not chosen again and again; a server caught answering wrong hidden states (the client's spot check,
+:mod:`garden.inference.client`) is left out far longer.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import statistics
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +41,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RTT = 0.005
 """Seconds assumed for a server's round trip before one is measured (a loopback hivemind call is ~1 ms)."""
+SMOOTHING = 0.2
+"""Weight of a new call in a server's moving averages: ~5 calls to follow a change, one slow call moves
+little."""
+MEASUREMENT_TTL = 600.0
+"""Seconds after which a server's measurement, not renewed by a call, is forgotten: the server counts as not
+measured again (:func:`guesses`) and is tried again. A slow liar thus wins at most one route per TTL."""
+EXPLORE = 0.9
+"""A server not measured yet is assumed this fraction of the fastest measured server's seconds per layer (or
+faster, if its bounded announcement says so): each is tried once before routes settle."""
+MAX_MEASURED = 4096
+"""Servers whose measurements a router keeps (identities are free: the oldest are forgotten first)."""
 
 
 class CoverageError(RuntimeError):
@@ -64,11 +88,77 @@ def missing_spans(records: list[BlocksRecord], num_layers: int) -> list[LayerSpa
     return gaps
 
 
+@dataclass
+class Measurement:
+    """What this client measured of one server (smoothed averages of its own calls).
+
+    :param rtt: seconds of a call that runs no layer (open, close): the network and the server's overhead
+    :param layer_seconds: seconds per layer of a one-token step beyond ``rtt`` (the decode step a chain
+        repeats for every token); None until the server ran one for this client
+    :param at: ``time.monotonic()`` of the last call measured"""
+
+    rtt: float | None = None
+    layer_seconds: float | None = None
+    at: float = field(default_factory=time.monotonic, compare=False)
+
+
+def _smooth(previous: float | None, value: float) -> float:
+    return value if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * value
+
+
+def bounded_priors(records: list[BlocksRecord]) -> dict[str, float]:
+    """Each server's announced throughput, clamped to the median of the other servers' announcements.
+
+    Why the median of the others: one liar (or fewer than half of them) cannot move it, so announcing 1e9
+    earns a never-measured server the prior of a typical one, no more; an honest server announcing less
+    than the median keeps its own figure. A server alone keeps its announcement (there is no choice to
+    win)."""
+    values = [r.throughput for r in records]
+    priors: dict[str, float] = {}
+    for i, record in enumerate(records):
+        others = values[:i] + values[i + 1 :]
+        cap = statistics.median(others) if others else record.throughput
+        priors[record.peer_id] = min(record.throughput, cap)
+    return priors
+
+
+def hop_seconds(layers: int, guess: Measurement, measured: Measurement | None = None) -> float:
+    """Expected seconds of one decode step over ``layers`` layers of a server: its measured round trip plus
+    ``layers`` times its measured seconds per layer, each taken from ``guess`` while not measured."""
+    known = measured or Measurement()
+    rtt = known.rtt if known.rtt is not None else guess.rtt
+    per_layer = known.layer_seconds if known.layer_seconds is not None else guess.layer_seconds
+    return (rtt or 0.0) + layers * (per_layer or 0.0)
+
+
+def guesses(records: list[BlocksRecord], measured: Mapping[str, Measurement]) -> dict[str, Measurement]:
+    """What each server is assumed to take until this client measures it: the seconds per layer of its
+    bounded announcement (:func:`bounded_priors`), but never slower than :data:`EXPLORE` times the fastest
+    server measured; a round trip of :data:`DEFAULT_RTT`, or the shortest measured if shorter.
+
+    Why optimistic: announcements are measured by each server on its own, often while it starts beside other
+    work, and are not on the scale of this client's measurements; trusting a pessimistic one would let a
+    measured liar that is merely less slow keep every route. So a server not measured yet is tried once (per
+    :data:`MEASUREMENT_TTL`) before routes settle on the fastest measured, and announcements only decide
+    which unmeasured server is tried first."""
+    priors = bounded_priors(records)
+    known = [measured[r.peer_id] for r in records if r.peer_id in measured]
+    layer_times = [m.layer_seconds for m in known if m.layer_seconds is not None]
+    ceiling = EXPLORE * min(layer_times) if layer_times else float("inf")
+    rtt = min([DEFAULT_RTT, *(m.rtt for m in known if m.rtt is not None)])
+    return {r.peer_id: Measurement(rtt=rtt, layer_seconds=min(1.0 / priors[r.peer_id], ceiling)) for r in records}
+
+
 def shortest_chain(
-    records: list[BlocksRecord], model: str, span: LayerSpan, rtt: dict[str, float] | None = None
+    records: list[BlocksRecord],
+    model: str,
+    span: LayerSpan,
+    measured: Mapping[str, Measurement] | None = None,
 ) -> list[Hop]:
-    """The chain of least expected per-token latency covering ``span``; raises :class:`CoverageError`."""
-    rtt = rtt or {}
+    """The chain of least expected per-token latency covering ``span`` (each hop costed by
+    :func:`hop_seconds` from ``measured``, else :func:`guesses`); raises :class:`CoverageError`."""
+    measured = measured or {}
+    assumed = guesses(records, measured)
     inner = (p for r in records for p in (r.start, r.end) if span.start < p < span.end)
     points = sorted({span.start, span.end, *inner})
     best: dict[int, float] = {span.start: 0.0}
@@ -85,7 +175,7 @@ def shortest_chain(
                 continue
             for b in points:
                 if a < b <= min(r.end, span.end):
-                    total = cost + rtt.get(r.peer_id, DEFAULT_RTT) + (b - a) / r.throughput
+                    total = cost + hop_seconds(b - a, assumed[r.peer_id], measured.get(r.peer_id))
                     if total < best.get(b, float("inf")):
                         best[b], back[b] = total, (a, r)
                         heapq.heappush(queue, (total, b))
@@ -104,10 +194,14 @@ def shortest_chain(
 
 @dataclass
 class Router:
-    """The servers of one model as the swarm announces them, minus those that failed recently.
+    """The servers of one model as the swarm announces them, minus those that failed recently or lied, ranked
+    by what this client measured of them.
 
     :param swarm: ``garden.net.swarm.Swarm`` (bounded DHT access)
     :param refresh_s: how long one read of the records is reused
+    :ivar measurements: per server, what this client's calls measured (see :meth:`measured`)
+    :ivar liars: servers banned by a spot check, with why (``garden.inference.client``)
+    :ivar checks: spot checks by outcome (``agreed``, ``disagreed``, ``no second server``, ``witness failed``)
     """
 
     swarm: Any
@@ -116,7 +210,9 @@ class Router:
     ban_seconds: float = 60.0
     refresh_s: float = 2.0
     invalid_records: Counter[str] = field(default_factory=Counter)
-    rtt: dict[str, float] = field(default_factory=dict)
+    measurements: dict[str, Measurement] = field(default_factory=dict)
+    liars: dict[str, str] = field(default_factory=dict)
+    checks: Counter[str] = field(default_factory=Counter)
     _banned: dict[str, float] = field(default_factory=dict)
     _cache: tuple[float, list[BlocksRecord]] | None = None
 
@@ -127,15 +223,43 @@ class Router:
         now = time.monotonic()
         return [r for r in self._cache[1] if self._banned.get(r.peer_id, 0.0) <= now]
 
-    def ban(self, peer_id: str, seconds: float | None = None) -> None:
+    def ban(self, peer_id: str, seconds: float | None = None, lied: str | None = None) -> None:
+        """Leave ``peer_id`` out of routing for ``seconds`` (default ``ban_seconds``); ``lied`` is set when a
+        spot check caught it, and says how (kept in :attr:`liars`)."""
         seconds = self.ban_seconds if seconds is None else seconds
-        logger.info("routing around server %s for %.0f s", peer_id, seconds)
-        self._banned[peer_id] = time.monotonic() + seconds
+        if lied is None:
+            logger.info("routing around server %s for %.0f s", peer_id, seconds)
+        else:
+            self.liars[peer_id] = lied
+            logger.warning("server %s banned for %.0f s: %s", peer_id, seconds, lied)
+        self._banned[peer_id] = max(self._banned.get(peer_id, 0.0), time.monotonic() + seconds)
         self._cache = None  # its record may be gone already: read again
 
-    def measured(self, peer_id: str, seconds: float) -> None:
-        previous = self.rtt.get(peer_id)
-        self.rtt[peer_id] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+    def banned(self, peer_id: str) -> bool:
+        return self._banned.get(peer_id, 0.0) > time.monotonic()
+
+    def measured(self, peer_id: str, seconds: float, layers: int = 0, tokens: int = 0) -> None:
+        """Record a successful call to ``peer_id`` that took ``seconds`` and ran ``layers`` layers on
+        ``tokens`` tokens: a call without layers renews the round trip; a one-token step renews the seconds
+        per layer (its time beyond the round trip, over its layers). Longer steps (a prompt, a replay) are
+        not what a chain repeats per token, and measure neither."""
+        now = time.monotonic()
+        m = self.measurements.get(peer_id)
+        if m is None or now - m.at > MEASUREMENT_TTL:
+            if m is None and len(self.measurements) >= MAX_MEASURED:
+                del self.measurements[min(self.measurements, key=lambda p: self.measurements[p].at)]
+            m = self.measurements[peer_id] = Measurement(at=now)
+        if layers <= 0:
+            m.rtt = _smooth(m.rtt, seconds)
+        elif tokens == 1:
+            beyond = max(seconds - (m.rtt if m.rtt is not None else 0.0), 0.0)
+            m.layer_seconds = _smooth(m.layer_seconds, beyond / layers)
+        m.at = now
+
+    def current(self) -> dict[str, Measurement]:
+        """The measurements not older than :data:`MEASUREMENT_TTL`."""
+        now = time.monotonic()
+        return {p: m for p, m in self.measurements.items() if now - m.at <= MEASUREMENT_TTL}
 
     async def chain(self, span: LayerSpan | None = None) -> list[Hop]:
         records = await self.servers()
@@ -143,7 +267,7 @@ class Router:
             if not records:
                 raise CoverageError(self.model, [], None)
             span = LayerSpan(0, max(r.num_layers for r in records))
-        return shortest_chain(records, self.model, span, self.rtt)
+        return shortest_chain(records, self.model, span, self.current())
 
 
 async def read_blocks(swarm: Any, keys: DHTKeys, model: str, invalid: Counter[str] | None = None) -> list[BlocksRecord]:

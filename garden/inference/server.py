@@ -34,7 +34,7 @@ from hivemind.utils import get_dht_time
 
 from garden.host.memory import memory_shortfall
 from garden.inference.blocks import Blocks, LayerSpan, load_config
-from garden.inference.route import read_blocks
+from garden.inference.route import bounded_priors, read_blocks
 from garden.protocol.inference_rpc import (
     ERROR_BAD_REQUEST,
     ERROR_BUSY,
@@ -137,16 +137,18 @@ def rpc_names(namespace: str) -> tuple[str, str, str]:
 
 def choose_span(records: list[BlocksRecord], num_layers: int, blocks: int, exclude: str | None = None) -> LayerSpan:
     """The ``blocks`` consecutive layers with the fewest servers (then the least throughput) over their least
-    covered layer; ``exclude`` (this server) does not count as coverage."""
+    covered layer; ``exclude`` (this server) does not count as coverage. Throughputs are announcements, so
+    each counts only up to the median of the others' (:func:`garden.inference.route.bounded_priors`): a
+    liar announcing 1e9 cannot make its layers look served and push honest servers elsewhere."""
     blocks = min(blocks, num_layers)
     servers = [0] * num_layers
     speed = [0.0] * num_layers
-    for r in records:
-        if r.peer_id == exclude:
-            continue
+    others = [r for r in records if r.peer_id != exclude]
+    priors = bounded_priors(others)
+    for r in others:
         for i in range(r.start, min(r.end, num_layers)):
             servers[i] += 1
-            speed[i] += r.throughput
+            speed[i] += priors[r.peer_id]
     candidates = [
         (min(servers[s : s + blocks]), sum(servers[s : s + blocks]), sum(speed[s : s + blocks]), s)
         for s in range(num_layers - blocks + 1)

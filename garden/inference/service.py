@@ -40,6 +40,17 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class RoutingSnapshot:
+    """What this peer's client learned of one model's servers: how many it measured, the spot checks by
+    outcome, and the servers a spot check caught (peer id -> why)."""
+
+    model: str
+    measured: int
+    spot_checks: dict[str, int]
+    liars: dict[str, str]
+
+
+@dataclass(frozen=True)
 class ModelCoverage:
     model: str
     num_layers: int
@@ -210,6 +221,13 @@ class InferenceService(Service):
                         self.p2p, router, ends, self.chain, self.namespace, self.local_handlers
                     )
         return self._generators[model]
+
+    def routing(self) -> list[RoutingSnapshot]:
+        """Per model this peer generated with: its measurements, spot checks and caught servers."""
+        return [
+            RoutingSnapshot(model, len(g.router.current()), dict(g.router.checks), dict(g.router.liars))
+            for model, g in sorted(self._generators.items())
+        ]
 
     async def coverage(self) -> list[ModelCoverage]:
         """Every model some server announces, with the layers no one serves."""

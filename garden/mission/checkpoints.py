@@ -10,6 +10,10 @@ serves their files, and pulls other peers' checkpoints on a user's request (``ga
   on arrival by the transfer layer, then once more on disk) into ``<data dir>/checkpoints/<mission>/
   epoch-<E>/``: a plain transformers directory, plus ``adapter/`` for LoRA students and
   ``garden-checkpoint.json`` (the record). A file already there with the right hash is not fetched again.
+  Only *verified* checkpoints are pulled unless the caller asks for unverified ones: an epoch whose manifest
+  a trusted voucher signed (:class:`~garden.protocol.checkpoints.CheckpointVouch`, see
+  ``garden.mission.vouching``), and only the holders that serve exactly that manifest. An epoch past the
+  mission's ``max_epochs`` is never taken: no honest run reaches it.
 
 Checkpoint files stream from disk to disk a chunk at a time (the transfer's file kinds): a peer serving eight
 pulls of a 2 GiB file holds a few MiB for them, within ``--max-serving-memory``.
@@ -22,7 +26,8 @@ import json
 import logging
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,13 @@ from garden.net.swarm import Swarm
 from garden.errors import NotFound, PeerFailed
 from garden.net.transfer import ContentTransfer, TransferError
 from garden.protocol.content import ContentRef
-from garden.protocol.checkpoints import CHECKPOINT_TTL, CheckpointFile, CheckpointRecord
+from garden.protocol.checkpoints import (
+    CHECKPOINT_TTL,
+    CheckpointFile,
+    CheckpointRecord,
+    CheckpointVouch,
+    is_vouch_subkey,
+)
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import RecordError
 from garden.distill.checkpoints import CheckpointError, RunDir
@@ -48,6 +59,23 @@ SHARED_DIRS = ("model", "adapter")
 
 class PullError(PeerFailed):
     """A checkpoint that could not be pulled from the peers that announce it; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A mission's checkpoint records and vouches as the DHT holds them, each checked (newest epoch last)."""
+
+    records: list[CheckpointRecord] = field(default_factory=list)
+    vouches: list[CheckpointVouch] = field(default_factory=list)
+
+    def vouched(self, trusted: Collection[str]) -> dict[int, CheckpointVouch]:
+        """Epoch -> the vouch of a trusted voucher for a manifest some holder announces (the newest vouch when
+        several trusted vouchers signed the epoch)."""
+        found: dict[int, CheckpointVouch] = {}
+        for vouch in sorted(self.vouches, key=lambda v: v.created):
+            if vouch.peer_id in trusted and any(vouch.vouches_for(r) for r in self.records):
+                found[vouch.epoch] = vouch
+        return found
 
 
 @dataclass(frozen=True)
@@ -146,43 +174,86 @@ class CheckpointSharing:
                 return self.file_path(local, rel)
         return None
 
+    async def vouch(self, record: CheckpointRecord, metrics: dict[str, float]) -> CheckpointVouch:
+        """Countersign ``record``'s manifest (this peer checked and evaluated it); raises PeerFailed when no DHT
+        peer stored the vouch."""
+        vouch = CheckpointVouch(
+            mission_id=record.mission_id, epoch=record.epoch, peer_id=self.peer_id,
+            manifest_sha256=record.manifest_sha256, metrics=metrics, created=get_dht_time(),
+        )  # fmt: skip
+        key = self.keys.mission_checkpoints(record.mission_id)
+        if not await self.swarm.store(key, vouch.to_wire(self.private_key), get_dht_time() + CHECKPOINT_TTL,
+                                      subkey=vouch.subkey):  # fmt: skip
+            raise PeerFailed(f"no DHT peer stored the vouch for epoch {record.epoch}")
+        return vouch
+
     # --- what the swarm holds ----------------------------------------------------------------------
     async def records(self, mission_id: str) -> list[CheckpointRecord]:
-        """Verified checkpoint records of a mission, by epoch (newest last); invalid ones are counted."""
+        """Checked checkpoint records of a mission, by epoch (newest last); invalid ones are counted."""
+        return (await self.catalog(mission_id)).records
+
+    async def catalog(self, mission_id: str) -> Catalog:
+        """Checked checkpoint records and vouches of a mission; invalid ones are counted and logged."""
         found = await self.swarm.get(self.keys.mission_checkpoints(mission_id), latest=True)
-        result = []
+        records, vouches = [], []
         for subkey, item in (found.value.items() if found is not None and hasattr(found.value, "items") else []):
             try:
-                record = CheckpointRecord.from_wire(getattr(item, "value", None), subkey)
-                if record.mission_id != mission_id:
-                    raise RecordError(f"names mission {record.mission_id[:12]}")
+                raw = getattr(item, "value", None)
+                decoded = CheckpointVouch.from_wire(raw, subkey) if is_vouch_subkey(subkey) else (
+                    CheckpointRecord.from_wire(raw, subkey)
+                )
+                if decoded.mission_id != mission_id:
+                    raise RecordError(f"names mission {decoded.mission_id[:12]}")
             except RecordError as e:
                 self.invalid_records["ckpt"] += 1
                 logger.warning("ignored an invalid checkpoint record under %r: %s", str(subkey)[:80], e)
                 continue
-            result.append(record)
-        return sorted(result, key=lambda r: (r.epoch, r.peer_id))
+            (vouches if isinstance(decoded, CheckpointVouch) else records).append(decoded)
+        return Catalog(sorted(records, key=lambda r: (r.epoch, r.peer_id)), sorted(vouches, key=lambda v: v.epoch))
 
     # --- pulling -----------------------------------------------------------------------------------
-    async def pull(self, mission_id: str, epoch: int | None = None) -> tuple[Path, CheckpointRecord]:
+    async def pull(
+        self,
+        mission_id: str,
+        epoch: int | None = None,
+        trusted: Collection[str] = (),
+        unverified: bool = False,
+        max_epoch: int | None = None,
+        manifest: str | None = None,
+        into: Path | None = None,
+    ) -> tuple[Path, CheckpointRecord]:
         """Fetch a checkpoint (the newest when ``epoch`` is None) into the pulled root; returns its directory
-        and record. Raises :class:`garden.errors.NotFound` when no peer announces it, :class:`PullError` when it
-        could not be fetched."""
-        records = await self.records(mission_id)
+        and record. Only an epoch that a peer in ``trusted`` vouched for, from holders of exactly the vouched
+        files, unless ``unverified``; never an epoch past ``max_epoch`` (the mission's ``max_epochs``). Raises
+        :class:`garden.errors.NotFound` when no peer announces it (or it is not verified), :class:`PullError`
+        when it could not be fetched. ``manifest``: only holders of exactly these files (a voucher judging
+        one of several versions of an epoch); ``into``: another directory than the pulled root, which this peer
+        neither lists nor announces (what a voucher judges is not held until it is vouched for)."""
+        catalog = await self.catalog(mission_id)
+        records = [r for r in catalog.records if max_epoch is None or r.epoch <= max_epoch]
+        if len(records) < len(catalog.records):
+            logger.info("ignored checkpoint records of mission %s past its last epoch (%s)", mission_id[:12],
+                        max_epoch)  # fmt: skip
+        if not unverified:
+            vouched = catalog.vouched(trusted)
+            records = [r for r in records if r.epoch in vouched and vouched[r.epoch].vouches_for(r)]
+        what = "checkpoint" if unverified else "verified checkpoint (vouched for by the mission's lead)"
         if epoch is None:
             if not records:
-                raise NotFound(f"no peer announces a checkpoint of mission {mission_id[:12]} yet")
+                raise NotFound(f"no peer announces a {what} of mission {mission_id[:12]} yet")
             epoch = records[-1].epoch
-        offers = [r for r in records if r.epoch == epoch]
+        offers = [r for r in records if r.epoch == epoch and manifest in (None, r.manifest_sha256)]
         if not offers:
             known = sorted({r.epoch for r in records})
+            hint = "" if unverified else "; --unverified takes one nobody vouched for"
             raise NotFound(
-                f"no peer announces epoch {epoch} of mission {mission_id[:12]} (announced: {known or 'none'})"
+                f"no peer announces a {what} of epoch {epoch} of mission {mission_id[:12]} "
+                f"(announced: {known or 'none'}){hint}"
             )
         # this peer's own checkpoint of that epoch first: two trainers may both write one when the last round
         # did not gather them, with different weights, and the files this peer serves (``local``) are its own
         offers.sort(key=lambda r: r.peer_id != self.peer_id)
-        if offers[0].peer_id == self.peer_id:
+        if offers[0].peer_id == self.peer_id and into is None:
             own = next((c for c in self.local(mission_id) if c.epoch == epoch), None)
             if own is not None and own.files == {f.path: f.sha256 for f in offers[0].files}:
                 if await asyncio.to_thread(self._intact, own):
@@ -190,7 +261,7 @@ class CheckpointSharing:
                 raise PullError(f"this peer's own checkpoint of epoch {epoch} no longer matches its sha256s (damaged?)")
         lock = self._locks.setdefault((mission_id, epoch), asyncio.Lock())
         async with lock:
-            return await self._pull(mission_id, epoch, offers), offers[0]
+            return await self._pull(mission_id, epoch, offers, into), offers[0]
 
     async def _fetch(self, holders: list[str], ref: ContentRef, dest: Path) -> str:
         for attempt in range(1, FETCH_TRIES + 1):
@@ -203,8 +274,8 @@ class CheckpointSharing:
                 await asyncio.sleep(2.0 * attempt)
         raise AssertionError("unreachable")
 
-    async def _pull(self, mission_id: str, epoch: int, offers: list[CheckpointRecord]) -> Path:
-        target = self.pulled_root / mission_id / f"epoch-{epoch}"
+    async def _pull(self, mission_id: str, epoch: int, offers: list[CheckpointRecord], into: Path | None) -> Path:
+        target = into or self.pulled_root / mission_id / f"epoch-{epoch}"
         files = offers[0].files
         if target.is_dir() and await asyncio.to_thread(_all_match, target, files):
             return target  # pulled before, and intact

@@ -7,12 +7,16 @@ holders of one epoch do not overwrite each other, and the record is sealed with 
 peer can publish a checkpoint in another's name. A peer that pulls a checkpoint checks every file it
 downloads against the sha256 listed here, and refuses a mismatch.
 
-What it does not prove: that the weights are honest training output. Any trainer of the mission can
-publish; the hashes only guarantee that what you pull is what that peer published.
+What it does not prove: that the weights are honest training output. Any key can publish a record for any
+mission; the hashes only guarantee that what you pull is what that peer published. So a checkpoint counts as
+*verified* only with a :class:`CheckpointVouch` under ``vouch:<epoch>:<voucher>`` by someone the puller
+trusts (the mission's lead, a ``--trust-lead``): the voucher pulled that epoch's files, checked their hashes,
+evaluated the model on rows it holds, and signs the manifest (its :func:`manifest_sha256`) with the figures.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any
 
@@ -33,6 +37,8 @@ CHECKPOINT_TTL = 7 * 24 * 3600.0
 """Seconds a manifest lives in the DHT unless its holder re-publishes it (holders do, every period)."""
 _PATH = re.compile(r"^(model|adapter)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SUBKEY = re.compile(r"^(0|[1-9][0-9]{0,7}):([1-9A-HJ-NP-Za-km-z]{1,128})$")
+VOUCH_PREFIX = "vouch:"
+_VOUCH_SUBKEY = re.compile(r"^vouch:(0|[1-9][0-9]{0,7}):([1-9A-HJ-NP-Za-km-z]{1,128})$")
 
 CheckpointPath = Annotated[str, StringConstraints(max_length=136)]
 """``model/<file>`` or ``adapter/<file>``: one level, plain names, so a pull can never write outside its
@@ -84,6 +90,10 @@ class CheckpointRecord(StrictRecord):
     def file(self, path: str) -> CheckpointFile | None:
         return next((f for f in self.files if f.path == path), None)
 
+    @property
+    def manifest_sha256(self) -> str:
+        return manifest_sha256(self.files)
+
     def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
         return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
 
@@ -103,3 +113,52 @@ class CheckpointRecord(StrictRecord):
 
 def checkpoint_subkey(epoch: int, peer_id: str) -> str:
     return f"{epoch}:{peer_id}"
+
+
+def manifest_sha256(files: list[CheckpointFile]) -> str:
+    """What a vouch signs: the checkpoint's files (path, size, sha256), in path order, hashed. Two holders
+    that serve identical files have the same manifest, so one vouch covers every copy."""
+    canonical = msgpack.packb(sorted((f.path, f.size, f.sha256) for f in files), use_bin_type=True)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+class CheckpointVouch(StrictRecord):
+    """A voucher's countersignature of one epoch's checkpoint: it pulled the files named by ``manifest_sha256``,
+    checked every hash, evaluated the model (``metrics``, e.g. ``kl``: KL(teacher || student) on rows it
+    holds) and found it not worse than the last checkpoint it vouched for."""
+
+    v: int = Field(default=CHECKPOINT_RECORD_VERSION, ge=1)
+    mission_id: MissionId
+    epoch: int = Field(ge=0, le=MAX_EPOCH)
+    peer_id: PeerId = Field(description="the voucher, who signs")
+    manifest_sha256: Sha256Hex
+    metrics: dict[Annotated[str, StringConstraints(max_length=32)], float] = Field(default_factory=dict, max_length=16)
+    created: float = Field(ge=0.0)
+
+    @property
+    def subkey(self) -> str:
+        return f"{VOUCH_PREFIX}{self.epoch}:{self.peer_id}"
+
+    def vouches_for(self, record: CheckpointRecord) -> bool:
+        return (record.mission_id, record.epoch, record.manifest_sha256) == (
+            self.mission_id, self.epoch, self.manifest_sha256,
+        )  # fmt: skip
+
+    def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
+        return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
+
+    @classmethod
+    def from_wire(cls, raw: Any, subkey: Any) -> CheckpointVouch:
+        if not isinstance(subkey, str) or not _VOUCH_SUBKEY.match(subkey):
+            raise RecordError(f"subkey {str(subkey)[:80]!r} is not vouch:<epoch>:<peer id>")
+        body, signer = open_sealed(raw, max_bytes=MAX_CHECKPOINT_RECORD_BYTES)
+        vouch = decode_record(cls, body, "checkpoint vouch")
+        if signer != vouch.peer_id:
+            raise RecordError(f"signed by {signer}, names peer {vouch.peer_id}")
+        if subkey != vouch.subkey:
+            raise RecordError(f"stored under {subkey[:80]!r}, belongs under {vouch.subkey!r}")
+        return vouch
+
+
+def is_vouch_subkey(subkey: object) -> bool:
+    return isinstance(subkey, str) and subkey.startswith(VOUCH_PREFIX)

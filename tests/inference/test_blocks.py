@@ -1,5 +1,6 @@
 """Layer ranges of the built-in model in one process: a chain of ranges gives the full model's logits and
-greedy tokens; a server's sub-range works; other model families fail clearly."""
+greedy tokens; a server's sub-range works; the spot check's tolerance separates honest servers from noise
+that changes answers; other model families fail clearly."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from garden.inference.blocks import Blocks, Ends, LayerSpan, UnsupportedModelError, load_config
+from garden.inference.client import SPOT_TOLERANCE, hidden_distance
 from garden.inference.generate import prompt_ids
 from garden.models.loading import load_model
 
-pytestmark = pytest.mark.heavy(10)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(15)  # seconds in `make check`: see tests/conftest.py
 
 MODEL = "builtin:smollm2-135m"
 
@@ -82,6 +84,51 @@ def test_fp16_at_the_boundaries_keeps_greedy_output(parts: dict) -> None:
         with torch.no_grad():
             greedy = full.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
         assert tokens[: len(greedy)] == greedy.tolist()[: len(tokens)]
+
+
+def test_the_spot_check_tolerance_separates_honest_servers_from_noise(parts: dict) -> None:
+    """What ``SPOT_TOLERANCE`` rests on. An honest witness of layers 10-20 (a fresh cache that replays the
+    history in one call, with another thread count, float16 on the wire) is far inside the tolerance of the
+    server that ran the steps one by one; noise that changes greedy answers is far outside it."""
+    ends, middle, wire = parts["ends"], parts["spans"][1], lambda h: h.half().float()
+
+    def generate(ids: list[int], noise: float) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+        """Greedy tokens with layers 10-20 answering with ``noise`` (a tenth: a hostile server's), the
+        inputs those layers got and their honest answers."""
+        generator = torch.Generator().manual_seed(0)
+        caches = [b.new_cache() for b in parts["spans"]]
+        tokens, inputs, answers, feed = [], [], [], ids
+        for _ in range(10):
+            inputs.append(wire(parts["spans"][0].forward(wire(ends.embed(feed)), caches[0])))
+            answers.append(wire(middle.forward(inputs[-1], caches[1])))
+            spread = answers[-1].std(dim=-1, keepdim=True)
+            served = wire(answers[-1] + noise * spread * torch.randn(answers[-1].shape, generator=generator))
+            tokens.append(int(ends.logits(parts["spans"][2].forward(served, caches[2])).argmax()))
+            feed = [tokens[-1]]
+        return tokens, inputs, answers
+
+    threads = torch.get_num_threads()
+    worst, changed = 0.0, 0
+    try:
+        for prompt in ("What is the capital of France?", "Write a haiku about rain."):
+            ids = prompt_ids(parts["full"].tokenizer, prompt)
+            torch.set_num_threads(1)
+            tokens, inputs, answers = generate(ids, 0.0)
+            torch.set_num_threads(2)
+            for k in range(len(inputs)):  # the witness: a fresh session, the history replayed, then the step
+                cache = middle.new_cache()
+                if k:
+                    middle.forward(torch.cat(inputs[:k], dim=1), cache)
+                worst = max(worst, hidden_distance(wire(middle.forward(inputs[k], cache)), answers[k]))
+            noisy, *_ = generate(ids, 0.1)
+            changed += noisy != tokens
+    finally:
+        torch.set_num_threads(threads)
+    assert worst < SPOT_TOLERANCE / 5, worst  # measured: 7.7e-5 at most (6 prompts x 24 tokens)
+    spread = answers[0].std(dim=-1, keepdim=True)
+    noise = wire(answers[0] + 0.1 * spread * torch.randn(answers[0].shape, generator=torch.Generator().manual_seed(0)))
+    assert hidden_distance(noise, answers[0]) > 20 * SPOT_TOLERANCE  # a noisy step is caught
+    assert changed == 2  # and that noise changes both answers
 
 
 def test_layer_spans() -> None:

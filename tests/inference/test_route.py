@@ -1,4 +1,5 @@
-"""Routing over announced ranges, the server's choice of range, blocks records, wire checks, text pieces."""
+"""Routing over announced ranges ranked by what the client measured, the server's choice of range, blocks
+records, wire checks, text pieces."""
 
 from __future__ import annotations
 
@@ -10,11 +11,25 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from garden.inference.blocks import LayerSpan
 from garden.inference.client import SamplingConfig, _pick, _TextDecoder
-from garden.inference.route import CoverageError, missing_spans, shortest_chain
+from garden.inference.client import hidden_distance
+from garden.inference.route import (
+    DEFAULT_RTT,
+    EXPLORE,
+    MEASUREMENT_TTL,
+    CoverageError,
+    Measurement,
+    Router,
+    bounded_priors,
+    guesses,
+    hop_seconds,
+    missing_spans,
+    shortest_chain,
+)
 from garden.inference.server import better_span, choose_span
 from garden.protocol.inference_rpc import deserialize_hidden, serialize_hidden
 from garden.protocol import signing
 from garden.protocol.blocks import BlocksRecord, models_subkey
+from garden.protocol.keys import DHTKeys
 from garden.protocol.records import RecordError, check_fresh
 from garden.protocol.serve_spec import parse_serve_spec
 
@@ -37,15 +52,91 @@ def rec(peer: str, start: int, end: int, throughput: float = 100.0, **extra: Any
 
 def test_the_chain_covers_every_layer_at_least_cost() -> None:
     records = [
-        rec("A", 0, 10), rec("B", 10, 20, 10.0), rec("C", 10, 20, 1000.0), rec("D", 20, 30), rec("E", 0, 30, 100.0)
+        rec("A", 0, 10),
+        rec("B", 10, 20, 10.0),
+        rec("C", 10, 20, 100.0),
+        rec("D", 20, 30),
+        rec("E", 0, 30, 50.0),
     ]
     chain = shortest_chain(records, MODEL, LayerSpan(0, 30))
     assert [(h.peer_id, str(h.span)) for h in chain] == [("A", "0-10"), ("C", "10-20"), ("D", "20-30")]
     # a slow server holding everything wins when the round trips to the others are long
-    far = {"A": 1.0, "C": 1.0, "D": 1.0}
+    far = {p: Measurement(rtt=1.0) for p in "ACD"}
     assert [h.peer_id for h in shortest_chain(records, MODEL, LayerSpan(0, 30), far)] == ["E"]
     # a sub-range of a server's range
     assert [(h.peer_id, str(h.span)) for h in shortest_chain(records[:4], MODEL, LayerSpan(12, 20))] == [("C", "12-20")]
+
+
+def test_an_announcement_is_only_a_bounded_prior() -> None:
+    """1e9 announced earns a never-measured server the median of the others' announcements, no more."""
+    honest = [rec("A", 0, 10), rec("B", 10, 20), rec("D", 20, 30)]
+    liar = rec("H", 10, 20, 1e9)
+    priors = bounded_priors([*honest, liar, rec("S", 10, 20, 40.0)])
+    assert priors == {"A": 100.0, "B": 100.0, "D": 100.0, "H": 100.0, "S": 40.0}  # a slower claim is kept
+    assert bounded_priors([liar]) == {"H": 1e9}  # alone: nothing to compare with, and no route to win
+    # before any measurement the liar is assumed what an honest server of its layers is: a tie, not a win
+    assumed = guesses([*honest, liar], {})
+    assert assumed["H"] == assumed["B"] == Measurement(rtt=DEFAULT_RTT, layer_seconds=0.01)
+    # trusting announcements, it would have cost a millionth of the honest server's compute
+    trusted = Measurement(rtt=DEFAULT_RTT, layer_seconds=1e-9)
+    assert hop_seconds(10, trusted) < hop_seconds(10, assumed["B"]) / 3
+
+
+def test_measured_speed_ranks_servers_not_announcements() -> None:
+    records = [rec("A", 0, 10), rec("B", 10, 20, 100.0), rec("H", 10, 20, 1e9), rec("D", 20, 30)]
+    span = LayerSpan(0, 30)
+    # both measured at the same round trip; the liar is 10 % slower per layer: it loses, whatever it announced
+    measured = {"B": Measurement(rtt=0.002, layer_seconds=0.010), "H": Measurement(rtt=0.002, layer_seconds=0.011)}
+    assert [h.peer_id for h in shortest_chain(records, MODEL, span, measured)] == ["A", "B", "D"]
+    # measured faster, it wins: ranking follows what was measured, and the spot check is what catches a liar
+    measured["H"] = Measurement(rtt=0.002, layer_seconds=0.009)
+    assert [h.peer_id for h in shortest_chain(records, MODEL, span, measured)] == ["A", "H", "D"]
+    # a server not measured yet is tried before routes settle on a measured one, even one that announces less
+    # than that one did in the client's measurement (announcements are not on the client's scale)
+    slow_claim = [rec("A", 0, 10), rec("B", 10, 20, 10.0), rec("H", 10, 20, 1e9), rec("D", 20, 30)]
+    first = {"H": Measurement(rtt=0.002, layer_seconds=0.02)}
+    assert [h.peer_id for h in shortest_chain(slow_claim, MODEL, span, first)] == ["A", "B", "D"]
+    assumed = guesses(slow_claim, first)["B"]
+    assert assumed.layer_seconds == pytest.approx(EXPLORE * 0.02) and assumed.rtt == 0.002
+    assert hop_seconds(10, assumed, Measurement(layer_seconds=0.05)) == pytest.approx(0.002 + 0.5)
+
+
+def router_with(records: list[BlocksRecord]) -> Router:
+    router = Router(swarm=None, keys=DHTKeys(), model=MODEL, refresh_s=1e9)
+    router._cache = (1e18, records)  # never read the DHT
+    return router
+
+
+def test_the_router_measures_round_trips_and_seconds_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("garden.inference.route.time.monotonic", lambda: now[0])
+    router = router_with([])
+    router.measured("B", 0.002)  # open: no layers, a round trip
+    router.measured("B", 0.052, layers=10, tokens=1)  # one decode step over 10 layers
+    m = router.current()["B"]
+    assert m.rtt == pytest.approx(0.002) and m.layer_seconds == pytest.approx(0.005)
+    router.measured("B", 2.0, layers=10, tokens=200)  # a prompt or a replay: not what a chain repeats
+    assert router.current()["B"].layer_seconds == pytest.approx(0.005)
+    router.measured("B", 0.102, layers=10, tokens=1)  # smoothed: one slow step moves it a fifth of the way
+    assert router.current()["B"].layer_seconds == pytest.approx(0.8 * 0.005 + 0.2 * 0.010)
+    router.measured("B", 0.012)
+    assert router.current()["B"].rtt == pytest.approx(0.8 * 0.002 + 0.2 * 0.012)
+    # not renewed for the TTL: forgotten, so the server is tried again at its prior
+    now[0] += MEASUREMENT_TTL + 1
+    assert "B" not in router.current()
+    router.measured("B", 0.004)
+    assert router.current()["B"] == Measurement(rtt=0.004, layer_seconds=None) and router.current()["B"].at == now[0]
+
+
+async def test_banned_servers_are_left_out_and_liars_remembered() -> None:
+    records = [rec("A", 0, 10), rec("B", 10, 20), rec("H", 10, 20, 1e9), rec("D", 20, 30)]
+    router = router_with(records)
+    router.ban("H", 3600.0, lied="its hidden states differ")
+    router._cache = (1e18, records)  # ban() drops the cache (the record may be gone): put it back
+    assert [r.peer_id for r in await router.servers()] == ["A", "B", "D"]
+    assert router.banned("H") and router.liars == {"H": "its hidden states differ"}
+    router.ban("H", 1.0)  # a shorter ban never shortens a longer one
+    assert router.banned("H") and not router.banned("B")
 
 
 def test_a_gap_is_named() -> None:
@@ -63,6 +154,25 @@ def test_a_server_picks_the_least_covered_layers() -> None:
     assert choose_span(full, 30, 10) == LayerSpan(10, 20)  # all held once: the slowest range
     assert choose_span([rec("me", 0, 10)], 30, 10, exclude="me") == LayerSpan(0, 10)
     assert choose_span([], 30, 99) == LayerSpan(0, 30)
+
+
+def test_a_liars_announcement_does_not_push_servers_off_its_layers() -> None:
+    """Each range held once; the 0-10 server claims 1e9. Counted at the median, its range ties with the
+    others (the first is taken) instead of looking best served and being left to it alone."""
+    records = [rec("H", 0, 10, 1e9), rec("A", 10, 20, 200.0), rec("B", 20, 30, 200.0)]
+    assert choose_span(records, 30, 10) == LayerSpan(0, 10)
+
+
+def test_hidden_distance_is_relative_and_per_token() -> None:
+    torch.manual_seed(0)
+    a = torch.randn(1, 5, 64) * torch.tensor([1.0, 100.0, 1.0, 1000.0, 1.0]).view(1, 5, 1)
+    assert hidden_distance(a, a.clone()) == 0.0
+    assert hidden_distance(a, a.half().float()) < 1e-3  # the wire's rounding
+    forged = a.clone()
+    forged[0, 2] += torch.randn(64) * 0.1 * a[0, 2].norm() / 8  # one small-scale token, ~10 % off
+    assert 0.05 < hidden_distance(a, forged) < 0.2  # not averaged away by the large tokens
+    assert hidden_distance(a, torch.zeros_like(a)) == pytest.approx(1.0)
+    assert hidden_distance(a, a[:, :4]) == float("inf")
 
 
 def test_a_redundant_server_moves_to_a_gap_only() -> None:

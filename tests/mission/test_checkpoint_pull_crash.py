@@ -56,7 +56,7 @@ PULLER = textwrap.dedent(
                                     root / "checkpoints")
         await transfer.start()
         print("pulling", flush=True)
-        path, record = await sharing.pull(mission, 1)
+        path, record = await sharing.pull(mission, 1, unverified=True)
         print("pulled", path, flush=True)
         await transfer.stop()
         await swarm.close_p2p()
@@ -167,6 +167,81 @@ async def test_a_pull_killed_mid_file_leaves_the_previous_copy_whole(
         assert third.returncode == 0 and f"pulled {target}" in out
         assert sha256s(target) != before and not staging.exists()
         assert not torch.equal(assert_whole_and_loads(target), weights)
+    finally:
+        await transfer.stop()
+        await swarm.close_p2p()
+
+
+@pytest.fixture
+def lead_swarm(tmp_path: Path) -> Iterator[tuple[Swarm, Path]]:
+    """A swarm of its own (a p2p replica closed in one test's event loop is not reopened in another's)."""
+    root = tmp_path / "lead"
+    root.mkdir()
+    load_or_create_identity(root / "identity.key")
+    swarm = Swarm(swarm_config(root / "identity.key"))
+    swarm.start()
+    yield swarm, root
+    swarm.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_forged_checkpoint_is_never_pulled_without_the_leads_vouch(
+    lead_swarm: tuple[Swarm, Path], tmp_path: Path
+) -> None:
+    """The attack: a throwaway key announces a checkpoint of the mission at epoch 10^7 (it would be "latest"
+    for every pull) and vouches for it itself. A pull takes only an epoch whose files the lead vouched for;
+    even an unverified pull ignores an epoch past the mission's max_epochs."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from garden.errors import NotFound
+    from garden.protocol import signing
+    from garden.protocol.checkpoints import CHECKPOINT_TTL, CheckpointFile, CheckpointRecord, CheckpointVouch
+    from harness.trainers import make_tiny_student
+    from hivemind.utils.timed_storage import get_dht_time
+
+    swarm, root = lead_swarm
+    mission = secrets.token_hex(32)
+    identity = load_or_create_identity(root / "identity.key")  # the lead's
+    transfer = ContentTransfer(swarm, namespace=NAMESPACE)
+    keys = DHTKeys(NAMESPACE)
+    sharing = CheckpointSharing(swarm, keys, identity.private_key, swarm.peer_id, transfer, root / "train",
+                                root / "checkpoints")  # fmt: skip
+    run = RunDir(root / "train" / mission / "out")
+    run.create({"student": "tiny"})
+    save_checkpoint(run, make_tiny_student(tmp_path / "student"), seed=3)
+    lead = {swarm.peer_id}
+    attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    attacker_id = signing.peer_id_of(signing.public_key_der(attacker))
+    poison = CheckpointFile(path="model/model.safetensors", size=9, sha256=hashlib.sha256(b"poisoned!").hexdigest())
+    forged = CheckpointRecord(mission_id=mission, epoch=10_000_000, peer_id=attacker_id, files=[poison],
+                              created=get_dht_time())  # fmt: skip
+    self_vouch = CheckpointVouch(mission_id=mission, epoch=forged.epoch, peer_id=attacker_id,
+                                 manifest_sha256=forged.manifest_sha256, metrics={"kl": 0.0},
+                                 created=get_dht_time())  # fmt: skip
+    await transfer.start()
+    try:
+        assert await sharing.publish(mission) == 1
+        ckpt_key = keys.mission_checkpoints(mission)
+        for record in (forged, self_vouch):
+            assert await swarm.store(ckpt_key, record.to_wire(attacker), get_dht_time() + CHECKPOINT_TTL,
+                                     subkey=record.subkey)  # fmt: skip
+        catalog = await sharing.catalog(mission)
+        assert [r.epoch for r in catalog.records] == [1, 10_000_000] and len(catalog.vouches) == 1
+        assert catalog.vouched(lead) == {} and set(catalog.vouched({attacker_id})) == {10_000_000}
+        with pytest.raises(NotFound, match="verified"):  # nobody the puller trusts vouched for anything
+            await sharing.pull(mission, trusted=lead)
+        path, record = await sharing.pull(mission, unverified=True, max_epoch=20)  # past max_epochs: ignored
+        assert record.epoch == 1
+
+        own = next(r for r in catalog.records if r.epoch == 1)
+        vouch = await sharing.vouch(own, {"kl": 1.5})
+        catalog = await sharing.catalog(mission)
+        assert catalog.vouched(lead) == {1: vouch}
+        path, record = await sharing.pull(mission, trusted=lead)
+        assert record.epoch == 1 and record.manifest_sha256 == vouch.manifest_sha256
+        assert (path / "model").is_dir()  # the lead's own checkpoint, served from its run directory
+        with pytest.raises(NotFound, match="unverified"):
+            await sharing.pull(mission, 10_000_000, trusted=lead)
     finally:
         await transfer.stop()
         await swarm.close_p2p()

@@ -82,12 +82,29 @@ def final_params(daemon: Daemon, mission_id: str) -> torch.Tensor:
     return torch.cat([tensors[k].reshape(-1) for k in sorted(tensors)])
 
 
+def publish_poisoned(root: Path, mission_id: str, student: Path, epoch: int) -> None:
+    """A run directory under ``root`` (as a trainer's daemon keeps one) whose checkpoint of ``epoch`` holds
+    ``student``'s weights, poisoned (every parameter times -3)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from garden.distill.checkpoints import RunDir
+
+    run = RunDir(root / "train" / mission_id / "out")
+    run.create({"student": "poisoned"})
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(student), AutoTokenizer.from_pretrained(student)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(-3.0)
+    run.save(epoch, model, tokenizer, {"step": epoch}, {"loss": 0.0}, keep=2)
+
+
 def garden_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=300, check=False
     )
 
 
+@pytest.mark.timeout(600)
 def test_two_peers_shake_and_train_one_student(
     daemons: DaemonFactory, model_cache: Path, tiny: Path, tmp_path: Path
 ) -> None:
@@ -131,10 +148,20 @@ def test_two_peers_shake_and_train_one_student(
         return {c["epoch"] for c in other.get(f"/missions/{mission_id}/checkpoints").json()}
 
     wait_until(lambda: EPOCHS in announced(), 30, 0.5, "the last epoch's checkpoint announced")
+
+    # the lead (a) pulls it, evaluates it on rows it holds and vouches for it: a pull takes verified ones only
+    def vouched() -> dict | None:
+        listed = other.get(f"/missions/{mission_id}/checkpoints").json()
+        return next((c for c in listed if c["epoch"] == EPOCHS and c["verified"]), None)
+
+    verified = wait_until(vouched, 180, 1.0, "the lead vouched for the last epoch's checkpoint")
+    assert verified["vouched_by"] == a.peer_id and verified["vouch_metrics"]["kl"] >= 0.0
+    assert verified["vouch_metrics"]["kl"] <= 1.1 * verified["vouch_metrics"]["base_kl"] + 0.02
     out = tmp_path / "pulled"
     pulled = garden_cli("mission", "pull", mission_id[:12], "-o", str(out), "--url", other.url)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    assert "every sha256 checked" in pulled.stdout
+    said = " ".join(pulled.stdout.split())  # the console wraps long lines
+    assert "every sha256 checked" in said and f"vouched for by {a.peer_id}" in said, said
     from safetensors.torch import load_file
 
     got = torch.cat([t.reshape(-1) for _, t in sorted(load_file(str(out / "model.safetensors")).items())])
@@ -142,6 +169,29 @@ def test_two_peers_shake_and_train_one_student(
     assert any(torch.equal(got, final_params(w, mission_id)) for w in writers)
     generated = garden_cli("generate", "--model", str(out), "--max-new-tokens", "4", "Hello")
     assert generated.returncode == 0, generated.stderr[-2000:]
+
+    # a hostile trainer announces a poisoned checkpoint of the last epoch (its own files, which it serves): the
+    # lead pulls it, finds it worse than the one it vouched for, and does not vouch; pulls still take the vouched
+    poisoned_root = tmp_path / "hostile"
+    publish_poisoned(poisoned_root, mission_id, out, EPOCHS)
+    hostile = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("hostile_checkpoint.py")), a.join_addr, str(poisoned_root),
+         mission_id, "garden"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: "is not vouched for" in a.stderr(), 180, 1.0, "the lead refused the poisoned checkpoint")
+        listed = other.get(f"/missions/{mission_id}/checkpoints").json()
+        strangers = [c for c in listed if c["peer_id"] not in (a.peer_id, b.peer_id)]
+        assert strangers and not any(c["verified"] for c in strangers), listed
+        again = garden_cli("mission", "pull", mission_id[:12], "-o", str(tmp_path / "pulled-again"), "--url", other.url)
+        assert again.returncode == 0, again.stdout + again.stderr
+        from safetensors.torch import load_file as load_again
+
+        pulled_again = load_again(str(tmp_path / "pulled-again" / "model.safetensors"))
+        assert torch.equal(torch.cat([t.reshape(-1) for _, t in sorted(pulled_again.items())]), got)
+    finally:
+        hostile.terminate()
+        hostile.wait(timeout=30)
     # bad requests: a clear status, nothing fetched
     base = f"/missions/{mission_id}/checkpoints"
     assert other.request("POST", f"{base}/abc/pull").status_code == 422

@@ -73,3 +73,33 @@ def test_refusals(key: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> None:
     for garbage in (b"\\x00junk", 12, None, b"\\x00" * 20_000, seal(b"not msgpack", key)):
         with pytest.raises(RecordError):
             CheckpointRecord.from_wire(garbage, good.subkey)
+
+
+
+def test_a_vouch_names_one_manifest_and_its_voucher(key: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> None:
+    from garden.mission.checkpoints import Catalog
+    from garden.protocol.checkpoints import CheckpointVouch
+
+    held = record(key)
+    # the manifest is the files, whatever order a holder lists them in; another file's hash is another manifest
+    assert record(key, files=list(reversed(held.model_dump()["files"]))).manifest_sha256 == held.manifest_sha256
+    changed = record(key, files=[{"path": "model/model.safetensors", "size": 10, "sha256": "ef" * 32}])
+    assert changed.manifest_sha256 != held.manifest_sha256
+    voucher = signing.peer_id_of(signing.public_key_der(other))
+    vouch = CheckpointVouch(mission_id=MISSION, epoch=4, peer_id=voucher, manifest_sha256=held.manifest_sha256,
+                            metrics={"kl": 0.5}, created=1000.0)  # fmt: skip
+    assert vouch.subkey == f"vouch:4:{voucher}"
+    assert CheckpointVouch.from_wire(vouch.to_wire(other), vouch.subkey) == vouch
+    assert vouch.vouches_for(held) and not vouch.vouches_for(changed)
+    for raw, subkey, why in [
+        (vouch.to_wire(key), vouch.subkey, "signed by"),  # in the lead's name, by someone else
+        (vouch.to_wire(other), f"vouch:5:{voucher}", "belongs under"),  # replayed for another epoch
+        (vouch.to_wire(other), f"4:{voucher}", "vouch:"),
+        (b"\xc1", vouch.subkey, ""),
+    ]:
+        with pytest.raises(RecordError, match=why):
+            CheckpointVouch.from_wire(raw, subkey)
+    # a catalog counts a vouch only from a trusted voucher, and only for files some holder announces
+    catalog = Catalog(records=[held], vouches=[vouch])
+    assert catalog.vouched({voucher}) == {4: vouch} and catalog.vouched({"QmSomeoneElse"}) == {}
+    assert Catalog(records=[changed], vouches=[vouch]).vouched({voucher}) == {}
