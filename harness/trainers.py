@@ -4,11 +4,16 @@ and real DORPO rows shaken from the built-in teacher.
 
 Every worker a test starts is stopped at teardown, with its descendants (its DHT process, ``p2pd``,
 hivemind's averagers) recorded by PID and killed if they outlive it.
+
+:func:`average_round` runs one round of hivemind's all-reduce between peers of one process, without matchmaking
+(tests and ``benchmarks/robust_averaging.py`` measure what the reducers compute).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -170,3 +175,55 @@ class WorkerFactory:
                 orphans.append(f"{worker.name}: {proc.pid} {' '.join(proc.cmdline())[:100]}")
                 proc.kill()
         return orphans
+
+
+async def average_round(
+    p2ps: list[Any],
+    tensors: list[list[Any]],
+    weights: list[float],
+    reducers: list[bool] | None = None,
+    part_size_bytes: int = 2**19,
+    timeout: float = 10.0,
+) -> list[list[Any] | BaseException]:
+    """One all-reduce round of hivemind's ``AllReduceRunner`` (what a ``DecentralizedAverager`` runs once its group
+    is formed) between ``p2ps`` (``hivemind.p2p.P2P`` instances of this process): peer ``i`` sends ``tensors[i]``
+    (copies) with weight ``weights[i]``, and reduces an equal share of the parts unless ``reducers[i]`` is False
+    (a client-mode sender). Returns, for each peer, its tensors after the round, or the exception its round raised
+    (a sender refused by the others). A peer waits ``timeout`` seconds at most for a sender's or a reducer's next
+    part (as an averager's ``next_chunk_timeout``). garden's patches apply if installed in this process."""
+    from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+
+    reducers = reducers or [True] * len(p2ps)
+    namespace = f"round-{os.urandom(6).hex()}"
+    group_id = os.urandom(20)
+    peers = [p2p.peer_id for p2p in p2ps]
+    modes = [AveragingMode.NODE if r else AveragingMode.CLIENT for r in reducers]
+    runners = []
+    for p2p, mine, weight in zip(p2ps, tensors, weights, strict=True):
+        runner = AllReduceRunner(
+            p2p=p2p, servicer_type=AllReduceRunner, prefix=namespace, group_id=group_id,
+            tensors=[t.clone() for t in mine], ordered_peer_ids=peers,
+            peer_fractions=tuple(1.0 if m == AveragingMode.NODE else 0.0 for m in modes), modes=modes,
+            weight=weight, part_size_bytes=part_size_bytes, sender_timeout=timeout / 2, reducer_timeout=timeout,
+        )  # fmt: skip
+        await runner.add_p2p_handlers(p2p, namespace=namespace)
+        runners.append(runner)
+
+    async def run(runner: Any) -> list[Any]:
+        index = 0
+        async for delta in runner:
+            runner.tensor_part_container.local_tensors[index].add_(delta)
+            index += 1
+        return list(runner.tensor_part_container.local_tensors)
+
+    async def bounded(runner: Any) -> list[Any]:
+        try:  # a peer whose own part was refused waits for itself: an averager's round timeout ends that
+            return await asyncio.wait_for(run(runner), 3 * timeout)
+        finally:
+            runner.finalize(cancel=True)  # nothing if it finished
+
+    try:
+        return list(await asyncio.gather(*map(bounded, runners), return_exceptions=True))
+    finally:
+        for runner, p2p in zip(runners, p2ps, strict=True):
+            await runner.remove_p2p_handlers(p2p, namespace=namespace)

@@ -17,6 +17,7 @@ import pytest
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
 
+@pytest.mark.timeout(900)  # the demo's own limit below; it takes 3-5 minutes on 2 cores
 def test_the_demo_trains_a_student_closer_to_the_teacher(tmp_path: Path, model_cache: Path) -> None:
     work = tmp_path / "demo"
     env = {**os.environ, "GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

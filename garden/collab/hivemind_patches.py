@@ -57,6 +57,18 @@ The patches (each installed once per process, before the optimizer forks its ave
   (:func:`params_epoch`: the epoch of the last step or load that set them). A load counts only when the
   parameters it left are those the peer sent under the epoch it now holds (:func:`loaded_states`).
 
+* **robust averaging** (``TensorPartReducer.reset_accumulators``, ``ProgressTracker._parse_swarm_progress_data``,
+  ``DecentralizedAverager._load_state_from_peers``; and the guard's wrappers, which refuse a weight that is not a
+  finite number >= 0): what another peer claims counts within bounds (the rules, and what they guarantee, are in
+  :mod:`garden.collab.robust`). hivemind's reducer adds each sender's part, times the sender's weight, to a running
+  sum; here the sum is replaced by an object that holds the parts of the current part index and, once every sender's
+  part arrived (when hivemind divides the sum), reduces them by CenteredClip with bounded weights. hivemind takes the
+  swarm's epoch as the largest any trainer claims in the progress record; here the claims too far ahead of the other
+  trainers' are left out of the record before hivemind reads it. hivemind downloads a state from the peer that
+  claims the highest priority (its epoch); here the peers whose claim is too far ahead are not asked, and the state
+  one peer served is loaded when a second peer's parameters agree with it. The work itself is in
+  :mod:`garden.collab.robust_hivemind`.
+
 Not patches, but hivemind's internals too, for trainers that wait for each other (``[train] min_trainers``):
 :func:`report_presence` stores a trainer's entry in the progress record before its first step (hivemind's reporter
 stores one only once the trainer has accumulated samples), and :func:`refresh_progress` has the tracker read the
@@ -68,6 +80,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import multiprocessing
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -95,6 +108,10 @@ PATCHED: tuple[tuple[str, str], ...] = (
     ("hivemind.optim.state_averager:TrainingStateAverager", "step"),
     ("hivemind.optim.state_averager:TrainingStateAverager", "load_state_from_peers"),
     ("hivemind.optim.state_averager:TrainingStateAverager", "get_current_state"),
+    # robust averaging
+    ("hivemind.averaging.partition:TensorPartReducer", "reset_accumulators"),
+    ("hivemind.optim.progress_tracker:ProgressTracker", "_parse_swarm_progress_data"),
+    ("hivemind.averaging.averager:DecentralizedAverager", "_load_state_from_peers"),
 )
 """Every ``(owner, attribute)`` replaced here; an owner is ``module`` or ``module:Class``."""
 
@@ -135,6 +152,7 @@ def install() -> None:
         _once("meter", _install_meter)
         _once("tie", _install_tie)
         _once("whole states", _install_whole_states)
+        _once("robust", _install_robust)
 
 
 def install_decoder() -> None:
@@ -171,6 +189,19 @@ def check_part(part: Any, expected_shape: Any, peer: str, what: str) -> None:
         raise RefusedPart(f"{what} from {peer}: {problem}")
 
 
+def check_weight(weight: Any, peer: str) -> None:
+    """Raise :class:`RefusedPart` (and log ``peer``) unless ``weight`` is a finite number >= 0 (a NaN weight makes
+    the whole part NaN; a negative one subtracts the part)."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        logger.warning("refused a tensor part from peer %s: weight %r; it is left out of this averaging round", peer,
+                       weight)  # fmt: skip
+        raise RefusedPart(f"a tensor part from {peer}: weight {weight!r}")
+
+
 def _install_guard() -> None:
     from hivemind.averaging.allreduce import AllReduceRunner
     from hivemind.averaging.averager import DecentralizedAverager
@@ -185,6 +216,8 @@ def _install_guard() -> None:
         original_init(self, *args, **kwargs)
         # who is who, for the checks below: senders (as the reducer counts them) and reducers (by peer index)
         self.tensor_part_reducer.garden_senders = [str(p) for p in self.sender_peer_ids]
+        own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+        self.tensor_part_reducer.garden_own = own  # robust averaging: a reducer of two senders trusts its own part
         self.tensor_part_container.garden_peers = [str(p) for p in self.ordered_peer_ids]
         self.tensor_part_container.garden_part_shapes = [
             [tuple(part.shape) for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
@@ -196,6 +229,8 @@ def _install_guard() -> None:
         senders = getattr(self, "garden_senders", None)
         if senders is not None and 0 <= part_index < self.num_parts:
             check_part(tensor_part, self.part_shapes[part_index], senders[sender_index], "a tensor part")
+            check_weight(weight, senders[sender_index])
+        tensor_part._garden_sender = sender_index  # who sent it, for robust averaging's log lines
         return await original_accumulate(self, sender_index, part_index, tensor_part, weight)
 
     def register_processed_part(self: Any, peer_index: int, part_index: int, part: Any) -> None:
@@ -392,6 +427,45 @@ def _install_whole_states() -> None:
     TrainingStateAverager.step = step  # type: ignore[method-assign]
     TrainingStateAverager.load_state_from_peers = load_state_from_peers  # type: ignore[method-assign]
     TrainingStateAverager.get_current_state = get_current_state  # type: ignore[method-assign]
+
+
+# --- robust averaging ------------------------------------------------------------------------------------
+
+
+def _install_robust() -> None:
+    from hivemind.averaging.averager import DecentralizedAverager
+    from hivemind.averaging.partition import TensorPartReducer
+    from hivemind.optim.progress_tracker import ProgressTracker
+
+    from garden.collab.robust_hivemind import HeldParts, agreed_state, credible_progress
+
+    original_reset = TensorPartReducer.reset_accumulators
+    original_parse = ProgressTracker._parse_swarm_progress_data
+
+    def reset_accumulators(self: Any) -> None:
+        original_reset(self)
+        if not self.finished.is_set() and hasattr(self, "accumulator"):
+            self.accumulator = HeldParts(self)
+
+    def parse_swarm_progress_data(self: Any, metadata: Any) -> Any:
+        if isinstance(metadata, dict) and metadata:
+            metadata = credible_progress(self, metadata)
+        return original_parse(self, metadata)
+
+    async def load_state_from_peers(self: Any, future: Any, timeout: float | None = None) -> None:
+        if timeout is not None:  # as hivemind: with a timeout, each chunk waits the averager's own timeout
+            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            future.set_result(await agreed_state(self, timeout))
+        except Exception as e:
+            logger.warning("could not load a state from peers: %r", e)
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    TensorPartReducer.reset_accumulators = reset_accumulators  # type: ignore[method-assign]
+    ProgressTracker._parse_swarm_progress_data = parse_swarm_progress_data  # type: ignore[method-assign]
+    DecentralizedAverager._load_state_from_peers = load_state_from_peers  # type: ignore[method-assign]
 
 
 def report_presence(tracker: Any) -> None:

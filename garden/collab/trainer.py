@@ -20,7 +20,9 @@ Why these choices:
 * a step whose loss or gradient is not finite never reaches ``Optimizer.step``: its gradients are
   dropped here, so they are neither applied nor counted nor sent to peers;
 * what arrives from peers is checked too (the guard in :mod:`garden.collab.hivemind_patches`): a part of a tensor
-  with another shape or non-finite values is refused, the sender is logged, and the round goes on.
+  with another shape or non-finite values is refused, the sender is logged, and the round goes on;
+* and what peers claim counts within bounds (:mod:`garden.collab.robust`): a sender's weight, its part (clipped
+  around the round's median), its epoch, and the state a joining peer loads.
 
 This module runs inside the trainer worker process (``garden.collab.worker``), because
 ``hivemind.Optimizer`` must own the main thread of its process.
@@ -333,6 +335,10 @@ class CollabTrainer:
         ``load_state_timeout``) or until ``stopped()``; then it keeps what it holds (a swarm whose peers are gone
         serves nothing), and hivemind loads again at this peer's first step as for any peer out of sync."""
         tracker = self.optimizer.tracker
+        # in the progress record from the start (hivemind stores an entry only once a trainer has samples): the
+        # others count this trainer as present, and weigh a stranger's epoch claim against it (garden.collab.robust)
+        hivemind_patches.report_presence(tracker)
+        self._presence_at = time.monotonic()
         tracker.fetched_global_progress_this_epoch.wait(timeout=self.config.load_state_timeout)
         loaded = tracker.global_epoch > self.params_epoch and self._load_state(stopped)
         self.record_probe()

@@ -35,6 +35,7 @@ from garden.errors import GardenError
 from garden.lifecycle import Service
 from garden.mission.book import Mission, MissionBook
 from garden.mission.checkpoints import CheckpointSharing
+from garden.models.student import PRUNE_SCHEME
 from garden.protocol.checkpoints import CheckpointRecord
 from garden.protocol.rows import preference_json_line
 from garden.store import RowFeed, StoreError
@@ -131,8 +132,10 @@ class CheckpointVoucher(Service):
         path, _ = await self.sharing.pull(
             mission.id, record.epoch, unverified=True, manifest=record.manifest_sha256, into=judged
         )
-        if state.base_kl is None:
-            state.base_kl = await self._kl(mission.signed.spec.student.base, rows, "base")
+        if state.base_kl is None:  # the student the trainers start from (a fresh LoRA adapter changes nothing)
+            student = mission.signed.spec.student
+            base = f"{PRUNE_SCHEME}{student.base}:layers={student.keep_layers}" if student.keep_layers else student.base
+            state.base_kl = await self._kl(base, rows, "base")
         try:
             kl = await self._kl(str(path), rows, f"epoch-{record.epoch}")
         finally:
@@ -186,6 +189,10 @@ class CheckpointVoucher(Service):
             process.kill()
             await process.wait()
             raise GardenError(f"garden eval of {name} took over {EVAL_TIMEOUT:.0f} s") from None
+        except asyncio.CancelledError:  # the daemon stops: no child outlives it
+            process.kill()
+            await asyncio.shield(process.wait())
+            raise
         if process.returncode != 0:
             raise GardenError(f"garden eval of {name} failed: {err.decode(errors='replace')[-300:]}")
         kl = json.loads(out.read_text()).get("kl")

@@ -1,13 +1,20 @@
-"""A hostile swarm trainer, for tests: the same mission, student and optimizer as an honest worker, but every
-gradient it sends is NaN (and so, after its own updates, is every parameter it offers). It talks to
-hivemind directly, without garden's checks, as a broken or malicious peer would.
+"""A hostile swarm trainer, for tests: the same mission, student and optimizer as an honest worker, talking to
+hivemind directly, without garden's checks, as a broken or malicious peer would. What it lies about (``--attack``):
 
-Run as ``python tests/collab/hostile_trainer.py CONFIG.json`` with a worker's configuration; it writes
-``{"peer_id": ..., "steps": ...}`` to the status path and runs until SIGTERM or ``max_epochs``.
+- ``nan`` (default): every gradient it sends is NaN (and so, after its own updates, is every parameter it offers);
+- ``huge``: every gradient it sends is finite but a million times the size of an honest one;
+- ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum);
+- ``epoch``: it claims epoch ``--claim`` (default 1000) in the progress record and as its state's priority and
+  label, and offers parameters a thousand times too large; it takes no steps.
+
+Run as ``python tests/collab/hostile_trainer.py [--attack MODE] CONFIG.json`` with a worker's configuration; it
+writes ``{"peer_id": ..., "steps": ..., "epoch": ...}`` to the status path and runs until SIGTERM or
+``max_epochs``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -15,9 +22,24 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def claim_epoch(opt: Any, params: list[Any], epoch: int) -> None:
+    """Claim ``epoch`` everywhere hivemind reads one: the progress record (with a sample, or hivemind's reporter
+    stores nothing), the priority under which it offers its state, and the state's label."""
+    import torch
+
+    with torch.no_grad():
+        served = [p for group in opt.state_averager.optimizer.param_groups for p in group["params"]]
+        for p in {id(p): p for p in [*params, *served]}.values():  # hivemind may serve copies of the parameters
+            p.mul_(1000.0)
+    opt.state_averager.local_epoch = epoch
+    opt.state_averager.state_sharing_priority = epoch
+    opt.tracker.report_local_progress(epoch, 1)
 
 
 def main() -> int:
@@ -25,10 +47,15 @@ def main() -> int:
     from hivemind import DHT
 
     from garden.collab.trainer import make_optimizer
-    from garden.models.student import StudentSpec, build_student
     from garden.collab.worker import WorkerConfig
+    from garden.models.student import StudentSpec, build_student
 
-    config = WorkerConfig.model_validate_json(Path(sys.argv[1]).read_text())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attack", choices=["nan", "huge", "weight", "epoch"], default="nan")
+    parser.add_argument("--claim", type=int, default=1000, help="the epoch claimed by --attack epoch")
+    parser.add_argument("config", type=Path)
+    args = parser.parse_args()
+    config = WorkerConfig.model_validate_json(args.config.read_text())
 
     def leave(*_: object) -> None:
         # no orderly goodbye: it may be stuck in a round that its NaN spoiled; take its children along
@@ -46,16 +73,38 @@ def main() -> int:
     student = build_student(StudentSpec(base=config.student.base))
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = make_optimizer(dht, config.mission_id, params, collab)
+    if args.attack == "weight":
+        honest_step = opt.grad_averager.step
+
+        def heavy_step(*step_args: Any, **kwargs: Any) -> Any:
+            return honest_step(*step_args, **{**kwargs, "weight": 1e30})
+
+        opt.grad_averager.step = heavy_step  # this instance only: the weight its gradients are sent with
     steps = 0
+
+    def report(epoch: int) -> None:
+        status = {"peer_id": dht.peer_id.to_base58(), "steps": steps, "epoch": epoch, "attack": args.attack}
+        config.status_path.write_text(json.dumps(status))
+
     try:
+        if args.attack == "epoch":
+            claim_epoch(opt, params, args.claim)
+            report(args.claim)
+            while not stop.wait(5.0):
+                opt.tracker.report_local_progress(args.claim, 1)  # keeps its entry fresh
+                report(args.claim)
         while not stop.is_set() and opt.local_epoch < collab.max_epochs:
             for p in params:
-                p.grad = torch.full_like(p, float("nan"))
+                if args.attack == "nan":
+                    p.grad = torch.full_like(p, float("nan"))
+                elif args.attack == "huge":
+                    p.grad = 1e6 * torch.randn_like(p)
+                else:
+                    p.grad = torch.randn_like(p)
             opt.step()
             opt.zero_grad()
             steps += 1
-            config.status_path.write_text(json.dumps({"peer_id": dht.peer_id.to_base58(), "steps": steps,
-                                                       "epoch": opt.local_epoch}))
+            report(opt.local_epoch)
             time.sleep(0.02)  # about an honest tiny worker's pace
     finally:
         opt.shutdown()

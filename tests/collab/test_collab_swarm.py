@@ -136,6 +136,39 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
             assert torch.isfinite(flat(params)).all() and (flat(params) - initial(tiny)).abs().max() > 1e-3
 
 
+def test_a_trainer_claiming_a_far_epoch_is_ignored_and_a_late_one_loads_an_honest_state(
+    daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
+) -> None:
+    """A hostile trainer joins a running mission claiming epoch 1000 (progress record, state priority, state label)
+    and offering parameters a thousand times too large. hivemind as shipped takes the swarm's epoch as the largest
+    claim and downloads from the highest priority: every honest peer would load its state and stop at once."""
+    peers = bootstrap(daemons)
+    a, b = (workers.start(peers, max_epochs=4, min_trainers=2) for _ in range(2))
+    wait_until(lambda: all(w.status().get("state") == "training" for w in (a, b)), 120, 0.5, "training together")
+    hostile = workers.start(peers, executable=[*HOSTILE, "--attack", "epoch", "--claim", "1000"], max_epochs=1000)
+    hostile_id = wait_until(lambda: hostile.status().get("peer_id"), 120, 0.5, "the hostile peer's claim")
+    wait_until(lambda: min(w.status().get("epoch", 0) for w in (a, b)) >= 1, 150, 0.5, "an epoch with the liar")
+    late = workers.start(peers, max_epochs=4, min_trainers=2)
+    wait_until(lambda: all(w.status().get("state") == "done" for w in (a, b, late)), 240, 0.5, "all done")
+    start = initial(tiny).double()
+    for w in (a, b, late):
+        status = w.status()
+        assert status["epoch"] == 4 and status["skipped_steps"] == 0 and torch.isfinite(w.probe()).all(), status
+        # the hostile parameters' sum of squares is a million times the initial one's: nobody holds them
+        assert w.probe()[1] < 100 * float(start.square().sum()), (w.probe(), float(start.square().sum()))
+    assert a.status()["loaded_state_at_epoch"] is None and b.status()["loaded_state_at_epoch"] is None
+    assert agreed_epochs(a.probes(), b.probes()), (a.probes(), b.probes())  # they averaged with each other
+    for w in (a, b):
+        assert f"ignored the epoch 1000 claimed by trainer {hostile_id}" in w.log(), w.log()[-3000:]
+    # the late one loaded the state an honest peer held at that epoch, and never asked the hostile one
+    loaded = late.status()["loaded_state_at_epoch"]
+    assert loaded is not None and 1 <= loaded <= 4, late.log()[-3000:]
+    held = [w.probes().get(loaded) for w in (a, b)]
+    assert any(p is not None and torch.equal(p, late.probes()[loaded]) for p in held), (held, late.probes())
+    log = late.log()
+    assert f"not asking peer {hostile_id} for its state: it claims epoch 1000" in log, log[-3000:]
+    assert f"downloading the state of peer {hostile_id}" not in log
+
 
 def test_local_mode_with_8bit_averaging_forms_rounds(
     daemons: DaemonFactory, workers: WorkerFactory, tiny: Path

@@ -56,6 +56,23 @@ def test_the_wrapped_methods_take_the_arguments_the_wrappers_pass() -> None:
     assert {"increment_epoch", "optimizer_step", "averaging_round"} < set(params(TrainingStateAverager.step))
     assert params(TrainingStateAverager.get_current_state) == ["self"]
     assert params(TrainingStateAverager.load_state_from_peers) == ["self", "kwargs"]
+    from hivemind.optim.progress_tracker import ProgressTracker
+
+    # robust averaging: the reducer's running sum (what the held parts stand in for), the record, the download
+    assert params(TensorPartReducer.reset_accumulators) == ["self"]
+    assert params(ProgressTracker._parse_swarm_progress_data) == ["self", "metadata"]
+    assert params(DecentralizedAverager._load_state_from_peers) == ["self", "future", "timeout"]
+    # the held parts stand in for the sum: hivemind's reducer must touch it through these two calls only
+    from hivemind.averaging import partition
+
+    uses = [line.strip() for line in inspect.getsource(partition).splitlines() if "self.accumulator" in line]
+    assert uses == [
+        "self.accumulator = None  # this will contain the sum of current tensor part from group peers",
+        "self.accumulator = torch.zeros(self.part_shapes[self.current_part_index])",
+        "self.accumulator.add_(tensor_part, alpha=weight)",
+        "self.current_part_future.set_result(self.accumulator.div_(self.denominator))",
+        "del self.accumulator",
+    ], uses
 
 
 def test_the_tested_hivemind_is_the_pinned_and_installed_one() -> None:
