@@ -173,6 +173,7 @@ def run_rounds(what: str) -> tuple[dict[str, Any], str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+@pytest.mark.swarm  # several hivemind peers (p2pd each) in a child: `make test`, not `make check`
 def test_real_allreduce_rounds_bound_a_liar_and_average_honest_peers_exactly() -> None:
     report, log = run_rounds("rounds")
     for name in ("honest_four", "honest_two"):  # garden's reducers give hivemind's weighted mean
@@ -189,6 +190,7 @@ def test_real_allreduce_rounds_bound_a_liar_and_average_honest_peers_exactly() -
     assert "weight nan; it is left out" in log and "weight -5.0; it is left out" in log
 
 
+@pytest.mark.swarm  # several hivemind peers (p2pd each) in a child: `make test`, not `make check`
 def test_a_joining_peer_loads_a_state_the_others_agree_on() -> None:
     report, log = run_rounds("states")
     # a liar claiming epoch 1000 (priority and state) is not asked; a liar at the honest epoch with parameters a

@@ -98,7 +98,7 @@ def test_the_spot_check_tolerance_separates_honest_servers_from_noise(parts: dic
         generator = torch.Generator().manual_seed(0)
         caches = [b.new_cache() for b in parts["spans"]]
         tokens, inputs, answers, feed = [], [], [], ids
-        for _ in range(10):
+        for _ in range(6):  # noise of a tenth changes greedy answers within 5 tokens (4 prompts of 4)
             inputs.append(wire(parts["spans"][0].forward(wire(ends.embed(feed)), caches[0])))
             answers.append(wire(middle.forward(inputs[-1], caches[1])))
             spread = answers[-1].std(dim=-1, keepdim=True)
