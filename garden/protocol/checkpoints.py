@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Self
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -58,8 +58,39 @@ class CheckpointFile(StrictRecord):
         return path
 
 
-class CheckpointRecord(StrictRecord):
+class _SealedEntry(StrictRecord):
+    """What both entries under a mission's ckpt key share: sealed by their ``peer_id``, and stored under the
+    subkey their content names (checked on decode, so an entry cannot be replayed under another)."""
+
+    SUBKEY: ClassVar[re.Pattern[str]]
+    SUBKEY_FORM: ClassVar[str]
+
+    @property
+    def subkey(self) -> str:
+        raise NotImplementedError
+
+    def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
+        return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
+
+    @classmethod
+    def from_wire(cls, raw: Any, subkey: Any) -> Self:
+        """Decode and verify a value read under a mission's ckpt key; ``RecordError`` with the reason."""
+        if not isinstance(subkey, str) or not cls.SUBKEY.match(subkey):
+            raise RecordError(f"subkey {str(subkey)[:80]!r} is not {cls.SUBKEY_FORM}")
+        body, signer = open_sealed(raw, max_bytes=MAX_CHECKPOINT_RECORD_BYTES)
+        entry = decode_record(cls, body, cls.__name__)
+        if signer != getattr(entry, "peer_id", None):
+            raise RecordError(f"signed by {signer}, names peer {getattr(entry, 'peer_id', None)}")
+        if subkey != entry.subkey:
+            raise RecordError(f"stored under {subkey[:80]!r}, belongs under {entry.subkey!r}")
+        return entry
+
+
+class CheckpointRecord(_SealedEntry):
     """One holder's checkpoint of one epoch of a mission's student."""
+
+    SUBKEY = _SUBKEY
+    SUBKEY_FORM = "<epoch>:<peer id>"
 
     v: int = Field(default=CHECKPOINT_RECORD_VERSION, ge=1)
     mission_id: MissionId
@@ -94,21 +125,6 @@ class CheckpointRecord(StrictRecord):
     def manifest_sha256(self) -> str:
         return manifest_sha256(self.files)
 
-    def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
-        return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
-
-    @classmethod
-    def from_wire(cls, raw: Any, subkey: Any) -> CheckpointRecord:
-        """Decode and verify a value read under a mission's ckpt key; ``RecordError`` with the reason."""
-        if not isinstance(subkey, str) or not _SUBKEY.match(subkey):
-            raise RecordError(f"subkey {str(subkey)[:80]!r} is not <epoch>:<peer id>")
-        body, signer = open_sealed(raw, max_bytes=MAX_CHECKPOINT_RECORD_BYTES)
-        record = decode_record(cls, body, "checkpoint record")
-        if signer != record.peer_id:
-            raise RecordError(f"signed by {signer}, names peer {record.peer_id}")
-        if subkey != record.subkey:
-            raise RecordError(f"stored under {subkey[:80]!r}, belongs under {record.subkey!r}")
-        return record
 
 
 def checkpoint_subkey(epoch: int, peer_id: str) -> str:
@@ -122,10 +138,13 @@ def manifest_sha256(files: list[CheckpointFile]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-class CheckpointVouch(StrictRecord):
+class CheckpointVouch(_SealedEntry):
     """A voucher's countersignature of one epoch's checkpoint: it pulled the files named by ``manifest_sha256``,
     checked every hash, evaluated the model (``metrics``, e.g. ``kl``: KL(teacher || student) on rows it
     holds) and found it not worse than the last checkpoint it vouched for."""
+
+    SUBKEY = _VOUCH_SUBKEY
+    SUBKEY_FORM = "vouch:<epoch>:<peer id>"
 
     v: int = Field(default=CHECKPOINT_RECORD_VERSION, ge=1)
     mission_id: MissionId
@@ -144,20 +163,6 @@ class CheckpointVouch(StrictRecord):
             self.mission_id, self.epoch, self.manifest_sha256,
         )  # fmt: skip
 
-    def to_wire(self, private_key: rsa.RSAPrivateKey) -> bytes:
-        return seal(msgpack.packb(self.model_dump(mode="python"), use_bin_type=True), private_key)
-
-    @classmethod
-    def from_wire(cls, raw: Any, subkey: Any) -> CheckpointVouch:
-        if not isinstance(subkey, str) or not _VOUCH_SUBKEY.match(subkey):
-            raise RecordError(f"subkey {str(subkey)[:80]!r} is not vouch:<epoch>:<peer id>")
-        body, signer = open_sealed(raw, max_bytes=MAX_CHECKPOINT_RECORD_BYTES)
-        vouch = decode_record(cls, body, "checkpoint vouch")
-        if signer != vouch.peer_id:
-            raise RecordError(f"signed by {signer}, names peer {vouch.peer_id}")
-        if subkey != vouch.subkey:
-            raise RecordError(f"stored under {subkey[:80]!r}, belongs under {vouch.subkey!r}")
-        return vouch
 
 
 def is_vouch_subkey(subkey: object) -> bool:
