@@ -143,7 +143,7 @@ class Gardener:
         missions -> store, swarm, transfer     (registers prompts and rows with the transfer)
         checkpoints -> swarm, transfer         (registers ckpt)
         disk -> store, missions, checkpoints   keeper -> store, missions, transfer, disk (takes row-set offers)
-        vouching -> missions, checkpoints, store (the lead countersigns its missions' checkpoints)
+        vouching -> missions, checkpoints, store, shaking's compute slot, governor (the lead's countersignature)
         shaking -> missions, keeper, leases, directory, governor, ledger
         training -> missions, store, checkpoints, governor, ledger
         inference -> swarm, governor           contribution -> ledger, inference
@@ -179,9 +179,6 @@ class Gardener:
             train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
         )  # fmt: skip
         self.disk = DiskKeeper(self.data_dir.root, settings.max_disk, self.store, self.missions, self.checkpoints)
-        self.vouching = CheckpointVoucher(
-            self.missions, self.checkpoints, self.data_dir.store, self.data_dir.root / "vouching", period=period
-        )
         leases = LeaseManager(
             swarm.dht, keys, identity.private_key,
             LeaseConfig(lease_duration=settings.lease_seconds, dht_timeout=settings.dht_timeout),
@@ -196,6 +193,10 @@ class Gardener:
                 max_missions=settings.max_missions, threads=self.max_threads,
             ),  # fmt: skip
             governor=self.governor, ledger=self.ledger, disk=self.disk,
+        )  # fmt: skip
+        self.vouching = CheckpointVoucher(
+            self.missions, self.checkpoints, self.data_dir.store, self.data_dir.root / "vouching", period=period,
+            compute=self.work.compute, governor=self.governor,
         )  # fmt: skip
         idle = self._idle_config()
         self.training = TrainingWork(

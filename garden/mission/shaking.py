@@ -287,6 +287,11 @@ class MissionWork(Service):
             )
 
     @property
+    def compute(self) -> asyncio.Lock:
+        """The peer's one slot for heavy work: a shard, a verification, a checkpoint's evaluation."""
+        return self._compute
+
+    @property
     def _paused(self) -> bool:
         return self.governor is not None and self.governor.paused
 

@@ -8,7 +8,8 @@ for. The lead's daemon does it here, for each mission it leads that trains a stu
    like any checkpoint (every file against its sha256); when holders announce different files for that
    epoch, each distinct manifest is judged on its own;
 2. the model is evaluated (``garden eval`` in a child process, so the event loop never waits on a forward
-   pass) on up to :data:`EVAL_ROWS` rows of the mission this peer holds (winning row sets, with the
+   pass; in the peer's one slot for heavy work, never beside a shard, and not while the owner paused the
+   peer) on up to :data:`EVAL_ROWS` rows of the mission this peer holds (winning row sets, with the
    teacher's top-k): KL(teacher || student);
 3. it is vouched for (:meth:`CheckpointSharing.vouch`) when that KL is not worse than the last vouched
    checkpoint's, or, for the first, than the base student's, by more than :data:`WORSE_BY` (relative) plus
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from garden.errors import GardenError
+from garden.host.governor import Governor
 from garden.lifecycle import Service
 from garden.mission.book import Mission, MissionBook
 from garden.mission.checkpoints import CheckpointSharing
@@ -73,16 +75,29 @@ class CheckpointVoucher(Service):
     name = "vouching"
 
     def __init__(
-        self, book: MissionBook, sharing: CheckpointSharing, store_path: Path, work_root: Path, period: float = 30.0
+        self,
+        book: MissionBook,
+        sharing: CheckpointSharing,
+        store_path: Path,
+        work_root: Path,
+        period: float = 30.0,
+        compute: asyncio.Lock | None = None,
+        governor: Governor | None = None,
     ) -> None:
         self.book, self.sharing, self.store_path, self.work_root, self.period = (
             book, sharing, store_path, work_root, period
         )  # fmt: skip
+        # the peer's one slot for heavy work (shared with shaking and verification), and the owner's pause and
+        # idle-only mode: a checkpoint is judged when the machine has room for it, never beside a shard
+        self.compute = compute or asyncio.Lock()
+        self.governor = governor
         self.missions: dict[str, MissionVouching] = {}
         self.vouched = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.governor is not None:
+                await self.governor.wait_until_free(stop)
             for mission in list(self.book.missions.values()):
                 if stop.is_set():
                     break
@@ -117,7 +132,8 @@ class CheckpointVoucher(Service):
             if which in state.judged or time.monotonic() - state.failed.get(which, -RETRY_AFTER) < RETRY_AFTER:
                 continue  # two holders of the same files, or it failed a moment ago
             try:
-                await self._judge(mission, state, record)
+                async with self.compute:
+                    await self._judge(mission, state, record)
             except (GardenError, OSError) as e:
                 state.failed[which] = time.monotonic()
                 logger.warning("could not judge epoch %d of mission %s (from %s), trying again in %.0f s: %s",
