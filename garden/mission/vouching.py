@@ -52,6 +52,10 @@ WORSE_SLACK = 0.02
 """Absolute KL allowance on top (a nearly perfect student's KL is near 0, where relative changes are noise)."""
 EVAL_TIMEOUT = 900.0
 """Seconds one ``garden eval`` may take before it is stopped."""
+QUIET_S = 30.0
+"""Seconds the peer's heavy-work slot must have stayed free before a checkpoint is judged: judging (a model
+load, a forward pass) waits for a lull in shaking, so it never crowds a peer that is loading, writing and
+serving (on 2 cores even a nice 19 evaluation beside that held the daemon's event loop for a second)."""
 RETRY_AFTER = 300.0
 """Seconds before a checkpoint whose judging failed (its pull, its evaluation) is tried again."""
 
@@ -91,6 +95,7 @@ class CheckpointVoucher(Service):
         # idle-only mode: a checkpoint is judged when the machine has room for it, never beside a shard
         self.compute = compute or asyncio.Lock()
         self.governor = governor
+        self._busy_at = time.monotonic()  # when the heavy-work slot was last seen taken (start-up counts)
         self.missions: dict[str, MissionVouching] = {}
         self.vouched = 0
 
@@ -98,7 +103,10 @@ class CheckpointVoucher(Service):
         while not stop.is_set():
             if self.governor is not None:
                 await self.governor.wait_until_free(stop)
-            for mission in list(self.book.missions.values()):
+            if self.compute.locked():
+                self._busy_at = time.monotonic()
+            quiet = time.monotonic() - self._busy_at >= QUIET_S
+            for mission in list(self.book.missions.values()) if quiet else []:
                 if stop.is_set():
                     break
                 if self.book.leads_here(mission) and not mission.cancelled:
