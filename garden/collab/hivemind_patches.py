@@ -142,11 +142,16 @@ def check_version() -> None:
         )
 
 
-def install() -> None:
+def install(max_weight: float | None = None) -> None:
     """Install every patch in this process (idempotent; the version is checked at each call). Call it before
-    the optimizer forks its averagers: they inherit the patches."""
+    the optimizer forks its averagers: they inherit the patches. ``max_weight``: the largest averaging weight a
+    sender may claim (see :func:`garden.collab.robust.set_weight_limit`); a part sent with more is refused."""
+    from garden.collab import robust
+
     with _lock:
         check_version()
+        if max_weight is not None:
+            robust.set_weight_limit(max_weight)
         _once("decoder", _install_decoder)
         _once("guard", _install_guard)
         _once("meter", _install_meter)
@@ -191,12 +196,15 @@ def check_part(part: Any, expected_shape: Any, peer: str, what: str) -> None:
 
 def check_weight(weight: Any, peer: str) -> None:
     """Raise :class:`RefusedPart` (and log ``peer``) unless ``weight`` is a finite number >= 0 (a NaN weight makes
-    the whole part NaN; a negative one subtracts the part)."""
+    the whole part NaN; a negative one subtracts the part) and at most :func:`garden.collab.robust.weight_limit`
+    (more samples than any peer can have trained in a round: a lie)."""
+    from garden.collab import robust
+
     try:
         value = float(weight)
     except (TypeError, ValueError):
         value = math.nan
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value) or value < 0 or value > robust.weight_limit():
         logger.warning("refused a tensor part from peer %s: weight %r; it is left out of this averaging round", peer,
                        weight)  # fmt: skip
         raise RefusedPart(f"a tensor part from {peer}: weight {weight!r}")

@@ -59,12 +59,12 @@ class HeldParts:
         """Log, once per round and sender, a part that was clipped or a weight that was bounded."""
         from garden.collab import robust
 
-        if not reduced.clipped and not reduced.bounded:
+        if not reduced.clipped and not reduced.bounded and not reduced.dropped:
             return
         names = getattr(self.reducer, "garden_senders", None) or []
         noted = self.reducer.__dict__.setdefault("_garden_noted", set())
         bounds = robust.bound_weights(self.weights)
-        for kind, indices in (("clipped", reduced.clipped), ("bounded", reduced.bounded)):
+        for kind, indices in (("clipped", reduced.clipped), ("bounded", reduced.bounded), ("dropped", reduced.dropped)):
             for i in indices:
                 sender = self.senders[i]
                 if (kind, sender) in noted:
@@ -74,6 +74,9 @@ class HeldParts:
                 if kind == "clipped":
                     logger.info("averaging: clipped the part from peer %s (farther than %.3g from the round's centre)",
                                 peer, reduced.radius)  # fmt: skip
+                elif kind == "dropped":
+                    logger.warning("averaging: left out the part from peer %s (more than %g times as far from the "
+                                   "round's median as the median sender's)", peer, robust.DROP_RADIUS)  # fmt: skip
                 else:
                     logger.info("averaging: peer %s claimed weight %.3g, counted as %.3g (at most %g times the median)",
                                 peer, self.weights[i], bounds[i], robust.WEIGHT_RATIO)  # fmt: skip

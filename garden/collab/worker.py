@@ -201,7 +201,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
     from garden.host.idle import IdleConfig
     from garden.net.swarm import GardenDHT
     from garden.store import RowFeed
-    from garden.collab import hivemind_patches
+    from garden.collab import hivemind_patches, robust
     from garden.collab.trainer import CollabTrainer, make_optimizer
     from garden.models.student import LoraSpec, StudentSpec, build_student
 
@@ -218,7 +218,8 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         WorkerStatus.of(current, os.getpid()).write(status_path)
 
     try:
-        hivemind_patches.install()  # before the optimizer forks its averagers
+        # before the optimizer forks its averagers; no honest peer accumulates several epochs' samples in a round
+        hivemind_patches.install(max_weight=robust.PLAUSIBLE_EPOCHS * collab.target_batch_size)
     except RuntimeError as e:  # another hivemind release: its checks would not run
         logger.error("%s", e)
         status.state, status.error = "failed", str(e)

@@ -23,16 +23,32 @@ pytestmark = pytest.mark.heavy(40)  # seconds in `make check`: see tests/conftes
 ROUNDS = Path(__file__).resolve().parent / "robust_rounds.py"
 
 
-def test_weights_are_bounded_by_twice_the_median() -> None:
-    assert robust.bound_weights([16, 20, 18]) == [16, 20, 18]  # honest peers of similar speed: unchanged
-    assert robust.bound_weights([16, 20, 18, 1e30]) == [16, 20, 18, 40]  # the median of four: the upper one, 20
-    assert robust.bound_weights([2, 256, 1e30]) == [2, 256, 512]
-    assert robust.bound_weights([2, 2, 256]) == [2, 2, 4]  # a fast peer among slow ones counts as two of them
+def test_weights_are_bounded_by_the_median() -> None:
+    assert robust.bound_weights([16, 18, 18]) == [16, 18, 18]  # honest peers of one speed: unchanged
+    assert robust.bound_weights([16, 20, 18]) == [16, 18, 18]  # a slightly faster one counts as the median
+    assert robust.bound_weights([16, 20, 18, 1e30]) == [16, 20, 18, 20]  # the median of four: the upper one, 20
+    assert robust.bound_weights([2, 256, 1e30]) == [2, 256, 256]
+    assert robust.bound_weights([2, 2, 256]) == [2, 2, 2]  # a fast peer among slow ones counts as one of them
     # two senders: no median to trust (a peer that trained the epoch beside one that joined with a step keeps its
     # weight); the clip bounds the other's influence
     assert robust.bound_weights([2, 256]) == [2, 256] and robust.bound_weights([16, 1e30]) == [16, 1e30]
     assert robust.bound_weights([0, 16, 100, 100]) == [0, 16, 100, 100]  # a peer tagging along (0) is no vote
     assert robust.bound_weights([0, 0]) == [0, 0]
+
+
+def test_a_weight_above_the_limit_is_refused() -> None:
+    from garden.collab.hivemind_patches import RefusedPart, check_weight
+
+    assert robust.weight_limit() == math.inf  # unless a trainer sets one
+    with pytest.raises(ValueError, match="positive"):
+        robust.set_weight_limit(0)
+    try:
+        robust.set_weight_limit(256.0)
+        check_weight(256.0, "peer")
+        with pytest.raises(RefusedPart, match="1e\\+30"):
+            check_weight(1e30, "peer")
+    finally:
+        robust._weight_limit = math.inf
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
@@ -56,7 +72,7 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
 @pytest.mark.parametrize(("count", "own"), [(2, None), (2, 0), (3, None), (4, 1), (6, None)])
 def test_honest_parts_average_exactly_as_a_weighted_mean(count: int, own: int | None) -> None:
     _, parts = noisy(count)
-    weights = [16.0 + 3 * i for i in range(count)]  # within twice the median
+    weights = [16.0 - 3 * (i % 2) for i in range(count)]  # none above the median
     reduced = robust.centered_clip(parts, weights, own)
     assert not reduced.clipped and not reduced.bounded
     assert torch.allclose(reduced.value, weighted_mean(parts, weights), atol=1e-5, rtol=0)
@@ -74,12 +90,15 @@ def test_one_liar_among_four_moves_the_average_a_bounded_amount(liar: str, weigh
     reduced = robust.centered_clip([*honest, part], [16.0, 16.0, 16.0, weight])
     moved = float((reduced.value - mean).norm()) / spread
     plain = float((weighted_mean([*honest, part], [16.0, 16.0, 16.0, weight]) - mean).norm()) / spread
-    # the liar weighs twice the median at most (2 / 5 of the round); its part counts as one at the clip radius
-    # (twice the median distance from the coordinate median): about a spread, where the plain mean moves anywhere
-    assert moved < 2.0, (moved, plain)
-    assert (3 in reduced.bounded) == (weight > 32)
-    if liar != "zero":
-        assert 3 in reduced.clipped and plain > 3 * moved
+    # the liar weighs the median at most (1 / 4 of the round); a part farther than DROP_RADIUS times the median
+    # distance from the coordinate median is left out, a nearer one counts as one at the clip radius (twice that
+    # distance): about a spread at most, where the plain mean moves anywhere
+    assert moved < 1.5, (moved, plain)
+    assert (3 in reduced.bounded) == (weight > 16)
+    if liar == "huge":
+        assert reduced.dropped == [3] and moved < 1e-5
+    elif liar == "reversed":
+        assert 3 in reduced.clipped and not reduced.dropped and plain > 3 * moved
 
 
 def test_with_two_senders_the_reducer_bounds_the_other_by_its_own_part() -> None:
@@ -178,16 +197,21 @@ def test_real_allreduce_rounds_bound_a_liar_and_average_honest_peers_exactly() -
     report, log = run_rounds("rounds")
     for name in ("honest_four", "honest_two"):  # garden's reducers give hivemind's weighted mean
         assert max(report[name]["distance"]) < 1e-5 and report[name]["honest_apart"] < 1e-5, report[name]
-    for name in ("huge", "huge_client", "weight", "weight_client", "huge_and_weight", "huge_and_weight_client"):
+    for name in ("huge", "huge_client", "heavy", "heavy_client"):
         outcome = report[name]
-        # every honest peer ends a bounded distance from the honest mean (in units of the honest spread; measured:
-        # 0.8 for the huge part, 1.8 for the weight of 1e30), and all hold the same average
-        assert max(outcome["distance"][:3]) < 2.5 and outcome["honest_apart"] < 1e-5, (name, outcome)
+        # every honest peer ends a bounded distance from the honest mean (in units of the honest spread), and all
+        # hold the same average: the huge part is left out, the reversed one at a weight of 100 counts as the median
+        assert max(outcome["distance"][:3]) < 1.5 and outcome["honest_apart"] < 1e-5, (name, outcome)
         assert outcome["plain_distance"] > 2 * max(outcome["distance"][:3]), (name, outcome)  # hivemind's own
-    assert report["huge_client"]["plain_distance"] > 1e5
-    for name in ("nan_weight_client", "negative_weight_client"):  # refused: the honest peers average without it
+    assert max(report["huge_client"]["distance"][:3]) < 1e-5 and report["huge_client"]["plain_distance"] > 1e5
+    assert "left out the part from peer" in log
+    # refused: the honest peers average without it (a weight of 1e30 is above the limit the trainer sets)
+    for name in ("nan_weight_client", "negative_weight_client", "weight_client", "huge_and_weight_client"):
         assert max(report[name]["distance"][:3]) < 1e-5, report[name]
+    for name in ("weight_client", "huge_and_weight_client"):
+        assert report[name]["plain_distance"] > 1.0, report[name]  # hivemind's own follows the weight of 1e30
     assert "weight nan; it is left out" in log and "weight -5.0; it is left out" in log
+    assert "weight 1e+30; it is left out" in log
 
 
 @pytest.mark.swarm  # several hivemind peers (p2pd each) in a child: `make test`, not `make check`
