@@ -21,6 +21,9 @@ All in one run, on one machine:
   enough: a refutation re-verifies all of that producer's shards)
 - ``probation_cost``: shaking's throughput with the probation's checks (``PROBATION_ROWS`` rows, once per
   producer and mission) over shaking alone, for a mission of ``--prompts`` prompts: the worst case
+- ``averaging``: ``benchmarks/robust_averaging.py``'s held-out KL ratios (one liar among 3 honest peers in real
+  hivemind rounds, with the attack ÷ without; the issue's target: <= 1.1 for a weight of 1e30 and a part 10^6
+  times the others'), garden's and hivemind's as shipped; ``--no-averaging`` skips it (about 30 s)
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--shard-size", type=int, default=8)
     parser.add_argument("--mission-rows", type=int, default=160)
+    parser.add_argument("--no-averaging", action="store_true", help="skip the robust averaging benchmark")
     args = parser.parse_args()
+    averaging = None if args.no_averaging else robust_averaging()
 
     teacher = load_model("builtin:smollm2-135m")
     judge = ReferenceJudge(threshold=0.5)
@@ -110,7 +115,21 @@ def main() -> None:
                       "mission_rows": args.mission_rows, "probation_rows": PROBATION_ROWS,
                       "rows_checked_until_caught": checked_rows},
         "probation_cost": round(shake_s / (shake_s + verify_all_s * min(1.0, PROBATION_ROWS / len(rows))), 3),
+        "averaging": averaging,
     }))  # fmt: skip
+
+
+def robust_averaging() -> dict[str, object]:
+    """benchmarks/robust_averaging.py's figures (run as it is: it starts its own P2P peers in child processes)."""
+    import subprocess
+
+    script = Path(__file__).with_name("robust_averaging.py")
+    done = subprocess.run([sys.executable, str(script), "--json-only"], capture_output=True, text=True, timeout=900,
+                          check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"robust_averaging.py failed:\n{done.stderr[-3000:]}")
+    report = json.loads(done.stdout)
+    return {k: report[k] for k in ("settings", "kl_ratio", "target_kl_ratio", "meets_target")}
 
 
 if __name__ == "__main__":

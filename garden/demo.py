@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from garden.lifecycle import STOP_WITH_ENV
+
 TEACHER = "builtin:smollm2-135m"
 STUDENT_LAYERS = 10
 START_TIMEOUT = 90.0
@@ -112,8 +114,11 @@ class Demo:
         if self.peers:
             argv += ["--join", self.peers[0].join_addr]
         with open(log, "wb") as out:
+            # a session of its own (Ctrl+C reaches the demo, which stops its peers in order), tied to the demo's
+            # life: a demo killed outright leaves no peer behind
+            env = {**os.environ, STOP_WITH_ENV: str(os.getpid())}
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)  # fmt: skip
+                                    start_new_session=True, env=env)  # fmt: skip
         peer = _Peer(name, proc, data_dir, log)
         self.peers.append(peer)
         deadline = time.monotonic() + START_TIMEOUT

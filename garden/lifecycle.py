@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 
@@ -40,6 +41,30 @@ def watch_parent(parent_pid: int) -> None:
     children and exit. Every child garden starts (the DHT process, trainer workers, their averagers) runs
     this, so no process outlives the daemon, and ``p2pd`` is never orphaned."""
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="garden-parent-watch", daemon=True).start()
+
+
+STOP_WITH_ENV = "GARDEN_STOP_WITH"
+"""A process id: a daemon started with it in its environment stops (as on SIGTERM) once that process is gone.
+``garden demo`` starts its peers with it, in sessions of their own: killed outright, the demo leaves none behind."""
+
+
+def stop_with(pid: int) -> None:
+    """Send this process SIGTERM once ``pid`` is gone (its orderly stop: a daemon's store and children are
+    closed as on Ctrl+C)."""
+
+    def watch() -> None:
+        while psutil.pid_exists(pid) and _alive(pid):
+            time.sleep(PARENT_WATCH_PERIOD)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="garden-stop-with", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -184,13 +184,15 @@ async def average_round(
     reducers: list[bool] | None = None,
     part_size_bytes: int = 2**19,
     timeout: float = 10.0,
+    lying_reducers: tuple[int, ...] = (),
 ) -> list[list[Any] | BaseException]:
     """One all-reduce round of hivemind's ``AllReduceRunner`` (what a ``DecentralizedAverager`` runs once its group
     is formed) between ``p2ps`` (``hivemind.p2p.P2P`` instances of this process): peer ``i`` sends ``tensors[i]``
     (copies) with weight ``weights[i]``, and reduces an equal share of the parts unless ``reducers[i]`` is False
     (a client-mode sender). Returns, for each peer, its tensors after the round, or the exception its round raised
     (a sender refused by the others). A peer waits ``timeout`` seconds at most for a sender's or a reducer's next
-    part (as an averager's ``next_chunk_timeout``). garden's patches apply if installed in this process."""
+    part (as an averager's ``next_chunk_timeout``). garden's patches apply if installed in this process. The
+    peers in ``lying_reducers`` return a million times the average of every part they reduce."""
     from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 
     reducers = reducers or [True] * len(p2ps)
@@ -207,6 +209,13 @@ async def average_round(
             weight=weight, part_size_bytes=part_size_bytes, sender_timeout=timeout / 2, reducer_timeout=timeout,
         )  # fmt: skip
         await runner.add_p2p_handlers(p2p, namespace=namespace)
+        if len(runners) in lying_reducers:
+            honest_accumulate = runner.tensor_part_reducer.accumulate_part
+
+            async def lying_accumulate(*args: Any, _honest: Any = honest_accumulate, **kwargs: Any) -> Any:
+                return 1e6 * await _honest(*args, **kwargs)
+
+            runner.tensor_part_reducer.accumulate_part = lying_accumulate  # this runner only
         runners.append(runner)
 
     async def run(runner: Any) -> list[Any]:

@@ -141,15 +141,24 @@ def make_missions_router(
         return PulledCheckpoint(**_checkpoint_info(record, vouch).model_dump(), local_path=str(path))
 
     @router.get("/missions/{mission_id}/checkpoints/{epoch}/files/{path:path}", responses=errors)
-    async def checkpoint_file(mission_id: str, epoch: int, path: str) -> Any:
-        """One file of a checkpoint this peer holds (its own, or pulled): the CLI's download."""
+    async def checkpoint_file(
+        mission_id: str, epoch: int, path: str,
+        sha256: str | None = Query(None, pattern="^[0-9a-f]{64}$", description="this version of the file"),
+    ) -> Any:  # fmt: skip
+        """One file of a checkpoint this peer holds (its own, or pulled): the CLI's download. A peer may hold two
+        versions of an epoch (its own, and the vouched one it pulled): ``sha256`` picks the file."""
         try:
             mission = book.get(mission_id)
-            held = next((c for c in sharing.local(mission.id) if c.epoch == epoch), None)
+            held = next(
+                (c for c in sharing.local(mission.id, versions=True)
+                 if c.epoch == epoch and path in c.files and sha256 in (None, c.files[path])),
+                None,
+            )  # fmt: skip
         except GardenError as e:
             return error_response(e)
-        if held is None or path not in held.files:
-            return JSONResponse({"detail": f"this peer holds no {path!r} of epoch {epoch}"}, status_code=404)
+        if held is None:
+            version = f" with sha256 {sha256[:12]}" if sha256 else ""
+            return JSONResponse({"detail": f"this peer holds no {path!r}{version} of epoch {epoch}"}, status_code=404)
         return FileResponse(sharing.file_path(held, path), headers={"X-Garden-Sha256": held.files[path]})
 
     @router.delete("/missions/{mission_id}", response_model=MissionSummary, responses=errors | {403: {"model": Error}})

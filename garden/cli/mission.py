@@ -206,7 +206,7 @@ def pull(
         try:
             with httpx.stream(
                 "GET", f"{base}/missions/{full}/checkpoints/{record['epoch']}/files/{item['path']}", timeout=600,
-                headers=auth_headers(base),
+                headers=auth_headers(base), params={"sha256": item["sha256"]},
             ) as response:
                 if response.status_code != 200:
                     raise fail(f"the daemon does not serve {item['path']}: {response.status_code}")

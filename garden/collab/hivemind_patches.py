@@ -194,6 +194,23 @@ def check_part(part: Any, expected_shape: Any, peer: str, what: str) -> None:
         raise RefusedPart(f"{what} from {peer}: {problem}")
 
 
+def check_delta(delta: Any, own_scale: float, peer: str) -> None:
+    """Raise :class:`RefusedPart` (and log ``peer``) when an averaged part moves this peer's own part by more than
+    :data:`garden.collab.robust.DROP_RADIUS` times ``own_scale`` (the norm of the largest part this peer sent): a
+    reducer that returns its own huge part, or follows a sender's weight of 1e30, lies about its share. hivemind
+    then uses this peer's own values for what that reducer averages (as for a reducer that failed)."""
+    from garden.collab import robust
+
+    if own_scale <= 0.0:
+        return
+    moved = float(delta.float().norm())
+    if moved > robust.DROP_RADIUS * own_scale:
+        logger.warning("refused the averaged parts from peer %s: one moves this peer's values by %.3g, more than %g "
+                       "times its largest part (%.3g); its own values stand for them", peer, moved,
+                       robust.DROP_RADIUS, own_scale)  # fmt: skip
+        raise RefusedPart(f"an averaged part from {peer}: moved by {moved:.3g}")
+
+
 def check_weight(weight: Any, peer: str) -> None:
     """Raise :class:`RefusedPart` (and log ``peer``) unless ``weight`` is a finite number >= 0 (a NaN weight makes
     the whole part NaN; a negative one subtracts the part) and at most :func:`garden.collab.robust.weight_limit`
@@ -230,6 +247,12 @@ def _install_guard() -> None:
         self.tensor_part_container.garden_part_shapes = [
             [tuple(part.shape) for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
         ]
+        # the scale of what this peer sends (its largest part's norm): an honest reducer's result differs from
+        # this peer's own part by about the senders' spread, never by DROP_RADIUS times this peer's largest part
+        self.tensor_part_container.garden_own_scale = max(
+            (float(part.float().norm()) for parts in self.tensor_part_container._input_parts_by_peer
+             for part, _ in parts), default=0.0,
+        )  # fmt: skip
 
     async def accumulate_part(
         self: Any, sender_index: int, part_index: int, tensor_part: Any, weight: float = 1.0
@@ -244,7 +267,9 @@ def _install_guard() -> None:
     def register_processed_part(self: Any, peer_index: int, part_index: int, part: Any) -> None:
         shapes = getattr(self, "garden_part_shapes", None)
         if shapes is not None and part_index < len(shapes[peer_index]):
-            check_part(part, shapes[peer_index][part_index], self.garden_peers[peer_index], "an averaged part")
+            peer = self.garden_peers[peer_index]
+            check_part(part, shapes[peer_index][part_index], peer, "an averaged part")
+            check_delta(part, getattr(self, "garden_own_scale", 0.0), peer)
         original_register(self, peer_index, part_index, part)
 
     def load_state_from_peers(self: Any, *args: Any, **kwargs: Any) -> Any:

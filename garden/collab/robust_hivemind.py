@@ -78,8 +78,8 @@ class HeldParts:
                     logger.warning("averaging: left out the part from peer %s (more than %g times as far from the "
                                    "round's median as the median sender's)", peer, robust.DROP_RADIUS)  # fmt: skip
                 else:
-                    logger.info("averaging: peer %s claimed weight %.3g, counted as %.3g (at most %g times the median)",
-                                peer, self.weights[i], bounds[i], robust.WEIGHT_RATIO)  # fmt: skip
+                    logger.info("averaging: peer %s claimed weight %.3g, counted as %.3g (at most %g x the round's "
+                                "median weight)", peer, self.weights[i], bounds[i], robust.WEIGHT_RATIO)  # fmt: skip
 
 
 class RecentClaims:

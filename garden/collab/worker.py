@@ -140,11 +140,12 @@ def _peer_seed(peer_id: str) -> int:
 
 
 class SwarmCheckpoints:
-    """Every ``checkpoint_every`` epochs (and at the last), one trainer of the swarm writes a checkpoint: the
-    one whose worker has the lowest peer id among those in hivemind's progress record (client-mode peers
-    only when no other trains, since they cannot serve the files). Every peer applies the same rule to the
-    same record, so one copy is written, not one per peer; if the records disagree for a moment, two
-    identical checkpoints are harmless.
+    """Every ``checkpoint_every`` epochs (and at the last), each trainer of the swarm that can serve files writes
+    a checkpoint (a client-mode trainer only when no other trainer is in hivemind's progress record). Peers in
+    sync write identical files, announced as identical manifests. A single writer (the lowest peer id in the
+    record, as before) saved disk but was a stranger's for the taking: peer ids cost nothing to grind, and a
+    hostile trainer with the lowest id in the record writes nothing, so no checkpoint existed
+    (tests/mission/test_hostile_swarm.py).
 
     The checkpoint is a garden training run (``out_dir`` holds ``garden-run.json``; each epoch is a
     ``step-N`` checkpoint with sha256 of every file), so ``garden generate --model out_dir`` loads it."""
@@ -154,20 +155,16 @@ class SwarmCheckpoints:
         self.every = config.checkpoint_every
 
     def writer(self, peer_id: str) -> bool:
-        from hivemind.p2p import PeerID
-
+        if not self.config.client_mode:
+            return True
         found = self.dht.get(f"{self.config.mission_id}_progress", latest=True)
-        servers, clients = [], []
-        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
-            value = getattr(item, "value", None)
-            if isinstance(value, dict) and isinstance(value.get("peer_id"), bytes):
-                try:
-                    other = PeerID(value["peer_id"]).to_base58()
-                except Exception:  # a malformed id: not a trainer we can compare with
-                    continue
-                (clients if value.get("client_mode") else servers).append(other)
-        candidates = servers or clients or [peer_id]
-        return min(candidates) == peer_id
+        entries = found.value.values() if found is not None and isinstance(found.value, dict) else []
+        servers = [
+            item for item in entries
+            if isinstance(getattr(item, "value", None), dict) and not item.value.get("client_mode")
+            and isinstance(item.value.get("peer_id"), bytes)
+        ]  # fmt: skip
+        return not servers
 
     def maybe_save(self, epoch: int, trainer: Any, peer_id: str) -> dict[str, Any] | None:
         collab = self.config.collab

@@ -29,6 +29,7 @@ from garden.net.identity import IdentityError
 from garden.net.swarm import SwarmError
 from garden.store import StoreError
 from garden.mission.shaking import sampling_in_progress
+from garden.lifecycle import STOP_WITH_ENV, stop_with
 
 logger = logging.getLogger("garden")
 
@@ -116,6 +117,9 @@ async def _serve(gardener: Gardener, settings: GardenSettings, sock: socket.sock
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    watched = os.environ.get(STOP_WITH_ENV, "")
+    if watched.isdigit():
+        stop_with(int(watched))
 
     server = make_server(create_app(gardener), settings.log_level)
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="garden-http")

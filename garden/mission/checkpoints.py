@@ -106,9 +106,12 @@ class CheckpointSharing:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     # --- what this peer holds ----------------------------------------------------------------------
-    def local(self, mission_id: str) -> list[LocalCheckpoint]:
-        """Checkpoints of ``mission_id`` this peer holds: its trainer's, then the ones it pulled."""
+    def local(self, mission_id: str, versions: bool = False) -> list[LocalCheckpoint]:
+        """Checkpoints of ``mission_id`` this peer holds, one per epoch: its trainer's, else the one it pulled.
+        ``versions``: both, where it holds its own and pulled another version of an epoch (the lead's vouched
+        files, when its own last round did not gather every trainer), by epoch."""
         found: dict[int, LocalCheckpoint] = {}
+        pulled: list[LocalCheckpoint] = []
         run = RunDir(self.train_root / mission_id / "out")
         if run.exists():
             for path in sorted((run.path / "checkpoints").glob("step-*")):
@@ -124,13 +127,14 @@ class CheckpointSharing:
         for path in sorted((self.pulled_root / mission_id).glob("epoch-*")):
             try:
                 record = json.loads((path / PULLED_MANIFEST).read_text())
-                found.setdefault(
-                    int(record["epoch"]),
-                    LocalCheckpoint(int(record["epoch"]), path, {f["path"]: f["sha256"] for f in record["files"]}),
-                )
+                copy = LocalCheckpoint(int(record["epoch"]), path, {f["path"]: f["sha256"] for f in record["files"]})
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-        return [found[e] for e in sorted(found)]
+            if copy.epoch not in found:
+                found[copy.epoch] = copy
+            elif versions and found[copy.epoch].files != copy.files:
+                pulled.append(copy)
+        return sorted([*found.values(), *pulled], key=lambda c: c.epoch)
 
     def _intact(self, local: LocalCheckpoint) -> bool:
         return all(file_sha256(self.file_path(local, rel)) == sha for rel, sha in local.files.items())
@@ -147,10 +151,15 @@ class CheckpointSharing:
         """Announce every checkpoint held here; returns how many were stored."""
         stored = 0
         for local in self.local(mission_id):
-            files = [
-                CheckpointFile(path=rel, size=self.file_path(local, rel).stat().st_size, sha256=digest)
-                for rel, digest in sorted(local.files.items())
-            ]
+            try:
+                files = [
+                    CheckpointFile(path=rel, size=self.file_path(local, rel).stat().st_size, sha256=digest)
+                    for rel, digest in sorted(local.files.items())
+                ]
+            except FileNotFoundError:  # the trainer pruned it (it keeps the last few) while we listed it
+                logger.debug("checkpoint of epoch %d of mission %s is gone; not announced", local.epoch,
+                             mission_id[:12])  # fmt: skip
+                continue
             metrics = _metrics_of(local.path)
             record = CheckpointRecord(
                 mission_id=mission_id, epoch=local.epoch, peer_id=self.peer_id, files=files,
@@ -169,7 +178,7 @@ class CheckpointSharing:
         epoch_text, _, rel = ref.item.partition("/")
         if not epoch_text.isdigit():
             return None
-        for local in self.local(ref.mission_id):
+        for local in self.local(ref.mission_id, versions=True):
             if local.epoch == int(epoch_text) and local.files.get(rel) == ref.sha256:
                 return self.file_path(local, rel)
         return None

@@ -9,7 +9,9 @@ defence in depth costs one signature check per record.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
+import time
 from typing import Any
 
 from hivemind.dht.routing import DHTID
@@ -30,6 +32,8 @@ from garden.protocol.row_sets import RowsAnnouncement, is_rows_subkey
 from garden.protocol.shards import decode_shard_entry, is_shard_subkey
 
 logger = logging.getLogger(__name__)
+REPEAT_QUIET_S = 600.0
+"""Seconds during which a refusal for the same reason is logged at debug level only."""
 
 
 class CountingValidator(RecordValidatorBase):
@@ -40,6 +44,7 @@ class CountingValidator(RecordValidatorBase):
 
     def __init__(self) -> None:
         self._rejected = multiprocessing.Value("Q", 0)
+        self._logged: dict[str, float] = {}  # reason -> when it was last logged (in this process)
 
     @property
     def rejected(self) -> int:
@@ -49,7 +54,16 @@ class CountingValidator(RecordValidatorBase):
     def _reject(self, reason: str) -> bool:
         with self._rejected.get_lock():
             self._rejected.value += 1
-        logger.info("dropped an invalid %s: %s", self.what, reason)
+        # a stranger's forged record comes back with every read of its key (once a second, for a shard board):
+        # the same reason is logged once per REPEAT_QUIET_S, and counted every time
+        now = time.monotonic()
+        if now - self._logged.get(reason, -math.inf) >= REPEAT_QUIET_S:
+            if len(self._logged) >= 256:
+                self._logged.clear()
+            self._logged[reason] = now
+            logger.info("dropped an invalid %s: %s", self.what, reason)
+        else:
+            logger.debug("dropped an invalid %s again: %s", self.what, reason)
         return False
 
     def merge_with(self, other: RecordValidatorBase) -> bool:

@@ -5,7 +5,10 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 - ``huge``: every gradient it sends is finite but a million times the size of an honest one;
 - ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum);
 - ``epoch``: it claims epoch ``--claim`` (default 1000) in the progress record and as its state's priority and
-  label, and offers parameters a thousand times too large; it takes no steps.
+  label, and offers parameters a thousand times too large; it takes no steps;
+- ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round, and a
+  million times the average of every part it reduces (the combined hostile test's trainer; garden's checks of
+  others' claims are installed in it, so that another attacker's epoch claim does not derail it).
 
 Run as ``python tests/collab/hostile_trainer.py [--attack MODE] CONFIG.json`` with a worker's configuration; it
 writes ``{"peer_id": ..., "steps": ..., "epoch": ...}`` to the status path and runs until SIGTERM or
@@ -51,8 +54,11 @@ def main() -> int:
     from garden.models.student import StudentSpec, build_student
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--attack", choices=["nan", "huge", "weight", "epoch"], default="nan")
+    parser.add_argument("--attack", choices=["nan", "huge", "weight", "epoch", "mixed"], default="nan")
     parser.add_argument("--claim", type=int, default=1000, help="the epoch claimed by --attack epoch")
+    parser.add_argument("--pace", type=float, default=0.02, help="seconds between steps (an honest worker's pace)")
+    parser.add_argument("--after-trainers", type=int, default=0,
+                        help="take no step and claim nothing before this many trainers are in the swarm")
     parser.add_argument("config", type=Path)
     args = parser.parse_args()
     config = WorkerConfig.model_validate_json(args.config.read_text())
@@ -69,24 +75,43 @@ def main() -> int:
     stop = threading.Event()
     torch.set_num_threads(1)
     collab = config.collab
+    if args.attack == "mixed":
+        from hivemind.averaging.partition import TensorPartReducer
+
+        from garden.collab import hivemind_patches
+
+        hivemind_patches.install()
+        robust_accumulate = TensorPartReducer.accumulate_part
+
+        async def lying_accumulate(self: Any, *step_args: Any, **kwargs: Any) -> Any:
+            return 1e6 * await robust_accumulate(self, *step_args, **kwargs)
+
+        TensorPartReducer.accumulate_part = lying_accumulate  # before its averagers fork: they inherit it
     dht = DHT(initial_peers=config.initial_peers, host_maddrs=config.host_maddrs, start=True)
     student = build_student(StudentSpec(base=config.student.base))
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = make_optimizer(dht, config.mission_id, params, collab)
-    if args.attack == "weight":
+    steps = 0
+    rounds = 0
+    if args.attack in ("weight", "mixed"):
         honest_step = opt.grad_averager.step
 
         def heavy_step(*step_args: Any, **kwargs: Any) -> Any:
-            return honest_step(*step_args, **{**kwargs, "weight": 1e30})
+            nonlocal rounds
+            rounds += 1
+            heavy = {"weight": 1e30} if args.attack == "weight" or rounds % 2 == 1 else {}
+            return honest_step(*step_args, **{**kwargs, **heavy})
 
         opt.grad_averager.step = heavy_step  # this instance only: the weight its gradients are sent with
-    steps = 0
 
     def report(epoch: int) -> None:
-        status = {"peer_id": dht.peer_id.to_base58(), "steps": steps, "epoch": epoch, "attack": args.attack}
+        status = {"peer_id": dht.peer_id.to_base58(), "steps": steps, "rounds": rounds, "epoch": epoch,
+                  "attack": args.attack}  # fmt: skip
         config.status_path.write_text(json.dumps(status))
 
     try:
+        while not stop.is_set() and opt.tracker.global_progress.num_peers < args.after_trainers:
+            time.sleep(0.2)  # started ahead (imports take seconds), it strikes once the others are training
         if args.attack == "epoch":
             claim_epoch(opt, params, args.claim)
             report(args.claim)
@@ -97,7 +122,7 @@ def main() -> int:
             for p in params:
                 if args.attack == "nan":
                     p.grad = torch.full_like(p, float("nan"))
-                elif args.attack == "huge":
+                elif args.attack in ("huge", "mixed"):
                     p.grad = 1e6 * torch.randn_like(p)
                 else:
                     p.grad = torch.randn_like(p)
@@ -105,7 +130,7 @@ def main() -> int:
             opt.zero_grad()
             steps += 1
             report(opt.local_epoch)
-            time.sleep(0.02)  # about an honest tiny worker's pace
+            time.sleep(args.pace)
     finally:
         opt.shutdown()
         dht.shutdown()

@@ -84,9 +84,12 @@ async def rounds() -> dict[str, Any]:
             scenarios[f"{name}_client"] = ([*honest, tensors], [*weights, weight], [True, True, True, False])
             if name in ("huge", "heavy"):  # a refused weight: the liar as a sender only
                 scenarios[name] = ([*honest, tensors], [*weights, weight], [True] * 4)
+        # a liar that sends an honest part but returns a million times the average of the parts it reduces
+        scenarios["lying_reducer"] = ([*honest, honest[0]], [*weights, weights[0]], [True] * 4)
         for name, (tensors, weight, reducers) in scenarios.items():
             started = time.perf_counter()
-            results = await average_round(p2ps[: len(tensors)], tensors, weight, reducers)
+            liars = (3,) if name == "lying_reducer" else ()
+            results = await average_round(p2ps[: len(tensors)], tensors, weight, reducers, lying_reducers=liars)
             seconds = time.perf_counter() - started
             honest_count = 3 if len(tensors) == 4 and name.split("_")[0] != "honest" else len(tensors)
             used = weights if honest_count == 3 else weight

@@ -129,11 +129,11 @@ def test_nan_from_a_peer_is_refused_and_the_others_stay_finite(
     for w in honest:  # the parts the hostile peer reduced keep each honest peer's own values: they may
         status = w.status()  # differ a little, but they trained to the end and are finite
         assert status["epoch"] == 3 and math.isfinite(status["loss"]) and torch.isfinite(w.probe()).all()
-    # the checkpoint writer is the lowest worker id in the progress record: maybe the hostile peer, which
-    # never writes one; whatever an honest peer wrote is finite and trained
+    # every honest trainer writes the checkpoints (the hostile one's peer id cannot take that from them): finite
+    # and trained
     for params in (w.checkpoint_params() for w in honest):
-        if params is not None:
-            assert torch.isfinite(flat(params)).all() and (flat(params) - initial(tiny)).abs().max() > 1e-3
+        assert params is not None, "an honest trainer wrote no checkpoint"
+        assert torch.isfinite(flat(params)).all() and (flat(params) - initial(tiny)).abs().max() > 1e-3
 
 
 def test_a_trainer_claiming_a_far_epoch_is_ignored_and_a_late_one_loads_an_honest_state(

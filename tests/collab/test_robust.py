@@ -103,13 +103,17 @@ def test_one_liar_among_four_moves_the_average_a_bounded_amount(liar: str, weigh
 
 def test_with_two_senders_the_reducer_bounds_the_other_by_its_own_part() -> None:
     signal, (mine,) = noisy(1)
-    for part, weight in ((-1e6 * signal, 16.0), (-1e6 * signal, 1e30), (torch.zeros_like(signal), 16.0)):
+    cases = ((-50 * signal, 16.0), (-50 * signal, 1e30), (torch.zeros_like(signal), 16.0), (-1e6 * signal, 16.0))
+    for part, weight in cases:
         reduced = robust.centered_clip([mine, part], [16.0, weight], own=0)
         moved = float((reduced.value - mine).norm()) / float(mine.norm())
         # not outvoted (a median of two is the midpoint), but bounded: its weight share of the radius, CLIP_RADIUS
-        # times the reducer's own part's norm
+        # times the reducer's own part's norm; a part more than DROP_RADIUS times that norm away is left out
         share = weight / (16.0 + weight)
         assert moved <= share * robust.CLIP_RADIUS + 1e-4, moved
+        assert reduced.dropped == ([1] if float(part.norm()) > 1e3 * float(mine.norm()) else [])
+        if reduced.dropped:
+            assert moved == 0.0
 
 
 @pytest.mark.parametrize(
@@ -212,6 +216,11 @@ def test_real_allreduce_rounds_bound_a_liar_and_average_honest_peers_exactly() -
         assert report[name]["plain_distance"] > 1.0, report[name]  # hivemind's own follows the weight of 1e30
     assert "weight nan; it is left out" in log and "weight -5.0; it is left out" in log
     assert "weight 1e+30; it is left out" in log
+    # a reducer returning a million times the average of its share: refused, each honest peer keeps its own values
+    # for that share (hivemind's path for a reducer that failed); without the check they move a million-fold
+    lying = report["lying_reducer"]
+    assert all(d is not None and d < 1.5 for d in lying["distance"][:3]), lying
+    assert "refused the averaged parts from peer" in log
 
 
 @pytest.mark.swarm  # several hivemind peers (p2pd each) in a child: `make test`, not `make check`

@@ -57,6 +57,31 @@ def test_second_signal_forces_exit(daemons: DaemonFactory) -> None:
     assert not daemon.wait_children_gone()
 
 
+def test_a_daemon_tied_to_a_process_stops_in_order_once_it_is_killed(daemons: DaemonFactory) -> None:
+    """``garden demo`` ties its peers to itself (GARDEN_STOP_WITH): killed with SIGKILL, it leaves none behind."""
+    import subprocess
+    import sys
+
+    from garden.lifecycle import STOP_WITH_ENV
+
+    demo = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        daemon = daemons.start(env={STOP_WITH_ENV: str(demo.pid)})
+        daemon.record_descendants()
+        time.sleep(1.5)  # a few watch periods: it stays while the process lives
+        assert daemon.proc.poll() is None
+        demo.kill()
+        demo.wait(timeout=10)
+        assert daemon.proc.wait(timeout=20) == 0  # an orderly stop, as on SIGTERM
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=10)
+    assert not daemon.wait_children_gone()
+    assert "SIGTERM received, stopping" in daemon.stdout() + daemon.stderr()
+    assert "Traceback" not in daemon.stderr()
+
+
 def test_http_port_in_use_fails_clearly(daemons: DaemonFactory) -> None:
     first = daemons.start()
     port = first.url.rsplit(":", 1)[1]

@@ -178,16 +178,17 @@ def test_forged_mission_records_and_lying_senders_are_refused(
 
 def done_record(
     key: rsa.RSAPrivateKey, mission_id: str, shard: int, attempt: str, digest: str, finished: float | None = None,
-    check: bool = True,
+    check: bool = True, shard_count: int = 2,
 ) -> dict[str, object]:
     """A done record of ``key``'s, under a lease it signed itself (what anyone can make), as a dict; checked
     as a DoneRecord unless ``check`` is False (a forgery the model would refuse)."""
     now = get_dht_time()
     producer = signing.peer_id_of(signing.public_key_der(key))
-    lease = LeaseRecord(mission_id=mission_id, shard=shard, shard_count=2, peer_id=producer, attempt=attempt,
-                        started=now, renewed=now, expires=now + 60)  # fmt: skip
+    lease = LeaseRecord(mission_id=mission_id, shard=shard, shard_count=shard_count, peer_id=producer,
+                        attempt=attempt, started=now, renewed=now, expires=now + 60)  # fmt: skip
     body: dict[str, object] = {
-        "v": 1, "mission_id": mission_id, "shard": shard, "shard_count": 2, "peer_id": producer, "attempt": attempt,
+        "v": 1, "mission_id": mission_id, "shard": shard, "shard_count": shard_count, "peer_id": producer,
+        "attempt": attempt,
         "rows": 2, "row_set_sha256": digest, "finished": now if finished is None else finished, "teachers": {},
         "lease": lease.to_wire(key),
     }  # fmt: skip
@@ -367,18 +368,19 @@ def test_a_row_set_with_forged_log_probs_is_refuted_and_an_honest_one_verified(
 
 async def offer_row_sets(
     hostile: hivemind.DHT, mission_id: str, target: str | list[str], producers: list[rsa.RSAPrivateKey],
-    attempts: list[str], row_sets: list[bytes],
+    attempts: list[str], row_sets: list[bytes], shards: list[int] | None = None,
 ) -> list[tuple[bool, str]]:
-    """Serve each row set from the hostile node and offer it to ``target`` (each of them, in turn), as its
-    producer would; the answers in order, target by target. One serving transfer for all (a hivemind DHT
-    hands out its p2p replica once per event loop)."""
+    """Serve each row set (of shard ``shards[i]``, by default ``i``) from the hostile node and offer it to
+    ``target`` (each of them, in turn), as its producer would; the answers in order, target by target. One
+    serving transfer for all (a hivemind DHT hands out its p2p replica once per event loop)."""
     from garden.protocol.row_sets import row_set_sha256
 
     served: dict[str, bytes] = {}
+    shards = list(range(len(row_sets))) if shards is None else shards
     async with serving(hostile, served) as transfer:
         answers = []
         for peer in [target] if isinstance(target, str) else target:
-            for shard, (key, attempt, packed) in enumerate(zip(producers, attempts, row_sets, strict=True)):
+            for shard, key, attempt, packed in zip(shards, producers, attempts, row_sets, strict=True):
                 item = row_set_item(shard, attempt, signing.peer_id_of(signing.public_key_der(key)))
                 served[item] = packed
                 ref = ContentRef(kind="rows", mission_id=mission_id, item=item, sha256=row_set_sha256(packed))

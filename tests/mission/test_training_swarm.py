@@ -198,6 +198,9 @@ def test_two_peers_shake_and_train_one_student(
     missing = other.request("POST", f"{base}/999/pull")
     assert missing.status_code == 404 and "announces" in missing.json()["detail"]
     assert other.get(f"{base}/{EPOCHS}/files/model/../../garden.sqlite3").status_code == 404
+    weights = f"{base}/{EPOCHS}/files/model/model.safetensors"
+    assert other.get(weights, params={"sha256": "0" * 64}).status_code == 404  # no such version held
+    assert other.get(weights, params={"sha256": "not hex"}).status_code == 422
     assert other.get(f"/missions/{'0' * 64}/checkpoints").status_code == 404
 
     # a file that changes after it was announced is refused: nothing is written
