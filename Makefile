@@ -2,7 +2,8 @@
 #   make demo   create .venv, install garden, run the main job end to end on a new local swarm
 #   make test   create .venv with the [dev] extra, run the whole test suite
 # and: make run   start one peer of a new swarm (a peer others can join)
-#      make check the inner loop: lint, the import levels, and every test that starts no daemon (< 3 min)
+#      make check the inner loop: lint, the import levels, every test that starts no daemon and is not slow
+#                 (< 3 min)
 #
 # torch is pinned to 2.13.0 and installed first: on the project's machines pip takes the CPU build
 # of that release from local wheels; a looser requirement would download a multi-GB CUDA build.
@@ -42,12 +43,13 @@ lint: install-dev
 	$(VENV)/bin/ruff check garden tests harness benchmarks scripts
 	$(VENV)/bin/lint-imports --no-cache
 
-# The inner loop: lint, the import contract, and every test that starts no daemon (the `swarm` marker),
-# the light ones two at a time, then those that measure CPU shares alone.
+# The inner loop: lint, the import contract, and every test that starts no daemon (the `swarm` marker) and
+# makes no whole-model round trip (the `slow` marker), the light ones two at a time, then those that measure
+# CPU shares alone.
 check: install-dev lint
 	@rc=0; \
-	$(PY) -m pytest -n 2 $(DIST) -m "not swarm and not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
-	$(PY) -m pytest -m "serial and not swarm" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
+	$(PY) -m pytest -n 2 $(DIST) -m "not swarm and not serial and not slow" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
+	$(PY) -m pytest -m "serial and not swarm and not slow" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
 	exit $$rc
 
 bench: install-dev

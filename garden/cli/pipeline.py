@@ -387,3 +387,33 @@ def generate(
         f"prompt {result.prompt_tokens} tokens); {result.finish_reason}",
         markup=False,
     )
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(
+        ..., metavar="MODEL",
+        help="Model reference: builtin:NAME, hub id, directory, training run, pulled checkpoint, .gguf or "
+        "prune:REF:layers=N.",
+    ),  # fmt: skip
+    output: Path = typer.Option(..., "-o", "--output", help="The file (gguf) or directory (hf, peft) to write."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio), hf (transformers) or "
+                            "peft (a LoRA student's adapter)."),  # fmt: skip
+    quant: str = typer.Option("f16", "--quant", help="With --format gguf: f32, f16, q8_0 or q4_0."),
+) -> None:
+    """Export a model for the tools people already use: one GGUF file for llama.cpp and Ollama, a plain
+    transformers directory, or a LoRA student's adapter. See docs/export.md."""
+    from garden.models.export import ExportError, export_model
+
+    say = Console(stderr=True)
+    say.print(f"exporting {model} as {fmt}{' ' + quant if fmt == 'gguf' else ''} ...", markup=False)
+    try:
+        done = export_model(model, output, fmt, quant)
+    except ExportError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(done.tensor_types.items()))
+    console.print(f"wrote {done.path} ({done.bytes / 2**20:.1f} MiB{'; tensors: ' + kinds if kinds else ''})",
+                  markup=False, soft_wrap=True)  # fmt: skip
+    if fmt == "gguf":
+        console.print(f"try: llama-cli -m {done.path} -cnv   (or see docs/export.md for Ollama)", markup=False,
+                      soft_wrap=True)  # fmt: skip
