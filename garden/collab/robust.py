@@ -177,7 +177,7 @@ def centered_clip(parts: Sequence[Any], weights: Sequence[float], own: int | Non
         radius = CLIP_RADIUS * own_norm
         diff = x[other] - x[mine]
         norm = float(torch.linalg.vector_norm(diff))
-        if norm > DROP_RADIUS * own_norm:  # nothing but a pull: left out, as in larger rounds
+        if 0.0 < DROP_RADIUS * own_norm < norm:  # nothing but a pull: left out, as in larger rounds
             return Reduced(x[mine].reshape(shape).clone(), radius, [], cut, [live[other]])
         scale = min(1.0, radius / norm) if norm > 0 else 1.0
         value = x[mine] + (w[other] * scale) * diff
@@ -186,7 +186,9 @@ def centered_clip(parts: Sequence[Any], weights: Sequence[float], own: int | Non
     distances = torch.linalg.vector_norm(x - v, dim=1)
     median_distance = float(distances.sort().values[n // 2])
     radius = CLIP_RADIUS * median_distance
-    far = distances > DROP_RADIUS * median_distance
+    # (a median distance of 0, where most senders' parts are equal (zeros of sparse gradients), leaves the others
+    # at radius 0 below: the same result, without calling honest parts "left out")
+    far = distances > DROP_RADIUS * median_distance if median_distance > 0 else torch.zeros_like(distances, dtype=bool)
     dropped = [live[i] for i in range(n) if bool(far[i])]
     if dropped:
         w = torch.where(far, torch.zeros_like(w), w)

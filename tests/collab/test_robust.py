@@ -234,3 +234,14 @@ def test_a_joining_peer_loads_a_state_the_others_agree_on() -> None:
     assert all(o["epoch"] == 0 and o["max_abs"] == 0.0 for o in report["one_honest_one_liar"]), report
     assert report["alone"] == [{"epoch": 5, "honest": True, "max_abs": 1.0}]  # a single peer: nothing to compare
     assert "it claims epoch 1000, the other peers at most 5" in log and "disagree" in log
+
+
+def test_sparse_parts_equal_to_zero_are_not_called_lies() -> None:
+    """Parts of an embedding's gradient that most senders leave at zero (no token of theirs in that range): the
+    median distance is 0, the result the median (as clipping at radius 0 gives), and nobody is "left out"."""
+    _, (part,) = noisy(1)
+    zero = torch.zeros_like(part)
+    reduced = robust.centered_clip([zero, zero, part], [16.0, 16.0, 16.0])
+    assert torch.equal(reduced.value, zero) and reduced.dropped == [] and reduced.clipped == [2]
+    alone = robust.centered_clip([zero, part], [16.0, 16.0], own=0)
+    assert torch.equal(alone.value, zero) and alone.dropped == []

@@ -56,6 +56,7 @@ from tests.mission.test_missions_swarm import export, held_row_sets, settled, wa
 from tests.mission.test_training_swarm import (  # noqa: F401 (tiny: a fixture)
     TEACHER,
     garden_cli,
+    mission_body,
     publish_poisoned,
     start,
     tiny,
@@ -74,20 +75,10 @@ HOSTILE_CHECKPOINT = Path(__file__).with_name("hostile_checkpoint.py")
 
 
 def body(student: Path) -> dict[str, Any]:
-    rows = demo_prompts()[: 2 * SHARDS]
-    return {
-        "spec": {
-            "name": "hostile-test",
-            "teachers": [TEACHER],
-            "prompts": "prompts.jsonl",
-            "shard_size": 2,
-            "student": {"base": str(student)},
-            "sampling": {"candidates": 2, "max_new_tokens": 6, "top_k_logprobs": 4},
-            "train": {"target_batch_size": 64, "max_epochs": EPOCHS, "warmup_epochs": 0, "lr": 1e-2,
-                      "matchmaking_time": 2.0, "averaging_timeout": 15.0, "min_trainers": 3},
-        },
-        "prompts": [{"prompt": r.prompt, "reference": r.reference} for r in rows],
-    }  # fmt: skip
+    """The training swarm test's mission (8 prompts in 4 shards of 2), for 3 epochs among 3 trainers."""
+    mission = mission_body(student, max_epochs=EPOCHS, min_trainers=3)
+    assert len(mission["prompts"]) == 2 * SHARDS and mission["spec"]["shard_size"] == 2
+    return mission
 
 
 @pytest.fixture(scope="module")
