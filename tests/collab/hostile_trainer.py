@@ -6,9 +6,10 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 - ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum);
 - ``epoch``: it claims epoch ``--claim`` (default 1000) in the progress record and as its state's priority and
   label, and offers parameters a thousand times too large; it takes no steps;
-- ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round, and a
-  million times the average of every part it reduces (the combined hostile test's trainer; garden's checks of
-  others' claims are installed in it, so that another attacker's epoch claim does not derail it).
+- ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
+
+``--lying-reducer`` adds a million times the average of every part it reduces; ``--robust`` installs garden's
+checks of others' claims in it (so that another attacker's epoch claim does not derail it).
 
 Run as ``python tests/collab/hostile_trainer.py [--attack MODE] CONFIG.json`` with a worker's configuration; it
 writes ``{"peer_id": ..., "steps": ..., "epoch": ...}`` to the status path and runs until SIGTERM or
@@ -57,6 +58,8 @@ def main() -> int:
     parser.add_argument("--attack", choices=["nan", "huge", "weight", "epoch", "mixed"], default="nan")
     parser.add_argument("--claim", type=int, default=1000, help="the epoch claimed by --attack epoch")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between steps (an honest worker's pace)")
+    parser.add_argument("--robust", action="store_true", help="install garden's checks of the others' claims")
+    parser.add_argument("--lying-reducer", action="store_true", help="return 10^6 x the average of what it reduces")
     parser.add_argument("--after-trainers", type=int, default=0,
                         help="take no step and claim nothing before this many trainers are in the swarm")
     parser.add_argument("config", type=Path)
@@ -75,12 +78,13 @@ def main() -> int:
     stop = threading.Event()
     torch.set_num_threads(1)
     collab = config.collab
-    if args.attack == "mixed":
-        from hivemind.averaging.partition import TensorPartReducer
-
+    if args.robust:
         from garden.collab import hivemind_patches
 
         hivemind_patches.install()
+    if args.lying_reducer:
+        from hivemind.averaging.partition import TensorPartReducer
+
         robust_accumulate = TensorPartReducer.accumulate_part
 
         async def lying_accumulate(self: Any, *step_args: Any, **kwargs: Any) -> Any:

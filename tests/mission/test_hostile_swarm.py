@@ -5,7 +5,7 @@ nothing the honest peers keep.
 The mission is made once, by a lead that is then stopped: each run starts from a copy of that lead's data
 directory (its identity, the signed mission and its prompts), so both runs are one mission, with one id and so
 one sampling seed per prompt. Three honest peers (the lead A, and B and C, which trust A's missions) shake its 4
-shards and train the student for 3 epochs; the lead vouches for the checkpoints. In the attacked run the hostile
+shards and train the student for 4 epochs; the lead vouches for the checkpoints. In the attacked run the hostile
 side, all under one throwaway key:
 
 - wins shard 0 with a done record (under a lease it signed itself) naming real answers of the teacher with
@@ -14,10 +14,10 @@ side, all under one throwaway key:
 - finishes shard 2 first with a done record naming rows nobody serves: void after ``--void-after``;
 - stores a backdated done record (finished at 0) for shard 3 with invented rows, and offers them: the honest
   DHT nodes refuse the record, and with no valid done record naming them the rows are refused;
-- trains beside them, sending gradients a million times an honest norm, with a weight of 1e30 every other
-  round (refused, left out), returning a million times the average of the parts it reduces (refused: each honest
-  peer keeps its own values for that share), and claims epoch 10^7 with parameters a thousand times too large
-  (ignored, never loaded);
+- trains beside them: one trainer sends its gradients with a weight of 1e30 (refused) and returns a million
+  times the average of the parts it reduces (refused: each honest peer keeps its own values for that share),
+  another sends gradients a million times an honest norm (left out), a third claims epoch 10^7 with parameters
+  a thousand times too large (ignored, never loaded);
 - announces a poisoned checkpoint at epoch 10^7 (never pulled: it is not vouched for).
 
 Then: the exported rows equal the attack-free run's, the pulled (vouched) student's held-out KL is within 10 %
@@ -64,7 +64,7 @@ from tests.mission.test_training_swarm import (  # noqa: F401 (tiny: a fixture)
 )
 
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
-EPOCHS = 3
+EPOCHS = 4
 SHARDS = 4
 CLAIMED_EPOCH = 10**7
 VOID_AFTER = 30
@@ -187,8 +187,10 @@ class Hostile:
         read of the record shows only a liar follows it (see garden.collab.robust). The liar in rounds steps at
         about an honest worker's pace (a step a second): alone and fast it would end epochs with samples of its
         own, a claim garden does not check (docs/security.md, what remains open)."""
+        paced = ["--robust", "--pace", "1.0", "--after-trainers", "3"]
         attacks = {
-            "mixed": ["--attack", "mixed", "--pace", "1.0", "--after-trainers", "3"],
+            "weight": ["--attack", "weight", "--lying-reducer", *paced],
+            "huge": ["--attack", "huge", *paced],
             "epoch": ["--attack", "epoch", "--claim", str(CLAIMED_EPOCH), "--after-trainers", "3"],
         }
         for name, attack in attacks.items():
@@ -291,8 +293,8 @@ def run(
         seen["logs"] = [peer.stderr() for peer in peers]
         seen["worker_logs"] = [(peer.data_dir / "train" / mission_id / "worker.log").read_text() for peer in peers]
         if hostile is not None:
-            seen["hostile"] = {"peer_id": hostile.peer_id, "attempts": hostile.attempts,
-                               "trainers": {n: hostile.trainer_status(n) for n in ("mixed", "epoch")}}  # fmt: skip
+            trainers = {n: hostile.trainer_status(n) for n in ("weight", "huge", "epoch")}
+            seen["hostile"] = {"peer_id": hostile.peer_id, "attempts": hostile.attempts, "trainers": trainers}
         return seen
     finally:
         if hostile is not None:
@@ -339,13 +341,14 @@ def test_one_hostile_peer_against_three_honest_ones_changes_nothing_they_keep(
     assert any("is refuted" in log for log in attacked["logs"])
 
     # averaging: the weight of 1e30 refused, the huge parts left out, the epoch claim ignored; every honest peer
-    # trained the mission's 3 epochs (not 10^7) to finite parameters
+    # trained the mission's 4 epochs (not 10^7) to finite parameters
     workers = "\n".join(attacked["worker_logs"])
-    assert "weight 1e+30; it is left out" in workers, workers[-5000:]
-    assert "left out the part from peer" in workers
-    assert "refused the averaged parts from peer" in workers  # the parts it reduced, huge: each keeps its own
+    trainers = hostile["trainers"]
+    heavy, huge = trainers["weight"]["peer_id"], trainers["huge"]["peer_id"]
+    assert f"{heavy}: weight 1e+30; it is left out" in workers, workers[-5000:]
+    assert f"refused the averaged parts from peer {heavy}" in workers  # it reduced them, huge: each keeps its own
+    assert f"left out the part from peer {huge}" in workers
     assert f"ignored the epoch {CLAIMED_EPOCH} claimed by trainer" in workers
-    assert hostile["trainers"]["mixed"].get("rounds", 0) >= 1, hostile["trainers"]  # (the logs show each lie)
     # (the probe's second number is the sum of squared parameters: x 10^6 had a peer loaded the liar's state)
     clean_squares = max(train["params_probe"][1] for train in clean["train"])
     for train in attacked["train"]:

@@ -188,7 +188,9 @@ def test_two_peers_shake_and_train_one_student(
         from safetensors.torch import load_file as load_again
 
         pulled_again = load_again(str(tmp_path / "pulled-again" / "model.safetensors"))
-        assert torch.equal(torch.cat([t.reshape(-1) for _, t in sorted(pulled_again.items())]), got)
+        again_params = torch.cat([t.reshape(-1) for _, t in sorted(pulled_again.items())])
+        # a vouched version of the last epoch (each writer's is judged and may be vouched for), never the poisoned
+        assert any(torch.equal(again_params, final_params(w, mission_id)) for w in writers)
     finally:
         hostile.terminate()
         hostile.wait(timeout=30)
