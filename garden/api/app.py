@@ -27,17 +27,16 @@ from garden.host.governor import GovernorSnapshot
 from garden.api.control import make_control_router
 from garden.api.dashboard import make_dashboard_router
 from garden.api.missions import make_missions_router
+from garden.api.models import make_models_router
 from garden.api.openai import install_openai_errors, make_openai_router
 from garden.api.schemas import (
     Caps,
     Error,
     Health,
     Machine,
-    ModelLayers,
     Peer,
     Resources,
     Routing,
-    ServedSpan,
     Serving,
     Shaking,
     Status,
@@ -131,25 +130,15 @@ def create_app(gardener: Gardener) -> FastAPI:
         now = get_dht_time()
         return [_peer(entry, gardener.peer_id, now) for entry in entries]
 
-    @app.get("/models", response_model=list[ModelLayers], tags=["swarm"])
-    async def models() -> list[ModelLayers]:
-        """Models the swarm's servers announce, with their layer coverage (``/v1/models`` lists the complete
-        ones in OpenAI's shape)."""
-        return [
-            ModelLayers(
-                model=c.model, num_layers=c.num_layers, servers=c.servers, complete=c.complete,
-                missing=[[span.start, span.end] for span in c.missing],
-                spans=[ServedSpan(peer_id=p, start=a, end=b, throughput=t) for p, a, b, t in c.spans],
-            )
-            for c in await gardener.inference.coverage()
-        ]  # fmt: skip
-
     @app.get("/metrics", response_class=PlainTextResponse, tags=["peer"])
     async def metrics() -> PlainTextResponse:
         """Prometheus text format."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(make_missions_router(gardener.missions, gardener.work, gardener.training, gardener.checkpoints))
+    app.include_router(make_models_router(gardener.inference, gardener.students))
+    app.include_router(make_missions_router(
+        gardener.missions, gardener.work, gardener.training, gardener.checkpoints, gardener.students
+    ))  # fmt: skip
     app.include_router(make_control_router(governor, ledger, settings.pause_serving))
     app.include_router(make_openai_router(gardener.inference))
     install_openai_errors(app)

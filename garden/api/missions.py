@@ -27,11 +27,13 @@ from garden.api.schemas import (
     MissionWorkHere,
     PulledCheckpoint,
     ShardCounts,
+    StudentModel,
     TrainPoint,
     Verification,
 )
 from garden.data import DEMO_PROMPTS, demo_prompts
 from garden.api.errors import error_response
+from garden.api.models import student_model
 from garden.errors import GardenError
 from garden.mission.book import Mission, MissionBook
 from garden.protocol.mission import MissionDraft, MissionSpec, MissionSpecError
@@ -41,7 +43,10 @@ from garden.mission.shaking import MissionView, MissionWork
 from garden.mission.verification import VerificationSnapshot
 from garden.protocol.checkpoints import CheckpointRecord, CheckpointVouch
 from garden.mission.checkpoints import CheckpointSharing
+from garden.mission.students import Student, SwarmStudents
 from garden.mission.training import TrainingWork
+from garden.models.loading import ModelRefError
+from garden.protocol.checkpoints import STUDENT_SCHEME
 
 BUILTIN_PROMPTS = {DEMO_PROMPTS: demo_prompts}
 MAX_POST_PROMPTS = 100_000
@@ -50,26 +55,56 @@ on the peer itself in a later version, or split them."""
 
 
 def make_missions_router(
-    book: MissionBook, work: MissionWork, training: TrainingWork, sharing: CheckpointSharing
+    book: MissionBook, work: MissionWork, training: TrainingWork, sharing: CheckpointSharing, students: SwarmStudents
 ) -> APIRouter:
     router = APIRouter(tags=["missions"])
     errors: dict[int | str, dict[str, Any]] = {404: {"model": Error}, 422: {"model": Error}}
 
+    async def life(view: MissionView, published: set[str]) -> str:
+        """The mission's state over its whole life (see ``MissionSummary.state``)."""
+        mission = view.mission
+        if view.state != "done":
+            return view.state
+        if mission.id in published:
+            return "published"
+        here = training.view(mission)
+        if here is not None and here.state == "done":
+            return "trained"
+        try:
+            records = await sharing.records(mission.id)
+        except GardenError:
+            records = []
+        return "trained" if any(r.epoch >= mission.signed.spec.train.max_epochs for r in records) else "training"
+
+    async def published() -> set[str]:
+        try:
+            return {s.record.mission_id for s in await students.listing()}
+        except GardenError:
+            return set()
+
     @router.post("/missions", status_code=201, response_model=MissionSummary, responses=errors)
     async def create_mission(body: MissionCreate) -> Any:
-        """Validate, sign with this peer's key (it becomes the lead) and publish a mission."""
-        draft_or_error = _draft(body)
+        """Validate, sign with this peer's key (it becomes the lead) and publish a mission. A teacher or student
+        named ``mission:<prefix or name>`` is written down by its whole id (every peer then means the same)."""
+        try:
+            spec = await _whole_student_ids(body.spec, students)
+        except ModelRefError as e:
+            return _validation_error(["body", "spec"], str(e))
+        draft_or_error = _draft(body.model_copy(update={"spec": spec}))
         if isinstance(draft_or_error, JSONResponse):
             return draft_or_error
         mission = await book.publish(draft_or_error)
-        return _summary(await work.view(mission, with_holders=False))
+        view = await work.view(mission, with_holders=False)
+        return _summary(view, await life(view, set()))
 
     @router.get("/missions", response_model=list[MissionSummary])
     async def list_missions() -> list[MissionSummary]:
         """Every mission this peer knows, newest first, with progress."""
         missions = book.newest_first()
         views = await asyncio.gather(*(work.view(m, with_holders=False) for m in missions))
-        return [_summary(v) for v in views]
+        done = await published()
+        states = await asyncio.gather(*(life(v, done) for v in views))
+        return [_summary(v, state) for v, state in zip(views, states, strict=True)]
 
     @router.get("/missions/{mission_id}", response_model=MissionDetail, responses=errors)
     async def show_mission(mission_id: str) -> Any:
@@ -78,7 +113,26 @@ def make_missions_router(
             mission = book.get(mission_id)
         except GardenError as e:
             return error_response(e)
-        return _detail(await work.view(mission), _training(training, mission))
+        view = await work.view(mission)
+        student = next((s for s in await _listing(students) if s.record.mission_id == mission.id), None)
+        state = await life(view, {mission.id} if student is not None else set())
+        return _detail(view, state, _training(training, mission), student)
+
+    @router.post(
+        "/missions/{mission_id}/promote", response_model=StudentModel, responses=errors | {403: {"model": Error}}
+    )
+    async def promote(
+        mission_id: str, epoch: int | None = Query(None, ge=0, description="a vouched epoch; default: the newest"),
+    ) -> Any:  # fmt: skip
+        """Publish a vouched checkpoint of the mission's student as the swarm's model ``mission:<id>`` (only its
+        lead may; the last epoch's is published by itself once vouched for)."""
+        try:
+            mission = book.get(mission_id)
+            await students.publish(mission, epoch)
+            student = next(s for s in await students.listing() if s.record.mission_id == mission.id)
+        except GardenError as e:
+            return error_response(e)
+        return student_model(student)
 
     @router.get("/missions/{mission_id}/rows", responses=errors)
     async def export_rows(mission_id: str, format: str = Query("jsonl")) -> Any:  # noqa: A002 (the API's name)
@@ -168,7 +222,7 @@ def make_missions_router(
             mission = await book.cancel(mission_id, reason)
         except GardenError as e:
             return error_response(e)
-        return _summary(await work.view(mission, with_holders=False))
+        return _summary(await work.view(mission, with_holders=False), "cancelled")
 
     return router
 
@@ -223,13 +277,36 @@ def _shards(view: MissionView) -> ShardCounts:
     return ShardCounts(total=summary.total, done=summary.done, leased=summary.leased, open=summary.open)
 
 
-def _summary(view: MissionView) -> MissionSummary:
+async def _listing(students: SwarmStudents) -> list[Student]:
+    try:
+        return await students.listing()
+    except GardenError:
+        return []
+
+
+async def _whole_student_ids(spec: dict[str, Any], students: SwarmStudents) -> dict[str, Any]:
+    """``spec`` with every teacher and student named ``mission:<prefix or name>`` named by its whole id."""
+
+    async def whole(ref: Any) -> Any:
+        if isinstance(ref, str) and ref.strip().startswith(STUDENT_SCHEME):
+            return (await students.find(ref)).model
+        return ref
+
+    spec = dict(spec)
+    if isinstance(spec.get("teachers"), list):
+        spec["teachers"] = [await whole(t) for t in spec["teachers"]]
+    if isinstance(spec.get("student"), dict):
+        spec["student"] = {**spec["student"], "base": await whole(spec["student"].get("base"))}
+    return spec
+
+
+def _summary(view: MissionView, state: str) -> MissionSummary:
     mission: Mission = view.mission
     body = mission.signed.body
     return MissionSummary(
         id=mission.id,
         name=mission.name,
-        state=view.state,
+        state=state,
         lead=mission.signed.lead_peer_id,
         trusted=view.trusted,
         not_worked_on=view.refused,
@@ -273,8 +350,10 @@ def _training(training: TrainingWork, mission: Mission) -> MissionTraining | Non
         return MissionTraining(state=view.state, restarts=view.restarts, history=history)
 
 
-def _detail(view: MissionView, training: MissionTraining | None = None) -> MissionDetail:
-    summary = _summary(view)
+def _detail(
+    view: MissionView, state: str, training: MissionTraining | None = None, student: Student | None = None
+) -> MissionDetail:
+    summary = _summary(view, state)
     peers: dict[str, MissionPeer] = {}
     for peer_id, announcement in view.holders.items():
         peers[peer_id] = MissionPeer(
@@ -317,6 +396,7 @@ def _detail(view: MissionView, training: MissionTraining | None = None) -> Missi
         verification=_verification(view.verification),
         cancel_reason=view.mission.cancel.reason if view.mission.cancel is not None else None,
         train=training,
+        student=student_model(student) if student is not None else None,
         spec=view.mission.signed.spec.model_dump(mode="json", by_alias=True),
     )
 

@@ -2,9 +2,10 @@
 server (``OpenAI(base_url="http://127.0.0.1:8765/v1", api_key="-")``).
 
 Generation pipelines through the swarm's servers (:mod:`garden.inference.client`); the model ids are model
-references (``builtin:smollm2-135m``). Defaults follow OpenAI's (``temperature`` 1, ``max_tokens`` 16 for
-completions), so an app that works against OpenAI behaves the same here. Errors use OpenAI's shape,
-``{"error": {"message", "type", "param", "code"}}``: an unknown model is 404, a model whose layers the
+references (``builtin:smollm2-135m``, a mission's published student ``mission:<id>``: a unique prefix of the id
+or the mission's name work too, and answers name the whole id). Defaults follow OpenAI's (``temperature`` 1,
+``max_tokens`` 16 for completions), so an app that works against OpenAI behaves the same here. Errors use
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: an unknown model is 404, a model whose layers the
 swarm does not all serve is 503 (the message names the missing layers), a bad body is 400.
 
 Streaming answers are server-sent events of ``chat.completion.chunk`` / ``text_completion`` objects, ending
@@ -31,6 +32,7 @@ from garden.inference.client import GenerationStats, SamplingConfig
 from garden.inference.route import CoverageError
 from garden.inference.service import InferenceService
 from garden.protocol.inference_rpc import ERROR_BUSY, BlocksRpcError
+from garden.errors import GardenError
 from garden.models.loading import ModelRefError
 
 logger = logging.getLogger(__name__)
@@ -121,7 +123,14 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    async def generator_for(model: str) -> Any:
+    async def generator_for(asked: str) -> tuple[str, Any]:
+        """The swarm's name for ``asked`` (``mission:<prefix or name>`` -> ``mission:<id>``) and its generator."""
+        try:
+            model = await inference.resolve(asked)
+        except ModelRefError as e:
+            raise OpenAIError(404, str(e), code="model_not_found", param="model") from None
+        except GardenError as e:
+            raise OpenAIError(502, f"could not fetch {asked}: {e}", "server_error", "upstream_failed") from None
         known = {c.model: c for c in await inference.coverage()}
         if model not in known:
             raise OpenAIError(
@@ -135,16 +144,16 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
                 "start a peer with --serve to fill the gap", "server_error", "layers_missing",
             )  # fmt: skip
         try:
-            return await inference.generator(model)
+            return model, await inference.generator(model)
         except ModelRefError as e:
             raise OpenAIError(404, str(e), code="model_not_found", param="model") from None
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         """A chat answer; ``stream: true`` sends it as server-sent ``chat.completion.chunk`` events."""
-        generator = await generator_for(body.model)
+        model, generator = await generator_for(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        _check_chars(sum(len(m["content"]) for m in messages), generator, body.model, "messages")
+        _check_chars(sum(len(m["content"]) for m in messages), generator, model, "messages")
         try:
             encoded = await asyncio.to_thread(
                 generator.ends.tokenizer.apply_chat_template,
@@ -155,7 +164,7 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
             raise OpenAIError(400, message, param="messages") from None
         ids = list(encoded["input_ids"])
         sampling = _sampling(body, body.max_completion_tokens or body.max_tokens or 1024)
-        return await _answer(generator, ids, sampling, body, chat=True)
+        return await _answer(generator, ids, sampling, body, model, chat=True)
 
     @router.post("/completions")
     async def completions(body: CompletionRequest) -> Any:
@@ -163,10 +172,10 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise OpenAIError(400, "one prompt per request", param="prompt")
-        generator = await generator_for(body.model)
-        _check_chars(len(prompts[0]), generator, body.model, "prompt")
+        model, generator = await generator_for(body.model)
+        _check_chars(len(prompts[0]), generator, model, "prompt")
         ids = list((await asyncio.to_thread(generator.ends.tokenizer, prompts[0]))["input_ids"])
-        return await _answer(generator, ids, _sampling(body, body.max_tokens), body, chat=False)
+        return await _answer(generator, ids, _sampling(body, body.max_tokens), body, model, chat=False)
 
     return router
 
@@ -184,9 +193,10 @@ def _check_chars(chars: int, generator: Any, model: str, param: str) -> None:
         )  # fmt: skip
 
 
-async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body: _Sampling, chat: bool) -> Any:
+async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body: _Sampling, model: str,
+                  chat: bool) -> Any:  # fmt: skip
     if len(ids) >= generator.context:
-        raise OpenAIError(400, f"the prompt is {len(ids)} tokens; {body.model} has a {generator.context}-token context")
+        raise OpenAIError(400, f"the prompt is {len(ids)} tokens; {model} has a {generator.context}-token context")
     created, cid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     stats = GenerationStats()
     pieces = generator.stream(ids, sampling, stats)
@@ -201,7 +211,7 @@ async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body
             else {"index": 0, "text": text, "logprobs": None, "finish_reason": stats.finish_reason}
         )
         obj = "chat.completion" if chat else "text_completion"
-        head = {"id": cid, "object": obj, "created": created, "model": body.model}
+        head = {"id": cid, "object": obj, "created": created, "model": model}
         return JSONResponse(head | {"choices": [choice], "usage": _usage(stats)})
     # the first piece (or failure) comes before the response starts: an error is then still a status code
     try:
@@ -210,7 +220,7 @@ async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body
         raise _generation_error(e) from None
     include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
     return StreamingResponse(
-        _events(first, pieces, stats, cid, created, body.model, chat, include_usage),
+        _events(first, pieces, stats, cid, created, model, chat, include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )

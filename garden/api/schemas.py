@@ -173,11 +173,37 @@ class ShardCounts(BaseModel):
     open: int
 
 
+class StudentModel(BaseModel):
+    """A mission's student that its lead published as a model of the swarm (``mission:<mission id>``)."""
+
+    model: str = Field(description="mission:<mission id>: the reference every peer names it by")
+    mission_id: str
+    name: str = Field(description="the mission's name (mission:<name> works where unambiguous)")
+    lead: str = Field(description="the lead's peer id, who published it")
+    trusted: bool = Field(description="whether this peer works for its lead (--trust-lead; true without it)")
+    epoch: int = Field(description="the checkpoint published (the lead vouched for it)")
+    base: str = Field(description="the model the student started from")
+    architecture: str
+    parameters: int
+    layers: int
+    tokenizer: str = Field(description="the tokenizer's fingerprint")
+    size: int = Field(description="bytes of its files")
+    metrics: dict[str, float] = Field(
+        description="the lead's evaluation on rows of the mission it holds: kl (KL(teacher || student)), nll, top1 "
+        "(agreement with the teacher's top token), pref_acc (chosen over rejected), base_kl (the untrained "
+        "student's KL), rows"
+    )
+    published: float = Field(description="when (the lead's clock, unix seconds)")
+    local_path: str | None = Field(None, description="where this peer keeps its files, once pulled (first use)")
+
+
 class MissionSummary(BaseModel):
     id: str
     name: str
     state: str = Field(
-        description="fetching (prompts not here yet) | shaking | done | cancelled | not worked on here"
+        description="its life: fetching (prompts not here yet) | shaking | training (every shard done) | trained (a "
+        "checkpoint of its last epoch is announced) | published (its lead published the student as mission:<id>) | "
+        "cancelled | not worked on here"
     )
     lead: str = Field(description="peer id of the lead, who signed the mission")
     trusted: bool = Field(True, description="whether this peer works for its lead (--trust-lead; true without it)")
@@ -286,6 +312,7 @@ class Verification(BaseModel):
 
 class MissionDetail(MissionSummary):
     peers: list[MissionPeer]
+    student: StudentModel | None = Field(None, description="the published student (state published), mission:<id>")
     teachers: dict[str, int] = Field(description="rows per teacher reference, over the shards done")
     shards_per_s: float | None = Field(None, description="shards finished per second since the mission began")
     eta_s: float | None = Field(None, description="seconds until every shard is done at that rate")
@@ -307,7 +334,8 @@ class ServedSpan(BaseModel):
 
 
 class ModelLayers(BaseModel):
-    """One model some server of the swarm announces, and which of its layers are covered."""
+    """One model of the swarm: announced by some server (with which of its layers are covered), or a published
+    student (``student``) that no server may serve yet."""
 
     model: str
     num_layers: int
@@ -315,3 +343,16 @@ class ModelLayers(BaseModel):
     complete: bool = Field(description="every layer is served: the model can generate")
     missing: list[list[int]] = Field(description="[start, end) spans no server announces")
     spans: list[ServedSpan]
+    student: StudentModel | None = Field(None, description="a mission's published student: where it came from")
+
+
+class ModelPull(BaseModel):
+    """``POST /models/pull``: a model reference to have on this machine (``mission:<id>``, a prefix, a name)."""
+
+    model: str = Field(min_length=1, max_length=256)
+
+
+class PulledModel(BaseModel):
+    model: str = Field(description="the swarm's name for it")
+    path: str | None = Field(None, description="where its files are (a transformers directory); None for a "
+                             "reference that loads as it is (a hub id, builtin:...)")  # fmt: skip

@@ -117,6 +117,37 @@ def show(
         _show_training(train)
     if data.get("cancel_reason") is not None:
         console.print(f"cancelled by the lead: {data['cancel_reason'] or '(no reason given)'}")
+    if data.get("student"):
+        _show_student(data["student"])
+
+
+def _show_student(student: dict[str, Any]) -> None:
+    metrics = student.get("metrics") or {}
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "rows")
+    console.print(
+        f"published as {student['model']} (epoch {student['epoch']}; {student['parameters'] / 1e6:.1f} M parameters, "
+        f"{student['layers']} layers){'; ' + figures if figures else ''}", soft_wrap=True, markup=False,
+    )  # fmt: skip
+    console.print(f"chat with it: garden generate --swarm mission:{student['mission_id'][:12]} \"Hello\"  "
+                  f"(a peer serves it with garden run --serve mission:{student['mission_id'][:12]})",
+                  soft_wrap=True, markup=False)  # fmt: skip
+
+
+@mission_app.command("promote")
+def promote(
+    mission_id: str = typer.Argument(..., metavar="ID"),
+    epoch: int | None = typer.Option(None, "--epoch", help="A vouched epoch (default: the newest one)."),
+    url: str | None = URL,
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+) -> None:
+    """Publish a vouched checkpoint of your mission's student as the swarm's model mission:ID (the lead's peer
+    does it by itself once the last epoch is vouched for; promote publishes an earlier one, or sooner)."""
+    base = daemon_url(url, data_dir, config)
+    full = _resolve(base, mission_id)
+    query = "" if epoch is None else f"?epoch={epoch}"
+    student = call_daemon("POST", base, f"/missions/{full}/promote{query}", timeout=3600).json()
+    _show_student(student)
 
 
 def _bar(done: float, total: float, width: int = 40) -> str:

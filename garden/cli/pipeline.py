@@ -335,8 +335,10 @@ def eval_command(
 def generate(
     prompt: str = typer.Argument(..., help="The user message."),
     model: str = typer.Option(
-        "builtin:smollm2-135m", "--model", help="Model reference: builtin:NAME, hub id, directory, run or .gguf."
-    ),
+        "builtin:smollm2-135m", "--model",
+        help="Model reference: builtin:NAME, hub id, directory, run, .gguf, or a swarm student mission:ID (pulled by "
+        "the local peer on first use).",
+    ),  # fmt: skip
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily (deterministic)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
@@ -346,8 +348,12 @@ def generate(
         None, "--swarm", metavar="MODEL",
         help="Generate with MODEL's layers on the swarm, through the local peer (garden run must be running).",
     ),  # fmt: skip
-    url: str | None = typer.Option(None, "--url", help="With --swarm: a daemon's HTTP port (default: this machine's)."),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="With --swarm: find the daemon of this data dir."),
+    url: str | None = typer.Option(
+        None, "--url", help="With --swarm or a mission:ID model: a daemon's HTTP port (default: this machine's)."
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="With --swarm or a mission:ID model: find the daemon of this data dir."
+    ),
 ) -> None:
     """Answer one prompt with a local model (or with --swarm, pipelined through the swarm's servers), printing
     the answer as it is generated."""
@@ -366,10 +372,13 @@ def generate(
                 "top_p": top_p, "seed": seed}  # fmt: skip
         stream_from_daemon(daemon_url(url, data_dir, None), body, say)
         return
+    from garden.cli.models import local_model
+
+    source = local_model(model, url, data_dir)
     try:
         config = GenerateConfig(max_new_tokens, temperature, top_p, seed, system)
         say.print(f"loading {model} (the first load of a .gguf converts it once, ~15 s)", markup=False)
-        generation = TextGeneration(load_model(model), prompt, config)
+        generation = TextGeneration(load_model(source), prompt, config)
     except (ValueError, OSError) as e:  # bad model reference, settings, or a prompt too long for the model
         raise fail(str(e), EXIT_CONFIG) from None
     try:
@@ -393,22 +402,26 @@ def generate(
 def export_command(
     model: str = typer.Argument(
         ..., metavar="MODEL",
-        help="Model reference: builtin:NAME, hub id, directory, training run, pulled checkpoint, .gguf or "
-        "prune:REF:layers=N.",
+        help="Model reference: builtin:NAME, hub id, directory, training run, pulled checkpoint, .gguf, "
+        "prune:REF:layers=N, or a swarm student mission:ID (pulled by the local peer).",
     ),  # fmt: skip
     output: Path = typer.Option(..., "-o", "--output", help="The file (gguf) or directory (hf, peft) to write."),
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio), hf (transformers) or "
                             "peft (a LoRA student's adapter)."),  # fmt: skip
     quant: str = typer.Option("f16", "--quant", help="With --format gguf: f32, f16, q8_0 or q4_0."),
+    url: str | None = typer.Option(None, "--url", help="With a mission:ID model: the daemon's HTTP port."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="With a mission:ID model: its daemon's data dir."),
 ) -> None:
     """Export a model for the tools people already use: one GGUF file for llama.cpp and Ollama, a plain
     transformers directory, or a LoRA student's adapter. See docs/export.md."""
+    from garden.cli.models import local_model
     from garden.models.export import ExportError, export_model
 
     say = Console(stderr=True)
+    source = local_model(model, url, data_dir)
     say.print(f"exporting {model} as {fmt}{' ' + quant if fmt == 'gguf' else ''} ...", markup=False)
     try:
-        done = export_model(model, output, fmt, quant)
+        done = export_model(source, output, fmt, quant)
     except ExportError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(done.tensor_types.items()))

@@ -47,6 +47,7 @@ from garden.store import Store
 from garden.mission.leases import LeaseConfig, LeaseManager
 from garden.mission.shaking import MissionWork, WorkConfig
 from garden.mission.checkpoints import CheckpointSharing
+from garden.mission.students import SwarmStudents
 from garden.mission.vouching import CheckpointVoucher
 from garden.mission.training import TrainingConfig, TrainingWork
 
@@ -144,9 +145,11 @@ class Gardener:
         checkpoints -> swarm, transfer         (registers ckpt)
         disk -> store, missions, checkpoints   keeper -> store, missions, transfer, disk (takes row-set offers)
         vouching -> missions, checkpoints, store, shaking's compute slot, governor (the lead's countersignature)
-        shaking -> missions, keeper, leases, directory, governor, ledger
-        training -> missions, store, checkpoints, governor, ledger
-        inference -> swarm, governor           contribution -> ledger, inference
+        students -> missions, checkpoints, swarm   (publishes the lead's students; resolves mission:<id>)
+        shaking -> missions, keeper, leases, directory, governor, ledger, students (a mission:<id> teacher)
+        training -> missions, store, checkpoints, governor, ledger, students (a mission:<id> student)
+        inference -> swarm, governor, students (its model names)
+        contribution -> ledger, inference
     """
 
     def __init__(self, host: Host):
@@ -179,6 +182,10 @@ class Gardener:
             train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
         )  # fmt: skip
         self.disk = DiskKeeper(self.data_dir.root, settings.max_disk, self.store, self.missions, self.checkpoints)
+        self.students = SwarmStudents(
+            self.missions, self.checkpoints, swarm, keys, identity.private_key, self.data_dir.root / "students",
+            period=period,
+        )  # fmt: skip
         leases = LeaseManager(
             swarm.dht, keys, identity.private_key,
             LeaseConfig(lease_duration=settings.lease_seconds, dht_timeout=settings.dht_timeout),
@@ -192,7 +199,7 @@ class Gardener:
                 shaker="shaker" in self.roles, period=period, max_memory=settings.max_memory,
                 max_missions=settings.max_missions, threads=self.max_threads,
             ),  # fmt: skip
-            governor=self.governor, ledger=self.ledger, disk=self.disk,
+            governor=self.governor, ledger=self.ledger, disk=self.disk, students=self.students,
         )  # fmt: skip
         self.vouching = CheckpointVoucher(
             self.missions, self.checkpoints, self.data_dir.store, self.data_dir.root / "vouching", period=period,
@@ -225,17 +232,18 @@ class Gardener:
             governor=self.governor,
             ledger=self.ledger,
             disk=self.disk,
+            students=self.students,
         )
         self.inference = InferenceService(
             swarm, keys, identity.private_key, identity.peer_id,
             ChainConfig(call_timeout=settings.inference_timeout, spot_check=settings.spot_check),
-            serving=self._serve_configs(), governor=self.governor,
+            serving=self._serve_configs(), governor=self.governor, names=self.students,
         )  # fmt: skip
         self.contribution = LedgerKeeper(self.ledger, self.inference)
         self.loop_lag = LoopLag()
         self.supervisor = Supervisor(
             [self.loop_lag, self.transfer, self.directory, self.missions, self.work, self.training, self.inference,
-             self.disk, self.contribution, self.vouching]
+             self.disk, self.contribution, self.vouching, self.students]
         )  # fmt: skip
         self.started_at = time.time()
 
@@ -359,7 +367,10 @@ class Gardener:
         return PeerCounters(
             dht_requests=dict(self.swarm.stats.requests),
             invalid_peer_records=validators.peers.rejected + self.directory.invalid_records,
-            invalid_mission_records={**missions, **dict(sorted(self.missions.invalid_records.items()))},
+            invalid_mission_records={
+                **missions, **dict(sorted(self.missions.invalid_records.items())),
+                "student": self.students.invalid_records,
+            },  # fmt: skip
             missions_ignored=dict(sorted(Counter(self.missions.ignored.values()).items())),
         )
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
+from garden.errors import GardenError
 from garden.host.governor import Governor
 from garden.inference.blocks import Ends, LayerSpan
 from garden.inference.client import ChainConfig, SwarmGenerator
 from garden.inference.route import Router, missing_spans
 from garden.inference.server import BlockServer, ServeConfig, ServerSnapshot, rpc_names
 from garden.lifecycle import Service
+from garden.models.loading import ModelRefError
 from garden.net.swarm import Swarm
 from garden.protocol.inference_rpc import (
     ERROR_NOT_SERVED,
@@ -135,10 +137,33 @@ def _not_ready() -> Any:
     )
 
 
+class ModelNames(Protocol):
+    """How the daemon turns a model reference a user typed into the one every peer names it by, with its files
+    on this machine (``mission:<prefix>`` -> ``mission:<full id>``, pulled on first use; the mission package's
+    ``SwarmStudents`` is one). A protocol: inference knows nothing of missions."""
+
+    async def resolve(self, text: str) -> str:
+        """The reference every peer names ``text`` by, ready to load here; raises ``ModelRefError`` (unknown)
+        or ``GardenError`` (its files could not be fetched)."""
+        ...
+
+
+class SameNames:
+    """No names to resolve: a reference is what it says (a daemon without missions, tests)."""
+
+    async def resolve(self, text: str) -> str:
+        return text
+
+
+RESOLVE_RETRY_S = 10.0
+"""Seconds between tries to resolve a served model that is not published (or reachable) yet."""
+
+
 @dataclass
 class InferenceService(Service):
     """:param serving: the layer ranges this peer serves (``--serve``; none without the server role)
-    :param governor: the owner's switch: while serving is paused, servers refuse new sessions as busy"""
+    :param governor: the owner's switch: while serving is paused, servers refuse new sessions as busy
+    :param names: how a ``--serve`` or ``/v1`` model reference becomes the swarm's name for it"""
 
     swarm: Swarm
     keys: DHTKeys
@@ -147,6 +172,7 @@ class InferenceService(Service):
     chain: ChainConfig = field(default_factory=ChainConfig)
     serving: list[ServeConfig] = field(default_factory=list)
     governor: Governor | None = None
+    names: ModelNames = field(default_factory=SameNames)
     servers: list[BlockServer] = field(default_factory=list)
     rpc: BlockRpc | None = None
     invalid_records: Counter[str] = field(default_factory=Counter)
@@ -185,13 +211,29 @@ class InferenceService(Service):
 
     # --- serving -----------------------------------------------------------------------------------------
     async def serve(self, config: ServeConfig, stop: asyncio.Event) -> None:
-        """Start a block server and run it until ``stop``; a failure is logged and shown in its view."""
+        """Start a block server and run it until ``stop``; a failure is logged and shown in its view. A model
+        named by a swarm name (``mission:<id>``) is resolved and pulled first, tried again until it is published."""
         server = BlockServer(self.p2p, self.swarm, self.keys, self.private_key, self.peer_id, config)
         server.refuse = self.refusal
         self.servers.append(server)
         if self.rpc is None:
             self.rpc = BlockRpc(self.servers, self.namespace)
             await self.rpc.register(self.p2p)
+        while not stop.is_set():
+            try:
+                server.config = replace(config, model=await self.names.resolve(config.model))
+                break
+            except (ModelRefError, GardenError) as e:
+                if server.error is None:
+                    logger.warning("cannot serve %s yet (trying every %.0f s): %s", config.model, RESOLVE_RETRY_S, e)
+                server.error = f"waiting: {e}"
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=RESOLVE_RETRY_S)
+            except TimeoutError:
+                pass
+        if stop.is_set():
+            return
+        server.error = None
         try:
             await server.start()
         except Exception as e:  # noqa: BLE001 - a bad model must not stop the daemon
@@ -211,7 +253,8 @@ class InferenceService(Service):
 
     # --- generating --------------------------------------------------------------------------------------
     async def generator(self, model: str) -> SwarmGenerator:
-        """The generator for ``model`` (loads its embeddings and head on first use; raises ``ModelRefError``)."""
+        """The generator for ``model`` (loads its embeddings and head on first use; raises ``ModelRefError``).
+        ``model`` is the swarm's name for it (see :meth:`resolve`)."""
         if model not in self._generators:
             async with self._loading[model]:
                 if model not in self._generators:
@@ -221,6 +264,10 @@ class InferenceService(Service):
                         self.p2p, router, ends, self.chain, self.namespace, self.local_handlers
                     )
         return self._generators[model]
+
+    async def resolve(self, model: str) -> str:
+        """The swarm's name for ``model`` (``mission:<prefix>`` -> ``mission:<full id>``), with its files here."""
+        return await self.names.resolve(model)
 
     def routing(self) -> list[RoutingSnapshot]:
         """Per model this peer generated with: its measurements, spot checks and caught servers."""

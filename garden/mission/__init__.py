@@ -7,4 +7,6 @@
 - ``replication``: row sets kept, copied to other peers, taken from them, and dropped when they lose
 - ``training``: one supervised trainer worker per mission this peer trains
 - ``checkpoints``: the trainers' checkpoints announced, served and pulled
+- ``vouching``: the lead's countersignature on its missions' checkpoints
+- ``students``: a mission's student published as the swarm's model ``mission:<id>``, listed, pulled on first use
 """

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 
-from garden.models.loading import held_elsewhere, model_disk_bytes, model_memory_bytes, parse_model_ref
+from garden.errors import GardenError
+from garden.models.loading import (
+    ModelRefError,
+    held_elsewhere,
+    model_disk_bytes,
+    model_memory_bytes,
+    parse_model_ref,
+)
 from garden.host.contribution import Ledger
 from garden.host.cpu_budget import lower_this_thread
 from garden.host.disk import DiskKeeper
@@ -43,6 +50,8 @@ from garden.lifecycle import Service
 from garden.net.directory import PeerDirectory
 from garden.mission.book import Mission, MissionBook, wait_any
 from garden.mission.replication import RowSetKeeper
+from garden.mission.students import SwarmStudents
+from garden.protocol.checkpoints import STUDENT_SCHEME
 from garden.store import StoredRowSet, StoreError
 from garden.protocol.row_sets import RowsAnnouncement
 from garden.protocol.rows import DorpoRow
@@ -200,9 +209,11 @@ class MissionWork(Service):
         governor: Governor | None = None,
         ledger: Ledger | None = None,
         disk: DiskKeeper | None = None,
+        students: SwarmStudents | None = None,
     ):
         self.book, self.keeper, self.leases, self.config = book, keeper, leases, config
         self.governor, self.ledger, self.directory, self.disk = governor, ledger, directory, disk
+        self.students = students  # a teacher named mission:<id> (distil the distilled) is pulled through it
         self.progress: dict[str, MissionProgress] = {}
         self.boards: dict[str, ShardBoard] = {}
         self.blocked: str | None = None  # why this peer takes no shards (memory, disk), or None
@@ -345,6 +356,8 @@ class MissionWork(Service):
                 progress.state = f"waiting: {self.governor.held_reason}"
                 await self.governor.wait_until_free(self._stop)  # no lease is held while the owner works
                 continue
+            if not await self._has_models(mission, progress):
+                return
             async with self._compute:
                 if not await self._fits(mission):
                     progress.state = f"not shaking: {self.blocked}"
@@ -381,6 +394,19 @@ class MissionWork(Service):
             finishing = asyncio.create_task(self._finish(mission, lease, sampled, renewer, progress))
             self._finishing.add(finishing)
             finishing.add_done_callback(self._finishing.discard)
+
+    async def _has_models(self, mission: Mission, progress: MissionProgress) -> bool:
+        """Whether the mission's teachers that are swarm students (``mission:<id>``) are on this machine: pulled
+        here on first use (every file checked); False with the reason in ``progress`` until they are."""
+        for ref in mission.signed.spec.teachers:
+            if self.students is None or not ref.startswith(STUDENT_SCHEME):
+                continue
+            try:
+                await self.students.resolve(ref)
+            except (ModelRefError, GardenError) as e:
+                progress.state = f"waiting for the teacher {ref}: {e}"
+                return False
+        return True
 
     async def _load_teacher(self, mission: Mission) -> None:
         """Load the mission's first teacher (kept in the sampling process); a failure is left to the

@@ -41,7 +41,11 @@ from garden.host.contribution import Ledger
 from garden.host.disk import DiskKeeper
 from garden.host.governor import Governor
 from garden.host.memory import memory_shortfall
+from garden.errors import GardenError
 from garden.lifecycle import Service
+from garden.mission.students import SwarmStudents
+from garden.models.loading import ModelRefError
+from garden.protocol.checkpoints import STUDENT_SCHEME
 from garden.mission.book import Mission, MissionBook
 from garden.store import Store
 from garden.mission.checkpoints import CheckpointSharing
@@ -143,9 +147,12 @@ class TrainingWork(Service):
         governor: Governor | None = None,
         ledger: Ledger | None = None,
         disk: DiskKeeper | None = None,
+        students: SwarmStudents | None = None,
     ):
         self.book, self.store, self.config, self.sharing = book, store, config, sharing
         self.governor, self.ledger, self.disk = governor, ledger, disk
+        self.students = students  # a student named mission:<id> (train the trained further) is pulled through it
+        self._pulled: set[str] = set()  # missions whose mission:<id> student is on this machine
         self.history: dict[str, list[dict[str, Any]]] = {}  # mission -> loss/KL/accuracy points over time
         self.blocked: dict[str, str] = {}  # mission -> why this peer does not train it (memory, disk)
         self.waiting: dict[str, str] = {}  # mission -> why its trainer has not started yet (max_trainers)
@@ -177,6 +184,7 @@ class TrainingWork(Service):
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
+                await self.pull_students()
                 self.tend()
                 await self.publish_checkpoints()
             except Exception:  # one bad round must not end supervision; the next one retries
@@ -236,10 +244,27 @@ class TrainingWork(Service):
                 self._published[mission.id] = (epochs, now)
                 logger.info("mission %s: announced checkpoints of epochs %s", mission.id[:12], list(epochs))
 
+    async def pull_students(self) -> None:
+        """Pull the students named ``mission:<id>`` of the missions this peer would train, on first use."""
+        for mission in list(self.book.missions.values()):
+            base = mission.signed.spec.student.base
+            if not base.startswith(STUDENT_SCHEME) or mission.id in self._pulled or self.students is None:
+                continue
+            if not self.config.trainer or mission.cancelled or self.book.refusal(mission) is not None:
+                continue
+            try:
+                await self.students.resolve(base)
+                self._pulled.add(mission.id)
+                self.waiting.pop(mission.id, None)
+            except (ModelRefError, GardenError) as e:
+                self.waiting[mission.id] = f"waiting for its student {base}: {e}"
+
     def _wants(self, mission: Mission) -> bool:
         if not self.config.trainer or mission.cancelled or mission.prompts is None:
             return False
         if self.book.refusal(mission) is not None:
+            return False
+        if mission.signed.spec.student.base.startswith(STUDENT_SCHEME) and mission.id not in self._pulled:
             return False
         status = self.worker_status(mission.id)
         if status is not None and status.state == "done":

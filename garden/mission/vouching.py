@@ -56,6 +56,8 @@ QUIET_S = 30.0
 """Seconds the peer's heavy-work slot must have stayed free before a checkpoint is judged: judging (a model
 load, a forward pass) waits for a lull in shaking, so it never crowds a peer that is loading, writing and
 serving (on 2 cores even a nice 19 evaluation beside that held the daemon's event loop for a second)."""
+FIGURES = ("kl", "nll", "top1", "pref_acc", "rows")
+"""What a vouch carries of ``garden eval``'s report (a published student shows them)."""
 RETRY_AFTER = 300.0
 """Seconds before a checkpoint whose judging failed (its pull, its evaluation) is tried again."""
 
@@ -68,7 +70,8 @@ class MissionVouching:
     judged: set[tuple[int, str]] = field(default_factory=set)  # (epoch, manifest sha256) evaluated
     failed: dict[tuple[int, str], float] = field(default_factory=dict)  # judging failed -> when (monotonic)
     base_kl: float | None = None
-    last_kl: float | None = None
+    last_kl: float | None = None  # the KL of the newest epoch vouched for: the bar for every later judgement
+    last_epoch: int = -1
     refused: dict[int, str] = field(default_factory=dict)  # epoch -> why it was not vouched
 
 
@@ -126,7 +129,8 @@ class CheckpointVoucher(Service):
         max_epoch = mission.signed.spec.train.max_epochs
         mine = [v for v in catalog.vouches if v.peer_id == self.sharing.peer_id and "kl" in v.metrics]
         if mine and state.last_kl is None:
-            state.last_kl = max(mine, key=lambda v: v.epoch).metrics["kl"]
+            newest = max(mine, key=lambda v: v.epoch)
+            state.last_kl, state.last_epoch = newest.metrics["kl"], newest.epoch
         vouched = {(v.epoch, v.manifest_sha256) for v in mine}
         todo = [
             r for r in catalog.records
@@ -159,9 +163,10 @@ class CheckpointVoucher(Service):
         if state.base_kl is None:  # the student the trainers start from (a fresh LoRA adapter changes nothing)
             student = mission.signed.spec.student
             base = f"{PRUNE_SCHEME}{student.base}:layers={student.keep_layers}" if student.keep_layers else student.base
-            state.base_kl = await self._kl(base, rows, "base")
+            state.base_kl = (await self._evaluate(base, rows, "base"))["kl"]
         try:
-            kl = await self._kl(str(path), rows, f"epoch-{record.epoch}")
+            figures = await self._evaluate(str(path), rows, f"epoch-{record.epoch}")
+            kl = figures["kl"]
         finally:
             await asyncio.to_thread(shutil.rmtree, path, True)
         state.judged.add((record.epoch, record.manifest_sha256))
@@ -173,9 +178,10 @@ class CheckpointVoucher(Service):
             logger.warning("epoch %d of mission %s (from %s) is not vouched for: %s", record.epoch, mission.id[:12],
                            record.peer_id, why)  # fmt: skip
             return
-        metrics = {"kl": kl, "base_kl": state.base_kl}
+        metrics = {**figures, "base_kl": state.base_kl}
         await self.sharing.vouch(record, metrics)
-        state.last_kl = kl
+        if record.epoch >= state.last_epoch:  # an older epoch judged late must not lower the bar
+            state.last_kl, state.last_epoch = kl, record.epoch
         self.vouched += 1
         logger.info("vouched for epoch %d of mission %s (KL %.4f, base %.4f)", record.epoch, mission.id[:12], kl,
                     state.base_kl)  # fmt: skip
@@ -197,9 +203,9 @@ class CheckpointVoucher(Service):
         path.write_text("".join(preference_json_line(r) for r in rows))
         return path
 
-    async def _kl(self, student: str, rows: Path, name: str) -> float:
-        """KL(teacher || student) on ``rows`` by ``garden eval`` in a child process (nice 19, idle I/O, one
-        thread)."""
+    async def _evaluate(self, student: str, rows: Path, name: str) -> dict[str, float]:
+        """KL(teacher || student), NLL, top-1 agreement and preference accuracy on ``rows`` (those measured, and
+        the rows' count) by ``garden eval`` in a child process (nice 19, idle I/O, one thread)."""
         out = rows.parent / f"{name}.json"
         out.unlink(missing_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -224,7 +230,7 @@ class CheckpointVoucher(Service):
             raise
         if process.returncode != 0:
             raise GardenError(f"garden eval of {name} failed: {err.decode(errors='replace')[-300:]}")
-        kl = json.loads(out.read_text()).get("kl")
-        if kl is None:
+        report = json.loads(out.read_text())
+        if report.get("kl") is None:
             raise GardenError(f"garden eval of {name} gave no KL (rows without the teacher's log-probs?)")
-        return float(kl)
+        return {k: float(report[k]) for k in FIGURES if isinstance(report.get(k), int | float)}

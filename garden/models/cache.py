@@ -10,6 +10,7 @@ share one conversion between many daemons that way).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ CACHE_ENV = "GARDEN_CACHE_DIR"
 """Where converted GGUF files go (``<dir>/gguf``)."""
 HUB_CACHE_ENV = "GARDEN_HUB_CACHE"
 """Where hub models are downloaded to; unset: the Hugging Face cache."""
+STUDENTS_ENV = "GARDEN_STUDENTS_DIR"
+"""Where a daemon notes which pulled checkpoint each ``mission:<id>`` model is (``<id>.json``); its worker
+processes inherit it, so a teacher or student named ``mission:<id>`` loads there too."""
 
 
 def cache_dir() -> Path:
@@ -38,6 +42,43 @@ def use_data_dir(models: Path) -> None:
     models.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault(CACHE_ENV, str(models))
     os.environ[HUB_CACHE_ENV] = str(models / "hub")
+    os.environ[STUDENTS_ENV] = str(models / "students")
+
+
+def student_dir(mission_id: str) -> Path | None:
+    """The directory a daemon pulled the swarm's model ``mission:<mission_id>`` into (every file checked), or
+    None when this machine does not have it."""
+    note = student_note(mission_id)
+    try:
+        path = Path(note["path"]) if note is not None else None
+    except (KeyError, TypeError):
+        return None
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
+def student_note(mission_id: str) -> dict | None:
+    """What :func:`note_student_dir` noted of ``mission:<mission_id>`` (path, epoch, manifest), or None."""
+    root = os.environ.get(STUDENTS_ENV)
+    if not root:
+        return None
+    try:
+        note = json.loads((Path(root) / f"{mission_id}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
+
+
+def note_student_dir(mission_id: str, path: Path, epoch: int, manifest_sha256: str) -> None:
+    """Note where ``mission:<mission_id>`` lives now (after its files were pulled and checked): ``path`` a
+    transformers directory, or a checkpoint holding one in ``model/`` (a trainer's own)."""
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"
+    root = Path(os.environ[STUDENTS_ENV])
+    root.mkdir(parents=True, exist_ok=True)
+    note = {"path": str(path), "epoch": epoch, "manifest_sha256": manifest_sha256}
+    staging = root / f".{mission_id}.json.partial"
+    staging.write_text(json.dumps(note))
+    os.replace(staging, root / f"{mission_id}.json")
 
 
 def hub_entry(hub_id: str, root: Path) -> Path:

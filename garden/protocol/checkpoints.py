@@ -38,6 +38,11 @@ CHECKPOINT_TTL = 7 * 24 * 3600.0
 _PATH = re.compile(r"^(model|adapter)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SUBKEY = re.compile(r"^(0|[1-9][0-9]{0,7}):([1-9A-HJ-NP-Za-km-z]{1,128})$")
 VOUCH_PREFIX = "vouch:"
+_MISSION_SUBKEY = re.compile(r"^[0-9a-f]{64}$")
+MAX_STUDENT_PARAMETERS = 10**12
+MAX_STUDENT_LAYERS = 1024
+STUDENT_TTL = 7 * 24 * 3600.0
+"""Seconds a published student stays in the DHT unless its lead renews it (a lead's daemon does, every period)."""
 _VOUCH_SUBKEY = re.compile(r"^vouch:(0|[1-9][0-9]{0,7}):([1-9A-HJ-NP-Za-km-z]{1,128})$")
 
 CheckpointPath = Annotated[str, StringConstraints(max_length=136)]
@@ -167,3 +172,55 @@ class CheckpointVouch(_SealedEntry):
 
 def is_vouch_subkey(subkey: object) -> bool:
     return isinstance(subkey, str) and subkey.startswith(VOUCH_PREFIX)
+
+
+class StudentRecord(_SealedEntry):
+    """A mission's student published as a model of the swarm (``mission:<mission id>``), under
+    ``<swarm>/students`` with the mission id as subkey, sealed by the mission's lead.
+
+    It names one vouched checkpoint (``epoch`` and ``manifest_sha256``: a peer that uses the model pulls exactly
+    those files from their holders and checks every hash) and what a user picks a model by: its base, size,
+    layers, tokenizer and evaluation. The seal proves only who published it; a reader takes it only when the
+    signer is the lead of the signed mission it names (the mission book knows), so nobody can publish a model in
+    another lead's mission."""
+
+    SUBKEY = _MISSION_SUBKEY
+    SUBKEY_FORM = "<mission id>"
+
+    v: int = Field(default=CHECKPOINT_RECORD_VERSION, ge=1)
+    mission_id: MissionId
+    peer_id: PeerId = Field(description="the mission's lead, who publishes")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    epoch: int = Field(ge=0, le=MAX_EPOCH)
+    manifest_sha256: Sha256Hex
+    size: int = Field(ge=0, le=MAX_CHECKPOINT_FILES * MAX_CHECKPOINT_FILE_BYTES, description="bytes of its files")
+    base: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
+        description="the model the student started from (the mission's student base)"
+    )
+    architecture: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    parameters: int = Field(ge=1, le=MAX_STUDENT_PARAMETERS)
+    layers: int = Field(ge=1, le=MAX_STUDENT_LAYERS)
+    tokenizer: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
+        description="the tokenizer's fingerprint (the teacher's, for a distilled student)"
+    )
+    metrics: dict[Annotated[str, StringConstraints(max_length=32)], float] = Field(default_factory=dict, max_length=16)
+    published: float = Field(ge=0.0)
+
+    @property
+    def subkey(self) -> str:
+        return self.mission_id
+
+    @property
+    def model(self) -> str:
+        """The model reference every peer names it by."""
+        return f"{STUDENT_SCHEME}{self.mission_id}"
+
+    def names(self, record: CheckpointRecord) -> bool:
+        """Whether ``record`` holds exactly the files this student is."""
+        return (record.mission_id, record.epoch, record.manifest_sha256) == (
+            self.mission_id, self.epoch, self.manifest_sha256,
+        )  # fmt: skip
+
+
+STUDENT_SCHEME = "mission:"
+"""The model reference scheme of a published student: ``mission:<mission id>``."""

@@ -42,6 +42,11 @@ class DHTKeys:
         return f"{self.swarm}/missions"
 
     @property
+    def students(self) -> str:
+        """Subkey = mission id; value = the lead's sealed ``StudentRecord`` (the mission's published student)."""
+        return f"{self.swarm}/students"
+
+    @property
     def models(self) -> str:
         """Subkey = ``"<peer id> <model ref>"``; value = a sealed ``BlocksRecord`` (every served range)."""
         return f"{self.swarm}/models"

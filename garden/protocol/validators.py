@@ -19,6 +19,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
+from garden.protocol.checkpoints import StudentRecord
 from garden.protocol.keys import DHTKeys
 from garden.protocol.mission import CANCEL_PREFIX, CancelRecord, SignedMission, open_any_cancel
 from garden.protocol.records import (
@@ -110,7 +111,9 @@ class MissionRecordValidator(CountingValidator):
     signed by that peer; nothing else. Whether the signer is the lead needs the mission, which readers
     check (:func:`open_cancel`); a stranger's cancel sits under its own subkey and is ignored. Under any
     key: a ``rows:<peer>`` subkey must hold that peer's signed
-    :class:`RowsAnnouncement`, stored under its mission's rows key.
+    :class:`RowsAnnouncement`, stored under its mission's rows key. Under ``<swarm>/students``: subkey = mission
+    id with a :class:`StudentRecord` of that mission, sealed by the peer it names (that it is the lead, readers
+    check against the mission).
     """
 
     what = "mission record"
@@ -119,6 +122,7 @@ class MissionRecordValidator(CountingValidator):
         super().__init__()
         self.keys = keys
         self._missions_key_id = key_id(keys.missions)
+        self._students_key_id = key_id(keys.students)
 
     def validate(self, record: DHTRecord) -> bool:
         try:
@@ -126,11 +130,14 @@ class MissionRecordValidator(CountingValidator):
         except Exception:  # not ours to judge (other validators may)
             subkey = None
         is_missions = record.key == self._missions_key_id
-        if not is_missions and not is_rows_subkey(subkey):
+        is_students = record.key == self._students_key_id
+        if not is_missions and not is_students and not is_rows_subkey(subkey):
             return True
         try:
             value = MSGPackSerializer.loads(record.value)
-            if is_missions:
+            if is_students:
+                StudentRecord.from_wire(value, subkey)
+            elif is_missions:
                 check_missions_entry(value, subkey)
             else:
                 announcement = RowsAnnouncement.from_wire(value, subkey)

@@ -169,4 +169,4 @@ def row_sets(daemon: Daemon, mission_id: str) -> dict[str, str | None]:
 
 def _all_done(daemon: Daemon, mission_id: str) -> bool:
     found = detail(daemon, mission_id) or {}
-    return found.get("state") == "done"
+    return found.get("state") in ("training", "trained", "published")

@@ -75,10 +75,15 @@ def detail(daemon: Daemon, mission_id: str) -> dict[str, Any] | None:
     return response.json() if response.status_code == 200 else None
 
 
+SHAKEN = ("training", "trained", "published")
+"""A mission's states once every shard is done."""
+
+
 def wait_done(daemon: Daemon, mission_id: str, timeout: float = MISSION_TIMEOUT) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         d = detail(daemon, mission_id)
-        return d if d is not None and d["state"] == "done" else None
+        # every shard done: the mission's life goes on to training (no trainer here: it stays there)
+        return d if d is not None and d["state"] in SHAKEN else None
 
     return wait_until(done, timeout, interval=1.0, message=f"mission done on {daemon.peer_id}")
 

@@ -84,7 +84,9 @@ def final_params(daemon: Daemon, mission_id: str) -> torch.Tensor:
 
 def publish_poisoned(root: Path, mission_id: str, student: Path, epoch: int) -> None:
     """A run directory under ``root`` (as a trainer's daemon keeps one) whose checkpoint of ``epoch`` holds
-    ``student``'s weights, poisoned (every parameter times -3)."""
+    ``student``'s weights, poisoned: every parameter times -3, and the final norm's times 1000, so that its answers
+    are confidently wrong (a tiny student's logits are near zero: sign and scale alone left it about as far from
+    the teacher as the trained one, within the lead's 10 % margin)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from garden.distill.checkpoints import RunDir
@@ -95,6 +97,7 @@ def publish_poisoned(root: Path, mission_id: str, student: Path, epoch: int) -> 
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(-3.0)
+        model.model.norm.weight.mul_(1000.0)
     run.save(epoch, model, tokenizer, {"step": epoch}, {"loss": 0.0}, keep=2)
 
 
@@ -169,6 +172,8 @@ def test_two_peers_shake_and_train_one_student(
     assert any(torch.equal(got, final_params(w, mission_id)) for w in writers)
     generated = garden_cli("generate", "--model", str(out), "--max-new-tokens", "4", "Hello")
     assert generated.returncode == 0, generated.stderr[-2000:]
+    # the student becomes the swarm's model; its server (which pulled it) announces its copy too
+    server = check_published_student(daemons, model_cache, a, b, other, mission_id, verified["vouch_metrics"])
 
     # a hostile trainer announces a poisoned checkpoint of the last epoch (its own files, which it serves): the
     # lead pulls it, finds it worse than the one it vouched for, and does not vouch; pulls still take the vouched
@@ -181,7 +186,7 @@ def test_two_peers_shake_and_train_one_student(
     try:
         wait_until(lambda: "is not vouched for" in a.stderr(), 180, 1.0, "the lead refused the poisoned checkpoint")
         listed = other.get(f"/missions/{mission_id}/checkpoints").json()
-        strangers = [c for c in listed if c["peer_id"] not in (a.peer_id, b.peer_id)]
+        strangers = [c for c in listed if c["peer_id"] not in (a.peer_id, b.peer_id, server.peer_id)]
         assert strangers and not any(c["verified"] for c in strangers), listed
         again = garden_cli("mission", "pull", mission_id[:12], "-o", str(tmp_path / "pulled-again"), "--url", other.url)
         assert again.returncode == 0, again.stdout + again.stderr
@@ -279,3 +284,51 @@ def _gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def check_published_student(
+    daemons: DaemonFactory, cache: Path, lead: Daemon, trainer: Daemon, other: Daemon, mission_id: str,
+    vouched: dict[str, float],
+) -> Daemon:  # fmt: skip
+    """The lead publishes the trained student as the swarm's model ``mission:<id>`` once it vouched for the last
+    epoch; a peer that never trained it serves it (pulled and checked on first use) and apps chat with it."""
+    model = f"mission:{mission_id}"
+
+    def listed() -> dict | None:
+        return next((m for m in other.get("/models").json() if m["model"] == model), None)
+
+    entry = wait_until(listed, 120, 1.0, "the lead published the student")
+    student = entry["student"]
+    assert student["lead"] == lead.peer_id and student["epoch"] == EPOCHS and student["name"] == "train-test"
+    assert student["layers"] == 2 and student["architecture"] == "LlamaForCausalLM" and student["parameters"] > 0
+    assert student["metrics"]["kl"] == vouched["kl"] and {"nll", "top1", "base_kl"} <= set(student["metrics"])
+    assert entry["servers"] == 0 and not entry["complete"] and entry["missing"] == [[0, 2]]  # nobody serves it yet
+    assert lead.get(f"/missions/{mission_id}").json()["state"] == "published"
+    assert lead.get("/missions").json()[0]["state"] == "published"
+    listing = garden_cli("models", "--url", other.url)
+    assert listing.returncode == 0 and f"mission:{mission_id[:12]}" in listing.stdout, listing.stdout
+    assert json.loads(garden_cli("models", "--json", "--url", other.url).stdout)[-1]["student"]["epoch"] == EPOCHS
+    # only the lead publishes; a name nobody published is a clear 404
+    assert trainer.request("POST", f"/missions/{mission_id}/promote").status_code == 403
+    assert other.request("POST", "/models/pull", json={"model": "mission:nope"}).status_code == 404
+
+    # a peer that never trained it serves it by a prefix of its id: pulled from the trainers, every file checked
+    server = start(daemons, cache, "--roles", "server", "--serve", f"mission:{mission_id[:10]}", join=lead)
+    wait_until(lambda: "for first use; every file's sha256 checked" in server.stderr(), 120, 1.0, "pulled")
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=other.url + "/v1", api_key="-", max_retries=0, timeout=120)
+    wait_until(lambda: model in [m.id for m in client.models.list().data], 120, 1.0, "served in /v1/models")
+    chat = client.chat.completions.create(
+        model="mission:train-test", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0
+    )  # by the mission's name
+    assert chat.model == model and chat.usage is not None and chat.usage.completion_tokens > 0
+    local = garden_cli("generate", "--model", f"mission:{mission_id[:12]}", "--url", other.url, "--max-new-tokens",
+                       "4", "Hello")  # fmt: skip
+    assert local.returncode == 0, local.stderr[-2000:]
+    try:
+        client.chat.completions.create(model="mission:nope", messages=[{"role": "user", "content": "Hi"}])
+        raise AssertionError("an unknown student answered")
+    except NotFoundError as e:
+        assert e.code == "model_not_found" and "no published student" in str(e)
+    return server

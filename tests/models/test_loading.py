@@ -28,6 +28,30 @@ def test_parse_references(tmp_path: Path) -> None:
     assert parse_model_ref(str(gguf)).kind == "gguf"
 
 
+def test_mission_references_load_where_the_daemon_pulled_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mission:<id>`` loads from the directory its daemon noted after pulling it; a prefix or a name only a
+    daemon can resolve, and a stranger's mission must name the whole id."""
+    from garden.models.cache import STUDENTS_ENV, note_student_dir, student_dir
+    from harness.trainers import make_tiny_student
+
+    mission_id = "ab" * 32
+    monkeypatch.setenv(STUDENTS_ENV, str(tmp_path / "students"))
+    assert parse_model_ref(f"mission:{mission_id}") == models.ModelRef("mission", mission_id)
+    assert str(parse_model_ref("mission:capitals")) == "mission:capitals"
+    with pytest.raises(ModelRefError, match="not on this machine"):
+        models.model_source(f"mission:{mission_id}")
+    assert models.model_disk_bytes(f"mission:{mission_id}") is None and student_dir(mission_id) is None
+    pulled = make_tiny_student(tmp_path / "checkpoint" / "model")  # as a trainer's own checkpoint holds it
+    note_student_dir(mission_id, pulled.parent, 2, "cd" * 32)
+    assert student_dir(mission_id) == pulled and models.model_source(f"mission:{mission_id}") == str(pulled)
+    assert models.model_disk_bytes(f"mission:{mission_id}") == 0
+    assert load_model(f"mission:{mission_id}").model.config.num_hidden_layers == 2
+    with pytest.raises(ModelRefError, match="not on this machine"):
+        models.model_source("mission:abab")  # a prefix: the daemon resolves it first
+    assert models.stranger_ref_problem(f"mission:{mission_id}") is None
+    assert "whole mission id" in (models.stranger_ref_problem("mission:abab") or "")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -37,6 +61,8 @@ def test_parse_references(tmp_path: Path) -> None:
         ("/nowhere/model.gguf", "does not exist"),
         ("./no/such/dir", "not a model directory"),
         ("", "empty"),
+        ("mission:", "mission:ID"),
+        ("mission:../../etc", "mission:ID"),
     ],
 )
 def test_bad_references_are_explained(text: str, message: str) -> None:

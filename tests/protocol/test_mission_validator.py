@@ -17,6 +17,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from garden.data import DEMO_PROMPTS, demo_prompts
 from garden.protocol import signing
+from garden.protocol.checkpoints import StudentRecord
 from garden.protocol.keys import DHTKeys
 from garden.protocol.mission import (
     CancelRecord,
@@ -162,3 +163,39 @@ def test_check_missions_entry(mission: SignedMission, lead: rsa.RSAPrivateKey) -
         check_missions_entry(mission.to_wire(), "cancel" + mid)
     with pytest.raises(RecordError):
         check_missions_entry(msgpack.packb({"b": b"", "k": b"", "s": b""}), mid)
+
+
+def student(key: rsa.RSAPrivateKey, mission_id: str, **changes: Any) -> StudentRecord:
+    fields: dict[str, Any] = {
+        "mission_id": mission_id, "peer_id": peer_id(key), "name": "capitals", "epoch": 2, "manifest_sha256": "cd" * 32,
+        "size": 1000, "base": "builtin:smollm2-135m", "architecture": "LlamaForCausalLM", "parameters": 1_000_000,
+        "layers": 2, "tokenizer": "0123456789abcdef", "metrics": {"kl": 1.5, "top1": 0.4}, "published": 1000.0,
+    } | changes  # fmt: skip
+    return StudentRecord.model_validate(fields)
+
+
+def test_published_students(mission: SignedMission, second: SignedMission, lead: rsa.RSAPrivateKey,
+                            other: rsa.RSAPrivateKey) -> None:  # fmt: skip
+    """Under ``<swarm>/students``: a student sealed by the peer it names, under its mission's id; whether that peer
+    is the mission's lead needs the mission, which readers check (``garden.mission.students``)."""
+    validator = MissionRecordValidator(KEYS)
+    mid = mission.mission_id
+    published = student(lead, mid)
+    assert StudentRecord.from_wire(published.to_wire(lead), mid) == published and published.model == f"mission:{mid}"
+    assert validator.validate(record(KEYS.students, mid, published.to_wire(lead)))
+    assert validator.validate(record(KEYS.students, mid, student(other, mid).to_wire(other)))  # readers drop it
+    bad = [
+        record(KEYS.students, second.mission_id, published.to_wire(lead)),  # under another mission's id
+        record(KEYS.students, "capitals", published.to_wire(lead)),
+        record(KEYS.students, mid, published.to_wire(other)),  # sealed by another key than the one it names
+        record(KEYS.students, mid, flip_signature(published.to_wire(lead))),
+        record(KEYS.students, mid, b"\xc1garbage"),
+        record(KEYS.students, mid, mission.to_wire()),  # a mission where a student belongs
+    ]
+    for i, rec in enumerate(bad):
+        assert not validator.validate(rec), f"forged student record {i} accepted"
+    assert validator.rejected == len(bad)
+    too_many = {str(i): 1.0 for i in range(17)}
+    for changes in ({"parameters": 0}, {"layers": 5000}, {"name": "Bad Name"}, {"metrics": too_many}):
+        with pytest.raises(ValueError):
+            student(lead, mid, **changes)

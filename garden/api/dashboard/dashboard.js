@@ -382,7 +382,7 @@
       ["created", fmtAgo(m.created)],
     ];
     if (detail) {
-      if (isNum(detail.eta_s) && m.state !== "done") meta.push(["ETA", fmtDuration(detail.eta_s)]);
+      if (isNum(detail.eta_s) && m.state === "shaking") meta.push(["ETA", fmtDuration(detail.eta_s)]);
       meta.push(["peers", fmtInt((detail.peers || []).length)]);
       const here = detail.this_peer || {};
       meta.push(["this peer", `${here.state || "—"}, ${plural(here.shards_shaken, "shard")}, ${plural(here.rows_shaken, "row")}`]);
@@ -394,6 +394,11 @@
         meta.push(["checked", text]);
       }
       if (detail.cancel_reason) meta.push(["cancelled", detail.cancel_reason]);
+      const student = detail.student;
+      if (student) {
+        const kl = student.metrics && isNum(student.metrics.kl) ? `, KL ${student.metrics.kl.toFixed(3)}` : "";
+        meta.push(["model", `mission:${String(student.mission_id).slice(0, 12)} (epoch ${fmtInt(student.epoch)}${kl})`]);
+      }
       if (train && train.error) meta.push(["error", train.error]);
     }
     parts.push(el("div", { class: "mission-meta" },
