@@ -3,9 +3,11 @@
 Three peers on 127.0.0.1 (their own data dirs, ``--max-threads 1`` each) form a new swarm; the first
 creates a mission that distils the built-in SmolLM2-135M into a 10-layer student on the built-in demo
 prompts; the swarm shakes the teacher, trains the student together (hivemind averaging), and
-checkpoints; the demo pulls the checkpoint through a peer, evaluates the student on the held-out
-prompts before and after (KL to the teacher), prints a sample answer, and stops every peer, on Ctrl+C
-too. It talks to the peers only through their HTTP ports and the ``garden`` CLI, as a user would.
+checkpoints; the demo pulls the checkpoint through a peer; the lead publishes the student as the swarm's
+model ``mission:<id>``, a fourth peer that never trained it serves it, the demo asks it through ``/v1``, rates
+the answer and exports the student to GGUF; it evaluates the student on the held-out prompts before and after
+(KL to the teacher), prints a sample answer, and stops every peer, on Ctrl+C too (``--keep``: after Ctrl+C).
+It talks to the peers only through their HTTP ports and the ``garden`` CLI, as a user would.
 
 Why these sizes: they finish in about 10 minutes on a 2-core machine (``--prompts`` and ``--epochs``
 make it longer and better).
@@ -43,6 +45,7 @@ class DemoSettings:
     http_port: int = 8765
     work_dir: Path | None = None
     timeout: float = 1800.0
+    keep: bool = False  # the swarm stays up after the demo, until Ctrl+C
 
 
 @dataclass
@@ -101,7 +104,7 @@ class Demo:
         self.base.mkdir(parents=True, exist_ok=True)
 
     # --- peers -------------------------------------------------------------------------------------
-    def start_peer(self, index: int) -> _Peer:
+    def start_peer(self, index: int, *extra: str) -> _Peer:
         name = f"peer{index + 1}"
         data_dir = self.base / name
         log = self.base / f"{name}.log"
@@ -109,7 +112,7 @@ class Demo:
         argv = [
             sys.executable, "-m", "garden", "run", "--data-dir", str(data_dir), "--http-port", str(port),
             "--host-maddr", "/ip4/127.0.0.1/tcp/0", "--max-threads", "1", "--announce-period", "2",
-            "--train-batch-size", "2",
+            "--train-batch-size", "2", *extra,
         ]  # fmt: skip
         if self.peers:
             argv += ["--join", self.peers[0].join_addr]
@@ -178,7 +181,9 @@ class Demo:
         if pulled.returncode != 0:
             raise RuntimeError(f"pulling the checkpoint failed: {pulled.stderr[-2000:]}")
         say(f"pulled the trained student into {out} (vouched for by the lead, every file's sha256 checked)")
-        self.stop()  # the evaluation wants the CPU
+        harvest = self.harvest(mission_id)
+        if not self.settings.keep:
+            self.stop()  # the evaluation wants the CPU
         say("evaluating on the held-out demo prompts (KL to the teacher, before and after)")
         before, after = evaluate_students([f"prune:{TEACHER}:layers={STUDENT_LAYERS}", str(out)])
         answer = _garden("generate", "--model", str(out), "--max-new-tokens", "24", SAMPLE_PROMPT)
@@ -194,6 +199,7 @@ class Demo:
             "sample_answer": answer.stdout.strip(),
             "sample_finish": _finish_reason(answer.stderr),
             "student": str(out),
+            **harvest,
         }
         say(f"held-out KL(teacher || student): {before.get('kl'):.3f} before -> {after.get('kl'):.3f} after")
         say(f"top-1 agreement with the teacher: {before.get('top1'):.3f} -> {after.get('top1'):.3f}")
@@ -202,6 +208,54 @@ class Demo:
         else:  # a student trained for a minute is still far from its teacher: it may end its turn at once
             say(f"the student ends its answer to {SAMPLE_PROMPT!r} at once (train longer: --epochs, --prompts)")
         return result
+
+    def harvest(self, mission_id: str) -> dict[str, Any]:
+        """The student as the swarm's model: published by the lead, served by a peer that never trained it, asked
+        through ``/v1`` and rated, and exported to GGUF for llama.cpp and Ollama."""
+        model, lead, asker = f"mission:{mission_id}", self.peers[0], self.peers[-1]
+        deadline = time.monotonic() + 300
+        while not any(m["model"] == model for m in httpx.get(f"{asker.url}/models", timeout=30).json()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the lead did not publish the student in 300 s; see {lead.log}")
+            time.sleep(1.0)
+        say(f"the lead published the student as the swarm's model {model[:20]}…: garden models --url {asker.url}")
+        server = self.start_peer(len(self.peers), "--roles", "server", "--serve", f"mission:{mission_id[:12]}")
+        say(f"  {server.name} ({server.url}), which never trained it, serves it (pulled and checked on first use)")
+        while not any(m["id"] == model for m in httpx.get(f"{asker.url}/v1/models", timeout=30).json()["data"]):
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} did not serve {model}; see {server.log}")
+            time.sleep(1.0)
+        body = {"model": f"mission:{mission_id[:12]}", "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": SAMPLE_PROMPT}]}  # fmt: skip
+        answer = httpx.post(f"{asker.url}/v1/chat/completions", json=body, timeout=300).json()
+        text = answer["choices"][0]["message"]["content"]
+        say(f"asked through the swarm (/v1, served by {server.name}): {text!r}")
+        rated = httpx.post(f"{asker.url}/v1/feedback", json={"id": answer["id"], "verdict": "accept"}, timeout=60)
+        say(f"rated it: accept ({rated.json().get('pairs')} pairs so far; garden feedback list --url {asker.url})")
+        gguf = self.base / "student-q8_0.gguf"
+        exported = _garden("export", f"mission:{mission_id[:12]}", "-o", str(gguf), "--quant", "q8_0", "--url",
+                           asker.url, timeout=1200)  # fmt: skip
+        if exported.returncode != 0:
+            raise RuntimeError(f"exporting the student failed: {exported.stderr[-2000:]}")
+        say(f"exported it for llama.cpp and Ollama: {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB; docs/export.md)")
+        return {"model": model, "swarm_answer": text, "answer_id": answer["id"], "gguf": str(gguf),
+                "gguf_bytes": gguf.stat().st_size}  # fmt: skip
+
+    def hold(self, mission_id: str) -> None:
+        """Keep the swarm up (``--keep``) until Ctrl+C, saying what to try."""
+        asker = self.peers[-2] if len(self.peers) > 1 else self.peers[0]
+        say("the swarm stays up; Ctrl+C stops every peer. Try, in another terminal:")
+        for line in (
+            f"garden models --url {asker.url}",
+            f"garden generate --swarm mission:{mission_id[:12]} \"What is the capital of Peru?\" --url {asker.url}",
+            f"garden feedback edit --text \"Lima.\" --url {asker.url}",
+            f"garden mission create --from-feedback all next.toml --url {asker.url}",
+            f"the dashboard, with its chat panel: {asker.url}/",
+        ):
+            say(f"  {line}")
+        while all(p.proc.poll() is None for p in self.peers):
+            time.sleep(1.0)
+        raise RuntimeError("a peer exited; see its log in " + str(self.base))
 
     def watch(self, mission_id: str, started: float) -> None:
         """Until every peer's trainer is done; a line every 10 s."""
@@ -280,7 +334,14 @@ def run_demo(settings: DemoSettings) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         result = demo.run()
+        (demo.base / "demo-result.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        if settings.keep:
+            demo.hold(result["mission_id"])
     except KeyboardInterrupt:
+        if settings.keep and (demo.base / "demo-result.json").is_file():
+            say("stopping the peers")
+            return 0
         say("interrupted: stopping the peers")
         return 130
     except (RuntimeError, OSError, httpx.HTTPError) as e:
@@ -288,7 +349,5 @@ def run_demo(settings: DemoSettings) -> int:
         return 1
     finally:
         demo.stop()
-    (demo.base / "demo-result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
     say(f"the peers' data dirs, logs and the student are kept in {demo.base} (delete it when done)")
     return 0

@@ -111,7 +111,59 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE row_sets ADD COLUMN won INTEGER NOT NULL DEFAULT 0;
         """,
     ),
+    Migration(
+        6,
+        "answers and feedback",
+        """
+        CREATE TABLE answers (
+            answer_id  TEXT PRIMARY KEY,
+            model      TEXT NOT NULL,
+            kind       TEXT NOT NULL,
+            request    TEXT NOT NULL,
+            prompt     TEXT NOT NULL,
+            text       TEXT NOT NULL,
+            redo_of    TEXT,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX answers_created_at ON answers (created_at);
+        CREATE TABLE feedback (
+            answer_id  TEXT PRIMARY KEY REFERENCES answers (answer_id) ON DELETE CASCADE,
+            verdict    TEXT NOT NULL,
+            text       TEXT,
+            created_at REAL NOT NULL
+        );
+        """,
+    ),
 )
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """An answer this peer gave its owner (``/v1``, ``garden generate``), kept so that the owner can rate it.
+
+    :param kind: ``chat`` (``request`` holds the messages) or ``text`` (a plain completion of ``prompt``)
+    :param request: what was asked, as JSON (messages or prompt, and the sampling): a redo asks it again
+    :param prompt: the last user message (``chat``) or the prompt: the prompt of a preference pair
+    :param redo_of: the answer this one replaces (the owner asked for a redo)
+    :param verdict: the owner's ``accept``, ``redo`` or ``edit``, None before any
+    :param edit: the owner's text for ``edit``
+    """
+
+    answer_id: str
+    model: str
+    kind: str
+    request: str
+    prompt: str
+    text: str
+    redo_of: str | None
+    created_at: float
+    verdict: str | None = None
+    edit: str | None = None
+    rated_at: float | None = None
+
+
+MAX_UNRATED_ANSWERS = 2000
+"""Answers without a verdict kept for rating; older ones go (rated answers stay until ``clear_feedback``)."""
 
 
 @dataclass(frozen=True)
@@ -439,6 +491,55 @@ class Store:
             out.setdefault(row["mission_id"], {})[row["metric"]] = row["value"]
         return out
 
+    # --- answers and the owner's feedback (migration 6) --------------------------------------------------
+    def add_answer(self, answer: StoredAnswer) -> None:
+        """Keep an answer for rating; the oldest unrated ones beyond :data:`MAX_UNRATED_ANSWERS` go."""
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO answers (answer_id, model, kind, request, prompt, text, redo_of, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (answer.answer_id, answer.model, answer.kind, answer.request, answer.prompt, answer.text,
+                 answer.redo_of, answer.created_at),
+            )  # fmt: skip
+            tx.execute(
+                "DELETE FROM answers WHERE answer_id IN (SELECT a.answer_id FROM answers a LEFT JOIN feedback f"
+                " ON f.answer_id = a.answer_id WHERE f.answer_id IS NULL ORDER BY a.created_at DESC LIMIT -1"
+                " OFFSET ?) AND answer_id NOT IN (SELECT redo_of FROM answers WHERE redo_of IS NOT NULL)",
+                (MAX_UNRATED_ANSWERS,),
+            )
+
+    def answer(self, answer_id: str) -> StoredAnswer | None:
+        found = self.query(f"{_ANSWERS} WHERE a.answer_id = ?", (answer_id,))
+        return _answer(found[0]) if found else None
+
+    def answers(self, limit: int = 50, rated: bool | None = None, model: str | None = None) -> list[StoredAnswer]:
+        """The newest answers first; ``rated`` True: only those with a verdict, False: only those without."""
+        where, params = [], []
+        if rated is not None:
+            where.append("f.verdict IS NOT NULL" if rated else "f.verdict IS NULL")
+        if model is not None:
+            where.append("a.model = ?")
+            params.append(model)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        found = self.query(f"{_ANSWERS}{clause} ORDER BY a.created_at DESC LIMIT ?", (*params, limit))
+        return [_answer(row) for row in found]
+
+    def rate(self, answer_id: str, verdict: str, edit: str | None = None) -> None:
+        """Record the owner's verdict on an answer (a later one replaces it)."""
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO feedback (answer_id, verdict, text, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(answer_id) DO UPDATE SET verdict = excluded.verdict, text = excluded.text,"
+                " created_at = excluded.created_at",
+                (answer_id, verdict, edit, time.time()),
+            )
+
+    def clear_feedback(self) -> int:
+        """Forget every answer and verdict; returns how many answers went."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM feedback")
+            return int(tx.execute("DELETE FROM answers").rowcount)
+
     def vacuum(self) -> None:
         """Give the pages SQLite freed back to the disk (rewrites the file: call it off the event loop)."""
         with self._lock:
@@ -529,6 +630,16 @@ class RowFeed:
 
     def close(self) -> None:
         self._db.close()
+
+
+_ANSWERS = (
+    "SELECT a.*, f.verdict AS verdict, f.text AS edit, f.created_at AS rated_at FROM answers a"
+    " LEFT JOIN feedback f ON f.answer_id = a.answer_id"
+)
+
+
+def _answer(row: sqlite3.Row) -> StoredAnswer:
+    return StoredAnswer(**{k: row[k] for k in row.keys()})
 
 
 class _Transaction:

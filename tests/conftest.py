@@ -99,13 +99,19 @@ def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
 
 @pytest.fixture(autouse=True)
 def _no_leaked_children() -> Iterator[None]:
-    """In-process hivemind DHTs (and their p2pd) started by a test must be gone when it ends."""
+    """In-process hivemind DHTs (and their p2pd) started by a test must be gone when it ends. A process started by
+    one that was already running (a module's daemon, which starts its sampling process when a test gives it a
+    mission) is that process's to stop, and the fixture that started it checks for orphans."""
     me = psutil.Process(os.getpid())
     before = {p.pid for p in me.children(recursive=True)}
     yield
     leaked = []
     for proc in me.children(recursive=True):
-        if proc.pid in before:
+        try:
+            ancestors = {parent.pid for parent in proc.parents()}
+        except psutil.Error:
+            continue
+        if proc.pid in before or ancestors & before:
             continue
         try:
             proc.wait(timeout=5)

@@ -34,6 +34,12 @@ def test_the_demo_trains_a_student_closer_to_the_teacher(tmp_path: Path, model_c
     # (in one of six runs of this small demo, its first token was already the end of its turn)
     assert result["sample_finish"] in ("stop", "length") and isinstance(result["sample_answer"], str), result
     assert (work / "student" / "model.safetensors").is_file()
+    # the harvest: published as mission:<id>, served by a peer that never trained it, asked through /v1, rated,
+    # exported to one GGUF file
+    assert result["model"] == f"mission:{result['mission_id']}" and result["answer_id"].startswith("chatcmpl-")
+    assert "published the student" in done.stdout and "rated it: accept" in done.stdout
+    gguf = Path(result["gguf"])
+    assert gguf.read_bytes()[:4] == b"GGUF" and result["gguf_bytes"] == gguf.stat().st_size > 10_000_000
     leftovers = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])

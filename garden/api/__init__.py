@@ -5,7 +5,8 @@
 - ``guard``: the port answers only its owner (Host check, no state changes from other origins, the token)
 - ``limits``: the cap on request bodies (413)
 - ``missions``: ``/missions`` (launch, list, inspect, export, pull, promote, cancel)
-- ``openai``: ``/v1``, the OpenAI-compatible part
+- ``openai``: ``/v1``, the OpenAI-compatible part, with ``/v1/feedback``
+- ``feedback``: ``/feedback``: the answers kept for rating, the pairs, the prompts for the next mission
 - ``control``: the owner's ``/pause``, ``/resume`` and ``/contribution``
 - ``metrics``: Prometheus ``/metrics``, collected at scrape time
 - ``dashboard``: the page at ``/`` and its files

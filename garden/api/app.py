@@ -26,6 +26,7 @@ from garden.host.disk import DiskSnapshot
 from garden.host.governor import GovernorSnapshot
 from garden.api.control import make_control_router
 from garden.api.dashboard import make_dashboard_router
+from garden.api.feedback import make_feedback_router
 from garden.api.missions import make_missions_router
 from garden.api.models import make_models_router
 from garden.api.openai import install_openai_errors, make_openai_router
@@ -140,7 +141,8 @@ def create_app(gardener: Gardener) -> FastAPI:
         gardener.missions, gardener.work, gardener.training, gardener.checkpoints, gardener.students
     ))  # fmt: skip
     app.include_router(make_control_router(governor, ledger, settings.pause_serving))
-    app.include_router(make_openai_router(gardener.inference))
+    app.include_router(make_openai_router(gardener.inference, gardener.feedback))
+    app.include_router(make_feedback_router(gardener.feedback))
     install_openai_errors(app)
     app.include_router(make_dashboard_router())
     app.add_middleware(BodyLimit, max_bytes=int(settings.http_max_body))

@@ -71,6 +71,7 @@ def student_model(student: Student) -> StudentModel:
     r = student.record
     return StudentModel(
         model=r.model, mission_id=r.mission_id, name=r.name, lead=r.peer_id, trusted=student.trusted, epoch=r.epoch,
+        manifest_sha256=r.manifest_sha256,
         base=r.base, architecture=r.architecture, parameters=r.parameters, layers=r.layers, tokenizer=r.tokenizer,
         size=r.size, metrics=dict(r.metrics), published=r.published,
         local_path=str(student.local) if student.local is not None else None,

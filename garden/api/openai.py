@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -32,7 +33,8 @@ from garden.inference.client import GenerationStats, SamplingConfig
 from garden.inference.route import CoverageError
 from garden.inference.service import InferenceService
 from garden.protocol.inference_rpc import ERROR_BUSY, BlocksRpcError
-from garden.errors import GardenError
+from garden.errors import Conflict, GardenError, NotFound
+from garden.mission.feedback import MAX_EDIT_CHARS, Feedback
 from garden.models.loading import ModelRefError
 
 logger = logging.getLogger(__name__)
@@ -109,8 +111,33 @@ def _usage(stats: GenerationStats) -> dict[str, int]:
     }  # fmt: skip
 
 
-def make_openai_router(inference: InferenceService) -> APIRouter:
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: the owner's verdict on an answer (its completion id)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=80, description="the completion's id (chatcmpl-..., cmpl-...)")
+    verdict: Literal["accept", "redo", "edit"]
+    text: str | None = Field(None, max_length=MAX_EDIT_CHARS, description="the edited answer (edit only)")
+
+
+REDO_TEMPERATURE = 0.8
+"""The temperature of a redo of a greedy answer (temperature 0): a new seed alone would give the same answer."""
+
+
+def make_openai_router(inference: InferenceService, feedback: Feedback) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
+
+    def keeper(model: str, kind: str, body: _Sampling, redo_of: str | None) -> Callable[[str, str], None]:
+        """What keeps an answer once it is whole, for the owner to rate (``POST /v1/feedback``)."""
+        request = body.model_dump(mode="json", exclude_none=True, exclude={"stream", "stream_options"})
+
+        def keep(answer_id: str, text: str) -> None:
+            try:
+                feedback.keep(model, kind, request, text, answer_id=answer_id, redo_of=redo_of)
+            except Exception as e:  # noqa: BLE001 - the answer was given; failing to keep it must not fail it
+                logger.warning("could not keep answer %s for feedback: %s", answer_id, e)
+
+        return keep
 
     @router.get("/models")
     async def list_models() -> JSONResponse:
@@ -150,7 +177,11 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
-        """A chat answer; ``stream: true`` sends it as server-sent ``chat.completion.chunk`` events."""
+        """A chat answer; ``stream: true`` sends it as server-sent ``chat.completion.chunk`` events. Its id is
+        what ``POST /v1/feedback`` rates."""
+        return await chat(body)
+
+    async def chat(body: ChatCompletionRequest, redo_of: str | None = None) -> Any:
         model, generator = await generator_for(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         _check_chars(sum(len(m["content"]) for m in messages), generator, model, "messages")
@@ -164,18 +195,47 @@ def make_openai_router(inference: InferenceService) -> APIRouter:
             raise OpenAIError(400, message, param="messages") from None
         ids = list(encoded["input_ids"])
         sampling = _sampling(body, body.max_completion_tokens or body.max_tokens or 1024)
-        return await _answer(generator, ids, sampling, body, model, chat=True)
+        return await _answer(generator, ids, sampling, body, model, True, keeper(model, "chat", body, redo_of))
 
     @router.post("/completions")
     async def completions(body: CompletionRequest) -> Any:
         """A plain text continuation of ``prompt`` (no chat template)."""
+        return await complete(body)
+
+    async def complete(body: CompletionRequest, redo_of: str | None = None) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise OpenAIError(400, "one prompt per request", param="prompt")
         model, generator = await generator_for(body.model)
         _check_chars(len(prompts[0]), generator, model, "prompt")
         ids = list((await asyncio.to_thread(generator.ends.tokenizer, prompts[0]))["input_ids"])
-        return await _answer(generator, ids, _sampling(body, body.max_tokens), body, model, chat=False)
+        keep = keeper(model, "text", body, redo_of)
+        return await _answer(generator, ids, _sampling(body, body.max_tokens), body, model, False, keep)
+
+    @router.post("/feedback")
+    async def rate(body: FeedbackRequest) -> Any:
+        """The owner's verdict on an answer: *accept* keeps it as chosen, *edit* keeps ``text`` as chosen and the
+        answer as rejected, *redo* marks it rejected and answers the same request again with a new seed (that
+        answer, under ``completion``, can be rated in turn). Answers and verdicts stay on this machine."""
+        try:
+            answer = await asyncio.to_thread(feedback.rate, body.id, body.verdict, body.text)
+        except NotFound as e:
+            raise OpenAIError(404, str(e), code="answer_not_found", param="id") from None
+        except Conflict as e:
+            raise OpenAIError(400, str(e), param="text") from None
+        result: dict[str, Any] = {"object": "feedback", "id": answer.answer_id, "verdict": body.verdict}
+        if body.verdict == "redo":
+            request = feedback.request(answer)
+            request["seed"] = secrets.randbelow(2**31)
+            if float(request.get("temperature", 1.0)) == 0.0:
+                request["temperature"] = REDO_TEMPERATURE
+            if answer.kind == "chat":
+                again = await chat(ChatCompletionRequest.model_validate(request), redo_of=answer.answer_id)
+            else:
+                again = await complete(CompletionRequest.model_validate(request), redo_of=answer.answer_id)
+            result["completion"] = again
+        result["pairs"] = len(await asyncio.to_thread(feedback.pairs))
+        return result
 
     return router
 
@@ -194,7 +254,7 @@ def _check_chars(chars: int, generator: Any, model: str, param: str) -> None:
 
 
 async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body: _Sampling, model: str,
-                  chat: bool) -> Any:  # fmt: skip
+                  chat: bool, keep: Callable[[str, str], None]) -> Any:  # fmt: skip
     if len(ids) >= generator.context:
         raise OpenAIError(400, f"the prompt is {len(ids)} tokens; {model} has a {generator.context}-token context")
     created, cid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -212,7 +272,8 @@ async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body
         )
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": cid, "object": obj, "created": created, "model": model}
-        return JSONResponse(head | {"choices": [choice], "usage": _usage(stats)})
+        await asyncio.to_thread(keep, cid, text)
+        return head | {"choices": [choice], "usage": _usage(stats)}
     # the first piece (or failure) comes before the response starts: an error is then still a status code
     try:
         first = await anext(pieces, None)
@@ -220,14 +281,15 @@ async def _answer(generator: Any, ids: list[int], sampling: SamplingConfig, body
         raise _generation_error(e) from None
     include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
     return StreamingResponse(
-        _events(first, pieces, stats, cid, created, model, chat, include_usage),
+        _events(first, pieces, stats, cid, created, model, chat, include_usage, keep),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
 
 
 async def _events(first: str | None, rest: AsyncIterator[str], stats: GenerationStats, cid: str, created: int,
-                  model: str, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:  # fmt: skip
+                  model: str, chat: bool, include_usage: bool,
+                  keep: Callable[[str, str], None]) -> AsyncIterator[bytes]:  # fmt: skip
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
@@ -244,11 +306,14 @@ async def _events(first: str | None, rest: AsyncIterator[str], stats: Generation
 
     if chat:
         yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    whole = [first or ""]
     try:
         if first:
             yield piece(first)
         async for text in rest:
+            whole.append(text)
             yield piece(text)
+        await asyncio.to_thread(keep, cid, "".join(whole))
         yield piece("", stats.finish_reason)
         if include_usage:
             yield event(None, _usage(stats))  # OpenAI's last chunk: no choices, the usage

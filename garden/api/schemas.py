@@ -182,6 +182,7 @@ class StudentModel(BaseModel):
     lead: str = Field(description="the lead's peer id, who published it")
     trusted: bool = Field(description="whether this peer works for its lead (--trust-lead; true without it)")
     epoch: int = Field(description="the checkpoint published (the lead vouched for it)")
+    manifest_sha256: str = Field(description="the hash of its files' list: exactly these files are pulled")
     base: str = Field(description="the model the student started from")
     architecture: str
     parameters: int

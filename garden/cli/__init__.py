@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from garden.cli import control, demo, logs, mission, models, peer, pipeline, service  # noqa: F401  (the subcommands)
+from garden.cli import control, demo, feedback, logs, mission, models, peer, pipeline, service  # noqa: F401
 from garden.cli.common import EXIT_CONFIG, EXIT_NO_DAEMON, app
 
 __all__ = ["EXIT_CONFIG", "EXIT_NO_DAEMON", "app", "main"]

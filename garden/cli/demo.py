@@ -19,9 +19,13 @@ def demo(
     work_dir: Path | None = typer.Option(
         None, "--dir", help="Where the peers' data dirs go (default: a new temp dir)."
     ),
+    keep: bool = typer.Option(False, "--keep", help="Keep the swarm up afterwards (Ctrl+C stops it): chat with the "
+                              "student, rate answers, start the next mission."),  # fmt: skip
 ) -> None:
     """Start a local swarm, distil the built-in model into a 10-layer student together (shake, train,
-    checkpoint), pull it, and show held-out KL before and after; every peer is stopped at the end."""
+    checkpoint), pull it, see it published as the swarm's model, served by a peer that never trained it, asked
+    and rated through /v1 and exported to GGUF, and show held-out KL before and after; every peer is stopped at
+    the end (unless --keep)."""
     import os
 
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
@@ -29,6 +33,6 @@ def demo(
 
     settings = DemoSettings(
         peers=peers, prompts=prompts, epochs=epochs, target_batch_size=target_batch_size, http_port=http_port,
-        work_dir=work_dir,
+        work_dir=work_dir, keep=keep,
     )  # fmt: skip
     raise typer.Exit(run_demo(settings))

@@ -26,6 +26,12 @@ AS_JSON = typer.Option(False, "--json", help="Print the raw JSON.")
 @mission_app.command("create")
 def create(
     file: Path = typer.Argument(..., help="The mission file (mission.toml; keys: docs/missions.md)."),
+    from_feedback: str | None = typer.Option(
+        None, "--from-feedback", metavar="FILTER",
+        help="The prompts are your rated answers' (garden feedback), with your accepted or edited answers as "
+        "references: 'all', or 'model=REF' for one model's answers. You confirm which prompts leave this machine.",
+    ),  # fmt: skip
+    yes: bool = typer.Option(False, "--yes", help="With --from-feedback: do not ask before the prompts leave."),
     url: str | None = URL,
     data_dir: Path | None = DATA_DIR,
     config: Path | None = CONFIG,
@@ -34,15 +40,24 @@ def create(
     """Validate a mission file, have the local peer sign and publish it; prints the mission id."""
     from garden.data import DEMO_PROMPTS, demo_prompts
     from garden.protocol.mission import MissionSpecError, load_mission_toml
+    from garden.protocol.rows import PromptRow
 
+    base = daemon_url(url, data_dir, config)
+    prompts = None
+    if from_feedback is not None:
+        prompts = [PromptRow.model_validate(r) for r in _feedback_prompts(base, from_feedback)]
+        if prompts and not yes:
+            _show_leaving(prompts)
+            question = f"these {len(prompts)} prompts and your answers leave this machine with the mission; go on?"
+            if not typer.confirm(question):
+                raise fail("no mission created")
     try:
-        draft = load_mission_toml(file, {DEMO_PROMPTS: demo_prompts})
+        draft = load_mission_toml(file, {DEMO_PROMPTS: demo_prompts}, prompts=prompts)
     except MissionSpecError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     body: dict[str, Any] = {"spec": draft.spec.model_dump(mode="json", by_alias=True)}
     if not draft.spec.prompts.startswith("builtin:"):
         body["prompts"] = [p.model_dump(mode="json", exclude_defaults=True) for p in draft.prompts]
-    base = daemon_url(url, data_dir, config)
     created = call_daemon("POST", base, "/missions", ok=(201,), timeout=60, json=body).json()
     if as_json:
         print(json.dumps(created, indent=2))
@@ -53,6 +68,26 @@ def create(
     )
     print(created["id"])
     console.print(f"watch it: garden mission show {created['id'][:12]}   or   {base}/missions/{created['id']}")
+
+
+def _feedback_prompts(base: str, selection: str) -> list[dict[str, Any]]:
+    """The rated prompts with their chosen answers, of every model (``all``) or one (``model=REF``)."""
+    if selection == "all":
+        params = {}
+    elif selection.startswith("model=") and len(selection) > len("model="):
+        params = {"model": selection.removeprefix("model=")}
+    else:
+        raise fail(f"--from-feedback {selection!r}: use 'all' or 'model=REF'", EXIT_CONFIG)
+    return list(call_daemon("GET", base, "/feedback/prompts", params=params).json())
+
+
+def _show_leaving(prompts: list[Any]) -> None:
+    table = Table(title="what leaves this machine (signed into the mission, fetched by every peer)")
+    table.add_column("prompt", overflow="ellipsis", max_width=60)
+    table.add_column("reference (your answer)", overflow="ellipsis", max_width=60)
+    for row in prompts:
+        table.add_row(row.prompt, row.reference or "")
+    console.print(table)
 
 
 @mission_app.command("list")

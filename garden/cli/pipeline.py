@@ -396,6 +396,27 @@ def generate(
         f"prompt {result.prompt_tokens} tokens); {result.finish_reason}",
         markup=False,
     )
+    kept = keep_answer(url, data_dir, {
+        "model": model, "prompt": prompt, "system": system, "text": result.text, "max_tokens": max_new_tokens,
+        "temperature": temperature, "top_p": top_p, "seed": seed,
+    })  # fmt: skip
+    if kept:
+        say.print(f"rate it: garden feedback accept|redo|edit {kept}", markup=False, soft_wrap=True)
+
+
+def keep_answer(url: str | None, data_dir: Path | None, answer: dict[str, Any]) -> str | None:
+    """Have the local peer keep a locally generated answer for rating (``garden feedback``); its id, or None
+    when no peer runs here (the answer was printed all the same)."""
+    import httpx
+
+    from garden.cli.common import auth_headers, daemon_url
+
+    try:
+        base = daemon_url(url, data_dir, None)
+        response = httpx.post(f"{base}/feedback/answers", json=answer, headers=auth_headers(base), timeout=5)
+    except (httpx.HTTPError, typer.Exit):
+        return None
+    return str(response.json()["id"]) if response.status_code == 201 else None
 
 
 @app.command("export")

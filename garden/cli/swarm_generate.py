@@ -16,7 +16,7 @@ def stream_from_daemon(url: str, body: dict[str, Any], say: Console) -> None:
     """Print the answer's pieces on stdout as they come; a one-line error (exit 1) when the peer refuses."""
     import httpx
 
-    started, first, usage = time.monotonic(), None, None
+    started, first, usage, answer_id = time.monotonic(), None, None, None
     request = body | {"stream": True, "stream_options": {"include_usage": True}}
     try:
         with httpx.stream(
@@ -34,6 +34,7 @@ def stream_from_daemon(url: str, body: dict[str, Any], say: Console) -> None:
                     print(flush=True)
                     raise fail(f"generation failed: {event['error'].get('message')}")
                 usage = event.get("usage") or usage
+                answer_id = event.get("id") or answer_id
                 for choice in event.get("choices", []):
                     text = choice.get("delta", {}).get("content")
                     if text:
@@ -52,6 +53,8 @@ def stream_from_daemon(url: str, body: dict[str, Any], say: Console) -> None:
         ttft = f", first token after {first - started:.2f} s" if first else ""
         rate = f"{tokens / seconds:.1f} tokens/s{ttft}"
         say.print(f"{tokens} tokens in {seconds:.1f} s ({rate}) via the swarm", markup=False)
+    if answer_id:
+        say.print(f"rate it: garden feedback accept|redo|edit {answer_id}", markup=False, soft_wrap=True)
 
 
 def _message(text: str) -> str:

@@ -47,6 +47,7 @@ from garden.store import Store
 from garden.mission.leases import LeaseConfig, LeaseManager
 from garden.mission.shaking import MissionWork, WorkConfig
 from garden.mission.checkpoints import CheckpointSharing
+from garden.mission.feedback import Feedback
 from garden.mission.students import SwarmStudents
 from garden.mission.vouching import CheckpointVoucher
 from garden.mission.training import TrainingConfig, TrainingWork
@@ -182,6 +183,7 @@ class Gardener:
             train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
         )  # fmt: skip
         self.disk = DiskKeeper(self.data_dir.root, settings.max_disk, self.store, self.missions, self.checkpoints)
+        self.feedback = Feedback(self.store)  # the owner's ratings of the answers they got (never leave here)
         self.students = SwarmStudents(
             self.missions, self.checkpoints, swarm, keys, identity.private_key, self.data_dir.root / "students",
             period=period,

@@ -9,4 +9,5 @@
 - ``checkpoints``: the trainers' checkpoints announced, served and pulled
 - ``vouching``: the lead's countersignature on its missions' checkpoints
 - ``students``: a mission's student published as the swarm's model ``mission:<id>``, listed, pulled on first use
+- ``feedback``: the owner's accept / redo / edit of the answers they got, as preference pairs and prompts
 """

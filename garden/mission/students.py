@@ -5,7 +5,8 @@
   model by (architecture, parameters, layers, tokenizer) and signs a :class:`StudentRecord` under
   ``<swarm>/students`` with its evaluation (the vouch's figures). The record is kept in the data dir
   (``<data dir>/students/<id>.record``) and renewed every :data:`RENEW_S`, so a lead that restarts keeps
-  publishing what it published.
+  publishing what it published. Each publisher has a subkey of its own (``<mission id>:<peer id>``), so a
+  stranger's record cannot take the lead's place in the DHT.
 * **list** (every peer): the records under ``<swarm>/students`` that are sealed by the lead of a mission this
   peer knows (the mission book holds the signed missions), for a checkpoint no later than its ``max_epochs``.
   A stranger's record for another lead's mission, or for a mission nobody here knows, is dropped and counted.
@@ -75,6 +76,7 @@ class SwarmStudents(Service):
         self.invalid_records = 0
         self._renewed: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._warned: set[str] = set()
 
     # --- the lead: publishing ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,7 +151,7 @@ class SwarmStudents(Service):
         """What this peer published for ``mission_id`` (kept in its data dir), or None."""
         try:
             raw = (self.root / f"{mission_id}.record").read_bytes()
-            return StudentRecord.from_wire(raw, mission_id)
+            return StudentRecord.from_wire(raw, f"{mission_id}:{self.sharing.peer_id}")
         except (OSError, RecordError):
             return None
 
@@ -174,7 +176,9 @@ class SwarmStudents(Service):
                 self._check(record)
             except RecordError as e:
                 self.invalid_records += 1
-                logger.warning("ignored a student record under %r: %s", str(subkey)[:80], e)
+                if str(subkey) not in self._warned:  # read at every listing: said once
+                    self._warned.add(str(subkey)[:200])
+                    logger.warning("ignored a student record under %r: %s", str(subkey)[:80], e)
                 continue
             records[record.mission_id] = record
         for mission in self.book.missions.values():  # what this lead published, even while the DHT is away

@@ -38,7 +38,7 @@ CHECKPOINT_TTL = 7 * 24 * 3600.0
 _PATH = re.compile(r"^(model|adapter)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SUBKEY = re.compile(r"^(0|[1-9][0-9]{0,7}):([1-9A-HJ-NP-Za-km-z]{1,128})$")
 VOUCH_PREFIX = "vouch:"
-_MISSION_SUBKEY = re.compile(r"^[0-9a-f]{64}$")
+_STUDENT_SUBKEY = re.compile(r"^[0-9a-f]{64}:[1-9A-HJ-NP-Za-km-z]{1,128}$")
 MAX_STUDENT_PARAMETERS = 10**12
 MAX_STUDENT_LAYERS = 1024
 STUDENT_TTL = 7 * 24 * 3600.0
@@ -176,7 +176,9 @@ def is_vouch_subkey(subkey: object) -> bool:
 
 class StudentRecord(_SealedEntry):
     """A mission's student published as a model of the swarm (``mission:<mission id>``), under
-    ``<swarm>/students`` with the mission id as subkey, sealed by the mission's lead.
+    ``<swarm>/students`` with the subkey ``<mission id>:<publisher>``, sealed by the publisher, which counts only
+    when it is the mission's lead. One slot per publisher: a stranger's record sits beside the lead's and cannot
+    displace it.
 
     It names one vouched checkpoint (``epoch`` and ``manifest_sha256``: a peer that uses the model pulls exactly
     those files from their holders and checks every hash) and what a user picks a model by: its base, size,
@@ -184,8 +186,8 @@ class StudentRecord(_SealedEntry):
     signer is the lead of the signed mission it names (the mission book knows), so nobody can publish a model in
     another lead's mission."""
 
-    SUBKEY = _MISSION_SUBKEY
-    SUBKEY_FORM = "<mission id>"
+    SUBKEY = _STUDENT_SUBKEY
+    SUBKEY_FORM = "<mission id>:<peer id>"
 
     v: int = Field(default=CHECKPOINT_RECORD_VERSION, ge=1)
     mission_id: MissionId
@@ -208,7 +210,7 @@ class StudentRecord(_SealedEntry):
 
     @property
     def subkey(self) -> str:
-        return self.mission_id
+        return f"{self.mission_id}:{self.peer_id}"
 
     @property
     def model(self) -> str:

@@ -43,7 +43,8 @@ class DHTKeys:
 
     @property
     def students(self) -> str:
-        """Subkey = mission id; value = the lead's sealed ``StudentRecord`` (the mission's published student)."""
+        """Subkey = ``<mission id>:<publisher>``; value = its sealed ``StudentRecord`` (a mission's published student:
+        the lead's counts)."""
         return f"{self.swarm}/students"
 
     @property

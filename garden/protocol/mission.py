@@ -148,11 +148,14 @@ class MissionDraft:
         return count_shards(len(self.prompts), self.spec.shard_size)
 
 
-def load_mission_toml(path: Path | str, builtin_prompts: BuiltinPrompts | None = None) -> MissionDraft:
+def load_mission_toml(
+    path: Path | str, builtin_prompts: BuiltinPrompts | None = None, prompts: Sequence[PromptRow] | None = None
+) -> MissionDraft:
     """Read, validate and resolve a mission file; raises only ``MissionSpecError``, naming the file and key.
 
     ``prompts`` is a JSONL file of prompt rows (a relative path is relative to the TOML file, not to the
-    working directory) or the name of a built-in set, looked up in ``builtin_prompts``.
+    working directory) or the name of a built-in set, looked up in ``builtin_prompts``. Given ``prompts`` (the
+    owner's feedback), those are the mission's and the file's ``prompts`` key says ``feedback``.
     """
     path = Path(path)
     try:
@@ -164,11 +167,21 @@ def load_mission_toml(path: Path | str, builtin_prompts: BuiltinPrompts | None =
         raise MissionSpecError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise MissionSpecError(f"{path}: not UTF-8: {e.reason}") from None
+    if prompts is not None:
+        data["prompts"] = FEEDBACK_PROMPTS
     try:
         spec = MissionSpec.model_validate(data)
     except ValidationError as e:
         raise MissionSpecError(f"{path}: {describe_spec_error(e)}") from None
+    if prompts is not None:
+        if not prompts:
+            raise MissionSpecError(f"{path}: no prompts: the feedback holds no accepted or edited answer")
+        return MissionDraft(spec=spec, prompts=tuple(prompts), source=path)
     return MissionDraft(spec=spec, prompts=tuple(_resolve_prompts(path, spec.prompts, builtin_prompts)), source=path)
+
+
+FEEDBACK_PROMPTS = "feedback"
+"""A mission's ``prompts`` when they are its lead's feedback (``garden mission create --from-feedback``)."""
 
 
 def _resolve_prompts(toml_path: Path, ref: str, builtin: BuiltinPrompts | None) -> Sequence[PromptRow]:

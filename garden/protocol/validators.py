@@ -111,9 +111,9 @@ class MissionRecordValidator(CountingValidator):
     signed by that peer; nothing else. Whether the signer is the lead needs the mission, which readers
     check (:func:`open_cancel`); a stranger's cancel sits under its own subkey and is ignored. Under any
     key: a ``rows:<peer>`` subkey must hold that peer's signed
-    :class:`RowsAnnouncement`, stored under its mission's rows key. Under ``<swarm>/students``: subkey = mission
-    id with a :class:`StudentRecord` of that mission, sealed by the peer it names (that it is the lead, readers
-    check against the mission).
+    :class:`RowsAnnouncement`, stored under its mission's rows key. Under ``<swarm>/students``: subkey =
+    ``<mission id>:<peer id>`` with a :class:`StudentRecord` of that mission sealed by that peer (that it is the
+    lead, readers check against the mission).
     """
 
     what = "mission record"

@@ -9,6 +9,7 @@ The browser is Debian's ``chromium`` driven by playwright's sync API (``make ins
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -114,6 +115,11 @@ def _mission_body() -> dict[str, Any]:
 HOSTILE_MODEL = "<img src=x onerror=alert(1)>evil/model"
 
 
+def SWARM_MODELS(url: str) -> bool:  # noqa: N802 (a route pattern, named as one)
+    """``/models`` (made up below), not ``/v1/models``: the chat panel asks the model the peer really serves."""
+    return url.endswith("/models") and "/v1/" not in url
+
+
 def _training(now: float) -> dict[str, Any]:
     history = [
         {"t": now - 600 + 15 * i, "epoch": i // 8, "samples": 32 * i,
@@ -141,7 +147,8 @@ def test_dashboard_in_a_browser(daemons: DaemonFactory, model_cache: Path, tmp_p
 
     converted_gguf(builtin_gguf("smollm2-135m"))  # once per run, shared with the daemon through the cache
     env = {"GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1"}
-    daemon = daemons.start("--roles", "shaker", "--max-threads", "1", env=env)
+    # it serves the built-in model whole, so that the chat panel asks a real model of the swarm
+    daemon = daemons.start("--roles", "shaker,server", "--serve", TEACHER, "--max-threads", "1", env=env)
     created = daemon.request("POST", "/missions", json=_mission_body())
     assert created.status_code == 201, created.text
     mission_id = created.json()["id"]
@@ -162,7 +169,7 @@ def test_dashboard_in_a_browser(daemons: DaemonFactory, model_cache: Path, tmp_p
                 route.fulfill(response=real, json=real.json() | {"train": _training(time.time())})
 
             page.route(f"**/missions/{mission_id}", with_training)
-            page.route("**/models", lambda route: route.fulfill(json=MODELS))
+            page.route(SWARM_MODELS, lambda route: route.fulfill(json=MODELS))
             page.goto(daemon.url + "/")
 
             page.wait_for_function(
@@ -187,6 +194,28 @@ def test_dashboard_in_a_browser(daemons: DaemonFactory, model_cache: Path, tmp_p
             page.locator("#peers tr.self").wait_for()
             assert peer_id in (page.locator("#peers tr.self td").first.get_attribute("title") or "")
 
+            # the chat panel: ask the model the peer serves, redo the answer, edit the new one: a pair is counted
+            page.locator("#chat-model option", has_text=TEACHER).wait_for(state="attached", timeout=120_000)
+            page.fill("#chat-input", "What is the capital of France?")
+            page.click("#chat-ask")
+            page.locator("#chat-rate").wait_for(timeout=120_000)
+            first = daemon.get("/feedback").json()[0]
+            assert page.locator("#chat-answer").text_content() == (first["text"] or "(an empty answer)")
+            page.click("#chat-redo")
+            page.wait_for_function("document.getElementById('chat-pairs').textContent.startsWith('rejected')",
+                                   timeout=120_000)  # fmt: skip
+            second = daemon.get("/feedback").json()[0]
+            assert second["redo_of"] == first["id"] and page.locator("#chat-answer").text_content() == (
+                second["text"] or "(an empty answer)")
+            page.click("#chat-edit")
+            page.fill("#chat-edit-text", "Paris is the capital of France.")
+            page.click("#chat-save")
+            page.wait_for_function("document.getElementById('chat-pairs').textContent.includes('1 pair kept')")
+            pairs = [json.loads(line) for line in daemon.get("/feedback/pairs").text.splitlines()]
+            edit = "Paris is the capital of France."
+            assert [(p["chosen"], p["rejected"]) for p in pairs] == [(edit, second["text"])]
+            assert page.locator("#chat-answer").text_content() == "Paris is the capital of France."
+
             page.click("#pause-button")
             wait_until(lambda: daemon.get("/status").json()["paused"], 10, message="paused after the click")
             page.wait_for_function("document.getElementById('peer-state').textContent.startsWith('paused')")
@@ -196,9 +225,9 @@ def test_dashboard_in_a_browser(daemons: DaemonFactory, model_cache: Path, tmp_p
             page.wait_for_function("!document.getElementById('peer-state').textContent.startsWith('paused')")
 
             # a tamer name for the screenshot (docs/dashboard.png); waiting for it also sees the page poll on
-            page.unroute("**/models")
+            page.unroute(SWARM_MODELS)
             page.route(
-                "**/models",
+                SWARM_MODELS,
                 lambda route: route.fulfill(json=[MODELS[0], MODELS[1] | {"model": "garden/partly-served"}]),
             )
             page.locator(".model-name", has_text="garden/partly-served").wait_for()

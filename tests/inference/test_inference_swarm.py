@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from harness.daemons import Daemon, DaemonFactory, wait_until
+from harness.pairs import load_with_datasets
 from tests.inference.conftest import MODEL, PROMPTS
 
 pytestmark = pytest.mark.swarm
@@ -144,6 +145,94 @@ def test_garden_generate_swarm(swarm: dict[str, Daemon], local_answers: dict) ->
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert unknown.returncode == 1 and "not served by the swarm" in unknown.stderr
+    rate = next(line for line in done.stderr.splitlines() if "garden feedback" in line)  # the answer is kept
+    assert swarm["client"].get("/feedback").json()[0]["id"] == rate.split()[-1]
+
+
+def garden(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "garden", *args], capture_output=True, text=True, timeout=300,
+                          check=False)  # fmt: skip
+
+
+def test_feedback_becomes_pairs_and_the_next_mission(swarm: dict[str, Daemon], tmp_path: Path) -> None:
+    """Accept, redo and edit through ``/v1/feedback`` and the CLI give the right pairs; the export loads with
+    ``datasets``; a mission made from the feedback runs, and its edited prompt's row is the owner's text."""
+    client = swarm["client"]
+
+    def rate(answer_id: str, verdict: str, **extra: Any) -> Any:
+        return client.request("POST", "/v1/feedback", json={"id": answer_id, "verdict": verdict, **extra}, timeout=120)
+
+    client.request("DELETE", "/feedback")
+    accepted = completion(client, PROMPTS[0], max_tokens=8)
+    assert accepted["id"].startswith("chatcmpl-")
+    first = rate(accepted["id"], "accept")
+    assert first.status_code == 200 and first.json() == {"object": "feedback", "id": accepted["id"],
+                                                          "verdict": "accept", "pairs": 0}  # fmt: skip
+    # redo: the answer is rejected, the same request answered again (sampled: the first was greedy)
+    redone = completion(client, PROMPTS[1], max_tokens=8)
+    again = rate(redone["id"], "redo")
+    assert again.status_code == 200, again.text
+    fresh = again.json()["completion"]
+    assert fresh["object"] == "chat.completion" and fresh["id"] != redone["id"] and fresh["model"] == MODEL
+    assert rate(fresh["id"], "accept").json()["pairs"] == 1
+    # edit: the owner's text is chosen, the answer rejected
+    edited = completion(client, PROMPTS[2], max_tokens=8)
+    mine = "Rain falls softly on the garden."
+    assert rate(edited["id"], "edit", text=mine).json()["pairs"] == 2
+    kept = {a["id"]: a for a in client.get("/feedback").json()}
+    assert kept[redone["id"]]["verdict"] == "redo" and kept[fresh["id"]]["redo_of"] == redone["id"]
+    assert kept[edited["id"]]["edit"] == mine
+
+    # bad ids and bodies: OpenAI-shaped errors, nothing changes
+    unknown = rate("chatcmpl-nope", "accept")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "answer_not_found"
+    no_text = rate(edited["id"], "edit")
+    assert no_text.status_code == 400 and "needs the text" in no_text.json()["error"]["message"]
+    maybe = rate(edited["id"], "maybe")
+    assert maybe.status_code == 400 and maybe.json()["error"]["param"] == "verdict"
+    assert rate(edited["id"], "accept", extra=1).status_code == 400
+    garbage = client.request("POST", "/v1/feedback", content=b"{not json", headers={"content-type": "application/json"})
+    assert garbage.status_code == 400 and "error" in garbage.json()
+    assert client.get("/feedback").json()[0]["edit"] == mine
+
+    # the CLI: list, accept by a prefix, export what datasets loads
+    listed = garden("feedback", "list", "--url", client.url)
+    assert listed.returncode == 0 and "edit" in listed.stdout and "accept" in listed.stdout, listed.stdout
+    out = tmp_path / "pairs.jsonl"
+    exported = garden("feedback", "export", "-o", str(out), "--url", client.url)
+    assert exported.returncode == 0 and "wrote 2 pair(s)" in exported.stdout, exported.stdout + exported.stderr
+    columns, pairs = load_with_datasets(out)
+    assert {"prompt", "chosen", "rejected"} <= set(columns)
+    got = {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs}
+    fresh_text = fresh["choices"][0]["message"]["content"]
+    answer = redone["choices"][0]["message"]["content"]
+    assert got == {(PROMPTS[1], fresh_text, answer), (PROMPTS[2], mine, edited["choices"][0]["message"]["content"])}
+
+    # the next mission starts from the feedback: its prompts are the rated ones, its references the chosen answers
+    spec = tmp_path / "again.toml"
+    spec.write_text(
+        'name = "from-feedback"\nteachers = ["builtin:smollm2-135m"]\nshard_size = 3\n'
+        '[student]\nbase = "builtin:smollm2-135m"\nkeep_layers = 2\n'
+        '[sampling]\ncandidates = 2\nmax_new_tokens = 6\ntop_k_logprobs = 4\n'
+        '[judge]\nkind = "reference"\nthreshold = 1.0\n'
+    )  # a reference no sampled answer matches word for word is the chosen answer itself
+    argv = [sys.executable, "-m", "garden", "mission", "create", "--from-feedback", "all", str(spec),
+            "--url", client.url]  # fmt: skip
+    refused = subprocess.run(argv, input="n\n", capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 1 and "leave this machine" in refused.stdout and not client.get("/missions").json()
+    created = garden("mission", "create", "--from-feedback", "all", str(spec), "--yes", "--url", client.url)
+    assert created.returncode == 0, created.stderr
+    mission_id = next(line for line in created.stdout.splitlines() if len(line.strip()) == 64).strip()
+    shown = client.get(f"/missions/{mission_id}").json()
+    assert shown["prompts"] == 3 and shown["spec"]["prompts"] == "feedback"
+    wait_until(lambda: client.get(f"/missions/{mission_id}").json()["shards"]["done"] == 1, 240, 1.0, "shaken")
+    rows = [json.loads(line) for line in client.get(f"/missions/{mission_id}/rows").text.splitlines()]
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert by_prompt[PROMPTS[2]]["chosen"] == mine and by_prompt[PROMPTS[2]]["reference_used"]
+    assert set(by_prompt) == set(PROMPTS)
+    client.request("DELETE", f"/missions/{mission_id}")
+    assert garden("feedback", "clear", "--yes", "--url", client.url).returncode == 0
+    assert client.get("/feedback").json() == []
 
 
 def test_openai_errors(swarm: dict[str, Daemon]) -> None:

@@ -3,7 +3,8 @@ run directory holds them) and serves its files, as an honest holder would, until
 
 Run as ``python tests/mission/hostile_checkpoint.py JOIN ROOT MISSION_ID SWARM``: ROOT holds
 ``train/<mission>/out`` (a run directory with the poisoned checkpoint) and gets this peer's identity; it
-prints ``announced <peer id>`` once the record is stored.
+prints ``announced <peer id>`` once the record is stored. It also publishes its checkpoint as the mission's
+student (``mission:<id>``), which only the mission's lead may.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -43,6 +45,7 @@ def main() -> int:
             while not stop.is_set():
                 if await sharing.publish(mission):
                     print("announced", swarm.peer_id, flush=True)
+                    await publish_student(swarm, DHTKeys(namespace), identity.private_key, sharing, mission)
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=5.0)
                 except TimeoutError:
@@ -56,6 +59,22 @@ def main() -> int:
     finally:
         swarm.shutdown()
     return 0
+
+
+async def publish_student(swarm: Any, keys: Any, private_key: Any, sharing: Any, mission: str) -> None:
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from garden.protocol.checkpoints import StudentRecord
+
+    mine = [r for r in await sharing.records(mission) if r.peer_id == swarm.peer_id]
+    if not mine:
+        return
+    record = StudentRecord(
+        mission_id=mission, peer_id=swarm.peer_id, name="train-test", epoch=mine[-1].epoch,
+        manifest_sha256=mine[-1].manifest_sha256, size=mine[-1].size, base="poisoned", architecture="LlamaForCausalLM",
+        parameters=1, layers=2, tokenizer="0" * 16, metrics={"kl": 0.0}, published=get_dht_time(),
+    )  # fmt: skip
+    await swarm.store(keys.students, record.to_wire(private_key), get_dht_time() + 3600, subkey=record.subkey)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 from garden.data import demo_prompts
 from harness.daemons import Daemon, DaemonFactory, wait_until
+from tests.mission.test_missions_forged import metric
 from harness.trainers import make_tiny_student
 
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
@@ -174,6 +175,8 @@ def test_two_peers_shake_and_train_one_student(
     assert generated.returncode == 0, generated.stderr[-2000:]
     # the student becomes the swarm's model; its server (which pulled it) announces its copy too
     server = check_published_student(daemons, model_cache, a, b, other, mission_id, verified["vouch_metrics"])
+    published_manifest = next(m for m in other.get("/models").json() if m["model"] == f"mission:{mission_id}")[
+        "student"]["manifest_sha256"]
 
     # a hostile trainer announces a poisoned checkpoint of the last epoch (its own files, which it serves): the
     # lead pulls it, finds it worse than the one it vouched for, and does not vouch; pulls still take the vouched
@@ -188,6 +191,14 @@ def test_two_peers_shake_and_train_one_student(
         listed = other.get(f"/missions/{mission_id}/checkpoints").json()
         strangers = [c for c in listed if c["peer_id"] not in (a.peer_id, b.peer_id, server.peer_id)]
         assert strangers and not any(c["verified"] for c in strangers), listed
+        # it also published its checkpoint as the mission's student: dropped (only the lead publishes), counted
+        def dropped() -> bool:
+            other.get("/models")  # the swarm's students are read (and checked) when listed
+            return metric(other, 'garden_invalid_mission_records_total{kind="student"}') > 0
+
+        wait_until(dropped, 60, 1.0, "the forged student record dropped")
+        (entry,) = [m for m in other.get("/models").json() if m["model"] == f"mission:{mission_id}"]
+        assert entry["student"]["lead"] == a.peer_id and entry["student"]["manifest_sha256"] == published_manifest
         again = garden_cli("mission", "pull", mission_id[:12], "-o", str(tmp_path / "pulled-again"), "--url", other.url)
         assert again.returncode == 0, again.stdout + again.stderr
         from safetensors.torch import load_file as load_again

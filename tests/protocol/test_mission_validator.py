@@ -181,16 +181,21 @@ def test_published_students(mission: SignedMission, second: SignedMission, lead:
     validator = MissionRecordValidator(KEYS)
     mid = mission.mission_id
     published = student(lead, mid)
-    assert StudentRecord.from_wire(published.to_wire(lead), mid) == published and published.model == f"mission:{mid}"
-    assert validator.validate(record(KEYS.students, mid, published.to_wire(lead)))
-    assert validator.validate(record(KEYS.students, mid, student(other, mid).to_wire(other)))  # readers drop it
+    slot, theirs = f"{mid}:{peer_id(lead)}", student(other, mid)
+    assert published.subkey == slot and published.model == f"mission:{mid}"
+    assert StudentRecord.from_wire(published.to_wire(lead), slot) == published
+    assert validator.validate(record(KEYS.students, slot, published.to_wire(lead)))
+    # a stranger's record in its own slot passes the DHT (it cannot know the lead): readers drop it
+    assert validator.validate(record(KEYS.students, theirs.subkey, theirs.to_wire(other)))
     bad = [
-        record(KEYS.students, second.mission_id, published.to_wire(lead)),  # under another mission's id
+        record(KEYS.students, f"{second.mission_id}:{peer_id(lead)}", published.to_wire(lead)),  # another mission's
+        record(KEYS.students, mid, published.to_wire(lead)),  # no publisher in the subkey
         record(KEYS.students, "capitals", published.to_wire(lead)),
-        record(KEYS.students, mid, published.to_wire(other)),  # sealed by another key than the one it names
-        record(KEYS.students, mid, flip_signature(published.to_wire(lead))),
-        record(KEYS.students, mid, b"\xc1garbage"),
-        record(KEYS.students, mid, mission.to_wire()),  # a mission where a student belongs
+        record(KEYS.students, slot, theirs.to_wire(other)),  # a stranger's record in the lead's slot
+        record(KEYS.students, slot, published.to_wire(other)),  # sealed by another key than the one it names
+        record(KEYS.students, slot, flip_signature(published.to_wire(lead))),
+        record(KEYS.students, slot, b"\xc1garbage"),
+        record(KEYS.students, slot, mission.to_wire()),  # a mission where a student belongs
     ]
     for i, rec in enumerate(bad):
         assert not validator.validate(rec), f"forged student record {i} accepted"

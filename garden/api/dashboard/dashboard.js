@@ -137,7 +137,8 @@
       if (!response.ok) {
         let detail = "";
         try {
-          detail = (await response.json()).detail || "";
+          const body = await response.json();
+          detail = body.detail || (body.error && body.error.message) || "";
         } catch (_) { /* not JSON */ }
         throw new Error(`${path}: HTTP ${response.status}${detail ? ` (${detail})` : ""}`);
       }
@@ -454,9 +455,12 @@
     models = Array.isArray(models) ? models : [];
     const cards = models.map((m) => {
       const missing = (m.missing || []).map(([a, b]) => (b - a > 1 ? `${a}–${b - 1}` : `${a}`));
+      const student = m.student;
+      const kl = student && student.metrics && isNum(student.metrics.kl) ? `, KL ${student.metrics.kl.toFixed(3)}` : "";
       return el("div", { class: "card model" },
         el("div", { class: "model-head" },
           el("span", { class: "model-name" }, m.model),
+          student ? el("span", { class: "muted small" }, `student of ${student.name}, epoch ${fmtInt(student.epoch)}${kl}`) : null,
           el("span", { class: m.complete ? "badge" : "badge bad" }, m.complete ? "complete" : "incomplete"),
           el("span", { class: "muted small" }, `${fmtInt(m.num_layers)} layers · ${plural(m.servers, "server")}`),
           missing.length ? el("span", { class: "small", style: "color: var(--bad)" }, `missing layers ${missing.join(", ")}`) : null,
@@ -473,6 +477,89 @@
     $("models").replaceChildren(...(cards.length ? cards : [el("p", { class: "muted" }, "no models served in the swarm")]));
   }
 
+  // --- chat: ask a model of the swarm, rate its answer (POST /v1/feedback) ------------------------------
+
+  const chat = { id: null, text: "" };
+
+  function postJSON(path, body) {
+    return fetchJSON(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  }
+
+  function renderChatModels(list) {
+    const select = $("chat-model");
+    const ids = (list && Array.isArray(list.data) ? list.data : []).map((m) => String(m.id));
+    const shown = [...select.options].map((o) => o.value);
+    if (ids.join("\n") !== shown.join("\n")) {
+      const current = select.value;
+      select.replaceChildren(...ids.map((id) => el("option", { value: id }, id)));
+      if (ids.includes(current)) select.value = current;
+    }
+    if (!chat.busy) $("chat-ask").disabled = !ids.length;
+  }
+
+  function showAnswer(completion) {
+    const choice = (completion.choices || [])[0] || {};
+    chat.id = completion.id;
+    chat.text = (choice.message || {}).content || "";
+    $("chat-answer").textContent = chat.text || "(an empty answer)";
+    $("chat-answer").hidden = false;
+    $("chat-rate").hidden = false;
+    $("chat-editor").hidden = true;
+  }
+
+  function counted(reply, what) {
+    $("chat-pairs").textContent = `${what}; ${plural(reply.pairs, "pair")} kept on this machine`;
+  }
+
+  async function chatStep(work) {
+    const buttons = ["chat-ask", "chat-accept", "chat-redo", "chat-edit", "chat-save"];
+    chat.busy = true;
+    buttons.forEach((id) => { $(id).disabled = true; });
+    $("chat-note").textContent = "…";
+    try {
+      await work();
+      $("chat-note").textContent = "Answers and your ratings stay on this machine (garden feedback).";
+    } catch (err) {
+      $("chat-note").textContent = err && err.message ? err.message : String(err);
+    } finally {
+      chat.busy = false;
+      buttons.forEach((id) => { $(id).disabled = false; });
+      $("chat-ask").disabled = !$("chat-model").value;
+    }
+  }
+
+  $("chat-ask").addEventListener("click", () => chatStep(async () => {
+    const question = $("chat-input").value.trim();
+    if (!question) throw new Error("ask something first");
+    showAnswer(await postJSON("/v1/chat/completions", {
+      model: $("chat-model").value, messages: [{ role: "user", content: question }], max_tokens: 48, temperature: 0.7,
+    }));
+    $("chat-pairs").textContent = "";
+  }));
+  $("chat-input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !$("chat-ask").disabled) $("chat-ask").click();
+  });
+  $("chat-accept").addEventListener("click", () => chatStep(async () => {
+    counted(await postJSON("/v1/feedback", { id: chat.id, verdict: "accept" }), "accepted");
+  }));
+  $("chat-redo").addEventListener("click", () => chatStep(async () => {
+    const reply = await postJSON("/v1/feedback", { id: chat.id, verdict: "redo" });
+    showAnswer(reply.completion);
+    counted(reply, "rejected; a new answer");
+  }));
+  $("chat-edit").addEventListener("click", () => {
+    $("chat-edit-text").value = chat.text;
+    $("chat-editor").hidden = false;
+    $("chat-edit-text").focus();
+  });
+  $("chat-save").addEventListener("click", () => chatStep(async () => {
+    const text = $("chat-edit-text").value;
+    const reply = await postJSON("/v1/feedback", { id: chat.id, verdict: "edit", text });
+    $("chat-editor").hidden = true;
+    $("chat-answer").textContent = text;
+    counted(reply, "your edit is kept");
+  }));
+
   // --- polling and controls ----------------------------------------------------------------------------
 
   let timer = null;
@@ -488,6 +575,7 @@
         part("peers", async () => renderPeers(await fetchJSON("/peers"))),
         part("missions", renderMissions),
         part("models", async () => renderModels(await fetchJSON("/models"))),
+        part("chat models", async () => renderChatModels(await fetchJSON("/v1/models"))),
       ]);
     } finally {
       showProblems();
