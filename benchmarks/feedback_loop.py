@@ -122,7 +122,8 @@ def main() -> int:
     reference_chosen = sum(r.reference_used for r in rows)
     log(f"shaken: {len(rows)} rows in {shake_s:.0f} s ({reference_chosen} with the edit itself as chosen)")
 
-    before = pass_rate(answer(used, paraphrases, args.tokens), edits)
+    before_answers = answer(used, paraphrases, args.tokens)
+    before = pass_rate(before_answers, edits)
     student = build_student(parse_student_ref(MODEL))
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                warmup_steps=max(1, args.steps // 10), seed=0)  # fmt: skip
@@ -141,6 +142,13 @@ def main() -> int:
         "pass_rate_before": round(before, 3),
         "pass_rate_after": round(after, 3),
         "after_over_before": round(after / before, 3) if before else None,
+        "by_topic": {
+            topic: {
+                "pass_rate_before": round(pass_rate([before_answers[i] for i in idx], [edits[i] for i in idx]), 3),
+                "pass_rate_after": round(pass_rate([after_answers[i] for i in idx], [edits[i] for i in idx]), 3),
+            }
+            for topic, idx in (("capitals", range(0, len(edits), 2)), ("arithmetic", range(1, len(edits), 2)))
+        },
         "examples": [
             {"paraphrase": p, "edit": e, "after": a}
             for p, e, a in list(zip(paraphrases, edits, after_answers, strict=True))[:4]

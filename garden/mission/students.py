@@ -28,7 +28,7 @@ from typing import Any
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from garden.errors import Conflict, NotAllowed, NotFound
+from garden.errors import GardenError, NotAllowed, NotFound
 from garden.lifecycle import Service
 from garden.mission.book import Mission, MissionBook
 from garden.mission.checkpoints import CheckpointSharing
@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 RENEW_S = 3600.0
 """Seconds between renewals of a published student in the DHT (its records live :data:`STUDENT_TTL`)."""
 EVAL_KEYS = ("kl", "nll", "top1", "pref_acc", "base_kl", "rows")
+LISTING_TTL = 3.0
+"""Seconds a read of ``<swarm>/students`` is reused."""
+MAX_WARNED = 10_000
+"""Invalid student records logged by subkey (each once); past that they are only counted."""
 """The vouch's figures a published student carries."""
 
 
@@ -77,6 +81,7 @@ class SwarmStudents(Service):
         self._renewed: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._warned: set[str] = set()
+        self._listed: tuple[float, list[Any]] | None = None  # (when, the DHT's entries)
 
     # --- the lead: publishing ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -87,7 +92,7 @@ class SwarmStudents(Service):
                 if self.book.leads_here(mission) and not mission.cancelled:
                     try:
                         await self.tend(mission)
-                    except (NotFound, Conflict, OSError, RecordError) as e:
+                    except (GardenError, OSError, RecordError, ValueError, KeyError) as e:  # tried again next period
                         logger.warning("publishing the student of mission %s: %s", mission.id[:12], e)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.period)
@@ -114,7 +119,10 @@ class SwarmStudents(Service):
         if not self.book.leads_here(mission):
             raise NotAllowed(f"only the lead of mission {mission.id[:12]} publishes its student")
         catalog = await self.sharing.catalog(mission.id)
-        mine = {v.epoch: v for v in catalog.vouches if v.peer_id == self.sharing.peer_id}
+        # of two versions of one epoch this lead vouched for (two trainers wrote one), the one it measured closer
+        # to the teacher
+        own = [v for v in catalog.vouches if v.peer_id == self.sharing.peer_id]
+        mine = {v.epoch: v for v in sorted(own, key=lambda v: (v.epoch, -v.metrics.get("kl", 0.0)))}
         if epoch is None:
             if not mine:
                 raise NotFound(f"this lead vouched for no checkpoint of mission {mission.id[:12]} yet")
@@ -166,17 +174,21 @@ class SwarmStudents(Service):
 
     # --- every peer: the list, and a model on first use --------------------------------------------------
     async def listing(self) -> list[Student]:
-        """The swarm's published students this peer can check, newest publication first."""
-        found = await self.swarm.get(self.keys.students, latest=True)
-        items = found.value.items() if found is not None and hasattr(found.value, "items") else []
+        """The swarm's published students this peer can check, newest publication first (the DHT is read at most
+        once per :data:`LISTING_TTL`: the dashboard and ``/v1`` ask often)."""
+        now = time.monotonic()
+        if self._listed is None or now - self._listed[0] > LISTING_TTL:
+            found = await self.swarm.get(self.keys.students, latest=True)
+            items = list(found.value.items()) if found is not None and hasattr(found.value, "items") else []
+            self._listed = (now, items)
         records: dict[str, StudentRecord] = {}
-        for subkey, item in items:
+        for subkey, item in self._listed[1]:
             try:
                 record = StudentRecord.from_wire(getattr(item, "value", None), subkey)
                 self._check(record)
             except RecordError as e:
                 self.invalid_records += 1
-                if str(subkey) not in self._warned:  # read at every listing: said once
+                if str(subkey)[:200] not in self._warned and len(self._warned) < MAX_WARNED:  # said once
                     self._warned.add(str(subkey)[:200])
                     logger.warning("ignored a student record under %r: %s", str(subkey)[:80], e)
                 continue
@@ -216,9 +228,11 @@ class SwarmStudents(Service):
             raise ModelRefError(f"{text!r} is not a mission:ID reference")
         students = await self.listing()
         wanted = ref.value
+        # a name anyone can take: only students of leads this peer works for answer to it (a stranger's mission
+        # named like yours cannot stand in for it); an id or its prefix names one mission whoever leads it
         matches = [s for s in students if s.record.mission_id == wanted] if is_mission_id(wanted) else (
             [s for s in students if s.record.mission_id.startswith(wanted.lower())]
-            or [s for s in students if s.record.name == wanted]
+            or [s for s in students if s.record.name == wanted and s.trusted]
         )  # fmt: skip
         if len(matches) != 1:
             known = ", ".join(f"{s.record.name} ({s.record.mission_id[:12]})" for s in students) or "none yet"

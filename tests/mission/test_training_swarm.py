@@ -342,4 +342,22 @@ def check_published_student(
         raise AssertionError("an unknown student answered")
     except NotFoundError as e:
         assert e.code == "model_not_found" and "no published student" in str(e)
+
+    # distil the distilled: a mission whose teacher and student are the published student, named by its
+    # mission's name and a prefix; the lead writes down the whole id, and the shakers sample it
+    body = mission_body(Path("unused"), max_epochs=1)
+    body["spec"] |= {"name": "second-round", "teachers": ["mission:train-test"]}
+    body["spec"]["student"] = {"base": f"mission:{mission_id[:8]}"}
+    second = lead.request("POST", "/missions", json=body)
+    assert second.status_code == 201, second.text
+    spec = lead.get(f"/missions/{second.json()['id']}").json()["spec"]
+    assert spec["teachers"] == [model] and spec["student"]["base"] == model
+    unknown = lead.request("POST", "/missions", json=body | {"spec": body["spec"] | {"teachers": ["mission:nope"]}})
+    assert unknown.status_code == 422 and "no published student" in unknown.text
+    rows = wait_until(
+        lambda: [json.loads(line) for line in lead.get(f"/missions/{second.json()['id']}/rows").text.splitlines()],
+        240, 2.0, "the second mission shaken from the published student",
+    )  # fmt: skip
+    assert {r["teacher"] for r in rows} == {model} and all(r["k"] > 0 for r in rows)
+    lead.request("DELETE", f"/missions/{second.json()['id']}")
     return server
