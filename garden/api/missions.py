@@ -76,11 +76,6 @@ def make_missions_router(
             records = []
         return "trained" if any(r.epoch >= mission.signed.spec.train.max_epochs for r in records) else "training"
 
-    async def published() -> set[str]:
-        try:
-            return {s.record.mission_id for s in await students.listing()}
-        except GardenError:
-            return set()
 
     @router.post("/missions", status_code=201, response_model=MissionSummary, responses=errors)
     async def create_mission(body: MissionCreate) -> Any:
@@ -102,7 +97,7 @@ def make_missions_router(
         """Every mission this peer knows, newest first, with progress."""
         missions = book.newest_first()
         views = await asyncio.gather(*(work.view(m, with_holders=False) for m in missions))
-        done = await published()
+        done = {s.record.mission_id for s in await _listing(students)}
         states = await asyncio.gather(*(life(v, done) for v in views))
         return [_summary(v, state) for v, state in zip(views, states, strict=True)]
 
@@ -278,6 +273,7 @@ def _shards(view: MissionView) -> ShardCounts:
 
 
 async def _listing(students: SwarmStudents) -> list[Student]:
+    """The swarm's published students, or none while the DHT cannot be read (a mission's page still shows)."""
     try:
         return await students.listing()
     except GardenError:

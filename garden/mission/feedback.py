@@ -149,4 +149,5 @@ def prompt_of(kind: str, request: dict[str, Any]) -> str:
     if kind == "chat":
         users = [m.get("content", "") for m in request.get("messages", []) if m.get("role") == "user"]
         return str(users[-1]) if users else ""
-    return str(request.get("prompt", ""))
+    prompt = request.get("prompt", "")
+    return str(prompt[0] if isinstance(prompt, list) and prompt else prompt)

@@ -319,7 +319,12 @@ def check_published_student(
     listing = garden_cli("models", "--url", other.url)
     assert listing.returncode == 0 and f"mission:{mission_id[:12]}" in listing.stdout, listing.stdout
     assert json.loads(garden_cli("models", "--json", "--url", other.url).stdout)[-1]["student"]["epoch"] == EPOCHS
+    # the lead may promote a vouched epoch (the newest by default: the same checkpoint here), not another one;
     # only the lead publishes; a name nobody published is a clear 404
+    promoted = lead.request("POST", f"/missions/{mission_id}/promote")
+    assert promoted.status_code == 200 and promoted.json()["manifest_sha256"] == student["manifest_sha256"]
+    never = lead.request("POST", f"/missions/{mission_id}/promote?epoch={EPOCHS + 5}")
+    assert never.status_code == 404 and "vouched for no announced checkpoint" in never.json()["detail"]
     assert trainer.request("POST", f"/missions/{mission_id}/promote").status_code == 403
     assert other.request("POST", "/models/pull", json={"model": "mission:nope"}).status_code == 404
 
