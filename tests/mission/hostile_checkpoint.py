@@ -4,7 +4,8 @@ run directory holds them) and serves its files, as an honest holder would, until
 Run as ``python tests/mission/hostile_checkpoint.py JOIN ROOT MISSION_ID SWARM``: ROOT holds
 ``train/<mission>/out`` (a run directory with the poisoned checkpoint) and gets this peer's identity; it
 prints ``announced <peer id>`` once the record is stored. It also publishes its checkpoint as the mission's
-student (``mission:<id>``), which only the mission's lead may.
+student (``mission:<id>``), which only the mission's lead may, and squats the mission's name: a mission of its
+own named ``train-test`` whose student it publishes (``mission:train-test`` must still mean the lead's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> int:
                 if await sharing.publish(mission):
                     print("announced", swarm.peer_id, flush=True)
                     await publish_student(swarm, DHTKeys(namespace), identity.private_key, sharing, mission)
+                    await squat_the_name(swarm, DHTKeys(namespace), identity.private_key, sharing, mission)
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=5.0)
                 except TimeoutError:
@@ -71,6 +73,30 @@ async def publish_student(swarm: Any, keys: Any, private_key: Any, sharing: Any,
         return
     record = StudentRecord(
         mission_id=mission, peer_id=swarm.peer_id, name="train-test", epoch=mine[-1].epoch,
+        manifest_sha256=mine[-1].manifest_sha256, size=mine[-1].size, base="poisoned", architecture="LlamaForCausalLM",
+        parameters=1, layers=2, tokenizer="0" * 16, metrics={"kl": 0.0}, published=get_dht_time(),
+    )  # fmt: skip
+    await swarm.store(keys.students, record.to_wire(private_key), get_dht_time() + 3600, subkey=record.subkey)
+
+
+async def squat_the_name(swarm: Any, keys: Any, private_key: Any, sharing: Any, mission: str) -> None:
+    """A mission of its own, signed and stored as any lead's, named like the real one, with a published student
+    (naming its poisoned files)."""
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from garden.protocol.checkpoints import StudentRecord
+    from garden.protocol.mission import MissionDraft, MissionSpec, sign_mission
+    from garden.protocol.rows import PromptRow
+
+    mine = [r for r in await sharing.records(mission) if r.peer_id == swarm.peer_id]
+    if not mine:
+        return
+    spec = MissionSpec.model_validate({"name": "train-test", "teachers": ["builtin:smollm2-135m"],
+                                       "prompts": "squat.jsonl", "student": {"base": "builtin:smollm2-135m"}})
+    signed = sign_mission(MissionDraft(spec, (PromptRow(prompt="Hi?", reference="Hi."),)), private_key, get_dht_time())
+    await swarm.store(keys.missions, signed.to_wire(), get_dht_time() + 3600, subkey=signed.mission_id)
+    record = StudentRecord(
+        mission_id=signed.mission_id, peer_id=swarm.peer_id, name="train-test", epoch=0,
         manifest_sha256=mine[-1].manifest_sha256, size=mine[-1].size, base="poisoned", architecture="LlamaForCausalLM",
         parameters=1, layers=2, tokenizer="0" * 16, metrics={"kl": 0.0}, published=get_dht_time(),
     )  # fmt: skip

@@ -199,6 +199,16 @@ def test_two_peers_shake_and_train_one_student(
         wait_until(dropped, 60, 1.0, "the forged student record dropped")
         (entry,) = [m for m in other.get("/models").json() if m["model"] == f"mission:{mission_id}"]
         assert entry["student"]["lead"] == a.peer_id and entry["student"]["manifest_sha256"] == published_manifest
+        # and it squats the name: its own mission "train-test" with a published student. b works for a only: the
+        # name still means a's student there (the stranger's is listed, untrusted, and reachable by its id only)
+        def squatter() -> dict | None:
+            listed = b.get("/models").json()
+            return next((m for m in listed if (m.get("student") or {}).get("lead") not in (None, a.peer_id)), None)
+
+        squat = wait_until(squatter, 60, 1.0, "the squatter's student listed")
+        assert squat["student"]["name"] == "train-test" and not squat["student"]["trusted"]
+        pulled = b.request("POST", "/models/pull", json={"model": "mission:train-test"}, timeout=120)
+        assert pulled.status_code == 200 and pulled.json()["model"] == f"mission:{mission_id}", pulled.text
         again = garden_cli("mission", "pull", mission_id[:12], "-o", str(tmp_path / "pulled-again"), "--url", other.url)
         assert again.returncode == 0, again.stdout + again.stderr
         from safetensors.torch import load_file as load_again
