@@ -1,11 +1,12 @@
 """A hostile trainer, for tests: it announces a checkpoint of a mission (its own poisoned weights, as a real
 run directory holds them) and serves its files, as an honest holder would, until SIGTERM.
 
-Run as ``python tests/mission/hostile_checkpoint.py JOIN ROOT MISSION_ID SWARM``: ROOT holds
+Run as ``python tests/mission/hostile_checkpoint.py JOIN ROOT MISSION_ID SWARM [student]``: ROOT holds
 ``train/<mission>/out`` (a run directory with the poisoned checkpoint) and gets this peer's identity; it
-prints ``announced <peer id>`` once the record is stored. It also publishes its checkpoint as the mission's
-student (``mission:<id>``), which only the mission's lead may, and squats the mission's name: a mission of its
-own named ``train-test`` whose student it publishes (``mission:train-test`` must still mean the lead's).
+prints ``announced <peer id>`` once the record is stored. With ``student`` it also publishes its checkpoint
+as the mission's student (``mission:<id>``), which only the mission's lead may, and squats the mission's name:
+a mission of its own named ``train-test`` whose student it publishes (``mission:train-test`` must still mean
+the lead's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> int:
     from garden.protocol.keys import DHTKeys
 
     join, root, mission, namespace = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    as_student = sys.argv[5:] == ["student"]
     identity = load_or_create_identity(root / "identity.key")
     config = SwarmConfig(
         initial_peers=[join], host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=[], client_mode=False,
@@ -46,8 +48,9 @@ def main() -> int:
             while not stop.is_set():
                 if await sharing.publish(mission):
                     print("announced", swarm.peer_id, flush=True)
-                    await publish_student(swarm, DHTKeys(namespace), identity.private_key, sharing, mission)
-                    await squat_the_name(swarm, DHTKeys(namespace), identity.private_key, sharing, mission)
+                    if as_student:
+                        await publish_student(swarm, DHTKeys(namespace), identity.private_key, sharing, mission)
+                        await squat_the_name(swarm, DHTKeys(namespace), identity.private_key, sharing, mission)
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=5.0)
                 except TimeoutError:

@@ -184,7 +184,7 @@ def test_two_peers_shake_and_train_one_student(
     publish_poisoned(poisoned_root, mission_id, out, EPOCHS)
     hostile = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("hostile_checkpoint.py")), a.join_addr, str(poisoned_root),
-         mission_id, "garden"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         mission_id, "garden", "student"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         wait_until(lambda: "is not vouched for" in a.stderr(), 180, 1.0, "the lead refused the poisoned checkpoint")
