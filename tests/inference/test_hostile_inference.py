@@ -1,6 +1,6 @@
 """A hostile layer server in a swarm of honest ones (real daemons, real hivemind, the built-in model): it
 serves layers 10-20 beside two honest servers of those layers, adds noise to every hidden state it returns
-(enough to change answers), runs at half the speed it could and announces 1e9 layer-tokens per second
+(enough to change answers), runs at a quarter of the speed it could and announces 1e9 layer-tokens per second
 (``hostile_server.py``).
 
 - A client ranking servers by what it measured routes around it once it has measured it: the 1e9 claim
@@ -35,7 +35,9 @@ def start_hostile(factory: DaemonFactory, model_cache: Path, join: Daemon) -> Da
         "--serve", f"{MODEL}:10-20", "--max-threads", "1", "--join", join.join_addr,
     ]  # fmt: skip
     out, err = factory.base_dir / "hostile.out", factory.base_dir / "hostile.err"
-    env = factory.env({"GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1"})
+    # 4 times its own compute time: slower than honest servers whatever the CI machine's other work (at 2 times, a
+    # busy moment on 2 cores made an honest server measure slower once and the liar won a second route)
+    env = factory.env({"GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1", "HOSTILE_SLOWDOWN": "4"})
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         proc = subprocess.Popen(
             argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env, start_new_session=True
