@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
@@ -565,11 +565,16 @@ class RowFeed:
     peer's owner stored outside any row set (``garden shake``, a test's fixture). A row set a peer offered
     that then lost its shard, or was never won, is never trained on. A stored row that no longer decodes (a
     damaged page, a row written by a newer garden) is skipped and counted in :attr:`skipped`, never raised:
-    one bad row must not stop a training run."""
+    one bad row must not stop a training run.
 
-    def __init__(self, path: Path, mission_id: str):
-        self.path, self.mission_id = Path(path), mission_id
+    ``split`` picks the rows by :func:`garden.protocol.rows.held_out`: ``"train"`` (what trainers read: the
+    held-out prompts' rows are counted in :attr:`held_back`, never returned), ``"heldout"`` (what the lead
+    evaluates checkpoints on) or ``"all"``."""
+
+    def __init__(self, path: Path, mission_id: str, split: Literal["train", "heldout", "all"] = "train"):
+        self.path, self.mission_id, self.split = Path(path), mission_id, split
         self.skipped = 0
+        self.held_back = 0  # held-out rows a "train" feed left out
         self._after = 0  # SQLite rowid of the last row read outside row sets
         self._sets_read: set[str] = set()  # winning row sets (attempts) read
         self._seen: set[str] = set()  # row ids returned (a row may be in two row sets)
@@ -608,7 +613,7 @@ class RowFeed:
 
     def _decode(self, found: Iterable[tuple[str, bytes]]) -> list[DorpoRow]:
         from garden.protocol.records import RecordError
-        from garden.protocol.rows import DorpoRow
+        from garden.protocol.rows import DorpoRow, held_out
 
         rows = []
         for row_id, body in found:
@@ -624,6 +629,9 @@ class RowFeed:
             if row.row_id != row_id:
                 self.skipped += 1
                 logger.warning("skipped stored row %s: its content hashes to %s", row_id, row.row_id)
+                continue
+            if self.split != "all" and held_out(self.mission_id, row.prompt) != (self.split == "heldout"):
+                self.held_back += self.split == "train"
                 continue
             rows.append(row)
         return rows

@@ -25,7 +25,9 @@ from typing import Any
 
 from harness.daemons import TrackedProcess
 
-MISSION = "c011ab" + "0" * 58
+MISSION = "c011ab" + "0" * 57 + "6"
+"""The mission of the rows in :func:`make_rows_store`: of the first 8 demo prompts it holds out the 4th
+(:func:`garden.protocol.rows.held_out`), which a worker never trains on."""
 
 
 def make_tiny_student(path: Path, seed: int = 0, hidden_size: int = 32) -> Path:

@@ -23,6 +23,8 @@ import pytest
 
 from harness.daemons import DaemonFactory
 
+LOG_TAIL = 60
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make check`, `make test`: ``--dist loadfile --no-loadscope-reorder``), the order in which
@@ -88,11 +90,25 @@ def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         os.environ["GARDEN_DATA_DIR"] = previous
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the item, so that a fixture's teardown knows whether the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
-    """Real `garden run` processes; teardown stops them and fails the test on any orphaned child."""
+def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
+    """Real `garden run` processes; teardown stops them and fails the test on any orphaned child. When the test
+    failed, the end of every daemon's log is printed: on a CI machine it is all there is to learn from."""
     factory = DaemonFactory(tmp_path)
     yield factory
+    failed = getattr(request.node, "report_call", None)
+    if failed is not None and failed.failed:
+        for daemon in factory.daemons:
+            print(f"\n----- the log of the daemon in {daemon.data_dir.name} (last {LOG_TAIL} lines) -----")
+            print("\n".join(daemon.stderr().splitlines()[-LOG_TAIL:]))
     orphans = factory.close()
     assert not orphans, f"processes outlived their daemons: {orphans}"
 

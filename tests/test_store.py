@@ -327,7 +327,7 @@ def test_the_row_feed_reads_winning_row_sets_and_the_owners_rows_only(tmp_path: 
     store.add_row_set(_held("0000000000000002", lost, mission_id="m", shard=0), _encoded(lost))
     own = _rows(1, "own")
     store.add_rows(own, mission_id="m")
-    feed = RowFeed(store.path, "m")
+    feed = RowFeed(store.path, "m", split="all")
     assert [r.row_id for r in feed.new_rows()] == [own[0].row_id]  # nothing won yet
     assert store.mark_winners("m", ["0000000000000001"]) == 1
     assert [s.won for s in store.row_sets("m")] == [True, False]
@@ -339,10 +339,43 @@ def test_the_row_feed_reads_winning_row_sets_and_the_owners_rows_only(tmp_path: 
     assert store.mark_winners("m", ["0000000000000003"]) == 0  # idempotent
     assert store.mark_winners("m", []) == 1 and not any(s.won for s in store.row_sets("m"))
     # a row shared by a winning set and the owner's rows comes once
-    again = RowFeed(store.path, "m")
+    again = RowFeed(store.path, "m", split="all")
     store.mark_winners("m", ["0000000000000001"])
     store.add_rows(won[:1], mission_id="m")  # already stored: a no-op, the row stays in its set
     assert sorted(r.row_id for r in again.new_rows()) == sorted([own[0].row_id, *(r.row_id for r in won)])
     feed.close()
     again.close()
     store.close()
+
+
+def test_the_row_feed_keeps_the_held_out_prompts_rows_from_training(tmp_path: Path) -> None:
+    """One prompt in 16, by a hash salted with the mission, is held out: a "train" feed (what trainers read)
+    never returns its rows and counts them, a "heldout" feed (what the lead evaluates on) returns only them,
+    and every row is in exactly one of the two, from row sets and the owner's rows alike."""
+    from garden.protocol.rows import HELDOUT_EVERY, held_out
+    from garden.store import RowFeed
+
+    prompts = [f"question {i}" for i in range(1600)]
+    out = [p for p in prompts if held_out("m", p)]
+    assert abs(len(out) / len(prompts) - 1 / HELDOUT_EVERY) < 0.02  # about one in 16
+    assert out == [p for p in prompts if held_out("m", p)]  # the same split on every peer, every time
+    assert out != [p for p in prompts if held_out("m2", p)]  # another mission holds out other prompts
+
+    store = Store(tmp_path / "g.sqlite3")
+    rows = _rows(64, "q")
+    store.add_row_set(_held("0000000000000001", rows[:40], mission_id="m"), _encoded(rows[:40]))
+    store.mark_winners("m", ["0000000000000001"])
+    store.add_rows(rows[40:], mission_id="m")
+    expected = {r.row_id for r in rows if held_out("m", r.prompt)}
+    assert 0 < len(expected) < len(rows)
+    train, heldout, every = (RowFeed(store.path, "m", split=s) for s in ("train", "heldout", "all"))
+    trained = {r.row_id for r in train.new_rows()}
+    assert not trained & expected and train.held_back == len(expected)
+    assert {r.row_id for r in heldout.new_rows()} == expected and heldout.held_back == 0
+    assert trained | expected == {r.row_id for r in every.new_rows()} == {r.row_id for r in rows}
+    default = RowFeed(store.path, "m")
+    assert default.split == "train"  # the default is what a trainer must read
+    for feed in (train, heldout, every, default):
+        feed.close()
+    store.close()
+

@@ -265,6 +265,8 @@ class MissionTraining(BaseModel):
     skipped_steps: int = Field(0, description="steps with a non-finite loss or gradient: not applied, not sent")
     rows: int = Field(0, description="usable rows this peer trains on")
     rows_skipped: int = Field(0, description="stored rows refused (damaged) or left out (too long)")
+    rows_held_out: int = Field(0, description="rows of the mission's held-out prompts: never trained on, the lead "
+                               "measures checkpoints on them")
     loaded_state_at_epoch: int | None = Field(None, description="joined late: the epoch it loaded from peers")
     last_checkpoint: dict[str, Any] | None = None
     params_probe: list[float] | None = Field(

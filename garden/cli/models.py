@@ -27,7 +27,7 @@ def models(
         return
     table = Table(title=f"{len(data)} model(s) in the swarm")
     table.add_column("model", no_wrap=True)
-    for column in ("mission", "params", "layers served", "KL (base)", "top-1", "pref acc", "here"):
+    for column in ("mission", "params", "layers served", "KL (base)", "top-1", "pref acc", "measured on", "here"):
         table.add_column(column)
     for entry in data:
         student = entry.get("student") or {}
@@ -41,6 +41,7 @@ def models(
             _number(metrics.get("kl")) + (f" ({_number(metrics['base_kl'])})" if "base_kl" in metrics else ""),
             _number(metrics.get("top1")),
             _number(metrics.get("pref_acc")),
+            _measured_on(metrics),
             "yes" if student.get("local_path") else "-",
         )
     console.print(table)
@@ -58,6 +59,15 @@ def _covered(entry: dict) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
+
+
+def _measured_on(metrics: dict) -> str:
+    """The rows the lead's figures come from: held-out prompts, or (a mission too small to hold any out yet)
+    rows the student may have trained on."""
+    if "rows" not in metrics:
+        return "-"
+    rows, heldout = int(metrics["rows"]), int(metrics.get("heldout_rows", 0))
+    return f"{rows} held-out rows" if heldout else f"{rows} rows (trained on)"
 
 
 def _number(value: float | None) -> str:

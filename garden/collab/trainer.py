@@ -184,6 +184,7 @@ class TrainStatus(BaseModel):
     skipped_steps: int = 0
     rows: int = 0  # usable rows this peer holds
     rows_skipped: int = 0  # stored rows that failed validation or were too long
+    rows_held_out: int = 0  # rows of the mission's held-out prompts, left for the lead's evaluation
     loaded_state_at_epoch: int | None = None  # the epoch of the first state this peer loaded from peers
     bytes_sent: int = 0  # sent in averaging rounds (garden.collab.hivemind_patches.bytes_sent)
     params_probe: list[float] | None = None  # see CollabTrainer.params_probe, at the last epoch change

@@ -59,6 +59,8 @@ class WorkerConfig(BaseModel):
     :param status_path: the JSON status file the worker rewrites
     :param out_dir: a training run directory: the checkpoints this peer writes for the swarm
     :param checkpoint_every: epochs between checkpoints (the last epoch is always saved)
+    :param hold_out: never train on the rows of the mission's held-out prompts (False: the mission is too small
+        to hold any out, :func:`garden.protocol.rows.holds_out`)
     :param parent_pid: exit when this process (the daemon) is gone; None: no watch
     :param linger_s: seconds to keep serving state to peers after the last epoch
     :param row_poll_s: seconds between reads of new rows from the store
@@ -81,6 +83,7 @@ class WorkerConfig(BaseModel):
     out_dir: Path
     max_threads: int | None = None
     checkpoint_every: int = Field(default=1, ge=1)
+    hold_out: bool = True  # leave the mission's held-out prompts' rows to the lead's evaluation (protocol.rows)
     parent_pid: int | None = None
     linger_s: float = 5.0
     row_poll_s: float = 5.0
@@ -241,7 +244,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
             options = spec.lora.model_dump()
             lora = LoraSpec(**{**options, "target_modules": tuple(options["target_modules"])}, seed=collab.seed)
         student = build_student(StudentSpec(base=spec.base, keep_layers=spec.keep_layers, lora=lora))
-        feed = RowFeed(config.store_path, config.mission_id)
+        feed = RowFeed(config.store_path, config.mission_id, split="train" if config.hold_out else "all")
         peer_id = dht.peer_id.to_base58()
         trainer = CollabTrainer(
             student, collab, lambda params: make_optimizer(dht, config.mission_id, params, collab), _peer_seed(peer_id)
@@ -257,6 +260,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
             if now - last_poll >= config.row_poll_s or not trainer.encoded:
                 trainer.add_rows(feed.new_rows())
                 status.rows_skipped = feed.skipped + trainer.encode_report.too_long
+                status.rows_held_out = feed.held_back
                 last_poll = now
             if trainer.encoded and not synced:
                 trainer.sync_with_peers(stop.is_set)  # and notes the probe of the parameters it starts from

@@ -46,6 +46,7 @@ from garden.lifecycle import Service
 from garden.mission.students import SwarmStudents
 from garden.models.loading import ModelRefError
 from garden.protocol.checkpoints import STUDENT_SCHEME
+from garden.protocol.rows import holds_out
 from garden.mission.book import Mission, MissionBook
 from garden.store import Store
 from garden.mission.checkpoints import CheckpointSharing
@@ -332,6 +333,7 @@ class TrainingWork(Service):
             out_dir=worker.dir / "out",
             max_threads=self.config.max_threads,
             checkpoint_every=spec.train.checkpoint_every,
+            hold_out=holds_out(mission.signed.body.prompts_count),
             parent_pid=os.getpid(),
             **self.config.limits,
         )

@@ -10,18 +10,24 @@ for. The lead's daemon does it here, for each mission it leads that trains a stu
 2. the model is evaluated (``garden eval`` in a child process, so the event loop never waits on a forward
    pass; in the peer's one slot for heavy work, never beside a shard, and not while the owner paused the
    peer) on up to :data:`EVAL_ROWS` rows of the mission this peer holds (winning row sets, with the
-   teacher's top-k): KL(teacher || student);
+   teacher's top-k): KL(teacher || student), NLL, top-1 agreement, preference accuracy;
 3. it is vouched for (:meth:`CheckpointSharing.vouch`) when that KL is not worse than the last vouched
    checkpoint's, or, for the first, than the base student's, by more than :data:`WORSE_BY` (relative) plus
    :data:`WORSE_SLACK`. Otherwise the log says why and the epoch stays unverified.
 
-What the KL is measured on: rows the lead holds, which trainers may have trained on too; this is a check
-against a poisoned or broken checkpoint (it drifts away from the teacher), not a measure of generalisation.
+What the KL is measured on: the rows of the mission's held-out prompts (one in 16:
+:func:`garden.protocol.rows.held_out`), which no trainer reads (``RowFeed(split="train")``), so the published
+figures say how the student does on prompts it never learnt from. A mission too small to hold prompts out
+(under 64 prompts), or whose lead holds no held-out row yet, is measured on its other rows, and its vouch says
+so (``heldout_rows`` 0): then the KL only checks against a poisoned or broken checkpoint (it drifts away from
+the teacher). Figures are compared on the same rows only: when the evaluation rows change (more rows arrived),
+the base student is measured again on them and is the bar until the next vouch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from garden.errors import GardenError
 from garden.host.governor import Governor
@@ -39,7 +46,7 @@ from garden.mission.book import Mission, MissionBook
 from garden.mission.checkpoints import CheckpointSharing
 from garden.models.student import PRUNE_SCHEME
 from garden.protocol.checkpoints import CheckpointRecord
-from garden.protocol.rows import preference_json_line
+from garden.protocol.rows import DorpoRow, holds_out, preference_json_line
 from garden.store import RowFeed, StoreError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +64,9 @@ QUIET_S = 30.0
 load, a forward pass) waits for a lull in shaking, so it never crowds a peer that is loading, writing and
 serving (on 2 cores even a nice 19 evaluation beside that held the daemon's event loop for a second)."""
 FIGURES = ("kl", "nll", "top1", "pref_acc", "rows")
-"""What a vouch carries of ``garden eval``'s report (a published student shows them)."""
+"""What a vouch carries of ``garden eval``'s report (a published student shows them), with ``base_kl`` and
+``heldout_rows`` (how many of the ``rows`` measured are of held-out prompts: all of them, or 0 when the lead
+held none yet)."""
 RETRY_AFTER = 300.0
 """Seconds before a checkpoint whose judging failed (its pull, its evaluation) is tried again."""
 
@@ -69,10 +78,12 @@ class MissionVouching:
 
     judged: set[tuple[int, str]] = field(default_factory=set)  # (epoch, manifest sha256) evaluated
     failed: dict[tuple[int, str], float] = field(default_factory=dict)  # judging failed -> when (monotonic)
+    rows_digest: str | None = None  # the evaluation rows base_kl and last_kl were measured on (sha256)
     base_kl: float | None = None
     last_kl: float | None = None  # the KL of the newest epoch vouched for: the bar for every later judgement
     last_epoch: int = -1
     refused: dict[int, str] = field(default_factory=dict)  # epoch -> why it was not vouched
+    restored: bool = False  # the last vouched KL was read back from this lead's vouches, or is this run's own
 
 
 class CheckpointVoucher(Service):
@@ -128,9 +139,9 @@ class CheckpointVoucher(Service):
         catalog = await self.sharing.catalog(mission.id)
         max_epoch = mission.signed.spec.train.max_epochs
         mine = [v for v in catalog.vouches if v.peer_id == self.sharing.peer_id and "kl" in v.metrics]
-        if mine and state.last_kl is None:
+        if mine and not state.restored:  # once: a bar dropped later (other evaluation rows) stays dropped
             newest = max(mine, key=lambda v: v.epoch)
-            state.last_kl, state.last_epoch = newest.metrics["kl"], newest.epoch
+            state.last_kl, state.last_epoch, state.restored = newest.metrics["kl"], newest.epoch, True
         vouched = {(v.epoch, v.manifest_sha256) for v in mine}
         todo = [
             r for r in catalog.records
@@ -152,9 +163,18 @@ class CheckpointVoucher(Service):
                                record.epoch, mission.id[:12], record.peer_id, RETRY_AFTER, e)  # fmt: skip
 
     async def _judge(self, mission: Mission, state: MissionVouching, record: CheckpointRecord) -> None:
-        rows = await asyncio.to_thread(self._write_rows, mission)
-        if rows is None:
+        if state.rows_digest is None:  # after a restart: the rows the restored last KL was measured on
+            state.rows_digest = await asyncio.to_thread(self._kept_digest, mission)
+        chosen = await asyncio.to_thread(self._write_rows, mission)
+        if chosen is None:
             return  # no rows here yet: judged once there are
+        rows, count, heldout = chosen
+        digest = await asyncio.to_thread(_sha256, rows)
+        if digest != state.rows_digest:  # other rows: a KL measured on the old ones is no bar for the new
+            if state.rows_digest is not None or state.last_kl is not None:
+                logger.info("mission %s: checkpoints are now measured on %d rows (%d held out); the base student "
+                            "is measured again on them", mission.id[:12], count, heldout)  # fmt: skip
+            state.rows_digest, state.base_kl, state.last_kl, state.restored = digest, None, None, True
         # pulled aside (never listed nor announced by this peer), a flat transformers directory
         judged = self.work_root / mission.id / f"epoch-{record.epoch}-{record.manifest_sha256[:16]}"
         path, _ = await self.sharing.pull(
@@ -178,7 +198,7 @@ class CheckpointVoucher(Service):
             logger.warning("epoch %d of mission %s (from %s) is not vouched for: %s", record.epoch, mission.id[:12],
                            record.peer_id, why)  # fmt: skip
             return
-        metrics = {**figures, "base_kl": state.base_kl}
+        metrics = {**figures, "base_kl": state.base_kl, "heldout_rows": float(heldout)}
         await self.sharing.vouch(record, metrics)
         if record.epoch >= state.last_epoch:  # an older epoch judged late must not lower the bar
             state.last_kl, state.last_epoch = kl, record.epoch
@@ -186,22 +206,36 @@ class CheckpointVoucher(Service):
         logger.info("vouched for epoch %d of mission %s (KL %.4f, base %.4f)", record.epoch, mission.id[:12], kl,
                     state.base_kl)  # fmt: skip
 
-    def _write_rows(self, mission: Mission) -> Path | None:
-        """Up to :data:`EVAL_ROWS` of the mission's rows held here (winning sets only), as ``garden eval`` reads."""
-        try:
-            feed = RowFeed(self.store_path, mission.id)
-        except StoreError:
-            return None
-        try:
-            rows = [r for r in feed.new_rows(limit=10 * EVAL_ROWS) if r.k > 0][:EVAL_ROWS]
-        finally:
-            feed.close()
+    def _write_rows(self, mission: Mission) -> tuple[Path, int, int] | None:
+        """Up to :data:`EVAL_ROWS` of the mission's held-out rows held here (winning sets only), or, when there
+        is none, of its other rows, as ``garden eval`` reads them; and how many rows, how many held out."""
+        heldout = self._read_rows(mission, "heldout") if holds_out(mission.signed.body.prompts_count) else []
+        rows = heldout or self._read_rows(mission, "all")
         if not rows:
             return None
-        path = self.work_root / mission.id / "rows.jsonl"
+        path = self._rows_path(mission)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(preference_json_line(r) for r in rows))
-        return path
+        text = "".join(preference_json_line(r) for r in rows)
+        if not path.exists() or path.read_text() != text:  # kept as it is: its digest is the figures' key
+            path.write_text(text)
+        return path, len(rows), len(heldout)
+
+    def _read_rows(self, mission: Mission, split: Literal["heldout", "all"]) -> list[DorpoRow]:
+        try:
+            feed = RowFeed(self.store_path, mission.id, split=split)
+        except StoreError:
+            return []
+        try:
+            return [r for r in feed.new_rows(limit=10 * EVAL_ROWS) if r.k > 0][:EVAL_ROWS]
+        finally:
+            feed.close()
+
+    def _rows_path(self, mission: Mission) -> Path:
+        return self.work_root / mission.id / "rows.jsonl"
+
+    def _kept_digest(self, mission: Mission) -> str | None:
+        path = self._rows_path(mission)
+        return _sha256(path) if path.exists() else None
 
     async def _evaluate(self, student: str, rows: Path, name: str) -> dict[str, float]:
         """KL(teacher || student), NLL, top-1 agreement and preference accuracy on ``rows`` (those measured, and
@@ -234,3 +268,8 @@ class CheckpointVoucher(Service):
         if report.get("kl") is None:
             raise GardenError(f"garden eval of {name} gave no KL (rows without the teacher's log-probs?)")
         return {k: float(report[k]) for k in FIGURES if isinstance(report.get(k), int | float)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+

@@ -324,6 +324,29 @@ class DorpoRow(BaseModel):
         return decode_record(cls, raw, "row")
 
 
+HELDOUT_EVERY = 16
+"""One prompt in this many (by hash) is held out of a mission's training: the lead measures each checkpoint on
+their rows, so the published KL is on prompts no trainer learnt from (6 %: 64 rows in a mission of ~1000)."""
+HELDOUT_FROM = 64
+"""Missions of fewer prompts hold none out: a handful of prompts would lose most of what it has to teach (or,
+all of them held out by chance, train on nothing), and a few held-out rows measure nothing. From 64 on, about 4
+prompts are held out; the lead's vouch says when none was (its figures are then on trained-on rows)."""
+
+
+def holds_out(prompts_count: int) -> bool:
+    """Whether a mission of ``prompts_count`` prompts (its signed body's ``prompts_count``) holds any out."""
+    return prompts_count >= HELDOUT_FROM
+
+
+def held_out(mission_id: str, prompt: str) -> bool:
+    """Whether ``prompt``'s rows are held out of ``mission_id``'s training. Every peer computes the same split
+    from the signed mission alone (nothing to agree on, nothing a peer could claim), the split is by prompt (a
+    prompt's other rows would leak its answers into training), and salted by the mission (each mission holds out
+    other prompts of a shared prompt file)."""
+    digest = hashlib.sha256(f"garden-heldout\n{mission_id}\n{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % HELDOUT_EVERY == 0
+
+
 def sorted_maps(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: sorted_maps(value[key]) for key in sorted(value)}

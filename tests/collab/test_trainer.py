@@ -159,7 +159,7 @@ def test_the_row_feed_returns_new_rows_once_and_skips_damaged_ones(tmp_path: Pat
     path.write_bytes(rows_store.read_bytes())
     feed = RowFeed(path, MISSION)
     first = feed.new_rows()
-    assert len(first) == 4 and feed.new_rows() == []
+    assert len(first) == 3 and feed.held_back == 1 and feed.new_rows() == []  # the 4th prompt is held out
     store = Store(path)  # the daemon writes on while the feed reads
     try:
         db = sqlite3.connect(path)

@@ -126,7 +126,11 @@ def test_a_capped_peer_stays_under_its_cpu_share_and_pauses_when_asked(
     given_back = f"shard {shard} of mission {mission_id[:12]}: paused by the owner; the shard is given back"
     assert given_back in a.stderr() or f"shard {shard} of mission {mission_id[:12]} done" in a.stderr()
     assert b.request("POST", "/resume").json()["paused"] is False
-    wait_until(lambda: leased_by(b, b, mission_id), 30, 0.3, "b leased a shard")
+    try:
+        wait_until(lambda: leased_by(b, b, mission_id), 30, 0.3, "b leased a shard")
+    except AssertionError as e:  # say what b was doing instead (its log is printed below the failure)
+        board = (detail(b, mission_id) or {}).get("shards")
+        raise AssertionError(f"{e}; b: {here(b, mission_id)}; board: {board}") from e
 
     # a's contribution is in its store, its status and its peer record
     progress = here(a, mission_id)

@@ -128,6 +128,7 @@ def test_two_peers_shake_and_train_one_student(
         train = training(daemon, mission_id)
         assert train["epoch"] == EPOCHS and train["max_epochs"] == EPOCHS and train["restarts"] == 0
         assert train["rows"] > 0 and train["samples"] > 0 and train["skipped_steps"] == 0
+        assert train["rows_held_out"] == 0  # 8 prompts: too few to hold any out (garden.protocol.rows.holds_out)
         assert train["loss"] is not None
     # both trained the same student (equal parameters after a joint round are checked at the worker level,
     # tests/trainer/test_collab_swarm.py; here two busy daemons shake beside, and a late round may be missed)
@@ -161,6 +162,7 @@ def test_two_peers_shake_and_train_one_student(
     verified = wait_until(vouched, 180, 1.0, "the lead vouched for the last epoch's checkpoint")
     assert verified["vouched_by"] == a.peer_id and verified["vouch_metrics"]["kl"] >= 0.0
     assert verified["vouch_metrics"]["kl"] <= 1.1 * verified["vouch_metrics"]["base_kl"] + 0.02
+    assert verified["vouch_metrics"]["heldout_rows"] == 0 < verified["vouch_metrics"]["rows"]  # measured on, said so
     out = tmp_path / "pulled"
     pulled = garden_cli("mission", "pull", mission_id[:12], "-o", str(out), "--url", other.url)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
