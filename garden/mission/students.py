@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 RENEW_S = 3600.0
 """Seconds between renewals of a published student in the DHT (its records live :data:`STUDENT_TTL`)."""
-EVAL_KEYS = ("kl", "nll", "top1", "pref_acc", "base_kl", "rows")
+EVAL_KEYS = ("kl", "nll", "top1", "pref_acc", "base_kl", "rows", "heldout_rows")
 LISTING_TTL = 3.0
 """Seconds a read of ``<swarm>/students`` is reused."""
 MAX_WARNED = 10_000
