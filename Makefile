@@ -60,6 +60,10 @@ install-dev: $(VENV)/.installed-dev
 	@# the dashboard test's browser: Debian's chromium, driven by playwright (never `playwright install`)
 	@command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
 		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@# the NAT test world (harness/netns.py): network namespaces need iproute2, the routers' NAT nftables
+	@(command -v nft >/dev/null && command -v ip >/dev/null) || [ "$$(id -u)" != 0 ] \
+		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null 2>&1 \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null)
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "garden needs Python 3.11 or newer (set PYTHON=...)")'

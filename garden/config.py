@@ -59,6 +59,23 @@ class GardenSettings(BaseSettings):
     client_mode: bool = Field(
         False, description="Behind NAT: dial out only, accept no incoming connections (hivemind client mode)."
     )
+    reachability: Literal["auto", "public", "private"] = Field(
+        "auto", description="Whether others can dial this peer: auto asks the --join peers to dial it back; public "
+        "(a forwarded port, a server) relays for others; private reserves a slot on a relay and is reached through "
+        "it (or, with no relay, dials out only).",
+    )  # fmt: skip
+    relay: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Multiaddrs of relays a private peer reserves a slot on, besides the "
+        "public --join peers.",
+    )  # fmt: skip
+    relay_max_circuits: int = Field(16, ge=0, le=4096, description="A public peer relays at most this many "
+                                    "connections per peer.")  # fmt: skip
+    relay_max_reservations: int = Field(32, ge=0, le=65536, description="A public peer holds relay slots for at "
+                                        "most this many private peers.")  # fmt: skip
+    relay_data_limit: ByteSize = Field(ByteSize(1 << 30), ge=1024, description="Bytes one relayed connection may "
+                                       "carry each way, e.g. 1GiB.")  # fmt: skip
+    relay_time_limit: float = Field(3600.0, ge=1.0, le=7 * 86400, description="Seconds one relayed connection may "
+                                    "last.")  # fmt: skip
     swarm: str = Field(DEFAULT_SWARM, description="Swarm name; every DHT key lives under it.")
     announce_period: float = Field(
         30.0, ge=0.5, le=3600, description="Seconds between peer-record announces; records expire after 2x."
@@ -188,7 +205,8 @@ class GardenSettings(BaseSettings):
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
     @field_validator(
-        "join", "host_maddr", "announce_maddr", "roles", "serve", "http_allowed_host", "trust_lead", mode="before"
+        "join", "host_maddr", "announce_maddr", "roles", "serve", "http_allowed_host", "trust_lead", "relay",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -233,6 +251,23 @@ class GardenSettings(BaseSettings):
     def _valid_swarm(cls, value: str) -> str:
         DHTKeys(value)  # raises ValueError naming the rule
         return value
+
+    @field_validator("relay")
+    @classmethod
+    def _relay_maddrs(cls, value: list[str]) -> list[str]:
+        for maddr in value:
+            if not re.fullmatch(r"/(ip4|ip6|dns4|dns6|dns)/[^/]+/tcp/\d+/p2p/[1-9A-HJ-NP-Za-km-z]{30,80}", maddr):
+                raise ValueError(f"{maddr!r} is not a relay's address (/ip4/IP/tcp/PORT/p2p/PEER_ID)")
+        return value
+
+    @model_validator(mode="after")
+    def _private_needs_peers(self) -> GardenSettings:
+        if self.reachability == "private" and not (self.join or self.relay):
+            raise ValueError(
+                "a private peer is reached only through a relay, so a new swarm started by one could never be "
+                "joined: give --join (a peer of the swarm to enter) or drop --reachability private"
+            )
+        return self
 
     @model_validator(mode="after")
     def _client_mode_needs_peers(self) -> GardenSettings:

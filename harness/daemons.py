@@ -63,15 +63,18 @@ class Daemon(TrackedProcess):
     peer_id: str = ""
     addresses: list[str] = field(default_factory=list)
     descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    via: Any = None  # runs the HTTP calls in the daemon's network namespace (harness.netns.NatWorld.caller)
 
     @property
     def join_addr(self) -> str:
         return self.addresses[0]
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30, **kwargs)
+        return self.request("GET", path, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.via is not None:
+            return self.via(httpx.request, method, self.url + path, **({"timeout": 30} | kwargs))
         return httpx.request(method, self.url + path, **({"timeout": 30} | kwargs))
 
     def peer_ids(self) -> set[str]:
@@ -160,17 +163,23 @@ class DaemonFactory:
         env: dict[str, str] | None = None,
         announce_period: float | None = 1.0,
         wait: bool = True,
+        host_maddr: str = "/ip4/127.0.0.1/tcp/0",
+        netns: str | None = None,
+        via: Any = None,
     ) -> Daemon:
+        """A daemon with ``args``; in network namespace ``netns`` (``ip netns exec``: it replaces itself with the
+        daemon, whose PID is the one tracked), its HTTP calls made through ``via`` there."""
         self._count += 1
         name = f"peer{self._count}"
         data_dir = data_dir or self.base_dir / name
         stdout_path = self.base_dir / f"{name}.out"
         stderr_path = self.base_dir / f"{name}.err"
         argv = [
+            *(["ip", "netns", "exec", netns] if netns else []),
             sys.executable, "-m", "garden", "run",
             "--data-dir", str(data_dir),
             "--http-port", "0",
-            "--host-maddr", "/ip4/127.0.0.1/tcp/0",
+            "--host-maddr", host_maddr,
             *(["--announce-period", str(announce_period)] if announce_period else []),
             *args,
         ]  # fmt: skip
@@ -179,7 +188,7 @@ class DaemonFactory:
             proc = subprocess.Popen(
                 argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env(env), start_new_session=True
             )
-        daemon = Daemon(proc=proc, data_dir=data_dir, stdout_path=stdout_path, stderr_path=stderr_path)
+        daemon = Daemon(proc=proc, data_dir=data_dir, stdout_path=stdout_path, stderr_path=stderr_path, via=via)
         self.daemons.append(daemon)
         if wait:
             self.wait_ready(daemon)

@@ -35,6 +35,7 @@ from garden.api.schemas import (
     Error,
     Health,
     Machine,
+    Network,
     Peer,
     Resources,
     Routing,
@@ -46,6 +47,7 @@ from garden.daemon.gardener import Gardener
 from garden.mission.shaking import ShakingSnapshot
 from garden.mission.training import TrainingSnapshot
 from garden.net.directory import PeerEntry
+from garden.net.reach import Reach
 from garden.protocol.records import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -107,7 +109,8 @@ def create_app(gardener: Gardener) -> FastAPI:
             peers=swarm.peers_seen,
             joined=swarm.joined,
             swarm=gardener.keys.swarm,
-            client_mode=gardener.settings.client_mode,
+            client_mode=gardener.client_mode,
+            network=_network(gardener.reach, gardener.addresses),
             announce_period_s=gardener.settings.announce_period,
             machine=Machine(cores=machine.cores, ram_bytes=machine.ram_bytes, gpu=machine.gpu),
             shaking=_shaking(gardener.work.snapshot(), gardener.training.snapshot()),
@@ -168,6 +171,14 @@ def _shaking(shaking: ShakingSnapshot, training: TrainingSnapshot) -> Shaking:
     )
 
 
+def _network(reach: Reach, addresses: list[str]) -> Network:
+    return Network(
+        reachability=reach.reachability, mode=reach.mode, addresses=addresses, observed=reach.observed,
+        relays=reach.relays, relay_service=reach.relay_service, hole_punching=reach.mode == "relayed",
+        checked_by=reach.checked_by, note=reach.note,
+    )  # fmt: skip
+
+
 def _peer(entry: PeerEntry, self_id: str, now: float) -> Peer:
     info = entry.info
     return Peer(
@@ -180,6 +191,7 @@ def _peer(entry: PeerEntry, self_id: str, now: float) -> Peer:
         load=info.load,
         addresses=info.addresses,
         client_mode=info.client_mode,
+        reachability=info.reachability,
         last_seen=info.announced_at,
         paused=info.paused,
         working=info.working,

@@ -4,7 +4,7 @@ fields freely, never rename or remove one."""
 from __future__ import annotations
 
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -104,6 +104,24 @@ class Contribution(BaseModel):
     missions: dict[str, ContributionTotals] = Field(description="by mission id")
 
 
+class Network(BaseModel):
+    """Whether others can dial this peer, and how it takes part (``garden.net.reach``)."""
+
+    reachability: Literal["public", "private", "unknown"] = Field(
+        "unknown", description="public: others dial it; private: behind a NAT or firewall; unknown: not checked"
+    )
+    mode: Literal["direct", "relayed", "client"] = Field(
+        "direct", description="direct: dialled at its addresses; relayed: through relays; client: dials out only"
+    )
+    addresses: list[str] = Field(default_factory=list, description="what others can use (relayed ones for private)")
+    observed: list[str] = Field(default_factory=list, description="the IPs the checking peers saw it come from")
+    relays: list[str] = Field(default_factory=list, description="relays it holds a slot on (private peers)")
+    relay_service: bool = Field(False, description="it relays for private peers (public peers)")
+    hole_punching: bool = Field(False, description="libp2p's DCUtR tries to turn relayed connections into direct ones")
+    checked_by: dict[str, str] = Field(default_factory=dict, description="peer id -> what its reach check answered")
+    note: str = ""
+
+
 class Status(BaseModel):
     peer_id: str
     version: str
@@ -115,6 +133,7 @@ class Status(BaseModel):
     joined: bool = Field(description="this peer's record has been stored in the DHT at least once")
     swarm: str
     client_mode: bool
+    network: Network = Field(default_factory=lambda: Network(), description="whether others can dial this peer")
     announce_period_s: float = Field(description="seconds between announces of this peer's record")
     machine: Machine
     shaking: Shaking | None = None
@@ -141,6 +160,7 @@ class Peer(BaseModel):
     load: float
     addresses: list[str]
     client_mode: bool
+    reachability: str = Field("unknown", description="public | private | unknown, as the peer announced it")
     last_seen: float = Field(description="DHT time (unix seconds) of the peer's latest announce")
     paused: bool = False
     working: str = ""

@@ -86,6 +86,20 @@ def run(
     spot_check: float | None = typer.Option(None, "--spot-check", metavar="FRACTION", help=_help("spot_check")),
     log_level: str | None = typer.Option(None, "--log-level", help=_help("log_level")),
     client_mode: bool | None = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
+    reachability: str | None = typer.Option(
+        None, "--reachability", metavar="auto|public|private", help=_help("reachability")
+    ),
+    relay: list[str] | None = typer.Option(None, "--relay", metavar="MADDR", help=_help("relay") + " Repeatable."),
+    relay_max_circuits: int | None = typer.Option(None, "--relay-max-circuits", help=_help("relay_max_circuits")),
+    relay_max_reservations: int | None = typer.Option(
+        None, "--relay-max-reservations", help=_help("relay_max_reservations")
+    ),
+    relay_data_limit: str | None = typer.Option(
+        None, "--relay-data-limit", metavar="SIZE", help=_help("relay_data_limit")
+    ),
+    relay_time_limit: float | None = typer.Option(
+        None, "--relay-time-limit", metavar="SECONDS", help=_help("relay_time_limit")
+    ),
     swarm: str | None = typer.Option(None, "--swarm", help=_help("swarm")),
     announce_period: float | None = typer.Option(None, "--announce-period", help=_help("announce_period")),
     dht_timeout: float | None = typer.Option(None, "--dht-timeout", help=_help("dht_timeout")),
@@ -131,6 +145,12 @@ def run(
         spot_check=spot_check,
         log_level=log_level,
         client_mode=client_mode,
+        reachability=reachability,
+        relay=relay or None,
+        relay_max_circuits=relay_max_circuits,
+        relay_max_reservations=relay_max_reservations,
+        relay_data_limit=relay_data_limit,
+        relay_time_limit=relay_time_limit,
         swarm=swarm,
         announce_period=announce_period,
         dht_timeout=dht_timeout,
@@ -177,6 +197,7 @@ def status(
             f"{machine.get('cores')} cores, {_gib(machine.get('ram_bytes', 0))} RAM"
             + (f", {gpu['name']} ({_gib(gpu['memory_bytes'])})" if gpu else ", no GPU"),
         ),
+        ("reachability", _reach_text(data.get("network") or {})),
         ("addresses", "\n".join(data["addresses"]) or "none (client mode)"),
         ("state", data.get("working", "working")),
         *_caps_rows(data.get("caps") or {}),
@@ -262,3 +283,16 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _reach_text(net: dict) -> str:
+    """public / private / unknown, how others reach this peer, and what follows (``garden.net.reach``)."""
+    if not net:
+        return "unknown"
+    how = {"relayed": f"through {len(net.get('relays') or [])} relay(s)", "client": "dials out only"}.get(
+        net.get("mode", ""), "direct"
+    )
+    extra = ", relays for others" if net.get("relay_service") else ""
+    note = f"\n{net['note']}" if net.get("note") else ""
+    return f"{net.get('reachability', 'unknown')}, {how}{extra}{note}"
+

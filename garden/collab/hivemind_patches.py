@@ -86,10 +86,10 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from garden.net.p2pd_patch import TESTED_HIVEMIND  # one pin for every patch of hivemind, the p2pd flags' too
+
 logger = logging.getLogger(__name__)
 
-TESTED_HIVEMIND = "1.1.12"
-"""The hivemind release these patches were written for and tested with (``pyproject.toml`` pins it)."""
 
 PATCHED: tuple[tuple[str, str], ...] = (
     # the averaging guard

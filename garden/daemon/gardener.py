@@ -33,6 +33,7 @@ from garden.host.idle import IdleConfig
 from garden.host.capabilities import MachineInfo, choose_roles, machine_load, probe_machine
 from garden.net.directory import PeerDirectory
 from garden.net.identity import Identity, load_or_create_identity
+from garden.net.reach import Reach, ReachResponder, RelayLimits, assess, plan
 from garden.net.swarm import Swarm, SwarmConfig
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import PeerInfo, PeerState, Role
@@ -75,6 +76,8 @@ class Host:
     validators: Validators
     swarm: Swarm
     addresses: list[str]
+    reach: Reach
+
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Gardener:
     Who uses whom (each arrow a constructor argument)::
 
         transfer -> swarm                      directory -> swarm
+        reach_checks -> swarm, reach           (answers other peers' "can you dial me back?")
         missions -> store, swarm, transfer     (registers prompts and rows with the transfer)
         checkpoints -> swarm, transfer         (registers ckpt)
         disk -> store, missions, checkpoints   keeper -> store, missions, transfer, disk (takes row-set offers)
@@ -158,15 +162,17 @@ class Gardener:
         settings, identity, swarm, keys = host.settings, host.identity, host.swarm, DHTKeys(host.settings.swarm)
         self.settings, self.keys, self.data_dir, self.swarm = settings, keys, host.data_dir, swarm
         self.store, self.governor, self.ledger = host.store, host.governor, host.ledger
-        self.machine, self.roles, self.skipped_roles, self.addresses = (
-            host.machine, host.roles, host.skipped_roles, host.addresses
+        self.machine, self.roles, self.skipped_roles, self.addresses, self.reach = (
+            host.machine, host.roles, host.skipped_roles, host.addresses, host.reach
         )  # fmt: skip
+        self.client_mode = settings.client_mode or host.reach.mode == "client"
         period = min(settings.announce_period, 5.0)
         limits = TransferLimits(
             upload_rate=settings.max_upload_rate, download_rate=settings.max_download_rate,
             serve_memory=settings.max_serving_memory,
         )  # fmt: skip
         self.transfer = ContentTransfer(swarm, limits=limits, namespace=keys.swarm)
+        self.reach_checks = ReachResponder(swarm, host.reach, namespace=keys.swarm)
         self.directory = PeerDirectory(swarm, keys, identity.private_key, self._make_record, settings.announce_period)
         policy = MissionPolicy(
             trusted_leads=frozenset(settings.trust_lead),
@@ -217,7 +223,7 @@ class Gardener:
                 store_path=self.data_dir.store,
                 initial_peers=list(self.addresses or settings.join),
                 host_maddrs=settings.host_maddr,
-                client_mode=settings.client_mode,
+                client_mode=self.client_mode,
                 batch_size=settings.train_batch_size,
                 max_threads=self.max_threads,
                 log_level=settings.log_level,
@@ -244,8 +250,8 @@ class Gardener:
         self.contribution = LedgerKeeper(self.ledger, self.inference)
         self.loop_lag = LoopLag()
         self.supervisor = Supervisor(
-            [self.loop_lag, self.transfer, self.directory, self.missions, self.work, self.training, self.inference,
-             self.disk, self.contribution, self.vouching, self.students]
+            [self.loop_lag, self.transfer, self.reach_checks, self.directory, self.missions, self.work, self.training,
+             self.inference, self.disk, self.contribution, self.vouching, self.students]
         )  # fmt: skip
         self.started_at = time.time()
 
@@ -273,6 +279,17 @@ class Gardener:
                 ShardRecordValidator(DHTKeys(settings.swarm)),
                 MissionRecordValidator(DHTKeys(settings.swarm)),
             )
+            reach = asyncio.run(
+                assess(
+                    settings.join, settings.host_maddr, settings.swarm, settings.reachability, settings.relay,
+                    settings.client_mode,
+                )
+            )  # before the DHT forks: no event loop may run then
+            limits = RelayLimits(
+                max_circuits=settings.relay_max_circuits, max_reservations=settings.relay_max_reservations,
+                data_limit=int(settings.relay_data_limit), time_limit=settings.relay_time_limit,
+            )  # fmt: skip
+            p2p = plan(reach, limits)
             swarm = Swarm(
                 SwarmConfig(
                     initial_peers=settings.join,
@@ -282,13 +299,14 @@ class Gardener:
                     identity_path=str(identity.path),
                     dht_timeout=settings.dht_timeout,
                     record_validators=[validators.peers, validators.shards, validators.missions],
+                    p2p=p2p,
                 )
             )
             swarm.start()
-            addresses = [] if settings.client_mode else swarm.visible_maddrs()
+            addresses = [] if settings.client_mode or p2p.client_mode else swarm.visible_maddrs()
             host = Host(
                 settings, data_dir, identity, store, machine, roles, skipped_roles, governor, Ledger(store),
-                validators, swarm, addresses,
+                validators, swarm, addresses, reach,
             )  # fmt: skip
             return cls(host)
         except BaseException:
@@ -390,7 +408,8 @@ class Gardener:
             gpu=self.machine.gpu,
             load=machine_load(),
             addresses=self.addresses[:32],
-            client_mode=self.settings.client_mode,
+            client_mode=self.client_mode,
+            reachability=self.reach.reachability,
             announced_at=get_dht_time(),
             paused=self.governor.paused,
             working=self.governor.working_state()[:200],

@@ -24,6 +24,8 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from garden.lifecycle import watch_parent
+from garden.net import p2pd_patch
+from garden.net.reach import P2PPlan
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,13 @@ class GardenDHT(hivemind.DHT):
     order. Only the daemon should hear the terminal; it stops its children itself.
     """
 
+    def __init__(self, *args: Any, p2pd_flags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.p2pd_flags = dict(p2pd_flags or {})  # before hivemind's __init__, which may start the process
+        super().__init__(*args, **kwargs)
+
     def run(self) -> None:
+        if self.p2pd_flags:  # relay limits, static relays (garden.net.reach): before hivemind starts p2pd
+            p2pd_patch.install(self.p2pd_flags)
         try:
             os.setpgid(0, 0)
         except OSError as e:  # e.g. a session leader; the watch below still ties us to the daemon
@@ -70,6 +78,7 @@ class SwarmConfig:
     identity_path: str
     dht_timeout: float
     record_validators: Sequence[RecordValidatorBase] = ()
+    p2p: P2PPlan = field(default_factory=P2PPlan)  # reachability: relay service, relays, announced circuits
 
 
 @dataclass
@@ -110,11 +119,15 @@ class Swarm:
         for maddr in self.config.initial_peers:
             _check_join_maddr(maddr)
         try:
+            plan = self.config.p2p
+            announce = [*self.config.announce_maddrs, *plan.announce]
             self.dht = GardenDHT(
                 initial_peers=list(self.config.initial_peers) or None,
                 host_maddrs=list(self.config.host_maddrs),
-                announce_maddrs=list(self.config.announce_maddrs) or None,
-                client_mode=self.config.client_mode,
+                announce_maddrs=announce or None,
+                client_mode=self.config.client_mode or plan.client_mode,
+                p2pd_flags=plan.flags,
+                **plan.options,
                 identity_path=self.config.identity_path,
                 # the data-dir lock already keeps one identity to one daemon on this machine; the
                 # network check spawns a second p2pd and adds seconds to every restart

@@ -91,6 +91,9 @@ class PeerInfo(StrictRecord):
     load: float = Field(ge=0.0, le=1.0, description="machine CPU utilisation over the last period, 0..1")
     addresses: list[str] = Field(default_factory=list, max_length=32)
     client_mode: bool = False
+    reachability: Literal["public", "private", "unknown"] = Field(
+        "unknown", description="whether others can dial it (private: through a relay, or not at all in client mode)"
+    )
     announced_at: float = Field(ge=0.0, description="DHT time (seconds since the epoch) of this announce")
     paused: bool = Field(False, description="its owner paused it: it relays and may serve, but takes no work")
     working: str = Field("", max_length=200, description="what it does now, in words (working, paused, waiting: ...)")

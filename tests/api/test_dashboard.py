@@ -193,6 +193,9 @@ def test_dashboard_in_a_browser(daemons: DaemonFactory, model_cache: Path, tmp_p
             assert page.locator(".model").nth(0).locator("rect").count() == 30
             page.locator("#peers tr.self").wait_for()
             assert peer_id in (page.locator("#peers tr.self td").first.get_attribute("title") or "")
+            # a swarm on 127.0.0.1: everyone dials everyone (garden.net.reach), shown with the peer and in the table
+            assert "public, direct, relays for others" in (page.locator("#peer-facts").text_content() or "")
+            assert page.locator("#peers tr.self td").nth(3).text_content() == "public"
 
             # the chat panel: ask the model the peer serves, redo the answer, edit the new one: a pair is counted
             page.locator("#chat-model option", has_text=TEACHER).wait_for(state="attached", timeout=120_000)

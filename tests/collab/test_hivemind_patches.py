@@ -227,11 +227,36 @@ mine.run = None
 
 
 def test_no_other_module_patches_hivemind() -> None:
-    """Every assignment onto hivemind lives in garden/collab/hivemind_patches.py."""
+    """Every assignment onto hivemind lives in garden/collab/hivemind_patches.py, or (the p2p daemon's flags,
+    below the collab level) garden/net/p2pd_patch.py."""
+    allowed = {"garden/collab/hivemind_patches.py", "garden/net/p2pd_patch.py"}
     offenders = [
         line
         for path in sorted((ROOT / "garden").rglob("*.py"))
-        if path.name != "hivemind_patches.py"
+        if str(path.relative_to(ROOT)) not in allowed
         for line in patches_outside(path.relative_to(ROOT), path.read_text())
     ]
-    assert not offenders, f"hivemind patched outside garden/collab/hivemind_patches.py: {offenders}"
+    assert not offenders, f"hivemind patched outside {sorted(allowed)}: {offenders}"
+
+
+def test_the_p2pd_flags_patch_adds_its_flags_and_replaces_what_is_still_there() -> None:
+    from garden.net import p2pd_patch
+
+    for path, name in p2pd_patch.PATCHED:
+        assert hasattr(hivemind_patches.owner(path), name), f"{path}.{name} is gone from hivemind"
+    code = (
+        "from garden.net import p2pd_patch\n"
+        "from hivemind.p2p import P2P\n"
+        "before = P2P._make_process_args('p2pd', relay=True)\n"
+        "p2pd_patch.install({'relayDiscovery': False, 'relayMaxCircuits': 3})\n"
+        "p2pd_patch.install({'relayTimeLimit': '60s'})\n"
+        "print(before, P2P._make_process_args('p2pd', relay=True))\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "-relayDiscovery=0" not in done.stdout.split("]")[0]  # only after install, and only in that process
+    assert "'-relayDiscovery=0'" in done.stdout and "'-relayMaxCircuits=3'" in done.stdout
+    assert "'-relayTimeLimit=60s'" in done.stdout

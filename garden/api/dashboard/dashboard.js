@@ -202,6 +202,12 @@
     $("resume-button").disabled = !paused;
   }
 
+  function reachText(net) {
+    if (!net) return undefined;
+    const how = net.mode === "relayed" ? `through ${net.relays.length} relay(s)` : net.mode === "client" ? "dials out only" : "direct";
+    return `${net.reachability}, ${how}${net.relay_service ? ", relays for others" : ""}`;
+  }
+
   function renderStatus(s) {
     lastStatus = s;
     $("peer-id").textContent = s.peer_id;
@@ -222,6 +228,7 @@
       ["roles", list(s.roles)],
       ["skipped", skipped.length ? skipped.join(", ") : undefined],
       ["peers seen", fmtInt(s.peers)],
+      ["reach", reachText(s.network)],
       ["machine", `${fmtInt(m.cores)} cores, ${fmtBytes(m.ram_bytes)} RAM`],
       ["GPU", gpuText(m.gpu)],
       ["paused", s.paused ? (isNum(pause.since) ? `since ${fmtClock(pause.since)}` : "yes") : "no"],
@@ -288,6 +295,7 @@
         el("td", { class: "mono", title: p.peer_id }, shortId(p.peer_id)),
         el("td", null, p.version),
         el("td", null, list(p.roles)),
+        el("td", null, p.client_mode ? "client" : p.reachability || "unknown"),
         el("td", null, machine),
         el("td", { class: "num" }, fmtPct(p.load)),
         el("td", null, el("span", { class: stateClass(doing, p.paused) }, doing)),
@@ -298,7 +306,7 @@
         el("td", { title: `record expires in ${fmtDuration(p.expires_in_s)}` }, fmtAgo(p.last_seen)),
       );
     });
-    if (rows.length === 0) rows.push(el("tr", null, el("td", { colspan: 11, class: "muted" }, "no peers seen yet")));
+    if (rows.length === 0) rows.push(el("tr", null, el("td", { colspan: 12, class: "muted" }, "no peers seen yet")));
     $("peers").replaceChildren(...rows);
   }
 

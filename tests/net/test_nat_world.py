@@ -1,0 +1,121 @@
+"""Home peers behind NAT routers, in a small internet of network namespaces (``harness.netns``): two public peers
+(one the bootstrap), two homes behind routers that masquerade and forward nothing unasked. Real daemons, a
+real mission with the built-in teacher.
+
+The homes learn they are private (the public peers dial back and fail), reserve slots on both public peers and
+announce addresses behind them; everyone sees everyone in ``/peers``; a mission led from a home is fetched by
+the public side and shaken at home only, and the public side copies the homes' row sets through the relays.
+Then the relay the homes joined through is stopped: they are still reached, through the other one."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.daemons import Daemon, DaemonFactory, wait_until
+from harness.netns import PUBLIC_IP, NatWorld, missing
+from tests.mission.test_missions_swarm import converted, create, detail, mission_body, wait_done  # noqa: F401
+
+pytestmark = [pytest.mark.swarm, pytest.mark.serial]
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[NatWorld]:
+    reason = missing()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the NAT test world cannot be built on this machine: {reason}")
+        pytest.skip(reason)
+    with NatWorld() as built:
+        yield built
+
+
+def start(daemons: DaemonFactory, world: NatWorld, role: str, cache: Path, *args: str) -> Daemon:
+    env = {"GARDEN_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    return daemons.start(
+        "--max-threads", "1", *args, env=env, host_maddr="/ip4/0.0.0.0/tcp/0", netns=world.ns(role),
+        via=world.caller(role),
+    )  # fmt: skip
+
+
+def public_addr(daemon: Daemon) -> str:
+    return next(a for a in daemon.addresses if a.startswith(f"/ip4/{PUBLIC_IP}/"))
+
+
+def network(daemon: Daemon) -> dict[str, Any]:
+    return daemon.get("/status").json()["network"]
+
+
+def seen(daemon: Daemon) -> dict[str, str]:
+    return {p["peer_id"]: p["reachability"] for p in daemon.get("/peers").json()}
+
+
+def copied_from(daemon: Daemon, mission_id: str) -> set[str]:
+    db = sqlite3.connect(f"file:{daemon.data_dir / 'garden.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        found = db.execute("SELECT received_from FROM row_sets WHERE mission_id = ?", (mission_id,)).fetchall()
+    finally:
+        db.close()
+    return {peer for (peer,) in found}
+
+
+def prompts_from(daemon: Daemon, mission_id: str) -> str | None:
+    """The peer ``daemon`` fetched the mission's prompts from, as its log says."""
+    marker = f"prompts of mission {mission_id[:12]} from "
+    line = next((line for line in daemon.stderr().splitlines() if marker in line), None)
+    return line.split(marker)[1].split()[0] if line else None
+
+
+def test_home_peers_behind_nat_join_through_relays_and_serve_what_they_shake(
+    daemons: DaemonFactory, converted: Path, world: NatWorld  # noqa: F811 (the fixture imported above)
+) -> None:
+    a = start(daemons, world, "public", converted, "--reachability", "public", "--roles", "server")
+    b = start(daemons, world, "public", converted, "--join", public_addr(a), "--roles", "server")
+    relays = [public_addr(a), public_addr(b)]
+    homes = [
+        start(daemons, world, f"home{i}", converted, "--join", relays[0], "--join", relays[1], "--roles", "shaker")
+        for i in (1, 2)
+    ]
+
+    # who can be dialled: a was told; b was dialled back by a; the homes were not, and went behind both relays
+    assert network(a)["reachability"] == "public" and network(a)["relay_service"]
+    checked = network(b)
+    assert checked["reachability"] == "public" and checked["relay_service"] and checked["mode"] == "direct"
+    assert checked["checked_by"][a.peer_id].startswith("public; dialled back: ")
+    for i, home in enumerate(homes, start=1):
+        net = network(home)
+        assert (net["reachability"], net["mode"]) == ("private", "relayed"), net
+        assert net["observed"] == [f"10.99.{i}.2"]  # its router's address, as the public peers saw it
+        assert sorted(net["relays"]) == sorted(relays) and not net["relay_service"]
+        assert net["checked_by"][a.peer_id] == "public; dialled back: nothing"
+        assert net["addresses"] and all("/p2p-circuit/p2p/" + home.peer_id in x for x in net["addresses"])
+
+    # everyone sees everyone, with what each is
+    expected = {a.peer_id: "public", b.peer_id: "public", homes[0].peer_id: "private", homes[1].peer_id: "private"}
+    for daemon in (a, b, *homes):
+        wait_until(lambda d=daemon: seen(d) == expected, 60, 0.5, f"{daemon.peer_id} sees all four")  # type: ignore[misc]
+
+    # a mission led from home 1, shaken at home only (the public peers do not shake): the public side fetches its
+    # prompts from home 1, and copies every row set from the homes, all through the relays
+    mission_id = create(homes[0], mission_body(8, shard_size=2, max_new_tokens=4))
+    wait_until(lambda: prompts_from(a, mission_id), 60, 0.5, "a fetched the prompts")
+    assert prompts_from(a, mission_id) == homes[0].peer_id
+    wait_done(a, mission_id)
+    home_ids = {h.peer_id for h in homes}
+    wait_until(lambda: copied_from(a, mission_id) and copied_from(a, mission_id) <= home_ids, 60, 1.0,
+               "a copied the homes' row sets")  # fmt: skip
+    board = (detail(a, mission_id) or {})["peers"]
+    assert {p["peer_id"] for p in board if p["shards_done"]} <= home_ids
+
+    # the relay the homes joined through goes away: they are still reached, through b
+    assert a.stop() == 0
+    second = create(homes[1], mission_body(4, shard_size=2, max_new_tokens=4, name="after-the-relay"))
+    wait_until(lambda: prompts_from(b, second), 90, 0.5, "b fetched the second mission's prompts")
+    assert prompts_from(b, second) == homes[1].peer_id
+    for daemon in (b, *homes):
+        assert "Traceback" not in daemon.stderr()
