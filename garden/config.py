@@ -21,6 +21,7 @@ import platformdirs
 from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from garden.protocol.invite import is_invite, parse_invite
 from garden.protocol.keys import DEFAULT_SWARM, DHTKeys
 from garden.protocol.records import Role
 
@@ -48,8 +49,9 @@ class GardenSettings(BaseSettings):
 
     # --- swarm -------------------------------------------------------------------------------------
     join: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Multiaddrs of peers to join; none starts a new swarm."
-    )
+        default_factory=list, description="Multiaddrs of peers to join, or an invite line (garden invite); none "
+        "starts a new swarm.",
+    )  # fmt: skip
     host_maddr: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="Multiaddrs the p2p daemon listens on."
     )
@@ -203,6 +205,31 @@ class GardenSettings(BaseSettings):
         "by a third is banned. Costs the servers about that fraction more work, plus replays of the history.",
     )  # fmt: skip
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_invites(cls, data: Any) -> Any:
+        """An invite line in ``join`` becomes its bootstrap addresses, its swarm and its leads to trust; a
+        ``swarm`` set otherwise must be the same."""
+        if not isinstance(data, dict) or not data.get("join"):
+            return data
+        items = data["join"].split(",") if isinstance(data["join"], str) else list(data["join"])
+        invites = [parse_invite(item) for item in items if isinstance(item, str) and is_invite(item)]
+        if not invites:
+            return data
+        swarms = {invite.swarm for invite in invites} | ({data["swarm"]} if data.get("swarm") else set())
+        if len(swarms) > 1:
+            raise ValueError(f"the invite is for swarm {invites[0].swarm!r}, but this peer is set to join "
+                             f"{sorted(swarms - {invites[0].swarm})[0]!r} (--swarm): drop one")  # fmt: skip
+        trusted = data.get("trust_lead") or []
+        trusted = trusted.split(",") if isinstance(trusted, str) else list(trusted)
+        plain = [item for item in items if not (isinstance(item, str) and is_invite(item))]
+        return {
+            **data,
+            "join": plain + [peer for invite in invites for peer in invite.peers],
+            "swarm": invites[0].swarm,
+            "trust_lead": trusted + [lead for invite in invites for lead in invite.leads],
+        }
 
     @field_validator(
         "join", "host_maddr", "announce_maddr", "roles", "serve", "http_allowed_host", "trust_lead", "relay",

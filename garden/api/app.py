@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from fastapi import FastAPI, Request
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from hivemind.utils.timed_storage import get_dht_time
@@ -21,7 +24,7 @@ from garden.api.metrics import make_registry
 from garden.api.errors import error_response
 from garden.api.guard import OwnerGuard, OwnerPolicy
 from garden.api.limits import BodyLimit
-from garden.errors import GardenError
+from garden.errors import Conflict, GardenError, Refused
 from garden.host.disk import DiskSnapshot
 from garden.host.governor import GovernorSnapshot
 from garden.api.control import make_control_router
@@ -34,6 +37,7 @@ from garden.api.schemas import (
     Caps,
     Error,
     Health,
+    InviteReply,
     Machine,
     Network,
     Peer,
@@ -46,9 +50,10 @@ from garden.api.schemas import (
 from garden.daemon.gardener import Gardener
 from garden.mission.shaking import ShakingSnapshot
 from garden.mission.training import TrainingSnapshot
-from garden.net.directory import PeerEntry
+from garden.net.directory import PeerEntry, bootstrap_peers, dialable
 from garden.net.reach import Reach
-from garden.protocol.records import PROTOCOL_VERSION
+from garden.protocol.invite import MAX_INVITE_PEERS, Invite
+from garden.protocol.records import PROTOCOL_VERSION, first_error
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +138,26 @@ def create_app(gardener: Gardener) -> FastAPI:
         entries = await directory.read()
         now = get_dht_time()
         return [_peer(entry, gardener.peer_id, now) for entry in entries]
+
+    @app.get("/invite", response_model=InviteReply, responses={409: {"model": Error}}, tags=["swarm"])
+    async def invite(
+        lead: Annotated[list[str] | None, Query(description="peer ids the newcomer should trust as leads")] = None,
+        me: Annotated[bool, Query(description="ask the newcomer to trust this peer as a lead")] = False,
+    ) -> InviteReply | JSONResponse:
+        """One line a newcomer passes to ``garden run --join``: the swarm's name, a few peers to join through
+        (this one, if others can dial it, and the public peers seen), and leads to trust if asked."""
+        leads = list(dict.fromkeys([*(lead or []), *([gardener.peer_id] if me else [])]))
+        direct = gardener.reach.reachability != "private" and not gardener.client_mode
+        own = dialable(gardener.addresses, gardener.peer_id)[:2] if direct else []
+        peers = list(dict.fromkeys([*own, *bootstrap_peers(directory.known, gardener.peer_id)]))[:MAX_INVITE_PEERS]
+        if not peers:
+            return error_response(Conflict("no peer here that others can dial yet: wait until this peer sees the "
+                                           "swarm's public peers (garden peers), or invite from one of them"))
+        try:
+            made = Invite(swarm=gardener.keys.swarm, peers=peers, leads=leads)
+        except ValidationError as e:
+            return error_response(Refused(f"cannot make the invite: {first_error(e)}"))
+        return InviteReply(line=made.line(), swarm=made.swarm, peers=made.peers, leads=made.leads)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["peer"])
     async def metrics() -> PlainTextResponse:

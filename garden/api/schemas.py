@@ -104,6 +104,13 @@ class Contribution(BaseModel):
     missions: dict[str, ContributionTotals] = Field(description="by mission id")
 
 
+class InviteReply(BaseModel):
+    line: str = Field(description="what a newcomer passes to garden run --join")
+    swarm: str
+    peers: list[str] = Field(description="the addresses in it, to join through")
+    leads: list[str] = Field(default_factory=list, description="peer ids the newcomer will trust as leads")
+
+
 class Network(BaseModel):
     """Whether others can dial this peer, and how it takes part (``garden.net.reach``)."""
 

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from garden import __version__
-from garden.cli.common import app, console, daemon_url, get_json, settings_from
+from garden.cli.common import app, call_daemon, console, daemon_url, get_json, settings_from
 from garden.config import GardenSettings
 
 
@@ -248,7 +248,7 @@ def peers(
         print(json.dumps(data, indent=2))
         return
     table = Table(title=f"{len(data)} peer(s)")
-    for column in ("peer", "roles", "cores", "RAM", "GPU", "load", "version", "last seen"):
+    for column in ("peer", "roles", "reach", "cores", "RAM", "GPU", "load", "version", "last seen"):
         table.add_column(column)
     now = time.time()
     for peer in data:
@@ -256,6 +256,7 @@ def peers(
         table.add_row(
             peer["peer_id"] + (" (this)" if peer.get("is_self") else ""),
             ", ".join(peer["roles"]) or "-",
+            "client" if peer.get("client_mode") else peer.get("reachability", "unknown"),
             str(peer["cores"]),
             _gib(peer["ram_bytes"]),
             f"{gpu['name']} ({_gib(gpu['memory_bytes'])})" if gpu else "-",
@@ -264,6 +265,33 @@ def peers(
             f"{_duration(max(0.0, now - peer['last_seen']))} ago",
         )
     console.print(table)
+
+
+@app.command()
+def invite(
+    lead: list[str] | None = typer.Option(
+        None, "--lead", metavar="PEER_ID", help="A lead the newcomer should trust (--trust-lead). Repeatable."
+    ),
+    trust_me: bool = typer.Option(False, "--trust-me", help="Ask the newcomer to trust this peer as a lead."),
+    url: str | None = typer.Option(None, "--url", help="A daemon's HTTP port (default: this machine's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Find the daemon running on this data dir."),
+    config: Path | None = typer.Option(None, "--config", metavar="FILE"),
+) -> None:
+    """One line a newcomer pastes to join this swarm: garden run --join <line>. It holds the swarm's name, a
+    few peers to join through and, if asked, leads to trust."""
+    params = [("lead", x) for x in lead or []] + [("me", "true")] * trust_me
+    data = call_daemon("GET", daemon_url(url, data_dir, config), "/invite", params=params).json()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    print(data["line"])  # alone on stdout: `garden run --join "$(garden invite)"` works
+    trusted = f"; it trusts {len(data['leads'])} lead(s)" if data["leads"] else ""
+    typer.echo(
+        f"on the new machine: garden run --join <the line above> (swarm {data['swarm']}, "
+        f"{len(data['peers'])} address(es) to join through{trusted})",
+        err=True,
+    )
 
 
 @app.command()

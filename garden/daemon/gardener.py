@@ -9,8 +9,10 @@ services take what needs the loop (the P2P handle, threads) in their ``start``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from garden.net.directory import PeerDirectory
 from garden.net.identity import Identity, load_or_create_identity
 from garden.net.reach import Reach, ReachResponder, RelayLimits, assess, plan
 from garden.net.swarm import Swarm, SwarmConfig
+from garden.protocol.invite import PEER_MADDR
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import PeerInfo, PeerState, Role
 from garden.protocol.serve_spec import parse_serve_spec
@@ -173,7 +176,10 @@ class Gardener:
         )  # fmt: skip
         self.transfer = ContentTransfer(swarm, limits=limits, namespace=keys.swarm)
         self.reach_checks = ReachResponder(swarm, host.reach, namespace=keys.swarm)
-        self.directory = PeerDirectory(swarm, keys, identity.private_key, self._make_record, settings.announce_period)
+        self.directory = PeerDirectory(
+            swarm, keys, identity.private_key, self._make_record, settings.announce_period,
+            remember=lambda peers: self.store.set_meta(BOOTSTRAP_META, json.dumps(peers)),
+        )  # fmt: skip
         policy = MissionPolicy(
             trusted_leads=frozenset(settings.trust_lead),
             max_open_per_lead=settings.max_missions_per_lead,
@@ -279,11 +285,10 @@ class Gardener:
                 ShardRecordValidator(DHTKeys(settings.swarm)),
                 MissionRecordValidator(DHTKeys(settings.swarm)),
             )
+            join = _with_remembered(settings.join, store, identity.peer_id)
             reach = asyncio.run(
-                assess(
-                    settings.join, settings.host_maddr, settings.swarm, settings.reachability, settings.relay,
-                    settings.client_mode,
-                )
+                assess(join, settings.host_maddr, settings.swarm, settings.reachability, settings.relay,
+                       settings.client_mode)  # fmt: skip
             )  # before the DHT forks: no event loop may run then
             limits = RelayLimits(
                 max_circuits=settings.relay_max_circuits, max_reservations=settings.relay_max_reservations,
@@ -292,7 +297,7 @@ class Gardener:
             p2p = plan(reach, limits)
             swarm = Swarm(
                 SwarmConfig(
-                    initial_peers=settings.join,
+                    initial_peers=join,
                     host_maddrs=settings.host_maddr,
                     announce_maddrs=settings.announce_maddr,
                     client_mode=settings.client_mode,
@@ -415,6 +420,26 @@ class Gardener:
             working=self.governor.working_state()[:200],
             contribution=self.ledger.totals(),
         )
+
+
+BOOTSTRAP_META = "bootstrap_peers"
+"""The store's meta key of the bootstrap addresses remembered from the swarm (``PeerDirectory``'s ``remember``)."""
+
+
+def _with_remembered(join: list[str], store: Store, peer_id: str) -> list[str]:
+    """``--join`` and the peers remembered from the last run (a restart rejoins even when the peer it first joined
+    through is gone). A peer started without ``--join`` founds a swarm as asked: nothing is added."""
+    if not join:
+        return []
+    try:
+        remembered = json.loads(store.get_meta(BOOTSTRAP_META) or "[]")
+    except ValueError:
+        remembered = []
+    extra = [
+        p for p in remembered
+        if isinstance(p, str) and re.fullmatch(PEER_MADDR, p) and p not in join and not p.endswith(f"/p2p/{peer_id}")
+    ]  # fmt: skip
+    return [*join, *extra]
 
 
 def _max_cpu_fraction(settings: GardenSettings) -> float | None:

@@ -54,9 +54,39 @@ class DirectorySnapshot:
     invalid_records: int
 
 
+MAX_BOOTSTRAP = 8
+"""Peers remembered as bootstrap addresses (and put in an invite): enough that some are up after days away."""
+
+
+def dialable(addresses: list[str], peer_id: str) -> list[str]:
+    """A peer's own direct addresses (ending in its id, no relay), loopback ones only when it has no other."""
+    usable = [a for a in addresses if a.endswith(f"/p2p/{peer_id}") and "/p2p-circuit" not in a]
+    outside = [a for a in usable if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
+    return outside or usable
+
+
+def bootstrap_peers(entries: list[PeerEntry], self_id: str, limit: int = MAX_BOOTSTRAP) -> list[str]:
+    """Addresses to join this swarm through, from the peers seen: public ones first (others dial them), then
+    those of unknown reachability; never a client-mode peer (nobody dials it), a private one (only while its
+    relay lasts) or this one; loopback addresses only when a peer has no other (a swarm on one machine); the
+    most recently seen first."""
+    rank = {"public": 0, "unknown": 1}
+    found: list[str] = []
+    for entry in sorted(entries, key=lambda e: (rank.get(e.info.reachability, 2), -e.last_seen)):
+        info = entry.info
+        if info.peer_id == self_id or info.client_mode or info.reachability not in rank:
+            continue
+        found.extend(dialable(info.addresses, info.peer_id)[:2])
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
 class PeerDirectory(Service):
     """:param make_record: builds this peer's current record (load and roles change over time)
-    :param period: seconds between announces; the record's TTL is twice that"""
+    :param period: seconds between announces; the record's TTL is twice that
+    :param remember: called (in a thread) with :func:`bootstrap_peers` whenever they change, so that a restart
+        rejoins through them even when the peer it first joined through is gone"""
 
     name = "directory"
 
@@ -67,6 +97,7 @@ class PeerDirectory(Service):
         private_key: rsa.RSAPrivateKey,
         make_record: Callable[[PeerState], PeerInfo],
         period: float,
+        remember: Callable[[list[str]], None] | None = None,
     ):
         self.swarm, self.keys, self._private_key = swarm, keys, private_key
         self.peer_id = swarm.peer_id
@@ -77,6 +108,7 @@ class PeerDirectory(Service):
         self.known: list[PeerEntry] = []
         self.incompatible: dict[str, int] = {}  # peer id -> protocol version, of peers ignored for it (last read)
         self._warned: set[tuple[str, int]] = set()
+        self._remember, self._remembered = remember, list[str]()
 
     @property
     def joined(self) -> bool:
@@ -157,6 +189,13 @@ class PeerDirectory(Service):
         while not stop.is_set():
             await self.announce()
             await self.read()
+            peers = bootstrap_peers(self.known, self.peer_id)
+            if self._remember is not None and peers and peers != self._remembered:
+                try:
+                    await asyncio.to_thread(self._remember, peers)
+                    self._remembered = peers
+                except Exception as e:  # a full disk: remembered next time
+                    logger.warning("could not remember the swarm's bootstrap peers: %s", e)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.period)
             except TimeoutError:

@@ -279,7 +279,11 @@ async def check(p2p: P2P, join: Sequence[str], namespace: str, timeout: float = 
             logger.info("reach check by %s: no answer (%s)", peer, str(e)[:200] or type(e).__name__)
             return maddr, None
 
-    answers = [(m, r) for m, r in await asyncio.gather(*(ask(m) for m in join)) if r is not None and not r.error]
+    first = {}  # one question per peer (an invite lists two addresses of some): the first address it is known by
+    for maddr in join:
+        first.setdefault(_peer_id_of(maddr), maddr)
+    asked = [m for peer, m in first.items() if peer is not None]
+    answers = [(m, r) for m, r in await asyncio.gather(*(ask(m) for m in asked)) if r is not None and not r.error]
     for maddr, reply in answers:
         reach.checked_by[_peer_id_of(maddr) or maddr] = (
             f"{reply.reachability}; dialled back: {', '.join(map(str, reply.open)) or 'nothing'}"

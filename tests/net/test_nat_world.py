@@ -35,11 +35,11 @@ def world() -> Iterator[NatWorld]:
         yield built
 
 
-def start(daemons: DaemonFactory, world: NatWorld, role: str, cache: Path, *args: str) -> Daemon:
+def start(daemons: DaemonFactory, world: NatWorld, role: str, cache: Path, *args: str, **kwargs: Any) -> Daemon:
     env = {"GARDEN_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
     return daemons.start(
         "--max-threads", "1", *args, env=env, host_maddr="/ip4/0.0.0.0/tcp/0", netns=world.ns(role),
-        via=world.caller(role),
+        via=world.caller(role), **kwargs,
     )  # fmt: skip
 
 
@@ -77,9 +77,12 @@ def test_home_peers_behind_nat_join_through_relays_and_serve_what_they_shake(
     a = start(daemons, world, "public", converted, "--reachability", "public", "--roles", "server")
     b = start(daemons, world, "public", converted, "--join", public_addr(a), "--roles", "server")
     relays = [public_addr(a), public_addr(b)]
+    # the homes join with the line `garden invite` prints on a: the swarm, a's and b's addresses
+    wait_until(lambda: seen(a).get(b.peer_id) == "public", 30, 0.5, "a sees b")
+    invite = a.get("/invite").json()
+    assert set(relays) <= set(invite["peers"]) and invite["swarm"] == "garden"
     homes = [
-        start(daemons, world, f"home{i}", converted, "--join", relays[0], "--join", relays[1], "--roles", "shaker")
-        for i in (1, 2)
+        start(daemons, world, f"home{i}", converted, "--join", invite["line"], "--roles", "shaker") for i in (1, 2)
     ]
 
     # who can be dialled: a was told; b was dialled back by a; the homes were not, and went behind both relays
@@ -117,5 +120,12 @@ def test_home_peers_behind_nat_join_through_relays_and_serve_what_they_shake(
     second = create(homes[1], mission_body(4, shard_size=2, max_new_tokens=4, name="after-the-relay"))
     wait_until(lambda: prompts_from(b, second), 90, 0.5, "b fetched the second mission's prompts")
     assert prompts_from(b, second) == homes[1].peer_id
-    for daemon in (b, *homes):
+
+    # home 1 restarts, told to join through a alone (gone): it remembered b, joins through it and relays there
+    assert homes[0].stop() == 0
+    again = start(daemons, world, "home1", converted, "--join", relays[0], "--roles", "shaker",
+                  data_dir=homes[0].data_dir)  # fmt: skip
+    assert network(again)["relays"] == [relays[1]] and network(again)["mode"] == "relayed"
+    wait_until(lambda: seen(b).get(again.peer_id) == "private", 60, 0.5, "b sees home 1 again")
+    for daemon in (b, *homes, again):
         assert "Traceback" not in daemon.stderr()
