@@ -86,3 +86,27 @@ def test_malformed_join_address_fails_clearly(daemons: DaemonFactory, address: s
     assert daemon.proc.wait(timeout=60) == 2
     assert message in daemon.stderr()
     assert "Traceback" not in daemon.stderr()
+
+
+def test_a_newcomer_joins_with_the_invite_line(daemons: DaemonFactory) -> None:
+    """`garden invite` on a peer prints one line; `garden run --join <line>` joins that swarm (named in the line),
+    trusting the inviter as a lead when asked."""
+    first = daemons.start("--swarm", "friends")
+    second = daemons.start("--swarm", "friends", "--join", first.join_addr)
+    wait_until(lambda: len(first.peer_ids()) == 2, 30, 0.5, "first sees second")
+    shown = subprocess.run(
+        [sys.executable, "-m", "garden", "invite", "--url", first.url, "--trust-me"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    line = shown.stdout.strip()
+    assert line.startswith("garden-invite:") and "\n" not in line and "garden run --join" in shown.stderr
+    invite = first.get("/invite", params={"me": "true"}).json()
+    assert invite["line"] == line and invite["swarm"] == "friends" and invite["leads"] == [first.peer_id]
+    assert first.join_addr in invite["peers"] and second.join_addr in invite["peers"]
+    newcomer = daemons.start("--join", line)  # no --swarm: the line names it
+    assert newcomer.get("/status").json()["swarm"] == "friends"
+    wait_until(lambda: newcomer.peer_ids() == {first.peer_id, second.peer_id, newcomer.peer_id}, 30, 0.5,
+               "the newcomer sees both")  # fmt: skip
+    refused = daemons.start("--join", line, "--swarm", "another", wait=False)
+    assert refused.proc.wait(timeout=60) == 2 and "invite is for swarm 'friends'" in refused.stderr()
