@@ -59,6 +59,7 @@ class WorkerConfig(BaseModel):
     :param status_path: the JSON status file the worker rewrites
     :param out_dir: a training run directory: the checkpoints this peer writes for the swarm
     :param checkpoint_every: epochs between checkpoints (the last epoch is always saved)
+    :param relays: relays the worker reserves a slot on and announces addresses behind (the daemon is private)
     :param hold_out: never train on the rows of the mission's held-out prompts (False: the mission is too small
         to hold any out, :func:`garden.protocol.rows.holds_out`)
     :param parent_pid: exit when this process (the daemon) is gone; None: no watch
@@ -84,6 +85,12 @@ class WorkerConfig(BaseModel):
     max_threads: int | None = None
     checkpoint_every: int = Field(default=1, ge=1)
     hold_out: bool = True  # leave the mission's held-out prompts' rows to the lead's evaluation (protocol.rows)
+    relays: list[str] = Field(default_factory=list, max_length=16)  # a private daemon's: the worker's averager
+    # is reached through them too (garden.net.reach), so home trainers average as full peers
+
+    @property
+    def relayed(self) -> list[str]:
+        return [relay + "/p2p-circuit" for relay in self.relays]
     parent_pid: int | None = None
     linger_s: float = 5.0
     row_poll_s: float = 5.0
@@ -232,9 +239,13 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
     dht = GardenDHT(
         initial_peers=config.initial_peers or None,
         host_maddrs=config.host_maddrs,
+        announce_maddrs=config.relayed or None,
         client_mode=config.client_mode,
+        p2pd_flags={"relayDiscovery": False} if config.relays else {},
+        **({"use_auto_relay": True, "trusted_relays": config.relays, "force_reachability": "private"}
+           if config.relays else {}),
         start=True,
-    )
+    )  # fmt: skip
     feed: RowFeed | None = None
     trainer: CollabTrainer | None = None
     try:

@@ -73,6 +73,7 @@ class TrainingConfig:
     :param root: where each mission's worker keeps its configuration, log, status and output
     :param store_path: the daemon's store (the worker reads rows from it)
     :param initial_peers: the addresses a worker's DHT bootstraps from (the daemon's own, or its join addresses)
+    :param relays: a private daemon's relays: its workers are reached through them too
     :param host_maddrs: the daemon's listen addresses; the worker listens on the same hosts, any port
     """
 
@@ -82,6 +83,7 @@ class TrainingConfig:
     initial_peers: Sequence[str]
     host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
     client_mode: bool = False
+    relays: Sequence[str] = ()
     batch_size: int = 4
     max_threads: int | None = None
     log_level: str = "info"
@@ -328,6 +330,7 @@ class TrainingWork(Service):
             initial_peers=list(self.config.initial_peers),
             host_maddrs=worker_host_maddrs(self.config.host_maddrs),
             client_mode=self.config.client_mode,
+            relays=list(self.config.relays),
             store_path=self.config.store_path,
             status_path=worker.dir / STATUS_FILE,
             out_dir=worker.dir / "out",

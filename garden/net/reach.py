@@ -299,18 +299,34 @@ async def check(p2p: P2P, join: Sequence[str], namespace: str, timeout: float = 
     return reach
 
 
-async def probe(join: Sequence[str], host_maddrs: Sequence[str], namespace: str) -> Reach:
-    """:func:`check` from a throwaway p2p daemon on ``host_maddrs`` (the swarm's own starts after it). Any
-    failure is an unknown reachability, never an error: the peer then starts as it would have without it."""
+async def probe(join: Sequence[str], host_maddrs: Sequence[str], namespace: str, attempts: int = 2) -> Reach:
+    """:func:`check` from a throwaway p2p daemon on ``host_maddrs`` (the swarm's own starts after it), tried
+    ``attempts`` times. Any failure is an unknown reachability, never an error: the peer then starts as it would
+    have without the check."""
+    reach = Reach()
+    for _ in range(attempts):
+        reach = await _probe_once(join, host_maddrs, namespace)
+        if not reach.note:  # no failure
+            break
+    return reach
+
+
+async def _probe_once(join: Sequence[str], host_maddrs: Sequence[str], namespace: str) -> Reach:
     p2p: P2P | None = None
+    began, stage = time.monotonic(), "starting a p2p daemon"
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             p2p = await P2P.create(initial_peers=list(join), host_maddrs=list(host_maddrs), dht_mode="client")
-            return await check(p2p, join, namespace)
+            stage = "asking the join peers"
+            reach = await check(p2p, join, namespace)
+        logger.info("reach check: %s, asked %d peer(s) in %.1f s", reach.reachability, len(reach.checked_by) or 0,
+                    time.monotonic() - began)  # fmt: skip
+        return reach
     except Exception as e:
-        logger.warning("could not check whether other peers can dial this one (%s): reachability unknown",
-                       str(e)[:200] or type(e).__name__)  # fmt: skip
-        return Reach(note=f"the reach check failed: {str(e)[:200] or type(e).__name__}")
+        why = str(e)[:200] or type(e).__name__
+        logger.warning("could not check whether other peers can dial this one (%s, %s after %.1f s): "
+                       "reachability unknown", why, stage, time.monotonic() - began)  # fmt: skip
+        return Reach(note=f"the reach check failed while {stage}: {why}")
     finally:
         if p2p is not None:
             await p2p.shutdown()

@@ -5,7 +5,9 @@ real mission with the built-in teacher.
 The homes learn they are private (the public peers dial back and fail), reserve slots on both public peers and
 announce addresses behind them; everyone sees everyone in ``/peers``; a mission led from a home is fetched by
 the public side and shaken at home only, and the public side copies the homes' row sets through the relays.
-Then the relay the homes joined through is stopped: they are still reached, through the other one."""
+Then the relay the homes joined through is stopped: they are still reached, through the other one. In a second
+world of peers, the two homes train a student together (averaging through the relays), the public lead pulls
+their checkpoint to vouch for it, and a generation on the public side runs layers served from a home."""
 
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ import pytest
 from harness.daemons import Daemon, DaemonFactory, wait_until
 from harness.netns import PUBLIC_IP, NatWorld, missing
 from tests.mission.test_missions_swarm import converted, create, detail, mission_body, wait_done  # noqa: F401
+from tests.mission.test_training_swarm import mission_body as training_body
+from tests.mission.test_training_swarm import tiny, training  # noqa: F401 (tiny: a fixture)
+
+MODEL = "builtin:smollm2-135m"
 
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
@@ -129,3 +135,56 @@ def test_home_peers_behind_nat_join_through_relays_and_serve_what_they_shake(
     wait_until(lambda: seen(b).get(again.peer_id) == "private", 60, 0.5, "b sees home 1 again")
     for daemon in (b, *homes, again):
         assert "Traceback" not in daemon.stderr()
+
+
+def test_home_peers_average_gradients_write_checkpoints_and_serve_layers_through_relays(
+    daemons: DaemonFactory, converted: Path, tiny: Path, world: NatWorld  # noqa: F811 (fixtures imported above)
+) -> None:
+    a = start(daemons, world, "public", converted, "--reachability", "public", "--roles", "server",
+              "--serve", f"{MODEL}:0-15")  # fmt: skip
+    trusting = ["--join", public_addr(a), "--trust-lead", a.peer_id, "--allow-local-models", "--train-batch-size", "2"]
+    h1 = start(daemons, world, "home1", converted, *trusting, "--roles", "shaker,trainer,server",
+               "--serve", f"{MODEL}:15-30")  # fmt: skip
+    h2 = start(daemons, world, "home2", converted, *trusting, "--roles", "shaker,trainer")
+    assert {network(h)["mode"] for h in (h1, h2)} == {"relayed"}
+    # a home peer whose only join peer cannot relay falls back to client mode, and says so: that peer founded a
+    # swarm of its own without saying it is public, so its reachability is unknown and it offers no relay
+    lone = start(daemons, world, "public", converted, "--roles", "server", "--swarm", "alone")
+    assert network(lone)["reachability"] == "unknown"
+    stuck = start(daemons, world, "home2", converted, "--join", public_addr(lone), "--roles", "shaker",
+                  "--swarm", "alone")  # fmt: skip
+    net = network(stuck)
+    assert (net["reachability"], net["mode"], net["relays"]) == ("private", "client", []), net
+    assert "cannot serve row sets, checkpoints or layers" in net["note"] and stuck.addresses == []
+    wait_until(lambda: seen(lone).get(stuck.peer_id) == "private", 60, 0.5, "the client-mode peer is seen")
+    assert stuck.stop() == 0 and lone.stop() == 0
+
+    # both homes train, and only together (min_trainers 2): every round averages through the relays
+    mission_id = create(a, training_body(tiny, max_epochs=1, min_trainers=2))
+    wait_until(lambda: all(training(h, mission_id).get("state") == "done" for h in (h1, h2)), 300, 1.0,
+               "both homes trained")  # fmt: skip
+    for home in (h1, h2):
+        train = training(home, mission_id)
+        assert train["epoch"] == 1 and train["bytes_sent"] > 0 and train["peers"] == 2, train
+    # a checkpoint written at home, pulled by the public lead (every hash checked) and vouched for
+    wait_until(
+        lambda: any(c["epoch"] == 1 and c["verified"] for c in a.get(f"/missions/{mission_id}/checkpoints").json()),
+        240, 1.0, "the lead pulled and vouched for a home checkpoint",
+    )  # fmt: skip
+    # (a trains nothing: to vouch, it pulled the files from a home, every sha256 checked, through the relay)
+    listed = a.get(f"/missions/{mission_id}/checkpoints").json()
+    written_at_home = [c for c in listed if c["peer_id"] in (h1.peer_id, h2.peer_id)]
+    assert written_at_home and any(c["verified"] for c in written_at_home), listed
+
+    # a generation asked on the public side runs layers 0-15 there and 15-30 at home 1, through the relay
+    wait_until(lambda: all(s["layers"] for s in h1.get("/status").json()["serving"]), 120, 0.5, "home 1 serves")
+    wait_until(lambda: MODEL in [m["id"] for m in a.get("/v1/models").json()["data"]], 60, 0.5, "covered")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 8, "temperature": 0}  # fmt: skip
+    answer = a.request("POST", "/v1/chat/completions", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"]
+    assert h1.get("/status").json()["serving"][0]["tokens_served"] > 0
+    for daemon in (a, h1, h2):
+        assert "Traceback" not in daemon.stderr()
+

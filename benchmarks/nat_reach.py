@@ -1,0 +1,238 @@
+"""Reach through relays, measured in a small internet of network namespaces (``harness/netns.py``: two homes
+behind masquerading routers, a public side). Needs root, ``ip`` and ``nft``, as the NAT tests do.
+
+Run: ``sudo .venv/bin/python benchmarks/nat_reach.py [--mb 32] [--tokens 32]``. Prints ONE JSON object.
+
+- ``join_s``: from just before a peer's ``Popen`` until the bootstrap peer lists it in ``/peers``: a second
+  public peer (``public``) and a home peer (``private``: its reach check, the relay reservation, the relayed
+  announce), and ``private_over_public``.
+- ``transfer``: ``--mb`` MiB fetched with garden's content transfer (the code row sets and checkpoints move
+  with, hash-checked) by a fetcher on the public side, from a holder on the public side (``direct_mb_s``)
+  and from one at home behind the relay (``relayed_mb_s``); ``relayed_over_direct``; the relay's p2pd CPU
+  seconds per relayed MiB (``relay_cpu_s_per_mb``) and the bytes that entered the public side from the home's
+  router per relayed MiB (``relay_bytes_per_mb``: the relay's framing and encryption overhead).
+- ``pipeline``: tokens/s of greedy generations asked on the public peer that serves layers 0-15, with layers
+  15-30 served by another public peer (``direct_tokens_s``) or by a home peer through the relay
+  (``relayed_tokens_s``); ``relayed_over_direct``.
+- ``hole_punching``: libp2p's DCUtR runs (p2pd starts it with AutoNAT), but needs each peer's public address
+  observed by several peers; in a world of four peers connections stay relayed, and this says so
+  (``still_relayed``: the home server's connection to the asking peer after the generations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.daemons import Daemon, DaemonFactory, wait_until  # noqa: E402
+from harness.netns import PUBLIC_IP, NatWorld, missing  # noqa: E402
+
+MODEL = "builtin:smollm2-135m"
+PROMPT = "Write one sentence about rain."
+
+
+def public_addr(daemon: Daemon) -> str:
+    return next(a for a in daemon.addresses if a.startswith(f"/ip4/{PUBLIC_IP}/"))
+
+
+def seen(daemon: Daemon) -> set[str]:
+    return {p["peer_id"] for p in daemon.get("/peers").json()}
+
+
+def start(factory: DaemonFactory, world: NatWorld, role: str, *args: str, wait: bool = True) -> Daemon:
+    return factory.start(
+        "--max-threads", "1", *args, host_maddr="/ip4/0.0.0.0/tcp/0", netns=world.ns(role),
+        via=world.caller(role), env={"HF_HUB_OFFLINE": "1"}, wait=wait,
+    )  # fmt: skip
+
+
+def joined_in(
+    factory: DaemonFactory, world: NatWorld, bootstrap: Daemon, role: str, *args: str
+) -> tuple[Daemon, float]:
+    began = time.monotonic()
+    daemon = start(factory, world, role, "--join", public_addr(bootstrap), *args)
+    wait_until(lambda: daemon.peer_id in seen(bootstrap), 120, 0.1, f"{role} seen by the bootstrap peer")
+    return daemon, time.monotonic() - began
+
+
+def p2pd_of(daemon: Daemon) -> psutil.Process:
+    return next(p for p in psutil.Process(daemon.proc.pid).children(recursive=True) if p.name() == "p2pd")
+
+
+def rx_bytes(world: NatWorld, interface: str) -> int:
+    path = f"/sys/class/net/{interface}/statistics/rx_bytes"  # the interface lives in the public namespace
+    out = subprocess.run(["ip", "netns", "exec", world.ns("public"), "cat", path], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    return int(out.stdout)
+
+
+# --- the transfer's helper processes (run with ``ip netns exec``) --------------------------------------------
+HOLDER = "holder"
+FETCHER = "fetcher"
+
+
+async def _holder(out: Path, mb: int, join: str, relay: bool) -> None:
+    from hivemind.p2p import P2P
+
+    from garden.net import p2pd_patch
+    from garden.net.transfer import ContentTransfer, TransferLimits
+
+    blob = os.urandom(mb << 20)
+    options: dict[str, Any] = {"force_reachability": "public"}
+    if relay:  # as a private peer's daemon starts its p2pd (garden.net.reach.plan)
+        p2pd_patch.install({"relayDiscovery": False})
+        options = {"use_auto_relay": True, "trusted_relays": [join], "force_reachability": "private",
+                   "announce_maddrs": [join + "/p2p-circuit"]}  # fmt: skip
+    p2p = await P2P.create(initial_peers=[join], host_maddrs=["/ip4/0.0.0.0/tcp/0"], **options)
+
+    async def source(ref: Any) -> bytes:
+        return blob
+
+    transfer = ContentTransfer(p2p, source=source, limits=TransferLimits(), namespace="bench")
+    await transfer.start()
+    out.write_text(json.dumps({"peer_id": p2p.peer_id.to_base58(), "sha256": hashlib.sha256(blob).hexdigest()}))
+    await asyncio.sleep(3600)
+
+
+async def _fetcher(out: Path, join: str, holders: list[dict[str, str]]) -> None:
+    from hivemind.p2p import P2P
+
+    from garden.net.transfer import ContentTransfer
+    from garden.protocol.content import ContentRef
+
+    p2p = await P2P.create(initial_peers=[join], host_maddrs=["/ip4/0.0.0.0/tcp/0"])
+    transfer = ContentTransfer(p2p, namespace="bench")
+    await transfer.start()
+    timings = {}
+    for holder in holders:
+        ref = ContentRef(kind="rows", mission_id="ab" * 32, item="0:bench", sha256=holder["sha256"])
+        await transfer.fetch(holder["peer_id"], ref)  # the first one connects (and finds the route): not timed
+        began = time.monotonic()
+        data = await transfer.fetch(holder["peer_id"], ref)
+        timings[holder["name"]] = {"seconds": time.monotonic() - began, "bytes": len(data)}
+    out.write_text(json.dumps(timings))
+    await p2p.shutdown()
+
+
+def _helper(world: NatWorld, role: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", world.ns(role), sys.executable, __file__, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def transfer(world: NatWorld, relay: Daemon, mb: int, tmp: Path) -> dict[str, Any]:
+    join = public_addr(relay)
+    helpers: list[subprocess.Popen] = []
+    try:
+        holders = []
+        for name, role, relayed in (("direct", "public", False), ("relayed", "home1", True)):
+            out = tmp / f"{name}.json"
+            helpers.append(_helper(world, role, HOLDER, str(out), str(mb), join, str(relayed)))
+            wait_until(lambda out=out: out.exists(), 60, 0.2, f"the {name} holder")  # type: ignore[misc]
+            holders.append({"name": name, **json.loads(out.read_text())})
+        time.sleep(3.0)  # the relayed holder's reservation and announce
+        relay_p2pd = p2pd_of(relay)
+        cpu_before = sum(relay_p2pd.cpu_times()[:2])
+        rx_before = rx_bytes(world, f"{world.prefix}u1")  # what came in from home 1's router
+        result = tmp / "fetched.json"
+        fetcher = _helper(world, "public", FETCHER, str(result), join, json.dumps(holders))
+        helpers.append(fetcher)
+        fetcher.wait(timeout=600)
+        timings = json.loads(result.read_text())
+        relay_cpu = sum(relay_p2pd.cpu_times()[:2]) - cpu_before
+        rx = rx_bytes(world, f"{world.prefix}u1") - rx_before
+    finally:
+        for helper in helpers:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait(timeout=10)
+    moved = {name: t["bytes"] / (1 << 20) / t["seconds"] for name, t in timings.items()}
+    relayed_mb = 2 * timings["relayed"]["bytes"] / (1 << 20)  # two fetches went through the relay
+    return {
+        "mb": mb, "direct_mb_s": round(moved["direct"], 2), "relayed_mb_s": round(moved["relayed"], 2),
+        "relayed_over_direct": round(moved["relayed"] / moved["direct"], 3),
+        "relay_cpu_s_per_mb": round(relay_cpu / relayed_mb, 4), "relay_bytes_per_mb": round(rx / relayed_mb),
+    }  # fmt: skip
+
+
+def tokens_per_s(asker: Daemon, tokens: int, runs: int = 3) -> float:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+            "temperature": 0, "min_tokens": tokens}  # fmt: skip
+    rates = []
+    for _ in range(runs):
+        began = time.monotonic()
+        answer = asker.request("POST", "/v1/chat/completions", json=body, timeout=300)
+        answer.raise_for_status()
+        rates.append(answer.json()["usage"]["completion_tokens"] / (time.monotonic() - began))
+    return statistics.median(rates)
+
+
+def served(daemon: Daemon) -> bool:
+    return all(s["layers"] for s in daemon.get("/status").json()["serving"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    reason = missing()
+    if reason:
+        raise SystemExit(f"nat_reach: {reason}")
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="garden-nat-") as tmp, NatWorld() as world:
+        factory = DaemonFactory(Path(tmp))
+        try:
+            a = start(factory, world, "public", "--reachability", "public", "--roles", "server",
+                      "--serve", f"{MODEL}:0-15")  # fmt: skip
+            b, public_s = joined_in(factory, world, a, "public", "--roles", "server", "--serve", f"{MODEL}:15-30")
+            home, private_s = joined_in(factory, world, a, "home1", "--roles", "server", "--serve", f"{MODEL}:15-30")
+            report["join_s"] = {"public": round(public_s, 2), "private": round(private_s, 2),
+                                "private_over_public": round(private_s / public_s, 2)}  # fmt: skip
+            wait_until(lambda: all(served(d) for d in (a, b, home)), 300, 0.5, "layers loaded")
+            wait_until(lambda: MODEL in [m["id"] for m in a.get("/v1/models").json()["data"]], 60, 0.5, "covered")
+            # the asker routes to the faster server of 15-30; one at a time: stop the other for each measure
+            assert home.stop() == 0
+            direct = tokens_per_s(a, args.tokens)
+            assert b.stop() == 0
+            home = start(factory, world, "home1", "--join", public_addr(a), "--roles", "server", "--serve",
+                         f"{MODEL}:15-30", data_dir=home.data_dir)  # fmt: skip
+            wait_until(lambda: served(home), 300, 0.5, "home layers loaded")
+            time.sleep(2 * 1.0 + 5)  # its announce reaches the asker's routing
+            relayed = tokens_per_s(a, args.tokens)
+            report["pipeline"] = {"tokens": args.tokens, "direct_tokens_s": round(direct, 2),
+                                  "relayed_tokens_s": round(relayed, 2),
+                                  "relayed_over_direct": round(relayed / direct, 3)}  # fmt: skip
+            peers = {p["peer_id"]: p for p in a.get("/peers").json()}
+            report["hole_punching"] = {
+                "dcutr": "on (p2pd -autonat)", "home_server_reachability": peers[home.peer_id]["reachability"],
+                "still_relayed": all("/p2p-circuit/" in x for x in peers[home.peer_id]["addresses"]),
+            }  # fmt: skip
+            assert home.stop() == 0
+            report["transfer"] = transfer(world, a, args.mb, Path(tmp))
+        finally:
+            orphans = factory.close()
+    report["orphans"] = orphans
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == HOLDER:
+        asyncio.run(_holder(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "True"))
+    elif len(sys.argv) > 1 and sys.argv[1] == FETCHER:
+        asyncio.run(_fetcher(Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])))
+    else:
+        main()
