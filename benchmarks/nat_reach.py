@@ -15,8 +15,8 @@ Run: ``sudo .venv/bin/python benchmarks/nat_reach.py [--mb 32] [--tokens 32]``. 
   15-30 served by another public peer (``direct_tokens_s``) or by a home peer through the relay
   (``relayed_tokens_s``); ``relayed_over_direct``.
 - ``hole_punching``: libp2p's DCUtR runs (p2pd starts it with AutoNAT), but needs each peer's public address
-  observed by several peers; in a world of four peers connections stay relayed, and this says so
-  (``still_relayed``: the home server's connection to the asking peer after the generations).
+  observed by several peers, so in a world of three peers the home server announces relayed addresses only
+  (``home_addresses_all_relayed``); whether a connection was upgraded is not visible through the HTTP port.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def seen(daemon: Daemon) -> set[str]:
     return {p["peer_id"] for p in daemon.get("/peers").json()}
 
 
-def start(factory: DaemonFactory, world: NatWorld, role: str, *args: str, wait: bool = True) -> Daemon:
+def start(factory: DaemonFactory, world: NatWorld, role: str, *args: str, **kwargs: Any) -> Daemon:
     return factory.start(
         "--max-threads", "1", *args, host_maddr="/ip4/0.0.0.0/tcp/0", netns=world.ns(role),
-        via=world.caller(role), env={"HF_HUB_OFFLINE": "1"}, wait=wait,
+        via=world.caller(role), env={"HF_HUB_OFFLINE": "1"}, **kwargs,
     )  # fmt: skip
 
 
@@ -219,7 +219,7 @@ def main() -> None:
             peers = {p["peer_id"]: p for p in a.get("/peers").json()}
             report["hole_punching"] = {
                 "dcutr": "on (p2pd -autonat)", "home_server_reachability": peers[home.peer_id]["reachability"],
-                "still_relayed": all("/p2p-circuit/" in x for x in peers[home.peer_id]["addresses"]),
+                "home_addresses_all_relayed": all("/p2p-circuit/" in x for x in peers[home.peer_id]["addresses"]),
             }  # fmt: skip
             assert home.stop() == 0
             report["transfer"] = transfer(world, a, args.mb, Path(tmp))
