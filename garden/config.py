@@ -21,7 +21,7 @@ import platformdirs
 from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from garden.protocol.invite import is_invite, parse_invite
+from garden.protocol.invite import PEER_ID, PEER_MADDR, is_invite, parse_invite
 from garden.protocol.keys import DEFAULT_SWARM, DHTKeys
 from garden.protocol.records import Role
 
@@ -245,7 +245,7 @@ class GardenSettings(BaseSettings):
     @classmethod
     def _peer_ids(cls, value: list[str]) -> list[str]:
         for peer_id in value:
-            if not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{30,80}", peer_id):
+            if not re.fullmatch(PEER_ID, peer_id):
                 raise ValueError(f"{peer_id!r} is not a peer id (as `garden status` prints it: 12D3Koo... or Qm...)")
         return sorted(set(value))
 
@@ -283,7 +283,7 @@ class GardenSettings(BaseSettings):
     @classmethod
     def _relay_maddrs(cls, value: list[str]) -> list[str]:
         for maddr in value:
-            if not re.fullmatch(r"/(ip4|ip6|dns4|dns6|dns)/[^/]+/tcp/\d+/p2p/[1-9A-HJ-NP-Za-km-z]{30,80}", maddr):
+            if not re.fullmatch(PEER_MADDR, maddr) or "/p2p-circuit" in maddr:
                 raise ValueError(f"{maddr!r} is not a relay's address (/ip4/IP/tcp/PORT/p2p/PEER_ID)")
         return value
 

@@ -149,7 +149,8 @@ def create_app(gardener: Gardener) -> FastAPI:
         leads = list(dict.fromkeys([*(lead or []), *([gardener.peer_id] if me else [])]))
         direct = gardener.reach.reachability != "private" and not gardener.client_mode
         own = dialable(gardener.addresses, gardener.peer_id)[:2] if direct else []
-        peers = list(dict.fromkeys([*own, *bootstrap_peers(directory.known, gardener.peer_id)]))[:MAX_INVITE_PEERS]
+        others = bootstrap_peers(directory.known, gardener.peer_id, first_seen=directory.first_seen)
+        peers = list(dict.fromkeys([*own, *others]))[:MAX_INVITE_PEERS]
         if not peers:
             return error_response(Conflict("no peer here that others can dial yet: wait until this peer sees the "
                                            "swarm's public peers (garden peers), or invite from one of them"))

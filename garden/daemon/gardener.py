@@ -82,7 +82,6 @@ class Host:
     reach: Reach
 
 
-
 @dataclass(frozen=True)
 class PeerCounters:
     """The peer-wide counters of ``/metrics`` that belong to no one service.

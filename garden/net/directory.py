@@ -7,6 +7,7 @@ once instead of waiting for the expiry.
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -65,14 +66,19 @@ def dialable(addresses: list[str], peer_id: str) -> list[str]:
     return outside or usable
 
 
-def bootstrap_peers(entries: list[PeerEntry], self_id: str, limit: int = MAX_BOOTSTRAP) -> list[str]:
+def bootstrap_peers(
+    entries: list[PeerEntry], self_id: str, limit: int = MAX_BOOTSTRAP, first_seen: dict[str, float] | None = None
+) -> list[str]:
     """Addresses to join this swarm through, from the peers seen: public ones first (others dial them), then
     those of unknown reachability; never a client-mode peer (nobody dials it), a private one (only while its
-    relay lasts) or this one; loopback addresses only when a peer has no other (a swarm on one machine); the
-    most recently seen first."""
+    relay lasts) or this one; loopback addresses only when a peer has no other (a swarm on one machine). Among
+    equals, the peer this one has known longest (``first_seen``, else its record's time) comes first: identities
+    cost nothing, and a crowd of new ones must not push the swarm's old peers out of what a restart dials."""
     rank = {"public": 0, "unknown": 1}
+    known = first_seen or {}
     found: list[str] = []
-    for entry in sorted(entries, key=lambda e: (rank.get(e.info.reachability, 2), -e.last_seen)):
+    for entry in sorted(entries, key=lambda e: (rank.get(e.info.reachability, 2),
+                                                 known.get(e.info.peer_id, e.last_seen))):  # fmt: skip
         info = entry.info
         if info.peer_id == self_id or info.client_mode or info.reachability not in rank:
             continue
@@ -109,6 +115,7 @@ class PeerDirectory(Service):
         self.incompatible: dict[str, int] = {}  # peer id -> protocol version, of peers ignored for it (last read)
         self._warned: set[tuple[str, int]] = set()
         self._remember, self._remembered = remember, list[str]()
+        self.first_seen: dict[str, float] = {}  # peer id -> when this peer first read its record (this run)
 
     @property
     def joined(self) -> bool:
@@ -159,6 +166,8 @@ class PeerDirectory(Service):
             # this peer is alive whatever the DHT answered (e.g. a read that timed out)
             entries.append(PeerEntry(mine, mine.announced_at + 2 * self.period))
         self.known = sorted(entries, key=lambda e: e.info.peer_id)
+        now = time.time()
+        self.first_seen = {e.info.peer_id: self.first_seen.get(e.info.peer_id, now) for e in self.known}
         self.incompatible = incompatible
         return self.known
 
@@ -189,7 +198,7 @@ class PeerDirectory(Service):
         while not stop.is_set():
             await self.announce()
             await self.read()
-            peers = bootstrap_peers(self.known, self.peer_id)
+            peers = bootstrap_peers(self.known, self.peer_id, first_seen=self.first_seen)
             if self._remember is not None and peers and peers != self._remembered:
                 try:
                     await asyncio.to_thread(self._remember, peers)

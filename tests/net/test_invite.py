@@ -58,6 +58,12 @@ def test_the_remembered_bootstrap_peers_are_the_ones_others_can_dial() -> None:
         _entry(B, [f"/ip4/127.0.0.1/tcp/2/p2p/{B}"], seen=200.0),  # a swarm on one machine: loopback it is
     ]
     assert bootstrap_peers(entries, me) == [
-        f"/ip4/127.0.0.1/tcp/2/p2p/{B}", f"/ip4/10.0.0.1/tcp/1/p2p/{A}", f"/ip4/10.0.0.5/tcp/5/p2p/{unknown}",
+        f"/ip4/10.0.0.1/tcp/1/p2p/{A}", f"/ip4/127.0.0.1/tcp/2/p2p/{B}", f"/ip4/10.0.0.5/tcp/5/p2p/{unknown}",
     ]  # fmt: skip
     assert len(bootstrap_peers(entries, me, limit=1)) == 1
+    # a crowd of new identities announcing every second does not push out the peers known longest
+    sybils = [_entry(f"Qm{i:02d}" + "s" * 42, [f"/ip4/10.6.6.{i}/tcp/1/p2p/Qm{i:02d}" + "s" * 42], seen=999.0)
+              for i in range(10)]  # fmt: skip
+    first_seen = {A: 1.0, B: 2.0, **{e.info.peer_id: 500.0 for e in sybils}}
+    kept = bootstrap_peers(entries + sybils, me, first_seen=first_seen)
+    assert kept[:2] == [f"/ip4/10.0.0.1/tcp/1/p2p/{A}", f"/ip4/127.0.0.1/tcp/2/p2p/{B}"] and len(kept) == 8
