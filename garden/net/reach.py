@@ -7,8 +7,8 @@ every peer first learns which kind it is:
 
 1. **The check** (:func:`probe`, before the swarm starts). The peer starts a throwaway p2p daemon on the same
    listen addresses, connects to the peers it joins and asks each (``<swarm>.reach``, :class:`ReachResponder`)
-   to open a plain TCP connection back to the IP its connection came from, on the ports it listens on. A port
-   that opens from outside: *public*. Every answer says none opened: *private*. No answer: *unknown* (a new
+   to open a plain TCP connection back to the IP its connection came from, on the ports it listens on. Most of
+   the peers that saw its IP got through: *public*. Otherwise: *private* (:func:`decide`). No answer: *unknown* (a new
    swarm's first peer, or join peers that are down or too old to answer).
 2. **The plan** (:func:`plan`). Public: the daemon forces libp2p's reachability to public, which starts its
    relay service, with the limits of ``--relay-*`` (circuits, reservations, bytes and time per circuit).
@@ -260,7 +260,6 @@ async def check(p2p: P2P, join: Sequence[str], namespace: str, timeout: float = 
     """Ask every join peer to dial ``p2p``'s listen ports back; what they answered, decided (module docstring)."""
     ports = sorted({port for m in await p2p.get_visible_maddrs() if (port := _tcp_port(str(m))) is not None})
     request = runtime_pb2.ExpertRequest(metadata=msgpack.packb({"ports": ports[:4]}, use_bin_type=True))
-    reach = Reach()
 
     async def ask(maddr: str) -> tuple[str, ReachReply | None]:
         peer = _peer_id_of(maddr)
@@ -284,6 +283,14 @@ async def check(p2p: P2P, join: Sequence[str], namespace: str, timeout: float = 
         first.setdefault(_peer_id_of(maddr), maddr)
     asked = [m for peer, m in first.items() if peer is not None]
     answers = [(m, r) for m, r in await asyncio.gather(*(ask(m) for m in asked)) if r is not None and not r.error]
+    return decide(answers)
+
+
+def decide(answers: Sequence[tuple[str, ReachReply]]) -> Reach:
+    """What the join peers' answers (``(address asked, reply)``) say. Public only when most of the peers that saw
+    this one's IP also dialled it back: one liar cannot make a peer behind a NAT give up its relays (a public
+    peer judged private is still reached, through relays; a private one judged public is reached by nobody)."""
+    reach = Reach()
     for maddr, reply in answers:
         reach.checked_by[_peer_id_of(maddr) or maddr] = (
             f"{reply.reachability}; dialled back: {', '.join(map(str, reply.open)) or 'nothing'}"
@@ -291,7 +298,7 @@ async def check(p2p: P2P, join: Sequence[str], namespace: str, timeout: float = 
         if reply.observed and reply.observed not in reach.observed:
             reach.observed.append(reply.observed)
     seen = [r for _, r in answers if r.observed]
-    if any(r.open for r in seen):
+    if seen and 2 * sum(1 for r in seen if r.open) > len(seen):
         reach.reachability = "public"
     elif seen:
         reach.reachability = "private"

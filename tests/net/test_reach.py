@@ -11,7 +11,17 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from garden.config import GardenSettings
-from garden.net.reach import Reach, ReachResponder, RelayLimits, assess, check, loopback_only, plan, protocol_name
+from garden.net.reach import (
+    Reach,
+    ReachResponder,
+    RelayLimits,
+    assess,
+    check,
+    decide,
+    loopback_only,
+    plan,
+    protocol_name,
+)
 from garden.protocol.reach import ReachReply
 from garden.protocol.records import decode_record
 
@@ -110,3 +120,20 @@ def test_reachability_settings_are_checked() -> None:
         GardenSettings(join=["/ip4/1.2.3.4/tcp/1/p2p/QmX"], relay=["http://example.com"])
     ok = GardenSettings(reachability="private", relay=["/ip4/10.0.0.1/tcp/4001/p2p/" + "Qm" + "a" * 44])
     assert ok.relay and ok.relay_data_limit == 1 << 30
+
+
+def test_one_lying_join_peer_cannot_make_a_peer_behind_a_nat_give_up_its_relays() -> None:
+    """A join peer that claims it dialled back (it did not) is outvoted by the honest ones; its claim to relay is
+    only one relay among the others, and garbage answers were dropped before (``check``)."""
+    relay = "/ip4/10.0.0.1/tcp/1/p2p/QmHonest" + "a" * 37
+    other = "/ip4/10.0.0.2/tcp/1/p2p/QmHonest" + "b" * 37
+    liar = "/ip4/10.0.0.3/tcp/1/p2p/QmLiar" + "c" * 39
+    honest = ReachReply(observed="203.0.113.9", open=[], reachability="public")
+    lie = ReachReply(observed="203.0.113.9", open=[4001], reachability="public")
+    reach = decide([(relay, honest), (other, honest), (liar, lie)])
+    assert reach.reachability == "private" and reach.relays == [relay, other, liar]
+    assert reach.checked_by["QmLiar" + "c" * 39] == "public; dialled back: 4001"
+    assert decide([(relay, honest), (liar, lie)]).reachability == "private"  # a tie keeps the relays
+    assert decide([(relay, lie.model_copy(update={"reachability": "unknown"})), (liar, lie)]).public()
+    assert decide([]).reachability == "unknown"
+    assert decide([(relay, ReachReply(reachability="public"))]).reachability == "unknown"  # came via a relay
