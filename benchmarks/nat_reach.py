@@ -211,7 +211,7 @@ def main() -> None:
             home = start(factory, world, "home1", "--join", public_addr(a), "--roles", "server", "--serve",
                          f"{MODEL}:15-30", data_dir=home.data_dir)  # fmt: skip
             wait_until(lambda: served(home), 300, 0.5, "home layers loaded")
-            time.sleep(2 * 1.0 + 5)  # its announce reaches the asker's routing
+            time.sleep(7.0)  # a few announce periods: its record reaches the asker's routing
             relayed = tokens_per_s(a, args.tokens)
             report["pipeline"] = {"tokens": args.tokens, "direct_tokens_s": round(direct, 2),
                                   "relayed_tokens_s": round(relayed, 2),

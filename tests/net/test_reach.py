@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import msgpack
 import pytest
@@ -28,13 +30,22 @@ from garden.protocol.records import decode_record
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
 
-async def _pair() -> tuple[P2P, P2P, ReachResponder]:
+@asynccontextmanager
+async def _pair() -> AsyncIterator[tuple[P2P, P2P, ReachResponder]]:
+    """A public peer answering reach checks, and an asker joined to it; both daemons stopped afterwards."""
     server = await P2P.create(host_maddrs=LOCAL)
     responder = ReachResponder(server, Reach(reachability="public", relay_service=True), namespace="t")
-    await responder.start()
-    maddrs = [str(m) for m in await server.get_visible_maddrs()]
-    asker = await P2P.create(initial_peers=maddrs, host_maddrs=LOCAL)
-    return server, asker, responder
+    asker: P2P | None = None
+    try:
+        await responder.start()
+        maddrs = [str(m) for m in await server.get_visible_maddrs()]
+        asker = await P2P.create(initial_peers=maddrs, host_maddrs=LOCAL)
+        yield server, asker, responder
+    finally:
+        await responder.close()
+        if asker is not None:
+            await asker.shutdown()
+        await server.shutdown()
 
 
 async def _ask(asker: P2P, server: P2P, metadata: bytes) -> ReachReply:
@@ -46,17 +57,12 @@ async def _ask(asker: P2P, server: P2P, metadata: bytes) -> ReachReply:
 
 def test_a_peer_dials_the_asker_back_at_the_address_its_connection_came_from() -> None:
     async def main() -> None:
-        server, asker, responder = await _pair()
-        try:
+        async with _pair() as (server, asker, responder):
             join = [str(m) for m in await server.get_visible_maddrs()]
             reach = await check(asker, join, "t")
             assert reach.reachability == "public" and reach.observed == ["127.0.0.1"]
             assert reach.checked_by[server.peer_id.to_base58()].startswith("public; dialled back: ")
             assert responder.answered == 1
-        finally:
-            await responder.close()
-            await asker.shutdown()
-            await server.shutdown()
 
     asyncio.run(main())
 
@@ -69,8 +75,7 @@ def test_a_hostile_asker_gets_no_scan_of_others_and_no_flood() -> None:
         port = closed.getsockname()[1]  # bound, not listening: a dial there is refused
 
         async def main() -> None:
-            server, asker, responder = await _pair()
-            try:
+            async with _pair() as (server, asker, responder):
                 reply = await _ask(asker, server, msgpack.packb({"ports": [port], "ip": "10.0.0.1"}))
                 assert (reply.observed, reply.open, reply.error) == ("127.0.0.1", [], None)  # "ip" ignored
                 assert (await _ask(asker, server, msgpack.packb({"ports": [port]}))).error == "too soon"
@@ -82,10 +87,6 @@ def test_a_hostile_asker_gets_no_scan_of_others_and_no_flood() -> None:
                 responder._asked.clear()
                 assert (await _ask(asker, server, b"x" * 5000)).error == "bad request"
                 assert responder.answered == 1 and responder.refused == 4
-            finally:
-                await responder.close()
-                await asker.shutdown()
-                await server.shutdown()
 
         asyncio.run(main())
 
