@@ -345,13 +345,25 @@ class CollabTrainer:
         self.record_probe()
         return loaded
 
+    def catch_up(self, stopped: Callable[[], bool] = lambda: False) -> bool:
+        """At the last epoch: when hivemind moved this peer to it without its parameters (it missed the round and
+        caught up: hivemind's optimizer sets the epoch after loading a state one epoch behind), load the state of
+        a peer that holds them (the peers that finished serve theirs while they linger). Returns whether it
+        loaded. Without this, such a peer said "done" holding the parameters of the epoch before, and wrote no
+        checkpoint of the last one."""
+        if self.params_epoch >= self.epoch:
+            return False
+        logger.info("reached epoch %d holding the parameters of epoch %d: loading the swarm's state",
+                    self.epoch, self.params_epoch)  # fmt: skip
+        return self._load_state(stopped)
+
     def _load_state(self, stopped: Callable[[], bool]) -> bool:
         averager, tracker = self.optimizer.state_averager, self.optimizer.tracker
-        logger.info("the swarm is at epoch %d: loading its state before the first step", tracker.global_epoch)
+        logger.info("the swarm is at epoch %d: loading its state", tracker.global_epoch)
         self.status.state = "loading state from peers"
         window = min(self.config.load_state_timeout, self.config.matchmaking_time + self.config.averaging_timeout)
         deadline = time.monotonic() + window
-        loads = hivemind_patches.loaded_states(averager)
+        loads = first = hivemind_patches.loaded_states(averager)
         while True:
             self.optimizer.load_state_from_peers()
             if hivemind_patches.loaded_states(averager) > loads:
@@ -359,17 +371,17 @@ class CollabTrainer:
                 self.status.loaded_state_at_epoch = self.params_epoch
                 if self.outer is not None:
                     self.outer.restart()
-                if self.params_epoch >= tracker.global_epoch:
+                if self.params_epoch >= max(tracker.global_epoch, self.epoch):
                     return True
                 logger.info("loaded the state of epoch %d, but the swarm is at epoch %d: loading again",
-                            self.params_epoch, tracker.global_epoch)  # fmt: skip
+                            self.params_epoch, max(tracker.global_epoch, self.epoch))  # fmt: skip
             if stopped() or time.monotonic() >= deadline:
                 break
             time.sleep(LOAD_RETRY_S)
-        if self.status.loaded_state_at_epoch is None:
-            logger.warning("no peer served its state within %.0f s: hivemind loads it at the first step", window)
+        if loads == first:
+            logger.warning("no peer served its state within %.0f s: keeping this peer's", window)
             return False
-        logger.info("keeping the state of epoch %d loaded from a peer", self.status.loaded_state_at_epoch)
+        logger.info("keeping the state of epoch %d loaded from a peer", self.params_epoch)
         return True
 
     def _trainers_present(self) -> bool:

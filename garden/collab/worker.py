@@ -266,6 +266,20 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         last_poll = last_write = -float("inf")
         synced = False
         mark = trainer.state_mark()
+
+        def note_state() -> None:
+            """After a step or a load: a new epoch's parameters (or a loaded state) get a probe, maybe a
+            checkpoint."""
+            nonlocal mark
+            if trainer.state_mark() == mark:
+                return
+            new_epoch = trainer.params_epoch != mark[0]
+            mark = trainer.state_mark()
+            trainer.record_probe()
+            saved = checkpoints.maybe_save(mark[0], trainer, peer_id) if new_epoch else None
+            if saved is not None:
+                status.last_checkpoint = saved
+
         while not stop.is_set() and not trainer.done:
             now = time.monotonic()
             if now - last_poll >= config.row_poll_s or not trainer.encoded:
@@ -281,17 +295,13 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
                 break
             if trainer.step() is None:  # no rows yet, or waiting for min_trainers
                 stop.wait(min(1.0, config.row_poll_s))
-            if trainer.state_mark() != mark:  # another epoch's parameters, or a state loaded from peers
-                new_epoch = trainer.params_epoch != mark[0]
-                mark = trainer.state_mark()
-                trainer.record_probe()
-                saved = checkpoints.maybe_save(mark[0], trainer, peer_id) if new_epoch else None
-                if saved is not None:
-                    status.last_checkpoint = saved
+            note_state()
             if time.monotonic() - last_write >= STATUS_PERIOD:
                 write_status(status)
                 last_write = time.monotonic()
         if trainer.done:
+            trainer.catch_up(stop.is_set)  # hivemind may have moved it to the last epoch without its parameters
+            note_state()
             status.state = "done"
             write_status(status)
             logger.info("mission %s: reached epoch %d", config.mission_id[:12], trainer.epoch)

@@ -1,5 +1,6 @@
 """The swarm trainer's parts in one process: settings, compression, the part checks, the row feed, a NaN
-step that is neither applied nor counted, and the worker's refusal of a bad configuration."""
+step that is neither applied nor counted, the worker's refusal of a bad configuration, and the catch-up to the last
+epoch's parameters."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from garden.collab.worker import WorkerConfig, WorkerStatus
 from garden.protocol.mission_spec import StudentSection, SwarmSettings, TrainSection
 from harness.trainers import MISSION, make_rows_store, make_tiny_student
 
-pytestmark = pytest.mark.heavy(14)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(22)  # seconds in `make check`: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +301,51 @@ def test_the_outer_step_is_nesterov_sgd_on_the_pseudo_gradient() -> None:
     assert torch.allclose(q.data, torch.tensor([-1.3525])) and delta == pytest.approx(1.05)
     outer.restart()
     assert torch.equal(outer.anchor[0], q.data) and float(outer.buffer[0]) == 0.0
+
+
+def test_a_peer_moved_to_the_last_epoch_without_its_parameters_loads_them(tiny: Path, rows_store: Path) -> None:
+    """Hivemind's catch-up moves a peer that missed the last round to the swarm's epoch without that epoch's
+    parameters: such a peer said "done" holding the epoch before's, and wrote no checkpoint of the last (the hostile
+    swarm test caught it once). ``catch_up`` loads them from a peer that finished. In a fresh process (the patches
+    that mark the epoch of the parameters are installed there): a finishes epoch 1 alone, b is moved to epoch 1
+    as hivemind's catch-up does."""
+    script = f"""
+import hivemind, torch
+from garden.collab import hivemind_patches as h
+from garden.collab.trainer import CollabConfig, CollabTrainer, make_optimizer
+from garden.models.student import StudentSpec, build_student
+from garden.store import RowFeed
+h.install()
+config = CollabConfig(target_batch_size=2, max_epochs=1, batch_size=2, matchmaking_time=1.0, averaging_timeout=5.0,
+                      load_state_timeout=20.0)
+dhts, trainers = [], []
+try:
+    for name in ("a", "b"):
+        peers = dhts[0].get_visible_maddrs() if dhts else None
+        dhts.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers))
+        dht = dhts[-1]
+        trainers.append(CollabTrainer(build_student(StudentSpec(base={str(tiny)!r})), config,
+                                      lambda params, dht=dht: make_optimizer(dht, "catch-up", params, config)))
+        if name == "a":
+            a = trainers[0]
+            a.add_rows(RowFeed({str(rows_store)!r}, "{MISSION}").new_rows())
+            assert a.step() is not None and a.done and a.params_epoch == 1
+    b = trainers[1]
+    states = b.optimizer.state_averager
+    before = b.parameters_vector().clone()
+    assert not torch.equal(before, a.parameters_vector())
+    states._garden_params_epoch, states.local_epoch = 0, 1  # hivemind's catch-up: the epoch, not the parameters
+    assert b.done and b.params_epoch == 0
+    assert b.catch_up()
+    assert b.params_epoch == 1 and b.status.loaded_state_at_epoch == 1
+    assert torch.equal(b.parameters_vector(), a.parameters_vector())
+    assert not a.catch_up()  # a holds its epoch's parameters: nothing to load
+    print("ok")
+finally:
+    for trainer in trainers:
+        trainer.shutdown()
+    for dht in dhts:
+        dht.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
