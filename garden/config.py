@@ -159,6 +159,10 @@ class GardenSettings(BaseSettings):
     train_batch_size: int = Field(
         4, ge=1, le=4096, description="Rows per forward pass when this peer trains a mission's student."
     )
+    vouch_quiet_s: float = Field(
+        30.0, ge=0, le=86400, description="A lead judges its missions' checkpoints only after its heavy work "
+        "(shaking, verifying row sets) has paused this many seconds, so judging never crowds that work.",
+    )
     # --- which missions this peer works on -----------------------------------------------------------
     trust_lead: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

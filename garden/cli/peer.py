@@ -59,6 +59,9 @@ def run(
     lease_seconds: float | None = typer.Option(None, "--lease-seconds", help=_help("lease_seconds")),
     void_after: float | None = typer.Option(None, "--void-after", metavar="SECONDS", help=_help("void_after")),
     train_batch_size: int | None = typer.Option(None, "--train-batch-size", help=_help("train_batch_size")),
+    vouch_quiet_s: float | None = typer.Option(
+        None, "--vouch-quiet", metavar="SECONDS", help=_help("vouch_quiet_s")
+    ),
     trust_lead: list[str] | None = typer.Option(
         None, "--trust-lead", metavar="PEER_ID", help=_help("trust_lead") + " Repeatable."
     ),
@@ -130,6 +133,7 @@ def run(
         lease_seconds=lease_seconds,
         void_after=void_after,
         train_batch_size=train_batch_size,
+        vouch_quiet_s=vouch_quiet_s,
         trust_lead=trust_lead or None,
         allow_local_models=allow_local_models,
         max_missions_per_lead=max_missions_per_lead,

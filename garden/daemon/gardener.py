@@ -216,7 +216,7 @@ class Gardener:
         )  # fmt: skip
         self.vouching = CheckpointVoucher(
             self.missions, self.checkpoints, self.data_dir.store, self.data_dir.root / "vouching", period=period,
-            compute=self.work.compute, governor=self.governor,
+            compute=self.work.compute, governor=self.governor, quiet_s=settings.vouch_quiet_s,
         )  # fmt: skip
         idle = self._idle_config()
         self.training = TrainingWork(

@@ -60,9 +60,10 @@ WORSE_SLACK = 0.02
 EVAL_TIMEOUT = 900.0
 """Seconds one ``garden eval`` may take before it is stopped."""
 QUIET_S = 30.0
-"""Seconds the peer's heavy-work slot must have stayed free before a checkpoint is judged: judging (a model
-load, a forward pass) waits for a lull in shaking, so it never crowds a peer that is loading, writing and
-serving (on 2 cores even a nice 19 evaluation beside that held the daemon's event loop for a second)."""
+"""Seconds the peer's heavy-work slot must have stayed free before a checkpoint is judged, by default (the
+``vouch_quiet_s`` setting): judging (a model load, a forward pass) waits for a lull in shaking, so it never crowds
+a peer that is loading, writing and serving (on 2 cores even a nice 19 evaluation beside that held the daemon's
+event loop for a second)."""
 FIGURES = ("kl", "nll", "top1", "pref_acc", "rows")
 """What a vouch carries of ``garden eval``'s report (a published student shows them), with ``base_kl`` and
 ``heldout_rows`` (how many of the ``rows`` measured are of held-out prompts: all of them, or 0 when the lead
@@ -101,10 +102,12 @@ class CheckpointVoucher(Service):
         period: float = 30.0,
         compute: asyncio.Lock | None = None,
         governor: Governor | None = None,
+        quiet_s: float = QUIET_S,
     ) -> None:
         self.book, self.sharing, self.store_path, self.work_root, self.period = (
             book, sharing, store_path, work_root, period
         )  # fmt: skip
+        self.quiet_s = quiet_s
         # the peer's one slot for heavy work (shared with shaking and verification), and the owner's pause and
         # idle-only mode: a checkpoint is judged when the machine has room for it, never beside a shard
         self.compute = compute or asyncio.Lock()
@@ -119,7 +122,7 @@ class CheckpointVoucher(Service):
                 await self.governor.wait_until_free(stop)
             if self.compute.locked():
                 self._busy_at = time.monotonic()
-            quiet = time.monotonic() - self._busy_at >= QUIET_S
+            quiet = time.monotonic() - self._busy_at >= self.quiet_s
             for mission in list(self.book.missions.values()) if quiet else []:
                 if stop.is_set():
                     break

@@ -52,8 +52,8 @@ def world() -> Iterator[NatWorld]:
 def start(daemons: DaemonFactory, world: NatWorld, role: str, cache: Path, *args: str, **kwargs: Any) -> Daemon:
     env = {"GARDEN_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
     return daemons.start(
-        "--max-threads", "1", *args, env=env, host_maddr="/ip4/0.0.0.0/tcp/0", netns=world.ns(role),
-        via=world.caller(role), **kwargs,
+        "--max-threads", "1", "--vouch-quiet", "5", *args, env=env, host_maddr="/ip4/0.0.0.0/tcp/0",
+        netns=world.ns(role), via=world.caller(role), **kwargs,
     )  # fmt: skip
 
 
