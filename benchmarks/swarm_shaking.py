@@ -13,9 +13,10 @@ as peers, 2 peers should shake nearly twice as many rows per second as one: the 
 
 Per configuration:
 
-- ``seconds_total``: from just before ``POST /missions`` on peer 1 until ``GET /missions`` says the mission
-  is ``"done"`` (polled every second): includes the other peers' discovery of the mission and its prompts.
-- ``seconds_shaking``: from the first poll that sees a shard leased or done until ``"done"``;
+- ``seconds_total``: from just before ``POST /missions`` on peer 1 until ``GET /missions`` says every shard
+  is done (the mission's state is ``training`` or later; polled every second): includes the other peers'
+  discovery of the mission and its prompts.
+- ``seconds_shaking``: from the first poll that sees a shard leased or done until then;
   ``rows_per_s`` = rows / ``seconds_shaking``. ``rows_per_s_steady`` counts only the window in which
   every peer is working (from the first poll with K shards leased at once to the first with no shard left
   open), leaving out each peer's start (finding the mission, fetching its prompts, loading the teacher)
@@ -33,6 +34,12 @@ Per configuration:
 - ``stop_problems``: daemons that did not exit 0 within 15 s of SIGTERM (then their process group is
   killed) or left processes behind. Every daemon is stopped on any error, Ctrl+C or SIGTERM too; on a
   failure the tail of each daemon's log is printed, and ``--log-dir`` keeps all their logs.
+
+``recovery`` (skip with ``--no-recovery``): two peers at the daemon's defaults for leases and announces (no
+``--lease-seconds``, no ``--announce-period``), the same mission; once peer 2 holds a lease it is killed
+(``kill -9``, its DHT child and p2pd too), and ``seconds_to_lease_again`` is the time until peer 1 leased
+each of its shards (or holds their row sets): the target is <= 60 s (``recovery_target_met``). Before leases
+were short and a departed peer's lease void, it was the lease's length, 300 s.
 
 ``machine.load_average_1m`` (before, after) shows whether other work shared the CPU: the numbers mean
 little on a busy machine.
@@ -70,6 +77,9 @@ from harness.machine import MachineReport  # noqa: E402
 
 TEACHER = "builtin:smollm2-135m"
 TARGET_SPEEDUP = 1.8
+TARGET_RECOVERY_S = 60.0
+SHAKEN = ("training", "trained", "published")
+"""A mission's states in ``GET /missions`` once every shard is done (its life goes on to training)."""
 POLL = 1.0
 STOP_TIMEOUT = 15.0
 REPLICATION_WAIT = 15.0
@@ -261,7 +271,7 @@ def run_configuration(
                     steady_start = (now, shards["done"])
                 if steady_start is not None and steady_end is None and shards["open"] == 0:
                     steady_end = (now, shards["done"])
-                if view["state"] == "done":
+                if view["state"] in SHAKEN:
                     break
                 if now - last_log >= 10:
                     last_log = now
@@ -332,6 +342,49 @@ def run_configuration(
     return result
 
 
+def measure_recovery(body: dict[str, Any], base: Path, env: dict[str, str], max_threads: int) -> dict[str, Any]:
+    """Kill peer 2 of two while it holds a lease; seconds until peer 1 leased (or finished) its shards."""
+    factory = DaemonFactory(base)
+    base.mkdir(parents=True)
+    args = ["--max-threads", str(max_threads), "--roles", "shaker"]  # the defaults for leases and announces
+    result: dict[str, Any] = {}
+    try:
+        first = factory.start(*args, env=env, announce_period=None)
+        second = factory.start(*args, "--join", first.join_addr, env=env, announce_period=None)
+        daemons = factory.daemons
+        wait_for("2 peers seen", lambda: all(len(d.get("/peers").json()) == 2 for d in daemons), 120, daemons)
+        response = first.request("POST", "/missions", json=body)
+        if response.status_code != 201:
+            raise RuntimeError(f"POST /missions: {response.status_code} {response.text[:2000]}")
+        mission_id = response.json()["id"]
+
+        def peers() -> list[dict[str, Any]]:
+            return list(first.get(f"/missions/{mission_id}").json().get("peers", []))
+
+        def held_by_second() -> list[int]:
+            return next((p["leased"] for p in peers() if p["peer_id"] == second.peer_id and p["leased"]), [])
+
+        shards = wait_for("peer 2 holding a lease", held_by_second, 300, daemons, interval=0.2)
+        second.kill_all()
+        killed = time.monotonic()
+        log(f"recovery: killed peer 2 holding shards {shards}; waiting for peer 1 to take them")
+
+        def taken() -> bool:
+            mine = {s for p in peers() if p["peer_id"] == first.peer_id for s in p["leased"]}
+            done = {shard for shard, _ in stored_row_sets(first, mission_id)}
+            return all(s in mine or s in done for s in shards)
+
+        wait_for("peer 1 leasing the killed peer's shards", taken, 600, [first], interval=0.5)
+        seconds = time.monotonic() - killed
+        log(f"recovery: leased again {seconds:.1f} s after the kill")
+        result.update(shards=shards, seconds_to_lease_again=round(seconds, 1), target_s=TARGET_RECOVERY_S,
+                      recovery_target_met=seconds <= TARGET_RECOVERY_S)  # fmt: skip
+    finally:
+        for problem in stop_all(factory.daemons):
+            log(f"stopping: {problem}")
+    return result
+
+
 def log_tails(base: Path, lines: int = 30) -> None:
     for path in sorted(base.rglob("peer*.err")):
         tail = path.read_text(errors="replace").splitlines()[-lines:]
@@ -358,6 +411,7 @@ def main() -> int:
     parser.add_argument(
         "--announce-period", type=float, default=5.0, help="the daemons' --announce-period (also their mission period)"
     )
+    parser.add_argument("--no-recovery", action="store_true", help="skip the kill -9 recovery measurement")
     parser.add_argument("--json-only", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args()
     quiet = args.json_only
@@ -407,6 +461,9 @@ def main() -> int:
         report["speedup_2_over_1_steady"] = round(s2 / s1, 3) if s1 and s2 else None
         report["target_speedup"] = TARGET_SPEEDUP
         report["target_met"] = speedup is not None and speedup >= TARGET_SPEEDUP
+        if not args.no_recovery:
+            log("recovery: 2 peers at the default lease and announce periods, peer 2 killed mid-shard")
+            report["recovery"] = measure_recovery(body, tmp / "recovery", env, args.max_threads)
         report["warmup"] = {"model_load_s": warmup["model_load_s"]}
         report["machine"] = machine.finish(daemon_torch_threads=args.max_threads)
         ok = True

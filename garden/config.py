@@ -149,7 +149,7 @@ class GardenSettings(BaseSettings):
         False, description="A pause (garden pause) also stops serving layers; by default a paused peer still serves."
     )
     lease_seconds: float = Field(
-        300.0, ge=2.0, le=3600.0, description="Seconds a shard lease lasts unless renewed (renewed every third)."
+        45.0, ge=2.0, le=3600.0, description="Seconds a shard lease lasts unless renewed (renewed every third)."
     )
     void_after: float = Field(
         600.0, ge=5.0, le=7 * 86400.0,

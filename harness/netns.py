@@ -11,6 +11,13 @@ leaves and forwards nothing that was not asked for. So a home peer dials the pub
 peer, and the two homes cannot dial each other: the world of a volunteer behind a NAT router. Nothing here has
 a route to a real network; every address lives inside namespaces this module creates and deletes.
 
+``NatWorld(internet=True)`` is closer to the real internet, for hole punching: libp2p punches only for peers
+whose observed addresses are public (not 10/8, 192.168/16, ...), and only once four peers at different IPs saw
+the same one, so the routers' WAN sides are 11.1.0.0/24 and 13.2.0.0/24, the public namespace has
+:data:`INTERNET_IPS` on its loopback for its peers, and the routers drop what reaches them unasked (as home
+routers do; answering with a reset, as a bare Linux router does, kills a punch's first packet). These
+addresses too live only inside the namespaces.
+
 Needs root, ``ip`` (iproute2) and ``nft`` (nftables, installed by ``make install-dev``). :func:`missing` says
 what is not there, so that tests fail with that reason in CI and are skipped elsewhere.
 """
@@ -30,6 +37,8 @@ T = TypeVar("T")
 
 PUBLIC_IP = "10.99.1.1"
 """The public peers' address, as the first home's router reaches it."""
+INTERNET_IPS = ("7.0.0.1", "7.1.0.1", "7.2.0.1", "7.3.0.1", "7.4.0.1")
+"""With ``internet=True``: addresses of the public namespace, one per public peer (libp2p counts observers by IP)."""
 CLONE_NEWNET = 0x40000000
 
 
@@ -61,7 +70,8 @@ class NatWorld:
 
     ROLES = ("public", "router1", "router2", "home1", "home2")
 
-    def __init__(self) -> None:
+    def __init__(self, internet: bool = False) -> None:
+        self.internet = internet
         self.prefix = f"g{secrets.token_hex(3)}"  # interface names stay under 15 characters
         self.made: list[str] = []
         self._callers: dict[str, ThreadPoolExecutor] = {}
@@ -80,6 +90,11 @@ class NatWorld:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def wan(self, i: int) -> tuple[str, str]:
+        """Router ``i``'s WAN network: (the public side's address, the router's), without the /24."""
+        return (f"{(11, 13)[i - 1]}.{i}.0.1", f"{(11, 13)[i - 1]}.{i}.0.2") if self.internet else (
+            f"10.99.{i}.1", f"10.99.{i}.2")  # fmt: skip
+
     def _build(self) -> None:
         p = self.prefix
         for role in self.ROLES:
@@ -87,16 +102,19 @@ class NatWorld:
             self.made.append(self.ns(role))
             _run("ip", "-n", self.ns(role), "link", "set", "lo", "up")
         _run("ip", "netns", "exec", self.ns("public"), "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for ip in INTERNET_IPS if self.internet else ():
+            _run("ip", "-n", self.ns("public"), "addr", "add", f"{ip}/32", "dev", "lo")
         for i in (1, 2):
+            public_side, router_side = self.wan(i)
             wan, up = f"{p}w{i}", f"{p}u{i}"  # the router's WAN side, the public side of the same cable
             lan, home = f"{p}l{i}", f"{p}h{i}"
             router, house = self.ns(f"router{i}"), self.ns(f"home{i}")
             _run("ip", "link", "add", up, "type", "veth", "peer", "name", wan)
             _run("ip", "link", "set", up, "netns", self.ns("public"))
             _run("ip", "link", "set", wan, "netns", router)
-            _run("ip", "-n", self.ns("public"), "addr", "add", f"10.99.{i}.1/24", "dev", up)
+            _run("ip", "-n", self.ns("public"), "addr", "add", f"{public_side}/24", "dev", up)
             _run("ip", "-n", self.ns("public"), "link", "set", up, "up")
-            _run("ip", "-n", router, "addr", "add", f"10.99.{i}.2/24", "dev", wan)
+            _run("ip", "-n", router, "addr", "add", f"{router_side}/24", "dev", wan)
             _run("ip", "-n", router, "link", "set", wan, "up")
             _run("ip", "link", "add", lan, "type", "veth", "peer", "name", home)
             _run("ip", "link", "set", lan, "netns", router)
@@ -106,8 +124,15 @@ class NatWorld:
             _run("ip", "-n", house, "addr", "add", f"192.168.{i}.2/24", "dev", home)
             _run("ip", "-n", house, "link", "set", home, "up")
             _run("ip", "-n", house, "route", "add", "default", "via", f"192.168.{i}.1")
-            _run("ip", "-n", router, "route", "add", "default", "via", f"10.99.{i}.1")
+            _run("ip", "-n", router, "route", "add", "default", "via", public_side)
             _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            unasked = f"""
+  chain input {{
+    type filter hook input priority 0; policy drop;
+    ct state established,related accept
+    iifname "lo" accept
+    iifname "{lan}" accept
+  }}""" if self.internet else ""
             rules = f"""
 table ip nat {{
   chain postrouting {{
@@ -120,7 +145,7 @@ table ip filter {{
     type filter hook forward priority 0; policy drop;
     ct state established,related accept
     iifname "{lan}" accept
-  }}
+  }}{unasked}
 }}
 """
             _run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=rules)

@@ -242,7 +242,8 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         announce_maddrs=config.relayed or None,
         client_mode=config.client_mode,
         p2pd_flags={"relayDiscovery": False} if config.relays else {},
-        **({"use_auto_relay": True, "trusted_relays": config.relays, "force_reachability": "private"}
+        **({"use_auto_relay": True, "trusted_relays": config.relays, "force_reachability": "private",
+            "dht_mode": "client"}
            if config.relays else {}),
         start=True,
     )  # fmt: skip

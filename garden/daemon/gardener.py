@@ -202,6 +202,7 @@ class Gardener:
         leases = LeaseManager(
             swarm.dht, keys, identity.private_key,
             LeaseConfig(lease_duration=settings.lease_seconds, dht_timeout=settings.dht_timeout),
+            gone=self.directory.gone,
         )  # fmt: skip
         self.keeper = RowSetKeeper(
             self.store, self.missions, self.transfer, self.disk, leases, void_after=settings.void_after

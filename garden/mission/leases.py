@@ -23,7 +23,7 @@ import enum
 import logging
 import random
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,8 @@ class ShardBoard:
     :param void: subkeys of done records this peer holds void (their row sets were never served): left out
     :param distrusted: producers whose done records finished after a time are left out (producer -> DHT time:
         this peer refuted one of their row sets then)
+    :param gone: peers seen leaving the swarm (``PeerDirectory.gone``): their live leases hold nothing, so a
+        killed peer's shard is open once its peer record expired, not when its lease ends
     """
 
     def __init__(
@@ -105,10 +107,11 @@ class ShardBoard:
         created: float | None = None,
         void: frozenset[str] | set[str] = frozenset(),
         distrusted: Mapping[str, float] | None = None,
+        gone: frozenset[str] = frozenset(),
     ):
         if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
             raise ValueError(f"shard_count must be an int >= 1, got {shard_count!r}")
-        self.mission_id, self.shard_count, self.now = mission_id, shard_count, now
+        self.mission_id, self.shard_count, self.now, self.gone = mission_id, shard_count, now, gone
         self.invalid_records = 0
         leases: dict[int, LeaseRecord] = {}
         results: dict[int, list[DoneRecord]] = {}
@@ -147,7 +150,7 @@ class ShardBoard:
         cls, found: ValueWithExpiration[Any] | None, mission_id: str, shard_count: int, now: float, **checks: Any
     ) -> ShardBoard:
         """From what ``DHT.get(key, latest=True)`` returned; ``checks`` are the constructor's ``created``,
-        ``void`` and ``distrusted``."""
+        ``void``, ``distrusted`` and ``gone``."""
         board = cls(None, mission_id, shard_count, now)
         if found is None:
             return board
@@ -161,7 +164,7 @@ class ShardBoard:
         ordered = tuple(sorted(results, key=lambda r: r is not winner))  # stable: winner first
         if winner is not None:
             status = ShardStatus.DONE
-        elif lease is not None and lease.active(self.now):
+        elif lease is not None and lease.active(self.now) and lease.peer_id not in self.gone:
             status = ShardStatus.LEASED
         else:
             status = ShardStatus.OPEN
@@ -223,7 +226,7 @@ class LeaseLostError(LeaseError):
 
 @dataclass(frozen=True)
 class LeaseConfig:
-    """:param lease_duration: seconds a claim lasts unless renewed (default 5 min). Renew every
+    """:param lease_duration: seconds a claim lasts unless renewed (default 45 s). Renew every
         ``renew_period`` (a third of it) so that two missed renewals still keep the shard; shorter
         leases hand a dead peer's shard on sooner but cost more DHT writes.
     :param dht_timeout: seconds for one DHT read or write; a claim makes up to 2 per try
@@ -231,7 +234,7 @@ class LeaseConfig:
     :param claim_tries: shards ``claim`` tries before giving up when other peers win the races
     """
 
-    lease_duration: float = 300.0
+    lease_duration: float = 45.0
     dht_timeout: float = 10.0
     done_expiration: float = 24 * 3600.0
     claim_tries: int = 3
@@ -267,6 +270,7 @@ class LeaseManager:
     :param private_key: this peer's identity key; it signs every record, and its peer id is the worker's
     :param config: durations and timeouts
     :param rng: source of the random shard choice (seed it in tests)
+    :param gone: the peers seen leaving the swarm (``PeerDirectory.gone``), read at each board
     """
 
     def __init__(
@@ -276,8 +280,10 @@ class LeaseManager:
         private_key: rsa.RSAPrivateKey,
         config: LeaseConfig | None = None,
         rng: random.Random | None = None,
+        gone: Callable[[], frozenset[str]] | None = None,
     ):
         self.dht, self.keys, self._private_key = dht, keys, private_key
+        self._gone = gone or frozenset
         self.config = config or LeaseConfig()
         self.peer_id = signing.peer_id_of(signing.public_key_der(private_key))
         self._rng = rng or random.Random()
@@ -316,7 +322,7 @@ class LeaseManager:
         )
         return ShardBoard.from_found(
             found, mission_id, shard_count, now, created=self._created.get(mission_id),
-            void=self.voided(mission_id), distrusted=self._distrusted.get(mission_id),
+            void=self.voided(mission_id), distrusted=self._distrusted.get(mission_id), gone=self._gone(),
         )  # fmt: skip
 
     async def claim(self, mission_id: str, shard_count: int, now: float | None = None) -> Lease | None:

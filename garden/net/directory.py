@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT = 3.0
 """Seconds a clean stop waits for the ``offline`` record to be stored; the record expires anyway."""
+MAX_DEPARTED = 4096
+"""Departed peers remembered (the oldest forgotten first): a swarm's churn, bounded."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class PeerDirectory(Service):
         self._warned: set[tuple[str, int]] = set()
         self._remember, self._remembered = remember, list[str]()
         self.first_seen: dict[str, float] = {}  # peer id -> when this peer first read its record (this run)
+        self._expires: dict[str, float] = {}  # peer id -> DHT expiration of its latest online record read here
+        self.departed: dict[str, float] = {}  # peer id -> DHT time this peer saw it leave (see read)
 
     @property
     def joined(self) -> bool:
@@ -140,10 +144,13 @@ class PeerDirectory(Service):
         found = await self.swarm.get(self.keys.peers, latest=True)
         entries: list[PeerEntry] = []
         incompatible: dict[str, int] = {}
+        offline: list[str] = []
+        answered = False
         if found is not None:
             if not isinstance(found.value, (dict, DictionaryDHTValue)):
                 self._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
             else:
+                answered = True
                 now = get_dht_time()
                 for subkey, item in found.value.items():
                     try:
@@ -161,15 +168,42 @@ class PeerDirectory(Service):
                         continue
                     if info.state == "online" and expiration_time > now:
                         entries.append(PeerEntry(info, expiration_time))
+                    elif info.state == "offline":
+                        offline.append(info.peer_id)
         mine = self.last_announced
         if mine is not None and mine.state == "online" and not any(e.info.peer_id == self.peer_id for e in entries):
             # this peer is alive whatever the DHT answered (e.g. a read that timed out)
             entries.append(PeerEntry(mine, mine.announced_at + 2 * self.period))
         self.known = sorted(entries, key=lambda e: e.info.peer_id)
+        if answered:
+            self._note_departures(offline)
         now = time.time()
         self.first_seen = {e.info.peer_id: self.first_seen.get(e.info.peer_id, now) for e in self.known}
         self.incompatible = incompatible
         return self.known
+
+    def _note_departures(self, offline: list[str]) -> None:
+        """After a read the DHT answered: a peer left when its record says ``offline`` (a clean stop), or when the
+        record this peer last read of it has expired and no newer one came (killed, or cut off: it re-announces
+        every ``period`` and its records last twice that). A read that found nothing proves nothing (a timeout
+        reads as an empty swarm), so only answered reads count."""
+        now = get_dht_time()
+        online = {e.info.peer_id: e.expiration_time for e in self.known}
+        left = [p for p, expires in self._expires.items() if p not in online and expires <= now]
+        for peer_id in [*offline, *left]:
+            if peer_id != self.peer_id and peer_id not in online:
+                self.departed.setdefault(peer_id, now)
+        self._expires = {p: e for p, e in self._expires.items() if p not in online and p not in self.departed}
+        self._expires.update(online)
+        for peer_id in online:
+            self.departed.pop(peer_id, None)  # back
+        for peer_id in sorted(self.departed, key=self.departed.__getitem__)[:-MAX_DEPARTED]:
+            del self.departed[peer_id]
+
+    def gone(self) -> frozenset[str]:
+        """Peers seen leaving (see :meth:`_note_departures`) and not back since: their shard leases hold nothing
+        (``garden.mission.leases``)."""
+        return frozenset(self.departed)
 
     def snapshot(self) -> DirectorySnapshot:
         return DirectorySnapshot(

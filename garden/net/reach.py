@@ -119,7 +119,11 @@ def plan(reach: Reach, limits: RelayLimits) -> P2PPlan:
         return P2PPlan(options={"force_reachability": "public"}, flags=limits.flags())
     if reach.reachability == "private" and reach.relays:
         return P2PPlan(
-            options={"use_auto_relay": True, "trusted_relays": list(reach.relays), "force_reachability": "private"},
+            # libp2p's own DHT as a client: nobody dials a private peer for it, and a peer that dials others early
+            # (its DHT's bootstrap) meets them through relays before it knows its public address, and libp2p
+            # tries a hole punch once per relayed connection: then never (tests/net/test_hole_punch.py)
+            options={"use_auto_relay": True, "trusted_relays": list(reach.relays), "force_reachability": "private",
+                     "dht_mode": "client"},
             # static relays only: discovery would wait for four candidates, or three minutes, before reserving
             flags={"relayDiscovery": False},
             announce=[relay + CIRCUIT for relay in reach.relays],

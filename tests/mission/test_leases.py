@@ -337,6 +337,32 @@ async def test_lease_blocks_renews_expires_and_the_race_has_one_winner(dhts: lis
         await b.renew(lease_b)
 
 
+async def test_the_lease_of_a_peer_seen_leaving_holds_nothing(dhts: list[hivemind.DHT]) -> None:
+    """A lease of 10 minutes whose holder the directory saw leave (``PeerDirectory.gone``): the shard is open to
+    the peer that saw it, whose claim outlasts the dead holder's lease (the DHT keeps the later one) and wins;
+    a peer that did not see it leave still sees the shard leased; the holder, were it alive, loses it."""
+    long = LeaseConfig(lease_duration=600.0, dht_timeout=10.0)
+    holder = LeaseManager(dhts[0], KEYS, new_key(), long)
+    left: set[str] = set()
+    watcher = LeaseManager(dhts[1], KEYS, new_key(), long, gone=lambda: frozenset(left))
+    unaware = LeaseManager(dhts[2], KEYS, new_key(), long)
+    mission = mission_id()
+    held = await holder.claim(mission, 1)
+    assert held is not None
+    assert await watcher.claim(mission, 1) is None  # alive: its lease holds
+    left.add(holder.peer_id)
+    assert (await watcher.fetch(mission, 1)).open_shards() == [0]
+    assert (await unaware.fetch(mission, 1)).shards[0].status is ShardStatus.LEASED
+    taken = await watcher.claim(mission, 1)
+    assert taken is not None and taken.expires > held.expires
+    board = await unaware.fetch(mission, 1)
+    assert board.shards[0].status is ShardStatus.LEASED and board.shards[0].lease == taken
+    with pytest.raises(LeaseLostError, match="leased by"):
+        await holder.renew(held)
+    left.discard(holder.peer_id)  # back: its old attempt still lost the shard
+    assert (await watcher.fetch(mission, 1)).shards[0].lease == taken
+
+
 async def test_every_shard_is_claimed_once_then_all_done(dhts: list[hivemind.DHT]) -> None:
     a = LeaseManager(dhts[0], KEYS, new_key(), SHORT)
     b = LeaseManager(dhts[2], KEYS, new_key(), SHORT)

@@ -191,24 +191,36 @@ def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
 
 @pytest.mark.serial  # shaking daemons and lease timing
 def test_a_peer_killed_while_holding_a_lease_loses_nothing(swarm: DaemonFactory, converted: Path) -> None:
-    lease = ("--lease-seconds", "6")
+    """Leases of 10 minutes: the killed peer's shard goes on because its peer record expired (announced every
+    second here, so after 2 s), not because its lease ended (issue 19: quick recovery from a dead peer)."""
+    lease = ("--lease-seconds", "600")
     a = start(swarm, *lease, cache=converted)
     b = start(swarm, *lease, join=a, cache=converted)
     c = start(swarm, *lease, join=a, cache=converted)
     body = mission_body(prompts=16, max_new_tokens=10)
     mission_id = create(a, body)
 
-    def victim_leasing() -> Daemon | None:
+    def victim_leasing() -> tuple[Daemon, list[int]] | None:
         d = detail(a, mission_id)
         for peer in (d or {}).get("peers", []):
             if peer["leased"] and peer["peer_id"] in (b.peer_id, c.peer_id):
-                return b if peer["peer_id"] == b.peer_id else c
+                return (b if peer["peer_id"] == b.peer_id else c), peer["leased"]
         return None
 
-    victim = wait_until(victim_leasing, 120, 0.2, "b or c holding a lease")
+    victim, shards = wait_until(victim_leasing, 120, 0.2, "b or c holding a lease")
     held_before = held_row_sets(victim, mission_id)
     victim.kill_all()  # kill -9 the daemon and its DHT child and p2pd, mid-shard
+    killed_at = time.monotonic()
     survivors = [a, b if victim is c else c]
+
+    def taken_over() -> bool:  # each of its shards leased by a survivor, or finished by one
+        d = detail(a, mission_id) or {}
+        others = {s for p in d.get("peers", []) if p["peer_id"] != victim.peer_id for s in p["leased"]}
+        finished = set().union(*(held_row_sets(p, mission_id) for p in survivors))
+        return all(s in others or s in finished for s in shards)
+
+    wait_until(taken_over, 60, 0.5, f"shards {shards} of the killed peer leased again (its lease: 600 s)")
+    print(f"the killed peer's shards leased again {time.monotonic() - killed_at:.1f} s after the kill")
     final = wait_done(a, mission_id)
     assert final["shards"]["done"] == 8 and final["rows"] == 16
     wait_until(lambda: settled(survivors, mission_id, 8), 90, 1.0, "one attempt per shard, held twice")

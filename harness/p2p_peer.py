@@ -1,0 +1,96 @@
+"""One libp2p peer as garden starts its p2p daemon, run inside a network namespace of ``harness.netns``:
+``ip netns exec NS python -m harness.p2p_peer NAME RUN_DIR CONFIG_JSON`` (from the checkout's root).
+
+CONFIG_JSON: ``host`` (listen multiaddrs), ``initial`` (peers to connect to), ``reach`` (``public`` or
+``private``), ``relays`` (a private peer's relays). The p2p daemon gets what ``garden.net.reach.plan`` gives a
+peer of that reachability (options, the flags hivemind has no option for, the announced circuit addresses):
+what the daemon's DHT process starts, without the DHT on top.
+
+Writes ``RUN_DIR/NAME.json`` (peer id, pid of its p2pd) once up, and ``RUN_DIR/NAME.state`` (a JSON line each
+time the connected peers change: ``{"t": ..., "peers": [[id, [addrs]], ...]}``), p2pd's log lines in
+``NAME.log``; takes ``connect <multiaddr ending in /p2p/ID>`` lines from ``NAME.cmd``; stops when ``NAME.stop``
+exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# what the hole-punch test reads: the hole-punch service starting, and each punch (debug lines of go-libp2p)
+os.environ.setdefault("GOLOG_LOG_LEVEL", "warn,p2p-holepunch=debug,autorelay=info")
+
+
+class GoMultiaddr:
+    """A multiaddr for p2pd's control protocol: hivemind's Python ``Multiaddr`` writes a ``/p2p/`` value as a
+    CIDv1 (0x01 0x72 + multihash), which the go-multiaddr in hivemind's p2pd refuses inside an address
+    ("length greater than remaining number of bytes in buffer"): a relayed address has one in its middle."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def to_bytes(self) -> bytes:
+        from hivemind.utils.multiaddr import Multiaddr
+
+        raw = bytearray(Multiaddr(self.text).to_bytes())
+        out, i = bytearray(), 0
+        while i < len(raw):
+            # /p2p/ (code 421, varint a5 03), a one-byte length, then a CIDv1 of a libp2p key (01 72 ...)
+            if raw[i : i + 2] == b"\xa5\x03" and raw[i + 3 : i + 5] == b"\x01\x72":
+                size = raw[i + 2]
+                out += b"\xa5\x03" + bytes([size - 2]) + raw[i + 5 : i + 3 + size]
+                i += 3 + size
+            else:
+                out.append(raw[i])
+                i += 1
+        return bytes(out)
+
+
+async def serve(name: str, run: Path, config: dict[str, Any]) -> None:
+    from hivemind.p2p import P2P, PeerID
+
+    from garden.net import p2pd_patch
+    from garden.net.reach import Reach, RelayLimits, plan
+
+    reach = Reach(reachability=config["reach"], relays=list(config.get("relays", [])))
+    chosen = plan(reach, RelayLimits())
+    p2pd_patch.install(chosen.flags)
+    log = (run / f"{name}.log").open("a", buffering=1)
+    P2P._log_p2pd_message = staticmethod(lambda line: log.write(line + "\n"))  # type: ignore[method-assign]
+    p2p = await P2P.create(
+        initial_peers=config.get("initial") or None, host_maddrs=config["host"],
+        announce_maddrs=chosen.announce or None, nat_port_map=False, startup_timeout=30, **chosen.options,
+    )  # fmt: skip
+    ready = run / f"{name}.json.tmp"
+    ready.write_text(json.dumps({"id": p2p.peer_id.to_base58(), "pid": p2p._child.pid}))
+    ready.rename(run / f"{name}.json")
+    state = (run / f"{name}.state").open("a", buffering=1)
+    done, last = 0, None
+    try:
+        while not (run / f"{name}.stop").exists():
+            commands = (run / f"{name}.cmd").read_text().splitlines() if (run / f"{name}.cmd").exists() else []
+            for command in commands[done:]:
+                _, target = command.split(" ", 1)
+                base, peer = target.rsplit("/p2p/", 1)
+                try:
+                    await p2p._client.connect(PeerID.from_base58(peer), [GoMultiaddr(base)])
+                    state.write(json.dumps({"t": time.time(), "connected": target}) + "\n")
+                except Exception as e:  # what the test shows when it fails
+                    state.write(json.dumps({"t": time.time(), "error": f"{target}: {e!r}"}) + "\n")
+            done = len(commands)
+            peers = sorted((p.peer_id.to_base58(), sorted(str(a) for a in p.addrs)) for p in await p2p.list_peers())
+            if peers != last:
+                state.write(json.dumps({"t": time.time(), "peers": peers}) + "\n")
+                last = peers
+            await asyncio.sleep(0.1)
+    finally:
+        await p2p.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])))
