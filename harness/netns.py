@@ -29,7 +29,8 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -55,6 +56,21 @@ def missing() -> str | None:
         return f"cannot make a network namespace: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+@contextmanager
+def world_for_test(internet: bool = False) -> Iterator[NatWorld]:
+    """A :class:`NatWorld` for a test; where namespaces cannot be made, the test fails with the reason in CI (the
+    world must be built there) and is skipped elsewhere."""
+    import pytest
+
+    reason = missing()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the namespace world cannot be built on this machine: {reason}")
+        pytest.skip(reason)
+    with NatWorld(internet=internet) as world:
+        yield world
 
 
 def _run(*argv: str, stdin: str | None = None) -> None:

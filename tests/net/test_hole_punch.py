@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from harness.daemons import wait_until
-from harness.netns import INTERNET_IPS, NatWorld, missing
+from harness.netns import INTERNET_IPS, NatWorld, world_for_test
 
 pytestmark = [pytest.mark.swarm, pytest.mark.heavy(20)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,12 +36,7 @@ PORT = 4001
 
 @pytest.fixture
 def world() -> Iterator[NatWorld]:
-    why = missing()
-    if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"the namespace world cannot be built here: {why}")
-        pytest.skip(why)
-    with NatWorld(internet=True) as built:
+    with world_for_test(internet=True) as built:
         yield built
 
 

@@ -12,7 +12,6 @@ their checkpoint to vouch for it, and a generation on the public side runs layer
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from harness.daemons import Daemon, DaemonFactory, wait_until
-from harness.netns import PUBLIC_IP, NatWorld, missing
+from harness.netns import PUBLIC_IP, NatWorld, world_for_test
 from tests.mission.test_missions_swarm import (  # noqa: F401 (converted: a fixture)
     converted,
     create,
@@ -40,12 +39,7 @@ pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[NatWorld]:
-    reason = missing()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"the NAT test world cannot be built on this machine: {reason}")
-        pytest.skip(reason)
-    with NatWorld() as built:
+    with world_for_test() as built:
         yield built
 
 
