@@ -29,7 +29,7 @@ import pytest
 from harness.daemons import wait_until
 from harness.netns import INTERNET_IPS, NatWorld, world_for_test
 
-pytestmark = [pytest.mark.swarm, pytest.mark.heavy(20)]
+pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 4001
 
