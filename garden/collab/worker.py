@@ -88,9 +88,6 @@ class WorkerConfig(BaseModel):
     relays: list[str] = Field(default_factory=list, max_length=16)  # a private daemon's: the worker's averager
     # is reached through them too (garden.net.reach), so home trainers average as full peers
 
-    @property
-    def relayed(self) -> list[str]:
-        return [relay + "/p2p-circuit" for relay in self.relays]
     parent_pid: int | None = None
     linger_s: float = 5.0
     row_poll_s: float = 5.0
@@ -206,6 +203,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
 
     from garden.host.governor import Governor
     from garden.host.idle import IdleConfig
+    from garden.net.reach import P2PPlan, Reach, RelayLimits, plan
     from garden.net.swarm import GardenDHT
     from garden.store import RowFeed
     from garden.collab import hivemind_patches, robust
@@ -236,15 +234,15 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
     idle = IdleConfig(config.idle_threshold, config.idle_quiet_s) if config.idle_threshold is not None else None
     # the same budget over the same tree (the daemon's) as the daemon's own work: they hold back together
     governor = Governor(None, config.max_cpu, idle, root_pid=config.parent_pid).start()
+    # behind relays: the p2p daemon as the daemon's own (garden.net.reach.plan of a private peer), else as hivemind's
+    relayed = plan(Reach(reachability="private", relays=config.relays), RelayLimits()) if config.relays else P2PPlan()
     dht = GardenDHT(
         initial_peers=config.initial_peers or None,
         host_maddrs=config.host_maddrs,
-        announce_maddrs=config.relayed or None,
+        announce_maddrs=relayed.announce or None,
         client_mode=config.client_mode,
-        p2pd_flags={"relayDiscovery": False} if config.relays else {},
-        **({"use_auto_relay": True, "trusted_relays": config.relays, "force_reachability": "private",
-            "dht_mode": "client"}
-           if config.relays else {}),
+        p2pd_flags=relayed.flags,
+        **relayed.options,
         start=True,
     )  # fmt: skip
     feed: RowFeed | None = None
