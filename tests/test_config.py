@@ -33,6 +33,7 @@ def test_defaults() -> None:
     assert settings.roles is None
     assert settings.announce_period == 30.0
     assert settings.data_dir.name == "garden"
+    assert settings.lease_seconds == 45.0 and settings.vouch_quiet_s == 30.0
 
 
 def test_file_beats_default(config_file: Path) -> None:
@@ -90,6 +91,8 @@ def test_repeatable_and_comma_separated_lists(monkeypatch: pytest.MonkeyPatch) -
         ({"log_level": "loud"}, "log_level"),
         ({"max_threads": 0}, "max_threads"),
         ({"announce_period": 0.01}, "announce_period"),
+        ({"vouch_quiet_s": -1}, "vouch_quiet_s"),
+        ({"lease_seconds": 1}, "lease_seconds"),
         ({"swarm": "a/b"}, "swarm name"),
         ({"swarm": ""}, "swarm name"),
         ({"client_mode": True}, "could never be joined"),
