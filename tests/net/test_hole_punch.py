@@ -58,8 +58,7 @@ class Peers:
     def ready(self, name: str) -> dict[str, Any] | None:
         if self.procs[name].poll() is not None:
             raise AssertionError(f"{name} exited: {(self.run / f'{name}.out').read_text()[-3000:]}")
-        path = self.run / f"{name}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return self.ready_quietly(name)
 
     def log(self, name: str) -> str:
         path = self.run / f"{name}.log"
