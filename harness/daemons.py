@@ -251,14 +251,16 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.25, message: 
 _POLLER = """
 import json, sys, time, httpx
 from pathlib import Path
-url, stop, latencies = sys.argv[1], Path(sys.argv[2]), []
+url, stop, latencies, served = sys.argv[1], Path(sys.argv[2]), [], []
 with httpx.Client(timeout=30) as client:
     while not stop.exists():
         began = time.monotonic()
-        client.get(url + "/health").raise_for_status()
+        answer = client.get(url + "/health")
+        answer.raise_for_status()
         latencies.append(time.monotonic() - began)
+        served.append(float(answer.headers["server-timing"].partition("dur=")[2]) / 1000)
         time.sleep(0.05)
-print(json.dumps(latencies))
+print(json.dumps([latencies, served]))
 """
 
 
@@ -268,7 +270,11 @@ class HealthPoller:
 
         with HealthPoller(daemon, tmp_path) as health:
             ...  # the load under test
-        assert max(health.latencies) < 0.25
+        assert max(health.served) < 0.25
+
+    ``latencies`` are the times the poller saw; ``served`` the daemon's own, from its ``Server-Timing`` header:
+    a bound on the daemon's work that the machine's other processes (the other test worker's daemons on a
+    2-core machine) do not move. Its event loop's stalls: :meth:`Daemon.loop_stalls`.
     """
 
     def __init__(self, daemon: Daemon, scratch: Path) -> None:
@@ -277,6 +283,7 @@ class HealthPoller:
             [sys.executable, "-c", _POLLER, daemon.url, str(self._stop_file)], stdout=subprocess.PIPE, text=True
         )
         self.latencies: list[float] = []
+        self.served: list[float] = []
 
     def stop(self) -> list[float]:
         """End the polling and return the latencies; fails if the daemon stopped answering. Idempotent."""
@@ -284,7 +291,7 @@ class HealthPoller:
             self._stop_file.touch()
             try:
                 out, _ = self._proc.communicate(timeout=60)
-                self.latencies = list(json.loads(out))
+                self.latencies, self.served = (list(times) for times in json.loads(out))
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 self.close()
                 raise AssertionError("the /health poller failed (the daemon stopped answering?)") from None

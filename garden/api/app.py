@@ -24,6 +24,7 @@ from garden.api.metrics import make_registry
 from garden.api.errors import error_response
 from garden.api.guard import OwnerGuard, OwnerPolicy
 from garden.api.limits import BodyLimit
+from garden.api.timing import ServerTiming
 from garden.errors import Conflict, GardenError, Refused
 from garden.host.disk import DiskSnapshot
 from garden.host.governor import GovernorSnapshot
@@ -176,6 +177,7 @@ def create_app(gardener: Gardener) -> FastAPI:
     app.include_router(make_dashboard_router())
     app.add_middleware(BodyLimit, max_bytes=int(settings.http_max_body))
     app.add_middleware(OwnerGuard, policy=guard)
+    app.add_middleware(ServerTiming)  # added last: the outermost, its time includes the others'
     return app
 
 

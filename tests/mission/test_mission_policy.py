@@ -92,9 +92,11 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory, tmp_path: Pa
             assert here["shards"]["leased"] == 0
         assert all(m["trusted"] for m in theirs(lead))  # the lead trusts everyone (no --trust-lead)
         latencies = health.stop()
-        print(f"/health through a flood: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms")
+        served = health.served  # the daemon's own time: the other test worker's daemons do not move it
+        print(f"/health through a flood: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms seen, "
+              f"{max(served) * 1000:.0f} ms served")
         assert not volunteer.loop_stalls(), volunteer.loop_stalls()  # the watchdog saw no stall of 0.25 s
-        assert max(latencies) < 0.25, sorted(latencies)[-5:]
+        assert max(served) < 0.25, sorted(served)[-5:]
     finally:
         health.close()
         hostile.shutdown()

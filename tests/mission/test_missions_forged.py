@@ -169,8 +169,10 @@ def test_forged_mission_records_and_lying_senders_are_refused(
         detail = lead.get(f"/missions/{real_id}").json()
         assert all(p["row_sets"] == 0 for p in detail["peers"])
         latencies = health.stop()
-        print(f"/health through forgeries: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms")
-        assert max(latencies) < 0.25, sorted(latencies)[-5:]
+        served = health.served  # the daemon's own time: the other test worker's daemons do not move it
+        print(f"/health through forgeries: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms seen, "
+              f"{max(served) * 1000:.0f} ms served")
+        assert max(served) < 0.25, sorted(served)[-5:]
     finally:
         health.close()
         hostile.shutdown()
