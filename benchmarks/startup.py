@@ -45,7 +45,8 @@ from harness.processes import cpu_seconds, process_tree  # noqa: E402
 
 MIB = 1024 * 1024
 POLL = 0.05
-TARGETS = {"join_s": 5.0, "idle_rss_mb": 300.0, "idle_cpu_percent": 1.0}
+TARGETS = {"join_s": 5.0, "idle_pss_mb": 300.0, "idle_rss_mb": 300.0, "idle_cpu_percent": 1.0}
+"""``idle_rss_mb`` is an older name of the same target, judged on PSS too (kept for the scripts that read it)."""
 
 
 def log(message: str) -> None:
@@ -143,6 +144,7 @@ def run(idle_seconds: float, repeat: int) -> dict[str, Any]:
     )
     measured = {
         "join_s": max(result["first_peer_join_s"], result["joining_peer_join_s"]),
+        "idle_pss_mb": result["idle_pss_mb"],
         "idle_rss_mb": result["idle_pss_mb"],  # PSS: see the module docstring
         "idle_cpu_percent": result["idle_cpu_percent"],
     }
