@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 DEFERRED_MODULES = ("scipy.optimize",)
 """Modules that ``import hivemind`` loads and only an averaging round's load balancing uses
-(``hivemind.averaging.load_balancing``): loaded at their first use instead. scipy.optimize is 39 MB of every
+(``hivemind.averaging.load_balancing``): loaded at their first use instead. scipy.optimize is 38 MB of every
 garden process's memory (an idle daemon's is ~410 MB, benchmarks/startup.py), and most never average."""
 
 
@@ -43,7 +43,12 @@ def _load(name: str) -> types.ModuleType:
     """The real module (loaded now if only its stand-in is there), in ``sys.modules`` and on its parent."""
     if isinstance(sys.modules.get(name), _Deferred):
         del sys.modules[name]
-    module = importlib.import_module(name)
+    return _bind(name, importlib.import_module(name))
+
+
+def _bind(name: str, module: types.ModuleType) -> types.ModuleType:
+    """``module`` as ``name`` in ``sys.modules`` and as its parent package's attribute (what an import does)."""
+    sys.modules[name] = module
     parent, _, child = name.rpartition(".")
     if parent:
         setattr(sys.modules[parent], child, module)
@@ -60,10 +65,7 @@ def _defer(name: str) -> None:
         return
     if spec is None:
         return
-    sys.modules[name] = stand_in = _Deferred(spec)
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, stand_in)
+    _bind(name, _Deferred(spec))
 
 
 for _name in DEFERRED_MODULES:
