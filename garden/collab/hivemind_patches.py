@@ -57,6 +57,15 @@ The patches (each installed once per process, before the optimizer forks its ave
   (:func:`params_epoch`: the epoch of the last step or load that set them). A load counts only when the
   parameters it left are those the peer sent under the epoch it now holds (:func:`loaded_states`).
 
+* **no parameter round after a lone gradient round** (``Optimizer._average_gradients_and_load_into_optimizer``,
+  and ``TrainingStateAverager.step`` above): a trainer whose gradient round met nobody (no group found) moves to the
+  next epoch without its parameter round. Nobody waits for it there either (the others met, or left), and each
+  round that meets nobody costs its full timeout: two trainers whose epochs end a few seconds apart (one missed a
+  round, the other filled the target alone meanwhile) then fail every round, each in the other's dead time, and
+  never average again (measured: a trainer killed mid-run left its two survivors out of phase for the rest of the
+  run). Moved on at once, the late one counts its samples in the same epoch as the others, so both see its end
+  together and meet; the next parameter round makes their parameters equal again (:func:`found_no_group`).
+
 * **robust averaging** (``TensorPartReducer.reset_accumulators``, ``ProgressTracker._parse_swarm_progress_data``,
   ``DecentralizedAverager._load_state_from_peers``; and the guard's wrappers, which refuse a weight that is not a
   finite number >= 0): what another peer claims counts within bounds (the rules, and what they guarantee, are in
@@ -108,6 +117,8 @@ PATCHED: tuple[tuple[str, str], ...] = (
     ("hivemind.optim.state_averager:TrainingStateAverager", "step"),
     ("hivemind.optim.state_averager:TrainingStateAverager", "load_state_from_peers"),
     ("hivemind.optim.state_averager:TrainingStateAverager", "get_current_state"),
+    # no parameter round after a lone gradient round
+    ("hivemind.optim.optimizer:Optimizer", "_average_gradients_and_load_into_optimizer"),
     # robust averaging
     ("hivemind.averaging.partition:TensorPartReducer", "reset_accumulators"),
     ("hivemind.optim.progress_tracker:ProgressTracker", "_parse_swarm_progress_data"),
@@ -157,6 +168,7 @@ def install(max_weight: float | None = None) -> None:
         _once("meter", _install_meter)
         _once("tie", _install_tie)
         _once("whole states", _install_whole_states)
+        _once("lone rounds", _install_lone_rounds)
         _once("robust", _install_robust)
 
 
@@ -419,6 +431,10 @@ def _install_whole_states() -> None:
     changing = ("increment_epoch", "optimizer_step", "averaging_round")
 
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("increment_epoch"):  # the epoch's end: its parameter round follows the gradient round
+            lone, self._garden_lone = getattr(self, "_garden_lone", False), False
+            if lone and kwargs.get("averaging_round"):
+                kwargs = skip_round(self, kwargs)
         if not args and not any(kwargs.get(name) for name in changing):
             return original_step(self, *args, **kwargs)  # waits for or applies nothing garden runs delayed
         # garden runs no delayed optimizer step nor delayed averaging (garden.collab.trainer.make_optimizer): the
@@ -460,6 +476,46 @@ def _install_whole_states() -> None:
     TrainingStateAverager.step = step  # type: ignore[method-assign]
     TrainingStateAverager.load_state_from_peers = load_state_from_peers  # type: ignore[method-assign]
     TrainingStateAverager.get_current_state = get_current_state  # type: ignore[method-assign]
+
+
+# --- no parameter round after a lone gradient round --------------------------------------------------------
+
+
+def found_no_group(control: Any) -> bool:
+    """Whether the gradient round of ``control`` (a hivemind ``StepControl``; None when none began) met nobody:
+    it failed because matchmaking found no group, or it is still looking for one when the optimizer gave up on it
+    (after ``averaging_timeout``; hivemind lets it look on until its deadline)."""
+    from hivemind.averaging.control import AveragingStage
+
+    if control is None or control.cancelled():
+        return False
+    if not control.done():
+        return bool(control.stage == AveragingStage.LOOKING_FOR_GROUP)
+    error = control.exception()
+    return error is not None and "could not find a group" in str(error)  # hivemind's AllreduceException
+
+
+def skip_round(averager: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``TrainingStateAverager.step``'s ``kwargs`` without the parameter round (its pre-scheduled group
+    cancelled, as hivemind cancels one it does not use)."""
+    control = kwargs.get("averaging_control")
+    if control is not None and not control.done():
+        control.cancel()
+    logger.info("no peer met this trainer in the gradient round of epoch %s: on to the next epoch without the "
+                "parameter round (it would meet nobody either)", averager.local_epoch)  # fmt: skip
+    return kwargs | {"averaging_round": False, "averaging_control": None, "averaging_opts": None}
+
+
+def _install_lone_rounds() -> None:
+    from hivemind.optim.optimizer import Optimizer
+
+    original = Optimizer._average_gradients_and_load_into_optimizer
+
+    def average_gradients(self: Any, maybe_step_control: Any) -> None:
+        original(self, maybe_step_control)
+        self.state_averager._garden_lone = found_no_group(maybe_step_control)  # read by its next epoch's step
+
+    Optimizer._average_gradients_and_load_into_optimizer = average_gradients  # type: ignore[method-assign]
 
 
 # --- robust averaging ------------------------------------------------------------------------------------

@@ -90,6 +90,13 @@ def bootstrap_peers(
     return found[:limit]
 
 
+def remembered_peers(found: list[str], before: list[str], limit: int = MAX_BOOTSTRAP) -> list[str]:
+    """The bootstrap addresses to remember after a read that ``found`` these (:func:`bootstrap_peers`): those
+    first, then the ones remembered ``before`` that it missed, up to ``limit``. A DHT read can come back partial
+    (through a relay, on a slow link): one that missed a peer must not make a restart forget it."""
+    return list(dict.fromkeys([*found, *before]))[:limit]
+
+
 class PeerDirectory(Service):
     """:param make_record: builds this peer's current record (load and roles change over time)
     :param period: seconds between announces; the record's TTL is twice that
@@ -180,7 +187,22 @@ class PeerDirectory(Service):
         now = time.time()
         self.first_seen = {e.info.peer_id: self.first_seen.get(e.info.peer_id, now) for e in self.known}
         self.incompatible = incompatible
+        await self._remember_peers()
         return self.known
+
+    async def _remember_peers(self) -> None:
+        """Hand :func:`remembered_peers` to ``remember`` when they changed: at every read (the loop's, and one
+        for ``GET /peers``), so that a peer seen is remembered at once, not a period later (a restart in between
+        rejoined without it)."""
+        found = bootstrap_peers(self.known, self.peer_id, first_seen=self.first_seen)
+        peers = remembered_peers(found, self._remembered)
+        if self._remember is None or not peers or peers == self._remembered:
+            return
+        try:
+            await asyncio.to_thread(self._remember, peers)
+            self._remembered = peers
+        except Exception as e:  # a full disk: remembered at the next read
+            logger.warning("could not remember the swarm's bootstrap peers: %s", e)
 
     def _note_departures(self, offline: list[str]) -> None:
         """After a read the DHT answered: a peer left when its record says ``offline`` (a clean stop), or when the
@@ -232,13 +254,6 @@ class PeerDirectory(Service):
         while not stop.is_set():
             await self.announce()
             await self.read()
-            peers = bootstrap_peers(self.known, self.peer_id, first_seen=self.first_seen)
-            if self._remember is not None and peers and peers != self._remembered:
-                try:
-                    await asyncio.to_thread(self._remember, peers)
-                    self._remembered = peers
-                except Exception as e:  # a full disk: remembered next time
-                    logger.warning("could not remember the swarm's bootstrap peers: %s", e)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.period)
             except TimeoutError:

@@ -3,7 +3,9 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 
 - ``nan`` (default): every gradient it sends is NaN (and so, after its own updates, is every parameter it offers);
 - ``huge``: every gradient it sends is finite but a million times the size of an honest one;
-- ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum);
+- ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum), and so
+  are its parameters in every state averaging round (two chances a round to meet an honest reducer: in a swarm
+  test it takes one or two steps, and its one gradient round may hold only the other attackers);
 - ``epoch``: it claims epoch ``--claim`` (default 1000) in the progress record and as its state's priority and
   label, and offers parameters a thousand times too large; it takes no steps;
 - ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
@@ -107,6 +109,18 @@ def main() -> int:
             return honest_step(*step_args, **{**kwargs, **heavy})
 
         opt.grad_averager.step = heavy_step  # this instance only: the weight its gradients are sent with
+    if args.attack == "weight":
+        honest_state_step = opt.state_averager.step
+
+        def heavy_state_step(*step_args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("averaging_round"):
+                if kwargs.get("averaging_control") is not None:  # pre-scheduled: its weight is still writable
+                    kwargs["averaging_control"].weight = 1e30
+                else:
+                    kwargs["averaging_opts"] = {**(kwargs.get("averaging_opts") or {}), "weight": 1e30}
+            return honest_state_step(*step_args, **kwargs)
+
+        opt.state_averager.step = heavy_state_step
 
     def report(epoch: int) -> None:
         status = {"peer_id": dht.peer_id.to_base58(), "steps": steps, "rounds": rounds, "epoch": epoch,

@@ -56,6 +56,9 @@ def test_the_wrapped_methods_take_the_arguments_the_wrappers_pass() -> None:
     assert {"increment_epoch", "optimizer_step", "averaging_round"} < set(params(TrainingStateAverager.step))
     assert params(TrainingStateAverager.get_current_state) == ["self"]
     assert params(TrainingStateAverager.load_state_from_peers) == ["self", "kwargs"]
+    from hivemind.optim.optimizer import Optimizer
+
+    assert params(Optimizer._average_gradients_and_load_into_optimizer) == ["self", "maybe_step_control"]
     from hivemind.optim.progress_tracker import ProgressTracker
 
     # robust averaging: the reducer's running sum (what the held parts stand in for), the record, the download
@@ -175,6 +178,89 @@ finally:
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+
+
+def test_a_trainer_whose_gradient_round_met_nobody_moves_on_without_the_parameter_round() -> None:
+    """In a fresh process with the patches installed, a one-peer hivemind.Optimizer beside a second trainer that is
+    in the progress record but never steps (one whose round is seconds away, out of phase): the epoch ends, the
+    gradient round finds no group, and the trainer moves to the next epoch without its parameter round (which
+    would wait its full timeout for nobody)."""
+    script = """
+import logging, time, hivemind, torch
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils.crypto import RSAPrivateKey
+from garden.collab import hivemind_patches as h
+h.install()
+said = []
+class Said(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+logging.getLogger("garden.collab.hivemind_patches").addHandler(Said())
+logging.getLogger("garden.collab.hivemind_patches").setLevel(logging.INFO)
+dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+other = hivemind.DHT(start=True, initial_peers=dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+away = ProgressTracker(other, "lone", target_batch_size=4, private_key=RSAPrivateKey(), start=True)  # its own entry
+p = torch.nn.Parameter(torch.zeros(3))
+opt = hivemind.Optimizer(dht=dht, run_id="lone", target_batch_size=4, batch_size_per_step=4, params=[p],
+                         optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), matchmaking_time=1.0, averaging_timeout=3.0)
+rounds = []
+step = opt.state_averager.step
+def spy(*args, **kwargs):
+    if kwargs.get("increment_epoch"):
+        rounds.append(kwargs.get("averaging_round"))
+    return step(*args, **kwargs)
+opt.state_averager.step = spy
+try:
+    h.report_presence(away)
+    h.report_presence(opt.tracker)  # each trainer in the record before its first step, as with min_trainers
+    deadline = time.monotonic() + 30
+    while opt.tracker.global_progress.num_peers < 2:
+        assert time.monotonic() < deadline, "the other trainer never showed in the progress record"
+        h.refresh_progress(opt.tracker)
+        time.sleep(0.2)
+    p.grad = torch.ones(3)
+    opt.step()  # 4 samples of 4: the epoch ends; the gradient round meets nobody
+    assert opt.local_epoch == 1, opt.local_epoch
+    assert any("on to the next epoch without the parameter round" in line for line in said), said
+    # asked for the round (two trainers in the record) and it was dropped: the wrapper under the spy saw it
+    assert rounds == [True], rounds
+    print("ok")
+finally:
+    opt.shutdown()
+    away.shutdown()
+    other.shutdown()
+    dht.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+
+
+def test_found_no_group_tells_a_round_that_met_nobody_from_one_that_failed_later() -> None:
+    from hivemind.averaging.control import AveragingStage, StepControl
+    from hivemind.averaging.partition import AllreduceException
+    from hivemind.utils import MPFuture, get_dht_time
+
+    MPFuture()  # hivemind starts its futures' backend on MPFuture itself only when the first one is no subclass
+
+    def control(stage: AveragingStage | None = None, error: BaseException | None = None) -> StepControl:
+        made = StepControl(scheduled_time=get_dht_time(), deadline=get_dht_time() + 5, allow_retries=True,
+                           weight=1.0, data_for_gather=b"")  # fmt: skip
+        if stage is not None:
+            made.stage = stage
+        made.attach(MPFuture(), MPFuture())  # as the averager does (its trigger and cancel)
+        if error is not None:
+            made.set_exception(error)
+        return made
+
+    assert not hivemind_patches.found_no_group(None)  # no round began (no other trainer)
+    assert hivemind_patches.found_no_group(control(AveragingStage.LOOKING_FOR_GROUP))  # given up on while looking
+    assert not hivemind_patches.found_no_group(control(AveragingStage.RUNNING_ALLREDUCE))  # met, then timed out
+    assert hivemind_patches.found_no_group(control(error=AllreduceException(
+        "Averaging step failed: could not find a group")))  # fmt: skip
+    assert not hivemind_patches.found_no_group(control(error=TimeoutError()))  # a group that failed mid-round
+    cancelled = control(AveragingStage.LOOKING_FOR_GROUP)
+    cancelled.cancel()
+    assert not hivemind_patches.found_no_group(cancelled)
 
 
 def hivemind_names(tree: ast.AST) -> set[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from garden.config import GardenSettings
-from garden.net.directory import PeerEntry, bootstrap_peers
+from garden.net.directory import PeerEntry, bootstrap_peers, remembered_peers
 from garden.protocol.invite import INVITE_PREFIX, Invite, parse_invite
 from garden.protocol.records import PeerInfo
 
@@ -67,3 +67,12 @@ def test_the_remembered_bootstrap_peers_are_the_ones_others_can_dial() -> None:
     first_seen = {A: 1.0, B: 2.0, **{e.info.peer_id: 500.0 for e in sybils}}
     kept = bootstrap_peers(entries + sybils, me, first_seen=first_seen)
     assert kept[:2] == [f"/ip4/10.0.0.1/tcp/1/p2p/{A}", f"/ip4/127.0.0.1/tcp/2/p2p/{B}"] and len(kept) == 8
+
+
+def test_a_read_that_misses_a_peer_does_not_make_a_restart_forget_it() -> None:
+    a, b, c = (f"/ip4/10.0.0.{i}/tcp/4000/p2p/{peer}" for i, peer in enumerate(("QmA", "QmB", "QmC"), start=1))
+    assert remembered_peers([a], [a, b]) == [a, b]  # b missing from this read: still remembered, after a
+    assert remembered_peers([c, a], [a, b]) == [c, a, b]  # what the read found first, in its order
+    assert remembered_peers([], [a]) == [a]
+    assert remembered_peers([a, b, c], [], limit=2) == [a, b]
+    assert remembered_peers([c], [a, b], limit=2) == [c, a]  # full: the memory's last is dropped first

@@ -29,6 +29,23 @@ def test_restart_keeps_the_peer_id(daemons: DaemonFactory, tmp_path: Path) -> No
     assert second_run.get("/status").json()["peer_id"] == first_run.peer_id
 
 
+def test_a_restart_rejoins_through_a_peer_it_saw_when_the_one_it_joined_through_is_gone(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    """A peer remembers the peers it sees as soon as it reads them (here: a ``/peers`` read between two of its
+    announces, an hour apart), and a restart with ``--join`` of a peer that is gone joins through one of them."""
+    first = daemons.start()
+    volunteer = tmp_path / "volunteer"
+    third = daemons.start("--join", first.join_addr, data_dir=volunteer, announce_period=3600.0)
+    second = daemons.start("--join", first.join_addr)  # after the volunteer's first (and last) periodic read
+    wait_until(lambda: second.peer_id in third.peer_ids(), 30, 0.5, "the volunteer sees the second peer")
+    assert third.stop() == 0
+    assert first.stop() == 0
+    again = daemons.start("--join", first.join_addr, data_dir=volunteer)
+    assert again.peer_id == third.peer_id
+    wait_until(lambda: second.peer_id in again.peer_ids(), 30, 0.5, "the volunteer sees the second peer again")
+
+
 def test_second_daemon_on_one_data_dir_refuses_to_start(daemons: DaemonFactory, tmp_path: Path) -> None:
     data_dir = tmp_path / "shared"
     running = daemons.start(data_dir=data_dir)
