@@ -52,6 +52,7 @@ def main() -> int:
     import torch
     from hivemind import DHT
 
+    from garden.collab.hivemind_patches import refresh_progress
     from garden.collab.trainer import make_optimizer
     from garden.collab.worker import WorkerConfig
     from garden.models.student import StudentSpec, build_student
@@ -64,6 +65,9 @@ def main() -> int:
     parser.add_argument("--lying-reducer", action="store_true", help="return 10^6 x the average of what it reduces")
     parser.add_argument("--after-trainers", type=int, default=0,
                         help="take no step and claim nothing before this many trainers are in the swarm")
+    parser.add_argument("--peers-file", type=Path, default=None,
+                        help="join the peers listed in this file (one address a line), once it exists: started "
+                             "before the swarm is, it does its imports and builds its student meanwhile")
     parser.add_argument("config", type=Path)
     args = parser.parse_args()
     config = WorkerConfig.model_validate_json(args.config.read_text())
@@ -93,8 +97,13 @@ def main() -> int:
             return 1e6 * await robust_accumulate(self, *step_args, **kwargs)
 
         TensorPartReducer.accumulate_part = lying_accumulate  # before its averagers fork: they inherit it
-    dht = DHT(initial_peers=config.initial_peers, host_maddrs=config.host_maddrs, start=True)
     student = build_student(StudentSpec(base=config.student.base))
+    initial_peers = list(config.initial_peers)
+    if args.peers_file is not None:
+        while not args.peers_file.exists():
+            time.sleep(0.1)
+        initial_peers = args.peers_file.read_text().split()
+    dht = DHT(initial_peers=initial_peers, host_maddrs=config.host_maddrs, start=True)
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = make_optimizer(dht, config.mission_id, params, collab)
     steps = 0
@@ -129,7 +138,10 @@ def main() -> int:
 
     try:
         while not stop.is_set() and opt.tracker.global_progress.num_peers < args.after_trainers:
-            time.sleep(0.2)  # started ahead (imports take seconds), it strikes once the others are training
+            # started ahead (imports take seconds), it strikes once the others are training: it reads the record
+            # now and then itself (hivemind's tracker reads it up to 10 s apart while no epoch is near)
+            refresh_progress(opt.tracker)
+            time.sleep(0.5)
         if args.attack == "epoch":
             claim_epoch(opt, params, args.claim)
             report(args.claim)

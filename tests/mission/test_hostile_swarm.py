@@ -146,9 +146,67 @@ def forged_rows() -> tuple[bytes, bytes, bytes]:
     return pack_row_set(lowered), pack_row_set(wrong), pack_row_set(invented)
 
 
+class HostileTrainers:
+    """Three trainers from an honest worker's configuration (the attack-free run's lead's): one lies about weights
+    (in its gradient and its parameter rounds) and returns a million times what it reduces, one sends parts a
+    million times too large, one claims epoch 10^7 and offers parameters a thousand times too large. Started before
+    the swarm (:meth:`join` gives them its address), they strike once the 3 honest trainers are in the progress
+    record: a trainer whose first read of the record shows only a liar follows it (see garden.collab.robust). The
+    liars in rounds step at about an honest worker's pace (a step a second): alone and fast they would end epochs
+    with samples of their own, a claim garden does not check (docs/security.md, what remains open)."""
+
+    ATTACKS = ("weight", "huge", "epoch")
+
+    def __init__(self, root: Path, honest_config: Path) -> None:
+        self.root, self.peers_file = root, root / "peers"
+        root.mkdir(parents=True)
+        paced = ["--robust", "--pace", "1.0", "--after-trainers", "3"]
+        attacks = {
+            "weight": ["--attack", "weight", "--lying-reducer", *paced],
+            "huge": ["--attack", "huge", *paced],
+            "epoch": ["--attack", "epoch", "--claim", str(CLAIMED_EPOCH), "--after-trainers", "3"],
+        }
+        self.procs: list[subprocess.Popen[str]] = []
+        for name in self.ATTACKS:
+            config = json.loads(honest_config.read_text())
+            where = root / f"trainer-{name}"
+            where.mkdir()
+            config |= {"status_path": str(where / "status.json"), "out_dir": str(where / "out")}
+            (where / "config.json").write_text(json.dumps(config))
+            argv = [sys.executable, str(HOSTILE_TRAINER), *attacks[name], "--peers-file", str(self.peers_file),
+                    str(where / "config.json")]  # fmt: skip
+            with open(where / "log", "w") as log:
+                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log, text=True))
+
+    def join(self, lead: Daemon) -> None:
+        staged = self.peers_file.with_suffix(".tmp")
+        staged.write_text(lead.join_addr)
+        staged.rename(self.peers_file)  # whole, at once: the trainers read it as soon as it exists
+
+    def status(self, name: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / f"trainer-{name}" / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def close(self) -> None:
+        stop_all(self.procs)
+
+
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class Hostile:
-    """The hostile side of the attacked run, all under one key: a DHT node that stores and offers, two trainer
-    processes, a checkpoint server."""
+    """The hostile side of the attacked run, all under one key: a DHT node that stores and offers, and a
+    checkpoint server (its trainers: :class:`HostileTrainers`)."""
 
     def __init__(self, lead: Daemon, mission_id: str, root: Path) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -179,31 +237,6 @@ class Hostile:
                                           [self.attempts[0], self.attempts[1], self.attempts[3]], list(row_sets),
                                           shards=[0, 1, 3]))  # fmt: skip
 
-    def train(self, honest_config: Path) -> None:
-        """Two trainers from an honest worker's configuration (the attack-free run's lead's, joining this swarm):
-        one lies about weights and parts, one claims epoch 10^7 and offers parameters a thousand times too large.
-        Both start with the honest peers (their imports take seconds; the honest training of this mission
-        about 20 s) and strike once the 3 honest trainers are in the progress record: a trainer whose first
-        read of the record shows only a liar follows it (see garden.collab.robust). The liar in rounds steps at
-        about an honest worker's pace (a step a second): alone and fast it would end epochs with samples of its
-        own, a claim garden does not check (docs/security.md, what remains open)."""
-        paced = ["--robust", "--pace", "1.0", "--after-trainers", "3"]
-        attacks = {
-            "weight": ["--attack", "weight", "--lying-reducer", *paced],
-            "huge": ["--attack", "huge", *paced],
-            "epoch": ["--attack", "epoch", "--claim", str(CLAIMED_EPOCH), "--after-trainers", "3"],
-        }
-        for name, attack in attacks.items():
-            config = json.loads(honest_config.read_text())
-            config["initial_peers"] = [self.lead.join_addr]
-            where = self.root / f"trainer-{name}"
-            where.mkdir(parents=True)
-            config |= {"status_path": str(where / "status.json"), "out_dir": str(where / "out")}
-            (where / "config.json").write_text(json.dumps(config))
-            with open(where / "log", "w") as log:
-                self.procs.append(subprocess.Popen([sys.executable, str(HOSTILE_TRAINER), *attack,
-                                                    str(where / "config.json")], stdout=log, stderr=log, text=True))
-
     def announce_checkpoint(self, student: Path) -> None:
         publish_poisoned(self.root / "ckpt", self.mission_id, student, CLAIMED_EPOCH)
         with open(self.root / "ckpt.log", "w") as log:
@@ -212,21 +245,8 @@ class Hostile:
                  self.mission_id, "garden"], stdout=log, stderr=log, text=True,
             ))  # fmt: skip
 
-    def trainer_status(self, name: str) -> dict[str, Any]:
-        try:
-            return json.loads((self.root / f"trainer-{name}" / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_all(self.procs)
         self.dht.shutdown()
 
 
@@ -241,13 +261,17 @@ def run(
     lead_dir = tmp / "lead"
     shutil.copytree(made_dir, lead_dir, ignore=shutil.ignore_patterns("train", "daemon.json"))
     sets = forged_rows() if attacked else None  # before the lead starts: the records must beat its first shard
-    a = start(factory, cache, "--void-after", str(VOID_AFTER), "--lease-seconds", "10", data_dir=lead_dir)
-    hostile = Hostile(a, mission_id, tmp / "hostile") if attacked else None
+    # the hostile trainers start before the lead: on two cores their imports and students take some 30 s, and a
+    # trainer that starts after the honest training did is an epoch behind, in rounds of its own (no attack lands)
+    trainers = HostileTrainers(tmp / "hostile", clean_config) if clean_config is not None else None
+    hostile: Hostile | None = None
     try:
+        a = start(factory, cache, "--void-after", str(VOID_AFTER), "--lease-seconds", "10", data_dir=lead_dir)
         seen: dict[str, Any] = {"offers": []}
-        if hostile is not None and sets is not None:
+        if trainers is not None and sets is not None:
+            hostile = Hostile(a, mission_id, tmp / "hostile")
             hostile.finish_shards(sets)  # before the honest peers could finish a shard
-            hostile.train(clean_config)
+            trainers.join(a)
         trusting = ("--trust-lead", a.peer_id, "--allow-local-models", "--void-after", str(VOID_AFTER),
                     "--lease-seconds", "10")  # fmt: skip
         b = start(factory, cache, *trusting, join=a)
@@ -297,12 +321,15 @@ def run(
         seen["logs"] = [peer.stderr() for peer in peers]
         seen["worker_logs"] = [(peer.data_dir / "train" / mission_id / "worker.log").read_text() for peer in peers]
         if hostile is not None:
-            trainers = {n: hostile.trainer_status(n) for n in ("weight", "huge", "epoch")}
-            seen["hostile"] = {"peer_id": hostile.peer_id, "attempts": hostile.attempts, "trainers": trainers}
+            assert trainers is not None
+            statuses = {n: trainers.status(n) for n in HostileTrainers.ATTACKS}
+            seen["hostile"] = {"peer_id": hostile.peer_id, "attempts": hostile.attempts, "trainers": statuses}
         return seen
     finally:
         if hostile is not None:
             hostile.close()
+        if trainers is not None:
+            trainers.close()
         for daemon in list(factory.daemons):
             if daemon.proc.poll() is None:
                 daemon.stop()
