@@ -335,14 +335,9 @@ def cpu_seconds() -> float:
     """CPU seconds used so far by this process's descendants that still run (the hosts and their p2pd)."""
     import psutil
 
-    total = 0.0
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            continue
-    return total
+    from harness.processes import cpu_seconds as of
+
+    return of(psutil.Process().children(recursive=True))
 
 
 def run_swarm(args: argparse.Namespace, parts: set[str], isolated: bool) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 DHT_STARTUP_TIMEOUT = 60.0
 """Seconds to wait for the DHT process to start and bootstrap (p2pd start ~1 s; pinging initial peers)."""
+BOOTSTRAP_RETRIES = (2.0, 5.0)
+"""Pauses (seconds) before starting again when ``p2pd`` reached none of the join peers: a restart right after the
+peer's own stop (or its network coming up) has seen a join peer that answered another daemon a moment before
+refuse this one's first dial. A join list that stays unreachable fails after the last."""
+BOOTSTRAP_FAILURE = "failed to connect to bootstrap peers"  # what p2pd says
 
 
 
@@ -118,6 +124,18 @@ class Swarm:
         starts, because the DHT forks and forking a process with a running loop is unsafe."""
         for maddr in self.config.initial_peers:
             _check_join_maddr(maddr)
+        for pause in [*BOOTSTRAP_RETRIES, None]:
+            try:
+                self._start_dht()
+                return
+            except SwarmError as e:
+                if pause is None or not self.config.initial_peers or BOOTSTRAP_FAILURE not in str(e):
+                    raise
+                logger.warning("reached none of the %d join peer address(es); starting again in %.0f s",
+                               len(self.config.initial_peers), pause)  # fmt: skip
+                time.sleep(pause)
+
+    def _start_dht(self) -> None:
         try:
             plan = self.config.p2p
             announce = [*self.config.announce_maddrs, *plan.announce]

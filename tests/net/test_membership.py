@@ -91,6 +91,8 @@ def test_unreachable_join_address_fails_clearly(daemons: DaemonFactory) -> None:
     assert daemon.proc.wait(timeout=90) == 2
     assert "could not start the swarm" in daemon.stderr()
     assert "--join addresses" in daemon.stderr()
+    # tried three times (garden.net.swarm.BOOTSTRAP_RETRIES) before giving up
+    assert daemon.stderr().count("reached none of the 1 join peer address(es); starting again") == 2
     assert time.time() - started < 90
 
 
