@@ -82,6 +82,35 @@ def mission_spec(settings: DemoSettings) -> dict[str, Any]:
 SAMPLE_PROMPT = "What is the capital of France?"
 
 
+def next_mission_toml(mission_id: str) -> str:
+    """The next mission of the loop (``--keep`` writes it): the published student learns your rated prompts, the
+    answers you accepted or edited as references, from the built-in teacher."""
+    return f"""# The next mission, made of your feedback: garden mission create --from-feedback next.toml
+# (its prompts are your rated prompts, their references your accepted or edited answers; docs/missions.md)
+name = "demo-next"
+teachers = ["{TEACHER}"]
+shard_size = 8
+
+[student]
+base = "mission:{mission_id}"                 # the student this demo published, trained one mission more
+
+[sampling]
+candidates = 2
+max_new_tokens = 24
+top_k_logprobs = 20
+
+[judge]
+kind = "reference"
+
+[train]
+lr = 6e-4
+lambda_kl = 2.0
+target_batch_size = 16
+max_epochs = 2
+warmup_epochs = 0
+"""
+
+
 def _finish_reason(stderr: str) -> str | None:
     """``stop`` or ``length`` from ``garden generate``'s closing line (``N tokens in … s (…); stop``)."""
     for line in reversed(stderr.strip().splitlines()):
@@ -246,12 +275,14 @@ class Demo:
     def hold(self, mission_id: str) -> None:
         """Keep the swarm up (``--keep``) until Ctrl+C, saying what to try."""
         asker = self.peers[-2] if len(self.peers) > 1 else self.peers[0]
+        following = self.base / "next.toml"
+        following.write_text(next_mission_toml(mission_id))
         say("the swarm stays up; Ctrl+C stops every peer. Try, in another terminal:")
         for line in (
             f"garden models --url {asker.url}",
             f"garden generate --swarm mission:{mission_id[:12]} \"What is the capital of Peru?\" --url {asker.url}",
             f"garden feedback edit --text \"Lima.\" --url {asker.url}",
-            f"garden mission create --from-feedback all next.toml --url {asker.url}",
+            f"garden mission create --from-feedback {following} --url {asker.url}",
             f"the dashboard, with its chat panel: {asker.url}/",
         ):
             say(f"  {line}")

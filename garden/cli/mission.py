@@ -25,13 +25,17 @@ AS_JSON = typer.Option(False, "--json", help="Print the raw JSON.")
 
 @mission_app.command("create")
 def create(
-    file: Path = typer.Argument(..., help="The mission file (mission.toml; keys: docs/missions.md)."),
-    from_feedback: str | None = typer.Option(
-        None, "--from-feedback", metavar="FILTER",
-        help="The prompts are your rated answers' (garden feedback), with your accepted or edited answers as "
-        "references: 'all', or 'model=REF' for one model's answers. You confirm which prompts leave this machine.",
+    words: list[str] = typer.Argument(
+        ..., metavar="[FILTER] FILE",
+        help="The mission file (mission.toml; keys: docs/missions.md). With --from-feedback, a FILTER may come "
+        "first: 'all' (the default) or 'model=REF' for one model's answers.",
     ),  # fmt: skip
-    yes: bool = typer.Option(False, "--yes", help="With --from-feedback: do not ask before the prompts leave."),
+    from_feedback: bool = typer.Option(
+        False, "--from-feedback",
+        help="The prompts are your rated answers' (garden feedback), with your accepted or edited answers as "
+        "references. You pick which prompts leave this machine.",
+    ),  # fmt: skip
+    yes: bool = typer.Option(False, "--yes", help="With --from-feedback: every prompt leaves, without asking."),
     url: str | None = URL,
     data_dir: Path | None = DATA_DIR,
     config: Path | None = CONFIG,
@@ -42,15 +46,26 @@ def create(
     from garden.protocol.mission import MissionSpecError, load_mission_toml
     from garden.protocol.rows import PromptRow
 
+    if len(words) > 2 or (len(words) == 2 and not from_feedback):
+        raise fail(f"one mission file, please (got {' '.join(words)}); a FILTER comes only with --from-feedback",
+                   EXIT_CONFIG)  # fmt: skip
+    file = Path(words[-1])
     base = daemon_url(url, data_dir, config)
     prompts = None
-    if from_feedback is not None:
-        prompts = [PromptRow.model_validate(r) for r in _feedback_prompts(base, from_feedback)]
+    if from_feedback:
+        prompts = [PromptRow.model_validate(r) for r in _feedback_prompts(base, words[0] if len(words) == 2 else "all")]
         if prompts and not yes:
             _show_leaving(prompts)
-            question = f"these {len(prompts)} prompts and your answers leave this machine with the mission; go on?"
-            if not typer.confirm(question):
-                raise fail("no mission created")
+            answer = typer.prompt(
+                f"which of these {len(prompts)} prompts (with your answers) leave this machine with the mission? "
+                "all, none, or numbers such as 1,3-5", default="all",
+            )  # fmt: skip
+            try:
+                prompts = [prompts[i] for i in pick(answer, len(prompts))]
+            except ValueError as e:
+                raise fail(str(e), EXIT_CONFIG) from None
+            if not prompts:
+                raise fail("no mission created: no prompt may leave")
     try:
         draft = load_mission_toml(file, {DEMO_PROMPTS: demo_prompts}, prompts=prompts)
     except MissionSpecError as e:
@@ -70,6 +85,26 @@ def create(
     console.print(f"watch it: garden mission show {created['id'][:12]}   or   {base}/missions/{created['id']}")
 
 
+def pick(answer: str, count: int) -> list[int]:
+    """The 0-based indexes an owner's answer picks of ``count`` numbered prompts: ``all`` (or yes), ``none`` (or
+    no), or 1-based numbers and ranges (``1,3-5``), each once, in order. Raises ValueError naming what is wrong."""
+    text = answer.strip().lower()
+    if text in ("all", "y", "yes"):
+        return list(range(count))
+    if text in ("none", "n", "no", ""):
+        return []
+    chosen: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{part!r} is not a prompt number or range (all, none, or numbers such as 1,3-5)")
+        low, high = int(first), int(last or first)
+        if not 1 <= low <= high <= count:
+            raise ValueError(f"{part!r}: the prompts are numbered 1 to {count}")
+        chosen.update(range(low - 1, high))
+    return sorted(chosen)
+
+
 def _feedback_prompts(base: str, selection: str) -> list[dict[str, Any]]:
     """The rated prompts with their chosen answers, of every model (``all``) or one (``model=REF``)."""
     if selection == "all":
@@ -77,16 +112,17 @@ def _feedback_prompts(base: str, selection: str) -> list[dict[str, Any]]:
     elif selection.startswith("model=") and len(selection) > len("model="):
         params = {"model": selection.removeprefix("model=")}
     else:
-        raise fail(f"--from-feedback {selection!r}: use 'all' or 'model=REF'", EXIT_CONFIG)
+        raise fail(f"--from-feedback {selection!r}: the FILTER is 'all' or 'model=REF'", EXIT_CONFIG)
     return list(call_daemon("GET", base, "/feedback/prompts", params=params).json())
 
 
 def _show_leaving(prompts: list[Any]) -> None:
-    table = Table(title="what leaves this machine (signed into the mission, fetched by every peer)")
+    table = Table(title="what would leave this machine (signed into the mission, fetched by every peer)")
+    table.add_column("#", justify="right")
     table.add_column("prompt", overflow="ellipsis", max_width=60)
     table.add_column("reference (your answer)", overflow="ellipsis", max_width=60)
-    for row in prompts:
-        table.add_row(row.prompt, row.reference or "")
+    for number, row in enumerate(prompts, 1):
+        table.add_row(str(number), row.prompt, row.reference or "")
     console.print(table)
 
 

@@ -27,7 +27,8 @@ def models(
         return
     table = Table(title=f"{len(data)} model(s) in the swarm")
     table.add_column("model", no_wrap=True)
-    for column in ("mission", "params", "layers served", "KL (base)", "top-1", "pref acc", "measured on", "here"):
+    columns = ("mission", "params", "layers served", "KL (base)", "NLL", "top-1", "pref acc", "measured on", "here")
+    for column in columns:
         table.add_column(column)
     for entry in data:
         student = entry.get("student") or {}
@@ -39,6 +40,7 @@ def models(
             f"{student['parameters'] / 1e6:.1f} M" if student else "-",
             f"{served}/{entry['num_layers']}, {entry['servers']} peer(s)",
             _number(metrics.get("kl")) + (f" ({_number(metrics['base_kl'])})" if "base_kl" in metrics else ""),
+            _number(metrics.get("nll")),
             _number(metrics.get("top1")),
             _number(metrics.get("pref_acc")),
             _measured_on(metrics),

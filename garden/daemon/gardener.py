@@ -152,7 +152,7 @@ class Gardener:
         checkpoints -> swarm, transfer         (registers ckpt)
         disk -> store, missions, checkpoints   keeper -> store, missions, transfer, disk (takes row-set offers)
         vouching -> missions, checkpoints, store, shaking's compute slot, governor (the lead's countersignature)
-        students -> missions, checkpoints, swarm   (publishes the lead's students; resolves mission:<id>)
+        students -> missions, checkpoints, swarm, disk   (publishes the lead's students; pulls mission:<id> in the room)
         shaking -> missions, keeper, leases, directory, governor, ledger, students (a mission:<id> teacher)
         training -> missions, store, checkpoints, governor, ledger, students (a mission:<id> student)
         inference -> swarm, governor, students (its model names)
@@ -197,7 +197,7 @@ class Gardener:
         self.feedback = Feedback(self.store)  # the owner's ratings of the answers they got (never leave here)
         self.students = SwarmStudents(
             self.missions, self.checkpoints, swarm, keys, identity.private_key, self.data_dir.root / "students",
-            period=period,
+            period=period, disk=self.disk,
         )  # fmt: skip
         leases = LeaseManager(
             swarm.dht, keys, identity.private_key,

@@ -13,7 +13,8 @@
 * **resolve** (every peer, on first use): ``mission:<id>``, ``mission:<unique prefix>`` or ``mission:<name>``
   becomes ``mission:<full id>``, and the checkpoint the record names is pulled from its holders, each file
   against its sha256 (the lead's signed record names the manifest, as a vouch does), into the data dir, where
-  ``garden.models`` loads it (``--max-disk`` counts it; a newer publication replaces it).
+  ``garden.models`` loads it (``--max-disk`` counts it; a newer publication replaces it). A student bigger
+  than the room ``--max-disk`` and the free disk leave is refused before a byte is fetched, as a hub model is.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from garden.errors import GardenError, NotAllowed, NotFound
+from garden.errors import GardenError, NotAllowed, NotFound, Unavailable
+from garden.host.disk import DiskKeeper
 from garden.lifecycle import Service
 from garden.mission.book import Mission, MissionBook
 from garden.mission.checkpoints import CheckpointSharing
@@ -67,16 +69,17 @@ class Student:
 
 
 class SwarmStudents(Service):
-    """:param root: ``<data dir>/students`` (the records this peer published, to renew after a restart)"""
+    """:param root: ``<data dir>/students`` (the records this peer published, to renew after a restart)
+    :param disk: the data dir's keeper: a pull must fit the room it leaves (None: no check)"""
 
     name = "students"
 
     def __init__(
         self, book: MissionBook, sharing: CheckpointSharing, swarm: Swarm, keys: DHTKeys, private_key: Any,
-        root: Path, period: float = 30.0,
+        root: Path, period: float = 30.0, disk: DiskKeeper | None = None,
     ) -> None:  # fmt: skip
         self.book, self.sharing, self.swarm, self.keys, self.private_key = book, sharing, swarm, keys, private_key
-        self.root, self.period = root, period
+        self.root, self.period, self.disk = root, period, disk
         self.invalid_records = 0
         self._renewed: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -251,13 +254,17 @@ class SwarmStudents(Service):
 
     async def ensure(self, student: Student) -> Path:
         """The student's files on this machine: pulled from their holders on first use, each against its
-        sha256, the exact checkpoint the lead's record names."""
+        sha256, the exact checkpoint the lead's record names. Raises Unavailable when its files do not fit the
+        room ``--max-disk`` and the free disk leave (nothing is fetched then)."""
         record = student.record
         lock = self._locks.setdefault(record.mission_id, asyncio.Lock())
         async with lock:
             here = self._here(record)
             if here is not None:
                 return here
+            short = self.disk.shortfall(record.size) if self.disk is not None else None
+            if short is not None:
+                raise Unavailable(f"mission:{record.mission_id[:12]} ({record.name}) is not pulled: {short}")
             path, _ = await self.sharing.pull(
                 record.mission_id, record.epoch, unverified=True, manifest=record.manifest_sha256,
                 max_epoch=student.mission.signed.spec.train.max_epochs,

@@ -164,9 +164,11 @@ def test_dashboard_in_a_browser(daemons: DaemonFactory, model_cache: Path, tmp_p
             page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
             page.set_default_timeout(20_000)
 
-            def with_training(route: Any) -> None:
+            def with_training(route: Any) -> None:  # every shard shaken, the student still training
                 real = route.fetch()
-                route.fulfill(response=real, json=real.json() | {"train": _training(time.time())})
+                shaken = real.json()["shards"] | {"done": 4, "leased": 0, "open": 0}
+                route.fulfill(response=real, json=real.json() | {"train": _training(time.time()), "state": "training",
+                                                                 "shards": shaken})  # fmt: skip
 
             page.route(f"**/missions/{mission_id}", with_training)
             page.route(SWARM_MODELS, lambda route: route.fulfill(json=MODELS))
@@ -186,6 +188,8 @@ def test_dashboard_in_a_browser(daemons: DaemonFactory, model_cache: Path, tmp_p
             epochs.wait_for()
             assert (epochs.get_attribute("value"), epochs.get_attribute("max")) == ("4", "10")
             assert page.locator(f"[data-mission='{mission_id}'] .chart polyline").count() == 3
+            # the badge tells the mission's life: training, not "done", while the student trains
+            assert page.locator(f"[data-mission='{mission_id}'] .mission-head .badge").text_content() == "training"
             hostile = page.locator(".model-name", has_text="evil/model")
             hostile.wait_for()
             assert hostile.text_content() == HOSTILE_MODEL and page.locator("#models img").count() == 0

@@ -121,3 +121,45 @@ def test_over_the_cap_unused_hub_models_go_least_recent_first(
     assert [item.key for item in plan] == [str(old), str(recent)]
     assert not old.exists() and not recent.exists() and snapshot.exists()  # the model in use stays
     assert keeper.note is not None and "a model in use" in keeper.note  # still over the cap, and says why
+
+
+class CountingPulls:
+    """Stands in for the swarm's checkpoint sharing: a refused student must never reach it."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+
+    async def pull(self, *args: object, **kwargs: object) -> tuple[Path, object]:
+        self.pulls += 1
+        raise AssertionError("a student that does not fit was pulled")
+
+
+def test_a_published_student_bigger_than_the_room_is_refused_before_a_pull(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mission:<id>`` on first use: its files must fit what ``--max-disk`` leaves, as a hub model's do; a student
+    already here (the exact checkpoint the record names) is used without a pull, room or not."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from garden.errors import Unavailable
+    from garden.mission.students import Student, SwarmStudents
+    from garden.protocol.checkpoints import StudentRecord
+    from harness.trainers import make_tiny_student
+    from tests.protocol.test_mission_validator import student
+
+    monkeypatch.setenv(cache.STUDENTS_ENV, str(data_dir / "models" / "students"))
+    store = Store(data_dir / "garden.sqlite3")
+    keeper = DiskKeeper(data_dir, 2_000_000, store, NoMissions(), NoCheckpoints())
+    asyncio.run(keeper.check())
+    sharing = CountingPulls()
+    students = SwarmStudents(None, sharing, None, None, None, tmp_path / "students", disk=keeper)  # type: ignore[arg-type]
+    record: StudentRecord = student(rsa.generate_private_key(65537, 2048), "ab" * 32, size=50 * 2**20)
+    wanted = Student(record, None, True, None)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable, match=r"mission:abababababab \(capitals\) is not pulled: about 50 MiB to "
+                       r"download, \d MiB of room \(--max-disk 2 MiB\)"):  # fmt: skip
+        asyncio.run(students.ensure(wanted))
+    assert sharing.pulls == 0
+    here = make_tiny_student(data_dir / "pulled" / "capitals")
+    cache.note_student_dir(record.mission_id, here, record.epoch, record.manifest_sha256)
+    assert asyncio.run(students.ensure(wanted)) == here and sharing.pulls == 0
+    store.close()

@@ -220,7 +220,7 @@ def test_feedback_becomes_pairs_and_the_next_mission(swarm: dict[str, Daemon], t
             "--url", client.url]  # fmt: skip
     refused = subprocess.run(argv, input="n\n", capture_output=True, text=True, timeout=120, check=False)
     assert refused.returncode == 1 and "leave this machine" in refused.stdout and not client.get("/missions").json()
-    created = garden("mission", "create", "--from-feedback", "all", str(spec), "--yes", "--url", client.url)
+    created = garden("mission", "create", "--from-feedback", str(spec), "--yes", "--url", client.url)  # all
     assert created.returncode == 0, created.stderr
     mission_id = next(line for line in created.stdout.splitlines() if len(line.strip()) == 64).strip()
     shown = client.get(f"/missions/{mission_id}").json()
@@ -233,6 +233,51 @@ def test_feedback_becomes_pairs_and_the_next_mission(swarm: dict[str, Daemon], t
     client.request("DELETE", f"/missions/{mission_id}")
     assert garden("feedback", "clear", "--yes", "--url", client.url).returncode == 0
     assert client.get("/feedback").json() == []
+
+
+def test_the_cli_rates_what_garden_generate_answered(swarm: dict[str, Daemon]) -> None:
+    """``garden feedback accept|redo|edit`` on the answers of ``garden generate``: through the swarm (redo asks
+    the swarm again) and on this machine (redo answers again here, with a new seed); the newest answer when no id
+    is given, a unique prefix otherwise; the pairs are what the verdicts say."""
+    client = swarm["client"]
+    client.request("DELETE", "/feedback")
+
+    def kept_id(done: subprocess.CompletedProcess[str]) -> str:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        said = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines
+        return said.split("rate it: garden feedback accept|redo|edit ", 1)[1].split()[0]
+
+    def rated(*args: str) -> str:
+        done = garden("feedback", *args, "--url", client.url)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return " ".join(done.stdout.split())
+
+    # through the swarm: redo by a prefix of the id (the swarm answers again, sampled), accept the new answer
+    first = kept_id(garden("generate", "--swarm", MODEL, PROMPTS[0], "--max-new-tokens", "6", "--url", client.url))
+    again = kept_id(garden("feedback", "redo", first[:16], "--url", client.url))
+    assert again != first and "accept: " + again in rated("accept")  # the newest: the redone answer
+    # on this machine: the local model's answer is kept by the peer; edit the newest, redo another here
+    mine = "Name three colours: red, green, blue."
+    local = kept_id(garden("generate", "--model", MODEL, PROMPTS[1], "--max-new-tokens", "6", "--url", client.url))
+    assert f"edit: {local} (2 pair(s) kept on this machine)" in rated("edit", "--text", mine)
+    other = kept_id(garden("generate", "--model", MODEL, PROMPTS[2], "--max-new-tokens", "6", "--url", client.url))
+    fresh = kept_id(garden("feedback", "redo", other, "--url", client.url))
+    assert f"accept: {fresh} (3 pair(s) kept" in rated("accept", fresh)
+    wrong = garden("feedback", "accept", "chatcmpl-nope", "--url", client.url)
+    assert wrong.returncode == 1 and "no kept answer has the id" in wrong.stderr, wrong.stderr
+
+    answers = {a["id"]: a for a in client.get("/feedback").json()}
+    assert answers[first]["verdict"] == "redo" and answers[again]["redo_of"] == first
+    assert answers[other]["verdict"] == "redo" and answers[fresh]["redo_of"] == other
+    assert answers[local]["request"]["source"] == answers[fresh]["request"]["source"] == "local"
+    pairs = {(p["prompt"], p["chosen"], p["rejected"])
+             for p in map(json.loads, client.get("/feedback/pairs").text.splitlines())}  # fmt: skip
+    assert pairs == {
+        (PROMPTS[0], answers[again]["text"], answers[first]["text"]),
+        (PROMPTS[1], mine, answers[local]["text"]),
+        (PROMPTS[2], answers[fresh]["text"], answers[other]["text"]),
+    }
+    client.request("DELETE", "/feedback")
 
 
 def test_openai_errors(swarm: dict[str, Daemon]) -> None:

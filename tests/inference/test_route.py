@@ -31,7 +31,7 @@ from garden.protocol import signing
 from garden.protocol.blocks import BlocksRecord, models_subkey
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import RecordError, check_fresh
-from garden.protocol.serve_spec import parse_serve_spec
+from garden.protocol.serve_spec import ServeSpec, parse_serve_spec
 
 MODEL = "builtin:smollm2-135m"
 
@@ -251,5 +251,9 @@ def test_serve_values() -> None:
     spec = parse_serve_spec("builtin:smollm2-135m:0-15")
     assert (spec.model, spec.start, spec.end) == ("builtin:smollm2-135m", 0, 15)
     assert parse_serve_spec("HuggingFaceTB/SmolLM2-135M-Instruct:3-9").model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # the swarm's students: by a prefix, a whole id or a mission's name, with or without a range
+    assert parse_serve_spec("mission:0a1b2c3d") == ServeSpec("mission:0a1b2c3d")
+    assert parse_serve_spec(f"mission:{'ab' * 32}:0-5") == ServeSpec(f"mission:{'ab' * 32}", 0, 5)
+    assert str(parse_serve_spec("mission:capitals:2-10")) == "mission:capitals:2-10"
     with pytest.raises(ValueError, match="empty"):
         parse_serve_spec("builtin:smollm2-135m:5-5")

@@ -124,11 +124,16 @@ def test_two_peers_shake_and_train_one_student(
     # shaking its first shard or starting its process (it would then load the finished state and never average)
     mission_id = create(a, mission_body(tiny, min_trainers=2))
 
-    wait_until(lambda: training(a, mission_id).get("epoch", 0) >= 1, 180, 0.5, "a trained an epoch")
-    done = wait_until(
-        lambda: all(training(d, mission_id).get("state") == "done" for d in (a, b)), 180, 1.0, "both trained"
-    )
-    assert done
+    states: list[str] = []  # the mission's life as its lead tells it, each state once, in the order seen
+
+    def trained(*daemons: Daemon, epoch: int = 0) -> bool:
+        state = a.get(f"/missions/{mission_id}").json()["state"]
+        states.extend([state] if not states or states[-1] != state else [])
+        views = [training(d, mission_id) for d in daemons]
+        return all(v.get("state") == "done" if not epoch else v.get("epoch", 0) >= epoch for v in views)
+
+    wait_until(lambda: trained(a, epoch=1), 180, 0.5, "a trained an epoch")
+    assert wait_until(lambda: trained(a, b), 180, 1.0, "both trained")
     for daemon in (a, b):
         train = training(daemon, mission_id)
         assert train["epoch"] == EPOCHS and train["max_epochs"] == EPOCHS and train["restarts"] == 0
@@ -148,6 +153,13 @@ def test_two_peers_shake_and_train_one_student(
     shown = garden_cli("mission", "show", mission_id[:12], "--url", a.url)
     assert shown.returncode == 0 and f"epoch {EPOCHS}/{EPOCHS}" in shown.stdout
     assert "training here: done" in shown.stdout
+    # shaking, then training while any shard was shaken (the dashboard said "done" then), then trained, until the
+    # lead publishes the student (below); never backwards
+    told = state_shown(shown.stdout, mission_id)
+    states.extend([told] if states[-1] != told else [])
+    life = ["fetching", "shaking", "training", "trained", "published"]
+    assert "training" in states and told in ("trained", "published"), states
+    assert states == sorted(states, key=life.index), states
 
     # the checkpoint is announced, pulled through the other peer (over P2P unless it wrote one too),
     # hash-checked, and loads as a model
@@ -316,6 +328,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def state_shown(stdout: str, mission_id: str) -> str:
+    """The state ``garden mission show`` prints after the mission's id (``name id  (state)``; the console wraps)."""
+    return " ".join(stdout.split()).split(mission_id, 1)[1].split()[0].strip("()")
+
+
 def check_published_student(
     daemons: DaemonFactory, cache: Path, lead: Daemon, trainer: Daemon, other: Daemon, mission_id: str,
     vouched: dict[str, float],
@@ -347,8 +364,11 @@ def check_published_student(
     assert trainer.request("POST", f"/missions/{mission_id}/promote").status_code == 403
     assert other.request("POST", "/models/pull", json={"model": "mission:nope"}).status_code == 404
 
-    # a peer that never trained it serves it by a prefix of its id: pulled from the trainers, every file checked
-    server = start(daemons, cache, "--roles", "server", "--serve", f"mission:{mission_id[:10]}", join=lead)
+    shown = garden_cli("mission", "show", mission_id[:12], "--url", other.url)
+    assert shown.returncode == 0 and state_shown(shown.stdout, mission_id) == "published", shown.stdout
+    # a peer that never trained it serves it (its 2 layers, as a range) by a prefix of its id: pulled from the
+    # trainers, every file checked
+    server = start(daemons, cache, "--roles", "server", "--serve", f"mission:{mission_id[:10]}:0-2", join=lead)
     wait_until(lambda: "for first use; every file's sha256 checked" in server.stderr(), 120, 1.0, "pulled")
     from openai import NotFoundError, OpenAI
 
