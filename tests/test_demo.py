@@ -100,7 +100,9 @@ def check_the_harvest(work: Path, url: str, env: dict[str, str]) -> None:
         model=f"mission:{mission_id[:12]}", messages=[{"role": "user", "content": "What is the capital of Peru?"}],
         max_tokens=8, temperature=0,
     )  # fmt: skip
-    assert chat.model == model and chat.id.startswith("chatcmpl-") and chat.usage and chat.usage.completion_tokens
+    # what it says is up to a minute of training: an empty answer (its turn ended at once) is an answer too
+    assert chat.model == model and chat.id.startswith("chatcmpl-") and chat.usage is not None
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.prompt_tokens > 0
     edited = " ".join(garden("feedback", "edit", chat.id, "--text", "Lima.").stdout.split())  # the console wraps
     assert f"edit: {chat.id} (1 pair(s) kept on this machine)" in edited, edited
     # the next mission, from that feedback: the published student learns the edit; of the two rated prompts (the
