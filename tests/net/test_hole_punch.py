@@ -140,3 +140,59 @@ def test_two_home_peers_behind_nat_punch_a_direct_connection(world: NatWorld, tm
         print(f"relayed connection upgraded to a direct one {took:.2f} s after the dial")
     finally:
         peers.close()
+
+
+def test_a_public_peer_fetches_past_the_relays_limit_over_the_connection_the_home_opens(
+    world: NatWorld, tmp_path: Path
+) -> None:
+    """hivemind's p2pd sometimes relays with libp2p's default limits (128 KiB a direction per relayed
+    connection: docs/running-a-peer.md); the relay here does so always. A public peer that reaches a home only
+    through it still fetches 1 MiB from the home: the home's libp2p dials a public peer back as soon as its
+    relayed connection arrives, and the fetch (or its retry, garden.net.transfer.TRANSIENT) goes over that
+    direct connection. Between two homes with no punch (no observers here), the same fetch is cut at the relay's
+    limit: the limit is real, and what saves the public peer is the connection the home opened."""
+    peers = Peers(tmp_path)
+    size = 1 << 20
+    try:
+        relay_id = peers.start("relay", world.ns("public"), host=[f"/ip4/{INTERNET_IPS[0]}/tcp/{PORT}"],
+                               reach="public", default_relay_only=True)["id"]  # fmt: skip
+        relay = f"/ip4/{INTERNET_IPS[0]}/tcp/{PORT}/p2p/{relay_id}"
+        peers.start("fetcher", world.ns("public"), host=[f"/ip4/{INTERNET_IPS[1]}/tcp/{PORT}"], reach="public",
+                    initial=[relay])  # fmt: skip
+        homes = {
+            home: peers.start(home, world.ns(home), host=[f"/ip4/0.0.0.0/tcp/{PORT}"], reach="private",
+                              relays=[relay], initial=[relay], serve_bytes=size if home == "home1" else 0)["id"]
+            for home in ("home1", "home2")
+        }  # fmt: skip
+        circuit = f"{relay}/p2p-circuit/p2p/{homes['home1']}"
+
+        def reached(name: str) -> bool:  # through the relay, once home 1 holds its slot there
+            states = peers.states(name)
+            if any(s.get("connected") == circuit for s in states):
+                return True
+            if sum("error" in s for s in states) < 60:
+                peers.command(name, f"connect {circuit}")
+            return False
+
+        def fetched(name: str) -> dict[str, Any] | None:
+            return next((s for s in peers.states(name) if "fetched" in s or "fetch_failed" in s), None)
+
+        def dialled_back() -> list[str] | None:  # home 1's router's address: the connection home 1 opened
+            latest = next(s for s in reversed(peers.states("fetcher")) if "peers" in s)["peers"]
+            seen = next((a for p, a in latest if p == homes["home1"]), [])
+            return [a for a in seen if "p2p-circuit" not in a] or None
+
+        wait_until(lambda: reached("fetcher"), 60, 1.0, "the public peer reached home 1 through the relay")
+        direct = wait_until(dialled_back, 30, 0.2, "home 1 dialled the public peer back")
+        assert all(a.startswith(f"/ip4/{world.wan(1)[1]}/tcp/") for a in direct), direct  # through its router
+        peers.command("fetcher", f"fetch {homes['home1']} {size}")
+        public = wait_until(lambda: fetched("fetcher"), 90, 0.2, "the public peer's fetch")
+        assert public.get("fetched") == size and not public["failures"], public
+
+        wait_until(lambda: reached("home2"), 60, 1.0, "home 2 reached home 1 through the relay")
+        peers.command("home2", f"fetch {homes['home1']} {size}")
+        other = wait_until(lambda: fetched("home2"), 120, 0.2, "home 2's fetch")
+        assert "fetched" not in other and other["failures"].get("short") == 2, other  # cut twice, at 128 KiB
+        print(f"public fetcher: {public}; home to home through the relay alone: {other}")
+    finally:
+        peers.close()
