@@ -8,6 +8,7 @@ their descendants recorded by PID and create time, are ever signalled.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -312,3 +313,11 @@ class HealthPoller:
             self.stop()
         else:
             self.close()
+
+
+def printed_mission_id(stdout: str) -> str:
+    """The mission id ``garden mission create`` prints on a line of its own (64 hex digits; a table's border
+    line of its prompts can be 64 characters wide too)."""
+    found = [line.strip() for line in stdout.splitlines() if re.fullmatch(r"[0-9a-f]{64}", line.strip())]
+    assert len(found) == 1, stdout
+    return found[0]

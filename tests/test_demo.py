@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.daemons import wait_until
+from harness.daemons import printed_mission_id, wait_until
 
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
 
@@ -109,7 +109,7 @@ def check_the_harvest(work: Path, url: str, env: dict[str, str]) -> None:
     # demo accepted its own answer to another), the owner lets only this one leave (the newest is numbered 1)
     created = garden("mission", "create", "--from-feedback", str(work / "next.toml"), stdin="1\n")
     assert "What is the capital of Peru?" in created.stdout and "Lima." in created.stdout, created.stdout
-    next_id = next(line.strip() for line in created.stdout.splitlines() if len(line.strip()) == 64)
+    next_id = printed_mission_id(created.stdout)
     shown = json.loads(garden("mission", "show", next_id[:12], "--json").stdout)
     assert shown["prompts"] == 1 and shown["spec"]["prompts"] == "feedback", shown
     assert shown["spec"]["student"]["base"] == model, shown["spec"]

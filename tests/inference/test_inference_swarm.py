@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness.daemons import Daemon, DaemonFactory, wait_until
+from harness.daemons import Daemon, DaemonFactory, printed_mission_id, wait_until
 from harness.pairs import load_with_datasets
 from tests.inference.conftest import MODEL, PROMPTS
 
@@ -222,7 +222,7 @@ def test_feedback_becomes_pairs_and_the_next_mission(swarm: dict[str, Daemon], t
     assert refused.returncode == 1 and "leave this machine" in refused.stdout and not client.get("/missions").json()
     created = garden("mission", "create", "--from-feedback", str(spec), "--yes", "--url", client.url)  # all
     assert created.returncode == 0, created.stderr
-    mission_id = next(line for line in created.stdout.splitlines() if len(line.strip()) == 64).strip()
+    mission_id = printed_mission_id(created.stdout)
     shown = client.get(f"/missions/{mission_id}").json()
     assert shown["prompts"] == 3 and shown["spec"]["prompts"] == "feedback"
     wait_until(lambda: client.get(f"/missions/{mission_id}").json()["shards"]["done"] == 1, 240, 1.0, "shaken")

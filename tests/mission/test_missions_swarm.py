@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from garden.data import demo_prompts
-from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
+from harness.daemons import Daemon, DaemonFactory, HealthPoller, printed_mission_id, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -148,7 +148,7 @@ def test_three_peers_one_late_finish_a_mission_with_two_copies_of_every_row_set(
     )
     created = garden_cli("mission", "create", str(tmp_path / "mission.toml"), "--url", a.url)
     assert created.returncode == 0, created.stderr
-    mission_id = next(line for line in created.stdout.splitlines() if len(line.strip()) == 64).strip()
+    mission_id = printed_mission_id(created.stdout)
 
     # a peer joining after the mission was published fetches the spec and prompts and takes shards too.
     # It joins at once: a daemon needs ~5 s to start and, on two busy cores, ~10 s more to load the
