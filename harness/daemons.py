@@ -8,8 +8,8 @@ their descendants recorded by PID and create time, are ever signalled.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
