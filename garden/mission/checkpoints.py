@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from garden.durable import swap_dir
 from garden.models.loading import file_sha256
 from garden.net.swarm import Swarm
-from garden.errors import NotFound, PeerFailed
+from garden.errors import NotFound, PeerFailed, Unavailable
 from garden.net.transfer import ContentTransfer, TransferError
 from garden.protocol.content import ContentRef
 from garden.protocol.checkpoints import (
@@ -230,6 +230,7 @@ class CheckpointSharing:
         max_epoch: int | None = None,
         manifest: str | None = None,
         into: Path | None = None,
+        room: Callable[[int], str | None] | None = None,
     ) -> tuple[Path, CheckpointRecord]:
         """Fetch a checkpoint (the newest when ``epoch`` is None) into the pulled root; returns its directory
         and record. Only an epoch that a peer in ``trusted`` vouched for, from holders of exactly the vouched
@@ -237,7 +238,9 @@ class CheckpointSharing:
         :class:`garden.errors.NotFound` when no peer announces it (or it is not verified), :class:`PullError`
         when it could not be fetched. ``manifest``: only holders of exactly these files (a voucher judging
         one of several versions of an epoch); ``into``: another directory than the pulled root, which this peer
-        neither lists nor announces (what a voucher judges is not held until it is vouched for)."""
+        neither lists nor announces (what a voucher judges is not held until it is vouched for); ``room``: says
+        why a pull of that many bytes does not fit (``DiskKeeper.shortfall``), or None: the files' sizes are the
+        holders' manifest's, which its sha256 binds, so nobody's word decides them. Raises Unavailable then."""
         catalog = await self.catalog(mission_id)
         records = [r for r in catalog.records if max_epoch is None or r.epoch <= max_epoch]
         if len(records) < len(catalog.records):
@@ -270,7 +273,7 @@ class CheckpointSharing:
                 raise PullError(f"this peer's own checkpoint of epoch {epoch} no longer matches its sha256s (damaged?)")
         lock = self._locks.setdefault((mission_id, epoch), asyncio.Lock())
         async with lock:
-            return await self._pull(mission_id, epoch, offers, into), offers[0]
+            return await self._pull(mission_id, epoch, offers, into, room), offers[0]
 
     async def _fetch(self, holders: list[str], ref: ContentRef, dest: Path) -> str:
         for attempt in range(1, FETCH_TRIES + 1):
@@ -283,11 +286,17 @@ class CheckpointSharing:
                 await asyncio.sleep(2.0 * attempt)
         raise AssertionError("unreachable")
 
-    async def _pull(self, mission_id: str, epoch: int, offers: list[CheckpointRecord], into: Path | None) -> Path:
+    async def _pull(
+        self, mission_id: str, epoch: int, offers: list[CheckpointRecord], into: Path | None,
+        room: Callable[[int], str | None] | None = None,
+    ) -> Path:  # fmt: skip
         target = into or self.pulled_root / mission_id / f"epoch-{epoch}"
         files = offers[0].files
         if target.is_dir() and await asyncio.to_thread(_all_match, target, files):
             return target  # pulled before, and intact
+        short = room(offers[0].size) if room is not None else None
+        if short is not None:
+            raise Unavailable(f"the checkpoint of epoch {epoch} of mission {mission_id[:12]} is not pulled: {short}")
         own = next((c for c in self.local(mission_id) if c.epoch == epoch and c.path != target), None)
         staging = target.with_name(target.name + ".partial")
         staging.mkdir(parents=True, exist_ok=True)

@@ -262,12 +262,13 @@ class SwarmStudents(Service):
             here = self._here(record)
             if here is not None:
                 return here
-            short = self.disk.shortfall(record.size) if self.disk is not None else None
+            short = self.disk.shortfall(record.size) if self.disk is not None else None  # before any DHT read
             if short is not None:
                 raise Unavailable(f"mission:{record.mission_id[:12]} ({record.name}) is not pulled: {short}")
             path, _ = await self.sharing.pull(
                 record.mission_id, record.epoch, unverified=True, manifest=record.manifest_sha256,
                 max_epoch=student.mission.signed.spec.train.max_epochs,
+                room=self.disk.shortfall if self.disk is not None else None,  # the files' own sizes, as pulled
             )  # fmt: skip
             await asyncio.to_thread(note_student_dir, record.mission_id, path, record.epoch, record.manifest_sha256)
             logger.info("pulled %s (%s, epoch %d) for first use; every file's sha256 checked", record.model,

@@ -43,7 +43,9 @@ PULLER = textwrap.dedent(
     from garden.net.swarm import Swarm, SwarmConfig
     from garden.net.transfer import ContentTransfer
     from garden.protocol.keys import DHTKeys
+    from garden.errors import Unavailable
     join, root, mission, namespace = sys.argv[1:5]
+    room = int(sys.argv[5]) if len(sys.argv) > 5 else None  # bytes this puller may write
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     swarm = Swarm(SwarmConfig(initial_peers=[join], host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=[],
@@ -56,8 +58,12 @@ PULLER = textwrap.dedent(
                                     root / "checkpoints")
         await transfer.start()
         print("pulling", flush=True)
-        path, record = await sharing.pull(mission, 1, unverified=True)
-        print("pulled", path, flush=True)
+        try:
+            fits = None if room is None else lambda n: f"{n} > {room}" if n > room else None
+            path, record = await sharing.pull(mission, 1, unverified=True, room=fits)
+            print("pulled", path, flush=True)
+        except Unavailable as e:
+            print("refused:", e, flush=True)
         await transfer.stop()
         await swarm.close_p2p()
 
@@ -112,9 +118,9 @@ def assert_whole_and_loads(directory: Path) -> torch.Tensor:
     return model.get_input_embeddings().weight.detach().clone()
 
 
-def start_puller(join: str, root: Path) -> subprocess.Popen[str]:
+def start_puller(join: str, root: Path, *room: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", PULLER, join, str(root), MISSION, NAMESPACE], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", PULLER, join, str(root), MISSION, NAMESPACE, *room], stdout=subprocess.PIPE, text=True
     )
 
 
@@ -139,6 +145,12 @@ async def test_a_pull_killed_mid_file_leaves_the_previous_copy_whole(
     await transfer.start()
     try:
         assert await sharing.publish(MISSION) == 1
+        # a puller with room for 1000 bytes, far less than the files (their sizes as the manifest says), fetches
+        # nothing
+        tight = start_puller(join, puller_root, "1000")
+        out, _ = await asyncio.to_thread(tight.communicate, timeout=120)
+        assert tight.returncode == 0 and "refused: the checkpoint of epoch 1" in out and "> 1000" in out, out
+        assert not target.exists() and not target.with_name("epoch-1.partial").exists()
         first = start_puller(join, puller_root)  # a whole pull: the copy to keep
         out, _ = await asyncio.to_thread(first.communicate, timeout=120)
         assert first.returncode == 0 and f"pulled {target}" in out
