@@ -11,7 +11,10 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 - ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
 
 ``--lying-reducer`` adds a million times the average of every part it reduces; ``--robust`` installs garden's
-checks of others' claims in it (so that another attacker's epoch claim does not derail it).
+checks of others' claims in it (so that another attacker's epoch claim does not derail it); ``--keep-up`` takes
+the swarm's epoch whenever it is ahead, without downloading the state, so that every epoch's rounds meet this
+trainer (its own failed rounds would otherwise leave it an epoch behind each time, and a state download takes
+longer than the swarm's epoch).
 
 Run as ``python tests/collab/hostile_trainer.py [--attack MODE] CONFIG.json`` with a worker's configuration; it
 writes ``{"peer_id": ..., "steps": ..., "epoch": ...}`` to the status path and runs until SIGTERM or
@@ -63,6 +66,9 @@ def main() -> int:
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between steps (an honest worker's pace)")
     parser.add_argument("--robust", action="store_true", help="install garden's checks of the others' claims")
     parser.add_argument("--lying-reducer", action="store_true", help="return 10^6 x the average of what it reduces")
+    parser.add_argument("--keep-up", action="store_true",
+                        help="when the swarm's epoch is ahead, take it without downloading the state (a liar has no "
+                             "use for it): every epoch's rounds meet this trainer")
     parser.add_argument("--after-trainers", type=int, default=0,
                         help="take no step and claim nothing before this many trainers are in the swarm")
     parser.add_argument("--peers-file", type=Path, default=None,
@@ -149,6 +155,10 @@ def main() -> int:
                 opt.tracker.report_local_progress(args.claim, 1)  # keeps its entry fresh
                 report(args.claim)
         while not stop.is_set() and opt.local_epoch < collab.max_epochs:
+            if args.keep_up and opt.tracker.global_epoch > opt.local_epoch:
+                # hivemind would download a state first (seconds, and the swarm moves on meanwhile): a trainer
+                # whose rounds fail falls behind every epoch and may never meet an honest peer again
+                opt.state_averager.local_epoch = opt.tracker.global_epoch
             for p in params:
                 if args.attack == "nan":
                     p.grad = torch.full_like(p, float("nan"))

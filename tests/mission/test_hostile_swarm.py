@@ -162,7 +162,7 @@ class HostileTrainers:
         root.mkdir(parents=True)
         paced = ["--robust", "--pace", "1.0", "--after-trainers", "3"]
         attacks = {
-            "weight": ["--attack", "weight", "--lying-reducer", *paced],
+            "weight": ["--attack", "weight", "--lying-reducer", "--keep-up", *paced],
             "huge": ["--attack", "huge", *paced],
             "epoch": ["--attack", "epoch", "--claim", str(CLAIMED_EPOCH), "--after-trainers", "3"],
         }
@@ -376,7 +376,7 @@ def test_one_hostile_peer_against_three_honest_ones_changes_nothing_they_keep(
     workers = "\n".join(attacked["worker_logs"])
     trainers = hostile["trainers"]
     heavy, huge = trainers["weight"]["peer_id"], trainers["huge"]["peer_id"]
-    assert f"{heavy}: weight 1e+30; it is left out" in workers, workers[-5000:]
+    assert f"{heavy}: weight 1e+30; it is left out" in workers, (trainers["weight"], workers[-5000:])
     assert f"refused the averaged parts from peer {heavy}" in workers  # it reduced them, huge: each keeps its own
     assert f"left out the part from peer {huge}" in workers
     assert f"ignored the epoch {CLAIMED_EPOCH} claimed by trainer" in workers
