@@ -8,13 +8,14 @@ What is measured, and how:
 - **the DHT** (``dht``): ``--peers`` hivemind DHT nodes (``DHTNode``, each with its own ``p2pd``, as every garden
   peer has; garden's three record validators on each), hosted ``--peers-per-process`` to a process. Each node does
   what an idle garden peer does in the DHT: it stores its signed peer record and reads everyone's every
-  ``--period`` seconds (``garden.net.directory``), and reads the mission index every 5 s
-  (``garden.mission.book``); ``--leads`` of them lead ``--missions`` open missions (signed records of
-  ``examples/capitals.toml``), re-stored every period. After a warm-up of two periods, ``--window`` seconds of
-  this are measured: every read's latency, and the bytes the DHT moves: the loopback traffic of a network
-  namespace made for the run (all the nodes' TCP, nothing else; without the right to make one, no byte figure),
-  per peer per minute. Then a burst of lookups (``--lookups`` reads of each key per node, at random moments over
-  10 s) adds to the latency sample. Targets: p99 <= 1 s for both lookups.
+  ``--period`` seconds (``garden.net.directory``), and reads the leads' index heads every 5 s and the mission
+  index whole every 60 s or when a head changed (``garden.mission.book``); ``--leads`` of them lead ``--missions``
+  open missions (signed records of ``examples/capitals.toml``), re-stored with their heads every period. After a
+  warm-up of two periods, ``--window`` seconds of this are measured: every read's latency, and the bytes the DHT
+  moves: the loopback traffic of a network namespace made for the run (all the nodes' TCP, nothing else; without
+  the right to make one, no byte figure), per peer per minute. Then a burst of lookups (``--lookups`` reads of
+  each key per node, at random moments over 10 s) adds to the latency sample. Targets: p99 <= 1 s for every
+  lookup.
 - **the shards** (``shards``): the same nodes are shakers of one mission of ``--shards`` shards. Each runs garden's
   ``LeaseManager`` through its node (claim with read-back, renewals, done records, all checked by the validators),
   "samples" a shard for ``--sample-s`` seconds (a sleep instead of the teacher) and claims the next, until none is
@@ -53,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 ROOT = Path(__file__).resolve().parents[1]
 SWARM = "scale"
 MISSION_REFRESH_S = 5.0  # garden.mission.book.REFRESH_PERIOD
+INDEX_FULL_READ_S = 60.0  # garden.mission.book.INDEX_FULL_READ_PERIOD
 TARGETS = {"lookup_p99_s": 1.0, "duplicate_shards": 0, "lost_shards": 0, "shards_time_over_ideal": 1.2,
            "round_large_over_small": 2.0}  # fmt: skip
 quiet = False
@@ -95,7 +97,7 @@ class Host:
         self.args = args
         self.nodes: list[Any] = []
         self.keys_: list[Any] = []
-        self.reads: dict[str, list[float]] = {"peers": [], "missions": []}
+        self.reads: dict[str, list[float]] = {"peers": [], "missions": [], "heads": []}
         self.failed_reads = 0
         self.missions: list[Any] = []
         self.tasks: list[asyncio.Task[Any]] = []
@@ -129,7 +131,7 @@ class Host:
             self.tasks.append(asyncio.create_task(self._announce(i, node)))
             self.tasks.append(asyncio.create_task(self._refresh_missions(node)))
 
-    async def _timed_read(self, node: Any, key: str, what: str) -> None:
+    async def _timed_read(self, node: Any, key: str, what: str) -> Any:
         started = time.perf_counter()
         try:
             found = await asyncio.wait_for(node.get(key, latest=True), timeout=10.0)
@@ -139,12 +141,14 @@ class Host:
             self.failed_reads += 1
         else:
             self.reads[what].append(time.perf_counter() - started)
+        return found
 
     async def _announce(self, i: int, node: Any) -> None:
         from hivemind.utils import get_dht_time
 
         from garden.protocol import signing
         from garden.protocol.keys import DHTKeys
+        from garden.protocol.mission import sign_index_head
         from garden.protocol.records import PeerInfo
 
         keys, key = DHTKeys(SWARM), self.keys_[i]
@@ -156,18 +160,34 @@ class Host:
             record = PeerInfo(peer_id=peer_id, version="scale", roles=["shaker"], cores=2, ram_bytes=8 << 30,
                               load=0.1, addresses=addresses, reachability="public", announced_at=now)  # fmt: skip
             await node.store(keys.peers, record.to_wire(key), now + 2 * self.args.period, subkey=peer_id)
-            for mission in self.missions if i < self.args.leads else []:
-                if mission.lead_peer_id == peer_id:
-                    await node.store(keys.missions, mission.to_wire(), now + 2 * 3600, subkey=mission.mission_id)
+            led = [m for m in (self.missions if i < self.args.leads else []) if m.lead_peer_id == peer_id]
+            for mission in led:
+                await node.store(keys.missions, mission.to_wire(), now + 2 * 3600, subkey=mission.mission_id)
+            if led:
+                head = sign_index_head(key, [m.mission_id for m in led], [], now)
+                await node.store(keys.mission_heads, head, now + max(4 * self.args.period, 60.0), subkey=peer_id)
             await self._timed_read(node, keys.peers, "peers")
             await asyncio.sleep(self.args.period)
 
     async def _refresh_missions(self, node: Any) -> None:
+        """The book's refresh: the heads every 5 s, the index whole when they changed or a minute passed (the
+        heads are compared by their subkeys and digests, as the book does after checking each)."""
         from garden.protocol.keys import DHTKeys
+        from garden.protocol.mission import open_index_head
 
+        keys = DHTKeys(SWARM)
+        seen: dict[Any, str] | None = None
+        full_at = -float("inf")
         await asyncio.sleep(random.uniform(0, MISSION_REFRESH_S))
         while True:
-            await self._timed_read(node, DHTKeys(SWARM).missions, "missions")
+            found = await self._timed_read(node, keys.mission_heads, "heads")
+            heads = None
+            if found is not None and hasattr(found.value, "items"):
+                heads = {subkey: open_index_head(item.value, subkey, item.expiration_time, time.time()).digest
+                         for subkey, item in found.value.items()}  # fmt: skip
+            if (heads is not None and heads != seen) or time.monotonic() - full_at >= INDEX_FULL_READ_S:
+                await self._timed_read(node, keys.missions, "missions")
+                full_at, seen = time.monotonic(), heads if heads is not None else seen
             await asyncio.sleep(MISSION_REFRESH_S)
 
     async def lookups(self, count: int) -> None:
@@ -180,7 +200,8 @@ class Host:
             await self._timed_read(node, key, what)
 
         await asyncio.gather(*(one(node, key, what) for node in self.nodes for _ in range(count)
-                               for key, what in ((keys.peers, "peers"), (keys.missions, "missions"))))  # fmt: skip
+                               for key, what in ((keys.peers, "peers"), (keys.missions, "missions"),
+                                                 (keys.mission_heads, "heads"))))  # fmt: skip
 
     async def shake(self, mission_id: str, shards: int, sample_s: float, deadline: float) -> dict[str, Any]:
         """Every node a shaker of ``mission_id`` until no shard is open (or ``deadline``, wall time): what each
@@ -275,7 +296,7 @@ async def host_main(args: argparse.Namespace) -> None:
                 say({"ok": True})
             elif what == "reads":  # the latencies so far, and restart counting
                 say({"reads": host.reads, "failed": host.failed_reads})
-                host.reads, host.failed_reads = {"peers": [], "missions": []}, 0
+                host.reads, host.failed_reads = {"peers": [], "missions": [], "heads": []}, 0
             elif what == "lookups":
                 await host.lookups(command["count"])
                 say({"ok": True})
@@ -380,7 +401,7 @@ def measure_dht(args: argparse.Namespace, hosts: list[HostProcess], isolated: bo
     before, cpu_before, started = loopback_bytes(), cpu_seconds(), time.monotonic()
     time.sleep(args.window)
     after, cpu, seconds = loopback_bytes(), cpu_seconds() - cpu_before, time.monotonic() - started
-    reads: dict[str, list[float]] = {"peers": [], "missions": []}
+    reads: dict[str, list[float]] = {"peers": [], "missions": [], "heads": []}
     failed = 0
     for host in hosts:
         answer = host.ask({"cmd": "reads"})

@@ -62,6 +62,15 @@ class GardenerCollector(Collector):
         for reason, count in counters.missions_ignored.items():
             ignored.add_metric([reason], count)
         yield ignored
+        index_reads = CounterMetricFamily(
+            "garden_mission_index_reads",
+            "Reads of the mission index: heads (every refresh, a few hundred bytes a lead) and full (when a head "
+            "changed, or a minute passed).",
+            labels=["kind"],
+        )
+        for kind, count in counters.mission_index_reads.items():
+            index_reads.add_metric([kind], count)
+        yield index_reads
         lag = g.loop_lag.snapshot()
         yield HistogramMetricFamily(
             "garden_event_loop_lag_seconds",

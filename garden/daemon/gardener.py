@@ -90,12 +90,15 @@ class PeerCounters:
     :param invalid_peer_records: peer records refused by the DHT node plus those dropped when reading
     :param invalid_mission_records: mission-related records refused or ignored, by kind
     :param missions_ignored: valid missions of other leads not kept now, by reason (over the lead's cap, too old)
+    :param mission_index_reads: reads of the mission index, by kind: ``heads`` (every refresh, small) and ``full``
+        (when a lead's head changed, or a minute passed)
     """
 
     dht_requests: dict[tuple[str, str], int]
     invalid_peer_records: int
     invalid_mission_records: dict[str, int]
     missions_ignored: dict[str, int]
+    mission_index_reads: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -398,6 +401,7 @@ class Gardener:
                 "student": self.students.invalid_records,
             },  # fmt: skip
             missions_ignored=dict(sorted(Counter(self.missions.ignored.values()).items())),
+            mission_index_reads=dict(sorted(self.missions.index_reads.items())),
         )
 
     def child_pids(self) -> list[int]:

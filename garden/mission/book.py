@@ -8,7 +8,9 @@ restart (or a swarm where the lead has left) loses nothing.
 
 Key layout (docs/architecture.md, "DHT keys"): under ``missions`` the subkey is the mission id (value: the
 signed mission, renewed by every peer that holds it) or ``cancel:<id>:<lead peer id>`` (the lead's signed cancel); under
-``m/<id>/rows`` the subkey ``rows:<peer id>`` holds that peer's :class:`RowsAnnouncement`.
+``missions/heads`` each lead's :class:`~garden.protocol.mission.IndexHead` (a digest of its entries: the whole index
+is read only when one changed); under ``m/<id>/rows`` the subkey ``rows:<peer id>`` holds that peer's
+:class:`RowsAnnouncement`.
 """
 
 from __future__ import annotations
@@ -38,14 +40,16 @@ from garden.protocol.mission import (
     cancel_subkey,
     open_cancel,
     pack_prompts,
+    open_index_head,
     parse_cancel_subkey,
     shard_prompts,
     sign_cancel,
+    sign_index_head,
     sign_mission,
     unpack_prompts,
 )
 from garden.models.loading import stranger_ref_problem
-from garden.protocol.records import RecordError
+from garden.protocol.records import MAX_RECORD_TTL, RecordError
 from garden.protocol.row_sets import MAX_HELD_PER_ANNOUNCEMENT, HeldRowSet, RowsAnnouncement, pack_encoded_rows
 from garden.protocol.rows import PromptRow
 from garden.store import Store
@@ -53,7 +57,11 @@ from garden.store import Store
 logger = logging.getLogger(__name__)
 
 REFRESH_PERIOD = 5.0
-"""Longest wait between reads of the ``missions`` key (new missions, cancels)."""
+"""Longest wait between reads of the ``missions/heads`` key (and of ``missions`` when a head changed): a new
+mission or cancel reaches every peer within it."""
+INDEX_FULL_READ_PERIOD = 60.0
+"""Longest wait between whole reads of ``missions`` while no lead's head changes: the net for a head lost or
+late in the DHT, and for the missions of leads that left (renewed by others, they change no more)."""
 MISSION_RECORD_TTL = 2 * 3600.0
 """Seconds a mission record lives in the DHT unless renewed; every peer holding it renews it each period."""
 
@@ -146,7 +154,11 @@ class MissionBook(Service):
         transfer.register("prompts", self.content)
         transfer.register("rows", self.content)
         self.missions: dict[str, Mission] = {}
-        self.invalid_records: Counter[str] = Counter()  # by kind: mission, cancel, prompts, rows
+        self.invalid_records: Counter[str] = Counter()  # by kind: mission, cancel, prompts, rows, head
+        self.index_reads: Counter[str] = Counter()  # reads of the mission index: "heads" and "full"
+        self._heads_seen: dict[str, str] | None = None  # lead -> digest, as at the last whole read
+        self._full_read_at = -float("inf")  # time.monotonic() of the last whole read
+        self._read_again = False  # a head changed at the last whole read: read once more (a store in flight)
         self._wake = asyncio.Event()
         self.news = asyncio.Event()
         """Set when a mission becomes known, gets its prompts or is cancelled: the work loop reacts at once."""
@@ -299,7 +311,7 @@ class MissionBook(Service):
         signed = sign_mission(draft, self._private_key)
         mission = await self._keep(signed)
         await self._keep_prompts(mission, draft.prompts)
-        if not await self.announce(mission):
+        if not await self.announce(mission) or not await self.announce_head():
             logger.warning("mission %s is kept here, but the DHT did not take it yet; retrying", signed.mission_id)
         return mission
 
@@ -313,12 +325,52 @@ class MissionBook(Service):
             raw = sign_cancel(mission.id, self._private_key, reason=reason)
             await self._keep_cancel(mission, raw, open_cancel(raw, mission.signed))
         await self.announce(mission)
+        await self.announce_head()
         return mission
 
     # --- the DHT ------------------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """Read ``missions``: keep new verified missions, obey the leads' cancels; then fetch missing prompts."""
+        """Read the leads' heads; when one changed (or every ``INDEX_FULL_READ_PERIOD``) read ``missions`` whole:
+        keep new verified missions, obey the leads' cancels. Then fetch missing prompts."""
+        heads = await self.read_heads()
+        now = time.monotonic()
+        changed = heads is not None and heads != self._heads_seen
+        if changed or self._read_again or now - self._full_read_at >= INDEX_FULL_READ_PERIOD:
+            # a read that found nothing while some lead has a head failed (the key's holders did not answer): the
+            # next refresh reads again
+            if await self._read_index() or not heads:
+                # a changed head is followed by one more whole read: the lead stores its mission, then its head,
+                # but the holders this read asked may not all have the mission yet
+                self._full_read_at, self._read_again = now, changed
+                if heads is not None:
+                    self._heads_seen = heads
+        for mission in list(self.missions.values()):
+            if mission.prompts is None and self.refusal(mission) is None:  # no bytes for what it will not do
+                await self.fetch_prompts(mission)
+
+    async def read_heads(self) -> dict[str, str] | None:
+        """The valid heads under ``missions/heads``: lead -> digest. None when the DHT gave nothing (no lead is
+        online, or the read failed): no reason to read the whole index, which the period reads anyway."""
+        found = await self.swarm.get(self.keys.mission_heads, latest=True)
+        self.index_reads["heads"] += 1
+        if found is None or not hasattr(found.value, "items"):
+            return None
+        heads: dict[str, str] = {}
+        now = get_dht_time()
+        for subkey, item in found.value.items():
+            try:
+                head = open_index_head(getattr(item, "value", None), subkey, item.expiration_time, now)
+            except (RecordError, AttributeError) as e:
+                self._invalid("head", f"under {str(subkey)[:80]!r}: {e}")
+                continue
+            heads[head.lead] = head.digest
+        return heads
+
+    async def _read_index(self) -> bool:
+        """Read ``missions`` whole: keep new verified missions, obey the leads' cancels. False if the DHT gave
+        nothing."""
         found = await self.swarm.get(self.keys.missions, latest=True)
+        self.index_reads["full"] += 1
         entries: Mapping[Any, Any] = {}
         if found is not None and hasattr(found.value, "items"):
             entries = dict(found.value.items())
@@ -364,9 +416,7 @@ class MissionBook(Service):
                     await self._keep_cancel(mission, value, open_cancel(value, mission.signed))
                 except RecordError as e:
                     self._invalid("cancel", f"for {mission_id[:12]}: {e}")
-        for mission in list(self.missions.values()):
-            if mission.prompts is None and self.refusal(mission) is None:  # no bytes for what it will not do
-                await self.fetch_prompts(mission)
+        return found is not None
 
     async def holders(self, mission_id: str) -> dict[str, RowsAnnouncement]:
         """Who announces holding what of a mission (this peer included), verified; empty if the DHT is silent."""
@@ -437,6 +487,17 @@ class MissionBook(Service):
         )
         return ok and ok_rows
 
+    async def announce_head(self) -> bool:
+        """Store this peer's head (when it leads a mission): after its mission records, so that a reader who sees
+        the head change finds them. True if stored, or nothing to store."""
+        led = [m for m in self.missions.values() if self.leads_here(m)]
+        if not led:
+            return True
+        now = get_dht_time()
+        raw = sign_index_head(self._private_key, [m.id for m in led], [m.id for m in led if m.cancelled], now)
+        ttl = min(max(4 * self.period, 60.0), MAX_RECORD_TTL)
+        return await self.swarm.store(self.keys.mission_heads, raw, now + ttl, subkey=self.peer_id)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Look for new missions and cancels every ``REFRESH_PERIOD`` at most (so a mission reaches every
         peer within seconds even with a long announce period), and renew what this peer holds every
@@ -454,6 +515,7 @@ class MissionBook(Service):
                     last_announce = started
                     for mission in list(self.missions.values()):
                         await self.announce(mission)
+                    await self.announce_head()
             except Exception:  # one bad round must not end the loop; the next one retries
                 logger.exception("mission refresh failed")
             await wait_any((stop, self._wake), timeout=max(0.0, refresh_period - (time.monotonic() - started)))

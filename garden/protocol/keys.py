@@ -42,6 +42,12 @@ class DHTKeys:
         return f"{self.swarm}/missions"
 
     @property
+    def mission_heads(self) -> str:
+        """Subkey = a lead's peer id; value = its signed ``IndexHead`` (a digest of its entries under ``missions``:
+        readers read the whole index only when a head changed)."""
+        return f"{self.swarm}/missions/heads"
+
+    @property
     def students(self) -> str:
         """Subkey = ``<mission id>:<publisher>``; value = its sealed ``StudentRecord`` (a mission's published student:
         the lead's counts)."""

@@ -33,7 +33,7 @@ from garden.protocol.mission_spec import (
     canonical_msgpack,
     describe_spec_error,
 )
-from garden.protocol.records import RecordError, SignedRecord, StrictRecord, decode_record, seal
+from garden.protocol.records import RecordError, SignedRecord, StrictRecord, check_fresh, decode_record, seal
 from garden.protocol.rows import PromptRow, read_prompts_jsonl
 
 MISSION_VERSION = 1
@@ -43,6 +43,8 @@ MAX_MISSION_RECORD_BYTES = 20 * 1024
 """Cap on a signed mission on the wire: 16 KiB body + key + signature + envelope overhead, rounded up."""
 MAX_CANCEL_RECORD_BYTES = 4 * 1024
 """Cap on a signed cancel (~0.7 KiB with a 2048-bit key)."""
+MAX_INDEX_HEAD_BYTES = 4 * 1024
+"""Cap on a signed index head (~0.7 KiB with a 2048-bit key)."""
 MAX_MISSION_PROMPTS = 1_000_000
 """Most prompts in one mission: the list is hashed and shipped whole."""
 _MISSION_ID_PATTERN = r"^[0-9a-f]{64}$"
@@ -386,10 +388,59 @@ def parse_cancel_subkey(subkey: Any) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+# --- the index heads: what changed in the mission index, in a few hundred bytes per lead ------------------
+
+
+class IndexHead(StrictRecord):
+    """A lead's digest of its entries in the mission index (its missions and its cancels), stored under the
+    ``mission_heads`` key with subkey = the lead's peer id and signed by it. A reader reads these small records
+    every refresh and the whole index (every mission signed, ~1.7 KB each) only when a head changed: an idle
+    swarm's mission reads cost a few KB, not the index's size. A head is a hint for when to read, never a
+    source of missions: a lead that lies in its own head only makes readers read the index more often (once per
+    refresh, no more than without heads), and a stranger cannot sign another lead's head."""
+
+    v: int = Field(default=MISSION_VERSION, ge=1)
+    lead: str = Field(min_length=1, max_length=128)
+    missions: int = Field(ge=0, le=1_000_000)
+    digest: str = Field(pattern=_SHA256_PATTERN)
+    announced_at: float = Field(ge=0.0)
+
+
+def index_digest(mission_ids: Sequence[str], cancelled_ids: Sequence[str]) -> str:
+    """sha256 over a lead's mission ids and its cancelled ones, in sorted order (the same set, the same digest)."""
+    lines = sorted(mission_ids) + [f"{CANCEL_PREFIX}{m}" for m in sorted(cancelled_ids)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def sign_index_head(
+    private_key: rsa.RSAPrivateKey, mission_ids: Sequence[str], cancelled_ids: Sequence[str], now: float
+) -> bytes:
+    """The signed head of the lead whose key this is, for its ``mission_ids`` and ``cancelled_ids``."""
+    head = IndexHead(lead=signing.peer_id_of(signing.public_key_der(private_key)), missions=len(mission_ids),
+                     digest=index_digest(mission_ids, cancelled_ids), announced_at=float(now))  # fmt: skip
+    return seal(canonical_msgpack(head.model_dump(mode="python")), private_key)
+
+
+def open_index_head(raw: Any, subkey: Any, expiration_time: float, now: float) -> IndexHead:
+    """A head stored under ``subkey``: signed by the peer the subkey names, naming it, fresh; else ``RecordError``."""
+    if not isinstance(subkey, str):
+        raise RecordError(f"head subkey is {type(subkey).__name__}, not a peer id string")
+    envelope = _open_envelope(raw, MAX_INDEX_HEAD_BYTES, "index head")
+    signer = signing.peer_id_of(envelope.k)
+    if signer != subkey:
+        raise RecordError(f"index head signed by {signer}, stored under {subkey[:128]}")
+    head = decode_record(IndexHead, envelope.b, "index head body")
+    if head.lead != signer:
+        raise RecordError(f"index head names lead {head.lead[:128]}, signed by {signer}")
+    check_fresh(head.announced_at, expiration_time, now)
+    return head
+
+
 __all__ = [
     "BuiltinPrompts",
     "CANCEL_PREFIX",
     "CancelRecord",
+    "IndexHead",
     "MAX_MISSION_RECORD_BYTES",
     "MissionBody",
     "MissionDraft",
@@ -398,6 +449,7 @@ __all__ = [
     "SignedMission",
     "count_shards",
     "describe_spec_error",
+    "index_digest",
     "load_mission_toml",
     "pack_prompts",
     "unpack_prompts",
@@ -405,10 +457,12 @@ __all__ = [
     "open_any_cancel",
     "parse_cancel_subkey",
     "open_cancel",
+    "open_index_head",
     "prompt_seed",
     "prompts_sha256",
     "shard_prompts",
     "sign_cancel",
+    "sign_index_head",
     "sign_mission",
     "verify_prompts",
 ]

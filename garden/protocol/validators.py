@@ -21,7 +21,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from garden.protocol.checkpoints import StudentRecord
 from garden.protocol.keys import DHTKeys
-from garden.protocol.mission import CANCEL_PREFIX, CancelRecord, SignedMission, open_any_cancel
+from garden.protocol.mission import CANCEL_PREFIX, CancelRecord, SignedMission, open_any_cancel, open_index_head
 from garden.protocol.records import (
     MAX_CLOCK_SKEW,
     MAX_RECORD_TTL,
@@ -109,7 +109,9 @@ class MissionRecordValidator(CountingValidator):
     Under ``<swarm>/missions``: subkey = mission id with a lead-signed mission that hashes to it
     (:meth:`SignedMission.from_record`), or ``cancel:<mission id>:<signer>`` with a cancel of that mission
     signed by that peer; nothing else. Whether the signer is the lead needs the mission, which readers
-    check (:func:`open_cancel`); a stranger's cancel sits under its own subkey and is ignored. Under any
+    check (:func:`open_cancel`); a stranger's cancel sits under its own subkey and is ignored. Under
+    ``<swarm>/missions/heads``: subkey = a peer id with a fresh :class:`~garden.protocol.mission.IndexHead` signed
+    by that peer. Under any
     key: a ``rows:<peer>`` subkey must hold that peer's signed
     :class:`RowsAnnouncement`, stored under its mission's rows key. Under ``<swarm>/students``: subkey =
     ``<mission id>:<peer id>`` with a :class:`StudentRecord` of that mission sealed by that peer (that it is the
@@ -122,6 +124,7 @@ class MissionRecordValidator(CountingValidator):
         super().__init__()
         self.keys = keys
         self._missions_key_id = key_id(keys.missions)
+        self._heads_key_id = key_id(keys.mission_heads)
         self._students_key_id = key_id(keys.students)
 
     def validate(self, record: DHTRecord) -> bool:
@@ -131,11 +134,14 @@ class MissionRecordValidator(CountingValidator):
             subkey = None
         is_missions = record.key == self._missions_key_id
         is_students = record.key == self._students_key_id
-        if not is_missions and not is_students and not is_rows_subkey(subkey):
+        is_heads = record.key == self._heads_key_id
+        if not is_missions and not is_students and not is_heads and not is_rows_subkey(subkey):
             return True
         try:
             value = MSGPackSerializer.loads(record.value)
-            if is_students:
+            if is_heads:
+                open_index_head(value, subkey, record.expiration_time, get_dht_time())
+            elif is_students:
                 StudentRecord.from_wire(value, subkey)
             elif is_missions:
                 check_missions_entry(value, subkey)

@@ -88,7 +88,7 @@ async def squat_the_name(swarm: Any, keys: Any, private_key: Any, sharing: Any, 
     from hivemind.utils.timed_storage import get_dht_time
 
     from garden.protocol.checkpoints import StudentRecord
-    from garden.protocol.mission import MissionDraft, MissionSpec, sign_mission
+    from garden.protocol.mission import MissionDraft, MissionSpec, sign_index_head, sign_mission
     from garden.protocol.rows import PromptRow
 
     mine = [r for r in await sharing.records(mission) if r.peer_id == swarm.peer_id]
@@ -98,6 +98,8 @@ async def squat_the_name(swarm: Any, keys: Any, private_key: Any, sharing: Any, 
                                        "prompts": "squat.jsonl", "student": {"base": "builtin:smollm2-135m"}})
     signed = sign_mission(MissionDraft(spec, (PromptRow(prompt="Hi?", reference="Hi."),)), private_key, get_dht_time())
     await swarm.store(keys.missions, signed.to_wire(), get_dht_time() + 3600, subkey=signed.mission_id)
+    head = sign_index_head(private_key, [signed.mission_id], [], get_dht_time())  # readers: read the index again
+    await swarm.store(keys.mission_heads, head, get_dht_time() + 3600, subkey=swarm.peer_id)
     record = StudentRecord(
         mission_id=signed.mission_id, peer_id=swarm.peer_id, name="train-test", epoch=0,
         manifest_sha256=mine[-1].manifest_sha256, size=mine[-1].size, base="poisoned", architecture="LlamaForCausalLM",

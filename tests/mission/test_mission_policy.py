@@ -16,7 +16,7 @@ from garden.data import demo_prompts
 from garden.models.loading import builtin_gguf
 from garden.protocol import signing
 from garden.protocol.keys import DHTKeys
-from garden.protocol.mission import MissionDraft, MissionSpec, sign_mission
+from garden.protocol.mission import MissionDraft, MissionSpec, sign_index_head, sign_mission
 from harness.daemons import Daemon, DaemonFactory, HealthPoller, wait_until
 
 pytestmark = pytest.mark.swarm
@@ -72,6 +72,9 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory, tmp_path: Pa
             signed = sign_mission(draft, attacker, now=time.time() - 100 + i)  # oldest first
             flood.append(signed.mission_id)
             hostile.store(DHTKeys().missions, signed.to_wire(), get_dht_time() + 600, subkey=signed.mission_id)
+        # its head says its entries changed: every reader reads the index whole (at most once a refresh)
+        head = sign_index_head(attacker, flood, [], get_dht_time())
+        hostile.store(DHTKeys().mission_heads, head, get_dht_time() + 600, subkey=attacker_id)
 
         def theirs(daemon: Daemon) -> list[dict]:
             return [m for m in daemon.get("/missions").json() if m["lead"] == attacker_id]

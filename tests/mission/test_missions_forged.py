@@ -32,6 +32,7 @@ from garden.protocol.mission import (
     MissionSpec,
     cancel_subkey,
     sign_cancel,
+    sign_index_head,
     sign_mission,
 )
 from garden.protocol.mission_spec import canonical_msgpack
@@ -127,12 +128,16 @@ def test_forged_mission_records_and_lying_senders_are_refused(
         records = forged_records(attacker, real_id, lead.peer_id)
         for key, subkey, value in records:
             hostile.store(key, value, get_dht_time() + 600, subkey=subkey)
-        # a stranger's cancel under its own subkey passes the DHT but is not obeyed
+        # a stranger's cancel under its own subkey passes the DHT but is not obeyed; the stranger's own head (a
+        # valid one: its entries changed) makes every reader read the index whole, forgeries and cancel included
         attacker_id = signing.peer_id_of(signing.public_key_der(attacker))
         hostile.store(
             DHTKeys().missions, sign_cancel(real_id, attacker), get_dht_time() + 600,
             subkey=cancel_subkey(real_id, attacker_id),
         )  # fmt: skip
+        full_reads = metric(other, 'garden_mission_index_reads_total{kind="full"}')
+        hostile.store(DHTKeys().mission_heads, sign_index_head(attacker, [], [real_id], get_dht_time()),
+                      get_dht_time() + 600, subkey=attacker_id)  # fmt: skip
         # a done record with no lease, or finished before its lease (backdated to 0, to win every race): the
         # DHT nodes of honest peers refuse to store it (the hostile node keeps its own copy), and readers drop it
         attempts = [f"{i:016x}" for i in range(4)]
@@ -147,6 +152,7 @@ def test_forged_mission_records_and_lying_senders_are_refused(
         answers = asyncio.run(lying_offers(hostile, real_id, lead.peer_id, attacker, attempts))
         time.sleep(3)  # a few refresh rounds (announce period 1 s)
 
+        assert metric(other, 'garden_mission_index_reads_total{kind="full"}') > full_reads  # read after the head
         for daemon in (lead, other):
             missions = daemon.get("/missions").json()
             assert [m["id"] for m in missions] == [real_id], missions

@@ -21,14 +21,19 @@ from garden.protocol.checkpoints import StudentRecord
 from garden.protocol.keys import DHTKeys
 from garden.protocol.mission import (
     CancelRecord,
+    IndexHead,
     SignedMission,
     cancel_subkey,
+    index_digest,
     load_mission_toml,
     open_any_cancel,
+    open_index_head,
     sign_cancel,
+    sign_index_head,
     sign_mission,
 )
-from garden.protocol.records import RecordError
+from garden.protocol.mission_spec import canonical_msgpack
+from garden.protocol.records import RecordError, seal
 from garden.protocol.row_sets import RowsAnnouncement, rows_subkey
 from garden.protocol.validators import MissionRecordValidator, check_missions_entry
 
@@ -204,3 +209,35 @@ def test_published_students(mission: SignedMission, second: SignedMission, lead:
     for changes in ({"parameters": 0}, {"layers": 5000}, {"name": "Bad Name"}, {"metrics": too_many}):
         with pytest.raises(ValueError):
             student(lead, mid, **changes)
+
+
+def test_index_heads_are_signed_by_the_lead_they_name_and_fresh(lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey,
+                                                                mission: SignedMission, second: SignedMission) -> None:
+    """A head is a lead's own word on its entries: a stranger cannot sign one for it, nor keep one for long."""
+    validator, now = MissionRecordValidator(KEYS), get_dht_time()
+    ids = [mission.mission_id, second.mission_id]
+    raw = sign_index_head(lead, ids, [second.mission_id], now)
+    head = open_index_head(raw, peer_id(lead), now + 600, now)
+    assert head.lead == peer_id(lead) and head.missions == 2
+    # the digest is the set's, in any order; a cancel changes it
+    assert head.digest == index_digest(ids[::-1], [second.mission_id]) != index_digest(ids, [])
+    assert validator.validate(record(KEYS.mission_heads, peer_id(lead), raw, now + 600))
+
+    refused = {
+        "another's head under the lead's subkey": (peer_id(lead), sign_index_head(other, ids, [], now), now + 600),
+        "the lead's head under another subkey": (peer_id(other), raw, now + 600),
+        "a head that would live a day": (peer_id(lead), raw, now + 24 * 3600),
+        "a head from the past": (peer_id(lead), sign_index_head(lead, ids, [], now - 3 * 3600), now + 600),
+        "garbage": (peer_id(lead), b"\x00" * 64, now + 600),
+        "oversized": (peer_id(lead), b"\x00" * (64 * 1024), now + 600),
+    }
+    for what, (subkey, value, expiration) in refused.items():
+        with pytest.raises(RecordError):
+            open_index_head(value, subkey, expiration, now)
+        assert not validator.validate(record(KEYS.mission_heads, subkey, value, expiration)), what
+    assert validator.rejected == len(refused)
+    # a head names its signer inside too: a body naming another lead is refused even when the envelope is right
+    body = IndexHead(lead=peer_id(other), missions=0, digest=index_digest([], []), announced_at=now)
+    forged = seal(canonical_msgpack(body.model_dump(mode="python")), lead)
+    with pytest.raises(RecordError, match="names lead"):
+        open_index_head(forged, peer_id(lead), now + 600, now)
