@@ -10,12 +10,12 @@ What is measured, and how:
   what an idle garden peer does in the DHT: it stores its signed peer record and reads everyone's every
   ``--period`` seconds (``garden.net.directory``), and reads the leads' index heads every 5 s and the mission
   index whole every 60 s or when a head changed (``garden.mission.book``); ``--leads`` of them lead ``--missions``
-  open missions (signed records of ``examples/capitals.toml``), re-stored with their heads every period. After a
-  warm-up of two periods, ``--window`` seconds of this are measured: every read's latency, and the bytes the DHT
-  moves: the loopback traffic of a network namespace made for the run (all the nodes' TCP, nothing else; without
-  the right to make one, no byte figure), per peer per minute. Then a burst of lookups (``--lookups`` reads of
-  each key per node, at random moments over 10 s) adds to the latency sample. Targets: p99 <= 1 s for every
-  lookup.
+  open missions (signed records of ``examples/capitals.toml``), each re-stored every 5 minutes (at a random phase),
+  their heads every period. After a warm-up of two periods, ``--window`` seconds of this are measured: every read's
+  latency, and the bytes the DHT moves: the loopback traffic of a network namespace made for the run (all the
+  nodes' TCP, nothing else; without the right to make one, no byte figure), per peer per minute. Then a burst of
+  lookups (``--lookups`` reads of each key per node, at random moments over 10 s) adds to the latency sample.
+  Targets: p99 <= 1 s for every lookup.
 - **the shards** (``shards``): the same nodes are shakers of one mission of ``--shards`` shards. Each runs garden's
   ``LeaseManager`` through its node (claim with read-back, renewals, done records, all checked by the validators),
   "samples" a shard for ``--sample-s`` seconds (a sleep instead of the teacher) and claims the next, until none is
@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SWARM = "scale"
 MISSION_REFRESH_S = 5.0  # garden.mission.book.REFRESH_PERIOD
 INDEX_FULL_READ_S = 60.0  # garden.mission.book.INDEX_FULL_READ_PERIOD
+MISSION_RENEW_S = 300.0  # garden.mission.book.MISSION_RENEW_PERIOD
 TARGETS = {"lookup_p99_s": 1.0, "duplicate_shards": 0, "lost_shards": 0, "shards_time_over_ideal": 1.2,
            "round_large_over_small": 2.0}  # fmt: skip
 quiet = False
@@ -155,6 +156,8 @@ class Host:
         peer_id = signing.peer_id_of(signing.public_key_der(key))
         addresses = [f"{a}" for a in await node.p2p.get_visible_maddrs()]
         await asyncio.sleep(random.uniform(0, self.args.period))  # peers start at different moments
+        # published at the start (before the measured window), then renewed each at its own moment
+        renewed = {m.mission_id: -float("inf") for m in self.missions}
         while True:
             now = get_dht_time()
             record = PeerInfo(peer_id=peer_id, version="scale", roles=["shaker"], cores=2, ram_bytes=8 << 30,
@@ -162,7 +165,10 @@ class Host:
             await node.store(keys.peers, record.to_wire(key), now + 2 * self.args.period, subkey=peer_id)
             led = [m for m in (self.missions if i < self.args.leads else []) if m.lead_peer_id == peer_id]
             for mission in led:
-                await node.store(keys.missions, mission.to_wire(), now + 2 * 3600, subkey=mission.mission_id)
+                if time.monotonic() - renewed[mission.mission_id] >= MISSION_RENEW_S:
+                    await node.store(keys.missions, mission.to_wire(), now + 2 * 3600, subkey=mission.mission_id)
+                    phase = random.uniform(0, MISSION_RENEW_S) if renewed[mission.mission_id] < 0 else 0.0
+                    renewed[mission.mission_id] = time.monotonic() - phase
             if led:
                 head = sign_index_head(key, [m.mission_id for m in led], [], now)
                 await node.store(keys.mission_heads, head, now + max(4 * self.args.period, 60.0), subkey=peer_id)

@@ -63,7 +63,12 @@ INDEX_FULL_READ_PERIOD = 60.0
 """Longest wait between whole reads of ``missions`` while no lead's head changes: the net for a head lost or
 late in the DHT, and for the missions of leads that left (renewed by others, they change no more)."""
 MISSION_RECORD_TTL = 2 * 3600.0
-"""Seconds a mission record lives in the DHT unless renewed; every peer holding it renews it each period."""
+"""Seconds a mission record lives in the DHT unless renewed; every peer holding it renews it."""
+MISSION_RENEW_PERIOD = 300.0
+"""Seconds between this peer's renewals of a mission record it holds (and of its cancel), or its announce period if
+longer. A store of one subkey costs about the whole index's size: hivemind's store finds the key's nearest nodes
+with find requests, and each answers with the key's value (170 KB for 100 missions). So a record that lives 2 h
+is renewed every few minutes, not every period (benchmarks/scale.py, docs/architecture.md "At swarm size")."""
 
 
 CANCEL_KEEP = 24 * 3600.0
@@ -159,6 +164,7 @@ class MissionBook(Service):
         self._heads_seen: dict[str, str] | None = None  # lead -> digest, as at the last whole read
         self._full_read_at = -float("inf")  # time.monotonic() of the last whole read
         self._read_again = False  # a head changed at the last whole read: read once more (a store in flight)
+        self._renewed: dict[str, tuple[float, bool]] = {}  # mission id -> (monotonic time, with its cancel) stored
         self._wake = asyncio.Event()
         self.news = asyncio.Event()
         """Set when a mission becomes known, gets its prompts or is cancelled: the work loop reacts at once."""
@@ -260,6 +266,7 @@ class MissionBook(Service):
             ended = mission.cancel is not None and mission.cancel.cancelled_at < now - CANCEL_KEEP
             if old or ended:
                 del self.missions[mission.id]  # first: nothing starts on it while its rows go
+                self._renewed.pop(mission.id, None)
                 self._ignored_ids.add(mission.id)
                 await asyncio.to_thread(self.store.drop_mission, mission.id)  # its rows too: many deletes
                 dropped.append(mission.id)
@@ -456,18 +463,10 @@ class MissionBook(Service):
         return True
 
     async def announce(self, mission: Mission) -> bool:
-        """Renew the mission record (and its cancel) and say what this peer holds of it. True if stored."""
-        expiration = get_dht_time() + MISSION_RECORD_TTL
-        ok = await self.swarm.store(self.keys.missions, mission.signed.to_wire(), expiration, subkey=mission.id)
-        if mission.cancel is not None:
-            kept = self.store.get_mission(mission.id)
-            if kept is not None and kept.cancel is not None:
-                await self.swarm.store(
-                    self.keys.missions,
-                    kept.cancel,
-                    expiration,
-                    subkey=cancel_subkey(mission.id, mission.signed.lead_peer_id),
-                )
+        """Say what this peer holds of the mission, and renew its record (and its cancel) when
+        ``MISSION_RENEW_PERIOD`` passed since this peer last stored it, or it was cancelled since. True if
+        stored."""
+        ok = await self._renew(mission)
         held = sorted(self.store.row_sets(mission.id), key=lambda s: (s.shard, s.attempt))
         announcement = RowsAnnouncement(
             mission_id=mission.id,
@@ -486,6 +485,22 @@ class MissionBook(Service):
             subkey=announcement.subkey,
         )
         return ok and ok_rows
+
+    async def _renew(self, mission: Mission) -> bool:
+        renewed_at, with_cancel = self._renewed.get(mission.id, (-float("inf"), False))
+        now = time.monotonic()
+        if now - renewed_at < max(MISSION_RENEW_PERIOD, self.period) and with_cancel == mission.cancelled:
+            return True
+        expiration = get_dht_time() + MISSION_RECORD_TTL
+        ok = await self.swarm.store(self.keys.missions, mission.signed.to_wire(), expiration, subkey=mission.id)
+        if mission.cancel is not None:
+            kept = self.store.get_mission(mission.id)
+            if kept is not None and kept.cancel is not None:
+                subkey = cancel_subkey(mission.id, mission.signed.lead_peer_id)
+                ok = await self.swarm.store(self.keys.missions, kept.cancel, expiration, subkey=subkey) and ok
+        if ok:  # a store that failed is tried again at the next announce
+            self._renewed[mission.id] = (now, mission.cancelled)
+        return ok
 
     async def announce_head(self) -> bool:
         """Store this peer's head (when it leads a mission): after its mission records, so that a reader who sees

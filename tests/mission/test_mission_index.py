@@ -1,11 +1,13 @@
 """The mission index is read whole only when a lead's head says it changed, against real daemons and a hostile
 lead (a plain hivemind DHT with a key of its own): an idle peer reads a few hundred bytes a refresh, a new mission
 still reaches it within one, and neither a forged head nor a lead that keeps changing its own makes it read more
-than once a refresh."""
+than once a refresh. And a holder renews a mission's record every few minutes, not every period."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 import hivemind
 import pytest
@@ -13,9 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.utils.timed_storage import get_dht_time
 
 from garden.data import demo_prompts
+from garden.mission import book as book_module
+from garden.mission.book import MISSION_RENEW_PERIOD, MissionBook
+from garden.net.identity import load_or_create_identity
+from garden.net.swarm import Swarm, SwarmConfig
+from garden.net.transfer import ContentTransfer
 from garden.protocol import signing
 from garden.protocol.keys import DHTKeys
-from garden.protocol.mission import sign_index_head
+from garden.protocol.mission import MissionDraft, MissionSpec, cancel_subkey, sign_index_head
+from garden.store import Store
 from harness.daemons import Daemon, DaemonFactory, wait_until
 
 pytestmark = pytest.mark.swarm
@@ -102,3 +110,55 @@ def test_an_idle_peer_reads_the_heads_and_the_whole_index_only_after_a_change(da
         assert [m["id"] for m in reader.get("/missions").json()] == [second, first]  # the stranger named nothing
     finally:
         hostile.shutdown()
+
+
+def test_a_holder_renews_a_mission_record_every_few_minutes_not_every_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real book on a real DHT: each store of one subkey of the index costs the index's size (hivemind's store
+    asks the key's nodes, which answer with its value), so the record is stored at once, again when cancelled,
+    and otherwise every ``MISSION_RENEW_PERIOD``; the rows announcement still goes out every period."""
+    identity = load_or_create_identity(tmp_path / "identity.key")
+    swarm = Swarm(SwarmConfig(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=[],
+                              client_mode=False, identity_path=str(identity.path), dht_timeout=10.0))  # fmt: skip
+    swarm.start()  # before the event loop runs: the DHT forks
+    stored: list[tuple[str, object]] = []
+    real_store = swarm.store
+
+    async def counted(key: str, value: object, expiration_time: float, subkey: object = None) -> bool:
+        stored.append((key, subkey))
+        return await real_store(key, value, expiration_time, subkey=subkey)
+
+    monkeypatch.setattr(swarm, "store", counted)
+    keys = DHTKeys(f"renew-{identity.peer_id[-6:]}")
+
+    def index_stores() -> list[object]:
+        return [subkey for key, subkey in stored if key == keys.missions]
+
+    async def run() -> None:
+        transfer = ContentTransfer(swarm, namespace=keys.swarm)
+        book = MissionBook(Store(tmp_path / "garden.db"), swarm, keys, identity.private_key, identity.peer_id,
+                           period=1.0, transfer=transfer)  # fmt: skip
+        draft = MissionDraft(spec=MissionSpec.model_validate(SPEC), prompts=tuple(demo_prompts()[:4]))
+        mission = await book.publish(draft)
+        assert index_stores() == [mission.id] and (keys.mission_heads, identity.peer_id) in stored
+        for _ in range(3):  # three announce periods
+            assert await book.announce(mission)
+        assert index_stores() == [mission.id]
+        assert [k for k, _ in stored].count(keys.mission_rows(mission.id)) == 4  # what it holds: every period
+        found = await swarm.get(keys.missions, latest=True)
+        assert found is not None and mission.id in dict(found.value.items())
+
+        await book.cancel(mission.id)  # the cancel goes out at once, with the record
+        assert index_stores()[1:] == [mission.id, cancel_subkey(mission.id, identity.peer_id)]
+        assert await book.announce(mission) and len(index_stores()) == 3
+
+        later = time.monotonic() + MISSION_RENEW_PERIOD + 1
+        monkeypatch.setattr(book_module.time, "monotonic", lambda: later)
+        assert await book.announce(mission)
+        assert index_stores()[3:] == [mission.id, cancel_subkey(mission.id, identity.peer_id)]
+
+    try:
+        asyncio.run(run())
+    finally:
+        swarm.shutdown()
