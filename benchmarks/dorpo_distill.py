@@ -37,6 +37,7 @@ from garden.protocol.rows import DorpoRow, read_preference_jsonl, write_preferen
 from harness.machine import MachineReport  # noqa: E402
 
 TEACHER = "builtin:smollm2-135m"
+TARGETS = {"kl_after_over_before": 0.1, "dorpo_over_sft_kl": 0.6, "top1": 0.6, "pref_acc": 0.8, "bytes_per_token": 84}
 
 
 def rows_for(split: str, args: argparse.Namespace) -> tuple[list[DorpoRow], float]:
@@ -73,6 +74,7 @@ def train_arm(
         lambda_or=lambda_or,
         lambda_kl=lambda_kl,
         seed=0,
+        freeze_embeddings=not args.train_embeddings,
     )
     trainer = DorpoTrainer(student, rows, config)
     result = trainer.train()
@@ -93,6 +95,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rows-cache", default="", help="directory to keep/reuse the shaken rows")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="train the embeddings and head too (garden train's default keeps them)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +114,11 @@ def main() -> int:
     sft = train_arm(args, train_rows, heldout, 0.0, 0.0)
     tokens = sum(r.num_tokens for r in train_rows)
     stored = sum(r.bytes_per_token() * r.num_tokens for r in train_rows)
+    figures = {
+        "kl_after_over_before": _ratio(dorpo["kl"], before["kl"]), "dorpo_over_sft_kl": _ratio(dorpo["kl"], sft["kl"]),
+        "top1": dorpo["top1"], "pref_acc": dorpo["pref_acc"], "bytes_per_token": round(stored / max(1, tokens), 2),
+    }  # fmt: skip
+    at_least = ("top1", "pref_acc")  # the others are at most their target
 
     print(
         json.dumps(
@@ -118,6 +127,8 @@ def main() -> int:
                 "steps": args.steps,
                 "batch_size": args.batch_size,
                 "lr": args.lr,
+                "lambda_kl": args.lambda_kl,
+                "freeze_embeddings": not args.train_embeddings,
                 "train_rows": len(train_rows),
                 "heldout_rows": len(heldout),
                 "shake_s": round(shake_train_s + shake_heldout_s, 1),
@@ -125,9 +136,15 @@ def main() -> int:
                 "before": before,
                 "dorpo": dorpo,
                 "sft": sft,
-                "kl_after_over_before": _ratio(dorpo["kl"], before["kl"]),
-                "dorpo_over_sft_kl": _ratio(dorpo["kl"], sft["kl"]),
-                "bytes_per_token": round(stored / max(1, tokens), 2),
+                "kl_after_over_before": figures["kl_after_over_before"],
+                "dorpo_over_sft_kl": figures["dorpo_over_sft_kl"],
+                "bytes_per_token": figures["bytes_per_token"],
+                "targets": TARGETS,
+                "meets_targets": {
+                    name: None if figures[name] is None
+                    else figures[name] >= target if name in at_least else figures[name] <= target
+                    for name, target in TARGETS.items()
+                },  # fmt: skip
                 "machine": machine.finish(),
             },
             indent=2,

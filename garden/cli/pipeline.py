@@ -167,6 +167,9 @@ def train(
     lambda_kl: float | None = typer.Option(None, "--lambda-kl", help="Top-k KL term weight [1.0]; 0 and 0: SFT."),
     seed: int | None = typer.Option(None, "--seed", help="Data order seed [0]."),
     max_threads: int | None = typer.Option(None, "--max-threads", help="CPU threads torch may use [all cores]."),
+    train_embeddings: bool = typer.Option(
+        False, "--train-embeddings", help="Train the token embeddings and output head too [kept as the base's]."
+    ),
     lora_r: int = typer.Option(0, "--lora-r", help="Train a LoRA adapter of this rank instead of all weights."),
     lora_alpha: int | None = typer.Option(None, "--lora-alpha", help="LoRA alpha [2 x rank]."),
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--lora-targets", help="LoRA target modules."),
@@ -190,6 +193,7 @@ def train(
         schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, max_length=max_length,
         lambda_or=lambda_or, lambda_kl=lambda_kl, seed=seed, max_threads=max_threads,
+        freeze_embeddings=False if train_embeddings else None,
     )  # fmt: skip
     try:
         rows = read_preference_jsonl(data)

@@ -56,7 +56,8 @@ def resume_run(out: Path | str, rows: Sequence[DorpoRow], overrides: dict[str, A
     from the stored one is refused, as is different data."""
     run = RunDir(out)
     info = run.read_info()
-    stored = TrainConfig(**info["config"])
+    # a run started before freeze_embeddings existed trained them: it goes on so
+    stored = TrainConfig(**{"freeze_embeddings": False, **info["config"]})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     config = TrainConfig(**{**stored.model_dump(), **overrides})
     changed = [k for k in config.resumable_with(stored) if k != "steps"]

@@ -199,3 +199,36 @@ def test_lora_run_trains_the_adapter_and_resumes_exactly(
     assert all(torch.equal(a[n], b[n]) for n in a)
     merged = load_model(str(tmp_path / "b"))  # the merged model loads as a plain transformers model
     assert not hasattr(merged.model, "peft_config")
+
+
+def test_embeddings_are_kept_by_default_and_a_run_from_before_the_setting_trains_them(
+    rows: dict[str, list[DorpoRow]], tiny: str, tmp_path: Path
+) -> None:
+    def embeddings_and_layers(trainer: DorpoTrainer) -> tuple[torch.Tensor, torch.Tensor]:
+        model = trainer.model
+        layer = model.model.layers[0].mlp.up_proj.weight
+        return model.get_input_embeddings().weight.detach().clone(), layer.detach().clone()
+
+    kept = start_run(tmp_path / "kept", tiny, rows["train"], small_config(steps=2))
+    embeddings, layer = embeddings_and_layers(kept)
+    assert kept.config.freeze_embeddings and all(p.requires_grad for p in kept.model.model.layers.parameters())
+    kept.train()
+    assert torch.equal(kept.model.get_input_embeddings().weight, embeddings)  # the head is the same matrix (tied)
+    assert not torch.equal(kept.model.model.layers[0].mlp.up_proj.weight, layer)
+
+    config = small_config(steps=3, checkpoint_every=1, freeze_embeddings=False)
+    trained = start_run(tmp_path / "trained", tiny, rows["train"], config)
+    embeddings, _ = embeddings_and_layers(trained)
+    trained.train(until=2)  # past the warm-up's first step
+    assert not torch.equal(trained.model.get_input_embeddings().weight, embeddings)
+
+    # a run whose manifest was written before the setting existed trained its embeddings: its resume goes on so
+    manifest = RunDir(tmp_path / "trained").manifest_path
+    info = json.loads(manifest.read_text())
+    del info["config"]["freeze_embeddings"]
+    manifest.write_text(json.dumps(info))
+    resumed = resume_run(tmp_path / "trained", rows["train"])
+    assert resumed.config.freeze_embeddings is False and resumed.step == 2
+    assert resumed.model.get_input_embeddings().weight.requires_grad
+    resumed.train()
+    assert resumed.step == 3
