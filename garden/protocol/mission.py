@@ -394,7 +394,7 @@ def parse_cancel_subkey(subkey: Any) -> tuple[str, str]:
 class IndexHead(StrictRecord):
     """A lead's digest of its entries in the mission index (its missions and its cancels), stored under the
     ``mission_heads`` key with subkey = the lead's peer id and signed by it. A reader reads these small records
-    every refresh and the whole index (every mission signed, ~1.7 KB each) only when a head changed: an idle
+    every refresh and the whole index (every mission signed, ~1.5 KB each) only when a head changed: an idle
     swarm's mission reads cost a few KB, not the index's size. A head is a hint for when to read, never a
     source of missions: a lead that lies in its own head only makes readers read the index more often (once per
     refresh, no more than without heads), and a stranger cannot sign another lead's head."""
