@@ -9,6 +9,11 @@ What is measured, and why:
   through them; the same prompts are generated greedily by ``model.generate`` in this process with one
   thread. ``pipelined_over_local`` = pipelined tokens/s / local tokens/s (target >= 0.9). Every request
   asks for exactly ``--tokens`` new tokens (``min_tokens`` here, ``min_new_tokens`` there: no end token).
+- **concurrent sessions**: 8 streaming completions sent at once to the client peer, against the same 8 sent
+  one after another: ``aggregate_over_one`` = their tokens/s together / one stream's tokens/s alone (target
+  >= 3). The servers merge the concurrent sessions' decode steps into shared passes, and the client the
+  LM head's (``garden.inference.batching``); ``unchanged`` counts the answers equal to the one-at-a-time
+  ones (greedy: all 8), ``servers`` shows each server's steps per pass.
 - **time to first token**: from sending a streaming chat request to its first content chunk.
 - **fail-over pause**: a streaming generation whose 10-20 server is killed (``kill -9``) after a few
   tokens, with a spare 10-20 server up: the longest gap between two chunks, next to the median gap.
@@ -38,6 +43,8 @@ from harness.machine import MachineReport  # noqa: E402
 
 MODEL = "builtin:smollm2-135m"
 TARGET_RATIO = 0.9
+TARGET_CONCURRENT = 3.0
+CONCURRENT = 8
 quiet = False
 
 
@@ -80,6 +87,47 @@ def pipelined_rate(client: Daemon, texts: list[str], tokens: int) -> dict[str, A
         produced += answer.json()["usage"]["completion_tokens"]
     seconds = time.perf_counter() - started
     return {"tokens": produced, "seconds": round(seconds, 2), "tokens_per_s": round(produced / seconds, 2)}
+
+
+def stream_text(client: Daemon, text: str, tokens: int) -> str:
+    import httpx
+
+    body = {"model": MODEL, "prompt": text, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0,
+            "stream": True}  # fmt: skip
+    pieces = []
+    with httpx.stream("POST", client.url + "/v1/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                pieces += [c.get("text", "") for c in event["choices"]]
+    return "".join(pieces)
+
+
+def concurrent_rate(client: Daemon, servers: list[Daemon], texts: list[str], tokens: int) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    alone = [stream_text(client, text, tokens) for text in texts]
+    one = len(texts) * tokens / (time.perf_counter() - started)
+    before = [d.get("/status").json()["serving"][0] for d in servers]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(texts)) as pool:
+        together = list(pool.map(lambda text: stream_text(client, text, tokens), texts))
+    aggregate = len(texts) * tokens / (time.perf_counter() - started)
+    after = [d.get("/status").json()["serving"][0] for d in servers]
+    passes = [
+        {"layers": a["layers"], "steps": a["decode_steps"] - b["decode_steps"],
+         "passes": a["decode_passes"] - b["decode_passes"], "largest_batch": a["largest_batch"]}
+        for a, b in zip(after, before, strict=True)
+    ]  # fmt: skip
+    return {
+        "clients": len(texts), "one_tokens_per_s": round(one, 2), "aggregate_tokens_per_s": round(aggregate, 2),
+        "aggregate_over_one": round(aggregate / one, 3), "target": TARGET_CONCURRENT,
+        "unchanged": sum(a == b for a, b in zip(alone, together, strict=True)), "servers": passes,
+    }  # fmt: skip
 
 
 def stream_gaps(client: Daemon, text: str, tokens: int, kill_after: int | None = None,
@@ -197,6 +245,8 @@ def main() -> int:
                 report["spot_check"][str(fraction)] = rate
                 checking.stop()
             log(f"spot checks: {report['spot_check']}")
+            report["concurrent"] = concurrent_rate(client, servers, prompts(CONCURRENT), args.tokens)
+            log(f"concurrent: {report['concurrent']}")
             report["stream"] = stream_gaps(client, texts[0], args.tokens)
             report["failover"] = stream_gaps(client, texts[1 % len(texts)], args.tokens, 5, [middle, spare])
             log(f"stream: {report['stream']}; failover: {report['failover']}")
@@ -205,6 +255,11 @@ def main() -> int:
     local, piped = report["local"]["tokens_per_s"], report["pipelined"]["tokens_per_s"]
     report["pipelined_over_local"] = round(piped / local, 3) if local else None
     report["target_ratio"] = TARGET_RATIO
+    concurrent = report["concurrent"]
+    report["meets_targets"] = {
+        "pipelined_over_local": (report["pipelined_over_local"] or 0) >= TARGET_RATIO,
+        "concurrent": concurrent["aggregate_over_one"] >= TARGET_CONCURRENT and concurrent["unchanged"] == CONCURRENT,
+    }
     report["machine"] = machine.finish()
     print(json.dumps(report, indent=2))
     return 0

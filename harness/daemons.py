@@ -236,14 +236,15 @@ class DaemonFactory:
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.25, message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail with the last value after ``timeout``. Prints how
-    long each wait took (pytest shows it with a failure, or with ``-s``): where a swarm test spends its time."""
+    long each wait took (pytest shows it with a failure, or with ``-s``): where a swarm test spends its time. It
+    goes to stderr: a benchmark's stdout is its JSON alone."""
     began = time.time()
     deadline = began + timeout
     last: Any = None
     while time.time() < deadline:
         last = predicate()
         if last:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}: {time.time() - began:.1f} s")
+            print(f"[{time.strftime('%H:%M:%S')}] {message}: {time.time() - began:.1f} s", file=sys.stderr)
             return last
         time.sleep(interval)
     raise AssertionError(f"{message} not reached in {timeout} s (last value: {last!r})")

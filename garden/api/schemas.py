@@ -51,6 +51,9 @@ class Serving(BaseModel):
     tokens_served: int
     refused: dict[str, int] = Field(description="RPCs refused, by error code")
     error: str | None = None
+    decode_steps: int = Field(0, description="one-token steps run (a token of a session through these layers)")
+    decode_passes: int = Field(0, description="forward passes that ran them: concurrent sessions share passes")
+    largest_batch: int = Field(0, description="the most sessions' steps one pass ran")
 
 
 class Routing(BaseModel):

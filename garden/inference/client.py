@@ -34,12 +34,14 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
+from garden.inference.batching import PassQueue
 from garden.inference.blocks import Ends, LayerSpan
 from garden.inference.route import CoverageError, Hop, Router
 from garden.inference.server import rpc_names
@@ -71,6 +73,9 @@ step that counts as agreement. Measured on the built-in model, layers 10-20 (6 p
 on the wire, the witness replaying the history in one call, 1 vs 2 torch threads): honest servers differ by
 at most 7.7e-5. Noise that changes greedy answers starts near 3e-2 (at 1e-2, 24 tokens of 4 prompts were
 unchanged; at 1e-1 all 4 changed within 5 tokens). ``tests/inference/test_blocks.py`` checks both sides."""
+HEAD_LINGER_S = 0.004
+"""How long the LM head waits for the other generations of the last second to need it too (one pass of the
+head for 8 generations costs 2.1x one generation's on CPU)."""
 LIAR_BAN_SECONDS = 24 * 3600.0
 """How long a server outvoted by a referee stays out of this client's routes."""
 SUSPECT_BAN_SECONDS = 600.0
@@ -458,6 +463,15 @@ class SwarmGenerator:
                  namespace: str = "garden", local: LocalHandlers | None = None) -> None:  # fmt: skip
         self.p2p, self.router, self.ends, self.chain_config = p2p, router, ends, chain or ChainConfig()
         self.namespace, self.local = namespace, local
+        # the LM head of concurrent generations runs as one pass: it reads 28 M weights per call
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="garden-ends")
+        self.heads: PassQueue[Any] = PassQueue(
+            self._executor, ends.logits, ends.logits_many, lambda _: "head", linger_s=HEAD_LINGER_S
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.heads.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def context(self) -> int:
@@ -487,7 +501,7 @@ class SwarmGenerator:
             for _ in range(budget):
                 hidden = await asyncio.to_thread(self.ends.embed, feed)
                 out = await session.step(hidden)
-                logits = await asyncio.to_thread(self.ends.logits, out)
+                logits = await self.heads.run(out, session)
                 if stats.new_tokens < sampling.min_tokens:
                     logits = logits.clone()  # an inference-mode tensor: not writable here
                     logits[list(eos)] = -float("inf")
@@ -513,6 +527,7 @@ class SwarmGenerator:
             stats.seconds = time.monotonic() - started
             stats.failovers, stats.failover_seconds = session.failovers, session.failover_seconds
             stats.spot_checks, stats.caught = session.spot_checks, session.caught
+            self.heads.forget(session)
             await session.close()
 
 

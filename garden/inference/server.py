@@ -14,7 +14,8 @@ One daemon may serve several models or ranges: :class:`garden.inference.service.
 three RPCs once and hands each call to the server it is for.
 
 The layers run on one worker thread: the event loop (DHT, HTTP, other RPCs) never waits for a forward
-pass, and two sessions' passes never compete for the same cores.
+pass, and two sessions' passes never compete for the same cores. Concurrent sessions' decode steps share
+passes (:mod:`garden.inference.batching`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from garden.host.memory import memory_shortfall
+from garden.inference.batching import PassQueue
 from garden.inference.blocks import Blocks, LayerSpan, load_config
 from garden.inference.route import bounded_priors, read_blocks
 from garden.protocol.inference_rpc import (
@@ -76,7 +78,8 @@ class ServeConfig:
     :param announce_period: seconds between announcements; a record lives twice that
     :param namespace: prefix of the RPC names (the swarm's name)
     :param max_memory: bytes the layers may take (``--max-memory``); a range that would not fit (in this or
-        in the available RAM) is not loaded, and ``/status`` says why"""
+        in the available RAM) is not loaded, and ``/status`` says why
+    :param max_batch: most sessions' decode steps run as one forward pass (:mod:`garden.inference.batching`)"""
 
     model: str
     span: LayerSpan | None = None
@@ -90,6 +93,8 @@ class ServeConfig:
     rebalance_period: float = 60.0
     namespace: str = "garden"
     max_memory: int | None = None
+    max_batch: int = 16
+    batch_linger_s: float = 0.004
 
 
 @dataclass
@@ -119,6 +124,8 @@ class ServerSnapshot:
     :param layers: ``START-END`` (half-open); None while loading or after a failure
     :param throughput: layer-tokens per second measured at start, one token at a time
     :param refused: RPCs refused, by error code
+    :param decode_steps: one-token steps run; ``decode_passes``: the forward passes that ran them (several
+        sessions' steps share one pass); ``largest_batch``: the most steps one pass ran
     """
 
     model: str
@@ -129,6 +136,9 @@ class ServerSnapshot:
     tokens_served: int
     refused: dict[str, int]
     error: str | None
+    decode_steps: int = 0
+    decode_passes: int = 0
+    largest_batch: int = 0
 
 
 def rpc_names(namespace: str) -> tuple[str, str, str]:
@@ -186,6 +196,9 @@ class BlockServer:
         self.error: str | None = None
         self.refuse: Callable[[], str | None] | None = None  # why to refuse new sessions now (a pause), or None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="garden-blocks")
+        self.steps: PassQueue[_Step] = PassQueue(
+            self._executor, _Step.run, _Step.run_many, _Step.kind, config.max_batch, config.batch_linger_s
+        )  # fmt: skip
         self._num_layers = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -250,6 +263,7 @@ class BlockServer:
 
     async def stop(self) -> None:
         self.sessions.clear()
+        self.steps.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- the swarm ---------------------------------------------------------------------------------------
@@ -300,6 +314,7 @@ class BlockServer:
             if now - session.last_used > self.config.idle_timeout and not session.lock.locked():
                 logger.info("session %s idle for %.0f s: dropped", sid[:8], now - session.last_used)
                 del self.sessions[sid]
+                self.steps.forget(sid)
 
     def snapshot(self) -> ServerSnapshot:
         span = self.blocks.span if self.blocks is not None else None
@@ -307,6 +322,8 @@ class BlockServer:
             model=self.config.model, layers=str(span) if span else None, throughput=round(self.throughput, 1),
             sessions=len(self.sessions), max_sessions=self.config.max_sessions,
             tokens_served=self.stats.tokens_served, refused=dict(self.stats.refused), error=self.error,
+            decode_steps=self.steps.stats.merged_calls, decode_passes=self.steps.stats.merged_passes,
+            largest_batch=self.steps.stats.largest_batch,
         )  # fmt: skip
 
     # --- RPCs --------------------------------------------------------------------------------------------
@@ -367,9 +384,7 @@ class BlockServer:
             if session.tokens + hidden.shape[1] > session.max_tokens:
                 return self._error(ERROR_TOO_LONG, f"the session was opened for {session.max_tokens} tokens")
             try:
-                out = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, blocks.forward, hidden, session.cache, session.sub
-                )
+                out = await self.steps.run(_Step(blocks, hidden, session.cache, session.sub), session.id)
             except Exception as e:  # noqa: BLE001 - the cache may hold part of the step now: drop the session
                 logger.exception("forward step of session %s failed", meta.session[:8])
                 self.sessions.pop(meta.session, None)
@@ -389,7 +404,27 @@ class BlockServer:
         if session is None or session.owner != context.remote_id.to_base58():
             return self._error(ERROR_UNKNOWN_SESSION, "not open here")
         del self.sessions[meta.session]
+        self.steps.forget(meta.session)
         return runtime_pb2.ExpertResponse(metadata=pack(Reply(ok=True, tokens=session.tokens)))
+
+
+class _Step(NamedTuple):
+    """A session's forward step: one-token steps of the same layers share a pass (``Blocks.forward_batch``)."""
+
+    blocks: Blocks
+    hidden: Any
+    cache: Any
+    sub: LayerSpan
+
+    def run(self) -> Any:
+        return self.blocks.forward(self.hidden, self.cache, self.sub)
+
+    @staticmethod
+    def run_many(steps: list[_Step]) -> list[Any]:
+        return steps[0].blocks.forward_batch([s.hidden for s in steps], [s.cache for s in steps], steps[0].sub)
+
+    def kind(self) -> tuple[int, LayerSpan] | None:
+        return (id(self.blocks), self.sub) if self.hidden.shape[1] == 1 else None
 
 
 def _measure(blocks: Blocks) -> float:

@@ -250,6 +250,8 @@ class InferenceService(Service):
         if self.rpc is not None and self._p2p is not None:
             await self.rpc.unregister(self._p2p)
         await asyncio.gather(*(s.stop() for s in self.servers), return_exceptions=True)
+        for generator in self._generators.values():
+            generator.close()
 
     # --- generating --------------------------------------------------------------------------------------
     async def generator(self, model: str) -> SwarmGenerator:

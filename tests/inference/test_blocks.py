@@ -14,7 +14,7 @@ from garden.inference.client import SPOT_TOLERANCE, hidden_distance
 from garden.inference.generate import prompt_ids
 from garden.models.loading import load_model
 
-pytestmark = pytest.mark.heavy(15)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(25)  # seconds in `make check`: see tests/conftest.py
 
 MODEL = "builtin:smollm2-135m"
 
@@ -146,3 +146,54 @@ def test_other_families_are_not_supported_yet(tmp_path: Path) -> None:
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="not supported yet"):
         load_config(str(tmp_path))
+
+
+def test_concurrent_sessions_batched_give_each_its_own_greedy_answer(parts: dict) -> None:
+    """Four sessions at different positions (prompts of different lengths), stepped together through
+    ``forward_batch`` and ``logits_many``, answer what each answers alone, token for token; one session on a
+    sub-range of a wider server too."""
+    ends, spans = parts["ends"], parts["spans"]
+    tokenizer = parts["full"].tokenizer
+    prompts = ["What is the capital of France?", "Name a colour.", "Write a haiku about the sea, please.", "Hi"]
+
+    def alone(prompt: str) -> list[int]:
+        caches = [b.new_cache() for b in spans]
+        tokens, feed = [], prompt_ids(tokenizer, prompt)
+        for _ in range(10):
+            tokens.append(int(ends.logits(run(parts, feed, caches)).argmax()))
+            feed = [tokens[-1]]
+        return tokens
+
+    expected = [alone(p) for p in prompts]
+    caches = [[b.new_cache() for b in spans] for _ in prompts]
+    tokens = [
+        [int(ends.logits(run(parts, prompt_ids(tokenizer, p), c)).argmax())]
+        for p, c in zip(prompts, caches, strict=True)
+    ]
+    for _ in range(9):
+        hidden = [ends.embed([t[-1]]) for t in tokens]
+        for i, blocks in enumerate(spans):
+            hidden = blocks.forward_batch(hidden, [c[i] for c in caches])
+        for t, logits in zip(tokens, ends.logits_many(hidden), strict=True):
+            t.append(int(logits.argmax()))
+    assert tokens == expected
+    # the head in one pass: the same logits as one by one, for 1, 2 (padded to 4) and 4 generations
+    states = [torch.randn(1, 1, ends.config.hidden_size) for _ in range(4)]
+    for n in (1, 2, 4):
+        for one, many in zip(map(ends.logits, states[:n]), ends.logits_many(states[:n]), strict=True):
+            assert torch.allclose(one, many, atol=1e-4)
+    # a session on the sub-range 14-20 of the 10-20 server, batched with one on the whole range
+    wide = spans[1]
+    sub = LayerSpan(14, 20)
+    a, b = wide.new_cache(), wide.new_cache()
+    x, y = torch.randn(1, 3, 576), torch.randn(1, 5, 576)
+    wide.forward(x, a, sub), wide.forward(y, b, sub)
+    step = [torch.randn(1, 1, 576), torch.randn(1, 1, 576)]
+    ref_a, ref_b = wide.new_cache(), wide.new_cache()
+    wide.forward(x, ref_a, sub), wide.forward(y, ref_b, sub)
+    together = wide.forward_batch(step, [a, b], sub)
+    for out, cache, h in zip(together, [ref_a, ref_b], step, strict=True):
+        distance = hidden_distance(out, wide.forward(h, cache, sub))
+        assert distance < 1e-5, distance  # honest servers differ by up to 7.7e-5 (SPOT_TOLERANCE)
+    with pytest.raises(ValueError, match="one token"):
+        wide.forward_batch([torch.randn(1, 2, 576)], [wide.new_cache()])

@@ -94,6 +94,32 @@ def test_pipelined_greedy_output_equals_local_generate(swarm: dict[str, Daemon],
     assert serving(swarm["second"])[0]["tokens_served"] + serving(swarm["spare"])[0]["tokens_served"] > 0
 
 
+def test_concurrent_generations_share_passes_and_keep_their_answers(
+    swarm: dict[str, Daemon], local_answers: dict
+) -> None:
+    """Two generations at once (the 20-30 server takes two sessions): each answers what it answers alone, and
+    every server counts each decode step once, in passes that may hold both sessions' steps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from garden.models.loading import load_model
+
+    tokenizer = load_model(MODEL).tokenizer
+    before = [serving(swarm[name])[0] for name in ("first", "third")]
+    prompts = PROMPTS[:2]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda p: completion(swarm["client"], p), prompts))
+    for prompt, answer in zip(prompts, answers, strict=True):
+        expected = tokenizer.decode(local_answers[prompt], skip_special_tokens=True)
+        assert answer["choices"][0]["message"]["content"] == expected, (prompt, answer)
+    # a decode step feeds each answer token back in, but the last one of an answer cut at max_tokens
+    fed = sum(a["usage"]["completion_tokens"] - (a["choices"][0]["finish_reason"] == "length") for a in answers)
+    for name, old in zip(("first", "third"), before, strict=True):
+        now = serving(swarm[name])[0]
+        steps, passes = now["decode_steps"] - old["decode_steps"], now["decode_passes"] - old["decode_passes"]
+        assert steps == fed, (name, now, old, answers)
+        assert 0 < passes <= steps and 1 <= now["largest_batch"] <= 2, (name, now)
+
+
 def test_openai_client_chat_stream_completions_models(swarm: dict[str, Daemon], local_answers: dict) -> None:
     from openai import OpenAI
 
