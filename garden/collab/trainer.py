@@ -43,7 +43,14 @@ from garden.models.chat import pad_id
 from garden.models.loading import LoadedModel
 from garden.protocol.rows import DorpoRow
 from garden.distill.collate import EncodedRow, EncodeReport, encode_rows
-from garden.distill.trainer import HF_SCHEDULERS, StepGradients, StepSettings, compute_gradients, loss_config
+from garden.distill.trainer import (
+    HF_SCHEDULERS,
+    StepGradients,
+    StepSettings,
+    compute_gradients,
+    freeze_embeddings_,
+    loss_config,
+)
 from garden.protocol.mission_spec import (
     Compression,
     Epochs,
@@ -260,6 +267,8 @@ class CollabTrainer:
 
         self.student, self.config = student, config
         self.model = student.model
+        if config.freeze_embeddings:  # every trainer of the mission does the same: their parameters match
+            freeze_embeddings_(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")

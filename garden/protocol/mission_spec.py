@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -256,6 +257,11 @@ class SwarmSettings(DorpoSettings):
     :param min_trainers: trainers that must be in the swarm's progress record before any of them takes its
         first step (1: each starts alone). A condition on the start only: once met, the run goes on whoever
         leaves. Left out of the spec's canonical encoding while 1 (see :data:`OMITTED_AT_DEFAULT`)
+    :param freeze_embeddings: keep the student's token embeddings and output head as the base has them, as
+        ``garden train`` does by default (single-machine DORPO: held-out KL 1.80 -> 1.67; docs/training.md).
+        The trainers then average only the other parameters, which for a pruned student are the smaller part.
+        Off unless set, so that missions signed before the key existed train as they did; left out of the
+        canonical encoding while false
     """
 
     target_batch_size: TargetBatchSize = 256
@@ -268,6 +274,7 @@ class SwarmSettings(DorpoSettings):
     matchmaking_time: float = Field(default=5.0, gt=0.0, le=600.0)
     averaging_timeout: float = Field(default=30.0, gt=0.0, le=3600.0)
     min_trainers: int = Field(default=1, ge=1, le=1000)
+    freeze_embeddings: StrictBool = False
 
     @field_validator("warmup_epochs")
     @classmethod
@@ -288,7 +295,10 @@ class TrainSection(SwarmSettings):
     checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
 
 
-OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {"train": ("min_trainers",), "sampling": ("verify_fraction",)}
+OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {
+    "train": ("min_trainers", "freeze_embeddings"),
+    "sampling": ("verify_fraction",),
+}
 """Keys added to a section after missions were first signed (section -> keys). The canonical encoding holds every
 other key, defaults included, but leaves these out while they equal their default: a spec that does not set one
 encodes, hashes (the mission id) and reads on older peers exactly as before the key existed, and since

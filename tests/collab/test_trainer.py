@@ -212,6 +212,31 @@ def test_a_nan_step_is_not_applied_counted_or_sent(dht: hivemind.DHT, tiny: Path
         trainer.shutdown()
 
 
+def test_a_mission_that_freezes_embeddings_averages_only_the_rest(
+    dht: hivemind.DHT, tiny: Path, rows_store: Path
+) -> None:
+    """``[train] freeze_embeddings``: the embeddings and head are neither trained nor handed to hivemind (every
+    trainer of the mission leaves out the same tensors, so their averaged parameters still line up)."""
+    from garden.models.student import StudentSpec, build_student
+
+    counts = {}
+    for freeze in (False, True):
+        student = build_student(StudentSpec(base=str(tiny)))
+        config = CollabConfig(target_batch_size=1000, max_epochs=2, batch_size=2, matchmaking_time=1.0,
+                              freeze_embeddings=freeze)  # fmt: skip
+        run = f"freeze-{freeze}"
+        trainer = CollabTrainer(student, config, lambda params, c=config, r=run: make_optimizer(dht, r, params, c))
+        try:
+            embeddings = student.model.get_input_embeddings().weight
+            assert any(p is embeddings for p in trainer.params) != freeze
+            counts[freeze] = sum(p.numel() for p in trainer.params)
+            trainer.add_rows(RowFeed(rows_store, MISSION).new_rows())
+            assert trainer.step() is not None and embeddings.requires_grad != freeze
+        finally:
+            trainer.shutdown()
+    assert counts[True] < counts[False]
+
+
 def test_a_trainer_waits_for_min_trainers_then_trains_whoever_leaves(
     dht: hivemind.DHT, tiny: Path, rows_store: Path
 ) -> None:

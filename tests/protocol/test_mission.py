@@ -289,6 +289,26 @@ def test_min_trainers_defaults_to_one_is_bounded_and_leaves_the_id_alone_when_un
             load_mission_toml(path, BUILTIN)
 
 
+def test_freeze_embeddings_is_off_unless_set_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
+    spec = load_mission_toml(EXAMPLE, BUILTIN).spec
+    assert spec.train.freeze_embeddings is False and b"freeze_embeddings" not in spec.canonical()
+    assert spec.sha256 == EXAMPLE_SPEC_SHA256  # missions signed before the key existed keep their ids
+    unset = load_mission_toml(write_mission(tmp_path / "unset", MINIMAL), BUILTIN)
+    off = load_mission_toml(write_mission(tmp_path / "off", MINIMAL + "[train]\nfreeze_embeddings = false\n"), BUILTIN)
+    assert off.spec.canonical() == unset.spec.canonical()
+    on = load_mission_toml(write_mission(tmp_path / "on", MINIMAL + "[train]\nfreeze_embeddings = true\n"), BUILTIN)
+    assert on.spec.train.freeze_embeddings is True and on.spec.sha256 != unset.spec.sha256
+    assert MissionSpec.from_canonical(on.spec.canonical()) == on.spec
+    spelled = msgpack.unpackb(unset.spec.canonical())
+    spelled["train"]["freeze_embeddings"] = False
+    with pytest.raises(RecordError, match="not in canonical form"):
+        MissionSpec.from_canonical(msgpack.packb(sorted_maps(spelled), use_bin_type=True))
+    for bad in ("1", '"yes"'):
+        path = write_mission(tmp_path / "bad", MINIMAL + f"[train]\nfreeze_embeddings = {bad}\n")
+        with pytest.raises(MissionSpecError, match="train.freeze_embeddings: Input should be a valid boolean"):
+            load_mission_toml(path, BUILTIN)
+
+
 def test_id_covers_everything_signed(lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> None:
     draft = load_mission_toml(EXAMPLE, BUILTIN)
     base = sign_mission(draft, lead, now=NOW).mission_id
