@@ -79,7 +79,9 @@ class ServeConfig:
     :param namespace: prefix of the RPC names (the swarm's name)
     :param max_memory: bytes the layers may take (``--max-memory``); a range that would not fit (in this or
         in the available RAM) is not loaded, and ``/status`` says why
-    :param max_batch: most sessions' decode steps run as one forward pass (:mod:`garden.inference.batching`)"""
+    :param max_batch: most sessions' decode steps run as one forward pass (:mod:`garden.inference.batching`)
+    :param batch_linger_s: longest a pass waits for the other sessions that stepped in the last second (none
+        when no other did: a lone client never waits)"""
 
     model: str
     span: LayerSpan | None = None
