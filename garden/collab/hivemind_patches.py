@@ -58,7 +58,8 @@ The patches (each installed once per process, before the optimizer forks its ave
   parameters it left are those the peer sent under the epoch it now holds (:func:`loaded_states`).
 
 * **no parameter round after a lone gradient round** (``Optimizer._average_gradients_and_load_into_optimizer``,
-  and ``TrainingStateAverager.step`` above): a trainer whose gradient round met nobody (no group found) moves to the
+  ``Optimizer._begin_averaging_gradients`` for a pre-scheduled round that met nobody before the epoch ended, and
+  ``TrainingStateAverager.step`` above): a trainer whose gradient round met nobody (no group found) moves to the
   next epoch without its parameter round. Nobody waits for it there either (the others met, or left), and each
   round that meets nobody costs its full timeout: two trainers whose epochs end a few seconds apart (one missed a
   round, the other filled the target alone meanwhile) then fail every round, each in the other's dead time, and
@@ -119,6 +120,7 @@ PATCHED: tuple[tuple[str, str], ...] = (
     ("hivemind.optim.state_averager:TrainingStateAverager", "get_current_state"),
     # no parameter round after a lone gradient round
     ("hivemind.optim.optimizer:Optimizer", "_average_gradients_and_load_into_optimizer"),
+    ("hivemind.optim.optimizer:Optimizer", "_begin_averaging_gradients"),
     # robust averaging
     ("hivemind.averaging.partition:TensorPartReducer", "reset_accumulators"),
     ("hivemind.optim.progress_tracker:ProgressTracker", "_parse_swarm_progress_data"),
@@ -510,12 +512,25 @@ def _install_lone_rounds() -> None:
     from hivemind.optim.optimizer import Optimizer
 
     original = Optimizer._average_gradients_and_load_into_optimizer
+    original_begin = Optimizer._begin_averaging_gradients
 
     def average_gradients(self: Any, maybe_step_control: Any) -> None:
         original(self, maybe_step_control)
         self.state_averager._garden_lone = found_no_group(maybe_step_control)  # read by its next epoch's step
 
+    def begin_averaging_gradients(self: Any, grad_scaler: Any) -> bool:
+        # hivemind drops a pre-scheduled gradient round that ended (or was triggered) before the epoch's step, e.g.
+        # one that already failed to find a group, and then averages nothing: average_gradients above never runs,
+        # so the lone round is told here
+        scheduled = self.scheduled_grads
+        stale = scheduled is not None and (scheduled.triggered or scheduled.done())
+        began = original_begin(self, grad_scaler)
+        if stale and not began:
+            self.state_averager._garden_lone = found_no_group(scheduled)
+        return bool(began)
+
     Optimizer._average_gradients_and_load_into_optimizer = average_gradients  # type: ignore[method-assign]
+    Optimizer._begin_averaging_gradients = begin_averaging_gradients  # type: ignore[method-assign]
 
 
 # --- robust averaging ------------------------------------------------------------------------------------
