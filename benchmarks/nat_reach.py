@@ -24,6 +24,9 @@ Run: ``sudo .venv/bin/python benchmarks/nat_reach.py [--mb 32] [--tokens 32]``. 
   each says whether home 2 held a direct TCP connection to home 1's router (``home2_to_home1_direct``).
   ``punched_over_relayed``. On one machine the relay's extra hop costs little: the figure shows the path
   works, not what a punch saves across a real internet.
+- ``relay_probe``: what each public peer's probe of its own relay found after it started (``relay_limits``:
+  ``garden`` once its limits serve; ``relay_check``: the bytes read, the starts of its p2p daemon). The public
+  join time includes it.
 """
 
 from __future__ import annotations
@@ -284,6 +287,12 @@ def main() -> None:
             home, private_s = joined_in(factory, world, a, "home1", "--roles", "server", "--serve", f"{MODEL}:15-30")
             report["join_s"] = {"public": round(public_s, 2), "private": round(private_s, 2),
                                 "private_over_public": round(private_s / public_s, 2)}  # fmt: skip
+            # each public peer's probe of its own relay (part of its join time): which limits serve, after how many
+            # starts of its p2p daemon (garden.net.relay_probe)
+            report["relay_probe"] = {
+                name: {key: d.get("/status").json()["network"][key] for key in ("relay_limits", "relay_check")}
+                for name, d in (("a", a), ("b", b))
+            }
             wait_until(lambda: all(served(d) for d in (a, b, home)), 300, 0.5, "layers loaded")
             wait_until(lambda: MODEL in [m["id"] for m in a.get("/v1/models").json()["data"]], 60, 0.5, "covered")
             # the asker routes to the faster server of 15-30; one at a time: stop the other for each measure

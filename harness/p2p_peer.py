@@ -32,31 +32,6 @@ from typing import Any
 os.environ.setdefault("GOLOG_LOG_LEVEL", "warn,p2p-holepunch=debug,autorelay=info")
 
 
-class GoMultiaddr:
-    """A multiaddr for p2pd's control protocol: hivemind's Python ``Multiaddr`` writes a ``/p2p/`` value as a
-    CIDv1 (0x01 0x72 + multihash), which the go-multiaddr in hivemind's p2pd refuses inside an address
-    ("length greater than remaining number of bytes in buffer"): a relayed address has one in its middle."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def to_bytes(self) -> bytes:
-        from hivemind.utils.multiaddr import Multiaddr
-
-        raw = bytearray(Multiaddr(self.text).to_bytes())
-        out, i = bytearray(), 0
-        while i < len(raw):
-            # /p2p/ (code 421, varint a5 03), a one-byte length, then a CIDv1 of a libp2p key (01 72 ...)
-            if raw[i : i + 2] == b"\xa5\x03" and raw[i + 3 : i + 5] == b"\x01\x72":
-                size = raw[i + 2]
-                out += b"\xa5\x03" + bytes([size - 2]) + raw[i + 5 : i + 3 + size]
-                i += 3 + size
-            else:
-                out.append(raw[i])
-                i += 1
-        return bytes(out)
-
-
 def blob(size: int) -> tuple[bytes, Any]:
     """The same ``size`` bytes in every process, and the content ref that names them."""
     from garden.protocol.content import ContentRef
@@ -70,6 +45,7 @@ async def serve(name: str, run: Path, config: dict[str, Any]) -> None:
 
     from garden.net import p2pd_patch
     from garden.net.reach import Reach, RelayLimits, plan
+    from garden.net.relay_probe import GoMultiaddr
     from garden.net.transfer import ContentTransfer, TransferError
 
     reach = Reach(reachability=config["reach"], relays=list(config.get("relays", [])))

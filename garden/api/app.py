@@ -203,7 +203,8 @@ def _network(reach: Reach, addresses: list[str]) -> Network:
     return Network(
         reachability=reach.reachability, mode=reach.mode, addresses=addresses, observed=reach.observed,
         relays=reach.relays, relay_service=reach.relay_service, hole_punching=reach.mode == "relayed",
-        checked_by=reach.checked_by, note=reach.note,
+        checked_by=reach.checked_by, note=reach.note, relay_limits=reach.relay_limits,
+        relay_check=reach.relay_check,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from garden.host.governor import PauseState
+from garden.protocol.reach import RelayLimitsSeen
 from garden.protocol.records import ContributionTotals, GpuInfo, Role
 
 
@@ -127,6 +128,11 @@ class Network(BaseModel):
     observed: list[str] = Field(default_factory=list, description="the IPs the checking peers saw it come from")
     relays: list[str] = Field(default_factory=list, description="relays it holds a slot on (private peers)")
     relay_service: bool = Field(False, description="it relays for private peers (public peers)")
+    relay_limits: RelayLimitsSeen = Field(
+        "", description="a relaying peer's probe of its own relay: garden's --relay-* limits serve, or libp2p's "
+        "defaults (128 KiB a relayed connection, hivemind's p2pd start-up race lost at every start), or not known"
+    )  # fmt: skip
+    relay_check: str = Field("", description="that probe, in words")
     hole_punching: bool = Field(False, description="libp2p's DCUtR tries to turn relayed connections into direct ones")
     checked_by: dict[str, str] = Field(default_factory=dict, description="peer id -> what its reach check answered")
     note: str = ""

@@ -325,6 +325,8 @@ def _reach_text(net: dict) -> str:
         net.get("mode", ""), "direct"
     )
     extra = ", relays for others" if net.get("relay_service") else ""
+    if net.get("relay_limits") == "libp2p-default":  # hivemind's p2pd lost its start-up race at every start
+        extra += " (with libp2p's default limits: 128 KiB a relayed connection; restart to try again)"
     note = f"\n{net['note']}" if net.get("note") else ""
     return f"{net.get('reachability', 'unknown')}, {how}{extra}{note}"
 

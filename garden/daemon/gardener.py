@@ -35,7 +35,7 @@ from garden.host.idle import IdleConfig
 from garden.host.capabilities import MachineInfo, choose_roles, machine_load, probe_machine
 from garden.net.directory import PeerDirectory
 from garden.net.identity import Identity, load_or_create_identity
-from garden.net.reach import Reach, ReachResponder, RelayLimits, assess, plan
+from garden.net.reach import Reach, ReachResponder, RelayLimits, assess, loopback_only, plan
 from garden.net.swarm import Swarm, SwarmConfig
 from garden.protocol.invite import PEER_MADDR
 from garden.protocol.keys import DHTKeys
@@ -309,9 +309,12 @@ class Gardener:
                     dht_timeout=settings.dht_timeout,
                     record_validators=[validators.peers, validators.shards, validators.missions],
                     p2p=p2p,
+                    # nobody on a loopback swarm needs a relay: its peers skip the probe's second or two
+                    check_relay=p2p.check_relay and not loopback_only(settings.host_maddr),
                 )
             )
             swarm.start()
+            reach.probed(swarm.relay_probe, swarm.starts)
             addresses = [] if settings.client_mode or p2p.client_mode else swarm.visible_maddrs()
             host = Host(
                 settings, data_dir, identity, store, machine, roles, skipped_roles, governor, Ledger(store),

@@ -10,12 +10,15 @@ command line in ``P2P._make_process_args``; :func:`install` wraps it to add :dat
 Every other hivemind patch lives in ``garden.collab.hivemind_patches``, which this level may not import; this
 one is fenced the same way, by the release it was written for (:data:`TESTED_HIVEMIND`, which the collab
 patches share), and ``tests/collab/test_hivemind_patches.py`` checks that what it replaces is still there.
-It runs only in the DHT process (``GardenDHT.run``), before that process starts its p2pd: no other P2P
-(a trainer's, the reach check's, a test's) gets the flags.
+It runs in the DHT process (``GardenDHT.run``), before that process starts its p2pd, and around the relay
+probe's two throwaway daemons (:func:`extra_flags`, ``garden.net.relay_probe``): no other P2P (a trainer's, the
+reach check's, a test's) gets the flags.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 TESTED_HIVEMIND = "1.1.12"
@@ -48,3 +51,16 @@ def install(flags: dict[str, Any]) -> None:
 
     P2P._make_process_args = staticmethod(with_flags)  # type: ignore[method-assign]
     _installed = True
+
+
+@contextmanager
+def extra_flags(flags: dict[str, Any]) -> Iterator[None]:
+    """Add ``flags`` to the p2p daemons this process starts inside the block only, then put back what was there
+    (a process that forks the DHT afterwards must not hand it these)."""
+    before = dict(FLAGS)
+    install(flags)
+    try:
+        yield
+    finally:
+        FLAGS.clear()
+        FLAGS.update(before)

@@ -44,7 +44,8 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from garden.lifecycle import Service
-from garden.protocol.reach import MAX_REACH_BYTES, Reachability, ReachReply, ReachRequest
+from garden.net.relay_probe import PROBE_BYTES, RelayProbe
+from garden.protocol.reach import MAX_REACH_BYTES, Reachability, ReachReply, ReachRequest, RelayLimitsSeen
 from garden.protocol.records import RecordError, decode_record
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class Reach:
     :param relay_service: it relays for others (public peers)
     :param checked_by: peer id -> what each checking peer answered (its reachability, the ports that opened)
     :param note: in words, what follows (what a client-mode peer cannot do)
+    :param relay_limits: a relaying peer's probe of its own relay (``garden.net.relay_probe``): ``garden`` (its
+        limits serve), ``libp2p-default`` (128 KiB a relayed connection, after every start), ``unchecked``
+    :param relay_check: that probe, in words
     """
 
     reachability: Reachability = "unknown"
@@ -97,9 +101,23 @@ class Reach:
     relay_service: bool = False
     checked_by: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    relay_limits: RelayLimitsSeen = ""
+    relay_check: str = ""
 
     def public(self) -> bool:
         return self.reachability == "public"
+
+    def probed(self, probe: RelayProbe | None, starts: int) -> None:
+        """Take what the probe of this peer's relay found after ``starts`` starts of its p2p daemon."""
+        if not self.relay_service:
+            return
+        if probe is None:
+            self.relay_limits, self.relay_check = "unchecked", "not probed (a loopback swarm, or a low data limit)"
+            return
+        seen: dict[str, RelayLimitsSeen] = {"configured": "garden", "default": "libp2p-default"}
+        self.relay_limits = seen.get(probe.verdict, "unchecked")
+        said = "came through whole" if probe.verdict == "configured" else probe.detail
+        self.relay_check = f"{probe.size} bytes through its relay: {said} (p2p daemon started {starts} time(s))"
 
 
 @dataclass
@@ -111,12 +129,15 @@ class P2PPlan:
     flags: dict[str, Any] = field(default_factory=dict)
     announce: list[str] = field(default_factory=list)
     client_mode: bool = False
+    check_relay: bool = False  # probe the relay after start (garden.net.relay_probe): it can tell the two limits apart
 
 
 def plan(reach: Reach, limits: RelayLimits) -> P2PPlan:
     """The p2p daemon's settings for ``reach`` (see the module docstring)."""
     if reach.reachability == "public":
-        return P2PPlan(options={"force_reachability": "public"}, flags=limits.flags())
+        # the probe reads PROBE_BYTES plus the stream's framing: below twice that, garden's own limit would cut it too
+        return P2PPlan(options={"force_reachability": "public"}, flags=limits.flags(),
+                       check_relay=limits.data_limit >= 2 * PROBE_BYTES)  # fmt: skip
     if reach.reachability == "private" and reach.relays:
         return P2PPlan(
             # libp2p's own DHT as a client: nobody dials a private peer for it, and a peer that dials others early

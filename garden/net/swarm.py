@@ -27,6 +27,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration
 from garden.lifecycle import watch_parent
 from garden.net import p2pd_patch
 from garden.net.reach import P2PPlan
+from garden.net.relay_probe import RelayProbe, probe_relay, relay_address
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,16 @@ BOOTSTRAP_RETRIES = (2.0, 5.0)
 peer's own stop (or its network coming up) has seen a join peer that answered another daemon a moment before
 refuse this one's first dial. A join list that stays unreachable fails after the last."""
 BOOTSTRAP_FAILURE = "failed to connect to bootstrap peers"  # what p2pd says
+RELAY_P2PD_ENV = {"GOMAXPROCS": "1"}
+"""The environment of a relaying peer's ``p2pd``. hivemind's p2pd registers two relay services, and the one that
+registers last serves (``garden.net.relay_probe``): garden's, from a goroutine woken by the reachability event, or
+libp2p's defaults, from the main goroutine right after. On one scheduler thread the woken goroutine runs only once
+the main one blocks, after it: garden's limits served after 12 of 12 starts on an idle 2-core machine, and 11 of 12
+with four busy loops beside it; with Go's default, one per core, after 1 of 12 and 8 of 15. One thread is ample for
+a volunteer's p2p traffic."""
+RELAY_STARTS = 5
+"""Starts of ``p2pd`` a relaying peer tries until its relay serves with garden's limits (each start measured above:
+11 of 12 at worst), after which it goes on with the defaults and says so."""
 
 
 
@@ -54,13 +65,21 @@ class GardenDHT(hivemind.DHT):
     order. Only the daemon should hear the terminal; it stops its children itself.
     """
 
-    def __init__(self, *args: Any, p2pd_flags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        p2pd_flags: dict[str, Any] | None = None,
+        p2pd_env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.p2pd_flags = dict(p2pd_flags or {})  # before hivemind's __init__, which may start the process
+        self.p2pd_env = dict(p2pd_env or {})
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         if self.p2pd_flags:  # relay limits, static relays (garden.net.reach): before hivemind starts p2pd
             p2pd_patch.install(self.p2pd_flags)
+        os.environ.update(self.p2pd_env)  # this process's environment, which hivemind hands p2pd
         try:
             os.setpgid(0, 0)
         except OSError as e:  # e.g. a session leader; the watch below still ties us to the daemon
@@ -85,6 +104,7 @@ class SwarmConfig:
     dht_timeout: float
     record_validators: Sequence[RecordValidatorBase] = ()
     p2p: P2PPlan = field(default_factory=P2PPlan)  # reachability: relay service, relays, announced circuits
+    check_relay: bool = False  # probe this peer's relay after each start, and start again while it has the defaults
 
 
 @dataclass
@@ -101,6 +121,8 @@ class Swarm:
         self.dht: GardenDHT | None = None
         self._p2p: Any = None
         self._p2p_lock: asyncio.Lock | None = None
+        self.relay_probe: RelayProbe | None = None  # the last probe of this peer's relay (check_relay)
+        self.starts = 0  # of the DHT and its p2pd, counting the starts again for the relay
 
     async def p2p(self) -> Any:
         """This process's handle on the DHT's ``p2pd`` (a replica made on first use, shared by the content
@@ -120,10 +142,38 @@ class Swarm:
             await p2p.shutdown()
 
     def start(self) -> None:
-        """Start the DHT process and join (or found) the swarm. Synchronous: call before the event loop
-        starts, because the DHT forks and forking a process with a running loop is unsafe."""
+        """Start the DHT process and join (or found) the swarm; with ``check_relay``, start again (up to
+        :data:`RELAY_STARTS` in all) while this peer's relay serves with libp2p's default limits. Synchronous: call
+        before the event loop starts, because the DHT forks and forking a process with a running loop is unsafe."""
         for maddr in self.config.initial_peers:
             _check_join_maddr(maddr)
+        self._join()
+        while self.config.check_relay and self._relay_has_defaults() and self.starts < RELAY_STARTS:
+            assert self.relay_probe is not None
+            probe = self.relay_probe
+            logger.warning("this peer's relay serves with libp2p's default limits, not garden's (%s): starting the "
+                           "p2p daemon again, %d of %d", probe.detail, self.starts + 1, RELAY_STARTS)  # fmt: skip
+            self.shutdown()
+            self._join()
+        if self.config.check_relay and self.relay_probe is not None and self.relay_probe.verdict == "default":
+            logger.warning("this peer's relay still serves with libp2p's default limits after %d starts: transfers "
+                           "over 128 KiB between two peers that reach each other only through it are cut short "
+                           "(docs/running-a-peer.md); restart the peer to try again", self.starts)  # fmt: skip
+
+    def _relay_has_defaults(self) -> bool:
+        """Probe this peer's relay (``garden.net.relay_probe``); True when libp2p's default limits serve."""
+        address = relay_address(self.visible_maddrs(), self.config.host_maddrs, self.peer_id)
+        if address is None:
+            self.relay_probe = RelayProbe("unknown", 0, 0, 0.0, "no direct TCP address to probe")
+        else:
+            self.relay_probe = asyncio.run(probe_relay(address))
+        logger.info("relay probe after start %d: %s, %d of %d bytes in %.1f s %s", self.starts,
+                    self.relay_probe.verdict, self.relay_probe.received, self.relay_probe.size,
+                    self.relay_probe.seconds, self.relay_probe.detail)  # fmt: skip
+        return self.relay_probe.verdict == "default"
+
+    def _join(self) -> None:
+        self.starts += 1
         for pause in [*BOOTSTRAP_RETRIES, None]:
             try:
                 self._start_dht()
@@ -145,6 +195,7 @@ class Swarm:
                 announce_maddrs=announce or None,
                 client_mode=self.config.client_mode or plan.client_mode,
                 p2pd_flags=plan.flags,
+                p2pd_env=RELAY_P2PD_ENV if self.config.check_relay else None,
                 **plan.options,
                 identity_path=self.config.identity_path,
                 # the data-dir lock already keeps one identity to one daemon on this machine; the

@@ -18,6 +18,9 @@ MAX_REACH_PORTS = 4
 MAX_REACH_BYTES = 1024
 
 Reachability = Literal["public", "private", "unknown"]
+RelayLimitsSeen = Literal["", "garden", "libp2p-default", "unchecked"]
+"""What a relaying peer's probe of its own relay found (``garden.net.relay_probe``); empty for peers that do not
+relay. Said in ``/status`` only, never sent to other peers."""
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 

@@ -106,6 +106,13 @@ def test_home_peers_behind_nat_join_through_relays_and_serve_what_they_shake(
         assert net["checked_by"][a.peer_id] == "public; dialled back: nothing"
         assert net["addresses"] and all("/p2p-circuit/p2p/" + home.peer_id in x for x in net["addresses"])
 
+    # each public peer probed its own relay after it started (and started again while libp2p's defaults served):
+    # it knows which limits serve; the homes relay for nobody
+    for public in (a, b):
+        net = network(public)
+        assert net["relay_limits"] in ("garden", "libp2p-default") and "through its relay" in net["relay_check"], net
+    assert all(network(home)["relay_limits"] == "" for home in homes)
+
     # everyone sees everyone, with what each is
     expected = {a.peer_id: "public", b.peer_id: "public", homes[0].peer_id: "private", homes[1].peer_id: "private"}
     for daemon in (a, b, *homes):

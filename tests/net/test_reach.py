@@ -96,12 +96,14 @@ def test_the_plans_follow_the_reachability() -> None:
     public = plan(Reach(reachability="public"), limits)
     assert public.options == {"force_reachability": "public"} and public.flags["relayMaxCircuits"] == 3
     assert public.flags["relayTimeLimit"] == "60s" and not public.announce and not public.client_mode
+    assert public.check_relay  # 1 MiB a connection: a probe can tell garden's limit from libp2p's 128 KiB
+    assert not plan(Reach(reachability="public"), RelayLimits(data_limit=300_000)).check_relay  # it could not
     relay = "/ip4/10.99.1.1/tcp/4001/p2p/QmRelay"
     private = plan(Reach(reachability="private", relays=[relay]), limits)
     assert private.options["use_auto_relay"] and private.options["trusted_relays"] == [relay]
     assert private.flags == {"relayDiscovery": False} and private.announce == [relay + "/p2p-circuit"]
     assert plan(Reach(reachability="private"), limits).client_mode
-    assert plan(Reach(), limits).options == {}
+    assert plan(Reach(), limits).options == {} and not plan(Reach(), limits).check_relay
     assert loopback_only(["/ip4/127.0.0.1/tcp/0"]) and not loopback_only(["/ip4/0.0.0.0/tcp/0"])
     assert not loopback_only([])
 

@@ -205,7 +205,9 @@
   function reachText(net) {
     if (!net) return undefined;
     const how = net.mode === "relayed" ? `through ${net.relays.length} relay(s)` : net.mode === "client" ? "dials out only" : "direct";
-    return `${net.reachability}, ${how}${net.relay_service ? ", relays for others" : ""}`;
+    const relays = net.relay_service ? ", relays for others" : "";
+    const limits = net.relay_limits === "libp2p-default" ? " (libp2p's default limits: 128 KiB a relayed connection)" : "";
+    return `${net.reachability}, ${how}${relays}${limits}`;
   }
 
   function renderStatus(s) {

@@ -1,0 +1,166 @@
+"""The probe of a peer's own relay (``garden.net.relay_probe``) against real p2p daemons on 127.0.0.1: it tells a
+relay that serves with libp2p's default limits (hivemind's p2pd lost its start-up race) from one that serves with
+garden's, and the swarm starts its p2p daemon again while the defaults serve, then says so."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psutil
+import pytest
+from hivemind.p2p import P2P
+
+from garden.net import p2pd_patch, swarm as swarm_module
+from garden.net.reach import P2PPlan, Reach, RelayLimits
+from garden.net.relay_probe import PROBE_BYTES, RelayProbe, probe_relay, relay_address
+from garden.net.swarm import Swarm, SwarmConfig
+
+pytestmark = pytest.mark.heavy(2)  # in `make check`: the two tests that start no p2p daemon
+
+LOCAL = "/ip4/127.0.0.1/tcp/0"
+DEFAULT_ONLY = {"relayService": False}
+"""p2pd's configured relay service off: only the bare one with libp2p's defaults is left, as when it wins the race."""
+
+
+async def _probe_a_relay(flags: dict[str, object], size: int = PROBE_BYTES) -> tuple[RelayProbe, RelayProbe]:
+    """Start a public p2p daemon relaying with ``flags``, probe it with PROBE_BYTES and with 1 MiB, stop it."""
+    with p2pd_patch.extra_flags(flags):
+        relay = await P2P.create(host_maddrs=[LOCAL], force_reachability="public")
+    try:
+        visible = [str(m) for m in await relay.get_visible_maddrs()]
+        address = relay_address(visible, [LOCAL], relay.peer_id.to_base58())
+        assert address is not None and address.startswith("/ip4/127.0.0.1/tcp/"), visible
+        return await probe_relay(address, size), await probe_relay(address, 1 << 20)
+    finally:
+        await relay.shutdown()
+
+
+@pytest.mark.swarm  # real p2p daemons, a relay among them
+def test_the_probe_sees_a_relay_with_libp2ps_default_limits_cut_it_short() -> None:
+    probe, larger = asyncio.run(_probe_a_relay(RelayLimits().flags() | DEFAULT_ONLY))
+    assert probe.verdict == "default" and 0 < probe.received < 1 << 17, probe  # cut inside libp2p's 128 KiB
+    assert larger.verdict == "default" and larger.received == probe.received, larger
+    assert "cut short" in probe.detail
+
+
+@pytest.mark.swarm  # real p2p daemons, a relay among them
+def test_the_probe_agrees_with_a_larger_transfer_on_which_relay_serves() -> None:
+    """With garden's limits configured, either service may have won: whichever the probe names, a 1 MiB read
+    through the same relay finds the same (and the probe can always tell)."""
+    for _ in range(3):
+        probe, larger = asyncio.run(_probe_a_relay(RelayLimits().flags()))
+        assert probe.verdict in ("configured", "default"), probe
+        assert larger.verdict == probe.verdict, (probe, larger)
+        if probe.verdict == "configured":
+            assert probe.received == PROBE_BYTES and larger.received == 1 << 20
+
+
+@pytest.mark.swarm  # real p2p daemons, a relay among them
+def test_the_probe_of_a_relay_that_is_gone_cannot_tell_and_says_why() -> None:
+    async def main() -> RelayProbe:
+        relay = await P2P.create(host_maddrs=[LOCAL], force_reachability="public")
+        visible = [str(m) for m in await relay.get_visible_maddrs()]
+        address = relay_address(visible, [LOCAL], relay.peer_id.to_base58())
+        await relay.shutdown()  # its port is closed now: nobody to reserve a slot on
+        assert address is not None
+        return await probe_relay(address, timeout=4)
+
+    probe = asyncio.run(main())
+    assert probe.verdict == "unknown" and probe.received == 0 and "starting two p2p daemons" in probe.detail, probe
+    assert probe.seconds < 8
+
+
+def test_the_address_probed_is_one_this_machine_can_dial() -> None:
+    me = "12D3KooWPeer"
+    shown = [f"/ip4/10.0.0.2/tcp/4001/p2p/{me}", f"/ip4/127.0.0.1/tcp/4001/p2p/{me}"]
+    assert relay_address(shown, ["/ip4/0.0.0.0/tcp/4001"], me) == f"/ip4/127.0.0.1/tcp/4001/p2p/{me}"
+    announced = [f"/ip4/203.0.113.7/tcp/31337/p2p/{me}"]  # a router's address: the LAN may not dial it back
+    assert relay_address(announced, ["/ip4/0.0.0.0/tcp/31337"], me) == f"/ip4/127.0.0.1/tcp/31337/p2p/{me}"
+    assert relay_address(announced, ["/ip4/192.168.1.5/tcp/31337"], me) == f"/ip4/192.168.1.5/tcp/31337/p2p/{me}"
+    assert relay_address(announced, ["/ip4/0.0.0.0/tcp/0"], me) == announced[0]  # the port is known only there
+    circuit = [f"/ip4/7.0.0.1/tcp/1/p2p/QmRelay/p2p-circuit/p2p/{me}"]
+    assert relay_address(circuit, ["/ip4/0.0.0.0/tcp/0"], me) is None
+
+
+def test_what_the_probe_found_is_what_status_says() -> None:
+    public = Reach(reachability="public", relay_service=True)
+    public.probed(RelayProbe("configured", PROBE_BYTES, PROBE_BYTES, 1.2), starts=2)
+    assert public.relay_limits == "garden" and "came through whole" in public.relay_check
+    assert "started 2 time(s)" in public.relay_check
+    lost = Reach(reachability="public", relay_service=True)
+    lost.probed(RelayProbe("default", 98304, PROBE_BYTES, 1.0, "cut short after 98304 of 262144 bytes"), starts=5)
+    assert lost.relay_limits == "libp2p-default" and "cut short after 98304" in lost.relay_check
+    unprobed = Reach(reachability="public", relay_service=True)
+    unprobed.probed(None, starts=1)
+    assert unprobed.relay_limits == "unchecked"
+    home = Reach(reachability="private", relays=["/ip4/7.0.0.1/tcp/1/p2p/QmRelay"])
+    home.probed(None, starts=1)
+    assert home.relay_limits == "" and home.relay_check == ""  # it relays for nobody
+
+
+def _relaying_swarm(tmp_path: Path, flags: dict[str, object]) -> Swarm:
+    return Swarm(SwarmConfig(
+        initial_peers=[], host_maddrs=[LOCAL], announce_maddrs=[], client_mode=False,
+        identity_path=str(tmp_path / "identity.key"), dht_timeout=5.0,
+        p2p=P2PPlan(options={"force_reachability": "public"}, flags=flags, check_relay=True), check_relay=True,
+    ))  # fmt: skip
+
+
+def _p2pd_environ(swarm: Swarm) -> dict[str, str]:
+    (dht,) = swarm.child_pids()
+    (p2pd,) = [p for p in psutil.Process(dht).children() if p.name() == "p2pd"]
+    return p2pd.environ()
+
+
+@pytest.mark.swarm  # real p2p daemons, a relay among them
+def test_a_relaying_swarm_starts_its_p2p_daemon_so_that_garden_s_limits_serve(tmp_path: Path) -> None:
+    """One scheduler thread for the relaying peer's p2pd: garden's relay service registers after libp2p's default
+    one (12 of 12 starts measured idle, 11 of 12 loaded; 1 of 12 idle without), and up to 5 starts."""
+    swarm = _relaying_swarm(tmp_path, RelayLimits().flags())
+    try:
+        swarm.start()
+        assert _p2pd_environ(swarm).get("GOMAXPROCS") == "1"
+        assert swarm.relay_probe is not None and swarm.relay_probe.verdict == "configured", swarm.relay_probe
+        assert swarm.relay_probe.received == PROBE_BYTES and swarm.starts <= 2
+    finally:
+        swarm.shutdown()
+
+
+@pytest.mark.swarm  # real p2p daemons, a relay among them
+def test_a_swarm_whose_relay_keeps_the_defaults_starts_again_then_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A public peer's p2p daemon relaying with libp2p's defaults only (the race lost at every start): the swarm
+    probes after each start, starts again up to RELAY_STARTS, then goes on and warns."""
+    monkeypatch.setattr(swarm_module, "RELAY_STARTS", 2)
+    swarm = _relaying_swarm(tmp_path, RelayLimits().flags() | DEFAULT_ONLY)
+    pids = []
+    try:
+        with caplog.at_level("INFO", logger="garden.net.swarm"):
+            original = swarm._join
+
+            def join() -> None:
+                original()
+                pids.append(swarm.child_pids()[0])
+
+            monkeypatch.setattr(swarm, "_join", join)
+            swarm.start()
+        assert swarm.starts == 2 and len(set(pids)) == 2  # a new DHT process (and p2pd) for the second start
+        assert swarm.relay_probe is not None and swarm.relay_probe.verdict == "default"
+        said = caplog.text
+        assert "starting the p2p daemon again, 2 of 2" in said and "still serves with libp2p's default" in said
+        assert swarm.failure() is None  # the peer goes on, in the swarm
+    finally:
+        swarm.shutdown()
+
+
+@pytest.mark.swarm  # real p2p daemons
+def test_a_swarm_that_probes_no_relay_keeps_go_s_default_threads(tmp_path: Path) -> None:
+    swarm = Swarm(SwarmConfig(initial_peers=[], host_maddrs=[LOCAL], announce_maddrs=[], client_mode=False,
+                              identity_path=str(tmp_path / "identity.key"), dht_timeout=5.0))  # fmt: skip
+    try:
+        swarm.start()
+        assert "GOMAXPROCS" not in _p2pd_environ(swarm) and swarm.relay_probe is None and swarm.starts == 1
+    finally:
+        swarm.shutdown()
