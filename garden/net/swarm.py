@@ -220,7 +220,17 @@ class Swarm:
         return self._require().peer_id.to_base58()
 
     def visible_maddrs(self) -> list[str]:
-        return [str(m) for m in self._require().get_visible_maddrs()]
+        """The addresses this peer's p2pd shows others, or, while it shows none, those it was told to announce.
+
+        A private peer's p2pd shows its addresses behind relays with public IPs only once a relay holds its slot
+        (libp2p's autorelay drops the announced ones until then), and hivemind raises ``ValueError`` for a peer
+        with none: right after the start, that was a crash of a home peer behind internet relays."""
+        try:
+            return [str(m) for m in self._require().get_visible_maddrs()]
+        except ValueError as e:
+            announced = [*self.config.announce_maddrs, *self.config.p2p.announce]
+            logger.info("the p2p daemon shows no address yet (%s): using the %d announced", e, len(announced))
+            return [f"{m}/p2p/{self.peer_id}" for m in announced]
 
     def child_pids(self) -> list[int]:
         """The DHT process; its ``p2pd`` is that process's child."""

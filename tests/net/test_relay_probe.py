@@ -164,3 +164,28 @@ def test_a_swarm_that_probes_no_relay_keeps_go_s_default_threads(tmp_path: Path)
         assert "GOMAXPROCS" not in _p2pd_environ(swarm) and swarm.relay_probe is None and swarm.starts == 1
     finally:
         swarm.shutdown()
+
+
+def test_a_home_peer_whose_relays_hold_no_slot_yet_shows_the_addresses_it_announces() -> None:
+    """hivemind's DHT raises ValueError while its p2pd shows no address: a private peer behind relays with public
+    IPs, before a relay holds its slot (libp2p's autorelay drops the announced addresses until then)."""
+    from types import SimpleNamespace
+
+    from hivemind.p2p import PeerID
+
+    relay = "/ip4/7.0.0.1/tcp/4001/p2p/12D3KooWRelay"
+    swarm = Swarm(SwarmConfig(
+        initial_peers=[relay], host_maddrs=["/ip4/0.0.0.0/tcp/0"], announce_maddrs=[], client_mode=False,
+        identity_path="unused", dht_timeout=5.0, p2p=P2PPlan(announce=[relay + "/p2p-circuit"]),
+    ))  # fmt: skip
+    me = PeerID.from_base58("QmR7cGZ7iGMmkk2BT473eGDDdtWW6i8x3QbyuNFxdbZ3Fd")
+
+    def none_yet() -> list[str]:
+        raise ValueError(f"No multiaddrs found for peer {me}")  # what hivemind's P2P says
+
+    swarm.dht = SimpleNamespace(get_visible_maddrs=none_yet, peer_id=me)  # type: ignore[assignment]
+    assert swarm.visible_maddrs() == [f"{relay}/p2p-circuit/p2p/{me.to_base58()}"]
+    shown = ["/ip4/10.0.0.2/tcp/1/p2p/" + me.to_base58()]
+    swarm.dht = SimpleNamespace(get_visible_maddrs=lambda: shown, peer_id=me)  # type: ignore[assignment]
+    assert swarm.visible_maddrs() == shown  # what p2pd shows, once it shows any
+    swarm.dht = None  # nothing to stop
