@@ -116,8 +116,11 @@ class Reach:
             return
         seen: dict[str, RelayLimitsSeen] = {"configured": "garden", "default": "libp2p-default"}
         self.relay_limits = seen.get(probe.verdict, "unchecked")
-        said = "came through whole" if probe.verdict == "configured" else probe.detail
-        self.relay_check = f"{probe.size} bytes through its relay: {said} (p2p daemon started {starts} time(s))"
+        said = {
+            "configured": f"{probe.size} bytes came through its relay whole",
+            "default": f"{probe.size} bytes read through its relay: {probe.detail}",
+        }.get(probe.verdict, f"the probe could not tell ({probe.detail})")
+        self.relay_check = f"{said} (p2p daemon started {starts} time(s))"
 
 
 @dataclass

@@ -86,11 +86,14 @@ def test_the_address_probed_is_one_this_machine_can_dial() -> None:
 def test_what_the_probe_found_is_what_status_says() -> None:
     public = Reach(reachability="public", relay_service=True)
     public.probed(RelayProbe("configured", PROBE_BYTES, PROBE_BYTES, 1.2), starts=2)
-    assert public.relay_limits == "garden" and "came through whole" in public.relay_check
+    assert public.relay_limits == "garden" and "came through its relay whole" in public.relay_check
     assert "started 2 time(s)" in public.relay_check
     lost = Reach(reachability="public", relay_service=True)
     lost.probed(RelayProbe("default", 98304, PROBE_BYTES, 1.0, "cut short after 98304 of 262144 bytes"), starts=5)
     assert lost.relay_limits == "libp2p-default" and "cut short after 98304" in lost.relay_check
+    unsure = Reach(reachability="public", relay_service=True)
+    unsure.probed(RelayProbe("unknown", 0, PROBE_BYTES, 20.0, "dialling through the relay: TimeoutError"), starts=1)
+    assert unsure.relay_limits == "unchecked" and unsure.relay_check.startswith("the probe could not tell (dialling")
     unprobed = Reach(reachability="public", relay_service=True)
     unprobed.probed(None, starts=1)
     assert unprobed.relay_limits == "unchecked"
