@@ -39,9 +39,9 @@ async def _probe_a_relay(flags: dict[str, object], size: int = PROBE_BYTES) -> t
 @pytest.mark.swarm  # real p2p daemons, a relay among them
 def test_the_probe_sees_a_relay_with_libp2ps_default_limits_cut_it_short() -> None:
     probe, larger = asyncio.run(_probe_a_relay(RelayLimits().flags() | DEFAULT_ONLY))
-    assert probe.verdict == "default" and 0 < probe.received < 1 << 17, probe  # cut inside libp2p's 128 KiB
-    assert larger.verdict == "default" and larger.received == probe.received, larger
-    assert "cut short" in probe.detail
+    # cut inside libp2p's 128 KiB (96 KiB arrive on an idle machine; under load the relay's reset can outrun them all)
+    assert probe.verdict == "default" and probe.received < 1 << 17 and "cut short" in probe.detail, probe
+    assert larger.verdict == "default" and larger.received < 1 << 17, larger
 
 
 @pytest.mark.swarm  # real p2p daemons, a relay among them
