@@ -16,7 +16,7 @@ from garden.net.reach import P2PPlan, Reach, RelayLimits
 from garden.net.relay_probe import PROBE_BYTES, RelayProbe, probe_relay, relay_address
 from garden.net.swarm import Swarm, SwarmConfig
 
-pytestmark = pytest.mark.heavy(2)  # in `make check`: the two tests that start no p2p daemon
+pytestmark = pytest.mark.heavy(2)  # in `make check`: the tests that start no p2p daemon
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
 DEFAULT_ONLY = {"relayService": False}
