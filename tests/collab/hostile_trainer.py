@@ -24,7 +24,6 @@ writes ``{"peer_id": ..., "steps": ..., "epoch": ...}`` to the status path and r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -57,6 +56,7 @@ def main() -> int:
 
     from garden.collab.hivemind_patches import refresh_progress
     from garden.collab.trainer import make_optimizer
+    from garden.distill.checkpoints import write_json_atomic
     from garden.collab.worker import WorkerConfig
     from garden.models.student import StudentSpec, build_student
 
@@ -140,7 +140,7 @@ def main() -> int:
     def report(epoch: int) -> None:
         status = {"peer_id": dht.peer_id.to_base58(), "steps": steps, "rounds": rounds, "epoch": epoch,
                   "attack": args.attack}  # fmt: skip
-        config.status_path.write_text(json.dumps(status))
+        write_json_atomic(config.status_path, status)  # the test reads it at any moment: never half a file
 
     try:
         while not stop.is_set() and opt.tracker.global_progress.num_peers < args.after_trainers:

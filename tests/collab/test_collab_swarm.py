@@ -19,6 +19,7 @@ from harness.daemons import DaemonFactory, wait_until
 from harness.trainers import WorkerFactory, make_rows_store, make_tiny_student
 
 pytestmark = [pytest.mark.swarm, pytest.mark.serial]
+WORKER_LOG_TAIL = 80
 HOSTILE = [sys.executable, str(Path(__file__).resolve().parent / "hostile_trainer.py")]
 
 
@@ -33,9 +34,18 @@ def rows_store(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> P
 
 
 @pytest.fixture
-def workers(tmp_path: Path, tiny: Path, rows_store: Path) -> Iterator[WorkerFactory]:
+def workers(
+    tmp_path: Path, tiny: Path, rows_store: Path, request: pytest.FixtureRequest
+) -> Iterator[WorkerFactory]:
+    """Worker processes; when the test failed, the end of each one's log is printed (as the daemons'): a CI
+    machine keeps nothing else."""
     factory = WorkerFactory(tmp_path / "workers", tiny, rows_store)
     yield factory
+    failed = getattr(request.node, "report_call", None)
+    if failed is not None and failed.failed:
+        for worker in factory.workers:
+            print(f"\n----- the log of {worker.name} (last {WORKER_LOG_TAIL} lines) -----")
+            print("\n".join(worker.log().splitlines()[-WORKER_LOG_TAIL:]))
     orphans = factory.close()
     assert not orphans, f"processes outlived their workers: {orphans}"
 
