@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--lambda-or", type=float, default=0.1)
-    parser.add_argument("--lambda-kl", type=float, default=2.0)
+    parser.add_argument("--lambda-kl", type=float, default=5.0)
     parser.add_argument("--prompts", type=int, default=0, help="use only the first N prompts of each split")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)

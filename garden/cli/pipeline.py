@@ -144,8 +144,9 @@ def shake(
 @app.command()
 def train(
     student: str | None = typer.Option(
-        None, "--student", help="Student: a model reference or prune:<ref>:layers=N (not needed with --resume)."
-    ),
+        None, "--student",
+        help="Student: a model reference or prune:<ref>:layers=N[:spacing=front] (not needed with --resume).",
+    ),  # fmt: skip
     data: Path = typer.Option(..., "--data", help="Rows JSONL written by `garden shake` (TRL preference format)."),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl, garden-run.json."),
     teacher: list[str] | None = typer.Option(
@@ -255,8 +256,9 @@ def train(
 @app.command("eval")
 def eval_command(
     student: str = typer.Option(
-        ..., "--student", help="Student: a model reference, a training run directory, or prune:<ref>:layers=N."
-    ),
+        ..., "--student",
+        help="Student: a model reference, a training run directory, or prune:<ref>:layers=N[:spacing=front].",
+    ),  # fmt: skip
     teacher: str = typer.Option(
         "builtin:smollm2-135m", "--teacher", help="Teacher: computes the top-k for data without log-probs."
     ),

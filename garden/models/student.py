@@ -3,7 +3,9 @@ a LoRA adapter.
 
 ``prune:<ref>:layers=N`` keeps N evenly spaced decoder layers of ``<ref>``, always the first and the
 last (the first reads the embeddings, the last feeds the head: dropping either costs most), and
-keeps the embeddings, final norm and head. Every peer of a mission must build the identical student
+keeps the embeddings, final norm and head. ``prune:<ref>:layers=N:spacing=front`` keeps more of the first
+layers and fewer of the later ones (:func:`kept_layer_indices`): a worse start, a better student after
+training (benchmarks/dorpo_distill.py, docs/training.md). Every peer of a mission must build the identical student
 from the spec, so pruning is deterministic and the LoRA initialisation is seeded.
 """
 
@@ -12,12 +14,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from garden.models.cache import hub_cache_dir
 from garden.models.loading import LoadedModel, ModelRefError, load_model, parse_model_ref
 
 PRUNE_SCHEME = "prune:"
+LayerSpacing = Literal["even", "front"]
+SPACINGS: tuple[LayerSpacing, ...] = ("even", "front")
+# ``front`` spacing: layer i of the student is the base's layer i + (dropped) * (i / (keep - 1)) ** FRONT_POWER
+FRONT_POWER = 2.5
 
 
 @dataclass(frozen=True)
@@ -52,27 +58,43 @@ class StudentSpec:
     base: str  # a model reference (hub id, directory, .gguf, builtin:NAME)
     keep_layers: int | None = None
     lora: LoraSpec | None = field(default=None)
+    spacing: LayerSpacing = "even"  # which layers a pruned student keeps (kept_layer_indices)
 
 
 def parse_student_ref(text: str, lora: LoraSpec | None = None) -> StudentSpec:
-    """``<model ref>`` or ``prune:<model ref>:layers=N``; raises ``ModelRefError`` with the reason."""
+    """``<model ref>`` or ``prune:<model ref>:layers=N[:spacing=even|front]``; raises ``ModelRefError`` with the
+    reason."""
     if not text.startswith(PRUNE_SCHEME):
         parse_model_ref(text)  # validates
         return StudentSpec(base=text, lora=lora)
-    base, sep, option = text[len(PRUNE_SCHEME) :].rpartition(":")
+    body, spacing = text[len(PRUNE_SCHEME) :], "even"
+    rest, _, last = body.rpartition(":")
+    if last.startswith("spacing="):
+        spacing, body = last.removeprefix("spacing="), rest
+        if spacing not in SPACINGS:
+            raise ModelRefError(f"{text!r}: spacing is one of {', '.join(SPACINGS)}, not {spacing!r}")
+    base, sep, option = body.rpartition(":")
     name, eq, value = option.partition("=")
     if not sep or name != "layers" or not eq or not value.isdigit():
-        raise ModelRefError(f"{text!r}: write prune:<model ref>:layers=N, e.g. prune:builtin:smollm2-135m:layers=10")
+        raise ModelRefError(
+            f"{text!r}: write prune:<model ref>:layers=N[:spacing=front], e.g. prune:builtin:smollm2-135m:layers=10"
+        )
     parse_model_ref(base)
-    return StudentSpec(base=base, keep_layers=int(value), lora=lora)
+    return StudentSpec(base=base, keep_layers=int(value), lora=lora, spacing=spacing)  # type: ignore[arg-type]
 
 
-def kept_layer_indices(total: int, keep: int) -> list[int]:
-    """``keep`` evenly spaced indices in ``range(total)``, first and last included."""
+def kept_layer_indices(total: int, keep: int, spacing: LayerSpacing = "even") -> list[int]:
+    """``keep`` indices in ``range(total)``, first and last included: evenly spaced, or (``front``) each kept
+    layer ``i`` moved back by ``(total - keep) * (i / (keep - 1)) ** FRONT_POWER``, so that the first layers are
+    kept nearly all and the gaps grow towards the last (30 -> 10: 0, 1, 2, 4, 7, 10, 13, 18, 23, 29). The early
+    layers build the features every later one reads; a student that keeps them starts further from its teacher
+    (the later layers' work is missing) but learns it back better in the same steps."""
     if total == 1 and keep == 1:
         return [0]
     if not 2 <= keep <= total:
         raise ModelRefError(f"cannot keep {keep} of {total} layers: keep between 2 and {total} (first and last stay)")
+    if spacing == "front":
+        return [round(i + (total - keep) * (i / (keep - 1)) ** FRONT_POWER) for i in range(keep)]
     return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
 
 
@@ -105,7 +127,7 @@ def build_student(spec: StudentSpec, dtype: str = "float32") -> LoadedModel:
     base = load_model(spec.base, dtype=dtype)
     model = copy.deepcopy(base.model)
     if spec.keep_layers is not None:
-        prune_layers_(model, kept_layer_indices(model.config.num_hidden_layers, spec.keep_layers))
+        prune_layers_(model, kept_layer_indices(model.config.num_hidden_layers, spec.keep_layers, spec.spacing))
     if spec.lora is not None:
         model = _with_lora(model, spec.lora)
     model.train()
@@ -149,6 +171,6 @@ def _build_qlora(spec: StudentSpec) -> LoadedModel:
         base.source, quantization_config=quantization, device_map={"": 0}, cache_dir=hub_cache_dir()
     )  # the files load_model just fetched (a daemon's hub cache is in its data dir)
     if spec.keep_layers is not None:
-        prune_layers_(model, kept_layer_indices(model.config.num_hidden_layers, spec.keep_layers))
+        prune_layers_(model, kept_layer_indices(model.config.num_hidden_layers, spec.keep_layers, spec.spacing))
     model = _with_lora(prepare_model_for_kbit_training(model), spec.lora)
     return LoadedModel(ref=base.ref, model=model, tokenizer=base.tokenizer, source=base.source)

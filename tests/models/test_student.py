@@ -30,6 +30,17 @@ def test_kept_layers_are_evenly_spaced_with_first_and_last(total: int, keep: int
     assert kept_layer_indices(total, keep) == expected
 
 
+@pytest.mark.parametrize(
+    "total, keep, expected",
+    [(30, 10, [0, 1, 2, 4, 7, 10, 13, 18, 23, 29]), (30, 2, [0, 29]), (30, 30, list(range(30))), (5, 3, [0, 1, 4])],
+)
+def test_front_spacing_keeps_the_first_layers_and_widens_the_gaps(total: int, keep: int, expected: list[int]) -> None:
+    assert kept_layer_indices(total, keep, "front") == expected
+    for n in range(2, 31):  # any size: distinct, increasing, first and last kept
+        kept = kept_layer_indices(30, n, "front")
+        assert len(kept) == n and kept[0] == 0 and kept[-1] == 29 and sorted(set(kept)) == kept
+
+
 @pytest.mark.parametrize("keep", [0, 1, 31])
 def test_impossible_layer_counts(keep: int) -> None:
     with pytest.raises(ModelRefError, match="cannot keep"):
@@ -39,7 +50,13 @@ def test_impossible_layer_counts(keep: int) -> None:
 def test_parse_student_refs() -> None:
     assert parse_student_ref("prune:builtin:smollm2-135m:layers=10") == StudentSpec("builtin:smollm2-135m", 10)
     assert parse_student_ref("builtin:smollm2-135m") == StudentSpec("builtin:smollm2-135m")
-    for bad in ["prune:builtin:smollm2-135m", "prune:builtin:smollm2-135m:layers=x", "prune:builtin:nope:layers=3"]:
+    front = parse_student_ref("prune:builtin:smollm2-135m:layers=10:spacing=front")
+    assert front == StudentSpec("builtin:smollm2-135m", 10, spacing="front")
+    assert parse_student_ref("prune:builtin:smollm2-135m:layers=10:spacing=even").spacing == "even"
+    for bad in [
+        "prune:builtin:smollm2-135m", "prune:builtin:smollm2-135m:layers=x", "prune:builtin:nope:layers=3",
+        "prune:builtin:smollm2-135m:spacing=front", "prune:builtin:smollm2-135m:layers=10:spacing=back",
+    ]:  # fmt: skip
         with pytest.raises(ModelRefError):
             parse_student_ref(bad)
 
@@ -54,6 +71,9 @@ def test_pruned_student_keeps_layers_and_still_generates(tmp_path: Path) -> None
         assert torch.equal(model.model.layers[new].mlp.up_proj.weight, base.model.model.layers[old].mlp.up_proj.weight)
         assert model.model.layers[new].self_attn.layer_idx == new
     assert model.model.layers[0].mlp.up_proj.weight is not base.model.model.layers[0].mlp.up_proj.weight
+    front = build_student(parse_student_ref("prune:builtin:smollm2-135m:layers=10:spacing=front")).model
+    for new, old in [(0, 0), (3, 4), (7, 18), (9, 29)]:
+        assert torch.equal(front.model.layers[new].mlp.up_proj.weight, base.model.model.layers[old].mlp.up_proj.weight)
     assert torch.equal(model.lm_head.weight, base.model.lm_head.weight)
 
     tokenizer = student.tokenizer
