@@ -56,8 +56,8 @@ def main() -> int:
 
     from garden.collab.hivemind_patches import refresh_progress
     from garden.collab.trainer import make_optimizer
-    from garden.distill.checkpoints import write_json_atomic
     from garden.collab.worker import WorkerConfig
+    from garden.distill.checkpoints import write_json_atomic
     from garden.models.student import StudentSpec, build_student
 
     parser = argparse.ArgumentParser()
