@@ -47,6 +47,7 @@ from garden.net.transfer import ContentTransfer, TransferLimits
 from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator, ShardRecordValidator
 from garden.lifecycle import Service
 from garden.models.cache import use_data_dir
+from garden.models.loading import stop_conversions
 from garden.store import Store
 from garden.mission.leases import LeaseConfig, LeaseManager
 from garden.mission.shaking import MissionWork, WorkConfig
@@ -337,7 +338,11 @@ class Gardener:
 
     async def stop(self) -> None:
         """Leave the swarm politely: stop the services in the reverse order (the last one announces
-        ``offline``), then close this process's P2P handle."""
+        ``offline``), then close this process's P2P handle. A GGUF conversion still running ends first: it
+        could take minutes, and a thread waiting on it would hold up the exit."""
+        stopped = stop_conversions()
+        if stopped:
+            logger.info("stopped %d model conversion(s) in progress; the next start converts again", stopped)
         await self.supervisor.stop()
         await self.swarm.close_p2p()
 

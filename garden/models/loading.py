@@ -197,6 +197,51 @@ CONVERT_TIMEOUT = 1800.0
 """Seconds a conversion may take: the built-in model takes ~15 s on two cores, a 7B one minutes."""
 
 
+class _Conversions:
+    """The conversion children this process runs, so that a stopping daemon can end them: a conversion is
+    minutes for a large model, and neither the daemon's exit nor the child's own life should outlast the stop
+    (a child left running is an orphan writing into the cache)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[Any] = set()
+        self._stopped = False
+
+    def start(self, argv: list[str], output: Any) -> Any:
+        import subprocess
+
+        with self._lock:
+            if self._stopped:
+                raise ModelRefError("not converting: this process is stopping")
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+            self._running.add(child)
+            return child
+
+    def finished(self, child: Any) -> None:
+        with self._lock:
+            self._running.discard(child)
+
+    def stop(self) -> int:
+        """End every running conversion (its staging directory is left for the next one to clear) and refuse new
+        ones; returns how many were ended."""
+        with self._lock:
+            self._stopped = True
+            running = list(self._running)
+        for child in running:
+            with contextlib.suppress(OSError):
+                child.kill()
+        return len(running)
+
+
+_conversions = _Conversions()
+
+
+def stop_conversions() -> int:
+    """End this process's GGUF conversions and refuse new ones (a daemon's stop calls it): the threads waiting on
+    them get a :class:`ModelRefError` at once. Returns how many were running."""
+    return _conversions.stop()
+
+
 def _convert_in_child(gguf: Path, out: Path) -> None:
     """Convert in a process of its own (``garden.models.convert``). Reading a GGUF is seconds of pure-Python
     parsing that holds the GIL: in a daemon's thread it starved the event loop (``/health`` answered in
@@ -206,17 +251,21 @@ def _convert_in_child(gguf: Path, out: Path) -> None:
     import tempfile
 
     with tempfile.TemporaryFile() as output:
+        child = _conversions.start([sys.executable, "-m", "garden.models.convert", str(gguf), str(out)], output)
         try:
-            done = subprocess.run(
-                [sys.executable, "-m", "garden.models.convert", str(gguf), str(out)],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, timeout=CONVERT_TIMEOUT,
-            )  # fmt: skip
+            returncode = child.wait(timeout=CONVERT_TIMEOUT)
         except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
             raise ModelRefError(f"converting {gguf} took over {CONVERT_TIMEOUT:.0f} s; gave up") from None
-        if done.returncode != 0:
+        finally:
+            _conversions.finished(child)
+        if returncode < 0:
+            raise ModelRefError(f"converting {gguf} was stopped (signal {-returncode})")
+        if returncode != 0:
             output.seek(0)
             tail = output.read().decode(errors="replace").strip().splitlines()[-5:]
-            raise ModelRefError(f"cannot convert {gguf} (exit {done.returncode}): " + " / ".join(tail)[-600:])
+            raise ModelRefError(f"cannot convert {gguf} (exit {returncode}): " + " / ".join(tail)[-600:])
 
 
 def convert_gguf_here(gguf: Path, out: Path) -> None:

@@ -3,18 +3,19 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 
 - ``nan`` (default): every gradient it sends is NaN (and so, after its own updates, is every parameter it offers);
 - ``huge``: every gradient it sends is finite but a million times the size of an honest one;
-- ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum), and so
-  are its parameters in every state averaging round (two chances a round to meet an honest reducer: in a swarm
-  test it takes one or two steps, and its one gradient round may hold only the other attackers);
+- ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum);
 - ``epoch``: it claims epoch ``--claim`` (default 1000) in the progress record and as its state's priority and
   label, and offers parameters a thousand times too large; it takes no steps;
 - ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
 
+``--every-round`` (with ``weight``) takes no optimizer steps: it offers random gradients with its weight of 1e30
+in gradient rounds back to back, until stopped, so that it is looking for a group whenever the honest trainers
+average (a trainer that steps joins one round an epoch at most, and on two loaded cores its own timeouts made it
+miss all but one or two: a test saw it meet no honest peer at all). Its status counts the ``rounds`` it tried;
+each line of its log says how one ended (a round with honest peers ends in an error here: they refuse its part).
+
 ``--lying-reducer`` adds a million times the average of every part it reduces; ``--robust`` installs garden's
-checks of others' claims in it (so that another attacker's epoch claim does not derail it); ``--keep-up`` takes
-the swarm's epoch whenever it is ahead, without downloading the state, so that every epoch's rounds meet this
-trainer (its own failed rounds would otherwise leave it an epoch behind each time, and a state download takes
-longer than the swarm's epoch).
+checks of others' claims in it (so that another attacker's epoch claim does not derail it).
 
 Run as ``python tests/collab/hostile_trainer.py [--attack MODE] CONFIG.json`` with a worker's configuration; it
 writes ``{"peer_id": ..., "steps": ..., "epoch": ...}`` to the status path and runs until SIGTERM or
@@ -66,9 +67,8 @@ def main() -> int:
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between steps (an honest worker's pace)")
     parser.add_argument("--robust", action="store_true", help="install garden's checks of the others' claims")
     parser.add_argument("--lying-reducer", action="store_true", help="return 10^6 x the average of what it reduces")
-    parser.add_argument("--keep-up", action="store_true",
-                        help="when the swarm's epoch is ahead, take it without downloading the state (a liar has no "
-                             "use for it): every epoch's rounds meet this trainer")
+    parser.add_argument("--every-round", action="store_true",
+                        help="with --attack weight: no steps, gradient rounds back to back until stopped")
     parser.add_argument("--after-trainers", type=int, default=0,
                         help="take no step and claim nothing before this many trainers are in the swarm")
     parser.add_argument("--peers-file", type=Path, default=None,
@@ -112,8 +112,7 @@ def main() -> int:
     dht = DHT(initial_peers=initial_peers, host_maddrs=config.host_maddrs, start=True)
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = make_optimizer(dht, config.mission_id, params, collab)
-    steps = 0
-    rounds = 0
+    steps = rounds = 0
     if args.attack in ("weight", "mixed"):
         honest_step = opt.grad_averager.step
 
@@ -124,18 +123,6 @@ def main() -> int:
             return honest_step(*step_args, **{**kwargs, **heavy})
 
         opt.grad_averager.step = heavy_step  # this instance only: the weight its gradients are sent with
-    if args.attack == "weight":
-        honest_state_step = opt.state_averager.step
-
-        def heavy_state_step(*step_args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("averaging_round"):
-                if kwargs.get("averaging_control") is not None:  # pre-scheduled: its weight is still writable
-                    kwargs["averaging_control"].weight = 1e30
-                else:
-                    kwargs["averaging_opts"] = {**(kwargs.get("averaging_opts") or {}), "weight": 1e30}
-            return honest_state_step(*step_args, **kwargs)
-
-        opt.state_averager.step = heavy_state_step
 
     def report(epoch: int) -> None:
         status = {"peer_id": dht.peer_id.to_base58(), "steps": steps, "rounds": rounds, "epoch": epoch,
@@ -154,11 +141,18 @@ def main() -> int:
             while not stop.wait(5.0):
                 opt.tracker.report_local_progress(args.claim, 1)  # keeps its entry fresh
                 report(args.claim)
+        while args.every_round and args.attack == "weight" and not stop.is_set():
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.grad_averager.accumulate_grads_(batch_size=1)
+            rounds += 1
+            try:  # retries matchmaking within the timeout: whatever group forms, it is in it
+                honest_step(weight=1e30, timeout=collab.matchmaking_time + collab.averaging_timeout)
+                print(f"round {rounds}: averaged", flush=True)
+            except Exception as e:  # no group, or a round whose honest peers refused its part: the next one
+                print(f"round {rounds}: {e!r}", flush=True)
+            report(opt.local_epoch)
         while not stop.is_set() and opt.local_epoch < collab.max_epochs:
-            if args.keep_up and opt.tracker.global_epoch > opt.local_epoch:
-                # hivemind would download a state first (seconds, and the swarm moves on meanwhile): a trainer
-                # whose rounds fail falls behind every epoch and may never meet an honest peer again
-                opt.state_averager.local_epoch = opt.tracker.global_epoch
             for p in params:
                 if args.attack == "nan":
                     p.grad = torch.full_like(p, float("nan"))

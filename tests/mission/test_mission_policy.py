@@ -4,6 +4,7 @@ missions past their end."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -115,6 +116,31 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory, tmp_path: Pa
         wait_until(lambda m=mission_id: careless.get(f"/missions/{m}").status_code == 200, 30, 0.5, "known")
         assert "is a path on this machine" in careless.get(f"/missions/{mission_id}").json()["not_worked_on"]
     assert all(d.get("/health").status_code == 200 for d in (lead, volunteer, careless))
+
+
+def test_a_peer_stopped_while_converting_its_student_exits_at_once(daemons: DaemonFactory) -> None:
+    """A trainer measures a new mission's student by converting its GGUF (a child, seconds to minutes): a stop in
+    the middle ends that child and the daemon within the clean stop's bound, leaving no conversion behind."""
+    import psutil
+
+    lead = daemons.start("--roles", "trainer")
+    peer = daemons.start("--roles", "trainer", "--join", lead.join_addr)  # a cache of its own: it converts
+    assert lead.request("POST", "/missions", json=body(name="converting")).status_code == 201
+
+    def converting() -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process(peer.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a child that ended meanwhile
+                if "garden.models.convert" in " ".join(child.cmdline()):
+                    found.append(child)
+        return found
+
+    (child,) = wait_until(converting, 60, 0.1, "the peer converts the student")
+    started = time.monotonic()
+    assert peer.stop() == 0  # fails past 10 s
+    print(f"stopped {time.monotonic() - started:.1f} s after the signal")
+    assert not psutil.pid_exists(child.pid), child
+    assert "stopped 1 model conversion(s) in progress" in peer.stderr()
 
 
 def test_a_peer_drops_missions_past_their_end(daemons: DaemonFactory) -> None:

@@ -161,6 +161,43 @@ def test_interrupted_conversion_is_redone(tmp_path: Path, cache: Path) -> None:
     assert models.converted_gguf(gguf, root) == root / done.name
 
 
+def test_stopping_ends_a_running_conversion_and_refuses_new_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's stop ends the conversion child at once (it may run for minutes) and no other starts: the thread
+    that waited on it, and any that wait on its lock, get a clear error; nothing half-written counts as done."""
+    import threading
+    import time
+
+    import psutil
+
+    monkeypatch.setattr(models, "_conversions", models._Conversions())  # this test's own: the flag is for life
+    gguf, root = models.builtin_gguf("smollm2-135m"), tmp_path / "gguf"
+    errors: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            models.converted_gguf(gguf, root)
+        except ModelRefError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=convert)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not models._conversions._running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (child,) = models._conversions._running
+    assert models.stop_conversions() == 1
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert not psutil.pid_exists(child.pid) or psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+    assert len(errors) == 1 and "was stopped" in str(errors[0]), errors
+    assert not (root / models.file_sha256(gguf) / "config.json").exists()
+    with pytest.raises(ModelRefError, match="this process is stopping"):
+        models.converted_gguf(gguf, root)
+    assert models.stop_conversions() == 0
+
+
 def test_non_causal_lm_is_refused(tmp_path: Path) -> None:
     from transformers import DistilBertConfig, DistilBertModel
 
