@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,9 @@ from garden.lifecycle import watch_parent
 from garden.protocol.mission_spec import StudentSection
 from garden.collab.trainer import CollabConfig, TrainStatus
 from garden.distill.checkpoints import RunDir, write_json_atomic
+
+if TYPE_CHECKING:
+    from garden.models.student import StudentSpec
 
 logger = logging.getLogger("garden.collab.worker")
 
@@ -142,6 +145,18 @@ class _Stop:
         self.event.set()
 
 
+def student_spec(section: StudentSection, seed: int) -> StudentSpec:
+    """The ``garden.models.student.StudentSpec`` of a mission's ``[student]``: its base pruned as it says (layers
+    and their spacing), with a LoRA adapter whose initial weights come from ``seed`` (the same on every peer)."""
+    from garden.models.student import LoraSpec, StudentSpec
+
+    lora = None
+    if section.lora is not None:
+        options = section.lora.model_dump()
+        lora = LoraSpec(**{**options, "target_modules": tuple(options["target_modules"])}, seed=seed)
+    return StudentSpec(base=section.base, keep_layers=section.keep_layers, lora=lora, spacing=section.spacing)
+
+
 def _peer_seed(peer_id: str) -> int:
     return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "big")
 
@@ -208,7 +223,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
     from garden.store import RowFeed
     from garden.collab import hivemind_patches, robust
     from garden.collab.trainer import CollabTrainer, make_optimizer
-    from garden.models.student import LoraSpec, StudentSpec, build_student
+    from garden.models.student import build_student
 
     if config.max_threads:
         torch.set_num_threads(config.max_threads)
@@ -248,12 +263,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
     feed: RowFeed | None = None
     trainer: CollabTrainer | None = None
     try:
-        spec = config.student
-        lora = None
-        if spec.lora is not None:
-            options = spec.lora.model_dump()
-            lora = LoraSpec(**{**options, "target_modules": tuple(options["target_modules"])}, seed=collab.seed)
-        student = build_student(StudentSpec(base=spec.base, keep_layers=spec.keep_layers, lora=lora))
+        student = build_student(student_spec(config.student, collab.seed))
         feed = RowFeed(config.store_path, config.mission_id, split="train" if config.hold_out else "all")
         peer_id = dht.peer_id.to_base58()
         trainer = CollabTrainer(

@@ -83,6 +83,14 @@ def parse_student_ref(text: str, lora: LoraSpec | None = None) -> StudentSpec:
     return StudentSpec(base=base, keep_layers=int(value), lora=lora, spacing=spacing)  # type: ignore[arg-type]
 
 
+def student_reference(base: str, keep_layers: int | None = None, spacing: LayerSpacing = "even") -> str:
+    """The reference :func:`parse_student_ref` reads back: ``base`` itself, or ``prune:<base>:layers=N``, with
+    ``:spacing=front`` when the spacing is not even (a mission's student section, as one model reference)."""
+    if keep_layers is None:
+        return base
+    return f"{PRUNE_SCHEME}{base}:layers={keep_layers}" + ("" if spacing == "even" else f":spacing={spacing}")
+
+
 def kept_layer_indices(total: int, keep: int, spacing: LayerSpacing = "even") -> list[int]:
     """``keep`` indices in ``range(total)``, first and last included: evenly spaced, or (``front``) each kept
     layer ``i`` moved back by ``(total - keep) * (i / (keep - 1)) ** FRONT_POWER``, so that the first layers are

@@ -69,9 +69,22 @@ class LoraSection(_Section):
 
 
 class StudentSection(_Section):
+    """:param keep_layers: prune the base to this many decoder layers, first and last included
+    :param spacing: which layers a pruned student keeps (``garden.models.student.kept_layer_indices``): ``even``
+        spacing, or ``front``, nearly all the first ones (measured in docs/training.md). Left out of the
+        canonical encoding while ``even`` (:data:`OMITTED_AT_DEFAULT`), so missions signed before the key keep
+        their hash"""
+
     base: ModelRefText
     keep_layers: int | None = Field(default=None, ge=1, le=1024)
+    spacing: Literal["even", "front"] = "even"
     lora: LoraSection | None = None
+
+    @model_validator(mode="after")
+    def _spacing_prunes(self) -> StudentSection:
+        if self.spacing != "even" and self.keep_layers is None:
+            raise ValueError(f"spacing = {self.spacing!r} chooses the layers a pruned student keeps: set keep_layers")
+        return self
 
 
 class SamplingSection(_Section):
@@ -296,6 +309,7 @@ class TrainSection(SwarmSettings):
 
 
 OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {
+    "student": ("spacing",),
     "train": ("min_trainers", "freeze_embeddings"),
     "sampling": ("verify_fraction",),
 }

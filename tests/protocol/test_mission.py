@@ -309,6 +309,34 @@ def test_freeze_embeddings_is_off_unless_set_and_leaves_the_id_alone_when_unset(
             load_mission_toml(path, BUILTIN)
 
 
+def test_student_spacing_is_even_unless_set_needs_pruning_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
+    from garden.models.student import SPACINGS, parse_student_ref, student_reference
+
+    spec = load_mission_toml(EXAMPLE, BUILTIN).spec
+    assert spec.student.spacing == "even" and b"spacing" not in spec.canonical()
+    assert spec.sha256 == EXAMPLE_SPEC_SHA256  # missions signed before the key existed keep their ids
+    pruned = MINIMAL + "keep_layers = 10\n"
+    unset = load_mission_toml(write_mission(tmp_path / "unset", pruned), BUILTIN)
+    even = load_mission_toml(write_mission(tmp_path / "even", pruned + 'spacing = "even"\n'), BUILTIN)
+    assert even.spec.canonical() == unset.spec.canonical()
+    front = load_mission_toml(write_mission(tmp_path / "front", pruned + 'spacing = "front"\n'), BUILTIN).spec
+    assert front.student.spacing == "front" and front.sha256 != unset.spec.sha256
+    assert MissionSpec.from_canonical(front.canonical()) == front
+    # the one model reference the trainers, the vouching lead and the student record build from it
+    ref = student_reference(front.student.base, front.student.keep_layers, front.student.spacing)
+    assert ref == "prune:builtin:smollm2-135m:layers=10:spacing=front"
+    assert parse_student_ref(ref).spacing == "front" and parse_student_ref(ref).keep_layers == 10
+    from garden.collab.worker import student_spec  # and the trainers' worker
+
+    assert student_spec(front.student, seed=0) == parse_student_ref(ref)
+    assert student_reference("builtin:smollm2-135m") == "builtin:smollm2-135m"
+    assert set(SPACINGS) == {"even", "front"}  # the mission's choices are the student builder's
+    with pytest.raises(MissionSpecError, match="student: .*set keep_layers"):
+        load_mission_toml(write_mission(tmp_path / "alone", MINIMAL + 'spacing = "front"\n'), BUILTIN)
+    with pytest.raises(MissionSpecError, match="student.spacing: Input should be 'even' or 'front'"):
+        load_mission_toml(write_mission(tmp_path / "bad", pruned + 'spacing = "back"\n'), BUILTIN)
+
+
 def test_id_covers_everything_signed(lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> None:
     draft = load_mission_toml(EXAMPLE, BUILTIN)
     base = sign_mission(draft, lead, now=NOW).mission_id
