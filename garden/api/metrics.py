@@ -71,6 +71,15 @@ class GardenerCollector(Collector):
         for kind, count in counters.mission_index_reads.items():
             index_reads.add_metric([kind], count)
         yield index_reads
+        nudges = CounterMetricFamily(
+            "garden_nudges",
+            "Nudges (look at the DHT now): sent (peers that answered this lead's), acted (another peer's made this "
+            "one look), ignored (within a second of an acted one), refused (unknown topic, extra bytes).",
+            labels=["outcome"],
+        )
+        for outcome, count in counters.nudges.items():
+            nudges.add_metric([outcome], count)
+        yield nudges
         lag = g.loop_lag.snapshot()
         yield HistogramMetricFamily(
             "garden_event_loop_lag_seconds",

@@ -34,6 +34,7 @@ from garden.host.governor import Governor
 from garden.host.idle import IdleConfig
 from garden.host.capabilities import MachineInfo, choose_roles, machine_load, probe_machine
 from garden.net.directory import PeerDirectory
+from garden.net.nudge import Nudges
 from garden.net.identity import Identity, load_or_create_identity
 from garden.net.reach import Reach, ReachResponder, RelayLimits, assess, loopback_only, plan
 from garden.net.swarm import Swarm, SwarmConfig
@@ -41,7 +42,7 @@ from garden.protocol.invite import PEER_MADDR
 from garden.protocol.keys import DHTKeys
 from garden.protocol.records import PeerInfo, PeerState, Role
 from garden.protocol.serve_spec import parse_serve_spec
-from garden.mission.book import MissionBook, MissionPolicy
+from garden.mission.book import NUDGE_TOPIC, MissionBook, MissionPolicy
 from garden.mission.replication import RowSetKeeper
 from garden.net.transfer import ContentTransfer, TransferLimits
 from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator, ShardRecordValidator
@@ -93,6 +94,8 @@ class PeerCounters:
     :param missions_ignored: valid missions of other leads not kept now, by reason (over the lead's cap, too old)
     :param mission_index_reads: reads of the mission index, by kind: ``heads`` (every refresh, small) and ``full``
         (when a lead's head changed, or a minute passed)
+    :param nudges: nudges (``garden.net.nudge``) by outcome: ``sent`` (peers that answered this lead's), ``acted``
+        (another peer's that made this one look), ``ignored`` (within a second of an acted one), ``refused``
     """
 
     dht_requests: dict[tuple[str, str], int]
@@ -100,6 +103,7 @@ class PeerCounters:
     invalid_mission_records: dict[str, int]
     missions_ignored: dict[str, int]
     mission_index_reads: dict[str, int]
+    nudges: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,9 @@ class Gardener:
             self.store, swarm, keys, identity.private_key, identity.peer_id, settings.announce_period, self.transfer,
             policy,
         )  # fmt: skip
+        self.nudges = Nudges(swarm, namespace=keys.swarm)
+        self.nudges.on(NUDGE_TOPIC, self.missions.look)
+        self.missions.on_change = self._nudge_about_missions
         self.checkpoints = CheckpointSharing(
             swarm, keys, identity.private_key, identity.peer_id, self.transfer,
             train_root=self.data_dir.train, pulled_root=self.data_dir.pulled_checkpoints,
@@ -261,10 +268,16 @@ class Gardener:
         self.contribution = LedgerKeeper(self.ledger, self.inference)
         self.loop_lag = LoopLag()
         self.supervisor = Supervisor(
-            [self.loop_lag, self.transfer, self.reach_checks, self.directory, self.missions, self.work, self.training,
+            [self.loop_lag, self.transfer, self.reach_checks, self.nudges, self.directory, self.missions, self.work,
+             self.training,
              self.inference, self.disk, self.contribution, self.vouching, self.students]
         )  # fmt: skip
         self.started_at = time.time()
+
+    async def _nudge_about_missions(self) -> None:
+        """A mission or cancel of this lead is in the DHT: the peers this one knows look now, not at their period."""
+        told = await self.nudges.send(NUDGE_TOPIC, [entry.info.peer_id for entry in self.directory.known])
+        logger.debug("nudged %d peer(s) about this peer's missions", told)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -410,6 +423,8 @@ class Gardener:
             },  # fmt: skip
             missions_ignored=dict(sorted(Counter(self.missions.ignored.values()).items())),
             mission_index_reads=dict(sorted(self.missions.index_reads.items())),
+            nudges={"acted": self.nudges.acted, "ignored": self.nudges.ignored, "refused": self.nudges.refused,
+                    "sent": self.nudges.sent},  # fmt: skip
         )
 
     def child_pids(self) -> list[int]:

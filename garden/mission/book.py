@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 REFRESH_PERIOD = 5.0
 """Longest wait between reads of the ``missions/heads`` key (and of ``missions`` when a head changed): a new
 mission or cancel reaches every peer within it."""
+NUDGE_TOPIC = "missions"
+"""The topic (``garden.net.nudge``) a lead nudges its peers about after it stored a new mission or a cancel: they
+read the heads at once (:meth:`MissionBook.look`)."""
 INDEX_FULL_READ_PERIOD = 60.0
 """Longest wait between whole reads of ``missions`` while no lead's head changes: the net for a head lost or
 late in the DHT, and for the missions of leads that left (renewed by others, they change no more)."""
@@ -166,8 +169,13 @@ class MissionBook(Service):
         self._read_again = False  # a head changed at the last whole read: read once more (a store in flight)
         self._renewed: dict[str, tuple[float, bool]] = {}  # mission id -> (monotonic time, with its cancel) stored
         self._wake = asyncio.Event()
+        self._look = asyncio.Event()  # read the index now (another peer nudged: it changed its head)
         self.news = asyncio.Event()
         """Set when a mission becomes known, gets its prompts or is cancelled: the work loop reacts at once."""
+        self.on_change: Callable[[], Awaitable[Any]] | None = None
+        """Called (in a task of its own) once this peer, as a lead, stored a new mission or a cancel and its head:
+        the daemon nudges the peers it knows (``garden.net.nudge``), so they look at once, not at their period."""
+        self._telling: set[asyncio.Task[Any]] = set()
         self._load()
 
     # --- local state --------------------------------------------------------------------------------
@@ -305,6 +313,18 @@ class MissionBook(Service):
         """Announce soon (e.g. after storing a row set), instead of at the next period."""
         self._wake.set()
 
+    def look(self) -> None:
+        """Read the missions' heads now (a lead nudged this peer), instead of at the next refresh; announces
+        nothing."""
+        self._look.set()
+
+    def _tell(self) -> None:
+        if self.on_change is None:
+            return
+        task = asyncio.create_task(self.on_change(), name="garden-missions-nudge")
+        self._telling.add(task)  # kept until done: a task nobody holds may be collected mid-flight
+        task.add_done_callback(self._telling.discard)
+
     # --- what the lead does ---------------------------------------------------------------------------
     async def publish(self, draft: MissionDraft) -> Mission:
         """Sign ``draft`` with this peer's key (this peer becomes the lead), keep it, and publish it. A lead
@@ -320,6 +340,8 @@ class MissionBook(Service):
         await self._keep_prompts(mission, draft.prompts)
         if not await self.announce(mission) or not await self.announce_head():
             logger.warning("mission %s is kept here, but the DHT did not take it yet; retrying", signed.mission_id)
+        else:
+            self._tell()
         return mission
 
     async def cancel(self, mission_id: str, reason: str = "") -> Mission:
@@ -331,8 +353,8 @@ class MissionBook(Service):
         if mission.cancel is None:
             raw = sign_cancel(mission.id, self._private_key, reason=reason)
             await self._keep_cancel(mission, raw, open_cancel(raw, mission.signed))
-        await self.announce(mission)
-        await self.announce_head()
+        if await self.announce(mission) and await self.announce_head():
+            self._tell()
         return mission
 
     # --- the DHT ------------------------------------------------------------------------------------
@@ -521,6 +543,7 @@ class MissionBook(Service):
         last_announce = -float("inf")
         while not stop.is_set():
             started = time.monotonic()
+            self._look.clear()
             try:
                 await self.refresh()
                 if await self.sweep():
@@ -533,7 +556,8 @@ class MissionBook(Service):
                     await self.announce_head()
             except Exception:  # one bad round must not end the loop; the next one retries
                 logger.exception("mission refresh failed")
-            await wait_any((stop, self._wake), timeout=max(0.0, refresh_period - (time.monotonic() - started)))
+            await wait_any((stop, self._wake, self._look),
+                           timeout=max(0.0, refresh_period - (time.monotonic() - started)))  # fmt: skip
 
     # --- serving content to other peers ---------------------------------------------------------------
     async def content(self, ref: ContentRef) -> bytes | None:

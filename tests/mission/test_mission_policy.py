@@ -118,14 +118,19 @@ def test_caps_trusted_leads_and_local_paths(daemons: DaemonFactory, tmp_path: Pa
     assert all(d.get("/health").status_code == 200 for d in (lead, volunteer, careless))
 
 
-def test_a_peer_stopped_while_converting_its_student_exits_at_once(daemons: DaemonFactory) -> None:
-    """A trainer measures a new mission's student by converting its GGUF (a child, seconds to minutes): a stop in
-    the middle ends that child and the daemon within the clean stop's bound, leaving no conversion behind."""
+def test_a_nudged_peer_stopped_while_converting_its_student_exits_at_once(daemons: DaemonFactory) -> None:
+    """The lead of a new mission nudges the peers it knows, which look at once. A trainer measures a new mission's
+    student by converting its GGUF (a child, seconds to minutes): a stop in the middle ends that child and the
+    daemon within the clean stop's bound, leaving no conversion behind."""
     import psutil
 
     lead = daemons.start("--roles", "trainer")
     peer = daemons.start("--roles", "trainer", "--join", lead.join_addr)  # a cache of its own: it converts
+    wait_until(lambda: metric(lead, "garden_peers_seen") == 2, 30, 0.2, "the lead knows the peer")
     assert lead.request("POST", "/missions", json=body(name="converting")).status_code == 201
+    # the lead nudged the peer, which looked at once (not at its next read of the missions' heads)
+    wait_until(lambda: metric(lead, 'garden_nudges_total{outcome="sent"}') == 1, 30, 0.2, "the peer nudged")
+    assert metric(peer, 'garden_nudges_total{outcome="acted"}') == 1
 
     def converting() -> list[psutil.Process]:
         found = []
