@@ -26,6 +26,16 @@ from garden.mission.training import TrainingSnapshot
 from garden.net.transfer import TransferSnapshot
 
 
+def by_label(
+    family: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, doc: str, label: str, counts: dict[str, int]
+) -> Metric:
+    """One metric with a sample per ``counts`` key, that key as its one label."""
+    metric = family(name, doc, labels=[label])
+    for value, count in counts.items():
+        metric.add_metric([value], count)
+    return metric
+
+
 class GardenerCollector(Collector):
     """Reads the services' snapshots at each scrape; it touches no service's internals."""
 
@@ -50,36 +60,17 @@ class GardenerCollector(Collector):
             "Invalid peer records refused or ignored.",
             value=counters.invalid_peer_records,
         )
-        invalid = CounterMetricFamily(
-            "garden_invalid_mission_records", "Invalid mission-related records refused or ignored.", labels=["kind"]
-        )
-        for kind, count in counters.invalid_mission_records.items():
-            invalid.add_metric([kind], count)
-        yield invalid
-        ignored = GaugeMetricFamily(
-            "garden_missions_ignored", "Valid missions of other leads not kept now, by reason.", labels=["reason"]
-        )
-        for reason, count in counters.missions_ignored.items():
-            ignored.add_metric([reason], count)
-        yield ignored
-        index_reads = CounterMetricFamily(
-            "garden_mission_index_reads",
-            "Reads of the mission index: heads (every refresh, a few hundred bytes a lead) and full (when a head "
-            "changed, or a minute passed).",
-            labels=["kind"],
-        )
-        for kind, count in counters.mission_index_reads.items():
-            index_reads.add_metric([kind], count)
-        yield index_reads
-        nudges = CounterMetricFamily(
-            "garden_nudges",
-            "Nudges (look at the DHT now): sent (peers that answered this lead's), acted (another peer's made this "
-            "one look), ignored (within a second of an acted one), refused (unknown topic, extra bytes).",
-            labels=["outcome"],
-        )
-        for outcome, count in counters.nudges.items():
-            nudges.add_metric([outcome], count)
-        yield nudges
+        yield by_label(CounterMetricFamily, "garden_invalid_mission_records",
+                       "Invalid mission-related records refused or ignored.", "kind", counters.invalid_mission_records)
+        yield by_label(GaugeMetricFamily, "garden_missions_ignored",
+                       "Valid missions of other leads not kept now, by reason.", "reason", counters.missions_ignored)
+        yield by_label(CounterMetricFamily, "garden_mission_index_reads",
+                       "Reads of the mission index: heads (every refresh, a few hundred bytes a lead) and full (when "
+                       "a head changed, or a minute passed).", "kind", counters.mission_index_reads)
+        yield by_label(CounterMetricFamily, "garden_nudges",
+                       "Nudges (look at the DHT now): sent (peers that answered this lead's), acted (another peer's "
+                       "made this one look), ignored (within a second of an acted one), refused (unknown topic, "
+                       "extra bytes).", "outcome", counters.nudges)  # fmt: skip
         lag = g.loop_lag.snapshot()
         yield HistogramMetricFamily(
             "garden_event_loop_lag_seconds",
