@@ -269,8 +269,7 @@ class Gardener:
         self.loop_lag = LoopLag()
         self.supervisor = Supervisor(
             [self.loop_lag, self.transfer, self.reach_checks, self.nudges, self.directory, self.missions, self.work,
-             self.training,
-             self.inference, self.disk, self.contribution, self.vouching, self.students]
+             self.training, self.inference, self.disk, self.contribution, self.vouching, self.students]
         )  # fmt: skip
         self.started_at = time.time()
 
