@@ -353,7 +353,8 @@ class MissionBook(Service):
         if mission.cancel is None:
             raw = sign_cancel(mission.id, self._private_key, reason=reason)
             await self._keep_cancel(mission, raw, open_cancel(raw, mission.signed))
-        if await self.announce(mission) and await self.announce_head():
+        announced = await self.announce(mission)
+        if await self.announce_head() and announced:  # the head is stored even when the record was not
             self._tell()
         return mission
 
