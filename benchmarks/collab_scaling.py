@@ -8,8 +8,12 @@ What is measured, and why:
   second as one. Real trainer workers (``python -m garden.collab.worker``, ``--max-threads 1``
   each, on one machine) train the same student on the same rows in ``sync`` mode; the rate is counted
   from the workers' status files over a window that starts once every peer has passed its first epoch
-  (start-up, model load and the first matchmaking left out) and lasts ``--window`` seconds. Target:
-  ``speedup_2_over_1`` >= 1.8.
+  (start-up, model load and the first matchmaking left out) and lasts ``--window`` seconds. The two peers
+  hold the parameter round every ``--average-state-every`` epochs (the mission's ``average_state_every``, 4
+  here), and once more every epoch (``speedup_2_over_1_state_every_epoch``: missions that do not set it).
+  Target: ``speedup_2_over_1`` >= 1.8. ``cpu_s_per_row`` splits each run's CPU into the workers' training
+  and their children's (averagers, DHT, ``p2pd``); ``cpu_bound_2_over_1`` is what two peers could reach on
+  this machine's cores were no one ever waiting: the cores over the CPU a row costs with two peers.
 - **bytes per row**: what averaging costs the network, from each worker's ``bytes_sent`` (every
   averaging message its averagers sent: parts to reducers, averaged parts back, state to late joiners),
   summed over both peers and divided by the rows both trained over whole epochs (8 for the two sync
@@ -67,6 +71,21 @@ def shake_rows(path: Path, prompts: int) -> int:
     return len(rows)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds so far (user + system) of a worker's own process (its training, in one torch thread) and of
+    its children (hivemind's averagers, its DHT, ``p2pd``: what averaging costs the machine)."""
+    import psutil
+
+    worker = psutil.Process(pid)
+    others = 0.0
+    for child in worker.children(recursive=True):
+        try:
+            others += sum(child.cpu_times()[:2])
+        except psutil.Error:  # gone meanwhile
+            pass
+    return sum(worker.cpu_times()[:2]), others
+
+
 def run_configuration(
     name: str, peers: int, base: Path, student: str, store: Path, bootstrap: list[str], window: float | None = None,
     epochs: int | None = None, **collab: Any,
@@ -88,6 +107,7 @@ def run_configuration(
                 raise RuntimeError(f"{name}: workers did not pass epoch 1:\n" + workers[0].log()[-3000:])
             time.sleep(1.0)
         start = [w.status() for w in workers]
+        cpu_start = [cpu_seconds(w.proc.pid) for w in workers]
         t0 = time.monotonic()
         if epochs is not None:
             goal = 1 + epochs
@@ -99,18 +119,52 @@ def run_configuration(
             time.sleep(window or 60.0)
         end = [w.status() for w in workers]
         elapsed = time.monotonic() - t0
+        cpu_end = [cpu_seconds(w.proc.pid) for w in workers]
     finally:
         orphans = factory.close()
     rows = sum(e["samples"] - s["samples"] for s, e in zip(start, end, strict=True))
     sent = sum(e["bytes_sent"] - s["bytes_sent"] for s, e in zip(start, end, strict=True))
     epochs = min(e["epoch"] - s["epoch"] for s, e in zip(start, end, strict=True))
+    training, others = (sum(e[i] - s[i] for s, e in zip(cpu_start, cpu_end, strict=True)) for i in (0, 1))
     result = {
         "name": name, "peers": peers, "settings": collab, "window_s": round(elapsed, 1), "rows": rows,
         "rows_per_s": round(rows / elapsed, 3), "epochs_in_window": epochs, "bytes_sent": sent,
-        "bytes_per_row": round(sent / rows, 1) if rows else None, "orphans": orphans,
+        "bytes_per_row": round(sent / rows, 1) if rows else None,
+        "cpu_s_per_row": {"training": round(training / rows, 4), "averaging": round(others / rows, 4)}
+        if rows else None,
+        "orphans": orphans,
     }  # fmt: skip
     log(f"{name}: {json.dumps(result)}")
     return result
+
+
+def scaling(args: argparse.Namespace, tmp: Path, bootstrap: list[str], common: dict[str, Any]) -> dict[str, Any]:
+    """One peer alone, then two with the parameter round every ``--average-state-every`` epochs (the figure) and
+    two with it every epoch (hivemind's default, as missions that do not set it train). One peer never
+    averages, so one run of it serves both."""
+    def run(name: str, peers: int, state_every: int) -> dict[str, Any]:
+        return run_configuration(
+            name, peers, tmp, args.student, tmp / "garden.sqlite3", bootstrap, args.window,
+            target_batch_size=args.target_batch_size, average_state_every=state_every, **common,
+        )  # fmt: skip
+
+    runs = [run("scaling_1", 1, args.average_state_every), run("scaling_2", 2, args.average_state_every)]
+    if args.average_state_every != 1:
+        runs.append(run("scaling_2_state_every_epoch", 2, 1))
+    one = runs[0]["rows_per_s"]
+    report: dict[str, Any] = {
+        "scaling": runs, "speedup_2_over_1": round(runs[1]["rows_per_s"] / one, 3) if one else None,
+        "target_speedup": TARGET_SPEEDUP,
+    }  # fmt: skip
+    if len(runs) > 2:
+        report["speedup_2_over_1_state_every_epoch"] = round(runs[2]["rows_per_s"] / one, 3) if one else None
+    # the most two peers on this machine's cores could reach, were their rounds free of waiting: the cores' seconds
+    # over the CPU seconds a row costs with two peers (training, and the averaging that shares those cores)
+    two = runs[1]["cpu_s_per_row"]
+    if one and two and runs[0]["cpu_s_per_row"]:
+        cores = min(2, os.cpu_count() or 1)
+        report["cpu_bound_2_over_1"] = round(cores / (two["training"] + two["averaging"]) / one, 3)
+    return report
 
 
 def main() -> int:
@@ -120,6 +174,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--target-batch-size", type=int, default=32, help="for the scaling runs")
+    parser.add_argument("--average-state-every", type=int, default=4,
+                        help="the scaling runs: sync mode's parameter round at every this many epochs")
     parser.add_argument("--local-steps", type=int, default=64, help="local mode: steps per peer between averagings")
     parser.add_argument("--window", type=float, default=60.0, help="seconds counted per configuration")
     parser.add_argument("--skip-bytes", action="store_true", help="only the scaling runs")
@@ -139,17 +195,8 @@ def main() -> int:
         try:
             bootstrap = [daemons.start("--roles", "trainer").join_addr]
             common = {"batch_size": args.batch_size, "lr": 1e-4}
-            runs = []
-            for peers in () if args.skip_scaling else (1, 2):
-                runs.append(run_configuration(
-                    f"scaling_{peers}", peers, tmp, args.student, tmp / "garden.sqlite3", bootstrap, args.window,
-                    target_batch_size=args.target_batch_size, **common,
-                ))  # fmt: skip
-            if runs:
-                one, two = runs[0]["rows_per_s"], runs[1]["rows_per_s"]
-                report["scaling"] = runs
-                report["speedup_2_over_1"] = round(two / one, 3) if one else None
-                report["target_speedup"] = TARGET_SPEEDUP
+            if not args.skip_scaling:
+                report |= scaling(args, tmp, bootstrap, common)
             if not args.skip_bytes:
                 step = 2 * args.batch_size  # one step of each of the two peers
                 configs = {

@@ -152,7 +152,9 @@ def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabC
         averaging_timeout=config.averaging_timeout,
         load_state_timeout=config.load_state_timeout,
         use_local_updates=local,
-        average_state_every=1,
+        # sync: a parameter round at every average_state_every-th epoch (hivemind counts by the swarm's epoch, so
+        # every peer holds it at the same epochs); local: every epoch, as its round
+        average_state_every=1 if local else config.average_state_every,
         # the averaged state must be in hand when the epoch ends: in sync mode for the step, in local mode
         # for the outer step (garden.collab.trainer.OuterStep) that follows the round
         delay_state_averaging=False,

@@ -275,6 +275,13 @@ class SwarmSettings(DorpoSettings):
         The trainers then average only the other parameters, which for a pruned student are the smaller part.
         Off unless set, so that missions signed before the key existed train as they did; left out of the
         canonical encoding while false
+    :param average_state_every: ``sync`` mode: the parameter round (hivemind's state averaging) at every this
+        many epochs instead of every epoch. Peers that met in an epoch's gradient round take the same step, so
+        their parameters stay equal without it (up to rounding, and 8-bit compression's error); the parameter
+        round, which moves the whole model once more, pulls back together peers that missed a round. Every
+        fourth epoch halves a sync swarm's bytes nearly (docs/training.md). 1 (every epoch, as before the key
+        existed) unless set, and left out of the canonical encoding while 1. ``local`` mode averages parameters
+        every epoch, as its round: it must stay 1 there
     """
 
     target_batch_size: TargetBatchSize = 256
@@ -288,6 +295,7 @@ class SwarmSettings(DorpoSettings):
     averaging_timeout: float = Field(default=30.0, gt=0.0, le=3600.0)
     min_trainers: int = Field(default=1, ge=1, le=1000)
     freeze_embeddings: StrictBool = False
+    average_state_every: int = Field(default=1, ge=1, le=1000)
 
     @field_validator("warmup_epochs")
     @classmethod
@@ -296,6 +304,15 @@ class SwarmSettings(DorpoSettings):
         if max_epochs is not None and warmup_epochs > max_epochs:
             raise ValueError(f"{warmup_epochs} exceeds max_epochs ({max_epochs})")
         return warmup_epochs
+
+    @model_validator(mode="after")
+    def _state_rounds_fit_the_mode(self) -> SwarmSettings:
+        if self.mode == "local" and self.average_state_every != 1:
+            raise ValueError(
+                "average_state_every applies to sync mode: local mode averages parameters every epoch "
+                "(set target_batch_size to average less often)"
+            )
+        return self
 
 
 class TrainSection(SwarmSettings):
@@ -310,7 +327,7 @@ class TrainSection(SwarmSettings):
 
 OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {
     "student": ("spacing",),
-    "train": ("min_trainers", "freeze_embeddings"),
+    "train": ("min_trainers", "freeze_embeddings", "average_state_every"),
     "sampling": ("verify_fraction",),
 }
 """Keys added to a section after missions were first signed (section -> keys). The canonical encoding holds every

@@ -181,6 +181,38 @@ def test_a_trainer_claiming_a_far_epoch_is_ignored_and_a_late_one_loads_an_hones
     assert f"downloading the state of peer {hostile_id}" not in log
 
 
+def parameter_rounds(log: str) -> list[int]:
+    """The epochs whose end held a parameter round (hivemind's state averaging, succeeded or failed), from a
+    worker's log: hivemind logs ``Beginning optimizer step #E`` when epoch E ends, then the round's outcome."""
+    import re
+
+    epochs, ending = [], None
+    for line in log.splitlines():
+        if (begun := re.search(r"Beginning optimizer step #(\d+)", line)) is not None:
+            ending = int(begun.group(1))
+        elif "Averaged parameters with" in line or "Averaging failed with" in line:
+            epochs.append(ending)
+    return epochs
+
+
+def test_sync_mode_holds_the_parameter_round_every_average_state_every_epochs(
+    daemons: DaemonFactory, workers: WorkerFactory
+) -> None:
+    """``[train] average_state_every = 2``: the gradient round every epoch, the parameter round only at the end of
+    odd epochs (moving to an even one), on both peers alike: hivemind decides by the swarm's epoch."""
+    peers = bootstrap(daemons)
+    pair = [workers.start(peers, max_epochs=4, min_trainers=2, average_state_every=2) for _ in range(2)]
+    wait_until(lambda: all(w.status().get("state") == "done" for w in pair), 180, 0.5, "both done")
+    rounds = [parameter_rounds(w.log()) for w in pair]
+    assert all(epoch is not None and (epoch + 1) % 2 == 0 for r in rounds for epoch in r), rounds
+    assert any(rounds), [w.log()[-3000:] for w in pair]  # the log lines this reads are there
+    for w in pair:
+        status = w.status()
+        assert status["epoch"] == 4 and status["skipped_steps"] == 0 and torch.isfinite(w.probe()).all(), status
+    # peers that met in a gradient round take the same step: they agree with or without a parameter round
+    assert agreed_epochs(pair[0].probes(), pair[1].probes()), [w.probes() for w in pair]
+
+
 def test_local_mode_with_8bit_averaging_forms_rounds(
     daemons: DaemonFactory, workers: WorkerFactory, tiny: Path
 ) -> None:

@@ -309,6 +309,33 @@ def test_freeze_embeddings_is_off_unless_set_and_leaves_the_id_alone_when_unset(
             load_mission_toml(path, BUILTIN)
 
 
+def test_average_state_every_is_one_unless_set_applies_to_sync_and_leaves_the_id_alone_when_unset(
+    tmp_path: Path,
+) -> None:
+    spec = load_mission_toml(EXAMPLE, BUILTIN).spec
+    assert spec.train.average_state_every == 1 and b"average_state_every" not in spec.canonical()
+    assert spec.sha256 == EXAMPLE_SPEC_SHA256
+    unset = load_mission_toml(write_mission(tmp_path / "unset", MINIMAL), BUILTIN)
+    one = load_mission_toml(write_mission(tmp_path / "one", MINIMAL + "[train]\naverage_state_every = 1\n"), BUILTIN)
+    assert one.spec.canonical() == unset.spec.canonical()
+    four = load_mission_toml(write_mission(tmp_path / "four", MINIMAL + "[train]\naverage_state_every = 4\n"), BUILTIN)
+    assert four.spec.train.average_state_every == 4 and four.spec.sha256 != unset.spec.sha256
+    assert MissionSpec.from_canonical(four.spec.canonical()) == four.spec
+    spelled = msgpack.unpackb(unset.spec.canonical())
+    spelled["train"]["average_state_every"] = 1
+    with pytest.raises(RecordError, match="not in canonical form"):
+        MissionSpec.from_canonical(msgpack.packb(sorted_maps(spelled), use_bin_type=True))
+    for bad, expected in (("0", "greater than or equal to 1"), ("1001", "less than or equal to 1000"),
+                          ("2.5", "valid integer")):  # fmt: skip
+        path = write_mission(tmp_path / "bad", MINIMAL + f"[train]\naverage_state_every = {bad}\n")
+        with pytest.raises(MissionSpecError, match=f"train.average_state_every: Input should be (a )?{expected}"):
+            load_mission_toml(path, BUILTIN)
+    # local mode's round is its epoch: a mission that asks for fewer is refused, saying what to set instead
+    local = write_mission(tmp_path / "local", MINIMAL + '[train]\nmode = "local"\naverage_state_every = 4\n')
+    with pytest.raises(MissionSpecError, match="local mode averages parameters every epoch.*target_batch_size"):
+        load_mission_toml(local, BUILTIN)
+
+
 def test_student_spacing_is_even_unless_set_needs_pruning_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
     from garden.models.student import SPACINGS, parse_student_ref, student_reference
 
