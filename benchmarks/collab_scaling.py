@@ -42,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's garden and harness
 from harness.daemons import DaemonFactory  # noqa: E402
 from harness.machine import MachineReport  # noqa: E402
+from harness.processes import cpu_seconds, process_tree  # noqa: E402
 from harness.trainers import MISSION, WorkerFactory  # noqa: E402
 
 TARGET_SPEEDUP = 1.8
@@ -71,19 +72,11 @@ def shake_rows(path: Path, prompts: int) -> int:
     return len(rows)
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU seconds so far (user + system) of a worker's own process (its training, in one torch thread) and of
-    its children (hivemind's averagers, its DHT, ``p2pd``: what averaging costs the machine)."""
-    import psutil
-
-    worker = psutil.Process(pid)
-    others = 0.0
-    for child in worker.children(recursive=True):
-        try:
-            others += sum(child.cpu_times()[:2])
-        except psutil.Error:  # gone meanwhile
-            pass
-    return sum(worker.cpu_times()[:2]), others
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of a worker's own process (its training, in one torch thread) and of its children
+    (hivemind's averagers, its DHT, ``p2pd``: what averaging costs the machine)."""
+    worker, *children = process_tree(pid)
+    return cpu_seconds([worker]), cpu_seconds(children)
 
 
 def run_configuration(
@@ -107,7 +100,7 @@ def run_configuration(
                 raise RuntimeError(f"{name}: workers did not pass epoch 1:\n" + workers[0].log()[-3000:])
             time.sleep(1.0)
         start = [w.status() for w in workers]
-        cpu_start = [cpu_seconds(w.proc.pid) for w in workers]
+        cpu_start = [cpu_split(w.proc.pid) for w in workers]
         t0 = time.monotonic()
         if epochs is not None:
             goal = 1 + epochs
@@ -119,7 +112,7 @@ def run_configuration(
             time.sleep(window or 60.0)
         end = [w.status() for w in workers]
         elapsed = time.monotonic() - t0
-        cpu_end = [cpu_seconds(w.proc.pid) for w in workers]
+        cpu_end = [cpu_split(w.proc.pid) for w in workers]
     finally:
         orphans = factory.close()
     rows = sum(e["samples"] - s["samples"] for s, e in zip(start, end, strict=True))
