@@ -12,6 +12,11 @@ Prints one JSON object. In this one run, on the same rows, steps, batch size, se
 
 Ratios: ``kl_after_over_before`` (DORPO; target <= 0.1), ``dorpo_over_sft_kl`` (target <= 0.6); plus top-1
 (target >= 0.6), preference accuracy (target >= 0.8), bytes per stored token (target <= 84) and wall times.
+
+The student keeps the 10 layers of highest Block Influence on the train rows (``spacing=influence``,
+``student_layers``): it starts closer to the teacher than evenly spaced layers and ends much closer, so
+``kl_after_over_before`` divides by a smaller "before"; ``kl_after_over_evenly_spaced_before`` divides the same
+KL by the untrained evenly spaced student's (``before_evenly_spaced``), the start of the other spacings.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from garden.distill.judges import ReferenceJudge  # noqa: E402
 from garden.distill.shaker import ShakeConfig, shake  # noqa: E402
 from garden.distill.trainer import DorpoTrainer, TrainConfig  # noqa: E402
 from garden.models.loading import load_model  # noqa: E402
-from garden.models.student import build_student, parse_student_ref  # noqa: E402
+from garden.distill.runs import calibrated_student  # noqa: E402
+from garden.models.student import StudentSpec, build_student, parse_student_ref  # noqa: E402
 from garden.protocol.rows import DorpoRow, read_preference_jsonl, write_preference_jsonl  # noqa: E402
 from harness.machine import MachineReport  # noqa: E402
 
@@ -63,9 +69,10 @@ def summary(report: EvalReport) -> dict[str, Any]:
 
 
 def train_arm(
-    args: argparse.Namespace, rows: list[DorpoRow], heldout: list[DorpoRow], lambda_or: float, lambda_kl: float
+    args: argparse.Namespace, spec: StudentSpec, rows: list[DorpoRow], heldout: list[DorpoRow], lambda_or: float,
+    lambda_kl: float,
 ) -> dict[str, Any]:
-    student = build_student(parse_student_ref(args.student))
+    student = build_student(spec)
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -84,7 +91,7 @@ def train_arm(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--student", default="prune:builtin:smollm2-135m:layers=10")
+    parser.add_argument("--student", default="prune:builtin:smollm2-135m:layers=10:spacing=influence")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=6e-4)
@@ -104,14 +111,21 @@ def main() -> int:
 
     train_rows, shake_train_s = rows_for("train", args)
     heldout, shake_heldout_s = rows_for("heldout", args)
-    student = build_student(parse_student_ref(args.student))
+    requested = parse_student_ref(args.student)
+    spec = calibrated_student(requested, train_rows)  # spacing=influence: the layers chosen on the train rows
+    student = build_student(spec)
     before = summary(evaluate(student.model, student.tokenizer, heldout))
+    even = None  # the untrained evenly spaced student of the same size: what the other spacings start from
+    if requested.keep_layers is not None and spec != requested:
+        untrained = build_student(StudentSpec(base=spec.base, keep_layers=spec.keep_layers))
+        even = summary(evaluate(untrained.model, untrained.tokenizer, heldout))
+        del untrained
     teacher = load_model(TEACHER)
     ceiling = summary(evaluate(teacher.model, teacher.tokenizer, heldout))
     del student
 
-    dorpo = train_arm(args, train_rows, heldout, args.lambda_or, args.lambda_kl)
-    sft = train_arm(args, train_rows, heldout, 0.0, 0.0)
+    dorpo = train_arm(args, spec, train_rows, heldout, args.lambda_or, args.lambda_kl)
+    sft = train_arm(args, spec, train_rows, heldout, 0.0, 0.0)
     tokens = sum(r.num_tokens for r in train_rows)
     stored = sum(r.bytes_per_token() * r.num_tokens for r in train_rows)
     figures = {
@@ -124,6 +138,7 @@ def main() -> int:
         json.dumps(
             {
                 "student": args.student,
+                "student_layers": list(spec.layers) if spec.layers else None,
                 "steps": args.steps,
                 "batch_size": args.batch_size,
                 "lr": args.lr,
@@ -134,6 +149,8 @@ def main() -> int:
                 "shake_s": round(shake_train_s + shake_heldout_s, 1),
                 "teacher_on_heldout": ceiling,
                 "before": before,
+                "before_evenly_spaced": even,
+                "kl_after_over_evenly_spaced_before": _ratio(dorpo["kl"], even["kl"]) if even else None,
                 "dorpo": dorpo,
                 "sft": sft,
                 "kl_after_over_before": figures["kl_after_over_before"],

@@ -145,7 +145,9 @@ def shake(
 def train(
     student: str | None = typer.Option(
         None, "--student",
-        help="Student: a model reference or prune:<ref>:layers=N[:spacing=front] (not needed with --resume).",
+        help="Student: a model reference, prune:<ref>:layers=N[:spacing=front|influence] (influence: the N layers "
+        "that change the stream most on --data; the run records them) or prune:<ref>:layers=I,J,... "
+        "(not needed with --resume).",
     ),  # fmt: skip
     data: Path = typer.Option(..., "--data", help="Rows JSONL written by `garden shake` (TRL preference format)."),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl, garden-run.json."),
@@ -257,7 +259,8 @@ def train(
 def eval_command(
     student: str = typer.Option(
         ..., "--student",
-        help="Student: a model reference, a training run directory, or prune:<ref>:layers=N[:spacing=front].",
+        help="Student: a model reference, a training run directory, prune:<ref>:layers=N[:spacing=front] or "
+        "prune:<ref>:layers=I,J,....",
     ),  # fmt: skip
     teacher: str = typer.Option(
         "builtin:smollm2-135m", "--teacher", help="Teacher: computes the top-k for data without log-probs."

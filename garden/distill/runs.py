@@ -15,7 +15,17 @@ from typing import Any
 
 from garden.protocol.rows import DorpoRow
 from garden.distill.checkpoints import CheckpointError, RunDir, write_json_atomic
-from garden.models.student import LoraSpec, build_student, parse_student_ref
+from garden.models.chat import answer_ids, chat_prompt_ids
+from garden.models.loading import load_model
+from garden.models.student import (
+    INFLUENCE_TOKENS,
+    LoraSpec,
+    StudentSpec,
+    build_student,
+    parse_student_ref,
+    resolve_influence,
+    student_reference,
+)
 from garden.distill.trainer import DorpoTrainer, TrainConfig, rows_digest
 
 logger = logging.getLogger(__name__)
@@ -31,10 +41,12 @@ def start_run(
     data_source: str = "",
 ) -> DorpoTrainer:
     """A trainer for a new run in ``out`` (which must not hold a run yet)."""
-    spec = parse_student_ref(student, lora)
     run = RunDir(out)
     if run.exists():
         raise CheckpointError(f"{run.path} already holds a training run: add --resume, or choose another --out")
+    spec = calibrated_student(parse_student_ref(student, lora), rows)
+    if spec.layers is not None:
+        student = student_reference(spec.base, layers=spec.layers)  # what resuming rebuilds, without the data
     loaded = build_student(spec)
     trainer = DorpoTrainer(loaded, rows, config, run)  # validates the rows before anything is written
     run.create(
@@ -47,6 +59,22 @@ def start_run(
         }
     )
     return trainer
+
+
+def calibrated_student(spec: StudentSpec, rows: Sequence[DorpoRow]) -> StudentSpec:
+    """``spec`` with ``spacing=influence`` resolved into the layers it keeps, measured on ``rows`` (each prompt in
+    the chat template, then its chosen answer, in the base's own tokenizer); any other spec as it is."""
+    if spec.spacing != "influence" or spec.keep_layers is None:
+        return spec
+    tokenizer = load_model(spec.base).tokenizer
+    texts: list[list[int]] = []
+    for row in rows:
+        if sum(map(len, texts)) >= INFLUENCE_TOKENS:
+            break
+        texts.append(chat_prompt_ids(tokenizer, row.prompt) + answer_ids(tokenizer, row.chosen))
+    resolved = resolve_influence(spec, texts)
+    logger.info("spacing=influence keeps layers %s of %s", ",".join(map(str, resolved.layers or ())), spec.base)
+    return resolved
 
 
 def resume_run(out: Path | str, rows: Sequence[DorpoRow], overrides: dict[str, Any] | None = None) -> DorpoTrainer:

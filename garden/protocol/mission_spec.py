@@ -279,7 +279,7 @@ class SwarmSettings(DorpoSettings):
         many epochs instead of every epoch. Peers that met in an epoch's gradient round take the same step, so
         their parameters stay equal without it (up to rounding, and 8-bit compression's error); the parameter
         round, which moves the whole model once more, pulls back together peers that missed a round. Every
-        fourth epoch halves a sync swarm's bytes nearly (docs/training.md). 1 (every epoch, as before the key
+        fourth epoch nearly halves a sync swarm's bytes (docs/training.md). 1 (every epoch, as before the key
         existed) unless set, and left out of the canonical encoding while 1. ``local`` mode averages parameters
         every epoch, as its round: it must stay 1 there
     """

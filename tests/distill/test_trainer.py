@@ -104,6 +104,25 @@ def test_resume_continues_bit_exactly(rows: dict[str, list[DorpoRow]], tiny: str
     assert [json.loads(line)["loss"] for line in straight_lines] == [line["loss"] for line in lines]
 
 
+def test_an_influence_run_records_its_layers_and_resumes_without_choosing_again(
+    rows: dict[str, list[DorpoRow]], tmp_path: Path
+) -> None:
+    """``spacing=influence`` is chosen once, on the run's rows; the run records the explicit list, so that
+    ``--resume`` (and export) rebuild the same student without the data."""
+    run = tmp_path / "run"
+    trainer = start_run(run, "prune:builtin:smollm2-135m:layers=3:spacing=influence", rows["train"],
+                        small_config(steps=2, checkpoint_every=1))  # fmt: skip
+    recorded = json.loads((run / "garden-run.json").read_text())["student"]
+    spec = parse_student_ref(recorded)
+    assert spec.layers is not None and len(spec.layers) == 3 and spec.layers[0] == 0 and spec.layers[-1] == 29
+    assert recorded == "prune:builtin:smollm2-135m:layers=" + ",".join(map(str, spec.layers))
+    trainer.train(until=1)
+    resumed = resume_run(run, rows["train"])
+    assert resumed.step == 1 and len(resumed.model.model.layers) == 3
+    a, b = dict(trainer.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a), "another student was built"
+
+
 def test_checkpoints_are_verified_kept_and_loadable(
     rows: dict[str, list[DorpoRow]], tiny: str, tmp_path: Path
 ) -> None:

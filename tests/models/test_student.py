@@ -8,12 +8,17 @@ import pytest
 import torch
 
 from garden.models.loading import ModelRefError, load_model
+from garden.models.chat import answer_ids, chat_prompt_ids
 from garden.models.student import (
     LoraSpec,
     StudentSpec,
+    block_influence,
     build_student,
+    influence_layers,
     kept_layer_indices,
     parse_student_ref,
+    resolve_influence,
+    student_reference,
 )
 
 
@@ -53,12 +58,55 @@ def test_parse_student_refs() -> None:
     front = parse_student_ref("prune:builtin:smollm2-135m:layers=10:spacing=front")
     assert front == StudentSpec("builtin:smollm2-135m", 10, spacing="front")
     assert parse_student_ref("prune:builtin:smollm2-135m:layers=10:spacing=even").spacing == "even"
+    influence = parse_student_ref("prune:builtin:smollm2-135m:layers=10:spacing=influence")
+    assert influence == StudentSpec("builtin:smollm2-135m", 10, spacing="influence")
+    listed = parse_student_ref("prune:builtin:smollm2-135m:layers=0,1,11,29")
+    assert listed == StudentSpec("builtin:smollm2-135m", 4, layers=(0, 1, 11, 29))
+    assert student_reference(listed.base, layers=listed.layers) == "prune:builtin:smollm2-135m:layers=0,1,11,29"
     for bad in [
         "prune:builtin:smollm2-135m", "prune:builtin:smollm2-135m:layers=x", "prune:builtin:nope:layers=3",
         "prune:builtin:smollm2-135m:spacing=front", "prune:builtin:smollm2-135m:layers=10:spacing=back",
+        "prune:builtin:smollm2-135m:layers=0,2,1", "prune:builtin:smollm2-135m:layers=0,2,2",
+        "prune:builtin:smollm2-135m:layers=0,,2", "prune:builtin:smollm2-135m:layers=0,5:spacing=front",
     ]:  # fmt: skip
         with pytest.raises(ModelRefError):
             parse_student_ref(bad)
+
+
+def test_influence_keeps_first_last_and_the_layers_that_turn_the_stream_most() -> None:
+    scores = [0.9, 0.01, 0.5, 0.02, 0.3, 0.03, 0.04]
+    assert influence_layers(scores, 4) == [0, 2, 4, 6]  # 6 kept whatever its score, as every spacing keeps it
+    assert influence_layers(scores, 2) == [0, 6] and influence_layers(scores, 7) == list(range(7))
+    assert influence_layers([0.1, 0.2, 0.2, 0.2, 0.1], 3) == [0, 1, 4]  # a tie goes to the earlier layer
+    with pytest.raises(ModelRefError, match="cannot keep"):
+        influence_layers(scores, 8)
+
+
+def test_block_influence_of_the_built_in_model_picks_a_student_with_those_layers() -> None:
+    base = load_model("builtin:smollm2-135m")
+    tokenizer = base.tokenizer
+    texts = [chat_prompt_ids(tokenizer, q) + answer_ids(tokenizer, a) for q, a in [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Name a primary colour.", "Red is a primary colour."),
+    ]]  # fmt: skip
+    scores = block_influence(base.model, texts)
+    assert len(scores) == 30 and all(0.0 <= s <= 2.0 for s in scores)
+    # the first layer turns the embeddings into the stream (measured 0.98); the middle ones barely turn it
+    assert scores[0] > 0.5 and min(scores[2:20]) < 0.05, scores
+    assert block_influence(base.model, texts) == scores  # the same text gives the same choice
+    spec = resolve_influence(parse_student_ref("prune:builtin:smollm2-135m:layers=6:spacing=influence"), texts)
+    assert spec.layers == tuple(influence_layers(scores, 6)) and spec.keep_layers == 6
+    student = build_student(spec).model
+    for new, old in enumerate(spec.layers):
+        weight = base.model.model.layers[old].mlp.up_proj.weight
+        assert torch.equal(student.model.layers[new].mlp.up_proj.weight, weight)
+    # unresolved, it cannot be built (it needs the data), and a listed layer the base lacks is refused
+    with pytest.raises(ModelRefError, match="chooses the layers from data"):
+        build_student(parse_student_ref("prune:builtin:smollm2-135m:layers=6:spacing=influence"))
+    with pytest.raises(ModelRefError, match="the base has 30 layers"):
+        build_student(parse_student_ref("prune:builtin:smollm2-135m:layers=0,30"))
+    with pytest.raises(ModelRefError, match="needs calibration text"):
+        block_influence(base.model, [])
 
 
 def test_pruned_student_keeps_layers_and_still_generates(tmp_path: Path) -> None:

@@ -357,11 +357,14 @@ def test_student_spacing_is_even_unless_set_needs_pruning_and_leaves_the_id_alon
 
     assert student_spec(front.student, seed=0) == parse_student_ref(ref)
     assert student_reference("builtin:smollm2-135m") == "builtin:smollm2-135m"
-    assert set(SPACINGS) == {"even", "front"}  # the mission's choices are the student builder's
+    # the mission's choices are the student builder's, but for the one chosen from data: each trainer would choose
+    # on its own rows, and every trainer must build the same student
+    assert set(SPACINGS) == {"even", "front", "influence"}
     with pytest.raises(MissionSpecError, match="student: .*set keep_layers"):
         load_mission_toml(write_mission(tmp_path / "alone", MINIMAL + 'spacing = "front"\n'), BUILTIN)
-    with pytest.raises(MissionSpecError, match="student.spacing: Input should be 'even' or 'front'"):
-        load_mission_toml(write_mission(tmp_path / "bad", pruned + 'spacing = "back"\n'), BUILTIN)
+    for bad in ("back", "influence"):
+        with pytest.raises(MissionSpecError, match="student.spacing: Input should be 'even' or 'front'"):
+            load_mission_toml(write_mission(tmp_path / "bad", pruned + f'spacing = "{bad}"\n'), BUILTIN)
 
 
 def test_id_covers_everything_signed(lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> None:
