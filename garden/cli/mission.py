@@ -126,6 +126,38 @@ def _show_leaving(prompts: list[Any]) -> None:
     console.print(table)
 
 
+@mission_app.command("layers")
+def layers(
+    file: Path = typer.Argument(..., help="The mission file (mission.toml) whose student base and prompts to read."),
+    keep: int = typer.Option(..., "--keep", help="Decoder layers the student keeps, the first and the last included."),
+) -> None:
+    """The layers a pruned student should keep, for the mission file's [student] layers = [...]: the first, the
+    last, and those of highest Block Influence (the ones that change the residual stream most) on the mission's
+    prompts, measured here with its base. Every trainer then builds the listed layers (docs/models.md)."""
+    from garden.data import DEMO_PROMPTS, demo_prompts
+    from garden.models.chat import chat_prompt_ids
+    from garden.models.loading import ModelRefError, load_model
+    from garden.models.student import INFLUENCE_TOKENS, block_influence, influence_layers, kept_layer_indices
+    from garden.protocol.mission import MissionSpecError, load_mission_toml
+
+    try:
+        draft = load_mission_toml(file, {DEMO_PROMPTS: demo_prompts})
+        base = load_model(draft.spec.student.base)
+        kept_layer_indices(int(base.model.config.num_hidden_layers), keep)  # a count it can keep, before measuring
+        texts: list[list[int]] = []
+        for prompt in draft.prompts:
+            if sum(map(len, texts)) >= INFLUENCE_TOKENS:
+                break
+            texts.append(chat_prompt_ids(base.tokenizer, prompt.prompt))
+        with console.status(f"measuring the layers of {draft.spec.student.base} on {len(texts)} prompts"):
+            influence = block_influence(base.model, texts)
+        chosen = influence_layers(influence, keep)
+    except (MissionSpecError, ModelRefError) as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    console.print(f"# in [student], instead of keep_layers: {keep} of {len(influence)} layers", markup=False)
+    print(f"layers = [{', '.join(map(str, chosen))}]")
+
+
 @mission_app.command("list")
 def list_(
     url: str | None = URL, data_dir: Path | None = DATA_DIR, config: Path | None = CONFIG, as_json: bool = AS_JSON

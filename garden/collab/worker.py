@@ -146,15 +146,16 @@ class _Stop:
 
 
 def student_spec(section: StudentSection, seed: int) -> StudentSpec:
-    """The ``garden.models.student.StudentSpec`` of a mission's ``[student]``: its base pruned as it says (layers
-    and their spacing), with a LoRA adapter whose initial weights come from ``seed`` (the same on every peer)."""
-    from garden.models.student import LoraSpec, StudentSpec
+    """The ``garden.models.student.StudentSpec`` of a mission's ``[student]``: its base pruned as it says (a count
+    of layers and their spacing, or the layers listed), with a LoRA adapter whose initial weights come from
+    ``seed`` (the same on every peer)."""
+    from garden.models.student import LoraSpec, parse_student_ref, section_reference
 
     lora = None
     if section.lora is not None:
         options = section.lora.model_dump()
         lora = LoraSpec(**{**options, "target_modules": tuple(options["target_modules"])}, seed=seed)
-    return StudentSpec(base=section.base, keep_layers=section.keep_layers, lora=lora, spacing=section.spacing)
+    return parse_student_ref(section_reference(section), lora)
 
 
 def _peer_seed(peer_id: str) -> int:

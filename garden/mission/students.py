@@ -36,7 +36,7 @@ from garden.mission.book import Mission, MissionBook
 from garden.mission.checkpoints import CheckpointSharing
 from garden.models.cache import note_student_dir, student_dir, student_note
 from garden.models.loading import MISSION_SCHEME, ModelRefError, is_mission_id, parameter_count, parse_model_ref
-from garden.models.student import student_reference
+from garden.models.student import section_reference
 from garden.net.swarm import Swarm
 from garden.protocol.checkpoints import STUDENT_TTL, StudentRecord
 from garden.protocol.keys import DHTKeys
@@ -143,7 +143,7 @@ class SwarmStudents(Service):
         )  # fmt: skip
         facts = await asyncio.to_thread(_model_facts, path / "model" if (path / "model").is_dir() else path)
         student = mission.signed.spec.student
-        base = student_reference(student.base, student.keep_layers, student.spacing)
+        base = section_reference(student)
         published = StudentRecord(
             mission_id=mission.id, peer_id=self.sharing.peer_id, name=mission.name, epoch=epoch,
             manifest_sha256=vouch.manifest_sha256, size=record.size, base=base[:256],

@@ -44,7 +44,7 @@ from garden.host.governor import Governor
 from garden.lifecycle import Service
 from garden.mission.book import Mission, MissionBook
 from garden.mission.checkpoints import CheckpointSharing
-from garden.models.student import student_reference
+from garden.models.student import section_reference
 from garden.protocol.checkpoints import CheckpointRecord
 from garden.protocol.rows import DorpoRow, holds_out, preference_json_line
 from garden.store import RowFeed, StoreError
@@ -185,7 +185,7 @@ class CheckpointVoucher(Service):
         )
         if state.base_kl is None:  # the student the trainers start from (a fresh LoRA adapter changes nothing)
             student = mission.signed.spec.student
-            base = student_reference(student.base, student.keep_layers, student.spacing)
+            base = section_reference(student)
             state.base_kl = (await self._evaluate(base, rows, "base"))["kl"]
         try:
             figures = await self._evaluate(str(path), rows, f"epoch-{record.epoch}")

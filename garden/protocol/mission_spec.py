@@ -73,15 +73,25 @@ class StudentSection(_Section):
     :param spacing: which layers a pruned student keeps (``garden.models.student.kept_layer_indices``): ``even``
         spacing, or ``front``, nearly all the first ones (measured in docs/training.md). Left out of the
         canonical encoding while ``even`` (:data:`OMITTED_AT_DEFAULT`), so missions signed before the key keep
-        their hash"""
+        their hash
+    :param layers: prune the base to exactly these decoder layers (increasing), instead of ``keep_layers``: e.g.
+        the layers of highest Block Influence on the mission's data, which the lead measures once
+        (``garden student layers``) so that every trainer builds the same student. Left out of the canonical
+        encoding while unset"""
 
     base: ModelRefText
     keep_layers: int | None = Field(default=None, ge=1, le=1024)
     spacing: Literal["even", "front"] = "even"
+    layers: list[Annotated[int, Field(ge=0, lt=1 << 16)]] | None = Field(default=None, min_length=1, max_length=1024)
     lora: LoraSection | None = None
 
     @model_validator(mode="after")
     def _spacing_prunes(self) -> StudentSection:
+        if self.layers is not None:
+            if self.keep_layers is not None or self.spacing != "even":
+                raise ValueError("layers lists the layers to keep: leave keep_layers and spacing out")
+            if self.layers != sorted(set(self.layers)):
+                raise ValueError("list the layers to keep in increasing order, each once")
         if self.spacing != "even" and self.keep_layers is None:
             raise ValueError(f"spacing = {self.spacing!r} chooses the layers a pruned student keeps: set keep_layers")
         return self
@@ -326,7 +336,7 @@ class TrainSection(SwarmSettings):
 
 
 OMITTED_AT_DEFAULT: dict[str, tuple[str, ...]] = {
-    "student": ("spacing",),
+    "student": ("spacing", "layers"),
     "train": ("min_trainers", "freeze_embeddings", "average_state_every"),
     "sampling": ("verify_fraction",),
 }

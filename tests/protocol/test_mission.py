@@ -367,6 +367,26 @@ def test_student_spacing_is_even_unless_set_needs_pruning_and_leaves_the_id_alon
             load_mission_toml(write_mission(tmp_path / "bad", pruned + f'spacing = "{bad}"\n'), BUILTIN)
 
 
+def test_student_layers_are_listed_alone_reach_the_trainers_and_leave_the_id_alone_when_unset(tmp_path: Path) -> None:
+    from garden.collab.worker import student_spec
+    from garden.models.student import StudentSpec, section_reference
+
+    spec = load_mission_toml(EXAMPLE, BUILTIN).spec
+    assert spec.student.layers is None and "layers" not in msgpack.unpackb(spec.canonical())["student"]
+    assert spec.sha256 == EXAMPLE_SPEC_SHA256
+    listed = load_mission_toml(write_mission(tmp_path / "listed", MINIMAL + "layers = [0, 1, 11, 29]\n"), BUILTIN).spec
+    assert listed.student.layers == [0, 1, 11, 29] and MissionSpec.from_canonical(listed.canonical()) == listed
+    assert section_reference(listed.student) == "prune:builtin:smollm2-135m:layers=0,1,11,29"
+    assert student_spec(listed.student, seed=0) == StudentSpec("builtin:smollm2-135m", 4, layers=(0, 1, 11, 29))
+    for bad, why in (("layers = [0, 11, 1]", "increasing order"), ("layers = [0, 1, 1]", "increasing order"),
+                     ("layers = [0, 1]\nkeep_layers = 2", "leave keep_layers and spacing out"),
+                     ('layers = [0, 1]\nspacing = "front"', "leave keep_layers and spacing out"),
+                     ("layers = []", "at least 1 item"),
+                     ("layers = [-1, 2]", "greater than or equal to 0")):  # fmt: skip
+        with pytest.raises(MissionSpecError, match=why):
+            load_mission_toml(write_mission(tmp_path / "bad", MINIMAL + bad + "\n"), BUILTIN)
+
+
 def test_id_covers_everything_signed(lead: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> None:
     draft = load_mission_toml(EXAMPLE, BUILTIN)
     base = sign_mission(draft, lead, now=NOW).mission_id
