@@ -218,6 +218,9 @@ def train(
         raise fail(str(e), EXIT_CONFIG) from None
     config = trainer.config
     report = trainer.data_report
+    recorded = trainer.run.read_info()["student"] if trainer.run is not None and not resume else student
+    if recorded != student:  # spacing=influence: the layers it chose on the rows, as the run records them
+        console.print(f"student: {recorded}", markup=False)
     console.print(
         f"training {trainer.run.path if trainer.run else out}: {report.kept} rows"
         + (f" ({report.hard_labels} on hard labels: no usable teacher log-probs)" if report.hard_labels else "")

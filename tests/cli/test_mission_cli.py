@@ -47,8 +47,11 @@ def test_mission_layers_lists_the_students_layers_to_sign_from_the_missions_prom
     out = CliRunner().invoke(app, ["mission", "layers", str(tmp_path / "m.toml"), "--keep", "10"])
     assert out.exit_code == 0, out.output
     line = next(line for line in out.output.splitlines() if line.startswith("layers = ["))
-    # the demo prompts alone choose what the demo rows (prompts and answers) chose in benchmarks/dorpo_distill.py
-    assert line == "layers = [0, 1, 11, 20, 22, 23, 24, 27, 28, 29]", out.output
+    # the demo prompts alone choose what the demo rows (prompts and answers) chose in benchmarks/dorpo_distill.py,
+    # and what the demo's mission signs
+    from garden.demo import STUDENT_LAYERS
+
+    assert line == "layers = [0, 1, 11, 20, 22, 23, 24, 27, 28, 29]" == f"layers = {list(STUDENT_LAYERS)}", out.output
     (tmp_path / "m.toml").write_text(head + 'base = "builtin:smollm2-135m"\n' + line + "\n")
     spec = load_mission_toml(tmp_path / "m.toml", {DEMO_PROMPTS: demo_prompts}).spec
     assert section_reference(spec.student) == "prune:builtin:smollm2-135m:layers=0,1,11,20,22,23,24,27,28,29"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from garden.cli import app
 pytestmark = pytest.mark.heavy(14)  # seconds in `make check`: see tests/conftest.py
 
 TEACHER = "builtin:smollm2-135m"
-STUDENT = "prune:builtin:smollm2-135m:layers=2"
+STUDENT = "prune:builtin:smollm2-135m:layers=3:spacing=influence"  # 3 layers: 0, the one the rows choose, 29
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,10 @@ def test_shake_train_resume_eval_generate(rows_file: Path, tmp_path: Path) -> No
     assert code == 0, stderr
     assert "done: 2 steps" in stdout and "training" in stdout
     info = json.loads((run / "garden-run.json").read_text())
-    assert info["latest"] == "step-000002" and info["student"] == STUDENT and info["teachers"] == [TEACHER]
+    # the run records the layers spacing=influence chose on the rows, and says which
+    assert re.fullmatch(r"prune:builtin:smollm2-135m:layers=0,\d+,29", info["student"]), info["student"]
+    assert f"student: {info['student']}" in stdout, stdout
+    assert info["latest"] == "step-000002" and info["teachers"] == [TEACHER]
     assert info["data"]["rows"] == 3
 
     code, stdout, stderr = garden("train", "--data", str(rows_file), "--out", str(run), "--resume", "--steps", "3")

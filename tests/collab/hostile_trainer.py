@@ -8,10 +8,11 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
   label, and offers parameters a thousand times too large; it takes no steps;
 - ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
 
-``--every-round`` (with ``weight``) takes no optimizer steps: it offers random gradients with its weight of 1e30
-in gradient rounds back to back, until stopped, so that it is looking for a group whenever the honest trainers
-average (a trainer that steps joins one round an epoch at most, and on two loaded cores its own timeouts made it
-miss all but one or two: a test saw it meet no honest peer at all). Its status counts the ``rounds`` it tried;
+``--every-round`` (with ``weight`` or ``huge``) takes no optimizer steps: it offers its gradients (random ones with
+its weight of 1e30, or a million times too large) in gradient rounds back to back, until stopped, so that it is
+looking for a group whenever the honest trainers average (a trainer that steps joins one round an epoch at most,
+and on two loaded cores its own timeouts made it miss all but one or two: tests saw the weight attacker, then the
+huge one, meet no honest peer at all). Its status counts the ``rounds`` it tried;
 each line of its log says how one ended (a round with honest peers ends in an error here: they refuse its part).
 
 ``--lying-reducer`` adds a million times the average of every part it reduces; ``--robust`` installs garden's
@@ -68,7 +69,7 @@ def main() -> int:
     parser.add_argument("--robust", action="store_true", help="install garden's checks of the others' claims")
     parser.add_argument("--lying-reducer", action="store_true", help="return 10^6 x the average of what it reduces")
     parser.add_argument("--every-round", action="store_true",
-                        help="with --attack weight: no steps, gradient rounds back to back until stopped")
+                        help="with --attack weight or huge: no steps, gradient rounds back to back until stopped")
     parser.add_argument("--after-trainers", type=int, default=0,
                         help="take no step and claim nothing before this many trainers are in the swarm")
     parser.add_argument("--peers-file", type=Path, default=None,
@@ -113,8 +114,8 @@ def main() -> int:
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = make_optimizer(dht, config.mission_id, params, collab)
     steps = rounds = 0
+    honest_step = opt.grad_averager.step
     if args.attack in ("weight", "mixed"):
-        honest_step = opt.grad_averager.step
 
         def heavy_step(*step_args: Any, **kwargs: Any) -> Any:
             nonlocal rounds
@@ -141,13 +142,14 @@ def main() -> int:
             while not stop.wait(5.0):
                 opt.tracker.report_local_progress(args.claim, 1)  # keeps its entry fresh
                 report(args.claim)
-        while args.every_round and args.attack == "weight" and not stop.is_set():
+        while args.every_round and args.attack in ("weight", "huge") and not stop.is_set():
             for p in params:
-                p.grad = torch.randn_like(p)
+                p.grad = torch.randn_like(p) if args.attack == "weight" else 1e6 * torch.randn_like(p)
             opt.grad_averager.accumulate_grads_(batch_size=1)
             rounds += 1
+            heavy = {"weight": 1e30} if args.attack == "weight" else {}
             try:  # retries matchmaking within the timeout: whatever group forms, it is in it
-                honest_step(weight=1e30, timeout=collab.matchmaking_time + collab.averaging_timeout)
+                honest_step(**heavy, timeout=collab.matchmaking_time + collab.averaging_timeout)
                 print(f"round {rounds}: averaged", flush=True)
             except Exception as e:  # no group, or a round whose honest peers refused its part: the next one
                 print(f"round {rounds}: {e!r}", flush=True)

@@ -148,23 +148,21 @@ def forged_rows() -> tuple[bytes, bytes, bytes]:
 
 class HostileTrainers:
     """Three trainers from an honest worker's configuration (the attack-free run's lead's): one lies about its
-    weight in gradient rounds back to back (it is in whatever group the honest trainers form) and returns a million
-    times what it reduces, one sends parts a million times too large, one claims epoch 10^7 and offers parameters
-    a thousand times too large. Started before the swarm (:meth:`join` gives them its address), they strike once
-    the 3 honest trainers are in the progress record: a trainer whose first read of the record shows only a liar
-    follows it (see garden.collab.robust). The one that steps, steps at about an honest worker's pace (a step a
-    second): alone and fast it would end epochs with samples of its own, a claim garden does not check
-    (docs/security.md, what remains open)."""
+    weight and returns a million times what it reduces, one sends parts a million times too large, both in gradient
+    rounds back to back (each is in whatever group the honest trainers form, and takes no step: stepping, it would
+    end epochs with samples of its own, a claim garden does not check, docs/security.md), and one claims epoch
+    10^7 and offers parameters a thousand times too large. Started before the swarm (:meth:`join` gives them its
+    address), they strike once the 3 honest trainers are in the progress record: a trainer whose first read of the
+    record shows only a liar follows it (see garden.collab.robust)."""
 
     ATTACKS = ("weight", "huge", "epoch")
 
     def __init__(self, root: Path, honest_config: Path) -> None:
         self.root, self.peers_file = root, root / "peers"
         root.mkdir(parents=True)
-        paced = ["--robust", "--pace", "1.0", "--after-trainers", "3"]
         attacks = {
             "weight": ["--attack", "weight", "--lying-reducer", "--every-round", "--robust", "--after-trainers", "3"],
-            "huge": ["--attack", "huge", *paced],
+            "huge": ["--attack", "huge", "--every-round", "--robust", "--after-trainers", "3"],
             "epoch": ["--attack", "epoch", "--claim", str(CLAIMED_EPOCH), "--after-trainers", "3"],
         }
         self.procs: list[subprocess.Popen[str]] = []
