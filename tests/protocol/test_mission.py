@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,23 +266,29 @@ def test_identity_ignores_key_order_whitespace_and_number_spelling(tmp_path: Pat
 EXAMPLE_SPEC_SHA256 = "0361333015c9f7de9008ebd6414acccf61305e58d77c107803be241bf30cd387"
 
 
-def test_min_trainers_defaults_to_one_is_bounded_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
+def check_key_added_later(tmp_path: Path, key: str, default: str, other: str) -> None:
+    """A ``[train]`` key added after missions were first signed (``OMITTED_AT_DEFAULT``): unset it is not in the
+    canonical encoding (the example keeps its id), written out at its ``default`` it is the same spec, set to
+    ``other`` it is another spec that round-trips, and its default spelled out in the encoding is refused."""
     spec = load_mission_toml(EXAMPLE, BUILTIN).spec
-    assert spec.train.min_trainers == 1 and b"min_trainers" not in spec.canonical()
-    assert spec.sha256 == EXAMPLE_SPEC_SHA256
-    one = load_mission_toml(write_mission(tmp_path / "one", MINIMAL + "[train]\nmin_trainers = 1\n"), BUILTIN)
+    assert key not in msgpack.unpackb(spec.canonical())["train"] and spec.sha256 == EXAMPLE_SPEC_SHA256
     unset = load_mission_toml(write_mission(tmp_path / "unset", MINIMAL), BUILTIN)
-    assert one.spec.canonical() == unset.spec.canonical()  # written out at its default: the same spec, same id
-
-    two = load_mission_toml(write_mission(tmp_path / "two", MINIMAL + "[train]\nmin_trainers = 2\n"), BUILTIN)
-    assert two.spec.train.min_trainers == 2 and two.spec.sha256 != unset.spec.sha256
-    assert MissionSpec.from_canonical(two.spec.canonical()) == two.spec
+    spelled_out = load_mission_toml(write_mission(tmp_path / "at", MINIMAL + f"[train]\n{key} = {default}\n"), BUILTIN)
+    assert spelled_out.spec.canonical() == unset.spec.canonical()  # written out at its default: same spec, same id
+    changed = load_mission_toml(write_mission(tmp_path / "set", MINIMAL + f"[train]\n{key} = {other}\n"), BUILTIN)
+    assert getattr(changed.spec.train, key) == tomllib.loads(f"v = {other}")["v"]
+    assert changed.spec.sha256 != unset.spec.sha256
+    assert MissionSpec.from_canonical(changed.spec.canonical()) == changed.spec
     # the default spelled out is not the canonical encoding: a peer refuses it (one spec, one encoding)
-    spelled = msgpack.unpackb(unset.spec.canonical())
-    spelled["train"]["min_trainers"] = 1
+    encoded = msgpack.unpackb(unset.spec.canonical())
+    encoded["train"][key] = getattr(unset.spec.train, key)
     with pytest.raises(RecordError, match="not in canonical form"):
-        MissionSpec.from_canonical(msgpack.packb(sorted_maps(spelled), use_bin_type=True))
+        MissionSpec.from_canonical(msgpack.packb(sorted_maps(encoded), use_bin_type=True))
 
+
+def test_min_trainers_defaults_to_one_is_bounded_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
+    assert load_mission_toml(EXAMPLE, BUILTIN).spec.train.min_trainers == 1
+    check_key_added_later(tmp_path, "min_trainers", "1", "2")
     for bad, expected in (("0", "greater than or equal to 1"), ("1001", "less than or equal to 1000"),
                           ("2.0", "valid integer"), ("true", "valid integer")):  # fmt: skip
         path = write_mission(tmp_path / "bad", MINIMAL + f"[train]\nmin_trainers = {bad}\n")
@@ -290,19 +297,8 @@ def test_min_trainers_defaults_to_one_is_bounded_and_leaves_the_id_alone_when_un
 
 
 def test_freeze_embeddings_is_off_unless_set_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
-    spec = load_mission_toml(EXAMPLE, BUILTIN).spec
-    assert spec.train.freeze_embeddings is False and b"freeze_embeddings" not in spec.canonical()
-    assert spec.sha256 == EXAMPLE_SPEC_SHA256  # missions signed before the key existed keep their ids
-    unset = load_mission_toml(write_mission(tmp_path / "unset", MINIMAL), BUILTIN)
-    off = load_mission_toml(write_mission(tmp_path / "off", MINIMAL + "[train]\nfreeze_embeddings = false\n"), BUILTIN)
-    assert off.spec.canonical() == unset.spec.canonical()
-    on = load_mission_toml(write_mission(tmp_path / "on", MINIMAL + "[train]\nfreeze_embeddings = true\n"), BUILTIN)
-    assert on.spec.train.freeze_embeddings is True and on.spec.sha256 != unset.spec.sha256
-    assert MissionSpec.from_canonical(on.spec.canonical()) == on.spec
-    spelled = msgpack.unpackb(unset.spec.canonical())
-    spelled["train"]["freeze_embeddings"] = False
-    with pytest.raises(RecordError, match="not in canonical form"):
-        MissionSpec.from_canonical(msgpack.packb(sorted_maps(spelled), use_bin_type=True))
+    assert load_mission_toml(EXAMPLE, BUILTIN).spec.train.freeze_embeddings is False
+    check_key_added_later(tmp_path, "freeze_embeddings", "false", "true")
     for bad in ("1", '"yes"'):
         path = write_mission(tmp_path / "bad", MINIMAL + f"[train]\nfreeze_embeddings = {bad}\n")
         with pytest.raises(MissionSpecError, match="train.freeze_embeddings: Input should be a valid boolean"):
@@ -312,19 +308,8 @@ def test_freeze_embeddings_is_off_unless_set_and_leaves_the_id_alone_when_unset(
 def test_average_state_every_is_one_unless_set_applies_to_sync_and_leaves_the_id_alone_when_unset(
     tmp_path: Path,
 ) -> None:
-    spec = load_mission_toml(EXAMPLE, BUILTIN).spec
-    assert spec.train.average_state_every == 1 and b"average_state_every" not in spec.canonical()
-    assert spec.sha256 == EXAMPLE_SPEC_SHA256
-    unset = load_mission_toml(write_mission(tmp_path / "unset", MINIMAL), BUILTIN)
-    one = load_mission_toml(write_mission(tmp_path / "one", MINIMAL + "[train]\naverage_state_every = 1\n"), BUILTIN)
-    assert one.spec.canonical() == unset.spec.canonical()
-    four = load_mission_toml(write_mission(tmp_path / "four", MINIMAL + "[train]\naverage_state_every = 4\n"), BUILTIN)
-    assert four.spec.train.average_state_every == 4 and four.spec.sha256 != unset.spec.sha256
-    assert MissionSpec.from_canonical(four.spec.canonical()) == four.spec
-    spelled = msgpack.unpackb(unset.spec.canonical())
-    spelled["train"]["average_state_every"] = 1
-    with pytest.raises(RecordError, match="not in canonical form"):
-        MissionSpec.from_canonical(msgpack.packb(sorted_maps(spelled), use_bin_type=True))
+    assert load_mission_toml(EXAMPLE, BUILTIN).spec.train.average_state_every == 1
+    check_key_added_later(tmp_path, "average_state_every", "1", "4")
     for bad, expected in (("0", "greater than or equal to 1"), ("1001", "less than or equal to 1000"),
                           ("2.5", "valid integer")):  # fmt: skip
         path = write_mission(tmp_path / "bad", MINIMAL + f"[train]\naverage_state_every = {bad}\n")
