@@ -76,7 +76,7 @@ class StudentSection(_Section):
         their hash
     :param layers: prune the base to exactly these decoder layers (increasing), instead of ``keep_layers``: e.g.
         the layers of highest Block Influence on the mission's data, which the lead measures once
-        (``garden student layers``) so that every trainer builds the same student. Left out of the canonical
+        (``garden mission layers``) so that every trainer builds the same student. Left out of the canonical
         encoding while unset"""
 
     base: ModelRefText
