@@ -137,19 +137,15 @@ def layers(
     from garden.data import DEMO_PROMPTS, demo_prompts
     from garden.models.chat import chat_prompt_ids
     from garden.models.loading import ModelRefError, load_model
-    from garden.models.student import INFLUENCE_TOKENS, block_influence, influence_layers, kept_layer_indices
+    from garden.models.student import block_influence, influence_layers, kept_layer_indices
     from garden.protocol.mission import MissionSpecError, load_mission_toml
 
     try:
         draft = load_mission_toml(file, {DEMO_PROMPTS: demo_prompts})
         base = load_model(draft.spec.student.base)
         kept_layer_indices(int(base.model.config.num_hidden_layers), keep)  # a count it can keep, before measuring
-        texts: list[list[int]] = []
-        for prompt in draft.prompts:
-            if sum(map(len, texts)) >= INFLUENCE_TOKENS:
-                break
-            texts.append(chat_prompt_ids(base.tokenizer, prompt.prompt))
-        with console.status(f"measuring the layers of {draft.spec.student.base} on {len(texts)} prompts"):
+        texts = (chat_prompt_ids(base.tokenizer, prompt.prompt) for prompt in draft.prompts)
+        with console.status(f"measuring the layers of {draft.spec.student.base} on its prompts"):
             influence = block_influence(base.model, texts)
         chosen = influence_layers(influence, keep)
     except (MissionSpecError, ModelRefError) as e:

@@ -18,7 +18,6 @@ from garden.distill.checkpoints import CheckpointError, RunDir, write_json_atomi
 from garden.models.chat import answer_ids, chat_prompt_ids
 from garden.models.loading import load_model
 from garden.models.student import (
-    INFLUENCE_TOKENS,
     LoraSpec,
     StudentSpec,
     build_student,
@@ -67,11 +66,7 @@ def calibrated_student(spec: StudentSpec, rows: Sequence[DorpoRow]) -> StudentSp
     if spec.spacing != "influence" or spec.keep_layers is None:
         return spec
     tokenizer = load_model(spec.base).tokenizer
-    texts: list[list[int]] = []
-    for row in rows:
-        if sum(map(len, texts)) >= INFLUENCE_TOKENS:
-            break
-        texts.append(chat_prompt_ids(tokenizer, row.prompt) + answer_ids(tokenizer, row.chosen))
+    texts = (chat_prompt_ids(tokenizer, row.prompt) + answer_ids(tokenizer, row.chosen) for row in rows)
     resolved = resolve_influence(spec, texts)
     logger.info("spacing=influence keeps layers %s of %s", ",".join(map(str, resolved.layers or ())), spec.base)
     return resolved

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -155,11 +156,11 @@ INFLUENCE_BATCH = 8
 """Texts per forward pass in :func:`block_influence` (right-padded; the padding is left out of the means)."""
 
 
-def block_influence(model: Any, texts: list[list[int]]) -> list[float]:
+def block_influence(model: Any, texts: Iterable[list[int]]) -> list[float]:
     """Each decoder layer's Block Influence (ShortGPT, Men et al. 2024): one minus the mean cosine similarity
-    of its input and output hidden states over the tokens of ``texts`` (token id lists, up to
-    :data:`INFLUENCE_TOKENS` in all). A layer that barely turns the residual stream scores near 0 and is the
-    cheapest to drop."""
+    of its input and output hidden states over the tokens of ``texts`` (token id lists, read until
+    :data:`INFLUENCE_TOKENS` are in hand: a generator is tokenized no further). A layer that barely turns the
+    residual stream scores near 0 and is the cheapest to drop."""
     import torch
 
     layers = model.model.layers
@@ -176,12 +177,13 @@ def block_influence(model: Any, texts: list[list[int]]) -> list[float]:
         return measure
 
     kept: list[list[int]] = []
+    room = INFLUENCE_TOKENS
     for ids in texts:
-        room = INFLUENCE_TOKENS - sum(map(len, kept))
-        if room <= 0:
-            break
         if ids:
             kept.append(list(ids[:room]))
+            room -= len(kept[-1])
+        if room <= 0:
+            break
     if not kept:
         raise ModelRefError("spacing=influence needs calibration text: no tokens were given")
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -218,7 +220,7 @@ def influence_layers(influence: list[float], keep: int) -> list[int]:
     return sorted([0, *middle, total - 1])
 
 
-def resolve_influence(spec: StudentSpec, texts: list[list[int]]) -> StudentSpec:
+def resolve_influence(spec: StudentSpec, texts: Iterable[list[int]]) -> StudentSpec:
     """``spec`` with ``spacing=influence`` made explicit (``layers``), from the base's :func:`block_influence` on
     ``texts``; any other spec as it is. The explicit list is what a run records, so that resuming or exporting it
     builds the same student without the data."""
