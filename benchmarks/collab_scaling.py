@@ -24,8 +24,10 @@ What is measured, and why:
   DiLoCo-style). Target: ``local_8bit`` <= 1/500 of ``naive``.
 
 The rows are shaken once from the built-in teacher (``--prompts`` demo prompts); the student is
-``--student`` (default: the built-in model pruned to 4 layers). Everything runs on 127.0.0.1, bootstrapped
-from one garden daemon. ``machine.load_average_1m`` (before, after) shows whether other work shared the CPU.
+``--student`` (default: the built-in model pruned to 4 layers), its embeddings and output head frozen as
+``garden train`` and missions with ``freeze_embeddings`` keep them (``--train-embeddings``: trained and
+averaged too). Everything runs on 127.0.0.1, bootstrapped from one garden daemon. ``machine.load_average_1m``
+(before, after) shows whether other work shared the CPU.
 """
 
 from __future__ import annotations
@@ -171,13 +173,18 @@ def main() -> int:
                         help="the scaling runs: sync mode's parameter round at every this many epochs")
     parser.add_argument("--local-steps", type=int, default=64, help="local mode: steps per peer between averagings")
     parser.add_argument("--window", type=float, default=60.0, help="seconds counted per configuration")
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="train and average the student's embeddings too (missions without freeze_embeddings)")
     parser.add_argument("--skip-bytes", action="store_true", help="only the scaling runs")
     parser.add_argument("--skip-scaling", action="store_true", help="only the bytes runs")
     parser.add_argument("--json-only", action="store_true")
     args = parser.parse_args()
     quiet = args.json_only
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
-    report: dict[str, Any] = {"student": args.student, "batch_size": args.batch_size, "window_s": args.window}
+    report: dict[str, Any] = {
+        "student": args.student, "batch_size": args.batch_size, "window_s": args.window,
+        "freeze_embeddings": not args.train_embeddings,
+    }  # fmt: skip
     machine = MachineReport().start()
     with tempfile.TemporaryDirectory(prefix="garden-collab-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -187,7 +194,7 @@ def main() -> int:
         daemons = DaemonFactory(tmp / "daemons")
         try:
             bootstrap = [daemons.start("--roles", "trainer").join_addr]
-            common = {"batch_size": args.batch_size, "lr": 1e-4}
+            common = {"batch_size": args.batch_size, "lr": 1e-4, "freeze_embeddings": not args.train_embeddings}
             if not args.skip_scaling:
                 report |= scaling(args, tmp, bootstrap, common)
             if not args.skip_bytes:
