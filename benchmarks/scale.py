@@ -18,11 +18,12 @@ What is measured, and how:
   Targets: p99 <= 1 s for every lookup.
 - **the shards** (``shards``): the same nodes are shakers of one mission of ``--shards`` shards. Each runs garden's
   ``LeaseManager`` through its node (claim with read-back, renewals, done records, all checked by the validators),
-  "samples" a shard for ``--sample-s`` seconds (a sleep instead of the teacher) and claims the next, until none is
-  open, in a swarm that does nothing else (the DHT part's announcing stopped: on one machine its CPU would be the
-  shakers'). Then the board is read: a shard done by more than one attempt is a duplicate, one that no done record
-  covers is lost; the time to finish is compared with the ideal (``shards * sample_s / peers``, no protocol).
-  Targets: 0 duplicates, 0 lost, time / ideal <= 1.2.
+  "samples" a shard for ``--sample-s`` seconds (a sleep instead of the teacher; its lease confirmed a second in,
+  as a shaker does) and claims the next, until none is open, in a swarm that does nothing else (the DHT part's
+  announcing stopped: on one machine its CPU would be the shakers'). Then the board is read: a shard done by more
+  than one attempt is a duplicate, one that no done record covers is lost; the time to finish is compared with the
+  ideal (``shards * sample_s / peers``, no protocol), and the CPU and bytes of the whole swarm are divided by the
+  shards. Targets: 0 duplicates, 0 lost, time / ideal <= 1.2.
 - **an averaging round** (``round``): one all-reduce round of hivemind's ``AllReduceRunner`` (what a group runs
   once formed, garden's patches installed) of a ``--round-params`` float32 model, between ``--round-large``
   peers and between ``--round-small`` peers, every peer's p2pd on this machine. Target: large / small <= 2.
@@ -212,10 +213,11 @@ class Host:
     async def shake(self, mission_id: str, shards: int, sample_s: float, deadline: float) -> dict[str, Any]:
         """Every node a shaker of ``mission_id`` until no shard is open (or ``deadline``, wall time): what each
         finished, and when; the claims and done records that failed (a DHT call past its timeout, mostly)."""
-        from garden.mission.leases import LeaseConfig, LeaseError, LeaseManager
+        from garden.mission.leases import LeaseConfig, LeaseError, LeaseLostError, LeaseManager
+        from garden.mission.shaking import CONFIRM_AFTER
         from garden.protocol.keys import DHTKeys
 
-        failures, count = {"claim": 0, "done": 0}, [0]
+        failures, count = {"claim": 0, "done": 0, "done_refused": 0, "lost_at_confirm": 0}, [0]
 
         async def shaker(i: int, node: Any) -> list[dict[str, Any]]:
             manager = LeaseManager(NodeDHT(node), DHTKeys(SWARM), self.keys_[i], LeaseConfig(),  # type: ignore[arg-type]
@@ -232,9 +234,22 @@ class Host:
                 if lease is None:
                     await asyncio.sleep(1.0)
                     continue
-                await asyncio.sleep(sample_s)  # the teacher's time, without the teacher
+                # the teacher's time, without the teacher; as a shaker does, the lease is checked a moment after
+                # the claim (garden.mission.shaking.CONFIRM_AFTER): a claim that crossed another stops there
+                await asyncio.sleep(min(CONFIRM_AFTER, sample_s))
+                try:
+                    lease = await manager.renew(lease)
+                except LeaseLostError:
+                    failures["lost_at_confirm"] += 1
+                    continue
+                except LeaseError:
+                    pass  # not answered: the shaker samples on, and its done record checks the lease again
+                await asyncio.sleep(max(sample_s - CONFIRM_AFTER, 0.0))
                 try:
                     await manager.mark_done(lease, rows=1, row_set_sha256="ab" * 32)
+                except LeaseLostError:  # another attempt's claim crossed this one's: it counts, not this
+                    failures["done_refused"] += 1
+                    continue
                 except LeaseError:
                     failures["done"] += 1
                     continue
@@ -448,6 +463,7 @@ def measure_dht(args: argparse.Namespace, hosts: list[HostProcess], isolated: bo
 
 def measure_shards(args: argparse.Namespace, hosts: list[HostProcess]) -> dict[str, Any]:
     mission_id = hosts[0].ask({"cmd": "missions"})["missions"][0]
+    cpu_before, bytes_before = cpu_seconds(), loopback_bytes()
     started = time.time()
     command = {"cmd": "shake", "mission": mission_id, "shards": args.shards, "sample_s": args.sample_s,
                "deadline": started + args.shards_timeout}  # fmt: skip
@@ -458,18 +474,27 @@ def measure_shards(args: argparse.Namespace, hosts: list[HostProcess]) -> dict[s
         host.proc.stdin.flush()
     answers = [host.ask() for host in hosts]
     finished = [f for answer in answers for f in answer["finished"]]
-    failures = {what: sum(a["failures"][what] for a in answers) for what in ("claim", "done")}
+    failures = {what: sum(a["failures"][what] for a in answers) for what in ("claim", "done", "done_refused",
+                                                                             "lost_at_confirm")}  # fmt: skip
     seconds = max((f["at"] for f in finished), default=time.time()) - started
+    cpu, sent = cpu_seconds() - cpu_before, loopback_bytes()
     done = hosts[0].ask({"cmd": "board", "mission": mission_id, "shards": args.shards})["done"]
     attempts_per_shard = [len(done.get(str(i), [])) for i in range(args.shards)]
     ideal = args.shards * args.sample_s / args.peers
     return {
         "shakers": args.peers, "shards": args.shards, "sample_s": args.sample_s,
         "finished_attempts": len(finished), "failed_claims": failures["claim"], "failed_done_records": failures["done"],
+        "claims_lost_at_confirm": failures["lost_at_confirm"], "done_refused_lease_lost": failures["done_refused"],
         "duplicate_shards": sum(1 for n in attempts_per_shard if n > 1),
         "lost_shards": sum(1 for n in attempts_per_shard if n == 0),
         "seconds": round(seconds, 1), "ideal_s": round(ideal, 1),
         "shards_time_over_ideal": round(seconds / ideal, 3),
+        # what the protocol costs per shard finished, all peers together (the nodes, their p2pd): on separate
+        # machines this is spread over the shakers; here it shares two cores, and machine_busy near 1 means
+        # the cores, not the protocol's round trips, set the pace
+        "cpu_s_per_shard": round(cpu / max(len(finished), 1), 3),
+        "bytes_per_shard": round((sent - bytes_before) / max(len(finished), 1)) if sent and bytes_before else None,
+        "machine_busy": round(cpu / (os.cpu_count() or 1) / (time.time() - started), 3),
     }  # fmt: skip
 
 

@@ -5,11 +5,17 @@ A shaker ``claim``s an open shard (a signed lease under ``lease:<shard>`` that e
 record under ``done:<shard>:<peer>:<attempt>``, one per attempt). Records and their checks are
 ``garden.protocol.shards``; this module reads them from and writes them to a hivemind DHT.
 
+The records live in segments of ``SEGMENT_SHARDS`` shards, a DHT key each. A claim, a renewal and a done
+record read only their shard's segment, so their cost does not grow with the mission; ``fetch`` (a view of
+the whole mission: progress, winners, verification) reads every segment at once.
+
 Races are expected, not prevented: a lease is only "whoever the DHT kept", read back after storing,
 and two peers can still both sample a shard (a slow peer whose lease expired, a killed peer that comes
-back, two claims crossing in flight). They are settled afterwards: ``pick_winner`` chooses exactly one
-done record per shard, identically on every peer that sees the same records, and
-``ShardBoard.losing_attempts`` names the attempts whose rows must be dropped everywhere.
+back, two claims crossing in flight). The one whose lease the DHT did not keep learns it at its next
+renewal or, at the latest, from ``mark_done``, which publishes nothing over another attempt's live lease
+or result. What still gets through (done records crossing in flight, a healed partition) is settled
+afterwards: ``pick_winner`` chooses exactly one done record per shard, identically on every peer that sees
+the same records, and ``ShardBoard.losing_attempts`` names the attempts whose rows must be dropped everywhere.
 
 Why the DHT is used directly (``hivemind.DHT``, not ``garden.net.swarm.Swarm``): ``Swarm.get`` turns
 a timeout into ``None``, which here would read as "no leases, every shard open" and make every peer
@@ -23,9 +29,9 @@ import enum
 import logging
 import random
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import hivemind
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -45,12 +51,18 @@ from garden.protocol.shards import (
     RefutationRecord,
     decode_shard_entry,
     pick_winner,
+    segment_count,
+    segment_of,
+    segment_span,
 )
 
 logger = logging.getLogger(__name__)
 
 Lease = LeaseRecord
 """What ``claim`` hands out: the signed lease as stored (its ``attempt`` names this try at the shard)."""
+
+SEGMENT_READS = 16
+"""Segment keys ``fetch`` reads at once: a mission of 10,000 shards has 313, read 16 at a time."""
 
 
 # --- reading: the board -------------------------------------------------------------------------------
@@ -80,13 +92,14 @@ class ShardSummary:
 
 
 class ShardBoard:
-    """One peer's view of a mission's shards, built from the shards key's DHT value.
+    """One peer's view of a mission's shards (all of them, or one segment's), built from the DHT values of
+    their segment keys.
 
     Every entry is decoded and checked (``decode_shard_entry``) and must belong to this mission and
     agree on its shard count; invalid ones are logged, counted in ``invalid_records`` and ignored, so a
     forger can add noise but never change a shard's state.
 
-    :param entries: the DHT dictionary (``{subkey: (value, expiration_time)}``) or None if the key is empty
+    :param entries: the DHT dictionaries' entries (``{subkey: (value, expiration_time)}``) or None if empty
     :param mission_id: the mission the board is for
     :param shard_count: shards in the mission (``count_shards`` of the signed mission)
     :param now: DHT time that decides which leases are live
@@ -96,6 +109,8 @@ class ShardBoard:
         this peer refuted one of their row sets then)
     :param gone: peers seen leaving the swarm (``PeerDirectory.gone``): their live leases hold nothing, so a
         killed peer's shard is open once its peer record expired, not when its lease ends
+    :param span: the shards read (one segment's, ``segment_span``); all of them by default. ``shards`` holds
+        their states, ``state(i)`` finds one; a record of a shard outside it is dropped as misplaced
     """
 
     def __init__(
@@ -108,10 +123,14 @@ class ShardBoard:
         void: frozenset[str] | set[str] = frozenset(),
         distrusted: Mapping[str, float] | None = None,
         gone: frozenset[str] = frozenset(),
+        span: range | None = None,
     ):
         if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
             raise ValueError(f"shard_count must be an int >= 1, got {shard_count!r}")
-        self.mission_id, self.shard_count, self.now, self.gone = mission_id, shard_count, now, gone
+        span = range(shard_count) if span is None else span
+        if span.step != 1 or not 0 <= span.start < span.stop <= shard_count:
+            raise ValueError(f"span {span} is not a run of shards of a mission of {shard_count}")
+        self.mission_id, self.shard_count, self.now, self.gone, self.span = mission_id, shard_count, now, gone, span
         self.invalid_records = 0
         leases: dict[int, LeaseRecord] = {}
         results: dict[int, list[DoneRecord]] = {}
@@ -128,6 +147,8 @@ class ShardBoard:
                         f"record is for mission {record.mission_id[:12]}.. of {record.shard_count} shards, "
                         f"not {mission_id[:12]}.. of {shard_count}"
                     )
+                if record.shard not in span:
+                    raise RecordError(f"shard {record.shard} is not in the shards read ({span.start}-{span.stop - 1})")
                 if isinstance(record, DoneRecord) and created is not None:
                     record.check_mission(created)
                 refuted_at = (distrusted or {}).get(record.peer_id)
@@ -143,21 +164,39 @@ class ShardBoard:
                 self.refutations.append(record)
             else:
                 results.setdefault(record.shard, []).append(record)
-        self.shards: list[ShardState] = [self._state(i, leases.get(i), results.get(i, [])) for i in range(shard_count)]
+        self.shards: list[ShardState] = [self._state(i, leases.get(i), results.get(i, [])) for i in span]
 
     @classmethod
     def from_found(
-        cls, found: ValueWithExpiration[Any] | None, mission_id: str, shard_count: int, now: float, **checks: Any
+        cls,
+        found: Iterable[ValueWithExpiration[Any] | None],
+        mission_id: str,
+        shard_count: int,
+        now: float,
+        span: range | None = None,
+        **checks: Any,
     ) -> ShardBoard:
-        """From what ``DHT.get(key, latest=True)`` returned; ``checks`` are the constructor's ``created``,
-        ``void``, ``distrusted`` and ``gone``."""
-        board = cls(None, mission_id, shard_count, now)
-        if found is None:
-            return board
-        if not isinstance(found.value, (dict, DictionaryDHTValue)):
-            board._drop("<whole key>", f"value is a {type(found.value).__name__}, not a dictionary")
-            return board
-        return cls(found.value, mission_id, shard_count, now, **checks)
+        """From what ``DHT.get(key, latest=True)`` returned for each segment key read (their shards are
+        ``span``); ``checks`` are the constructor's ``created``, ``void``, ``distrusted`` and ``gone``."""
+        entries: dict[Any, Any] = {}
+        not_dictionaries: list[str] = []
+        for part in found:
+            if part is None:
+                continue
+            if isinstance(part.value, (dict, DictionaryDHTValue)):
+                entries.update(_items(part.value))
+            else:
+                not_dictionaries.append(type(part.value).__name__)
+        board = cls(entries, mission_id, shard_count, now, span=span, **checks)
+        for kind in not_dictionaries:
+            board._drop("<a whole segment key>", f"value is a {kind}, not a dictionary")
+        return board
+
+    def state(self, shard: int) -> ShardState:
+        """The state of ``shard``, which must be in the shards read."""
+        if shard not in self.span:
+            raise IndexError(f"shard {shard} is not in the shards read ({self.span.start}-{self.span.stop - 1})")
+        return self.shards[shard - self.span.start]
 
     def _state(self, index: int, lease: LeaseRecord | None, results: list[DoneRecord]) -> ShardState:
         winner = pick_winner(results)
@@ -182,7 +221,7 @@ class ShardBoard:
         for s in self.shards:
             count[s.status] += 1
         return ShardSummary(
-            total=self.shard_count,
+            total=len(self.shards),
             done=count[ShardStatus.DONE],
             leased=count[ShardStatus.LEASED],
             open=count[ShardStatus.OPEN],
@@ -201,6 +240,16 @@ class ShardBoard:
         Sorted by (shard, attempt) so every peer lists them in the same order."""
         losers = [r for s in self.shards for r in s.results if r is not s.winner]
         return sorted(losers, key=lambda r: (r.shard, r.attempt, r.peer_id))
+
+
+def _check_not_taken(state: ShardState, lease: LeaseRecord, now: float, own_result: bool = False) -> None:
+    """Raise ``LeaseLostError`` when the shard is finished (by another attempt than ``lease``'s, with
+    ``own_result``: a done record being published again) or another attempt holds a live lease on it."""
+    if state.winner is not None and not (own_result and state.winner.attempt == lease.attempt):
+        raise LeaseLostError(f"shard {lease.shard} was finished by {state.winner.peer_id} ({state.winner.attempt})")
+    current = state.lease
+    if current is not None and current.attempt != lease.attempt and current.active(now):
+        raise LeaseLostError(f"shard {lease.shard} is leased by {current.peer_id} ({current.attempt}) now")
 
 
 def _items(entries: Mapping[Any, Any] | DictionaryDHTValue | None) -> list[tuple[Any, Any]]:
@@ -315,61 +364,112 @@ class LeaseManager:
         self._distrusted.setdefault(mission_id, {}).setdefault(producer, since)
 
     async def fetch(self, mission_id: str, shard_count: int, now: float | None = None) -> ShardBoard:
-        """The mission's shards as the DHT has them now (latest value of every subkey)."""
+        """The mission's shards as the DHT has them now (latest value of every subkey of every segment: the
+        segments are read at once, and one that does not answer fails the whole read)."""
+        return await self._read(mission_id, shard_count, range(segment_count(shard_count)), now)
+
+    async def fetch_segment(
+        self, mission_id: str, shard_count: int, segment: int, now: float | None = None
+    ) -> ShardBoard:
+        """One segment's shards (``segment_span``): what a claim, a renewal or a done record needs."""
+        return await self._read(mission_id, shard_count, range(segment, segment + 1), now)
+
+    async def _read(self, mission_id: str, shard_count: int, segments: range, now: float | None) -> ShardBoard:
         now = get_dht_time() if now is None else now
-        found = await self._dht_call(
-            "read", self.dht.get(self.keys.mission_shards(mission_id), latest=True, return_future=True)
-        )
+        in_flight = asyncio.Semaphore(SEGMENT_READS)
+
+        async def read(segment: int) -> Any:
+            async with in_flight:
+                key = self.keys.shard_segment(mission_id, segment)
+                return await self._dht_call("read", self.dht.get(key, latest=True, return_future=True))
+
+        found = await asyncio.gather(*(read(s) for s in segments))
+        span = range(segment_span(segments.start, shard_count).start, segment_span(segments[-1], shard_count).stop)
         return ShardBoard.from_found(
-            found, mission_id, shard_count, now, created=self._created.get(mission_id),
+            found, mission_id, shard_count, now, span=span, created=self._created.get(mission_id),
             void=self.voided(mission_id), distrusted=self._distrusted.get(mission_id), gone=self._gone(),
         )  # fmt: skip
 
-    async def claim(self, mission_id: str, shard_count: int, now: float | None = None) -> Lease | None:
-        """Lease a random open shard (random, so that peers starting together spread out).
+    async def _fetch_shard(self, mission_id: str, shard_count: int, shard: int, now: float | None = None) -> ShardState:
+        board = await self.fetch_segment(mission_id, shard_count, segment_of(shard), now)
+        return board.state(shard)
 
-        Stores the lease, reads the shard back, and returns the lease only if the DHT kept this one;
-        tries ``claim_tries`` shards, then returns None. None also when no shard is open (all leased or
-        done: ``fetch(...).all_done`` tells which). The read-back narrows but cannot close the race
-        between two claims in flight; their done records are settled by ``pick_winner``.
+    def _segments_to_try(self, shard_count: int, hint: ShardBoard | None) -> list[int]:
+        """The mission's segments in random order (so that peers starting together spread over them), those
+        where ``hint`` (a recent board of the whole mission) saw an open shard first."""
+        segments = list(range(segment_count(shard_count)))
+        self._rng.shuffle(segments)
+        if hint is not None and hint.span == range(shard_count):
+            has_open = {segment_of(i) for i in hint.open_shards()}
+            segments.sort(key=lambda s: s not in has_open)  # stable: still random within each group
+        return segments
+
+    async def claim(
+        self, mission_id: str, shard_count: int, now: float | None = None, hint: ShardBoard | None = None
+    ) -> Lease | None:
+        """Lease a random open shard of a random segment (random, so that peers starting together spread out).
+
+        Reads one segment at a time (first those where ``hint``, a recent ``fetch`` of the mission, saw open
+        shards) until one has an open shard; stores the lease, reads the segment back, and returns the lease
+        only if the DHT kept this one. Gives up after ``claim_tries`` lost races (or leases no node took) and
+        returns None; None also when no segment has an open shard (all leased or done: ``fetch(...).all_done``
+        tells which). The read-back narrows but cannot close the race between two claims in flight: the holder
+        checks its lease again before its done record (``mark_done``), and the shaker soon after the claim;
+        done records that still cross are settled by ``pick_winner``.
         """
         tried: set[int] = set()
-        for _ in range(self.config.claim_tries):
-            start = get_dht_time() if now is None else now
-            board = await self.fetch(mission_id, shard_count, start)
-            candidates = [i for i in board.open_shards() if i not in tried]
-            if not candidates:
-                return None
-            shard = self._rng.choice(candidates)
-            tried.add(shard)
-            expires = start + self.config.lease_duration
-            previous = board.shards[shard].lease
-            if previous is not None:
-                # a released (or just-expired) lease is only overwritten by one that expires later
-                expires = max(expires, previous.expires + RELEASE_MARGIN)
-            lease = LeaseRecord(
-                mission_id=mission_id, shard=shard, shard_count=shard_count, peer_id=self.peer_id,
-                attempt=secrets.token_hex(8), started=start, renewed=start, expires=expires,
-            )  # fmt: skip
-            try:
-                stored = await self._store(lease, lease.expires)
-            except ShardDHTError as e:
-                stored, failure = False, str(e)
+        races = 0
+        for segment in self._segments_to_try(shard_count, hint):
+            while races < self.config.claim_tries:
+                lease = await self._claim_in(mission_id, shard_count, segment, tried, now)
+                if lease is None:  # nothing open here
+                    break
+                if lease is not False:
+                    return lease
+                races += 1
             else:
-                failure = "no DHT node took it"
-            # read back even when the store looked failed: a lease some node kept after all, that nobody
-            # works on, would hold the shard until it expires
-            after = await self.fetch(mission_id, shard_count)
-            state = after.shards[shard]
-            if state.status is ShardStatus.LEASED and state.lease is not None and state.lease.attempt == lease.attempt:
-                logger.info("leased shard %d of mission %s until %.0f", shard, mission_id[:12], lease.expires)
-                self._latest[lease.attempt] = lease
-                return lease
-            if not stored:
-                logger.info("lease of shard %d of mission %s not stored: %s", shard, mission_id[:12], failure)
-                continue
-            logger.info("lost the race for shard %d of mission %s", shard, mission_id[:12])
+                return None
         return None
+
+    async def _claim_in(
+        self, mission_id: str, shard_count: int, segment: int, tried: set[int], now: float | None
+    ) -> Lease | Literal[False] | None:
+        """One try in ``segment``: the lease if this peer holds it now, False if the race (or the store) was
+        lost, None if the segment has no open shard not tried yet."""
+        start = get_dht_time() if now is None else now
+        board = await self.fetch_segment(mission_id, shard_count, segment, start)
+        candidates = [i for i in board.open_shards() if i not in tried]
+        if not candidates:
+            return None
+        shard = self._rng.choice(candidates)
+        tried.add(shard)
+        expires = start + self.config.lease_duration
+        previous = board.state(shard).lease
+        if previous is not None:
+            # a released (or just-expired) lease is only overwritten by one that expires later
+            expires = max(expires, previous.expires + RELEASE_MARGIN)
+        lease = LeaseRecord(
+            mission_id=mission_id, shard=shard, shard_count=shard_count, peer_id=self.peer_id,
+            attempt=secrets.token_hex(8), started=start, renewed=start, expires=expires,
+        )  # fmt: skip
+        try:
+            stored = await self._store(lease, lease.expires)
+        except ShardDHTError as e:
+            stored, failure = False, str(e)
+        else:
+            failure = "no DHT node took it"
+        # read back even when the store looked failed: a lease some node kept after all, that nobody
+        # works on, would hold the shard until it expires
+        state = await self._fetch_shard(mission_id, shard_count, shard)
+        if state.status is ShardStatus.LEASED and state.lease is not None and state.lease.attempt == lease.attempt:
+            logger.info("leased shard %d of mission %s until %.0f", shard, mission_id[:12], lease.expires)
+            self._latest[lease.attempt] = lease
+            return lease
+        if not stored:
+            logger.info("lease of shard %d of mission %s not stored: %s", shard, mission_id[:12], failure)
+        else:
+            logger.info("lost the race for shard %d of mission %s", shard, mission_id[:12])
+        return False
 
     async def renew(self, lease: Lease, now: float | None = None) -> Lease:
         """Extend the lease by ``lease_duration`` from now. Raises ``LeaseLostError`` if another attempt
@@ -377,12 +477,9 @@ class LeaseManager:
         ``ShardDHTError`` if the DHT did not answer (keep working and retry: the lease may still hold)."""
         self._check_mine(lease)
         now = get_dht_time() if now is None else now
-        state = (await self.fetch(lease.mission_id, lease.shard_count, now)).shards[lease.shard]
-        if state.winner is not None:
-            raise LeaseLostError(f"shard {lease.shard} was finished by {state.winner.peer_id} ({state.winner.attempt})")
+        state = await self._fetch_shard(lease.mission_id, lease.shard_count, lease.shard, now)
+        _check_not_taken(state, lease, now)
         current = state.lease
-        if current is not None and current.attempt != lease.attempt and current.active(now):
-            raise LeaseLostError(f"shard {lease.shard} is leased by {current.peer_id} ({current.attempt}) now")
         floor = current.expires + RELEASE_MARGIN if current is not None else 0.0
         expires = max(now + self.config.lease_duration, floor)
         renewed = LeaseRecord.model_validate(lease.model_dump() | {"renewed": now, "expires": expires})
@@ -391,7 +488,7 @@ class LeaseManager:
             # the key's nodes yet). Only another attempt's lease means the work is lost; while the stored
             # lease is still this one, keep working and retry (giving up would leave the shard leased to
             # nobody until the lease expires)
-            after = (await self.fetch(lease.mission_id, lease.shard_count)).shards[lease.shard]
+            after = await self._fetch_shard(lease.mission_id, lease.shard_count, lease.shard)
             held = after.lease
             if after.winner is None and held is not None and held.attempt == lease.attempt and held.active(now):
                 raise ShardDHTError(f"the DHT did not take the renewal of shard {lease.shard}; its lease still holds")
@@ -406,7 +503,7 @@ class LeaseManager:
         the lease is not the stored one any more (nothing to release)."""
         self._check_mine(lease)
         self._latest.pop(lease.attempt, None)
-        state = (await self.fetch(lease.mission_id, lease.shard_count)).shards[lease.shard]
+        state = await self._fetch_shard(lease.mission_id, lease.shard_count, lease.shard)
         if state.lease is None or state.lease.attempt != lease.attempt or state.lease.released:
             return False
         marker = LeaseRecord.model_validate(
@@ -425,7 +522,9 @@ class LeaseManager:
         """Publish this attempt's result, with the attempt's latest lease (the claim, or the last renewal this
         manager stored). It counts only if finished while that lease held (see ``garden.protocol.shards``):
         a lease that ended (renewals failed) raises ``LeaseLostError``; another attempt may then finish the
-        shard. Raises ``ShardDHTError`` if the DHT did not take it (retry: the record is idempotent per
+        shard. So does a shard that another attempt finished or holds a live lease on now (two claims that
+        crossed in flight): the other attempt's result is the one to count, and a second would be work done
+        twice. Raises ``ShardDHTError`` if the DHT did not answer or take it (retry: the record is idempotent per
         attempt) and ``ValueError`` for bad arguments."""
         self._check_mine(lease)
         held = self._latest.get(lease.attempt, lease)
@@ -434,6 +533,8 @@ class LeaseManager:
         finished = get_dht_time() if now is None else now
         if finished > held.expires + MAX_CLOCK_SKEW:
             raise LeaseLostError(f"the lease of shard {lease.shard} ended {finished - held.expires:.0f} s ago")
+        state = await self._fetch_shard(lease.mission_id, lease.shard_count, lease.shard)
+        _check_not_taken(state, lease, finished, own_result=True)
         done = DoneRecord(
             mission_id=lease.mission_id, shard=lease.shard, shard_count=lease.shard_count, peer_id=self.peer_id,
             attempt=lease.attempt, rows=rows, row_set_sha256=row_set_sha256, finished=max(finished, held.started),
@@ -455,7 +556,7 @@ class LeaseManager:
         now = get_dht_time()
         if expiration - now > self.config.done_expiration / 2:
             return False
-        key = self.keys.mission_shards(done.mission_id)
+        key = self.keys.shard_segment(done.mission_id, segment_of(done.shard))
         future = self.dht.store(key, raw, now + self.config.done_expiration, subkey=done.subkey, return_future=True)
         return bool(await self._dht_call("write", future))
 
@@ -477,7 +578,7 @@ class LeaseManager:
             raise ValueError(f"lease belongs to {lease.peer_id}, this peer is {self.peer_id}")
 
     async def _store(self, record: LeaseRecord | DoneRecord | RefutationRecord, expiration_time: float) -> bool:
-        key = self.keys.mission_shards(record.mission_id)
+        key = self.keys.shard_segment(record.mission_id, segment_of(record.shard))
         future = self.dht.store(
             key, record.to_wire(self._private_key), expiration_time, subkey=record.subkey, return_future=True
         )

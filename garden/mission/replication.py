@@ -137,7 +137,7 @@ class RowSetKeeper:
             return False, f"cannot read the shard's done records now: {e}"
         named = any(
             (r.attempt, r.peer_id, r.row_set_sha256) == (attempt, producer, ref.sha256)
-            for r in board.shards[shard].results
+            for r in board.state(shard).results
         )
         if not named:
             self.refused += 1

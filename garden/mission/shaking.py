@@ -364,7 +364,7 @@ class MissionWork(Service):
                     return
                 await self._load_teacher(mission)  # before the claim: no lease is held while a teacher loads
                 try:
-                    lease = await self.leases.claim(mission.id, mission.shard_count)
+                    lease = await self.leases.claim(mission.id, mission.shard_count, hint=self.boards.get(mission.id))
                 except ShardDHTError as e:
                     progress.state = f"waiting: {e}"
                     return
@@ -501,6 +501,10 @@ class MissionWork(Service):
                         lease, rows=len(rows), row_set_sha256=held.sha256, teachers=result.rows_by_teacher()
                     )
                     break
+                except LeaseLostError as e:  # another attempt counts for this shard: nothing to publish
+                    logger.info("shard %d of mission %s: not published: %s", lease.shard, mission.id[:12], e)
+                    progress.publish_error = None
+                    return
                 except (StoreError, OSError, ShardDHTError) as e:
                     what = "store" if held is None else "publish"
                     progress.publish_error = f"shard {lease.shard}: could not {what} its rows: {e}"[:500]

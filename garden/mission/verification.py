@@ -102,7 +102,7 @@ class Verifier:
         for claim in board.refutations:
             if claim.peer_id == self.peer_id or claim.attempt in state.refuted:
                 continue
-            done = next((d for d in board.shards[claim.shard].results if claim.names(d)), None)
+            done = next((d for d in board.state(claim.shard).results if claim.names(d)), None)
             if done is None:  # no such result (expired, void here already, or never was)
                 continue
             if claim.peer_id in trusted:

@@ -31,6 +31,13 @@ class DHTKeys:
     def mission_shards(self, mission_id: str) -> str:
         return f"{self.swarm}/m/{mission_id}/shards"
 
+    def shard_segment(self, mission_id: str, segment: int) -> str:
+        """The key of one segment of a mission's shard records (``garden.protocol.shards.SEGMENT_SHARDS`` shards
+        each); segment 0 is :meth:`mission_shards` itself."""
+        if segment < 0:
+            raise ValueError(f"segment {segment} < 0")
+        return self.mission_shards(mission_id) + (f"/{segment}" if segment else "")
+
     def mission_rows(self, mission_id: str) -> str:
         return f"{self.swarm}/m/{mission_id}/rows"
 

@@ -8,6 +8,8 @@ can add fields without older peers dropping its records.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 
 from typing import Any, Literal, TypeVar
@@ -171,12 +173,24 @@ def seal(body: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
     return msgpack.packb(envelope.model_dump(), use_bin_type=True)
 
 
+OPENED_CACHE = 2048
+"""Sealed records whose signature was checked, remembered by their bytes: hivemind validates every record of every
+answer a DHT search gets, and a shard board or the peer directory is read from several nodes every few seconds, so
+the same few hundred records would otherwise be verified over and over (at 50 peers on one machine, most of the
+CPU). A success only: a forgery is checked again each time it comes."""
+
+
 def open_sealed(raw: Any, max_bytes: int) -> tuple[bytes, str]:
     """Check size, shape and signature; return (body, signer's peer id)."""
     if not isinstance(raw, bytes):
         raise RecordError(f"value is {type(raw).__name__}, not bytes")
     if len(raw) > max_bytes:
         raise RecordError(f"value is {len(raw)} bytes, over the {max_bytes}-byte cap")
+    return _open_checked(raw)
+
+
+@functools.lru_cache(maxsize=OPENED_CACHE)
+def _open_checked(raw: bytes) -> tuple[bytes, str]:
     try:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
         envelope = SignedRecord.model_validate(obj)

@@ -1,6 +1,10 @@
 """Shard bookkeeping records under ``<swarm>/m/<mission id>/shards`` (docs/architecture.md, "DHT keys").
 
-Three signed records share that dictionary key:
+A mission's shards are kept in segments of :data:`SEGMENT_SHARDS`: shard S's records live under the key of
+segment ``S // SEGMENT_SHARDS`` (:meth:`garden.protocol.keys.DHTKeys.shard_segment`; segment 0 is the
+mission's shards key itself, so a mission of up to 32 shards has one key, as before segments). A claim,
+renewal or done record reads one segment, a few dozen records, whatever the mission's size; only a view of
+the whole mission reads them all. Three signed records share each segment's dictionary key:
 
 * ``lease:<shard>`` holds a :class:`LeaseRecord`: "peer P works on shard S (attempt A) until T". Its DHT
   expiration time *is* ``expires``: hivemind keeps, per subkey, the value with the latest expiration, so
@@ -28,6 +32,7 @@ validator that applies these checks inside the DHT lives in ``garden.mission.lea
 
 from __future__ import annotations
 
+import functools
 import re
 from abc import abstractmethod
 from collections.abc import Iterable
@@ -38,7 +43,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import Field, StringConstraints, model_validator
 
 from garden.protocol.mission import MissionId
-from garden.protocol.records import MAX_CLOCK_SKEW, RecordError, StrictRecord, decode_record, open_sealed, seal
+from garden.protocol.records import (
+    MAX_CLOCK_SKEW,
+    OPENED_CACHE,
+    RecordError,
+    StrictRecord,
+    decode_record,
+    open_sealed,
+    seal,
+)
 
 SHARD_RECORD_VERSION = 1
 """Version of the lease and done bodies (``v``); fields may be added, bump on an incompatible change."""
@@ -55,6 +68,10 @@ MAX_ROWS_PER_SHARD = 1_000_000
 RELEASE_MARGIN = 1e-3
 """Seconds a release marker outlives the lease it ends: hivemind only overwrites a subkey's value with
 one that expires strictly later, so the marker must expire after the lease it replaces."""
+
+SEGMENT_SHARDS = 32
+"""Shards per segment key. A claim reads (twice) and checks every record of one segment, so a segment's size
+is what a claim costs; at 32, a segment of leases and done records is ~40 KB."""
 
 _ATTEMPT_PATTERN = r"^[0-9a-f]{16}$"
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -225,6 +242,22 @@ class RefutationRecord(_ShardRecord):
             raise RecordError(f"stored for {expiration_time - now:.0f} s, over {MAX_DONE_TTL:.0f}")
 
 
+def segment_of(shard: int) -> int:
+    """The segment whose key holds ``shard``'s records."""
+    return shard // SEGMENT_SHARDS
+
+
+def segment_count(shard_count: int) -> int:
+    return -(-shard_count // SEGMENT_SHARDS)
+
+
+def segment_span(segment: int, shard_count: int) -> range:
+    """The shards of ``segment`` in a mission of ``shard_count`` shards (the last segment may be short)."""
+    if not 0 <= segment < segment_count(shard_count):
+        raise ValueError(f"segment {segment} is outside a mission of {shard_count} shards")
+    return range(segment * SEGMENT_SHARDS, min((segment + 1) * SEGMENT_SHARDS, shard_count))
+
+
 def lease_subkey(shard: int) -> str:
     return f"{LEASE_PREFIX}{shard}"
 
@@ -251,17 +284,24 @@ def decode_shard_entry(raw: Any, subkey: Any, expiration_time: float, now: float
         raise RecordError(f"subkey is {type(subkey).__name__}, not a string")
     if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)):
         raise RecordError(f"expiration time is {type(expiration_time).__name__}")
-    record: ShardEntry
-    if _LEASE_SUBKEY.match(subkey):
-        record = LeaseRecord.from_wire(raw, subkey)
-    elif subkey.startswith(DONE_PREFIX):
-        record = DoneRecord.from_wire(raw, subkey)
-    elif subkey.startswith(REFUTED_PREFIX):
-        record = RefutationRecord.from_wire(raw, subkey)
-    else:
-        raise RecordError(f"unknown subkey {subkey[:80]!r}")
+    record = _opened(raw, subkey) if isinstance(raw, bytes) else _open(raw, subkey)
     record.check_times(float(expiration_time), now)
     return record
+
+
+def _open(raw: Any, subkey: str) -> ShardEntry:
+    if _LEASE_SUBKEY.match(subkey):
+        return LeaseRecord.from_wire(raw, subkey)
+    if subkey.startswith(DONE_PREFIX):
+        return DoneRecord.from_wire(raw, subkey)
+    if subkey.startswith(REFUTED_PREFIX):
+        return RefutationRecord.from_wire(raw, subkey)
+    raise RecordError(f"unknown subkey {subkey[:80]!r}")
+
+
+_opened = functools.lru_cache(maxsize=OPENED_CACHE)(_open)
+"""Entries decoded and checked before, by their bytes and subkey (records are frozen; the times, which depend on
+the DHT expiration and the clock, are checked on every read): see ``OPENED_CACHE``."""
 
 
 def pick_winner(records: Iterable[DoneRecord]) -> DoneRecord | None:

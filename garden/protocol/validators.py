@@ -30,7 +30,7 @@ from garden.protocol.records import (
     RecordError,
 )
 from garden.protocol.row_sets import RowsAnnouncement, is_rows_subkey
-from garden.protocol.shards import decode_shard_entry, is_shard_subkey
+from garden.protocol.shards import decode_shard_entry, is_shard_subkey, segment_of
 
 logger = logging.getLogger(__name__)
 REPEAT_QUIET_S = 600.0
@@ -171,11 +171,11 @@ class ShardRecordValidator(CountingValidator):
     honest node never stores nor hands out a forged lease.
 
     What it recognises: any subkey starting with ``lease:``, ``done:`` or ``refuted:``, under any key; the record
-    must then be a valid signed record whose subkey, mission key (``<swarm>/m/<mission>/shards``),
-    shard range and times check out. What it cannot do: know which keys are shards keys (it sees only
-    key hashes, and missions appear after the DHT process forked), so an entry under a shards key with
-    some *other* subkey passes here and is dropped by :class:`ShardBoard` instead; nor check the shard
-    count against the signed mission (``ShardBoard`` does).
+    must then be a valid signed record whose subkey, key (its mission's shards key for its shard's segment,
+    ``<swarm>/m/<mission>/shards[/<segment>]``), shard range and times check out. What it cannot do: know which
+    keys are shards keys (it sees only key hashes, and missions appear after the DHT process forked), so an
+    entry under a shards key with some *other* subkey passes here and is dropped by :class:`ShardBoard`
+    instead; nor check the shard count against the signed mission (``ShardBoard`` does).
     """
 
     what = "shard record"
@@ -194,8 +194,8 @@ class ShardRecordValidator(CountingValidator):
         try:
             value = MSGPackSerializer.loads(record.value)
             decoded = decode_shard_entry(value, subkey, record.expiration_time, get_dht_time())
-            if record.key != key_id(self.keys.mission_shards(decoded.mission_id)):
-                raise RecordError(f"a {subkey[:80]!r} record stored under another key than its mission's")
+            if record.key != key_id(self.keys.shard_segment(decoded.mission_id, segment_of(decoded.shard))):
+                raise RecordError(f"a {subkey[:80]!r} record stored under another key than its mission's segment")
         except RecordError as e:
             return self._reject(str(e))
         except Exception as e:  # undecodable value: a stranger's garbage, never our crash

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,9 @@ from garden.protocol.shards import (
     done_subkey,
     pick_winner,
     refuted_subkey,
+    segment_count,
+    segment_of,
+    segment_span,
 )
 from garden.protocol.validators import ShardRecordValidator
 from garden.mission.leases import (
@@ -124,8 +128,13 @@ def test_records_roundtrip_and_refuse_forgeries() -> None:
         LeaseRecord.model_validate(lease.model_dump() | {"shard": "1"})
 
     now = get_dht_time()
+    raw = lease.to_wire(mine)
+    assert decode_shard_entry(raw, "lease:1", lease.expires, now) == lease
+    # the same bytes again (decoded once, remembered): the times are still checked against this read
     with pytest.raises(RecordError, match="lease ends"):  # DHT expiration must be the lease's own end
-        decode_shard_entry(lease.to_wire(mine), "lease:1", lease.expires + 3600, now)
+        decode_shard_entry(raw, "lease:1", lease.expires + 3600, now)
+    with pytest.raises(RecordError, match="belongs under"):  # and the subkey is part of what was remembered
+        decode_shard_entry(raw, "lease:2", lease.expires, now)
     with pytest.raises(RecordError, match="future"):
         future = lease.model_copy(update={"started": now + 3000, "renewed": now + 3000, "expires": now + 3700})
         decode_shard_entry(done_for(future, now + 3600).to_wire(mine), done.subkey, now + 60, now)
@@ -249,10 +258,38 @@ def test_validator_refuses_forged_and_misplaced_records() -> None:
         shard_record(DHTKeys("other").mission_shards(mission), "lease:1", lease.to_wire(alice), lease.expires),
         shard_record(key, done_subkey(5, peer_id(alice), lease.attempt), seal(msgpack.packb(out_of_range), alice), 0),
         shard_record(key, "done:1", done.to_wire(alice), get_dht_time() + 60),
+        shard_record(KEYS.shard_segment(mission, 1), "lease:1", lease.to_wire(alice), lease.expires),  # not its segment
     ]
     for i, record in enumerate(bad):
         assert not validator.validate(record), f"forged record {i} accepted"
     assert validator.rejected == len(bad)
+
+
+def test_a_missions_shards_are_kept_in_segments_of_32() -> None:
+    assert [segment_of(i) for i in (0, 31, 32, 63, 64)] == [0, 0, 1, 1, 2]
+    assert [segment_count(n) for n in (1, 32, 33, 500)] == [1, 1, 2, 16]
+    assert segment_span(0, 12) == range(12) and segment_span(1, 70) == range(32, 64)
+    assert segment_span(2, 70) == range(64, 70)
+    with pytest.raises(ValueError, match="outside"):
+        segment_span(3, 70)
+    # segment 0 is the mission's shards key: a mission of up to 32 shards keeps the one key it always had
+    mission = mission_id()
+    assert KEYS.shard_segment(mission, 0) == KEYS.mission_shards(mission)
+    assert KEYS.shard_segment(mission, 2) == KEYS.mission_shards(mission) + "/2"
+
+    # a board of one segment holds its shards only: a record of another segment's shard is dropped as misplaced
+    alice = new_key()
+    now = get_dht_time()
+    inside, outside = lease_for(alice, mission, shard=33, count=70), lease_for(alice, mission, shard=3, count=70)
+    entries = {r.subkey: (r.to_wire(alice), r.expires) for r in (inside, outside)}
+    board = ShardBoard(entries, mission, 70, now, span=segment_span(1, 70))
+    assert [s.index for s in board.shards] == list(range(32, 64)) and board.invalid_records == 1
+    assert board.state(33).lease == inside and board.state(33).status is ShardStatus.LEASED
+    assert board.summary() == ShardSummary(total=32, done=0, leased=1, open=31)
+    with pytest.raises(IndexError, match="not in the shards read"):
+        board.state(3)
+    with pytest.raises(ValueError, match="span"):
+        ShardBoard(entries, mission, 70, now, span=range(60, 80))
 
 
 class _SilentDHT:
@@ -322,9 +359,14 @@ async def test_lease_blocks_renews_expires_and_the_race_has_one_winner(dhts: lis
     with pytest.raises(LeaseLostError, match="leased by"):
         await a.renew(lease_a)
 
-    # both finish: B first, then slow A (whose rows differ only by chance of sampling)
+    # B finishes first; slow A, still within its lease's clock allowance, is told the shard is B's
     done_b = await b.mark_done(lease_b, rows=5, row_set_sha256=hashlib.sha256(b"b").hexdigest())
-    done_a = await a.mark_done(lease_a, rows=5, row_set_sha256=hashlib.sha256(b"a").hexdigest())
+    with pytest.raises(LeaseLostError, match="finished by"):
+        await a.mark_done(lease_a, rows=5, row_set_sha256=hashlib.sha256(b"a").hexdigest())
+    # had A's done record crossed B's in flight, both would be stored: the earlier finish wins everywhere
+    done_a = done_for(lease_a, get_dht_time(), sha=hashlib.sha256(b"a").hexdigest(), rows=5)
+    assert await dhts[0].store(KEYS.mission_shards(mission), done_a.to_wire(SIGNERS[a.peer_id]),
+                               get_dht_time() + 600, subkey=done_a.subkey, return_future=True)  # fmt: skip
     assert done_a.finished > done_b.finished
     for manager in (a, b, c):
         board = await manager.fetch(mission, 1)
@@ -388,6 +430,74 @@ async def test_every_shard_is_claimed_once_then_all_done(dhts: list[hivemind.DHT
     board = await a.fetch(mission, 3)
     assert board.all_done and board.summary() == ShardSummary(total=3, done=3, leased=0, open=0)
     assert board.losing_attempts() == []
+
+
+class _ReadsKept:
+    """A DHT that notes the keys read through it."""
+
+    def __init__(self, dht: hivemind.DHT):
+        self.dht, self.read = dht, list[str]()
+
+    def get(self, key: str, **kwargs: Any) -> Any:
+        self.read.append(key)
+        return self.dht.get(key, **kwargs)
+
+    def store(self, *args: Any, **kwargs: Any) -> Any:
+        return self.dht.store(*args, **kwargs)
+
+
+async def test_a_mission_of_several_segments_is_claimed_a_segment_at_a_time(dhts: list[hivemind.DHT]) -> None:
+    """70 shards, three segment keys: claims read one segment, records land under their shard's segment, and a
+    view of the mission reads them all; the last claims find the one open shard wherever it is."""
+    a = LeaseManager(dhts[0], KEYS, new_key(), SHORT, rng=random.Random(1))
+    b_dht = _ReadsKept(dhts[1])
+    b = LeaseManager(b_dht, KEYS, new_key(), SHORT, rng=random.Random(2))  # type: ignore[arg-type]
+    mission, count = mission_id(), 70
+    first = await a.claim(mission, count)
+    assert first is not None
+    raw = await dhts[2].get(KEYS.shard_segment(mission, segment_of(first.shard)), latest=True, return_future=True)
+    assert raw is not None and f"lease:{first.shard}" in raw.value  # stored under its segment's own key
+    for other in set(range(3)) - {segment_of(first.shard)}:
+        assert await dhts[2].get(KEYS.shard_segment(mission, other), latest=True, return_future=True) is None
+
+    # leave one shard of the last segment open; every claim by B from then on must find it, wherever it starts
+    last_open = 69
+    signer = SIGNERS[a.peer_id]
+    now = get_dht_time()
+    for shard in set(range(count)) - {first.shard, last_open}:
+        lease = lease_for(signer, mission, shard=shard, count=count, started=now, renewed=now, expires=now + 60)
+        done = done_for(lease, now + 1)
+        assert await dhts[0].store(KEYS.shard_segment(mission, segment_of(shard)), done.to_wire(signer),
+                                   now + 600, subkey=done.subkey, return_future=True)  # fmt: skip
+    board = await b.fetch(mission, count)
+    assert board.summary() == ShardSummary(total=70, done=68, leased=1, open=1) and board.invalid_records == 0
+    full = 1 - segment_of(first.shard) if segment_of(first.shard) < 2 else 0  # a segment of done shards only
+    assert (await b.fetch_segment(mission, count, full)).summary() == ShardSummary(total=32, done=32, leased=0, open=0)
+    b_dht.read.clear()
+    taken = await b.claim(mission, count, hint=board)  # the board saw shard 69 open: its segment is read first
+    assert taken is not None and taken.shard == last_open
+    assert b_dht.read == [KEYS.shard_segment(mission, 2)] * 2  # the claim, then the read-back
+    assert await b.claim(mission, count) is None  # none open in any segment
+    await a.mark_done(first, rows=1, row_set_sha256="0f" * 32)
+    await b.mark_done(taken, rows=1, row_set_sha256="0f" * 32)
+    assert (await a.fetch(mission, count)).all_done
+
+
+async def test_a_lease_overwritten_in_flight_is_not_finished(dhts: list[hivemind.DHT]) -> None:
+    """Two claims that cross both read their own lease back; the DHT keeps the later-expiring one. The other
+    claimer finds out at its done record at the latest, and publishes nothing: no shard is done twice."""
+    a = LeaseManager(dhts[0], KEYS, new_key(), SHORT)
+    b_key = new_key()
+    mission = mission_id()
+    lease_a = await a.claim(mission, 1)
+    assert lease_a is not None
+    now = get_dht_time()
+    crossing = lease_for(b_key, mission, shard=0, count=1, started=now, renewed=now, expires=lease_a.expires + 1)
+    assert await dhts[1].store(KEYS.mission_shards(mission), crossing.to_wire(b_key), crossing.expires,
+                               subkey=crossing.subkey, return_future=True)  # fmt: skip
+    with pytest.raises(LeaseLostError, match="leased by"):
+        await a.mark_done(lease_a, rows=1, row_set_sha256="0f" * 32)
+    assert (await a.fetch(mission, 1)).winners() == {}
 
 
 async def test_forged_and_out_of_range_records_do_not_get_in(dhts: list[hivemind.DHT]) -> None:

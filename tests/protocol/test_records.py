@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from garden.protocol import signing
 from garden.protocol.keys import DHTKeys
-from garden.protocol.records import MAX_PEER_RECORD_BYTES, PeerInfo, RecordError, seal
+from garden.protocol.records import MAX_PEER_RECORD_BYTES, PeerInfo, RecordError, open_sealed, seal
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,32 @@ def test_tampered_body_fails_the_signature(key: rsa.RSAPrivateKey) -> None:
     envelope["b"] = msgpack.packb(good_body(key, cores=64))
     with pytest.raises(RecordError, match="bad signature"):
         PeerInfo.from_wire(msgpack.packb(envelope, use_bin_type=True), peer_id(key))
+
+
+def test_a_signature_checked_once_is_not_checked_again_and_a_forgery_always_is(
+    key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hivemind validates every record of every search answer: the same bytes verify once (OPENED_CACHE)."""
+    checks: list[bytes] = []
+    verify = signing.verify
+
+    def counting(public_key: bytes, body: bytes, signature: bytes) -> bool:
+        checks.append(body)
+        return verify(public_key, body, signature)
+
+    monkeypatch.setattr(signing, "verify", counting)
+    raw = sealed(key, good_body(key, announced_at=time.time() + 0.5))  # bytes no other test opened
+    first = PeerInfo.from_wire(raw, peer_id(key))
+    assert PeerInfo.from_wire(bytes(raw), peer_id(key)) == first and len(checks) == 1  # equal bytes, checked once
+    with pytest.raises(RecordError, match="over the"):  # the size cap holds before the cache is asked
+        open_sealed(raw, max_bytes=len(raw) - 1)
+    envelope = msgpack.unpackb(raw)
+    envelope["b"] = msgpack.packb(good_body(key, cores=64))
+    forged = msgpack.packb(envelope, use_bin_type=True)
+    for _ in range(2):
+        with pytest.raises(RecordError, match="bad signature"):
+            PeerInfo.from_wire(forged, peer_id(key))
+    assert len(checks) == 3  # the forgery was checked both times
 
 
 def test_non_string_subkey_is_rejected(key: rsa.RSAPrivateKey) -> None:
