@@ -501,9 +501,11 @@ class MissionWork(Service):
                         lease, rows=len(rows), row_set_sha256=held.sha256, teachers=result.rows_by_teacher()
                     )
                     break
-                except LeaseLostError as e:  # another attempt counts for this shard: nothing to publish
+                except LeaseLostError as e:  # another attempt counts for this shard: its rows never will
                     logger.info("shard %d of mission %s: not published: %s", lease.shard, mission.id[:12], e)
                     progress.publish_error = None
+                    if held is not None:
+                        await asyncio.to_thread(self.keeper.store.drop_row_set, mission.id, lease.attempt)
                     return
                 except (StoreError, OSError, ShardDHTError) as e:
                     what = "store" if held is None else "publish"
