@@ -42,6 +42,9 @@ PROBE_TIMEOUT = 20.0
 """Seconds the whole probe may take (two daemons started, a slot reserved, the bytes read)."""
 DIAL_RETRY = 1.0
 """Seconds between dials through the relay while the holder's slot is not there yet (libp2p backs off ~5 s)."""
+START_TRIES = 3
+"""Starts of the probe's relayed daemon: p2pd exits when it cannot reach its bootstrap peer (the relay), and a relay
+busy for a moment (a probe just before, a loaded machine) does not mean it cannot relay."""
 HANDLER = "garden.relay-probe"
 CIRCUIT = "/p2p-circuit"
 LISTEN = "/ip4/127.0.0.1/tcp/0"
@@ -105,10 +108,18 @@ async def probe_relay(relay: str, size: int = PROBE_BYTES, timeout: float = PROB
             # static relays only (libp2p's relay finder would wait for four candidates, or three minutes); no
             # AutoNAT nor hole punching: the bytes must go through the relay, never around it
             with p2pd_patch.extra_flags({"relayDiscovery": False}):
-                holder = await P2P.create(
-                    initial_peers=[relay], host_maddrs=[LISTEN], use_auto_relay=True, trusted_relays=[relay],
-                    force_reachability="private", dht_mode="client", auto_nat=False, nat_port_map=False,
-                )  # fmt: skip
+                for start in range(1, START_TRIES + 1):  # p2pd exits when its bootstrap dial fails: a busy relay
+                    try:
+                        holder = await P2P.create(
+                            initial_peers=[relay], host_maddrs=[LISTEN], use_auto_relay=True, trusted_relays=[relay],
+                            force_reachability="private", dht_mode="client", auto_nat=False, nat_port_map=False,
+                        )  # fmt: skip
+                        break
+                    except Exception as e:
+                        if "failed to connect to bootstrap peers" not in str(e) or start == START_TRIES:
+                            raise
+                        stage = f"starting two p2p daemons (the relay did not answer: {str(e)[-80:]})"
+                        await asyncio.sleep(DIAL_RETRY)
                 daemons.append(holder)
                 reader_side = await P2P.create(host_maddrs=[LISTEN], dht_mode="client", auto_nat=False,
                                                nat_port_map=False)  # fmt: skip

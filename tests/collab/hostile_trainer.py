@@ -9,10 +9,10 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 - ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
 
 ``--every-round`` (with ``weight`` or ``huge``) takes no optimizer steps: it offers its gradients (random ones with
-its weight of 1e30, or a million times too large) in gradient rounds back to back, until stopped, so that it is
-looking for a group whenever the honest trainers average (a trainer that steps joins one round an epoch at most,
-and on two loaded cores its own timeouts made it miss all but one or two: tests saw the weight attacker, then the
-huge one, meet no honest peer at all). Its status counts the ``rounds`` it tried;
+its weight of 1e30, or a million times too large) in a gradient round at every epoch's end, scheduled as the honest
+trainers schedule theirs, until stopped (a trainer that steps joins one round an epoch at most, and on two loaded
+cores its own timeouts made it miss all but one or two; rounds back to back met the other attacker instead: tests
+saw the weight attacker, then the huge one, meet no honest peer at all). Its status counts the ``rounds`` it tried;
 each line of its log says how one ended (a round with honest peers ends in an error here: they refuse its part).
 
 ``--lying-reducer`` adds a million times the average of every part it reduces; ``--robust`` installs garden's
@@ -55,6 +55,7 @@ def claim_epoch(opt: Any, params: list[Any], epoch: int) -> None:
 def main() -> int:
     import torch
     from hivemind import DHT
+    from hivemind.utils.timed_storage import get_dht_time
 
     from garden.collab.hivemind_patches import refresh_progress
     from garden.collab.trainer import make_optimizer
@@ -142,14 +143,24 @@ def main() -> int:
             while not stop.wait(5.0):
                 opt.tracker.report_local_progress(args.claim, 1)  # keeps its entry fresh
                 report(args.claim)
+        struck = 0.0  # the epoch end this attacker last struck at
         while args.every_round and args.attack in ("weight", "huge") and not stop.is_set():
+            # strike when the honest trainers average: at the epoch's end, as the swarm's progress record estimates
+            # it (they schedule their round the same way). Looking for a group at any other moment, the attackers
+            # met each other and were busy with their own round when the honest peers looked (CI saw it)
+            end = opt.tracker.estimated_next_update_time
+            if end - get_dht_time() > collab.matchmaking_time or end <= struck + collab.matchmaking_time:
+                stop.wait(0.1)
+                continue
+            struck = end
             for p in params:
                 p.grad = torch.randn_like(p) if args.attack == "weight" else 1e6 * torch.randn_like(p)
             opt.grad_averager.accumulate_grads_(batch_size=1)
             rounds += 1
             heavy = {"weight": 1e30} if args.attack == "weight" else {}
             try:  # retries matchmaking within the timeout: whatever group forms, it is in it
-                honest_step(**heavy, timeout=collab.matchmaking_time + collab.averaging_timeout)
+                honest_step(**heavy, scheduled_time=max(end, get_dht_time() + 1.0),
+                            timeout=collab.matchmaking_time + collab.averaging_timeout)  # fmt: skip
                 print(f"round {rounds}: averaged", flush=True)
             except Exception as e:  # no group, or a round whose honest peers refused its part: the next one
                 print(f"round {rounds}: {e!r}", flush=True)

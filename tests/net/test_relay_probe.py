@@ -71,6 +71,56 @@ def test_the_probe_of_a_relay_that_is_gone_cannot_tell_and_says_why() -> None:
     assert probe.seconds < 8
 
 
+@pytest.mark.swarm  # real p2p daemons, a relay among them
+def test_a_relay_that_did_not_answer_the_first_start_is_probed_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """p2pd exits when it cannot reach its bootstrap peer; the probe starts its relayed daemon again (a relay busy
+    for a moment, as CI once saw). Here the relay is down at the first start and up, same key and port, before the
+    second."""
+    identity = str(tmp_path / "relay.key")
+    real_create = P2P.create.__func__  # type: ignore[attr-defined]
+    starts: list[str] = []
+    relays: list[P2P] = []
+
+    async def relay(host: str) -> P2P:
+        with p2pd_patch.extra_flags(RelayLimits().flags()):
+            return await real_create(P2P, host_maddrs=[host], identity_path=identity, force_reachability="public",
+                                     check_if_identity_free=False)  # fmt: skip
+
+    async def create(cls: type[P2P], *args: object, **kwargs: object) -> P2P:
+        try:
+            started = await real_create(cls, *args, **kwargs)
+        except Exception as e:
+            starts.append(f"failed: {e}")
+            if kwargs.get("initial_peers") and len(starts) == 1:
+                relays.append(await relay(port_of[0]))  # up before the probe's next start
+            raise
+        starts.append("started")
+        return started
+
+    async def main() -> RelayProbe:
+        first = await relay(LOCAL)
+        visible = [str(m) for m in await first.get_visible_maddrs()]
+        address = relay_address(visible, [LOCAL], first.peer_id.to_base58())
+        assert address is not None
+        port_of.append("/ip4/127.0.0.1/tcp/" + address.split("/tcp/")[1].split("/")[0])
+        await first.shutdown()  # down: the probe's first start cannot reach it
+        monkeypatch.setattr(P2P, "create", classmethod(create))
+        try:
+            return await probe_relay(address)
+        finally:
+            monkeypatch.undo()
+            for up in relays:
+                await up.shutdown()
+
+    port_of: list[str] = []
+    probe = asyncio.run(main())
+    assert starts[0].startswith("failed") and "failed to connect to bootstrap peers" in starts[0], starts
+    assert relays, "the relay never came back"
+    assert probe.verdict in ("configured", "default"), (probe, starts)
+
+
 def test_the_address_probed_is_one_this_machine_can_dial() -> None:
     me = "12D3KooWPeer"
     shown = [f"/ip4/10.0.0.2/tcp/4001/p2p/{me}", f"/ip4/127.0.0.1/tcp/4001/p2p/{me}"]
