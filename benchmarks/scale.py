@@ -474,10 +474,9 @@ def measure_shards(args: argparse.Namespace, hosts: list[HostProcess]) -> dict[s
         host.proc.stdin.flush()
     answers = [host.ask() for host in hosts]
     finished = [f for answer in answers for f in answer["finished"]]
-    failures = {what: sum(a["failures"][what] for a in answers) for what in ("claim", "done", "done_refused",
-                                                                             "lost_at_confirm")}  # fmt: skip
+    failures = {what: sum(a["failures"][what] for a in answers) for what in answers[0]["failures"]}
     seconds = max((f["at"] for f in finished), default=time.time()) - started
-    cpu, sent = cpu_seconds() - cpu_before, loopback_bytes()
+    cpu, sent, measured_s = cpu_seconds() - cpu_before, loopback_bytes(), time.time() - started
     done = hosts[0].ask({"cmd": "board", "mission": mission_id, "shards": args.shards})["done"]
     attempts_per_shard = [len(done.get(str(i), [])) for i in range(args.shards)]
     ideal = args.shards * args.sample_s / args.peers
@@ -494,7 +493,7 @@ def measure_shards(args: argparse.Namespace, hosts: list[HostProcess]) -> dict[s
         # the cores, not the protocol's round trips, set the pace
         "cpu_s_per_shard": round(cpu / max(len(finished), 1), 3),
         "bytes_per_shard": round((sent - bytes_before) / max(len(finished), 1)) if sent and bytes_before else None,
-        "machine_busy": round(cpu / (os.cpu_count() or 1) / (time.time() - started), 3),
+        "machine_busy": round(cpu / (os.cpu_count() or 1) / measured_s, 3),
     }  # fmt: skip
 
 
