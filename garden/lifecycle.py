@@ -38,8 +38,9 @@ class Service:
 
 def watch_parent(parent_pid: int) -> None:
     """Tie this process to ``parent_pid``: once the parent is gone (killed, crashed), stop this process's own
-    children and exit. Every child garden starts (the DHT process, trainer workers, their averagers) runs
-    this, so no process outlives the daemon, and ``p2pd`` is never orphaned."""
+    children and exit. Every child garden starts (trainer workers, their DHT processes and averagers) runs
+    this, so no process outlives the daemon, and ``p2pd`` is never orphaned (the daemon's own ``p2pd``, its direct
+    child, the kernel stops: ``garden.net.p2pd_patch.launch``)."""
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="garden-parent-watch", daemon=True).start()
 
 

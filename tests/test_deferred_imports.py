@@ -1,5 +1,7 @@
 """``import garden`` defers what hivemind imports and only averaging uses (``garden.DEFERRED_MODULES``): a daemon
-that never averages never loads it, and an averaging round still finds it whole."""
+that never averages never loads it, and an averaging round still finds it whole. It also skips the ``__init__`` of
+hivemind's packages that import torch for names a DHT node does not use (``garden.DEFERRED_PACKAGES``): the daemon
+imports no torch until it has torch work (``tests/net/test_swarm.py`` checks a running one)."""
 
 from __future__ import annotations
 
@@ -27,3 +29,29 @@ def test_hivemind_loads_scipy_optimize_only_when_an_averaging_round_balances_its
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
+
+
+TORCH_FREE = """
+import sys, garden
+import hivemind
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
+import garden.daemon.runner, garden.net.dht_thread, garden.api.app
+assert "torch" not in sys.modules, "torch was imported"
+assert hivemind.__version__ == "1.1.12" and type(hivemind).__name__ == "_DeferredPackage"
+assert MSGPackSerializer.loads(MSGPackSerializer.dumps([1, "a"])) == [1, "a"] and get_dht_time() > 0
+from hivemind.dht import DHT  # a name whose module needs torch: loaded when asked for
+import hivemind.dht.dht
+assert "torch" in sys.modules and DHT is hivemind.dht.dht.DHT and hivemind.DHT is DHT
+from hivemind import Optimizer
+import hivemind.optim
+assert Optimizer is hivemind.optim.Optimizer and hivemind.utils.MPFuture.__module__ == "hivemind.utils.mpfuture"
+assert hivemind.dht.DHTNode is DHTNode and hivemind.p2p.P2P is P2P
+print("ok")
+"""
+
+
+def test_the_daemon_s_modules_and_hivemind_s_dht_import_without_torch_and_every_name_still_resolves() -> None:
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

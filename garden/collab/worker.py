@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from garden.lifecycle import watch_parent
 from garden.protocol.mission_spec import StudentSection
-from garden.collab.trainer import CollabConfig, TrainStatus
+from garden.collab.settings import CollabConfig, TrainStatus
 from garden.distill.checkpoints import RunDir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
     from garden.host.governor import Governor
     from garden.host.idle import IdleConfig
     from garden.net.reach import P2PPlan, Reach, RelayLimits, plan
-    from garden.net.swarm import GardenDHT
+    from garden.net.dht_process import GardenDHT
     from garden.store import RowFeed
     from garden.collab import hivemind_patches, robust
     from garden.collab.trainer import CollabTrainer, make_optimizer

@@ -359,7 +359,7 @@ class Gardener:
         await self.swarm.close_p2p()
 
     def close(self) -> None:
-        """Stop the DHT process (and its p2pd) and close the store. Idempotent."""
+        """Stop the DHT node (and its p2pd) and close the store. Idempotent."""
         self.governor.stop()
         try:
             self.ledger.flush()

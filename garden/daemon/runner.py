@@ -37,7 +37,7 @@ logger = logging.getLogger("garden")
 STOP_TIMEOUT = 8.0
 """Seconds a clean stop may take before the runner forces it (a stop must finish within 10 s)."""
 SWARM_CHECK_PERIOD = 1.0
-"""Seconds between checks that the DHT process and its p2pd still run."""
+"""Seconds between checks that the DHT node and its p2pd still run."""
 EXIT_USAGE = 2  # the daemon could not start for a reason the user can fix
 
 
@@ -200,7 +200,7 @@ def _url_host(host: str) -> str:
 
 
 def _force_exit(gardener: Gardener) -> None:
-    """Second signal: kill our own children (DHT process and its p2pd), by PID, and leave now."""
+    """Second signal: kill our own children (the DHT node's p2pd), by PID, and leave now."""
     say("forced stop")
     for pid in gardener.child_pids():
         try:

@@ -29,31 +29,14 @@ from garden.models.chat import pad_id
 from garden.distill.checkpoints import Checkpoint, CheckpointError, RunDir, load_weights
 from garden.distill.collate import EncodedRow, EncodeReport, collate, dorpo_forward, encode_rows
 from garden.distill.dorpo import DorpoConfig
-from garden.protocol.mission_spec import DorpoSettings, Schedule, Settings
+from garden.distill.settings import StepSettings
+from garden.protocol.mission_spec import DorpoSettings, Schedule
 
 logger = logging.getLogger(__name__)
 
 HF_SCHEDULERS: dict[Schedule, str] = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 """transformers' scheduler for each :data:`~garden.protocol.mission_spec.Schedule`."""
 METRIC_NAMES = ("loss", "nll", "or_loss", "log_odds", "kl", "pref_acc")
-
-
-class StepSettings(Settings):
-    """What one machine chooses for itself, whether it trains alone (:class:`TrainConfig`) or in a swarm
-    (``garden.collab.trainer.CollabConfig``).
-
-    :param batch_size: rows per forward pass (memory grows with it)
-    :param grad_accum: forward passes per step (a step sees ``batch_size * grad_accum`` rows)
-    :param seed: seed of the data order (and of a LoRA adapter's initial weights)
-    """
-
-    batch_size: int = Field(default=4, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    seed: int = 0
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
 
 
 def loss_config(settings: DorpoSettings) -> DorpoConfig:

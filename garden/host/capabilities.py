@@ -7,9 +7,12 @@ optimizer state and activations (~4x the weights), a server holds a slice of lay
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -40,7 +43,11 @@ def probe_machine() -> MachineInfo:
 
 
 def probe_gpu() -> GpuInfo | None:
-    """The first CUDA device torch sees, if any. A broken driver is reported as no GPU, not a crash."""
+    """The first CUDA device torch sees, if any. A broken driver is reported as no GPU, not a crash.
+
+    A CPU build of torch sees none, and is not imported to say so: an idle daemon holds no torch (220 MB)."""
+    if not torch_has_gpu_build():
+        return None
     try:
         import torch
 
@@ -51,6 +58,28 @@ def probe_gpu() -> GpuInfo | None:
     except Exception as e:  # a half-installed CUDA stack must not stop a CPU peer
         logger.warning("GPU probe failed, continuing on the CPU: %s", e)
         return None
+
+
+def torch_has_gpu_build() -> bool:
+    """Whether the installed torch was built for CUDA or ROCm, read from its ``version.py`` without importing it
+    (True when that cannot be read: then torch is asked)."""
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        tree = ast.parse((Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text())
+    except (OSError, SyntaxError, ValueError, ImportError):
+        return True
+    built: dict[str, object] = {}
+    for node in tree.body:  # ``cuda: Optional[str] = None`` or ``cuda = '12.4'``
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        value = getattr(node, "value", None)
+        for target in targets:
+            if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
+                built[target.id] = value.value
+    if "cuda" not in built and "hip" not in built:
+        return True
+    return bool(built.get("cuda") or built.get("hip"))
 
 
 def possible_roles(machine: MachineInfo) -> list[Role]:

@@ -1,4 +1,4 @@
-"""``--max-cpu``: hold a peer's whole process tree (the daemon, its DHT process and p2pd, its trainer
+"""``--max-cpu``: hold a peer's whole process tree (the daemon, its p2pd, its trainer
 workers) to a share of the machine.
 
 Thread counts alone cannot do it: one torch thread is one full core, which on a 2-core machine is 50 %

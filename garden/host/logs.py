@@ -49,8 +49,8 @@ def setup_logging(level: str, log_dir: Path | None = None) -> None:
 
 def _log_uncaught(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
     """Uncaught exceptions go to the log (and so to the log file), not as bare text on stderr. One case is
-    no bug: multiprocessing's fd-sharing thread (hivemind hands file descriptors to its DHT process that
-    way) reports a child that died mid-handover through ``sys.excepthook``; the daemon already says that the
+    no bug: multiprocessing's fd-sharing thread (hivemind hands file descriptors to a trainer's DHT process
+    that way) reports a child that died mid-handover through ``sys.excepthook``; the daemon already says that the
     child is gone, so that is one line, not a traceback."""
     if not issubclass(kind, Exception):  # Ctrl+C, SystemExit: as Python shows them
         sys.__excepthook__(kind, error, tb)

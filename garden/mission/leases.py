@@ -314,7 +314,7 @@ class LeaseManager:
             ...  # sample shard lease.shard, calling ``await manager.renew(lease)`` every renew_period
             await manager.mark_done(lease, rows=len(rows), row_set_sha256=digest)
 
-    :param dht: a running hivemind DHT (the daemon's ``GardenDHT``)
+    :param dht: a running DHT with hivemind's interface (the daemon's ``ThreadDHT``, or a ``hivemind.DHT``)
     :param keys: the swarm's key names
     :param private_key: this peer's identity key; it signs every record, and its peer id is the worker's
     :param config: durations and timeouts
@@ -589,5 +589,5 @@ class LeaseManager:
             return await asyncio.wait_for(future, timeout=self.config.dht_timeout)
         except TimeoutError:
             raise ShardDHTError(f"DHT {op} timed out after {self.config.dht_timeout:.1f} s") from None
-        except Exception as e:  # a dead DHT process (BrokenPipeError) or a failed search
+        except Exception as e:  # a stopped DHT node or a failed search
             raise ShardDHTError(f"DHT {op} failed: {str(e)[:200]}") from e

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from garden.collab.trainer import CollabConfig
+from garden.collab.settings import CollabConfig
 from garden.collab.worker import WorkerConfig, WorkerStatus
 from garden.host.contribution import Ledger
 from garden.host.disk import DiskKeeper

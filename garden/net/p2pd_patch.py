@@ -1,5 +1,5 @@
-"""The one change garden makes to hivemind below the training level: flags for the p2p daemon that
-``hivemind.P2P.create`` has no option for.
+"""The one change garden makes to hivemind below the training level: how the p2p daemon is started, where
+``hivemind.P2P.create`` has no option for it.
 
 Reachability (``garden.net.reach``) needs two of p2pd's flags that hivemind does not pass: the relay service's
 limits (``-relayMaxCircuits``, ``-relayMaxReservations``, ``-relayDataLimit``, ``-relayTimeLimit``), and
@@ -10,20 +10,36 @@ command line in ``P2P._make_process_args``; :func:`install` wraps it to add :dat
 Every other hivemind patch lives in ``garden.collab.hivemind_patches``, which this level may not import; this
 one is fenced the same way, by the release it was written for (:data:`TESTED_HIVEMIND`, which the collab
 patches share), and ``tests/collab/test_hivemind_patches.py`` checks that what it replaces is still there.
-It runs in the DHT process (``GardenDHT.run``), before that process starts its p2pd, and around the relay
-probe's two throwaway daemons (:func:`extra_flags`, ``garden.net.relay_probe``): no other P2P (a trainer's, the
-reach check's, a test's) gets the flags.
+It runs around the start of the daemon's DHT node (:func:`launch`, ``garden.net.dht_thread``), in a trainer's DHT
+process (``GardenDHT.run``), and around the relay probe's two throwaway daemons (:func:`extra_flags`,
+``garden.net.relay_probe``): no other P2P (the reach check's, a test's) gets the flags.
+
+The daemon's own p2pd is its direct child (its DHT node runs on a thread, not in a process of its own), so
+:func:`launch` also ties that p2pd to the daemon: the kernel stops it when the daemon dies, even by ``kill -9``
+(``PR_SET_PDEATHSIG``, Linux), and it runs in a process group of its own, so that Ctrl+C in a terminal reaches
+only the daemon, which then says goodbye to the swarm before it stops p2pd. hivemind starts p2pd with
+``asyncio.subprocess.create_subprocess_exec``; :func:`launch` hands that call the extra arguments, through a
+stand-in for the ``asyncio`` name of ``hivemind.p2p.p2p_daemon`` that changes nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 TESTED_HIVEMIND = "1.1.12"
 """The hivemind release garden's patches of its internals were written for and tested with (the pin)."""
-PATCHED: tuple[tuple[str, str], ...] = (("hivemind.p2p.p2p_daemon:P2P", "_make_process_args"),)
+PATCHED: tuple[tuple[str, str], ...] = (
+    ("hivemind.p2p.p2p_daemon:P2P", "_make_process_args"),
+    ("hivemind.p2p.p2p_daemon", "asyncio"),
+)
 FLAGS: dict[str, Any] = {}
 """What :func:`install` adds to every p2pd command line of this process (``-name=value``)."""
 _installed = False
@@ -64,3 +80,77 @@ def extra_flags(flags: dict[str, Any]) -> Iterator[None]:
     finally:
         FLAGS.clear()
         FLAGS.update(before)
+
+
+@dataclass
+class Launch:
+    """How :func:`launch` starts the p2pd of the block: ``env`` added to its environment, and whether it is tied to
+    this process (``tie``: its own process group, stopped by the kernel when the thread that started it ends)."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    tie: bool = True
+
+
+LAUNCH: Launch | None = None
+PR_SET_PDEATHSIG = 1
+
+
+@contextmanager
+def launch(flags: dict[str, Any], env: dict[str, str] | None = None) -> Iterator[None]:
+    """Start the p2pd of the block with ``flags``, ``env`` and tied to this process (see the module docstring).
+
+    Not for two threads at once: the swarm's DHT node starts while the daemon waits for it (``garden.net.swarm``)."""
+    global LAUNCH
+    import hivemind.p2p.p2p_daemon as p2p_daemon
+
+    if not isinstance(p2p_daemon.asyncio, _AsyncioForP2PD):
+        p2p_daemon.asyncio = _AsyncioForP2PD()  # type: ignore[assignment]
+    before = LAUNCH
+    LAUNCH = Launch(dict(env or {}))
+    try:
+        with extra_flags(flags):
+            yield
+    finally:
+        LAUNCH = before
+
+
+class _SubprocessForP2PD:
+    """``asyncio.subprocess`` as hivemind's p2p module sees it: inside :func:`launch`, p2pd starts with its
+    arguments; otherwise, and for every other name, the real module."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio.subprocess, name)
+
+    @staticmethod
+    async def create_subprocess_exec(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        how = LAUNCH
+        if how is not None:
+            kwargs["env"] = {**(kwargs.get("env") or os.environ), **how.env}
+            if how.tie:
+                kwargs["process_group"] = 0
+                kwargs["preexec_fn"] = _die_with(os.getpid())
+        return await asyncio.subprocess.create_subprocess_exec(*args, **kwargs)
+
+
+class _AsyncioForP2PD:
+    """``asyncio`` as hivemind's p2p module sees it: the real one, but for :class:`_SubprocessForP2PD`."""
+
+    subprocess = _SubprocessForP2PD()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+def _die_with(parent: int) -> Any:
+    """A ``preexec_fn`` that asks the kernel for SIGTERM when the starting thread ends (None off Linux). It runs
+    in the forked child before p2pd: it only calls ``prctl`` (the library is looked up here, before the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def tie() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the daemon died between the fork and prctl: nobody would stop this p2pd
+            os._exit(1)
+
+    return tie

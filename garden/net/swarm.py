@@ -1,5 +1,5 @@
-"""Swarm membership: the hivemind DHT (its own child process, with its ``p2pd``), and bounded,
-counted access to it from the daemon's event loop.
+"""Swarm membership: the hivemind DHT node (on a thread of the daemon, ``garden.net.dht_thread``, with its
+``p2pd``), and bounded, counted access to it from the daemon's event loop.
 
 Every call to the DHT has a timeout (``dht_timeout``): a slow or partitioned swarm must make a
 request fail, never hang the HTTP port. Failures are counted for ``/metrics`` and returned as
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,21 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Sequence
 
-import hivemind
 import psutil
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import ValueWithExpiration
 
-from garden.lifecycle import watch_parent
-from garden.net import p2pd_patch
+from garden.net.dht_thread import ThreadDHT
 from garden.net.reach import P2PPlan
 from garden.net.relay_probe import RelayProbe, probe_relay, relay_address
 
 logger = logging.getLogger(__name__)
 
 DHT_STARTUP_TIMEOUT = 60.0
-"""Seconds to wait for the DHT process to start and bootstrap (p2pd start ~1 s; pinging initial peers)."""
+"""Seconds to wait for the DHT node to start and bootstrap (p2pd start ~1 s; pinging initial peers)."""
 BOOTSTRAP_RETRIES = (2.0, 5.0)
 """Pauses (seconds) before starting again when ``p2pd`` reached none of the join peers: a restart right after the
 peer's own stop (or its network coming up) has seen a join peer that answered another daemon a moment before
@@ -48,44 +45,6 @@ a volunteer's p2p traffic."""
 RELAY_STARTS = 5
 """Starts of ``p2pd`` a relaying peer tries until its relay serves with garden's limits (each start measured above:
 11 of 12 at worst), after which it goes on with the defaults and says so."""
-
-
-
-
-class GardenDHT(hivemind.DHT):
-    """hivemind's DHT process, which also dies with the daemon.
-
-    hivemind's DHT child outlives a parent killed with SIGKILL (or the OOM killer), and keeps its
-    ``p2pd`` running: an orphaned peer on a volunteer's machine, holding a port and an identity. Here
-    a thread in the child watches its parent; when the parent is gone it terminates its own children
-    (``p2pd``) and exits.
-
-    It also leaves the daemon's process group. Ctrl+C in a terminal signals the whole foreground
-    group: ``p2pd`` would die at once, before the daemon has said goodbye and stopped the DHT in
-    order. Only the daemon should hear the terminal; it stops its children itself.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        p2pd_flags: dict[str, Any] | None = None,
-        p2pd_env: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.p2pd_flags = dict(p2pd_flags or {})  # before hivemind's __init__, which may start the process
-        self.p2pd_env = dict(p2pd_env or {})
-        super().__init__(*args, **kwargs)
-
-    def run(self) -> None:
-        if self.p2pd_flags:  # relay limits, static relays (garden.net.reach): before hivemind starts p2pd
-            p2pd_patch.install(self.p2pd_flags)
-        os.environ.update(self.p2pd_env)  # this process's environment, which hivemind hands p2pd
-        try:
-            os.setpgid(0, 0)
-        except OSError as e:  # e.g. a session leader; the watch below still ties us to the daemon
-            logger.debug("DHT process stays in the daemon's process group: %s", e)
-        watch_parent(self._parent_pid)
-        super().run()
 
 
 class SwarmError(RuntimeError):
@@ -118,7 +77,7 @@ class Swarm:
     def __init__(self, config: SwarmConfig):
         self.config = config
         self.stats = DHTStats()
-        self.dht: GardenDHT | None = None
+        self.dht: ThreadDHT | None = None
         self._p2p: Any = None
         self._p2p_lock: asyncio.Lock | None = None
         self.relay_probe: RelayProbe | None = None  # the last probe of this peer's relay (check_relay)
@@ -142,9 +101,9 @@ class Swarm:
             await p2p.shutdown()
 
     def start(self) -> None:
-        """Start the DHT process and join (or found) the swarm; with ``check_relay``, start again (up to
+        """Start the DHT node and join (or found) the swarm; with ``check_relay``, start again (up to
         :data:`RELAY_STARTS` in all) while this peer's relay serves with libp2p's default limits. Synchronous: call
-        before the event loop starts, because the DHT forks and forking a process with a running loop is unsafe."""
+        before the event loop starts (the relay probe runs its own loop)."""
         for maddr in self.config.initial_peers:
             _check_join_maddr(maddr)
         self._join()
@@ -189,7 +148,7 @@ class Swarm:
         try:
             plan = self.config.p2p
             announce = [*self.config.announce_maddrs, *plan.announce]
-            self.dht = GardenDHT(
+            self.dht = ThreadDHT(
                 initial_peers=list(self.config.initial_peers) or None,
                 host_maddrs=list(self.config.host_maddrs),
                 announce_maddrs=announce or None,
@@ -202,10 +161,8 @@ class Swarm:
                 # network check spawns a second p2pd and adds seconds to every restart
                 check_if_identity_free=False,
                 record_validators=list(self.config.record_validators),
-                start=True,
-                await_ready=False,
             )
-            self.dht.wait_until_ready(timeout=DHT_STARTUP_TIMEOUT)
+            self.dht.start(timeout=DHT_STARTUP_TIMEOUT)
         except Exception as e:
             self.shutdown()
             hint = (
@@ -233,25 +190,26 @@ class Swarm:
             return [f"{m}/p2p/{self.peer_id}" for m in announced]
 
     def child_pids(self) -> list[int]:
-        """The DHT process; its ``p2pd`` is that process's child."""
-        return [self.dht.pid] if self.dht is not None and self.dht.pid is not None else []
+        """The DHT node's ``p2pd``, this process's child."""
+        pid = self.dht.p2pd_pid if self.dht is not None else None
+        return [pid] if pid is not None else []
 
     def failure(self) -> str | None:
-        """Why this peer has lost the swarm (its DHT process or ``p2pd`` died), or None while both run.
+        """Why this peer has lost the swarm (its DHT node or ``p2pd`` stopped), or None while both run.
 
-        hivemind does not restart either, and a DHT process cannot safely be forked again from a
-        running event loop, so the daemon stops and leaves the restart to its service manager.
+        hivemind restarts neither, and the daemon's services hold clients of that p2pd, so the daemon stops
+        and leaves the restart to its service manager.
         """
         if self.dht is None:
             return "the swarm is not started"
         if not self.dht.is_alive():
-            return f"the DHT process exited (code {self.dht.exitcode})"
+            return f"the DHT node stopped ({self.dht.error or 'shut down'})"
+        pid = self.dht.p2pd_pid
         try:
-            p2pd = [p for p in psutil.Process(self.dht.pid).children() if p.name() == "p2pd"]
-            if not p2pd or all(p.status() == psutil.STATUS_ZOMBIE for p in p2pd):
+            if pid is None or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
                 return "the p2p daemon (p2pd) exited"
         except psutil.Error:
-            return "the DHT process exited"
+            return "the p2p daemon (p2pd) exited"
         return None
 
     async def get(self, key: str, latest: bool = False) -> ValueWithExpiration[Any] | None:
@@ -264,9 +222,9 @@ class Swarm:
             )
         )
 
-    async def _call(self, op: str, request: Callable[[GardenDHT], Any]) -> Any:
+    async def _call(self, op: str, request: Callable[[ThreadDHT], Any]) -> Any:
         try:
-            # sending the request can fail too (a dead DHT process: BrokenPipeError)
+            # sending the request can fail too (a stopped DHT node: RuntimeError)
             result = await asyncio.wait_for(request(self._require()), timeout=self.config.dht_timeout)
         except TimeoutError:
             self.stats.requests[op, "timeout"] += 1
@@ -279,16 +237,15 @@ class Swarm:
         self.stats.requests[op, "ok" if result else "miss"] += 1
         return result
 
-    def _require(self) -> GardenDHT:
+    def _require(self) -> ThreadDHT:
         if self.dht is None:
             raise SwarmError("the swarm is not started")
         return self.dht
 
     def shutdown(self) -> None:
-        """Stop the DHT process; hivemind's DHT node stops its ``p2pd`` on the way out."""
+        """Stop the DHT node; it stops its ``p2pd`` on the way out."""
         if self.dht is not None:
-            if self.dht.is_alive():
-                self.dht.shutdown()
+            self.dht.shutdown()
             self.dht = None
 
 

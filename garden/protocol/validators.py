@@ -39,7 +39,8 @@ REPEAT_QUIET_S = 600.0
 
 class CountingValidator(RecordValidatorBase):
     """A validator that counts what it refuses, for ``/metrics``. The counter is shared memory created
-    before the DHT process forks: that process validates and counts, the daemon reads."""
+    in shared memory: whichever process runs the DHT node (the daemon's thread, a worker's DHT process) validates
+    and counts, and the daemon reads."""
 
     what = "record"  # for the log line
 
@@ -173,7 +174,7 @@ class ShardRecordValidator(CountingValidator):
     What it recognises: any subkey starting with ``lease:``, ``done:`` or ``refuted:``, under any key; the record
     must then be a valid signed record whose subkey, key (its mission's shards key for its shard's segment,
     ``<swarm>/m/<mission>/shards[/<segment>]``), shard range and times check out. What it cannot do: know which
-    keys are shards keys (it sees only key hashes, and missions appear after the DHT process forked), so an
+    keys are shards keys (it sees only key hashes, and missions appear after the node started), so an
     entry under a shards key with some *other* subkey passes here and is dropped by :class:`ShardBoard`
     instead; nor check the shard count against the signed mission (``ShardBoard`` does).
     """

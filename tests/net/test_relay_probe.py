@@ -5,6 +5,7 @@ garden's, and the swarm starts its p2p daemon again while the defaults serve, th
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import psutil
@@ -161,8 +162,9 @@ def _relaying_swarm(tmp_path: Path, flags: dict[str, object]) -> Swarm:
 
 
 def _p2pd_environ(swarm: Swarm) -> dict[str, str]:
-    (dht,) = swarm.child_pids()
-    (p2pd,) = [p for p in psutil.Process(dht).children() if p.name() == "p2pd"]
+    (pid,) = swarm.child_pids()
+    p2pd = psutil.Process(pid)
+    assert p2pd.name() == "p2pd" and p2pd.ppid() == os.getpid()  # the DHT node's p2pd, this process's own child
     return p2pd.environ()
 
 
@@ -199,7 +201,7 @@ def test_a_swarm_whose_relay_keeps_the_defaults_starts_again_then_says_so(
 
             monkeypatch.setattr(swarm, "_join", join)
             swarm.start()
-        assert swarm.starts == 2 and len(set(pids)) == 2  # a new DHT process (and p2pd) for the second start
+        assert swarm.starts == 2 and len(set(pids)) == 2  # a new p2pd (and DHT node) for the second start
         assert swarm.relay_probe is not None and swarm.relay_probe.verdict == "default"
         said = caplog.text
         assert "starting the p2p daemon again, 2 of 2" in said and "still serves with libp2p's default" in said

@@ -1,0 +1,106 @@
+"""The daemon's DHT node on a thread (``garden.net.dht_thread``), against real p2p daemons on 127.0.0.1: two nodes
+store and read each other's records through hivemind's interface, a request can be awaited on another loop or
+cancelled, a bad join address is a clear error that leaves no p2pd, and the node's p2pd is this process's own
+child, in a process group of its own, stopped with the node."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import psutil
+import pytest
+from hivemind.utils import get_dht_time
+
+from garden.net.dht_thread import DHTFuture, ThreadDHT
+
+pytestmark = pytest.mark.swarm
+LOCAL = "/ip4/127.0.0.1/tcp/0"
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_two_nodes_on_threads_share_records_and_each_stops_its_own_p2pd() -> None:
+    first = ThreadDHT(host_maddrs=[LOCAL])
+    first.start(timeout=60)
+    second: ThreadDHT | None = None
+    try:
+        pid = first.p2pd_pid
+        assert pid is not None and first.is_alive()
+        p2pd = psutil.Process(pid)
+        assert p2pd.name() == "p2pd" and p2pd.ppid() == os.getpid()
+        assert os.getpgid(pid) == pid != os.getpgid(0)  # its own group: Ctrl+C reaches only the daemon
+        second = ThreadDHT([str(m) for m in first.get_visible_maddrs()], host_maddrs=[LOCAL])
+        second.start(timeout=60)
+        expiration = get_dht_time() + 60
+        assert first.store("garden-test/key", b"value", expiration, subkey="me") is True
+
+        async def read() -> object:  # on another event loop, as the daemon's services read
+            assert second is not None
+            future = second.get("garden-test/key", latest=True, return_future=True)
+            assert isinstance(future, DHTFuture)
+            return await future
+
+        found = asyncio.run(read())
+        assert found is not None and found.value["me"].value == b"value"  # type: ignore[attr-defined]
+        assert second.run_coroutine(lambda _, node: _peer(node)) == second.peer_id
+    finally:
+        if second is not None:
+            second.shutdown()
+        first.shutdown()
+    assert not first.is_alive() and _gone(pid), "the node's p2pd outlived its shutdown"
+    with pytest.raises(RuntimeError, match="not running"):
+        first.get("garden-test/key")
+
+
+async def _peer(node: object) -> object:
+    return node.peer_id  # type: ignore[attr-defined]
+
+
+def test_a_request_given_up_by_its_caller_is_cancelled_on_the_node_and_the_node_goes_on() -> None:
+    dht = ThreadDHT(host_maddrs=[LOCAL])
+    dht.start(timeout=60)
+    cancelled = asyncio.Event()  # set on the node's loop, only read after
+    try:
+
+        async def slow(_: object, __: object) -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async def give_up() -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(dht.run_coroutine(slow, return_future=True), timeout=0.2)
+
+        asyncio.run(give_up())
+        deadline = time.monotonic() + 5
+        while not cancelled.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cancelled.is_set(), "the abandoned request still runs on the node"
+        assert dht.store("garden-test/after", 1, get_dht_time() + 60) is True  # the node still answers
+    finally:
+        dht.shutdown()
+
+
+def test_a_join_address_nobody_answers_fails_the_start_clearly_and_leaves_no_p2pd() -> None:
+    before = {p.pid for p in psutil.Process().children() if p.name() == "p2pd"}
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/QmR7cGZ7iGMmkk2BT473eGDDdtWW6i8x3QbyuNFxdbZ3Fd"
+    dht = ThreadDHT([nobody], host_maddrs=[LOCAL])
+    with pytest.raises(Exception, match="bootstrap|connect|dial"):
+        dht.start(timeout=60)
+    assert not dht.is_alive() and dht.error is not None
+    left = [p for p in psutil.Process().children() if p.name() == "p2pd" and p.pid not in before]
+    assert all(_gone(p.pid) for p in left), "a failed start left its p2pd running"
