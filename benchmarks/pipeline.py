@@ -9,6 +9,9 @@ What is measured, and why:
   through them; the same prompts are generated greedily by ``model.generate`` in this process with one
   thread. ``pipelined_over_local`` = pipelined tokens/s / local tokens/s (target >= 0.9). Every request
   asks for exactly ``--tokens`` new tokens (``min_tokens`` here, ``min_new_tokens`` there: no end token).
+  Decoding steps go from server to server (``--server-push``, the default); ``hop_by_hop`` is the same from a
+  client started with ``--no-server-push``, which relays each step between the servers itself
+  (``server_push_over_hop_by_hop``).
 - **concurrent sessions**: 8 streaming completions sent at once to the client peer, against the same 8 sent
   one after another: ``aggregate_over_one`` = their tokens/s together / one stream's tokens/s alone (target
   >= 3). The servers merge the concurrent sessions' decode steps into shared passes, and the client the
@@ -78,13 +81,16 @@ def local_rate(texts: list[str], tokens: int) -> dict[str, Any]:
     return {"tokens": produced, "seconds": round(seconds, 2), "tokens_per_s": round(produced / seconds, 2)}
 
 
-def pipelined_rate(client: Daemon, texts: list[str], tokens: int) -> dict[str, Any]:
+def pipelined_rate(client: Daemon, texts: list[str], tokens: int, answers: list[str] | None = None) -> dict[str, Any]:
+    """Tokens/s of greedy completions of ``texts`` one after another; their texts go to ``answers``."""
     produced, started = 0, time.perf_counter()
     for text in texts:
         body = {"model": MODEL, "prompt": text, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0}
         answer = client.request("POST", "/v1/completions", json=body, timeout=300)
         answer.raise_for_status()
         produced += answer.json()["usage"]["completion_tokens"]
+        if answers is not None:
+            answers.append(answer.json()["choices"][0]["text"])
     seconds = time.perf_counter() - started
     return {"tokens": produced, "seconds": round(seconds, 2), "tokens_per_s": round(produced / seconds, 2)}
 
@@ -229,8 +235,18 @@ def main() -> int:
             wait_until(lambda: all(d.get("/status").json()["serving"][0]["layers"] for d in servers), 180, 0.5)
             wait_until(lambda: client.get("/v1/models").json()["data"], 60, 0.5, "the model covered")
             pipelined_rate(client, texts[:1], 4)  # warm-up: the client loads the embeddings and head
-            report["pipelined"] = pipelined_rate(client, texts, args.tokens)
+            pushed: list[str] = []
+            report["pipelined"] = pipelined_rate(client, texts, args.tokens, pushed)
             log(f"pipelined: {report['pipelined']}")
+            relaying = factory.start("--roles", "shaker", "--join", first.join_addr, "--max-threads", "1",
+                                     "--inference-timeout", "5", "--no-server-push", env=env)  # fmt: skip
+            wait_until(lambda: relaying.get("/v1/models").json()["data"], 60, 0.5, "the model covered")
+            pipelined_rate(relaying, texts[:1], 4)  # warm-up
+            relayed: list[str] = []
+            report["hop_by_hop"] = pipelined_rate(relaying, texts, args.tokens, relayed)
+            report["hop_by_hop"]["same_answers"] = sum(a == b for a, b in zip(pushed, relayed, strict=True))
+            relaying.stop()
+            log(f"hop by hop (the client relays between servers): {report['hop_by_hop']}")
             report["spot_check"] = {}
             for fraction in (0.1, 1.0):
                 checking = factory.start(
@@ -254,6 +270,9 @@ def main() -> int:
             report["orphans"] = factory.close()
     local, piped = report["local"]["tokens_per_s"], report["pipelined"]["tokens_per_s"]
     report["pipelined_over_local"] = round(piped / local, 3) if local else None
+    relayed = report["hop_by_hop"]["tokens_per_s"]
+    report["hop_by_hop_over_local"] = round(relayed / local, 3) if local else None
+    report["server_push_over_hop_by_hop"] = round(piped / relayed, 3) if relayed else None
     report["target_ratio"] = TARGET_RATIO
     concurrent = report["concurrent"]
     report["meets_targets"] = {

@@ -14,13 +14,14 @@ port, with the default announce period (30 s).
   and its ``/peers`` lists both peers.
 - ``import_s``: ``python -c "import hivemind"`` in a fresh interpreter, the fixed cost of every start
   (torch is most of it: ``import_torch_s``).
-- ``idle_cpu_percent``: user+system CPU of the first daemon and all its descendants (forked DHT
-  process, ``p2pd``) over ``--idle-seconds`` in a two-peer swarm / wall time, in percent of ONE core.
+- ``idle_cpu_percent``: user+system CPU of the first daemon and all its descendants (``p2pd``; before
+  stop 32 also a forked DHT process) over ``--idle-seconds`` in a two-peer swarm / wall time, in percent of ONE core.
 - ``idle_pss_mb`` / ``idle_rss_mb``: memory of that process tree right after the window, with the
-  second daemon stopped (as a volunteer's machine runs one). RSS counts torch's pages, shared by the
-  daemon and its forked DHT child, once per process; PSS divides shared pages among the processes
-  mapping them, so the PSS sum is the honest total and the one judged against the target. With the
-  second daemon still up PSS would split torch's pages with it too (``idle_pss_mb_beside_second_peer``).
+  second daemon stopped (as a volunteer's machine runs one). RSS counts pages shared between processes
+  (torch's, between a daemon and its forked DHT child before stop 32) once per process; PSS divides shared
+  pages among the processes mapping them, so the PSS sum is the honest total and the one judged against the
+  target. With the second daemon still up PSS would split the shared libraries' pages with it too
+  (``idle_pss_mb_beside_second_peer``).
 - ``stop_s`` / ``orphans_after_stop``: SIGTERM to exit, and descendants that outlived their daemon.
 """
 

@@ -37,7 +37,7 @@ Per configuration:
 
 ``recovery`` (skip with ``--no-recovery``): two peers at the daemon's defaults for leases and announces (no
 ``--lease-seconds``, no ``--announce-period``), the same mission; once peer 2 holds a lease it is killed
-(``kill -9``, its DHT child and p2pd too), and ``seconds_to_lease_again`` is the time until peer 1 leased
+(``kill -9``, its p2pd too), and ``seconds_to_lease_again`` is the time until peer 1 leased
 each of its shards (or holds their row sets): the target is <= 60 s (``recovery_target_met``). Before leases
 were short and a departed peer's lease void, it was the lease's length, 300 s.
 

@@ -208,6 +208,10 @@ class GardenSettings(BaseSettings):
         "server of the same layers to compare their hidden states (0 = off, 1 = every step); a server outvoted "
         "by a third is banned. Costs the servers about that fraction more work, plus replays of the history.",
     )  # fmt: skip
+    server_push: bool = Field(
+        True, description="Decoding steps go from server to server along the chain (each sends its output on to "
+        "the next), not back to this peer between servers. Off while spot checks are on.",
+    )  # fmt: skip
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
     @model_validator(mode="before")

@@ -1,7 +1,7 @@
 """Real ``garden run`` processes for tests, on 127.0.0.1, with their descendants tracked by PID.
 
 Every daemon a test starts is stopped at teardown, and the test fails if any process it spawned
-(the DHT child, ``p2pd``, torch's shm manager) outlives it. Only processes this module started, or
+(``p2pd``, the sampling process, torch's shm manager) outlives it. Only processes this module started, or
 their descendants recorded by PID and create time, are ever signalled.
 """
 

@@ -1,4 +1,4 @@
-"""CPU time of a process and its descendants (a daemon, its forked DHT process, ``p2pd``), read with psutil
+"""CPU time of a process and its descendants (a daemon, its ``p2pd``, its workers), read with psutil
 from outside, as a volunteer's task manager would see it."""
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ imports no torch until it has torch work (``tests/net/test_swarm.py`` checks a r
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -54,4 +55,23 @@ print("ok")
 
 def test_the_daemon_s_modules_and_hivemind_s_dht_import_without_torch_and_every_name_still_resolves() -> None:
     done = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+CAPPED = """
+import sys
+from garden.daemon.gardener import _cap_threads
+_cap_threads(1)  # --max-threads 1 (or a --max-cpu that leaves one core)
+assert "torch" not in sys.modules
+import torch
+assert torch.get_num_threads() == 1
+_cap_threads(2)  # torch already there: set at once
+assert torch.get_num_threads() == 2
+print("ok")
+"""
+
+
+def test_a_thread_cap_reaches_the_torch_imported_after_it_without_importing_torch_itself() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", CAPPED], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -87,6 +87,7 @@ def run(
     ),
     inference_timeout: float | None = typer.Option(None, "--inference-timeout", help=_help("inference_timeout")),
     spot_check: float | None = typer.Option(None, "--spot-check", metavar="FRACTION", help=_help("spot_check")),
+    server_push: bool | None = typer.Option(None, "--server-push/--no-server-push", help=_help("server_push")),
     log_level: str | None = typer.Option(None, "--log-level", help=_help("log_level")),
     client_mode: bool | None = typer.Option(None, "--client-mode/--no-client-mode", help=_help("client_mode")),
     reachability: str | None = typer.Option(
@@ -147,6 +148,7 @@ def run(
         session_idle_timeout=session_idle_timeout,
         inference_timeout=inference_timeout,
         spot_check=spot_check,
+        server_push=server_push,
         log_level=log_level,
         client_mode=client_mode,
         reachability=reachability,

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -262,7 +263,8 @@ class Gardener:
         )
         self.inference = InferenceService(
             swarm, keys, identity.private_key, identity.peer_id,
-            ChainConfig(call_timeout=settings.inference_timeout, spot_check=settings.spot_check),
+            ChainConfig(call_timeout=settings.inference_timeout, spot_check=settings.spot_check,
+                        push=settings.server_push),  # fmt: skip
             serving=self._serve_configs(), governor=self.governor, names=self.students,
         )  # fmt: skip
         self.contribution = LedgerKeeper(self.ledger, self.inference)
@@ -488,7 +490,11 @@ def _idle_config(settings: GardenSettings) -> IdleConfig | None:
 
 
 def _cap_threads(threads: int | None) -> None:
-    if threads:
-        import torch  # already imported by hivemind; local import keeps the dependency visible
-
+    """Cap torch's threads in this process. Torch is not imported for it (an idle daemon holds none): the
+    environment says it to the torch this process imports later, and to the processes it starts."""
+    if not threads:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what torch's thread pool starts with
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(threads)

@@ -47,6 +47,8 @@ from garden.inference.route import CoverageError, Hop, Router
 from garden.inference.server import rpc_names
 from garden.protocol.inference_rpc import (
     ERROR_BUSY,
+    ERROR_MISMATCH,
+    ERROR_NO_INPUT,
     ERROR_OUT_OF_SYNC,
     ERROR_UNKNOWN_SESSION,
     BlocksRpcError,
@@ -59,6 +61,7 @@ from garden.protocol.inference_rpc import (
     pack,
     serialize_hidden,
     unpack,
+    wire_digest,
 )
 from garden.protocol.records import RecordError
 
@@ -84,6 +87,10 @@ route around a liar, short enough that an honest server it disputed comes back."
 DISAGREED = "disagreed"
 """``BlocksRpcError.code`` of a server banned by a spot check (never on the wire: the client's verdict)."""
 
+NOBODY_S_FAULT = (ERROR_UNKNOWN_SESSION, ERROR_OUT_OF_SYNC, ERROR_NO_INPUT, ERROR_MISMATCH)
+"""Failures that are no reason to avoid a server: a lost session (idle too long, a restart), a push gone wrong
+between two servers (either may be at fault, or the path between them)."""
+
 LocalHandlers = Callable[[], dict[str, Callable[..., Awaitable[Any]]]]
 """This daemon's own block-server handlers by RPC name (called directly, not over P2P)."""
 
@@ -97,7 +104,11 @@ class ChainConfig:
     :param spot_check: probability that a step of a hop is also run on a second server of its layers and
         compared (0: never, the default, for speed; 1: every step, about twice the servers' work and more
         for the replays)
-    :param spot_tolerance: see :data:`SPOT_TOLERANCE`"""
+    :param spot_tolerance: see :data:`SPOT_TOLERANCE`
+    :param push: decoding steps go from server to server (each pushes its output on to the next), not back to
+        this client between hops: a token crosses the network four times on a chain of three instead of six.
+        Off while spot checks are on (each hop's answer is checked before it goes on), on chains through this
+        peer's own server, and for the rest of a session after a push went wrong."""
 
     wire_dtype: WireDtype = "float16"
     call_timeout: float = 20.0
@@ -105,6 +116,7 @@ class ChainConfig:
     max_step_tokens: int = 512
     spot_check: float = 0.0
     spot_tolerance: float = SPOT_TOLERANCE
+    push: bool = True
 
 
 @dataclass
@@ -129,6 +141,8 @@ class ChainSession:
         self.config, self.local = config, local or (lambda: {})
         self.open_name, self.forward_name, self.close_name = rpc_names(namespace)
         self.hops: list[_Hop] = []
+        self.push = config.push
+        self.pushed_steps = 0  # decoding steps that went from server to server
         self.failovers = 0
         self.failover_seconds: list[float] = []
         self.spot_checks = 0  # steps compared with a witness
@@ -141,9 +155,9 @@ class ChainSession:
         self.hops = await self._open_chain(None)
 
     async def _open_chain(self, span: LayerSpan | None) -> list[_Hop]:
-        """Open sessions along the best chain for ``span``; a server that fails to open is routed around
-        (a dead server's record lives on for two announce periods). Raises the last server's error when no
-        chain is left, else ``CoverageError``."""
+        """Open sessions along the best chain for ``span``, on all its servers at once; a server that fails to open
+        is routed around (a dead server's record lives on for two announce periods). Raises the last server's
+        error when no chain is left, else ``CoverageError``."""
         last_error: BlocksRpcError | None = None
         for _ in range(self.config.max_failovers + 1):
             try:
@@ -152,17 +166,19 @@ class ChainSession:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            opened: list[_Hop] = []
-            try:
-                for hop in chain:
-                    opened.append(await self._open(hop))
+            results = await asyncio.gather(*(self._open(hop) for hop in chain), return_exceptions=True)  # at once
+            opened = [r for r in results if isinstance(r, _Hop)]
+            if len(opened) == len(chain):
                 return opened
-            except BlocksRpcError as e:
-                await asyncio.gather(*(self._close(h) for h in opened), return_exceptions=True)
-                if not e.server_failed:
-                    raise
-                self.router.ban(e.peer_id, BUSY_BAN_SECONDS if e.code == ERROR_BUSY else None)
-                last_error = e
+            await asyncio.gather(*(self._close(h) for h in opened), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            for error in errors:
+                if not isinstance(error, BlocksRpcError) or not error.server_failed:
+                    raise error
+            for error in errors:
+                assert isinstance(error, BlocksRpcError)
+                self.router.ban(error.peer_id, BUSY_BAN_SECONDS if error.code == ERROR_BUSY else None)
+                last_error = error
         assert last_error is not None
         raise last_error
 
@@ -194,6 +210,8 @@ class ChainSession:
         outputs = []
         for chunk in torch.split(hidden, self.config.max_step_tokens, dim=1):
             index = 0
+            if self._can_push(chunk):
+                index, chunk = await self._pushed_step(chunk)
             while index < len(self.hops):
                 hop = self.hops[index]
                 try:
@@ -210,6 +228,86 @@ class ChainSession:
                 index += 1
             outputs.append(chunk)
         return torch.cat(outputs, dim=1)
+
+    # --- server to server ----------------------------------------------------------------------------------
+    def _can_push(self, chunk: Any) -> bool:
+        peers = [h.peer_id for h in self.hops]
+        return (
+            self.push and self.config.spot_check <= 0 and chunk.shape[1] == 1 and len(peers) > 1
+            and self._me not in peers and all(a != b for a, b in zip(peers, peers[1:], strict=False))
+        )  # fmt: skip
+
+    async def _pushed_step(self, chunk: Any) -> tuple[int, Any]:
+        """Run a one-token step along the chain with every server pushing its output on to the next (the
+        requests go out at once; each answers with its output, so every hop's history stays here).
+
+        Returns (hops done, their output). All of them, normally; when a server failed, the hops from it on are
+        replaced (their caches may hold the step or not: they are rebuilt from the history) and the caller runs
+        the step on from there one hop at a time. A push that did not arrive, or a server that ran other hidden
+        states than the one before it answered, turns pushing off for this session."""
+        hops = list(self.hops)
+        before, after = [None, *hops[:-1]], [*hops[1:], None]
+        tasks = [
+            asyncio.ensure_future(self._forward_pushed(hop, chunk if i == 0 else None, before[i], after[i]))
+            for i, hop in enumerate(hops)
+        ]
+        try:
+            await _until_first_failure(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()  # those after a failure wait for a push that will not come
+            await asyncio.gather(*tasks, return_exceptions=True)
+        states, sent = chunk, ""
+        for index, (hop, task) in enumerate(zip(hops, tasks, strict=True)):
+            result = task.exception() or task.result()
+            if isinstance(result, BlocksRpcError):
+                failure = result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                out, wire, ran = result
+                failure = None
+                if index and ran != sent:
+                    failure = BlocksRpcError(hop.peer_id, ERROR_MISMATCH, "its input is not what the server before "
+                                             "it answered")  # fmt: skip
+            if failure is not None:
+                if not failure.server_failed:
+                    raise failure
+                if failure.code in (ERROR_MISMATCH, ERROR_NO_INPUT):
+                    self.push = False
+                    logger.info("server-to-server steps off for this generation: %s", failure)
+                await self._fail_over(index, failure, rebuild=True)
+                return index, states
+            hop.history.append(states)
+            hop.tokens += 1
+            hop.unchecked += 1
+            states, sent = out, wire
+        self.pushed_steps += 1
+        return len(hops), states
+
+    async def _forward_pushed(self, hop: _Hop, hidden: Any, before: _Hop | None, after: _Hop | None) -> Any:
+        """One hop's part of a pushed step: (its output, the output's wire digest, the digest of what it ran)."""
+        meta = ForwardRequest(
+            session=hop.session, offset=hop.tokens,
+            push_peer=after.peer_id if after else "", push_session=after.session if after else "",
+            push_offset=after.tokens if after else 0,
+            pushed_by=before.peer_id if before else "", wait=self.config.call_timeout if before else 0.0,
+        )  # fmt: skip
+        tensors = [serialize_hidden(hidden, self.config.wire_dtype)] if hidden is not None else []
+        request = runtime_pb2.ExpertRequest(metadata=pack(meta), tensors=tensors)
+        if before is None:  # the first hop: measured for routing as any one-token step
+            response = await self._call(hop.peer_id, self.forward_name, request, work=(len(hop.hop.span), 1))
+        else:  # its time includes the hops before it; it answers "no input" after ``wait``, before this gives up
+            timeout = 2 * self.config.call_timeout
+            response = await self._call(hop.peer_id, self.forward_name, request, timeout=timeout, work=None)
+        if len(response.tensors) != 1:
+            raise BlocksRpcError(hop.peer_id, "bad answer", f"{len(response.tensors)} tensors")
+        try:
+            out = deserialize_hidden(response.tensors[0], self.hidden_size, 1)
+            reply: Reply = unpack(Reply, response.metadata, "reply")
+        except RecordError as e:
+            raise BlocksRpcError(hop.peer_id, "bad answer", str(e)) from None
+        return out, wire_digest(response.tensors[0]), reply.input_digest
 
     async def _forward(self, hop: _Hop, hidden: Any) -> Any:
         request = runtime_pb2.ExpertRequest(
@@ -334,11 +432,12 @@ class ChainSession:
             raise BlocksRpcError(accused, DISAGREED, why)
 
     # --- fail-over -----------------------------------------------------------------------------------------
-    async def _fail_over(self, index: int, error: BlocksRpcError) -> None:
+    async def _fail_over(self, index: int, error: BlocksRpcError, rebuild: bool = False) -> None:
         """Replace hop ``index`` by a new sub-chain for its layers, its caches refilled from the history.
 
         A hop banned by a spot check whose earlier answers went on unchecked may have spoiled the next hops'
-        caches: then every hop from ``index`` on is replaced, and the history replayed through all of them."""
+        caches, and after a failed pushed step the next hops may or may not hold it (``rebuild``): then every
+        hop from ``index`` on is replaced, and the history replayed through all of them."""
         import torch
 
         if self.failovers >= self.config.max_failovers:
@@ -346,14 +445,14 @@ class ChainSession:
         self.failovers += 1
         started = time.monotonic()
         failed = self.hops[index]
-        rebuild = error.code == DISAGREED and failed.unchecked > 0
+        rebuild = rebuild or (error.code == DISAGREED and failed.unchecked > 0)
         replaced = self.hops[index:] if rebuild else [failed]
         span = LayerSpan(failed.hop.span.start, replaced[-1].hop.span.end)
         logger.warning("layers %s on %s failed (%s); routing around it", failed.hop.span, failed.peer_id, error)
         if error.code == DISAGREED:
             pass  # banned by the spot check already
-        elif error.code not in (ERROR_UNKNOWN_SESSION, ERROR_OUT_OF_SYNC):  # a lost session is no reason to
-            self.router.ban(failed.peer_id, BUSY_BAN_SECONDS if error.code == ERROR_BUSY else None)  # avoid it
+        elif error.code not in NOBODY_S_FAULT:
+            self.router.ban(failed.peer_id, BUSY_BAN_SECONDS if error.code == ERROR_BUSY else None)
         for old in replaced:
             task = asyncio.ensure_future(self._close(old))
             self._closing.add(task)
@@ -382,10 +481,12 @@ class ChainSession:
         )  # fmt: skip
 
     async def _call(
-        self, peer_id: str, name: str, request: Any, timeout: float | None = None, work: tuple[int, int] = (0, 0)
-    ) -> Any:
+        self, peer_id: str, name: str, request: Any, timeout: float | None = None,
+        work: tuple[int, int] | None = (0, 0),
+    ) -> Any:  # fmt: skip
         """One RPC to ``peer_id`` (this daemon's own handlers for itself); its time is measured for routing,
-        with ``work`` = (layers, tokens) it ran. Raises ``BlocksRpcError`` on an error or no answer."""
+        with ``work`` = (layers, tokens) it ran (None: not measured). Raises ``BlocksRpcError`` on an error or
+        no answer."""
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout or self.config.call_timeout):
@@ -408,8 +509,20 @@ class ChainSession:
             raise BlocksRpcError(peer_id, "bad answer", str(e)) from None
         if not reply.ok:
             raise BlocksRpcError(peer_id, reply.error or "refused", reply.detail)
-        self.router.measured(peer_id, elapsed, *work)  # only answers that did the work count
+        if work is not None:
+            self.router.measured(peer_id, elapsed, *work)  # only answers that did the work count
         return response
+
+
+async def _until_first_failure(tasks: list[asyncio.Future[Any]]) -> None:
+    """Wait until every task is done, or until one fails and every task before it is done (the ones after it
+    are the caller's to cancel: they wait for what the failed one would have pushed)."""
+    pending = set(tasks)
+    while pending:
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [i for i, t in enumerate(tasks) if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed:
+            pending = {t for t in pending if tasks.index(t) < min(failed)}
 
 
 def hidden_distance(a: Any, b: Any) -> float:

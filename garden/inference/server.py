@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
@@ -41,6 +41,7 @@ from garden.protocol.inference_rpc import (
     ERROR_BAD_REQUEST,
     ERROR_BUSY,
     ERROR_INTERNAL,
+    ERROR_NO_INPUT,
     ERROR_NOT_SERVED,
     ERROR_OUT_OF_SYNC,
     ERROR_TOO_LONG,
@@ -48,12 +49,14 @@ from garden.protocol.inference_rpc import (
     CloseRequest,
     ForwardRequest,
     OpenRequest,
+    PushRequest,
     Reply,
     WireDtype,
     deserialize_hidden,
     pack,
     serialize_hidden,
     unpack,
+    wire_digest,
 )
 from garden.protocol.blocks import BlocksRecord, models_subkey
 from garden.protocol.keys import DHTKeys
@@ -63,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 THROUGHPUT_PROBE_STEPS = 8
 """One-token forward passes timed at start (after one warm-up) to announce the range's throughput."""
+PUSH_TIMEOUT = 10.0
+"""Seconds a server gives the push of its output to the next server of a chain (the client's own wait for that
+server's answer is what fails the step, and routes around whoever failed)."""
 
 
 @dataclass
@@ -110,6 +116,15 @@ class Session:
     tokens: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inbox: Pushed | None = None  # the hidden states pushed for the next step, before or while its request waits
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Pushed(NamedTuple):
+    offset: int
+    sender: str
+    hidden: Any
+    digest: str
 
 
 @dataclass
@@ -117,6 +132,8 @@ class ServerStats:
     sessions_opened: int = 0
     tokens_served: int = 0  # tokens run through this server's layers
     refused: Counter[str] = field(default_factory=Counter)  # by error code
+    pushed: int = 0  # outputs sent on to the next server of a chain
+    push_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,10 @@ class ServerSnapshot:
 
 def rpc_names(namespace: str) -> tuple[str, str, str]:
     return f"{namespace}.blocks.open", f"{namespace}.blocks.forward", f"{namespace}.blocks.close"
+
+
+def push_rpc_name(namespace: str) -> str:
+    return f"{namespace}.blocks.push"
 
 
 def choose_span(records: list[BlocksRecord], num_layers: int, blocks: int, exclude: str | None = None) -> LayerSpan:
@@ -197,6 +218,8 @@ class BlockServer:
         self.invalid_records: Counter[str] = Counter()
         self.error: str | None = None
         self.refuse: Callable[[], str | None] | None = None  # why to refuse new sessions now (a pause), or None
+        self.push_name = push_rpc_name(config.namespace)
+        self._pushes: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="garden-blocks")
         self.steps: PassQueue[_Step] = PassQueue(
             self._executor, _Step.run, _Step.run_many, _Step.kind, config.max_batch, config.batch_linger_s
@@ -264,6 +287,8 @@ class BlockServer:
                 await self.announce()
 
     async def stop(self) -> None:
+        for task in list(self._pushes):
+            task.cancel()
         self.sessions.clear()
         self.steps.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -369,20 +394,36 @@ class BlockServer:
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         client = context.remote_id.to_base58()
         blocks = self.blocks
+        hidden: Any = None
         try:
             meta: ForwardRequest = unpack(ForwardRequest, request.metadata, "forward request")
-            if len(request.tensors) != 1 or blocks is None:
+            if blocks is None:
+                raise RecordError("no layers loaded yet")
+            if meta.pushed_by:  # the hidden states come from the server before this one (rpc_push)
+                if request.tensors:
+                    raise RecordError(f"{len(request.tensors)} tensors in a step whose input is pushed")
+            elif len(request.tensors) != 1:
                 raise RecordError(f"{len(request.tensors)} tensors, expected one of hidden states")
-            hidden = deserialize_hidden(request.tensors[0], blocks.hidden_size, self.config.max_step_tokens)
+            else:
+                hidden = deserialize_hidden(request.tensors[0], blocks.hidden_size, self.config.max_step_tokens)
+            if bool(meta.push_peer) != bool(meta.push_session):
+                raise RecordError("a push needs both the next server and its session")
         except RecordError as e:
             logger.info("refused a forward step from %s: %s", client, e)
             return self._error(ERROR_BAD_REQUEST, str(e))
+        assert blocks is not None
         session = self.sessions.get(meta.session)
         if session is None or session.owner != client:
             return self._error(ERROR_UNKNOWN_SESSION, "closed, idle too long, or never opened here")
         async with session.lock:
             if meta.offset != session.tokens:
                 return self._error(ERROR_OUT_OF_SYNC, f"the session holds {session.tokens} tokens, not {meta.offset}")
+            digest = ""
+            if meta.pushed_by:
+                pushed = await self._pushed(session, meta)
+                if pushed is None:
+                    return self._error(ERROR_NO_INPUT, f"nothing pushed by {meta.pushed_by} in {meta.wait:g} s")
+                hidden, digest = pushed.hidden, pushed.digest
             if session.tokens + hidden.shape[1] > session.max_tokens:
                 return self._error(ERROR_TOO_LONG, f"the session was opened for {session.max_tokens} tokens")
             try:
@@ -392,10 +433,77 @@ class BlockServer:
                 self.sessions.pop(meta.session, None)
                 return self._error(ERROR_INTERNAL, f"{type(e).__name__}: {str(e)[:200]}")
             session.tokens += hidden.shape[1]
+            session.inbox = None
             session.last_used = time.monotonic()
             self.stats.tokens_served += hidden.shape[1]
-            reply = Reply(ok=True, tokens=session.tokens)
-            return runtime_pb2.ExpertResponse(metadata=pack(reply), tensors=[serialize_hidden(out, session.wire_dtype)])
+            wire = serialize_hidden(out, session.wire_dtype)
+            if meta.push_peer:  # on to the next server first: the chain waits for it, the client does not
+                self._push(meta, wire)
+            reply = Reply(ok=True, tokens=session.tokens, input_digest=digest)
+            return runtime_pb2.ExpertResponse(metadata=pack(reply), tensors=[wire])
+
+    async def _pushed(self, session: Session, meta: ForwardRequest) -> Pushed | None:
+        """The hidden states pushed for this step by ``meta.pushed_by``, waiting up to ``meta.wait`` seconds
+        for them; None if none came (or another peer pushed them: the client named who would)."""
+        try:
+            async with asyncio.timeout(meta.wait):
+                while session.inbox is None or session.inbox.offset != meta.offset:
+                    session.arrived.clear()
+                    await session.arrived.wait()
+        except TimeoutError:
+            return None
+        pushed, session.inbox = session.inbox, None
+        if pushed.sender != meta.pushed_by:
+            logger.info("session %s: a step pushed by %s, not by %s as its client said", meta.session[:8],
+                        pushed.sender, meta.pushed_by)  # fmt: skip
+            return None
+        return pushed
+
+    def _push(self, meta: ForwardRequest, wire: Any) -> None:
+        request = runtime_pb2.ExpertRequest(
+            metadata=pack(PushRequest(session=meta.push_session, offset=meta.push_offset)), tensors=[wire]
+        )
+        task = asyncio.ensure_future(self._send_push(meta.push_peer, request))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def _send_push(self, peer: str, request: runtime_pb2.ExpertRequest) -> None:
+        try:
+            async with asyncio.timeout(PUSH_TIMEOUT):
+                response = await self.p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer), self.push_name, request, runtime_pb2.ExpertResponse
+                )
+            reply: Reply = unpack(Reply, response.metadata, "push reply")
+            if not reply.ok:
+                raise RecordError(f"{reply.error} ({reply.detail})")
+            self.stats.pushed += 1
+        except Exception as e:  # noqa: BLE001 - a dead or unreachable next server: its client routes around it
+            self.stats.push_failures += 1
+            logger.info("pushing a step on to %s failed: %s", peer[:16], str(e)[:200])
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """The hidden states of a step, from the server before this one in its client's chain (the client's
+        forward request names that server: anyone else's push is kept out by :meth:`_pushed`)."""
+        sender = context.remote_id.to_base58()
+        blocks = self.blocks
+        try:
+            meta: PushRequest = unpack(PushRequest, request.metadata, "push request")
+            if len(request.tensors) != 1 or blocks is None:
+                raise RecordError(f"{len(request.tensors)} tensors, expected one of hidden states")
+            hidden = deserialize_hidden(request.tensors[0], blocks.hidden_size, 1)  # a decoding step: one token
+        except RecordError as e:
+            logger.info("refused a pushed step from %s: %s", sender, e)
+            return self._error(ERROR_BAD_REQUEST, str(e))
+        session = self.sessions.get(meta.session)
+        if session is None:
+            return self._error(ERROR_UNKNOWN_SESSION, "closed, idle too long, or never opened here")
+        if meta.offset != session.tokens:
+            return self._error(ERROR_OUT_OF_SYNC, f"the session holds {session.tokens} tokens, not {meta.offset}")
+        if session.inbox is not None and session.inbox.offset == meta.offset:
+            return self._error(ERROR_BAD_REQUEST, f"the step at {meta.offset} was pushed already")
+        session.inbox = Pushed(meta.offset, sender, hidden, wire_digest(request.tensors[0]))
+        session.arrived.set()
+        return runtime_pb2.ExpertResponse(metadata=pack(Reply(ok=True, tokens=session.tokens)))
 
     async def rpc_close(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:

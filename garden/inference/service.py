@@ -22,7 +22,7 @@ from garden.host.governor import Governor
 from garden.inference.blocks import Ends, LayerSpan
 from garden.inference.client import ChainConfig, SwarmGenerator
 from garden.inference.route import Router, missing_spans
-from garden.inference.server import BlockServer, ServeConfig, ServerSnapshot, rpc_names
+from garden.inference.server import BlockServer, ServeConfig, ServerSnapshot, push_rpc_name, rpc_names
 from garden.lifecycle import Service
 from garden.models.loading import ModelRefError
 from garden.net.swarm import Swarm
@@ -66,14 +66,14 @@ class ModelCoverage:
 
 
 class BlockRpc:
-    """The three block RPCs of this daemon, registered once, each call handed to the server it is for: an
-    open to the server of that model and range, a forward step or close to the server holding the session."""
+    """The four block RPCs of this daemon, registered once, each call handed to the server it is for: an
+    open to the server of that model and range, a forward step, push or close to the server holding the session."""
 
     def __init__(self, servers: list[BlockServer], namespace: str) -> None:
-        self.servers, self.names = servers, rpc_names(namespace)
+        self.servers, self.names = servers, (*rpc_names(namespace), push_rpc_name(namespace))
 
     def handlers(self) -> dict[str, Any]:
-        return dict(zip(self.names, (self.open, self.forward, self.close), strict=False))
+        return dict(zip(self.names, (self.open, self.forward, self.close, self.push), strict=True))
 
     async def register(self, p2p: Any) -> None:
         for name, handler in self.handlers().items():
@@ -111,6 +111,10 @@ class BlockRpc:
         server = self._holder(request)
         return await server.rpc_close(request, context) if server else _not_ready()
 
+    async def push(self, request: Any, context: Any) -> Any:
+        server = self._holder(request)
+        return await server.rpc_push(request, context) if server else _not_ready()
+
     def _holder(self, request: Any) -> BlockServer | None:
         ready = self._ready()
         session = _session_of(request)
@@ -118,7 +122,7 @@ class BlockRpc:
 
 
 def _session_of(request: Any) -> str | None:
-    """The session id of a forward or close request (both carry it first), or None."""
+    """The session id of a forward, push or close request (each carries it), or None."""
     import msgpack
 
     if len(request.metadata) > MAX_METADATA_BYTES:

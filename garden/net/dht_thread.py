@@ -34,8 +34,11 @@ from garden.net import p2pd_patch
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SHUTDOWN_TIMEOUT = 10.0
-"""Seconds :meth:`ThreadDHT.shutdown` waits for the node to leave and its p2pd to stop."""
+NODE_STOP_TIMEOUT = 3.0
+"""Seconds the node gets to stop in order (its handlers removed from p2pd, then p2pd stopped). A node whose p2pd
+died waits on p2pd's socket for ever: then p2pd is killed, if it still runs, and the thread ends."""
+SHUTDOWN_TIMEOUT = NODE_STOP_TIMEOUT + 5.0
+"""Seconds :meth:`ThreadDHT.shutdown` waits for the node's thread to end."""
 
 
 class DHTFuture(concurrent.futures.Future[T]):  # type: ignore[type-var]
@@ -118,7 +121,13 @@ class ThreadDHT:
         try:
             await self._stop.wait()
         finally:
-            await node.shutdown()  # leaves the swarm and stops p2pd
+            try:
+                await asyncio.wait_for(node.shutdown(), NODE_STOP_TIMEOUT)  # leaves the swarm and stops p2pd
+            except Exception as e:  # noqa: BLE001 - a dead p2pd, typically: nothing left to stop in order
+                logger.info("the DHT node did not stop in order (%s): stopping its p2pd", type(e).__name__)
+                child = getattr(node.p2p, "_child", None)
+                if child is not None and child.returncode is None:
+                    child.kill()
 
     def shutdown(self) -> None:
         """Stop the node and its p2pd; returns once they have stopped (or after :data:`SHUTDOWN_TIMEOUT`)."""

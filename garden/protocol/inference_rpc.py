@@ -1,9 +1,16 @@
 """The block-serving RPCs: what a client and a server say to each other over hivemind's P2P.
 
-Three unary protocols, ``<swarm>.blocks.open``, ``.forward`` and ``.close``, on hivemind's existing
+Four unary protocols, ``<swarm>.blocks.open``, ``.forward``, ``.close`` and ``.push``, on hivemind's existing
 protobufs (as Petals uses them): the request is an ``ExpertRequest`` whose ``metadata`` is a msgpack
 record below and whose ``tensors`` carry hidden states; the answer an ``ExpertResponse`` whose
 ``metadata`` is a :class:`Reply` and, for a forward step, whose one tensor is the output.
+
+A decoding step may go along the chain without coming back to the client between servers: the client sends
+every server of the chain its forward request at once; the first carries the hidden states and names the next
+server's session (``push_peer``, ``push_session``, ``push_offset``), the others name the server whose ``push``
+brings theirs (``pushed_by``) and how long to wait for it (``wait``). Each server sends its output on with a
+``push`` and answers its client with the same output and a digest of the input it ran (``input_digest``), so
+the client keeps every hop's input for fail-over and sees when a server pushed other states than it answered.
 
 Hidden states travel as float16 by default (bfloat16 or float32 on request): half the bytes of float32,
 and casting at the layer boundaries leaves greedy output unchanged on the built-in model (measured by
@@ -35,6 +42,10 @@ ERROR_TOO_LONG = "too long"  # the session would pass max_session_tokens
 ERROR_UNKNOWN_SESSION = "unknown session"  # closed, expired (idle), or never opened here
 ERROR_OUT_OF_SYNC = "out of sync"  # the client's idea of the cached length differs from the server's
 ERROR_INTERNAL = "internal"  # the server failed running the layers
+ERROR_NO_INPUT = "no input"  # a pushed step's hidden states did not come from the named server in time
+ERROR_MISMATCH = "mismatch"  # (the client's verdict) a server ran other hidden states than the one before answered
+MAX_PUSH_WAIT = 60.0
+"""Longest a server holds a pushed step's request open waiting for its hidden states."""
 
 
 class BlocksRpcError(RuntimeError):
@@ -66,6 +77,18 @@ class OpenRequest(StrictRecord):
 class ForwardRequest(StrictRecord):
     session: SessionId = Field(pattern="^[0-9a-f]{32}$")
     offset: int = Field(ge=0, le=1 << 24, description="tokens the client believes the session holds")
+    push_peer: str = Field(default="", max_length=128, description="send the output on to this server, too")
+    push_session: str = Field(default="", pattern="^([0-9a-f]{32})?$", description="...for this session of it")
+    push_offset: int = Field(default=0, ge=0, le=1 << 24, description="...which holds this many tokens")
+    pushed_by: str = Field(default="", max_length=128, description="the input comes by this server's push")
+    wait: float = Field(default=0.0, ge=0.0, le=MAX_PUSH_WAIT, description="seconds to wait for that push")
+
+
+class PushRequest(StrictRecord):
+    """Hidden states one server sends the next server of a chain, for a step its client asked for."""
+
+    session: SessionId = Field(pattern="^[0-9a-f]{32}$")
+    offset: int = Field(ge=0, le=1 << 24, description="tokens the receiving session holds before the step")
 
 
 class CloseRequest(StrictRecord):
@@ -77,6 +100,7 @@ class Reply(StrictRecord):
     error: str = Field(default="", max_length=32)
     detail: str = Field(default="", max_length=500)
     tokens: int = Field(default=0, ge=0, description="tokens the session holds after this call")
+    input_digest: str = Field(default="", max_length=64, description="of a pushed step's input (wire_digest)")
 
 
 def pack(record: StrictRecord) -> bytes:
@@ -106,6 +130,16 @@ def serialize_hidden(hidden: Any, dtype: WireDtype) -> Any:
             dtype="bfloat16",
         )  # fmt: skip
     return serialize_torch_tensor(hidden.float(), runtime_pb2.CompressionType.NONE)
+
+
+def wire_digest(proto: Any) -> str:
+    """What identifies a tensor's bytes on the wire: a pushed step's server and its client compare it."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{list(proto.size)}:{proto.dtype}:{proto.compression}:".encode())
+    digest.update(proto.buffer)
+    return digest.hexdigest()
 
 
 def deserialize_hidden(proto: Any, hidden_size: int, max_tokens: int) -> Any:

@@ -417,6 +417,68 @@ def test_bad_rpcs_are_refused_and_the_server_keeps_serving(swarm: dict[str, Daem
     assert refused.get("bad request", 0) >= 5
 
 
+def test_a_push_from_a_peer_the_client_did_not_name_is_not_run(swarm: dict[str, Daemon]) -> None:
+    """Server-to-server steps (``<swarm>.blocks.push``) against a real server: a stranger that learned a session id
+    pushes a step into it; the session's client named another pusher, so its step answers "no input" and the
+    stranger's states are never run. Malformed pushes are refused with a reason, and the server keeps serving."""
+    import asyncio
+    import time
+    import uuid
+
+    import torch
+    from hivemind.p2p import P2P, PeerID
+
+    from garden.protocol.inference_rpc import serialize_hidden
+
+    first = swarm["first"]
+    session = uuid.uuid4().hex
+    opened = {"session": session, "model": MODEL, "start": 0, "end": 10, "max_tokens": 64}
+
+    async def main() -> dict[str, Any]:
+        client = await P2P.create(initial_peers=first.addresses)
+        stranger = await P2P.create(initial_peers=first.addresses)
+        server = PeerID.from_base58(first.peer_id)
+        results: dict[str, Any] = {}
+        try:
+            one = serialize_hidden(torch.randn(1, 1, 576), "float16")
+            results["open"] = await call(client, server, "open", opened)
+            results["prompt"] = await call(client, server, "forward", {"session": session, "offset": 0},
+                                           [serialize_hidden(torch.randn(1, 3, 576), "float16")])  # fmt: skip
+            push = {"session": session, "offset": 3}
+            results["two tokens"] = await call(stranger, server, "push", push,
+                                               [serialize_hidden(torch.randn(1, 2, 576), "float16")])  # fmt: skip
+            results["no session"] = await call(stranger, server, "push", push | {"session": uuid.uuid4().hex}, [one])
+            results["wrong offset"] = await call(stranger, server, "push", push | {"offset": 7}, [one])
+            results["pushed"] = await call(stranger, server, "push", push, [one])
+            results["again"] = await call(stranger, server, "push", push, [one])
+            step = {"session": session, "offset": 3, "wait": 2.0}
+            results["tensor too"] = await call(client, server, "forward", step | {"pushed_by": first.peer_id}, [one])
+            results["half a push"] = await call(client, server, "forward",
+                                                {"session": session, "offset": 3, "push_peer": first.peer_id}, [one])
+            started = time.monotonic()
+            named = client.peer_id.to_base58()  # not the stranger
+            results["not named"] = await call(client, server, "forward", step | {"pushed_by": named})
+            results["waited"] = time.monotonic() - started
+            results["still 3"] = await call(client, server, "forward", {"session": session, "offset": 4}, [one])
+            results["closed"] = await call(client, server, "close", {"session": session})
+        finally:
+            await stranger.shutdown()
+            await client.shutdown()
+        return results
+
+    results = asyncio.run(main())
+    assert results["open"]["ok"] and results["prompt"]["ok"] and results["prompt"]["tokens"] == 3
+    for case in ("two tokens", "again", "tensor too", "half a push"):
+        assert results[case]["error"] == "bad request", (case, results[case])
+    assert results["no session"]["error"] == "unknown session" and results["wrong offset"]["error"] == "out of sync"
+    assert results["pushed"]["ok"]  # kept: only the client's request can say whether it runs
+    assert results["not named"]["error"] == "no input" and results["not named"]["tensors"] == []
+    assert results["waited"] < 2.0  # the stranger's push was there: refused at once, not waited for
+    assert results["still 3"]["error"] == "out of sync" and "holds 3 tokens" in results["still 3"]["detail"]
+    assert results["closed"]["ok"] and results["closed"]["tokens"] == 3  # the stranger's states never ran
+    assert "Paris" in completion(swarm["client"], PROMPTS[0])["choices"][0]["message"]["content"]
+
+
 def test_session_caps_are_clear_errors(swarm: dict[str, Daemon]) -> None:
     import uuid
 

@@ -172,8 +172,11 @@ class Swarm:
         """Seconds the router still leaves ``name`` out."""
         return self.router._banned[self.id(name)] - time.monotonic()
 
-    def session(self, prefer: Sequence[str], check: Sequence[bool] = (), spot_check: float = 1.0) -> ChainSession:
-        session = ChainSession(self.p2p, self.router, HIDDEN, 128, ChainConfig(spot_check=spot_check))  # type: ignore[arg-type]
+    def session(
+        self, prefer: Sequence[str], check: Sequence[bool] = (), spot_check: float = 1.0, push: bool = True
+    ) -> ChainSession:
+        config = ChainConfig(spot_check=spot_check, push=push)
+        session = ChainSession(self.p2p, self.router, HIDDEN, 128, config)  # type: ignore[arg-type]
         session._rng = Picker(self.names, prefer, check)  # type: ignore[assignment]
         return session
 
@@ -197,6 +200,9 @@ async def swarm(weights: list[dict[str, torch.Tensor]]) -> AsyncIterator[Swarm]:
         peer, span = peers[name], LayerSpan(start, end)
         peer.server = serve(peer, dht, blocks(weights, span, noisy=name == "H"))
     by_id = {p.peer_id: p for p in peers.values()}
+    for peer in peers.values():
+        if peer.server is not None:
+            peer.server.p2p = FakeP2P(peer, by_id)  # type: ignore[assignment]  # its pushes to the next server
     p2p = FakeP2P(peers["me"], by_id)
     router = Router(dht, DHTKeys(), MODEL)
     reference = [blocks(weights, LayerSpan(0, 2)), blocks(weights, LayerSpan(2, 4))]
@@ -338,3 +344,49 @@ async def test_no_check_without_a_second_server_and_none_when_off(swarm: Swarm) 
     assert off.spot_checks == 0 and [op for _, op in swarm.p2p.calls].count("forward") == 2 * len(steps)
     for got, want in zip(again, answers, strict=True):
         assert hidden_distance(got, want) < SPOT_TOLERANCE / 10
+
+
+class TwoFacedServer(BlockServer):
+    """Answers its client with the honest output and pushes noise on to the next server: the client, comparing
+    what the next server ran with what this one answered, catches it (nothing else would, with checks off)."""
+
+    def _push(self, meta: Any, wire: Any) -> None:
+        from garden.protocol.inference_rpc import deserialize_hidden, serialize_hidden
+
+        true = deserialize_hidden(wire, HIDDEN, 1)
+        super()._push(meta, serialize_hidden(true + torch.randn(true.shape), "float16"))
+
+
+async def test_pushed_steps_go_server_to_server_and_answer_as_hop_by_hop(swarm: Swarm) -> None:
+    """Decoding steps with the servers pushing to each other: the same answers as steps that come back to the
+    client between hops, with every hop's history kept here (for fail-over), and one forward call per hop."""
+    swarm.announce("A", "B1")
+    steps = inputs(4)
+    session = swarm.session(prefer=[], spot_check=0.0)
+    answers = await run(session, steps)
+    assert session.pushed_steps == len(steps) - 1  # the 5-token prompt goes hop by hop
+    assert swarm.peers["A"].server.stats.pushed == len(steps) - 1  # type: ignore[union-attr]
+    assert [op for _, op in swarm.p2p.calls].count("forward") == 2 * len(steps)
+    assert [op for _, op in swarm.p2p.calls].count("push") == 0  # the servers push, never the client
+    for got, want in zip(answers, honest(swarm.reference, steps), strict=True):
+        assert hidden_distance(got, want) < SPOT_TOLERANCE / 10
+    hop_by_hop = swarm.session(prefer=[], spot_check=0.0, push=False)
+    again = await run(hop_by_hop, steps)
+    assert hop_by_hop.pushed_steps == 0 and all(torch.equal(x, y) for x, y in zip(again, answers, strict=True))
+
+
+async def test_a_server_that_pushes_other_states_than_it_answers_is_caught_and_pushing_stops(
+    swarm: Swarm, weights: list
+) -> None:
+    a = swarm.peers["A"]
+    two_faced = TwoFacedServer(None, swarm.dht, DHTKeys(), a.key, a.peer_id, ServeConfig(model=MODEL, span=LayerSpan(0, 2)))  # type: ignore[arg-type]  # noqa: E501
+    two_faced.blocks, two_faced.p2p = blocks(weights, LayerSpan(0, 2)), a.server.p2p  # type: ignore[union-attr]
+    a.server = two_faced
+    swarm.announce("A", "B1", "B2")
+    steps = inputs(4)
+    session = swarm.session(prefer=[], spot_check=0.0)
+    answers = await run(session, steps)
+    assert not session.push and session.pushed_steps == 0 and session.failovers == 1
+    for got, want in zip(answers, honest(swarm.reference, steps), strict=True):  # the B hop rebuilt from the history
+        assert hidden_distance(got, want) < SPOT_TOLERANCE / 10
+    await two_faced.stop()

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from hivemind.utils import get_dht_time
 
 from garden.net.dht_thread import DHTFuture, ThreadDHT
+from garden.net.swarm import Swarm, SwarmConfig
 
 pytestmark = pytest.mark.swarm
 LOCAL = "/ip4/127.0.0.1/tcp/0"
@@ -104,3 +106,28 @@ def test_a_join_address_nobody_answers_fails_the_start_clearly_and_leaves_no_p2p
     assert not dht.is_alive() and dht.error is not None
     left = [p for p in psutil.Process().children() if p.name() == "p2pd" and p.pid not in before]
     assert all(_gone(p.pid) for p in left), "a failed start left its p2pd running"
+
+
+def test_a_swarm_whose_node_stops_or_whose_p2pd_dies_says_it_left_the_swarm(tmp_path: Path) -> None:
+    """What the daemon checks every second (``Swarm.failure``): its DHT node's thread ending by itself (here its
+    loop told to stop behind the swarm's back), or its p2pd killed."""
+    for victim in ("node", "p2pd"):
+        swarm = Swarm(SwarmConfig(initial_peers=[], host_maddrs=[LOCAL], announce_maddrs=[], client_mode=False,
+                                  identity_path=str(tmp_path / f"{victim}.key"), dht_timeout=5.0))  # fmt: skip
+        swarm.start()
+        try:
+            assert swarm.failure() is None
+            dht = swarm.dht
+            assert dht is not None and dht._loop is not None and dht._stop is not None
+            (pid,) = swarm.child_pids()
+            if victim == "node":
+                dht._loop.call_soon_threadsafe(dht._stop.set)
+                dht._thread.join(10)
+                assert swarm.failure() == "the DHT node stopped (shut down)" and _gone(pid)
+            else:
+                psutil.Process(pid).kill()
+                assert _gone(pid) and swarm.failure() == "the p2p daemon (p2pd) exited"
+            assert asyncio.run(swarm.get("garden-test/key")) is None  # a failed request, counted, never raised
+            assert sum(n for (op, _), n in swarm.stats.requests.items() if op == "get") == 1
+        finally:
+            swarm.shutdown()
