@@ -84,11 +84,10 @@ def extra_flags(flags: dict[str, Any]) -> Iterator[None]:
 
 @dataclass
 class Launch:
-    """How :func:`launch` starts the p2pd of the block: ``env`` added to its environment, and whether it is tied to
-    this process (``tie``: its own process group, stopped by the kernel when the thread that started it ends)."""
+    """How :func:`launch` starts the p2pd of the block: ``env`` added to its environment, in a process group of its
+    own, stopped by the kernel when the thread that started it ends."""
 
     env: dict[str, str] = field(default_factory=dict)
-    tie: bool = True
 
 
 LAUNCH: Launch | None = None
@@ -126,9 +125,8 @@ class _SubprocessForP2PD:
         how = LAUNCH
         if how is not None:
             kwargs["env"] = {**(kwargs.get("env") or os.environ), **how.env}
-            if how.tie:
-                kwargs["process_group"] = 0
-                kwargs["preexec_fn"] = _die_with(os.getpid())
+            kwargs["process_group"] = 0
+            kwargs["preexec_fn"] = _die_with(os.getpid())
         return await asyncio.subprocess.create_subprocess_exec(*args, **kwargs)
 
 

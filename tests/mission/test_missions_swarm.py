@@ -42,11 +42,14 @@ def swarm(daemons: DaemonFactory, converted: Path) -> Iterator[DaemonFactory]:
     yield daemons
 
 
-def start(factory: DaemonFactory, *args: str, join: Daemon | None = None, cache: Path, **kwargs: Any) -> Daemon:
+def start(
+    factory: DaemonFactory, *args: str, join: Daemon | None = None, cache: Path, env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Daemon:  # fmt: skip
     extra = ["--join", join.join_addr] if join is not None else []
     if "--roles" not in args:
         extra += ["--roles", "shaker"]  # these tests are about shaking: no trainer workers competing for the CPU
-    env = {"GARDEN_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {"GARDEN_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", **(env or {})}
     return factory.start(*extra, "--max-threads", "1", *args, env=env, **kwargs)
 
 
@@ -355,30 +358,29 @@ def test_a_catastrophic_regex_judge_costs_the_shaker_nothing(
     assert max(latencies) < 1.0, sorted(latencies)[-5:]
 
 
-def test_a_shard_whose_publication_fails_is_retried_and_its_error_shown(swarm: DaemonFactory, converted: Path) -> None:
-    """The DHT stops answering (the shaker's p2pd is frozen with SIGSTOP) while a shard is sampled: publishing the
-    result fails, the error shows in ``/status`` and the log, and a later try, once the DHT is back, publishes
-    it. Nothing is lost in a task nobody awaits. The shaker is a client-mode peer of another's DHT (a DHT server
-    node would store and read its own records without its p2pd), and its DHT timeout is under the node's own
-    3 s for a peer's answer (past that the node answers from what it holds: a cached lease, a local store)."""
-    import psutil
-
-    keeper = start(swarm, "--roles", "server", cache=converted)  # the DHT's server node; it does not shake
-    a = start(swarm, "--lease-seconds", "120", "--dht-timeout", "2", "--client-mode", join=keeper, cache=converted)
-    dht = next(p for p in psutil.Process(a.proc.pid).children() if p.name() == "p2pd")  # all its p2p traffic
+def test_a_shard_whose_publication_fails_is_retried_and_its_error_shown(
+    swarm: DaemonFactory, converted: Path, tmp_path: Path
+) -> None:
+    """The DHT stops answering this peer (its requests to its DHT node wait: ``frozen_dht/sitecustomize.py``) while a
+    shard is sampled: publishing the result fails, the error shows in ``/status`` and the log, and a later try, once
+    the DHT is back, publishes it. Nothing is lost in a task nobody awaits."""
+    frozen = tmp_path / "dht-frozen"
+    hook = str(Path(__file__).parent / "frozen_dht")
+    a = start(swarm, "--lease-seconds", "120", "--dht-timeout", "3", cache=converted,
+              env={"PYTHONPATH": hook, "FREEZE_DHT_FILE": str(frozen)})  # fmt: skip
     mission_id = create(a, mission_body(prompts=2, shard_size=2, max_new_tokens=24))
     wait_until(
         lambda: (detail(a, mission_id) or {}).get("this_peer", {}).get("state", "").startswith("shaking shard"),
         120, 0.2, "shaking",
     )  # fmt: skip
-    dht.suspend()  # only a process this test's daemon started, by its pid
+    frozen.touch()
     try:
         errors = wait_until(
             lambda: (a.get("/status").json().get("shaking") or {}).get("publish_errors", {}).get(mission_id),
             120, 0.5, "the publication error in /status",
         )  # fmt: skip
     finally:
-        dht.resume()
+        frozen.unlink()
     # the done record's own store, or the read of the shard's lease just before it, found no DHT
     assert errors.startswith("shard 0: could not publish its rows"), errors
     assert re.search(r"DHT (read|write) timed out", errors), errors
