@@ -51,6 +51,7 @@ from garden.protocol.inference_rpc import (
     ERROR_NO_INPUT,
     ERROR_OUT_OF_SYNC,
     ERROR_UNKNOWN_SESSION,
+    MAX_PUSH_WAIT,
     BlocksRpcError,
     CloseRequest,
     ForwardRequest,
@@ -291,7 +292,8 @@ class ChainSession:
             session=hop.session, offset=hop.tokens,
             push_peer=after.peer_id if after else "", push_session=after.session if after else "",
             push_offset=after.tokens if after else 0,
-            pushed_by=before.peer_id if before else "", wait=self.config.call_timeout if before else 0.0,
+            pushed_by=before.peer_id if before else "",
+            wait=min(self.config.call_timeout, MAX_PUSH_WAIT) if before else 0.0,
         )  # fmt: skip
         tensors = [serialize_hidden(hidden, self.config.wire_dtype)] if hidden is not None else []
         request = runtime_pb2.ExpertRequest(metadata=pack(meta), tensors=tensors)

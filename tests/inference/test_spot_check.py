@@ -370,6 +370,9 @@ async def test_pushed_steps_go_server_to_server_and_answer_as_hop_by_hop(swarm: 
     assert [op for _, op in swarm.p2p.calls].count("push") == 0  # the servers push, never the client
     for got, want in zip(answers, honest(swarm.reference, steps), strict=True):
         assert hidden_distance(got, want) < SPOT_TOLERANCE / 10
+    patient = ChainSession(swarm.p2p, swarm.router, HIDDEN, 128, ChainConfig(call_timeout=600.0))  # type: ignore[arg-type]
+    assert all(torch.equal(x, y) for x, y in zip(await run(patient, steps), answers, strict=True))
+    assert patient.pushed_steps == len(steps) - 1  # a push waits at most 60 s, whatever the client's own timeout
     hop_by_hop = swarm.session(prefer=[], spot_check=0.0, push=False)
     again = await run(hop_by_hop, steps)
     assert hop_by_hop.pushed_steps == 0 and all(torch.equal(x, y) for x, y in zip(again, answers, strict=True))
