@@ -125,7 +125,7 @@ class ThreadDHT:
                 await asyncio.wait_for(node.shutdown(), NODE_STOP_TIMEOUT)  # leaves the swarm and stops p2pd
             except Exception as e:  # noqa: BLE001 - a dead p2pd, typically: nothing left to stop in order
                 logger.info("the DHT node did not stop in order (%s): stopping its p2pd", type(e).__name__)
-                child = getattr(node.p2p, "_child", None)
+                child = _p2pd(node)
                 if child is not None and child.returncode is None:
                     child.kill()
 
@@ -148,7 +148,7 @@ class ThreadDHT:
     @property
     def p2pd_pid(self) -> int | None:
         """The node's p2pd (a child of this process), while it runs."""
-        child = getattr(self._node.p2p, "_child", None) if self._node is not None else None
+        child = _p2pd(self._node) if self._node is not None else None
         return getattr(child, "pid", None)
 
     # --- hivemind.DHT's interface ------------------------------------------------------------------------
@@ -188,6 +188,11 @@ class ThreadDHT:
         """A client of the node's p2pd for the calling loop (hivemind's P2P objects belong to one loop)."""
         listen = self.run_coroutine(lambda _, node: _listen_maddr(node))
         return await P2P.replicate(listen)
+
+
+def _p2pd(node: DHTNode) -> Any:
+    """The node's p2pd process (``asyncio.subprocess.Process``), which hivemind keeps in a private attribute."""
+    return getattr(node.p2p, "_child", None)
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
