@@ -258,7 +258,7 @@ class ChainSession:
             for task in tasks:
                 task.cancel()  # those after a failure wait for a push that will not come
             await asyncio.gather(*tasks, return_exceptions=True)
-        states, sent = chunk, ""
+        states, sent, previous = chunk, "", 0.0
         for index, (hop, task) in enumerate(zip(hops, tasks, strict=True)):
             result = task.exception() or task.result()
             if isinstance(result, BlocksRpcError):
@@ -266,11 +266,14 @@ class ChainSession:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                out, wire, ran = result
+                out, wire, ran, answered = result
                 failure = None
                 if index and ran != sent:
                     failure = BlocksRpcError(hop.peer_id, ERROR_MISMATCH, "its input is not what the server before "
                                              "it answered")  # fmt: skip
+                elif index:  # the first hop was measured as any one-token step (``_forward_pushed``)
+                    self.router.measured_pushed(hop.peer_id, answered - previous, len(hop.hop.span))
+                previous = answered
             if failure is not None:
                 if not failure.server_failed:
                     raise failure
@@ -287,7 +290,8 @@ class ChainSession:
         return len(hops), states
 
     async def _forward_pushed(self, hop: _Hop, hidden: Any, before: _Hop | None, after: _Hop | None) -> Any:
-        """One hop's part of a pushed step: (its output, the output's wire digest, the digest of what it ran)."""
+        """One hop's part of a pushed step: (its output, the output's wire digest, the digest of what it ran,
+        ``time.monotonic()`` of its answer)."""
         meta = ForwardRequest(
             session=hop.session, offset=hop.tokens,
             push_peer=after.peer_id if after else "", push_session=after.session if after else "",
@@ -302,6 +306,7 @@ class ChainSession:
         else:  # its time includes the hops before it; it answers "no input" after ``wait``, before this gives up
             timeout = 2 * self.config.call_timeout
             response = await self._call(hop.peer_id, self.forward_name, request, timeout=timeout, work=None)
+        answered = time.monotonic()
         if len(response.tensors) != 1:
             raise BlocksRpcError(hop.peer_id, "bad answer", f"{len(response.tensors)} tensors")
         try:
@@ -309,7 +314,7 @@ class ChainSession:
             reply: Reply = unpack(Reply, response.metadata, "reply")
         except RecordError as e:
             raise BlocksRpcError(hop.peer_id, "bad answer", str(e)) from None
-        return out, wire_digest(response.tensors[0]), reply.input_digest
+        return out, wire_digest(response.tensors[0]), reply.input_digest, answered
 
     async def _forward(self, hop: _Hop, hidden: Any) -> Any:
         request = runtime_pb2.ExpertRequest(

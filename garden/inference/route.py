@@ -243,18 +243,33 @@ class Router:
         ``tokens`` tokens: a call without layers renews the round trip; a one-token step renews the seconds
         per layer (its time beyond the round trip, over its layers). Longer steps (a prompt, a replay) are
         not what a chain repeats per token, and measure neither."""
+        m = self._measurement(peer_id)
+        if layers <= 0:
+            m.rtt = _smooth(m.rtt, seconds)
+        elif tokens == 1:
+            beyond = max(seconds - (m.rtt if m.rtt is not None else 0.0), 0.0)
+            m.layer_seconds = _smooth(m.layer_seconds, beyond / layers)
+
+    def measured_pushed(self, peer_id: str, seconds: float, layers: int) -> None:
+        """Record a one-token step that ``peer_id`` ran on ``layers`` layers for a server-to-server step, timed
+        by this client as the ``seconds`` between the answer of the server before it and its own (it started
+        when that one pushed, about when that one answered here). No round trip of its own is in that time,
+        so it all counts as layers: a server that is slow on its layers shows it, whatever it announces, in
+        the middle of a chain too (else such a server would be judged by its announcement for good)."""
+        if layers > 0:
+            m = self._measurement(peer_id)
+            m.layer_seconds = _smooth(m.layer_seconds, max(seconds, 0.0) / layers)
+
+    def _measurement(self, peer_id: str) -> Measurement:
+        """``peer_id``'s measurement to update (a new one past :data:`MEASUREMENT_TTL`), stamped now."""
         now = time.monotonic()
         m = self.measurements.get(peer_id)
         if m is None or now - m.at > MEASUREMENT_TTL:
             if m is None and len(self.measurements) >= MAX_MEASURED:
                 del self.measurements[min(self.measurements, key=lambda p: self.measurements[p].at)]
             m = self.measurements[peer_id] = Measurement(at=now)
-        if layers <= 0:
-            m.rtt = _smooth(m.rtt, seconds)
-        elif tokens == 1:
-            beyond = max(seconds - (m.rtt if m.rtt is not None else 0.0), 0.0)
-            m.layer_seconds = _smooth(m.layer_seconds, beyond / layers)
         m.at = now
+        return m
 
     def current(self) -> dict[str, Measurement]:
         """The measurements not older than :data:`MEASUREMENT_TTL`."""

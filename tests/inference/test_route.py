@@ -128,6 +128,20 @@ def test_the_router_measures_round_trips_and_seconds_per_layer(monkeypatch: pyte
     assert router.current()["B"] == Measurement(rtt=0.004, layer_seconds=None) and router.current()["B"].at == now[0]
 
 
+def test_a_pushed_step_measures_the_layers_of_a_server_in_the_middle_of_a_chain() -> None:
+    """Its time (between the answers of the server before it and its own) is all layers: no round trip of its own
+    is in it, and the round trip measured by its calls stays as it was."""
+    router = router_with([])
+    router.measured("B", 0.002)
+    router.measured_pushed("B", 0.05, layers=10)
+    assert router.current()["B"] == Measurement(rtt=0.002, layer_seconds=0.005)
+    router.measured_pushed("B", 0.15, layers=10)
+    assert router.current()["B"].layer_seconds == pytest.approx(0.8 * 0.005 + 0.2 * 0.015)
+    router.measured_pushed("C", -0.001, layers=10)  # answers timed out of order: nothing below zero
+    router.measured_pushed("D", 0.05, layers=0)
+    assert router.current()["C"].layer_seconds == 0.0 and "D" not in router.current()
+
+
 async def test_banned_servers_are_left_out_and_liars_remembered() -> None:
     records = [rec("A", 0, 10), rec("B", 10, 20), rec("H", 10, 20, 1e9), rec("D", 20, 30)]
     router = router_with(records)

@@ -368,6 +368,9 @@ async def test_pushed_steps_go_server_to_server_and_answer_as_hop_by_hop(swarm: 
     assert swarm.peers["A"].server.stats.pushed == len(steps) - 1  # type: ignore[union-attr]
     assert [op for _, op in swarm.p2p.calls].count("forward") == 2 * len(steps)
     assert [op for _, op in swarm.p2p.calls].count("push") == 0  # the servers push, never the client
+    # the server in the middle was timed by its pushed steps (its prompt measures nothing): routes judge it by
+    # its speed, not by what it announces
+    assert swarm.router.current()[swarm.peers["B1"].peer_id].layer_seconds is not None
     for got, want in zip(answers, honest(swarm.reference, steps), strict=True):
         assert hidden_distance(got, want) < SPOT_TOLERANCE / 10
     patient = ChainSession(swarm.p2p, swarm.router, HIDDEN, 128, ChainConfig(call_timeout=600.0))  # type: ignore[arg-type]
