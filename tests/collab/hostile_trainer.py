@@ -16,7 +16,9 @@ saw the weight attacker, then the huge one, meet no honest peer at all). Its sta
 each line of its log says how one ended (a round with honest peers ends in an error here: they refuse its part).
 
 ``--lying-reducer`` adds a million times the average of every part it reduces; ``--robust`` installs garden's
-checks of others' claims in it (so that another attacker's epoch claim does not derail it).
+checks of others' claims in it (so that another attacker's epoch claim does not derail it). ``--peers-file``: it
+imports and builds its student, says ``{"state": "waiting for the swarm"}`` in its status, and joins the peers that
+file lists once it exists.
 
 Run as ``python tests/collab/hostile_trainer.py [--attack MODE] CONFIG.json`` with a worker's configuration; it
 writes ``{"peer_id": ..., "steps": ..., "epoch": ...}`` to the status path and runs until SIGTERM or
@@ -108,6 +110,7 @@ def main() -> int:
     student = build_student(StudentSpec(base=config.student.base))
     initial_peers = list(config.initial_peers)
     if args.peers_file is not None:
+        write_json_atomic(config.status_path, {"state": "waiting for the swarm", "attack": args.attack})
         while not args.peers_file.exists():
             time.sleep(0.1)
         initial_peers = args.peers_file.read_text().split()

@@ -151,9 +151,9 @@ class HostileTrainers:
     weight and returns a million times what it reduces, one sends parts a million times too large, both in gradient
     rounds back to back (each is in whatever group the honest trainers form, and takes no step: stepping, it would
     end epochs with samples of its own, a claim garden does not check, docs/security.md), and one claims epoch
-    10^7 and offers parameters a thousand times too large. Started before the swarm (:meth:`join` gives them its
-    address), they strike once the 3 honest trainers are in the progress record: a trainer whose first read of the
-    record shows only a liar follows it (see garden.collab.robust)."""
+    10^7 and offers parameters a thousand times too large. Ready before the swarm starts (:meth:`wait_ready`;
+    :meth:`join` gives them its address), they strike once the 3 honest trainers are in the progress record: a
+    trainer whose first read of the record shows only a liar follows it (see garden.collab.robust)."""
 
     ATTACKS = ("weight", "huge", "epoch")
 
@@ -176,6 +176,14 @@ class HostileTrainers:
                     str(where / "config.json")]  # fmt: skip
             with open(where / "log", "w") as log:
                 self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log, text=True))
+
+    def wait_ready(self) -> None:
+        """Until each has imported and built its student: on two cores beside three shaking daemons that took a
+        minute, and an attacker that started with the swarm joined after most of the training (CI saw the huge one
+        meet no honest round); what is left after :meth:`join` is its DHT node and optimizer."""
+        for name in self.ATTACKS:
+            wait_until(lambda n=name: self.status(n).get("state") == "waiting for the swarm", 180, 0.5,
+                       f"the {name} attacker ready")  # fmt: skip
 
     def join(self, lead: Daemon) -> None:
         staged = self.peers_file.with_suffix(".tmp")
@@ -260,11 +268,14 @@ def run(
     lead_dir = tmp / "lead"
     shutil.copytree(made_dir, lead_dir, ignore=shutil.ignore_patterns("train", "daemon.json"))
     sets = forged_rows() if attacked else None  # before the lead starts: the records must beat its first shard
-    # the hostile trainers start before the lead: on two cores their imports and students take some 30 s, and a
-    # trainer that starts after the honest training did is an epoch behind, in rounds of its own (no attack lands)
+    # the hostile trainers are ready before the lead starts: on two cores their imports and students take 30-60 s,
+    # and a trainer that starts after the honest training did is an epoch behind, in rounds of its own (no attack
+    # lands)
     trainers = HostileTrainers(tmp / "hostile", clean_config) if clean_config is not None else None
     hostile: Hostile | None = None
     try:
+        if trainers is not None:
+            trainers.wait_ready()
         a = start(factory, cache, "--void-after", str(VOID_AFTER), "--lease-seconds", "10", data_dir=lead_dir)
         seen: dict[str, Any] = {"offers": []}
         if trainers is not None and sets is not None:
