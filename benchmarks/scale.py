@@ -18,8 +18,9 @@ What is measured, and how:
   Targets: p99 <= 1 s for every lookup.
 - **the shards** (``shards``): the same nodes are shakers of one mission of ``--shards`` shards. Each runs garden's
   ``LeaseManager`` through its node (claim with read-back, renewals, done records, all checked by the validators),
-  "samples" a shard for ``--sample-s`` seconds (a sleep instead of the teacher; its lease confirmed a second in,
-  as a shaker does) and claims the next, until none is open, in a swarm that does nothing else (the DHT part's
+  "samples" a shard for ``--sample-s`` seconds (a sleep instead of the teacher), its lease confirmed a second in
+  beside the sampling, and claims the next while the done record is published, as a shaker does
+  (``garden.mission.shaking``), until none is open, in a swarm that does nothing else (the DHT part's
   announcing stopped: on one machine its CPU would be the shakers'). Then the board is read: a shard done by more
   than one attempt is a duplicate, one that no done record covers is lost; the time to finish is compared with the
   ideal (``shards * sample_s / peers``, no protocol), and the CPU and bytes of the whole swarm are divided by the
@@ -46,6 +47,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -219,44 +221,69 @@ class Host:
 
         failures, count = {"claim": 0, "done": 0, "done_refused": 0, "lost_at_confirm": 0}, [0]
 
+        async def confirm(manager: Any, lease: Any, sampling: asyncio.Future[None]) -> Any:
+            """The shaker's renewer (``garden.mission.shaking``): the lease checked a moment after the claim, while
+            the shard is sampled; a claim that crossed another stops the sampling there."""
+            await asyncio.sleep(min(CONFIRM_AFTER, sample_s))
+            try:
+                return await manager.renew(lease)
+            except LeaseLostError:
+                failures["lost_at_confirm"] += 1
+                sampling.cancel()
+                return None
+            except LeaseError:
+                pass  # not answered: the shaker samples on, and its done record checks the lease again
+            return lease
+
+        async def finish(manager: Any, lease: Any, finished: list[dict[str, Any]], claim_s: float) -> None:
+            """The shaker's done record, published while the next shard is sampled (as ``_finish`` is)."""
+            try:
+                await manager.mark_done(lease, rows=1, row_set_sha256="ab" * 32)
+            except LeaseLostError:  # another attempt's claim crossed this one's: it counts, not this
+                failures["done_refused"] += 1
+                return
+            except LeaseError:
+                failures["done"] += 1
+                return
+            finished.append({"shard": lease.shard, "attempt": lease.attempt, "at": time.time(), "claim_s": claim_s,
+                             "shaker": f"{os.getpid()}/{lease.peer_id}"})
+            count[0] += 1
+            if count[0] % 25 == 0:
+                log(f"a host's {len(self.nodes)} shakers finished {count[0]} shards")
+
         async def shaker(i: int, node: Any) -> list[dict[str, Any]]:
             manager = LeaseManager(NodeDHT(node), DHTKeys(SWARM), self.keys_[i], LeaseConfig(),  # type: ignore[arg-type]
                                    rng=random.Random(i))  # fmt: skip
             finished: list[dict[str, Any]] = []
-            while time.time() < deadline:
-                try:
-                    lease = await manager.claim(mission_id, shards)
-                    if lease is None and not (await manager.fetch(mission_id, shards)).open_shards():
-                        return finished  # every shard leased or done: nothing left for this shaker
-                except LeaseError:
-                    failures["claim"] += 1
-                    lease = None
-                if lease is None:
-                    await asyncio.sleep(1.0)
-                    continue
-                # the teacher's time, without the teacher; as a shaker does, the lease is checked a moment after
-                # the claim (garden.mission.shaking.CONFIRM_AFTER): a claim that crossed another stops there
-                await asyncio.sleep(min(CONFIRM_AFTER, sample_s))
-                try:
-                    lease = await manager.renew(lease)
-                except LeaseLostError:
-                    failures["lost_at_confirm"] += 1
-                    continue
-                except LeaseError:
-                    pass  # not answered: the shaker samples on, and its done record checks the lease again
-                await asyncio.sleep(max(sample_s - CONFIRM_AFTER, 0.0))
-                try:
-                    await manager.mark_done(lease, rows=1, row_set_sha256="ab" * 32)
-                except LeaseLostError:  # another attempt's claim crossed this one's: it counts, not this
-                    failures["done_refused"] += 1
-                    continue
-                except LeaseError:
-                    failures["done"] += 1
-                    continue
-                finished.append({"shard": lease.shard, "attempt": lease.attempt, "at": time.time()})
-                count[0] += 1
-                if count[0] % 25 == 0:
-                    log(f"a host's {len(self.nodes)} shakers finished {count[0]} shards")
+            finishing: list[asyncio.Task[None]] = []
+            try:
+                while time.time() < deadline:
+                    claiming = time.monotonic()
+                    try:
+                        lease = await manager.claim(mission_id, shards)
+                        if lease is None and not (await manager.fetch(mission_id, shards)).open_shards():
+                            break  # every shard leased or done: nothing left for this shaker
+                    except LeaseError:
+                        failures["claim"] += 1
+                        lease = None
+                    if lease is None:
+                        await asyncio.sleep(1.0)
+                        continue
+                    claim_s = time.monotonic() - claiming
+                    # the teacher's time, without the teacher, with the lease confirmed beside it
+                    sampling = asyncio.ensure_future(asyncio.sleep(sample_s))
+                    confirming = asyncio.ensure_future(confirm(manager, lease, sampling))
+                    try:
+                        await sampling
+                    except asyncio.CancelledError:
+                        if confirming.done() and confirming.result() is None:
+                            continue  # lost at the confirmation: take another shard
+                        confirming.cancel()
+                        raise
+                    lease = await confirming
+                    finishing.append(asyncio.ensure_future(finish(manager, lease, finished, claim_s)))
+            finally:
+                await asyncio.gather(*finishing, return_exceptions=True)
             return finished
 
         found = await asyncio.gather(*(shaker(i, node) for i, node in enumerate(self.nodes)))
@@ -480,6 +507,8 @@ def measure_shards(args: argparse.Namespace, hosts: list[HostProcess]) -> dict[s
     done = hosts[0].ask({"cmd": "board", "mission": mission_id, "shards": args.shards})["done"]
     attempts_per_shard = [len(done.get(str(i), [])) for i in range(args.shards)]
     ideal = args.shards * args.sample_s / args.peers
+    per_shaker = Counter(f["shaker"] for f in finished)
+    claims = [f["claim_s"] for f in finished]
     return {
         "shakers": args.peers, "shards": args.shards, "sample_s": args.sample_s,
         "finished_attempts": len(finished), "failed_claims": failures["claim"], "failed_done_records": failures["done"],
@@ -488,6 +517,12 @@ def measure_shards(args: argparse.Namespace, hosts: list[HostProcess]) -> dict[s
         "lost_shards": sum(1 for n in attempts_per_shard if n == 0),
         "seconds": round(seconds, 1), "ideal_s": round(ideal, 1),
         "shards_time_over_ideal": round(seconds / ideal, 3),
+        # where the time beyond the ideal goes: each claim (read a segment, store, read back) is time not sampling,
+        # and shards do not divide evenly (a shaker with one more shard than the mean ends sample_s later)
+        "claim_s_mean": round(sum(claims) / max(len(claims), 1), 3),
+        "claim_s_p90": round(percentile(claims, 0.9) or 0.0, 3),
+        "shards_per_shaker_max": max(per_shaker.values(), default=0),
+        "shards_per_shaker_min": min(per_shaker.values(), default=0) if len(per_shaker) == args.peers else 0,
         # what the protocol costs per shard finished, all peers together (the nodes, their p2pd): on separate
         # machines this is spread over the shakers; here it shares two cores, and machine_busy near 1 means
         # the cores, not the protocol's round trips, set the pace
