@@ -25,7 +25,9 @@ The patches (each installed once per process, before the optimizer forks its ave
   sender for the rest of the round (its data is left out, the others' average goes on), and an exception
   while reading a reducer's answer keeps this peer's own values for that part. The guard raises those
   exceptions for bad data (:func:`check_part`), and logs which peer sent it. A state downloaded by a peer
-  that catches up (``load_state_from_peers``) is refused too when it holds non-finite values. hivemind
+  that catches up (``load_state_from_peers``) is refused too when it holds non-finite values, and the peer
+  that served it (named by robust averaging's download) loses its say in the progress record
+  (:func:`garden.collab.robust_hivemind.refute`). hivemind
   builds its all-reduce objects deep inside the averager (no factory to pass), hence the wrapped methods.
 * **the bytes meter** (``AllReduceRunner._generate_input_for_peer``,
   ``AllReduceRunner._accumulate_parts_streaming``): the bytes this trainer sends while averaging with peers,
@@ -251,6 +253,8 @@ def _install_guard() -> None:
     original_register = TensorPartContainer.register_processed_part
     original_load_state = DecentralizedAverager.load_state_from_peers
 
+    from garden.collab.robust_hivemind import SERVED_BY, refute
+
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         # who is who, for the checks below: senders (as the reducer counts them) and reducers (by peer index)
@@ -291,9 +295,13 @@ def _install_guard() -> None:
         if loaded is not None and kwargs.get("wait", True):
             import torch
 
-            _, tensors = loaded
+            metadata, tensors = loaded
             if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
-                logger.warning("refused a state downloaded from a peer: it holds non-finite values")
+                served_by = metadata.get(SERVED_BY) if isinstance(metadata, dict) else None
+                logger.warning("refused a state downloaded from %s: it holds non-finite values",
+                               f"peer {served_by}" if served_by else "a peer")  # fmt: skip
+                if isinstance(served_by, str):
+                    refute(served_by, "served a state with non-finite values")
                 loaded = None  # hivemind reads this as "no state loaded" and tries again later
             self._garden_download = loaded  # what "states served whole" checks the load against
         return loaded

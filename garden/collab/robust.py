@@ -66,7 +66,9 @@ What these rules do not cover:
 * a claim one epoch ahead (the margin honest transitions need), or of samples accumulated towards the epoch (the
   progress record's other claim), ends the swarm's epochs early;
 * a trainer alone with a liar, or whose first read of the record shows only the liar (it starts while no other
-  trainer is in the record yet), follows the liar's epoch and may load its state.
+  trainer is in the record yet), follows the liar's epoch and may load its state (a state with non-finite values
+  is refused, and the liar that served it loses its say in the record: :func:`garden.collab.robust_hivemind.refute`;
+  a finite state, however wrong, is loaded).
 """
 
 from __future__ import annotations

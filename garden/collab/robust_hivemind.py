@@ -7,7 +7,10 @@ hivemind's reducer, progress tracker and state download, by the rules of :mod:`g
 - :func:`agreed_state` picks the state a joining peer loads: from peers whose epoch is credible, checked against a
   second peer's parameters;
 - :class:`RecentClaims` remembers the claims of the last reads of a DHT record, until they expire (a read can miss
-  entries, and the others' median must not depend on it).
+  entries, and the others' median must not depend on it);
+- :func:`refute` marks a trainer that served a state with non-finite values: its progress entry is left out from
+  then on, whatever it claims (else, once the honest trainers that could outvote it left, a peer that fell behind
+  would follow its epoch for good, refusing every state it offers).
 
 Nothing here replaces hivemind's attributes (only ``hivemind_patches`` does, fenced by the hivemind release);
 these run inside hivemind's averager processes and tracker thread, and log what they refuse.
@@ -20,6 +23,20 @@ import math
 from typing import Any
 
 logger = logging.getLogger(__name__)
+MAX_REFUTED = 1024
+_refuted: dict[str, str] = {}  # trainer (base58 peer id) -> why, in the trainer's own process
+
+
+def refute(peer: str, why: str) -> None:
+    """Leave ``peer``'s progress entries out of this process's reads from now on (:func:`credible_progress`)."""
+    if peer not in _refuted and len(_refuted) < MAX_REFUTED:
+        _refuted[peer] = why
+        logger.warning("trainer %s %s: its progress (epoch, samples) is ignored from now on", peer, why)
+
+
+def refuted(peer: str) -> str | None:
+    """Why ``peer`` was refuted (:func:`refute`), or None."""
+    return _refuted.get(peer)
 
 
 class HeldParts:
@@ -106,8 +123,9 @@ class RecentClaims:
 def credible_progress(tracker: Any, metadata: dict[Any, Any]) -> dict[Any, Any]:
     """hivemind's progress record (``{public key: ValueWithExpiration(LocalTrainingProgress as a dict)}``) without
     the entries that claim an epoch above :func:`garden.collab.robust.epoch_ceiling` (from the other trainers'
-    claims, in this read and the last ones (:class:`RecentClaims`), and this peer's epoch) and without entries that
-    are not valid progress (hivemind would raise on them); each ignored claim is logged once."""
+    claims, in this read and the last ones (:class:`RecentClaims`), and this peer's epoch), without those of trainers
+    refuted (:func:`refute`), and without entries that are not valid progress (hivemind would raise on them); each
+    ignored claim is logged once."""
     from hivemind.optim.progress_tracker import LocalTrainingProgress
     from hivemind.utils import get_dht_time
 
@@ -124,6 +142,10 @@ def credible_progress(tracker: Any, metadata: dict[Any, Any]) -> dict[Any, Any]:
             claims[key] = LocalTrainingProgress.parse_obj(value)
         except Exception:  # not progress at all: left out
             claims[key] = None
+            continue
+        if _refuted and refuted(_peer_name(claims[key].peer_id)):
+            claims[key] = None
+            recent.note(key, None, 0.0)
             continue
         if not claims[key].client_mode:
             recent.note(key, claims[key].epoch, float(getattr(item, "expiration_time", 0.0)))
@@ -208,7 +230,7 @@ async def agreed_state(averager: Any, timeout: float | None) -> tuple[Any, list[
                            ceiling - robust.EPOCH_MARGIN)  # fmt: skip
             continue
         if compared is None:
-            return metadata, tensors
+            return _served_by(peer, metadata), tensors
         params = tensors[:compared]
         if len(params) < compared:
             logger.warning("refused the state of peer %s: %d tensors, expected %d or more", peer, len(params), compared)
@@ -218,7 +240,7 @@ async def agreed_state(averager: Any, timeout: float | None) -> tuple[Any, list[
                 if first is not None and first[0] in (peer, other):
                     logger.info("the state of peer %s agrees with peer %s's: loading it", first[0],
                                 peer if first[0] == other else other)  # fmt: skip
-                    return first[1], first[2]
+                    return _served_by(first[0], first[1]), first[2]
                 whole = await _download_state(averager, peer, timeout)  # the first one disagreed with both
                 if (
                     whole is not None
@@ -226,7 +248,7 @@ async def agreed_state(averager: Any, timeout: float | None) -> tuple[Any, list[
                     and robust.states_agree(whole[1][:compared], other_params)
                 ):
                     logger.info("the states of peers %s and %s agree: loading %s's", peer, other, peer)
-                    return whole
+                    return _served_by(peer, whole[0]), whole[1]
         heard.append((peer, metadata, params))
         if first is None:
             first = (peer, metadata, tensors)
@@ -235,10 +257,19 @@ async def agreed_state(averager: Any, timeout: float | None) -> tuple[Any, list[
             logger.warning("loading the state of peer %s unchecked: no other peer served one", first[0])
         else:
             logger.info("loading the state of peer %s, the only peer that offers one", first[0])
-        return first[1], first[2]
+        return _served_by(first[0], first[1]), first[2]
     if heard:
         logger.warning("not loading a state: the states of peers %s disagree", ", ".join(str(p) for p, _, _ in heard))
     return None
+
+
+def _served_by(peer: Any, metadata: Any) -> Any:
+    """The state's metadata naming the peer that served it (``garden_served_by``): the trainer's process, which
+    checks the tensors (``hivemind_patches``), refutes that peer when they are not finite."""
+    return {**metadata, SERVED_BY: str(peer)} if isinstance(metadata, dict) else metadata
+
+
+SERVED_BY = "garden_served_by"
 
 
 def _epochs_agree(mine: Any, theirs: Any) -> bool:

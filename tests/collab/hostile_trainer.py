@@ -5,7 +5,7 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 - ``huge``: every gradient it sends is finite but a million times the size of an honest one;
 - ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum);
 - ``epoch``: it claims epoch ``--claim`` (default 1000) in the progress record and as its state's priority and
-  label, and offers parameters a thousand times too large; it takes no steps;
+  label, and offers parameters a thousand times too large (``--state nan``: NaN parameters); it takes no steps;
 - ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
 
 ``--every-round`` (with ``weight`` or ``huge``) takes no optimizer steps: it offers its gradients (random ones with
@@ -40,15 +40,19 @@ os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def claim_epoch(opt: Any, params: list[Any], epoch: int) -> None:
+def claim_epoch(opt: Any, params: list[Any], epoch: int, state: str = "large") -> None:
     """Claim ``epoch`` everywhere hivemind reads one: the progress record (with a sample, or hivemind's reporter
-    stores nothing), the priority under which it offers its state, and the state's label."""
+    stores nothing), the priority under which it offers its state, and the state's label; the state it offers
+    holds parameters a thousand times too large, or NaN (``state="nan"``)."""
     import torch
 
     with torch.no_grad():
         served = [p for group in opt.state_averager.optimizer.param_groups for p in group["params"]]
         for p in {id(p): p for p in [*params, *served]}.values():  # hivemind may serve copies of the parameters
-            p.mul_(1000.0)
+            if state == "nan":
+                p.fill_(float("nan"))
+            else:
+                p.mul_(1000.0)
     opt.state_averager.local_epoch = epoch
     opt.state_averager.state_sharing_priority = epoch
     opt.tracker.report_local_progress(epoch, 1)
@@ -68,6 +72,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--attack", choices=["nan", "huge", "weight", "epoch", "mixed"], default="nan")
     parser.add_argument("--claim", type=int, default=1000, help="the epoch claimed by --attack epoch")
+    parser.add_argument("--state", choices=["large", "nan"], default="large",
+                        help="the parameters --attack epoch offers: a thousand times too large, or NaN")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between steps (an honest worker's pace)")
     parser.add_argument("--robust", action="store_true", help="install garden's checks of the others' claims")
     parser.add_argument("--lying-reducer", action="store_true", help="return 10^6 x the average of what it reduces")
@@ -141,7 +147,7 @@ def main() -> int:
             refresh_progress(opt.tracker)
             time.sleep(0.5)
         if args.attack == "epoch":
-            claim_epoch(opt, params, args.claim)
+            claim_epoch(opt, params, args.claim, args.state)
             report(args.claim)
             while not stop.wait(5.0):
                 opt.tracker.report_local_progress(args.claim, 1)  # keeps its entry fresh

@@ -16,8 +16,8 @@ import hivemind
 import pytest
 import torch
 
-from garden.collab import robust
-from garden.collab.robust_hivemind import credible_progress
+from garden.collab import robust, robust_hivemind
+from garden.collab.robust_hivemind import credible_progress, refute
 
 pytestmark = pytest.mark.heavy(40)  # seconds in `make check`: see tests/conftest.py
 ROUNDS = Path(__file__).resolve().parent / "robust_rounds.py"
@@ -182,6 +182,16 @@ def test_a_claimed_epoch_far_ahead_is_left_out_of_the_progress_record(
     # once the honest trainer says goodbye (value None), the liar is the only other trainer: its claim stands
     gone = {**missed, b"honest": ValueWithExpiration(None, get_dht_time() + 60)}
     assert tracker._parse_swarm_progress_data(credible_progress(tracker, gone)).epoch == 1000
+    # unless it served a state with non-finite values: from then on its entry counts for nothing (a peer that fell
+    # behind would otherwise follow its epoch for good, refusing every state it offers)
+    from hivemind.p2p import PeerID
+
+    refute(PeerID(b"liar").to_base58(), "served a state with non-finite values")
+    try:
+        progress = tracker._parse_swarm_progress_data(credible_progress(tracker, gone))
+        assert (progress.epoch, progress.num_peers) == (5, 1)
+    finally:
+        robust_hivemind._refuted.clear()
     del record[b"garbage"]
     record[b"honest"] = entry(b"honest", 5, 20)
     # one epoch ahead is how an honest swarm looks for a moment (the first peer to see the epoch end)
