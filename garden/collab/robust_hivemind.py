@@ -24,6 +24,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 MAX_REFUTED = 1024
+SERVED_BY = "garden_served_by"
+"""The key of a downloaded state's metadata that names the peer that served it (:func:`agreed_state`)."""
 _refuted: dict[str, str] = {}  # trainer (base58 peer id) -> why, in the trainer's own process
 
 
@@ -267,9 +269,6 @@ def _served_by(peer: Any, metadata: Any) -> Any:
     """The state's metadata naming the peer that served it (``garden_served_by``): the trainer's process, which
     checks the tensors (``hivemind_patches``), refutes that peer when they are not finite."""
     return {**metadata, SERVED_BY: str(peer)} if isinstance(metadata, dict) else metadata
-
-
-SERVED_BY = "garden_served_by"
 
 
 def _epochs_agree(mine: Any, theirs: Any) -> bool:
