@@ -331,6 +331,29 @@ class CollabTrainer:
         logger.info("keeping the state of epoch %d loaded from a peer", self.params_epoch)
         return True
 
+    def trainers_behind(self) -> int:
+        """How many other trainers the swarm's progress record shows at an epoch below this peer's (garden's checks
+        of the record applied, client-mode trainers counted too): a peer that is done keeps serving its state while
+        there are some (``garden.collab.worker``), since one that falls behind can only catch up from a peer that
+        holds the last epoch's parameters."""
+        from hivemind.optim.progress_tracker import LocalTrainingProgress
+
+        from garden.collab.robust_hivemind import credible_progress
+
+        tracker = self.optimizer.tracker
+        found = tracker.dht.get(tracker.training_progress_key, latest=True)
+        metadata = found.value if found is not None and isinstance(found.value, dict) else {}
+        behind = 0
+        for key, item in credible_progress(tracker, metadata).items() if metadata else ():
+            if key == tracker._local_public_key or getattr(item, "value", None) is None:
+                continue
+            try:
+                progress = LocalTrainingProgress.parse_obj(item.value)
+            except Exception:  # noqa: BLE001 - not progress: nobody to wait for
+                continue
+            behind += progress.epoch < self.epoch
+        return behind
+
     def _trainers_present(self) -> bool:
         """Whether this peer may step: ``min_trainers`` trainers are (or once were) in hivemind's progress record,
         as this peer's hivemind tracker last read it (the view hivemind's rounds go by: a trainer that starts on a

@@ -11,9 +11,9 @@ It reports through one JSON file (``status_path``: a :class:`WorkerStatus`, rewr
 second) that the daemon reads; its configuration is one JSON file too (a :class:`WorkerConfig`), each
 written and read by its own class. It installs garden's patches of hivemind
 (:mod:`garden.collab.hivemind_patches`) before anything forks. It stops on SIGTERM or SIGINT (finishing the
-current step), when ``max_epochs`` is reached (after ``linger_s`` seconds of serving its state to peers that
-are catching up), and when the daemon that started it dies (a watch thread, as for the daemon's own DHT
-process): never an orphan.
+current step), when ``max_epochs`` is reached (after serving its state to peers that are catching up: while some
+trainer is behind, and ``linger_s`` seconds more, :func:`linger`), and when the daemon that started it dies (a
+watch thread, as for the daemon's own DHT process): never an orphan.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("garden.collab.worker")
 
 STATUS_PERIOD = 1.0
+LINGER_MAX_S = 60.0
+"""Seconds a trainer that is done serves its state at most while other trainers are behind (:func:`linger`)."""
+LINGER_POLL_S = 1.0
 """Seconds between rewrites of the status file."""
 
 
@@ -66,7 +69,8 @@ class WorkerConfig(BaseModel):
     :param hold_out: never train on the rows of the mission's held-out prompts (False: the mission is too small
         to hold any out, :func:`garden.protocol.rows.holds_out`)
     :param parent_pid: exit when this process (the daemon) is gone; None: no watch
-    :param linger_s: seconds to keep serving state to peers after the last epoch
+    :param linger_s: seconds to keep serving state to peers after the last epoch, counted from the last moment a
+        trainer was behind (:func:`linger`)
     :param row_poll_s: seconds between reads of new rows from the store
     :param max_cpu: share of the machine (0..1] the daemon's whole tree may use (``--max-cpu``); the worker
         waits between steps while the tree is over it
@@ -315,7 +319,7 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
             status.state = "done"
             write_status(status)
             logger.info("mission %s: reached epoch %d", config.mission_id[:12], trainer.epoch)
-            stop.wait(config.linger_s)  # peers catching up may still load the state from this one
+            linger(trainer, config.linger_s, stop)  # peers catching up may still load the state from this one
         else:
             status.state = "stopped"
         write_status(status)
@@ -332,6 +336,25 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         if feed is not None:
             feed.close()
         dht.shutdown()
+
+
+def linger(trainer: Any, linger_s: float, stop: threading.Event) -> None:
+    """Keep serving this trainer's state after its last epoch: until no trainer of the progress record has been behind
+    its epoch for ``linger_s`` seconds, :data:`LINGER_MAX_S` at most (at least ``linger_s``), or until ``stop``.
+
+    Why wait for the ones behind: a trainer that missed the last rounds reaches the last epoch without its parameters
+    and loads them from a peer that holds them (``CollabTrainer.catch_up``); once every such peer has left, it keeps
+    the epoch before (CI saw a busy lead 20 s behind the two others, which had left after 5 s)."""
+    started = quiet_since = time.monotonic()
+    while not stop.wait(LINGER_POLL_S):
+        now = time.monotonic()
+        try:
+            if trainer.trainers_behind():
+                quiet_since = now
+        except Exception as e:  # noqa: BLE001 - a DHT that does not answer: linger the minimum
+            logger.info("could not read the progress record while lingering: %s", e)
+        if now - quiet_since >= linger_s or now - started >= max(LINGER_MAX_S, linger_s):
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,27 @@ Not serial: one worker and the liar, no timing asserted."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from harness.daemons import DaemonFactory, wait_until
-from harness.trainers import WorkerFactory
-from tests.collab.test_collab_swarm import HOSTILE, bootstrap, rows_store, tiny, workers  # noqa: F401 - fixtures
+from harness.trainers import WorkerFactory, make_rows_store, make_tiny_student
+from tests.collab.test_collab_swarm import HOSTILE, bootstrap, workers  # noqa: F401 - the fixture
+
 
 pytestmark = [pytest.mark.swarm]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    return make_tiny_student(tmp_path_factory.mktemp("tiny") / "student")
+
+
+@pytest.fixture(scope="module")
+def rows_store(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    return make_rows_store(tmp_path_factory.mktemp("rows") / "garden.sqlite3", prompts=2)  # a few rows suffice
 
 
 def test_a_trainer_alone_with_a_liar_serving_nan_trains_from_its_own_epoch(

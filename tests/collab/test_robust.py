@@ -199,6 +199,66 @@ def test_a_claimed_epoch_far_ahead_is_left_out_of_the_progress_record(
     assert tracker._parse_swarm_progress_data(credible_progress(tracker, record)).epoch == 6
 
 
+def test_a_done_trainer_counts_the_trainers_behind_it(tracker: Any) -> None:
+    """What a trainer that is done lingers for (``garden.collab.worker.linger``), read from a real progress record
+    (each other trainer a tracker of its own, on a DHT of its own): the others below its epoch, client-mode ones
+    too; not itself, not the ones level with it."""
+    from types import SimpleNamespace
+
+    from hivemind.optim.progress_tracker import ProgressTracker
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from garden.collab.hivemind_patches import report_presence
+    from garden.collab.trainer import CollabTrainer
+
+    me = SimpleNamespace(optimizer=SimpleNamespace(tracker=tracker), epoch=4)
+    assert CollabTrainer.trainers_behind(me) == 0  # nobody in the record
+    tracker.report_local_progress(4, 1)
+    report_presence(tracker)
+    others = []
+    try:
+        for epoch, client in ((4, False), (3, False), (2, True)):
+            dht = hivemind.DHT(start=True, initial_peers=tracker.dht.get_visible_maddrs(), client_mode=client,
+                               host_maddrs=["/ip4/127.0.0.1/tcp/0"])  # fmt: skip
+            other = ProgressTracker(dht, "robust-epochs", target_batch_size=64, client_mode=client, start=False,
+                                    private_key=RSAPrivateKey())  # a key of its own: the default is the process's
+            others.append(other)
+            other.report_local_progress(epoch, 1)
+            report_presence(other)
+        assert CollabTrainer.trainers_behind(me) == 2
+    finally:
+        for other in others:
+            other.dht.shutdown()
+
+
+def test_a_done_trainer_lingers_while_others_are_behind_and_not_past_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from garden.collab import worker
+
+    monkeypatch.setattr(worker, "LINGER_POLL_S", 0.01)
+    behind = [3, 2, 1, 1]  # polls that see trainers behind, then none
+
+    def trainers_behind() -> int:
+        return behind.pop(0) if behind else 0
+
+    started = time.monotonic()
+    worker.linger(SimpleNamespace(trainers_behind=trainers_behind), 0.2, threading.Event())
+    waited = time.monotonic() - started
+    assert not behind and 0.2 + 4 * 0.01 <= waited < 1.0  # linger_s after the last poll that saw one behind
+    monkeypatch.setattr(worker, "LINGER_MAX_S", 0.3)
+    started = time.monotonic()
+    worker.linger(SimpleNamespace(trainers_behind=lambda: 1), 0.1, threading.Event())  # one behind for good
+    assert 0.3 <= time.monotonic() - started < 1.0
+    stop = threading.Event()
+    stop.set()
+    started = time.monotonic()
+    worker.linger(SimpleNamespace(trainers_behind=lambda: 1), 5.0, stop)  # the daemon stops it: at once
+    assert time.monotonic() - started < 0.5
+
+
 def run_rounds(what: str) -> tuple[dict[str, Any], str]:
     done = subprocess.run([sys.executable, str(ROUNDS), what], capture_output=True, text=True, timeout=240,
                           check=False)  # fmt: skip
