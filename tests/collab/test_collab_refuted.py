@@ -33,9 +33,10 @@ def test_a_trainer_alone_with_a_liar_serving_nan_trains_from_its_own_epoch(
     daemons: DaemonFactory, workers: WorkerFactory  # noqa: F811 - the fixture
 ) -> None:
     peers = bootstrap(daemons)
-    liar = workers.start(peers, executable=[*HOSTILE, "--attack", "epoch", "--claim", "2", "--state", "nan"])
+    small = {"target_batch_size": 32}  # an epoch of 16 steps: the trainer trains alone
+    liar = workers.start(peers, executable=[*HOSTILE, "--attack", "epoch", "--claim", "2", "--state", "nan"], **small)
     liar_id = wait_until(lambda: liar.status().get("peer_id"), 120, 0.5, "the liar's claim")
-    trainer = workers.start(peers, max_epochs=1, min_trainers=1)
+    trainer = workers.start(peers, max_epochs=1, min_trainers=1, **small)
     wait_until(lambda: trainer.status().get("state") == "done", 180, 0.5, "the trainer done")
     log = trainer.log()
     assert f"downloaded from peer {liar_id}: it holds non-finite values" in log, log[-4000:]
