@@ -342,9 +342,10 @@ class CollabTrainer:
 
         tracker = self.optimizer.tracker
         found = tracker.dht.get(tracker.training_progress_key, latest=True)
-        metadata = found.value if found is not None and isinstance(found.value, dict) else {}
+        if found is None or not isinstance(found.value, dict) or not found.value:
+            return 0
         behind = 0
-        for key, item in credible_progress(tracker, metadata).items() if metadata else ():
+        for key, item in credible_progress(tracker, found.value).items():
             if key == tracker._local_public_key or getattr(item, "value", None) is None:
                 continue
             try:

@@ -48,10 +48,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("garden.collab.worker")
 
 STATUS_PERIOD = 1.0
+"""Seconds between rewrites of the status file."""
 LINGER_MAX_S = 60.0
 """Seconds a trainer that is done serves its state at most while other trainers are behind (:func:`linger`)."""
 LINGER_POLL_S = 1.0
-"""Seconds between rewrites of the status file."""
+"""Seconds between reads of the progress record while lingering."""
 
 
 class WorkerConfig(BaseModel):
