@@ -24,6 +24,7 @@ import pytest
 from harness.daemons import DaemonFactory
 
 LOG_TAIL = 60
+SHARED_MODEL_CACHE_ENV = "GARDEN_TEST_MODEL_CACHE"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -55,13 +56,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One conversion cache for the whole run: the built-in GGUF is converted once (~15 s), then reused. Under
     pytest-xdist the workers share it (their base temp dirs have one parent): the first converts under a
-    lock, the others wait and reuse it."""
+    lock, the others wait and reuse it. ``make test`` and ``make check`` run pytest twice and name one cache for
+    both runs in ``GARDEN_TEST_MODEL_CACHE`` (a directory they make and remove)."""
     from garden.models import loading as models
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = tmp_path_factory.getbasetemp().parent / "model-cache"
-        root.mkdir(exist_ok=True)
-        with open(root.parent / "model-cache.lock", "w") as lock:
+    shared = os.environ.get(SHARED_MODEL_CACHE_ENV)
+    if shared or os.environ.get("PYTEST_XDIST_WORKER"):
+        root = Path(shared) if shared else tmp_path_factory.getbasetemp().parent / "model-cache"
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / "conversion.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             previous = os.environ.get(models.CACHE_ENV)
             os.environ[models.CACHE_ENV] = str(root)

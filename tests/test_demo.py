@@ -32,7 +32,10 @@ def test_the_demo_trains_a_student_closer_to_the_teacher(tmp_path: Path, model_c
             "--target-batch-size", "16", "--http-port", "0", "--dir", str(work), "--keep"]  # fmt: skip
     log = tmp_path / "demo.log"
     with log.open("w") as out:
-        demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        # Ctrl+C's default even where the test runs in the background of a non-interactive shell, which starts it
+        # with SIGINT ignored (and Python then never raises KeyboardInterrupt)
+        demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         held = wait_until(lambda: _held(log, demo), 840, 2.0, "the demo's swarm held up (--keep)")
         check_the_harvest(work, held, env)

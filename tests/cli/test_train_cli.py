@@ -46,6 +46,7 @@ def rows_file(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Pa
     return out
 
 
+@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
 def test_shake_train_resume_eval_generate(rows_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "runs" / "capitals"
     code, stdout, stderr = garden(

@@ -328,6 +328,7 @@ def test_the_outer_step_is_nesterov_sgd_on_the_pseudo_gradient() -> None:
     assert torch.equal(outer.anchor[0], q.data) and float(outer.buffer[0]) == 0.0
 
 
+@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
 def test_a_peer_moved_to_the_last_epoch_without_its_parameters_loads_them(tiny: Path, rows_store: Path) -> None:
     """Hivemind's catch-up moves a peer that missed the last round to the swarm's epoch without that epoch's
     parameters: such a peer said "done" holding the epoch before's, and wrote no checkpoint of the last (the hostile

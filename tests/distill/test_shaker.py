@@ -225,6 +225,7 @@ def _candidates(teacher, prompts: Sequence[PromptRow], config: ShakeConfig) -> d
     return recorder.seen
 
 
+@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
 def test_prompt_seeds_make_a_prompts_candidates_independent_of_its_batch() -> None:
     """Alone, in one batch, in reverse order, in batches of two, under another ``seed``: with
     ``prompt_seeds`` each prompt draws the same candidates (the built-in teacher, real left padding)."""

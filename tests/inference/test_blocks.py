@@ -86,6 +86,7 @@ def test_fp16_at_the_boundaries_keeps_greedy_output(parts: dict) -> None:
         assert tokens[: len(greedy)] == greedy.tolist()[: len(tokens)]
 
 
+@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
 def test_the_spot_check_tolerance_separates_honest_servers_from_noise(parts: dict) -> None:
     """What ``SPOT_TOLERANCE`` rests on. An honest witness of layers 10-20 (a fresh cache that replays the
     history in one call, with another thread count, float16 on the wire) is far inside the tolerance of the

@@ -124,6 +124,7 @@ def test_a_pruned_student_exports(tmp_path: Path) -> None:
     assert gap < 0.1, gap
 
 
+@pytest.mark.slow
 def test_a_lora_student_exports_as_its_adapter_and_merged(tmp_path: Path) -> None:
     # a LoRA student's checkpoint as garden writes one: the merged model at the top, the adapter in adapter/
     from garden.models.student import LoraSpec, StudentSpec, build_student
