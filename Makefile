@@ -33,10 +33,10 @@ run: install
 # the exit status is the first failure's (pytest's 5, "no tests collected", is none: PYTEST_ARGS may name files
 # with tests of one kind only).
 test: install-dev lint
-	@rc=0; cache=$$(mktemp -d); export GARDEN_TEST_MODEL_CACHE=$$cache; \
+	@rc=0; cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; export GARDEN_TEST_MODEL_CACHE=$$cache; \
 	$(PY) -m pytest -n 2 $(DIST) -m "not serial" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
 	$(PY) -m pytest -m serial $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
-	rm -rf $$cache; exit $$rc
+	exit $$rc
 
 # ruff, then import-linter's contract (pyproject.toml): a package that imports a higher level fails here.
 lint: install-dev
@@ -44,13 +44,13 @@ lint: install-dev
 	$(VENV)/bin/lint-imports --no-cache
 
 # The inner loop: lint, the import contract, and every test that starts no daemon (the `swarm` marker) and
-# makes no whole-model round trip (the `slow` marker), the light ones two at a time, then those that measure
-# CPU shares alone.
+# is not `slow` (15 s or more of a whole model's work), the light ones two at a time, then those that measure
+# CPU shares alone; both runs share one conversion of the built-in model (tests/conftest.py).
 check: install-dev lint
-	@rc=0; cache=$$(mktemp -d); export GARDEN_TEST_MODEL_CACHE=$$cache; \
+	@rc=0; cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; export GARDEN_TEST_MODEL_CACHE=$$cache; \
 	$(PY) -m pytest -n 2 $(DIST) -m "not swarm and not serial and not slow" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || rc=$$s; \
 	$(PY) -m pytest -m "serial and not swarm and not slow" $(PYTEST_ARGS); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; \
-	rm -rf $$cache; exit $$rc
+	exit $$rc
 
 bench: install-dev
 	$(PY) benchmarks/startup.py
