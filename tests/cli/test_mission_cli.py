@@ -33,7 +33,7 @@ def test_a_filter_comes_only_with_from_feedback() -> None:
     assert none.exit_code == 2 and "Missing argument" in none.output, none.output
 
 
-@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
+@pytest.mark.slow
 def test_mission_layers_lists_the_students_layers_to_sign_from_the_missions_prompts(
     tmp_path: Path, model_cache: Path
 ) -> None:

@@ -37,7 +37,7 @@ def shake(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
+@pytest.mark.slow
 def test_falls_back_past_a_missing_teacher_and_stores_rows_once(tmp_path: Path, prompts: Path) -> None:
     data_dir = tmp_path / "data"
     teachers = ["--teacher", str(tmp_path / "missing.gguf"), "--teacher", BUILTIN]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from garden.cli import app
 
-pytestmark = pytest.mark.heavy(14)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(5)  # seconds in `make check`: see tests/conftest.py
 
 TEACHER = "builtin:smollm2-135m"
 STUDENT = "prune:builtin:smollm2-135m:layers=3:spacing=influence"  # 3 layers: 0, the one the rows choose, 29
@@ -46,7 +46,7 @@ def rows_file(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Pa
     return out
 
 
-@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
+@pytest.mark.slow
 def test_shake_train_resume_eval_generate(rows_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "runs" / "capitals"
     code, stdout, stderr = garden(

@@ -25,7 +25,7 @@ from garden.collab.worker import WorkerConfig, WorkerStatus
 from garden.protocol.mission_spec import StudentSection, SwarmSettings, TrainSection
 from harness.trainers import MISSION, make_rows_store, make_tiny_student
 
-pytestmark = pytest.mark.heavy(22)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(9)  # seconds in `make check`: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_the_outer_step_is_nesterov_sgd_on_the_pseudo_gradient() -> None:
     assert torch.equal(outer.anchor[0], q.data) and float(outer.buffer[0]) == 0.0
 
 
-@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
+@pytest.mark.slow
 def test_a_peer_moved_to_the_last_epoch_without_its_parameters_loads_them(tiny: Path, rows_store: Path) -> None:
     """Hivemind's catch-up moves a peer that missed the last round to the swarm's epoch without that epoch's
     parameters: such a peer said "done" holding the epoch before's, and wrote no checkpoint of the last (the hostile

@@ -32,7 +32,7 @@ from garden.distill.judges import (
     token_f1,
 )
 
-pytestmark = pytest.mark.heavy(14)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(3)  # seconds in `make check`: see tests/conftest.py
 
 CAPITAL = PromptRow(prompt="What is the capital of France?", reference="The capital of France is Paris.")
 
@@ -315,7 +315,7 @@ def test_teacher_ranks_relevant_above_off_topic(teacher: LoadedModel, question: 
     assert scores[1] > scores[0]
 
 
-@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
+@pytest.mark.slow
 def test_teacher_is_deterministic_and_batch_independent(teacher: LoadedModel) -> None:
     judge = TeacherJudge(teacher)
     candidates = [GOOD, BAD, "Paris.", "I am not sure, maybe Lyon or Marseille, it is hard to say."]

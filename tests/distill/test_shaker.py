@@ -26,7 +26,7 @@ from garden.distill.judges import Judge, Judgement, ReferenceJudge, RegexJudge
 from garden.models.chat import chat_prompt_ids
 from garden.distill.shaker import ShakeCancelled, ShakeConfig, _decode_shared, _sampler, _warp, shake
 
-pytestmark = pytest.mark.heavy(49)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(51)  # seconds in `make check`: see tests/conftest.py
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +225,7 @@ def _candidates(teacher, prompts: Sequence[PromptRow], config: ShakeConfig) -> d
     return recorder.seen
 
 
-@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
+@pytest.mark.slow
 def test_prompt_seeds_make_a_prompts_candidates_independent_of_its_batch() -> None:
     """Alone, in one batch, in reverse order, in batches of two, under another ``seed``: with
     ``prompt_seeds`` each prompt draws the same candidates (the built-in teacher, real left padding)."""

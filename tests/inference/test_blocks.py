@@ -14,7 +14,7 @@ from garden.inference.client import SPOT_TOLERANCE, hidden_distance
 from garden.inference.generate import prompt_ids
 from garden.models.loading import load_model
 
-pytestmark = pytest.mark.heavy(25)  # seconds in `make check`: see tests/conftest.py
+pytestmark = pytest.mark.heavy(14)  # seconds in `make check`: see tests/conftest.py
 
 MODEL = "builtin:smollm2-135m"
 
@@ -86,7 +86,7 @@ def test_fp16_at_the_boundaries_keeps_greedy_output(parts: dict) -> None:
         assert tokens[: len(greedy)] == greedy.tolist()[: len(tokens)]
 
 
-@pytest.mark.slow  # 15 s or more: `make test` runs it, `make check` does not
+@pytest.mark.slow
 def test_the_spot_check_tolerance_separates_honest_servers_from_noise(parts: dict) -> None:
     """What ``SPOT_TOLERANCE`` rests on. An honest witness of layers 10-20 (a fresh cache that replays the
     history in one call, with another thread count, float16 on the wire) is far inside the tolerance of the

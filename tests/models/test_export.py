@@ -16,7 +16,7 @@ from garden.models.export import ExportError, export_model, rotary_permute
 from garden.models.loading import load_model
 from harness.trainers import make_tiny_student
 
-pytestmark = pytest.mark.heavy(10)  # seconds in `make check` (the `slow` ones run in `make test` only)
+pytestmark = pytest.mark.heavy(2)  # seconds in `make check` (the `slow` ones run in `make test` only)
 MODEL = "builtin:smollm2-135m"
 
 
