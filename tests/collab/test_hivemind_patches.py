@@ -236,6 +236,87 @@ finally:
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
 
 
+def test_a_trainer_stops_looking_for_a_parameter_round_once_every_other_trainer_is_past_it() -> None:
+    """In a fresh process with the patches installed, a local-mode hivemind.Optimizer (its parameter round
+    pre-scheduled, as garden's local mode primes it) beside a second trainer that is only in the progress record:
+    once the trainer waits on its round, the other reports the next epoch (it met, or gave up, without this one),
+    and the trainer stops looking within seconds, not after its 60 s ``averaging_timeout``."""
+    script = """
+import logging, threading, time, hivemind, torch
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils.crypto import RSAPrivateKey
+from garden.collab import hivemind_patches as h
+h.install()
+said = []
+class Said(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+logging.getLogger("garden.collab.hivemind_patches").addHandler(Said())
+logging.getLogger("garden.collab.hivemind_patches").setLevel(logging.INFO)
+dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+other = hivemind.DHT(start=True, initial_peers=dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+away = ProgressTracker(other, "past", target_batch_size=4, private_key=RSAPrivateKey(), start=True)
+p = torch.nn.Parameter(torch.zeros(3))
+opt = hivemind.Optimizer(dht=dht, run_id="past", target_batch_size=4, batch_size_per_step=1, params=[p],
+                         optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), matchmaking_time=2.0,
+                         averaging_timeout=60.0, use_local_updates=True, average_state_every=1,
+                         delay_state_averaging=False, averager_opts={"request_timeout": 1.0})
+opt.delay_before_state_averaging.update(task_size=1, interval=0.0)  # as garden.collab.trainer primes local mode
+def claim(tracker, epoch):
+    with tracker.pause_updates():
+        tracker.update_epoch(epoch)
+    h.report_presence(tracker)
+waited = {}
+def move_on_once_waited():  # the other trainer ends the round's epoch once this one waits on its round
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        control = opt.scheduled_state
+        if control is not None and control.triggered:
+            waited["at"] = time.monotonic()
+            claim(away, 1)
+            return
+        time.sleep(0.05)
+try:
+    h.report_presence(away)
+    h.report_presence(opt.tracker)
+    deadline = time.monotonic() + 30
+    while opt.tracker.global_progress.num_peers < 2:
+        assert time.monotonic() < deadline, "the other trainer never showed in the progress record"
+        h.refresh_progress(opt.tracker)
+        time.sleep(0.2)
+    threading.Thread(target=move_on_once_waited, daemon=True).start()
+    deadline = time.monotonic() + 90
+    while opt.local_epoch == 0:
+        assert time.monotonic() < deadline, said
+        p.grad = torch.ones(3)
+        opt.step()
+        h.refresh_progress(opt.tracker)
+        time.sleep(0.1)
+    ended = time.monotonic()
+    assert "at" in waited, said  # the round it waited on was the pre-scheduled one
+    assert any("every other trainer is past epoch 0" in line for line in said), said
+    assert ended - waited["at"] < 30, ended - waited["at"]  # hivemind alone: its 60 s averaging_timeout
+    print("ok")
+finally:
+    opt.shutdown()
+    away.shutdown()
+    other.shutdown()
+    dht.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+
+
+def test_a_round_is_given_up_only_when_every_other_trainer_is_past_it() -> None:
+    """A hostile trainer that claims the next epoch stops no round another trainer still holds: it would make honest
+    peers leave every round they could meet in."""
+    assert hivemind_patches.all_past([3, 4], 2)
+    assert not hivemind_patches.all_past([3, 2], 2)  # a liar at 3 beside an honest trainer still at 2
+    assert not hivemind_patches.all_past([2], 2) and not hivemind_patches.all_past([1, 3], 2)
+    assert not hivemind_patches.all_past([], 2)  # nobody else in the record: hivemind's timeout decides
+    assert not hivemind_patches.all_past([-1, 5], 2)  # a claim that is no number counts as behind
+
+
 def test_a_pre_scheduled_gradient_round_that_met_nobody_before_the_epoch_ended_counts_as_lone() -> None:
     """hivemind's optimizer drops a pre-scheduled gradient round that is already over when the epoch's step comes
     (it failed to find a group while the trainer still computed) and averages nothing: the parameter round after it
