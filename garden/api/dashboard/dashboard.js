@@ -8,6 +8,9 @@
 (function () {
   const POLL_MS = 2000;
   const TIMEOUT_MS = 8000;
+  // a chat answer is generated while the peer may shake, train or serve on a home PC's few cores: 48 tokens took
+  // over TIMEOUT_MS on a busy 2-core machine, and the panel gave up on an answer that was on its way
+  const CHAT_TIMEOUT_MS = 300000;
   const MAX_MISSION_DETAILS = 12;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
@@ -129,9 +132,9 @@
 
   // --- fetching ------------------------------------------------------------------------------------
 
-  async function fetchJSON(path, options) {
+  async function fetchJSON(path, options, timeoutMs = TIMEOUT_MS) {
     const controller = new AbortController();
-    const timer = setTimeout(() => controller.abort(), TIMEOUT_MS);
+    const timer = setTimeout(() => controller.abort(), timeoutMs);
     try {
       const response = await fetch(path, { cache: "no-store", ...options, signal: controller.signal });
       if (!response.ok) {
@@ -144,7 +147,7 @@
       }
       return await response.json();
     } catch (err) {
-      if (err && err.name === "AbortError") throw new Error(`${path}: no answer in ${TIMEOUT_MS / 1000} s`);
+      if (err && err.name === "AbortError") throw new Error(`${path}: no answer in ${timeoutMs / 1000} s`);
       if (err instanceof TypeError) throw new Error(`${path}: not reachable`);
       throw err;
     } finally {
@@ -491,8 +494,9 @@
 
   const chat = { id: null, text: "" };
 
-  function postJSON(path, body) {
-    return fetchJSON(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  function postJSON(path, body) {  // the chat's calls: an answer, a rating (a redo generates a new answer)
+    const options = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+    return fetchJSON(path, options, CHAT_TIMEOUT_MS);
   }
 
   function renderChatModels(list) {
