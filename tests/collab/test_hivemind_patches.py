@@ -60,6 +60,9 @@ def test_the_wrapped_methods_take_the_arguments_the_wrappers_pass() -> None:
 
     assert params(Optimizer._average_gradients_and_load_into_optimizer) == ["self", "maybe_step_control"]
     assert params(Optimizer._begin_averaging_gradients) == ["self", "grad_scaler"]
+    # no wait for a round the swarm is past: the epoch's end runs its parameter round on the pre-scheduled group
+    assert params(Optimizer._update_global_epoch) == ["self", "grad_scaler"]
+    assert "averaging_control=self.scheduled_state" in inspect.getsource(Optimizer._update_global_epoch)
     from hivemind.optim.progress_tracker import ProgressTracker
 
     # robust averaging: the reducer's running sum (what the held parts stand in for), the record, the download
@@ -181,13 +184,8 @@ finally:
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
 
 
-def test_a_trainer_whose_gradient_round_met_nobody_moves_on_without_the_parameter_round() -> None:
-    """In a fresh process with the patches installed, a one-peer hivemind.Optimizer beside a second trainer that is
-    in the progress record but never steps (one whose round is seconds away, out of phase): the epoch ends, the
-    gradient round finds no group, and the trainer moves to the next epoch without its parameter round (which
-    would wait its full timeout for nobody)."""
-    script = """
-import logging, time, hivemind, torch
+TWO_DHTS = """
+import logging, threading, time, hivemind, torch
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils.crypto import RSAPrivateKey
 from garden.collab import hivemind_patches as h
@@ -200,6 +198,31 @@ logging.getLogger("garden.collab.hivemind_patches").addHandler(Said())
 logging.getLogger("garden.collab.hivemind_patches").setLevel(logging.INFO)
 dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 other = hivemind.DHT(start=True, initial_peers=dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+"""
+"""The start of a fresh process's script: garden's patches installed, what they log in ``said``, and two DHT nodes
+(``dht`` for the trainer under test, ``other`` for the trainers beside it)."""
+STOP_ALL = """
+finally:
+    opt.shutdown()
+    away.shutdown()
+    other.shutdown()
+    dht.shutdown()
+"""
+"""Its end, after a ``try:`` that prints ``ok``: the optimizer ``opt``, the other trainer's tracker ``away``, the
+DHTs."""
+
+
+def run_ok(script: str, timeout: float) -> None:
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+
+
+def test_a_trainer_whose_gradient_round_met_nobody_moves_on_without_the_parameter_round() -> None:
+    """In a fresh process with the patches installed, a one-peer hivemind.Optimizer beside a second trainer that is
+    in the progress record but never steps (one whose round is seconds away, out of phase): the epoch ends, the
+    gradient round finds no group, and the trainer moves to the next epoch without its parameter round (which
+    would wait its full timeout for nobody)."""
+    script = TWO_DHTS + """
 away = ProgressTracker(other, "lone", target_batch_size=4, private_key=RSAPrivateKey(), start=True)  # its own entry
 p = torch.nn.Parameter(torch.zeros(3))
 opt = hivemind.Optimizer(dht=dht, run_id="lone", target_batch_size=4, batch_size_per_step=4, params=[p],
@@ -226,14 +249,8 @@ try:
     # asked for the round (two trainers in the record) and it was dropped: the wrapper under the spy saw it
     assert rounds == [True], rounds
     print("ok")
-finally:
-    opt.shutdown()
-    away.shutdown()
-    other.shutdown()
-    dht.shutdown()
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+""" + STOP_ALL
+    run_ok(script, timeout=120)
 
 
 def test_a_trainer_stops_looking_for_a_parameter_round_once_every_other_trainer_is_past_it() -> None:
@@ -241,20 +258,7 @@ def test_a_trainer_stops_looking_for_a_parameter_round_once_every_other_trainer_
     pre-scheduled, as garden's local mode primes it) beside a second trainer that is only in the progress record:
     once the trainer waits on its round, the other reports the next epoch (it met, or gave up, without this one),
     and the trainer stops looking within seconds, not after its 60 s ``averaging_timeout``."""
-    script = """
-import logging, threading, time, hivemind, torch
-from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.utils.crypto import RSAPrivateKey
-from garden.collab import hivemind_patches as h
-h.install()
-said = []
-class Said(logging.Handler):
-    def emit(self, record):
-        said.append(record.getMessage())
-logging.getLogger("garden.collab.hivemind_patches").addHandler(Said())
-logging.getLogger("garden.collab.hivemind_patches").setLevel(logging.INFO)
-dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-other = hivemind.DHT(start=True, initial_peers=dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    script = TWO_DHTS + """
 away = ProgressTracker(other, "past", target_batch_size=4, private_key=RSAPrivateKey(), start=True)
 p = torch.nn.Parameter(torch.zeros(3))
 opt = hivemind.Optimizer(dht=dht, run_id="past", target_batch_size=4, batch_size_per_step=1, params=[p],
@@ -297,14 +301,8 @@ try:
     assert any("every other trainer is past epoch 0" in line for line in said), said
     assert ended - waited["at"] < 30, ended - waited["at"]  # hivemind alone: its 60 s averaging_timeout
     print("ok")
-finally:
-    opt.shutdown()
-    away.shutdown()
-    other.shutdown()
-    dht.shutdown()
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=False)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+""" + STOP_ALL
+    run_ok(script, timeout=180)
 
 
 def test_a_round_is_given_up_only_when_every_other_trainer_is_past_it() -> None:
