@@ -180,8 +180,7 @@ finally:
     opt.shutdown()
     dht.shutdown()
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+    run_ok(script, timeout=120)
 
 
 TWO_DHTS = """
@@ -352,8 +351,7 @@ assert Optimizer._begin_averaging_gradients(alone, None) is False
 assert alone.state_averager._garden_lone is None
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-3000:]
+    run_ok(script, timeout=120)
 
 
 def test_found_no_group_tells_a_round_that_met_nobody_from_one_that_failed_later() -> None:
