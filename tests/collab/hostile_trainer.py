@@ -4,19 +4,26 @@ hivemind directly, without garden's checks, as a broken or malicious peer would.
 - ``nan`` (default): every gradient it sends is NaN (and so, after its own updates, is every parameter it offers);
 - ``huge``: every gradient it sends is finite but a million times the size of an honest one;
 - ``weight``: its gradients are random, sent with an averaging weight of 1e30 (hivemind divides by the sum);
+- ``reducer``: its gradients are zeros, sent with an honest weight (nothing to refuse in them), and it returns a
+  million times the average of every part it reduces (``--lying-reducer`` is implied);
 - ``epoch``: it claims epoch ``--claim`` (default 1000) in the progress record and as its state's priority and
   label, and offers parameters a thousand times too large (``--state nan``: NaN parameters); it takes no steps;
 - ``mixed``: gradients a million times too large, sent with a weight of 1e30 in every other averaging round.
 
-``--every-round`` (with ``weight`` or ``huge``) takes no optimizer steps: it offers its gradients (random ones with
-its weight of 1e30, or a million times too large) in a gradient round at every epoch's end, scheduled as the honest
-trainers schedule theirs, until stopped (a trainer that steps joins one round an epoch at most, and on two loaded
-cores its own timeouts made it miss all but one or two; rounds back to back met the other attacker instead: tests
-saw the weight attacker, then the huge one, meet no honest peer at all). Its status counts the ``rounds`` it tried;
-each line of its log says how one ended (a round with honest peers ends in an error here: they refuse its part).
+``--every-round`` (with ``weight``, ``reducer`` or ``huge``) takes no optimizer steps: it joins every gradient round
+an honest trainer looks for a group for, until stopped. It watches hivemind's matchmaking key for the declaration of
+a trainer that is in the progress record (the attackers take no steps, so none of them is), and looks for a group
+then, expiring after it, so that it asks that trainer's group to take it in. (A trainer that steps joins one round
+an epoch at most, and on two loaded cores its own timeouts made it miss all but one or two; striking at the
+epoch's end as the progress record estimates it, the attackers came late, met each other, and sat out the next
+epoch in that round's timeout: tests saw the weight attacker meet no honest round in 11 tries.) Its status counts
+the ``rounds`` it tried; each line of its log says how one ended (a round with honest peers may end in an error
+here: they refuse its part).
 
-``--lying-reducer`` adds a million times the average of every part it reduces; ``--robust`` installs garden's
-checks of others' claims in it (so that another attacker's epoch claim does not derail it). ``--peers-file``: it
+``--lying-reducer`` adds a million times the average of every part it reduces (its own part, sent with a weight of
+1e30, gets the weight attacker banned from an honest peer's round at once, and its reductions reach that peer only
+by chance: the ``reducer`` attack lies as a reducer alone); ``--robust`` installs garden's checks of others'
+claims in it (so that another attacker's epoch claim does not derail it). ``--peers-file``: it
 imports and builds its student, says ``{"state": "waiting for the swarm"}`` in its status, and joins the peers that
 file lists once it exists.
 
@@ -58,6 +65,29 @@ def claim_epoch(opt: Any, params: list[Any], epoch: int, state: str = "large") -
     opt.tracker.report_local_progress(epoch, 1)
 
 
+def honest_looking(opt: Any, dht: Any) -> float | None:
+    """When the earliest gradient-round declaration still open on hivemind's matchmaking key, of a trainer in the
+    progress record, expires (its all-reduce begins then, or earlier once its group is full); None while no such
+    trainer looks for a group. The record names each trainer's peer id; the declarations are under peer ids."""
+    from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
+
+    progress = dht.get(opt.tracker.training_progress_key, latest=True)
+    trainers = {
+        entry.value.get("peer_id") for entry in (progress.value.values() if isinstance(progress, ValueWithExpiration)
+                                                 and isinstance(progress.value, dict) else [])
+        if isinstance(getattr(entry, "value", None), dict)
+    }  # fmt: skip
+    # the key hivemind's matchmaking declares under (its group bits stay empty without a target group size); the
+    # matchmaking object itself lives in the averager's own process
+    declared = dht.get(f"{opt.grad_averager.prefix}.0b", latest=True)
+    if not isinstance(declared, ValueWithExpiration) or not isinstance(declared.value, dict):
+        return None
+    now = get_dht_time()
+    open_ = [entry.expiration_time for peer, entry in declared.value.items()
+             if peer in trainers and entry.value is True and entry.expiration_time > now]  # fmt: skip
+    return min(open_, default=None)
+
+
 def main() -> int:
     import torch
     from hivemind import DHT
@@ -70,7 +100,7 @@ def main() -> int:
     from garden.models.student import StudentSpec, build_student
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--attack", choices=["nan", "huge", "weight", "epoch", "mixed"], default="nan")
+    parser.add_argument("--attack", choices=["nan", "huge", "weight", "reducer", "epoch", "mixed"], default="nan")
     parser.add_argument("--claim", type=int, default=1000, help="the epoch claimed by --attack epoch")
     parser.add_argument("--state", choices=["large", "nan"], default="large",
                         help="the parameters --attack epoch offers: a thousand times too large, or NaN")
@@ -78,7 +108,7 @@ def main() -> int:
     parser.add_argument("--robust", action="store_true", help="install garden's checks of the others' claims")
     parser.add_argument("--lying-reducer", action="store_true", help="return 10^6 x the average of what it reduces")
     parser.add_argument("--every-round", action="store_true",
-                        help="with --attack weight or huge: no steps, gradient rounds back to back until stopped")
+                        help="with --attack weight, reducer or huge: no steps, every honest gradient round joined")
     parser.add_argument("--after-trainers", type=int, default=0,
                         help="take no step and claim nothing before this many trainers are in the swarm")
     parser.add_argument("--peers-file", type=Path, default=None,
@@ -104,7 +134,7 @@ def main() -> int:
         from garden.collab import hivemind_patches
 
         hivemind_patches.install()
-    if args.lying_reducer:
+    if args.lying_reducer or args.attack == "reducer":
         from hivemind.averaging.partition import TensorPartReducer
 
         robust_accumulate = TensorPartReducer.accumulate_part
@@ -152,23 +182,27 @@ def main() -> int:
             while not stop.wait(5.0):
                 opt.tracker.report_local_progress(args.claim, 1)  # keeps its entry fresh
                 report(args.claim)
-        struck = 0.0  # the epoch end this attacker last struck at
-        while args.every_round and args.attack in ("weight", "huge") and not stop.is_set():
-            # strike when the honest trainers average: at the epoch's end, as the swarm's progress record estimates
-            # it (they schedule their round the same way). Looking for a group at any other moment, the attackers
-            # met each other and were busy with their own round when the honest peers looked (CI saw it)
-            end = opt.tracker.estimated_next_update_time
-            if end - get_dht_time() > collab.matchmaking_time or end <= struck + collab.matchmaking_time:
-                stop.wait(0.1)
+        struck = 0.0  # the expiration of the honest declaration this attacker last joined
+        while args.every_round and args.attack in ("weight", "reducer", "huge") and not stop.is_set():
+            # strike when an honest trainer looks for its gradient round's group, at no other moment: the attackers
+            # would meet each other (CI saw it)
+            honest = honest_looking(opt, dht)
+            if honest is None or honest <= struck + 1.0:
+                stop.wait(0.2)
                 continue
-            struck = end
+            struck = honest
             for p in params:
-                p.grad = torch.randn_like(p) if args.attack == "weight" else 1e6 * torch.randn_like(p)
+                if args.attack == "weight":
+                    p.grad = torch.randn_like(p)
+                elif args.attack == "reducer":
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad = 1e6 * torch.randn_like(p)
             opt.grad_averager.accumulate_grads_(batch_size=1)
             rounds += 1
             heavy = {"weight": 1e30} if args.attack == "weight" else {}
-            try:  # retries matchmaking within the timeout: whatever group forms, it is in it
-                honest_step(**heavy, scheduled_time=max(end, get_dht_time() + 1.0),
+            try:  # expiring after the honest trainer, it asks to join that trainer's group (or its leader's)
+                honest_step(**heavy, scheduled_time=max(honest, get_dht_time()) + 0.5,
                             timeout=collab.matchmaking_time + collab.averaging_timeout)  # fmt: skip
                 print(f"round {rounds}: averaged", flush=True)
             except Exception as e:  # no group, or a round whose honest peers refused its part: the next one

@@ -14,9 +14,9 @@ side, all under one throwaway key:
 - finishes shard 2 first with a done record naming rows nobody serves: void after ``--void-after``;
 - stores a backdated done record (finished at 0) for shard 3 with invented rows, and offers them: the honest
   DHT nodes refuse the record, and with no valid done record naming them the rows are refused;
-- trains beside them: one trainer sends its gradients with a weight of 1e30 (refused) and returns a million
+- trains beside them: one trainer sends its gradients with a weight of 1e30 (refused), one returns a million
   times the average of the parts it reduces (refused: each honest peer keeps its own values for that share),
-  another sends gradients a million times an honest norm (left out), a third claims epoch 10^7 with parameters
+  another sends gradients a million times an honest norm (left out), a fourth claims epoch 10^7 with parameters
   a thousand times too large (ignored, never loaded);
 - announces a poisoned checkpoint at epoch 10^7 (never pulled: it is not vouched for).
 
@@ -147,21 +147,24 @@ def forged_rows() -> tuple[bytes, bytes, bytes]:
 
 
 class HostileTrainers:
-    """Three trainers from an honest worker's configuration (the attack-free run's lead's): one lies about its
-    weight and returns a million times what it reduces, one sends parts a million times too large, both in gradient
-    rounds back to back (each is in whatever group the honest trainers form, and takes no step: stepping, it would
-    end epochs with samples of its own, a claim garden does not check, docs/security.md), and one claims epoch
-    10^7 and offers parameters a thousand times too large. Ready before the swarm starts (:meth:`wait_ready`;
+    """Four trainers from an honest worker's configuration (the attack-free run's lead's): one lies about its
+    weight, one returns a million times what it reduces, one sends parts a million times too large, each in every
+    gradient round an honest trainer looks for (it asks that trainer's group to take it in, and takes no step:
+    stepping, it would end epochs with samples of its own, a claim garden does not check, docs/security.md), and
+    one claims epoch 10^7 and offers parameters a thousand times too large. (One trainer that both lied about its
+    weight and reduced was banned from an honest peer's round for its weight before its reductions arrived: its
+    lie as a reducer was seen in some runs only.) Ready before the swarm starts (:meth:`wait_ready`;
     :meth:`join` gives them its address), they strike once the 3 honest trainers are in the progress record: a
     trainer whose first read of the record shows only a liar follows it (see garden.collab.robust)."""
 
-    ATTACKS = ("weight", "huge", "epoch")
+    ATTACKS = ("weight", "reducer", "huge", "epoch")
 
     def __init__(self, root: Path, honest_config: Path) -> None:
         self.root, self.peers_file = root, root / "peers"
         root.mkdir(parents=True)
         attacks = {
-            "weight": ["--attack", "weight", "--lying-reducer", "--every-round", "--robust", "--after-trainers", "3"],
+            "weight": ["--attack", "weight", "--every-round", "--robust", "--after-trainers", "3"],
+            "reducer": ["--attack", "reducer", "--every-round", "--robust", "--after-trainers", "3"],
             "huge": ["--attack", "huge", "--every-round", "--robust", "--after-trainers", "3"],
             "epoch": ["--attack", "epoch", "--claim", str(CLAIMED_EPOCH), "--after-trainers", "3"],
         }
@@ -195,6 +198,11 @@ class HostileTrainers:
             return json.loads((self.root / f"trainer-{name}" / "status.json").read_text())
         except (OSError, ValueError):
             return {}
+
+    def rounds(self, name: str) -> list[str]:
+        """How each gradient round of an ``--every-round`` attacker ended, by its log (``round N: ...``)."""
+        log = (self.root / f"trainer-{name}" / "log").read_text(errors="replace")
+        return [line for line in log.splitlines() if line.startswith("round ")]
 
     def close(self) -> None:
         stop_all(self.procs)
@@ -332,7 +340,7 @@ def run(
         seen["worker_logs"] = [(peer.data_dir / "train" / mission_id / "worker.log").read_text() for peer in peers]
         if hostile is not None:
             assert trainers is not None
-            statuses = {n: trainers.status(n) for n in HostileTrainers.ATTACKS}
+            statuses = {n: trainers.status(n) | {"log": trainers.rounds(n)} for n in HostileTrainers.ATTACKS}
             seen["hostile"] = {"peer_id": hostile.peer_id, "attempts": hostile.attempts, "trainers": statuses}
         return seen
     finally:
@@ -385,9 +393,10 @@ def test_one_hostile_peer_against_three_honest_ones_changes_nothing_they_keep(
     # trained the mission's 4 epochs (not 10^7) to finite parameters
     workers = "\n".join(attacked["worker_logs"])
     trainers = hostile["trainers"]
-    heavy, huge = trainers["weight"]["peer_id"], trainers["huge"]["peer_id"]
+    heavy, reducer, huge = (trainers[name]["peer_id"] for name in ("weight", "reducer", "huge"))
     assert f"{heavy}: weight 1e+30; it is left out" in workers, (trainers["weight"], workers[-5000:])
-    assert f"refused the averaged parts from peer {heavy}" in workers  # it reduced them, huge: each keeps its own
+    # it reduced them, a million times too large: each keeps its own
+    assert f"refused the averaged parts from peer {reducer}" in workers, (trainers["reducer"], workers[-5000:])
     assert f"left out the part from peer {huge}" in workers
     assert f"ignored the epoch {CLAIMED_EPOCH} claimed by trainer" in workers
     # (the probe's second number is the sum of squared parameters: x 10^6 had a peer loaded the liar's state)
