@@ -383,7 +383,11 @@ class CollabTrainer:
 
     def step(self) -> StepGradients | None:
         """One local step (``batch_size * grad_accum`` rows); None when there are no rows yet or fewer than
-        ``min_trainers`` trainers in the swarm (the caller waits a moment and calls again)."""
+        ``min_trainers`` trainers in the swarm (the caller waits a moment and calls again), and when the trainer is
+        :attr:`done`: a late peer that loaded the swarm's state of the last epoch has nothing left to train (CI saw
+        one step on into an epoch past ``max_epochs``, alone)."""
+        if self.done:
+            return None
         if not self.encoded:
             self.status.state = "waiting for rows"
             return None

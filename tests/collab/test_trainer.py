@@ -212,6 +212,26 @@ def test_a_nan_step_is_not_applied_counted_or_sent(dht: hivemind.DHT, tiny: Path
         trainer.shutdown()
 
 
+def test_a_trainer_at_the_last_epoch_takes_no_step(dht: hivemind.DHT, tiny: Path, rows_store: Path) -> None:
+    """A late peer that loads the swarm's state of epoch ``max_epochs`` (the others done, lingering) is done: its
+    first step would take it alone into an epoch past the mission's."""
+    from garden.models.student import StudentSpec, build_student
+
+    config = CollabConfig(target_batch_size=2, max_epochs=2, batch_size=2, matchmaking_time=1.0)
+    trainer = CollabTrainer(build_student(StudentSpec(base=str(tiny))), config,
+                            lambda params: make_optimizer(dht, "last-test", params, config))  # fmt: skip
+    try:
+        trainer.add_rows(RowFeed(rows_store, MISSION).new_rows())
+        trainer.optimizer.state_averager.local_epoch = 2  # as a load of the swarm's last state leaves it
+        assert trainer.done
+        before = trainer.parameters_vector().clone()
+        assert trainer.step() is None
+        assert trainer.epoch == 2 and trainer.status.samples == 0
+        assert torch.equal(trainer.parameters_vector(), before)
+    finally:
+        trainer.shutdown()
+
+
 def test_a_mission_that_freezes_embeddings_averages_only_the_rest(
     dht: hivemind.DHT, tiny: Path, rows_store: Path
 ) -> None:
