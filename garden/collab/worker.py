@@ -317,7 +317,8 @@ def run(config: WorkerConfig, stop: threading.Event) -> int:
         if trainer.done:
             trainer.catch_up(stop.is_set)  # hivemind may have moved it to the last epoch without its parameters
             note_state()
-            status.state = "done"
+            # the epoch too: a late peer that loaded the last epoch's state took no step, which would have set it
+            status.state, status.epoch = "done", trainer.epoch
             write_status(status)
             logger.info("mission %s: reached epoch %d", config.mission_id[:12], trainer.epoch)
             linger(trainer, config.linger_s, stop)  # peers catching up may still load the state from this one
