@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import typer
@@ -260,10 +261,13 @@ def train(
 
 @app.command("eval")
 def eval_command(
-    student: str = typer.Option(
+    student: list[str] = typer.Option(
         ..., "--student",
         help="Student: a model reference, a training run directory, prune:<ref>:layers=N[:spacing=front] or "
-        "prune:<ref>:layers=I,J,....",
+        "prune:<ref>:layers=I,J,.... Repeat it to evaluate several students on the same rows in one process "
+        "(the libraries and the teacher load once): --json and --out then give a list, one object per student in "
+        "order, and a student that fails to load or to evaluate is reported there with its error (exit 2) while "
+        "the others are evaluated.",
     ),  # fmt: skip
     teacher: str = typer.Option(
         "builtin:smollm2-135m", "--teacher", help="Teacher: computes the top-k for data without log-probs."
@@ -277,40 +281,56 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
     max_length: int = typer.Option(512, "--max-length", help="Longest row in tokens; longer rows are skipped."),
     top_k: int = typer.Option(20, "--top-k", help="Teacher log-probs per token, when computed here."),
-    as_json: bool = typer.Option(False, "--json", help="Print only the JSON object."),
-    out: Path | None = typer.Option(None, "--out", help="Also write the JSON object to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON object (a list of them for several)."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the JSON object (or list) to this file."),
 ) -> None:
     """Evaluate a student on held-out rows: KL to the teacher, NLL, preference accuracy, top-1 agreement."""
-    import math
+    import gc
 
-    from garden.models.loading import load_model
-    from garden.distill.evaluate import evaluate, load_eval_data
+    from garden.models.loading import load_model, tokenizer_fingerprint
+    from garden.distill.evaluate import EvalData, evaluate, load_eval_data
     from garden.models.student import PRUNE_SCHEME, build_student, parse_student_ref
 
     say = Console(stderr=True, quiet=as_json)  # progress on stderr: stdout holds only the table or the JSON
     if batch_size < 1 or max_length < 2 or not 1 <= top_k <= 256:
         bad = f"--batch-size {batch_size}, --max-length {max_length}, --top-k {top_k}"
         raise fail(f"need --batch-size >= 1, --max-length >= 2 and --top-k in 1..256 (got {bad})", EXIT_CONFIG)
-    try:
-        say.print(f"loading the student {student}", markup=False)
-        if student.startswith(PRUNE_SCHEME):
-            loaded = build_student(parse_student_ref(student))
-        else:
-            loaded = load_model(student)
+    teachers: list[Any] = []  # loaded once, when a first student's data needs its top-k
+    datasets: dict[str, EvalData] = {}  # the data as each tokenizer reads it (the students of a run share one)
 
-        def load_teacher() -> Any:
+    def load_teacher() -> Any:
+        if not teachers:
             say.print(f"loading the teacher {teacher} for the data's top-k", markup=False)
-            return load_model(teacher)
+            teachers.append(load_model(teacher))
+        return teachers[0]
 
-        eval_data = load_eval_data(data, load_teacher, loaded.tokenizer, top_k, batch_size, max_length)
+    def evaluated(ref: str) -> dict[str, Any]:
+        say.print(f"loading the student {ref}", markup=False)
+        loaded = build_student(parse_student_ref(ref)) if ref.startswith(PRUNE_SCHEME) else load_model(ref)
+        fingerprint = tokenizer_fingerprint(loaded.tokenizer)
+        if fingerprint not in datasets:
+            datasets[fingerprint] = load_eval_data(data, load_teacher, loaded.tokenizer, top_k, batch_size, max_length)
+        eval_data = datasets[fingerprint]
         say.print(f"evaluating on {len(eval_data.rows)} rows", markup=False)
         report = evaluate(loaded.model, loaded.tokenizer, eval_data.rows, batch_size, max_length)
-    except (ValueError, OSError) as e:  # bad data file, model reference or settings; no rows to evaluate
-        raise fail(str(e), EXIT_CONFIG) from None
-    report.notes[:0] = eval_data.notes
-    result: dict[str, Any] = {"student": student, "teacher": teacher, "data": data, "data_kind": eval_data.kind}
-    result |= {"topk_filled_rows": eval_data.filled, **report.to_dict()}
-    text = json.dumps(result, indent=2, allow_nan=False)
+        report.notes[:0] = eval_data.notes
+        result: dict[str, Any] = {"student": ref, "teacher": teacher, "data": data, "data_kind": eval_data.kind}
+        return result | {"topk_filled_rows": eval_data.filled, **report.to_dict()}
+
+    results: list[dict[str, Any]] = []
+    for ref in student:
+        try:
+            results.append(evaluated(ref))
+        except (ValueError, OSError) as e:  # bad data file, model reference or settings; no rows to evaluate
+            if len(student) == 1:
+                raise fail(str(e), EXIT_CONFIG) from None
+            results.append({"student": ref, "error": str(e)[:2000]})
+        except Exception as e:  # noqa: BLE001 - one of several (another peer's checkpoint, say) stops no other
+            if len(student) == 1:
+                raise
+            results.append({"student": ref, "error": f"{type(e).__name__}: {e}"[:2000]})
+        gc.collect()  # one student's weights at a time
+    text = json.dumps(results[0] if len(student) == 1 else results, indent=2, allow_nan=False)
     if out is not None:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -319,12 +339,30 @@ def eval_command(
             raise fail(f"cannot write {out}: {e}", EXIT_CONFIG) from None
     if as_json:
         print(text)
-        return
+    else:
+        for result in results:
+            _print_eval(result, max_length)
+        if out is not None:
+            console.print(f"written to {out}", markup=False)
+    failed = [r for r in results if "error" in r]
+    for result in failed:
+        typer.echo(f"garden: {result['student']}: {result['error']}", err=True)
+    if failed:
+        raise typer.Exit(EXIT_CONFIG)
+
+
+def _print_eval(result: dict[str, Any], max_length: int) -> None:
+    """One student's report of ``garden eval`` as a table, with its notes (or its error, of several students)."""
+    import math
+
+    if "error" in result:
+        return  # said on stderr
+    report = SimpleNamespace(**result)
 
     def number(value: float | None, digits: int = 4) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    table = Table(title=f"{student} on {data}")
+    table = Table(title=f"{report.student} on {report.data}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("over")
@@ -339,8 +377,6 @@ def eval_command(
     console.print(table)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
-    if out is not None:
-        console.print(f"written to {out}", markup=False)
 
 
 @app.command()

@@ -115,3 +115,26 @@ def test_bad_input_exits_2_with_the_reason(tmp_path: Path, args: list[str], mess
 def test_a_bad_student_reference_exits_2() -> None:
     result = CliRunner().invoke(app, ["eval", "--student", "nope:thing"])
     assert result.exit_code == 2 and "unknown model reference scheme 'nope'" in result.stderr
+
+
+def test_several_students_are_evaluated_in_one_process_and_a_broken_one_stops_no_other(
+    rows_file: Path, tmp_path: Path
+) -> None:
+    """What the lead's vouching runs for the checkpoints of an epoch: another peer's files may be anything, so a
+    student that cannot load is reported in its place, and the ones after it are evaluated all the same."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "wide"}')
+    out_file = tmp_path / "several.json"
+    code, single, err = garden_eval("--data", str(rows_file), "--json")
+    assert code == 0, err
+    code, out, err = garden_eval("--student", str(broken), "--student", str(tmp_path / "missing"), "--student", MODEL,
+                                 "--data", str(rows_file), "--json", "--out", str(out_file))  # fmt: skip
+    assert code == 2
+    reports = json.loads(out)
+    assert [r["student"] for r in reports] == [MODEL, str(broken), str(tmp_path / "missing"), MODEL]
+    assert reports[0] == reports[3] == json.loads(single)  # the same figures as a process of its own
+    assert set(reports[1]) == set(reports[2]) == {"student", "error"} and reports[1]["error"]
+    assert "hidden_size" in reports[1]["error"] and "is not a model directory" in reports[2]["error"]
+    assert json.loads(out_file.read_text()) == reports
+    assert f"garden: {broken}: " in err  # each failure is said on stderr too

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from garden.errors import GardenError, PeerFailed
 from garden.mission.book import Mission
-from garden.mission.vouching import EVAL_ROWS, CheckpointVoucher, MissionVouching
+from garden.mission.vouching import EVAL_ROWS, RETRY_AFTER, CheckpointVoucher, MissionVouching
 from garden.protocol.mission import MissionDraft, sign_mission
 from garden.protocol.mission_spec import MissionSpec
 from garden.protocol.rows import HELDOUT_FROM, DorpoRow, PromptRow, held_out, read_preference_jsonl
@@ -86,12 +87,16 @@ class Judged(CheckpointVoucher):
 
     def __init__(self, *args: Any, kls: dict[str, float]) -> None:
         super().__init__(*args)
-        self.kls, self.measured = kls, []
+        self.kls, self.measured, self.runs = kls, [], []
 
-    async def _evaluate(self, student: str, rows: Path, name: str) -> dict[str, float]:
+    async def _evaluate(self, students: dict[str, str], rows: Path) -> dict[str, dict[str, float] | GardenError]:
         count = len(read_preference_jsonl(rows))
-        self.measured.append((name, count))
-        return {"kl": self.kls[name], "rows": float(count)}
+        names = {name: name.rsplit("-", 1)[0] if name != "base" else name for name in students}  # epoch-N-<sha>
+        self.runs.append(list(students))
+        self.measured += [(short, count) for short in names.values()]
+        kls = {name: self.kls.get(name, self.kls.get(short)) for name, short in names.items()}
+        return {name: GardenError(f"{name} is broken") if kl is None else {"kl": kl, "rows": float(count)}
+                for name, kl in kls.items()}  # fmt: skip
 
 
 class Sharing:
@@ -118,7 +123,7 @@ def test_a_bar_measured_on_other_rows_is_not_held_against_new_ones(tmp_path: Pat
 
     def judge(epoch: int) -> None:
         record = SimpleNamespace(epoch=epoch, manifest_sha256=f"{epoch:064x}", peer_id="QmWriter")
-        asyncio.run(voucher._judge(mission, state, record))  # type: ignore[arg-type]
+        asyncio.run(voucher._judge(mission, state, [record]))  # type: ignore[list-item]
 
     keep(store, mission, rows[:6], "0000000000000001")
     judge(1)  # the base and epoch 1 on 6 rows: 0.5 is under 1.0 * 1.1 + 0.02
@@ -141,3 +146,120 @@ def test_a_bar_measured_on_other_rows_is_not_held_against_new_ones(tmp_path: Pat
     assert "KL 1.2000" in state.refused[3] and "over 1.0100" in state.refused[3]
     store.close()
 
+
+
+class Catalog(Sharing):
+    """Sharing whose catalog lists ``records`` and whose pull of a manifest in ``unpullable`` fails, as a pull
+    whose files do not match their manifest does."""
+
+    peer_id = "QmLead"
+
+    def __init__(self, root: Path, records: list[Any], unpullable: set[str]) -> None:
+        super().__init__(root)
+        self.records, self.unpullable, self.pulled, self.unstored = records, unpullable, [], set()
+
+    async def vouch(self, record: Any, metrics: dict[str, float]) -> None:
+        if record.manifest_sha256 in self.unstored:
+            raise PeerFailed(f"no DHT peer stored the vouch for epoch {record.epoch}")
+        await super().vouch(record, metrics)
+
+    async def catalog(self, mission_id: str) -> Any:
+        return SimpleNamespace(vouches=[], records=self.records)
+
+    async def pull(self, mission_id: str, epoch: int, unverified: bool, manifest: str, into: Path) -> tuple:
+        self.pulled.append(manifest)
+        if manifest in self.unpullable:
+            raise GardenError(f"{manifest[:8]}: a file's sha256 differs from its manifest")
+        return await super().pull(mission_id, epoch, unverified, manifest, into)
+
+
+def test_the_files_of_an_epoch_are_judged_in_one_evaluation_and_a_bad_one_stops_no_other(tmp_path: Path) -> None:
+    """Four holders announce epoch 2 (two the same files): the base and the three distinct manifests pulled are
+    measured by one evaluation; one that cannot be evaluated and one that cannot be pulled are tried again
+    later, and the good ones are vouched for at once."""
+    store = Store(tmp_path / "g.sqlite3")
+    rows = _rows(6, "q")
+    mission = signed(rows, holding_out=False)
+    keep(store, mission, rows, "0000000000000001")
+
+    def record(epoch: int, manifest: str, holder: str) -> Any:
+        return SimpleNamespace(epoch=epoch, manifest_sha256=manifest * 64, peer_id=holder)
+
+    records = [record(1, "0", "QmOld"), record(2, "a", "QmA"), record(2, "a", "QmA2"), record(2, "b", "QmB"),
+               record(2, "c", "QmBroken"), record(2, "d", "QmUnpullable")]  # fmt: skip
+    sharing = Catalog(tmp_path, records, unpullable={"d" * 64})
+    name = {m: f"epoch-2-{m * 16}" for m in "abcd"}
+    voucher = Judged(None, sharing, store.path, tmp_path / "vouching",
+                     kls={"base": 1.0, name["a"]: 0.5, name["b"]: 0.52, name["c"]: None})  # fmt: skip
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert voucher.runs == [["base", name["a"], name["b"], name["c"]]]  # one process, the newest epoch only
+    assert sharing.pulled == ["a" * 64, "b" * 64, "c" * 64, "d" * 64]  # the same files once
+    assert [(e, m["kl"]) for e, m in sharing.vouches] == [(2, 0.5), (2, 0.52)]  # b held against a: 0.52 <= 0.57
+    state = voucher.missions[mission.id]
+    assert state.judged == {(2, "a" * 64), (2, "b" * 64)} and set(state.failed) == {(2, "c" * 64), (2, "d" * 64)}
+    assert not list((tmp_path / "vouching" / mission.id).glob("epoch-*"))  # the pulled files are gone
+
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert len(voucher.runs) == 1  # the failed ones wait RETRY_AFTER
+    for which in state.failed:
+        state.failed[which] -= RETRY_AFTER
+    voucher.kls[name["c"]] = 0.55
+    sharing.unstored.add("c" * 64)  # and its vouch is stored nowhere: judged again later
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert voucher.runs[1:] == [[name["c"]]]  # the base's KL stands (the same rows); d failed to pull again
+    assert len(sharing.vouches) == 2 and (2, "c" * 64) in state.failed and (2, "c" * 64) not in state.judged
+    for which in state.failed:
+        state.failed[which] -= RETRY_AFTER
+    sharing.unstored.clear()
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert voucher.runs[2:] == [[name["c"]]] and [(e, m["kl"]) for e, m in sharing.vouches][2:] == [(2, 0.55)]
+    store.close()
+
+
+class Crashing(CheckpointVoucher):
+    """A voucher whose evaluation process dies whenever it is given more than one model (as a checkpoint whose
+    files crash ``garden eval`` would make it), and measures each model alone otherwise."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.runs: list[list[str]] = []
+
+    async def _run_eval(self, students: dict[str, str], rows: Path) -> dict[str, dict[str, float] | GardenError]:
+        self.runs.append(list(students))
+        if len(students) > 1:
+            raise GardenError("garden eval of them all failed: Killed")
+        ((name, student),) = students.items()
+        if student == "poisoned":
+            raise GardenError(f"garden eval of {name} failed: Killed")
+        return {name: {"kl": 1.0}}
+
+
+def test_when_one_evaluation_of_several_fails_as_a_whole_each_is_evaluated_alone(tmp_path: Path) -> None:
+    voucher = Crashing(None, None, tmp_path / "g.sqlite3", tmp_path / "vouching")
+    results = asyncio.run(voucher._evaluate({"base": "base", "x": "poisoned", "y": "good"}, tmp_path / "rows.jsonl"))
+    assert voucher.runs == [["base", "x", "y"], ["base"], ["x"], ["y"]]
+    assert results["base"] == results["y"] == {"kl": 1.0} and isinstance(results["x"], GardenError)
+
+
+@pytest.mark.slow
+def test_one_garden_eval_measures_several_models_and_names_the_one_it_could_not(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """The real child process: the base student and a broken checkpoint directory, in one ``garden eval``."""
+    from garden.data import demo_prompts
+    from garden.distill.evaluate import rows_from_prompts
+    from garden.models.loading import load_model
+    from garden.protocol.rows import write_preference_jsonl
+
+    rows = tmp_path / "rows.jsonl"
+    write_preference_jsonl(rows_from_prompts(load_model("builtin:smollm2-135m"), demo_prompts("heldout")[:2], 4), rows)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": -1}')
+    voucher = CheckpointVoucher(None, None, tmp_path / "g.sqlite3", tmp_path / "vouching")  # type: ignore[arg-type]
+    base = "prune:builtin:smollm2-135m:layers=2"
+    results = asyncio.run(voucher._run_eval({"base": base, "epoch-1-x": str(broken)}, rows))
+    base_figures, failed = results["base"], results["epoch-1-x"]
+    assert isinstance(base_figures, dict) and set(base_figures) == {"kl", "nll", "top1", "rows"}
+    assert base_figures["rows"] == 2.0 and base_figures["kl"] > 0.1  # 2 of 30 layers: far from the teacher
+    assert isinstance(failed, GardenError) and "garden eval of epoch-1-x failed" in str(failed)
