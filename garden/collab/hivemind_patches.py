@@ -557,6 +557,9 @@ def _install_lone_rounds() -> None:
 
 PASSED_POLL_S = 1.0
 """Seconds between two reads of the progress record while a trainer looks for its parameter round's group."""
+DECLARATION_GRACE_S = 5.0
+"""Seconds after its end that another trainer's declaration on the matchmaking key still counts as looking: a
+leader assembles its group when its declaration ends, and its members learn it a moment later."""
 
 
 def other_epochs(tracker: Any) -> list[int]:
@@ -589,18 +592,46 @@ def swarm_moved_past(tracker: Any, epoch: int) -> bool:
     return all_past(other_epochs(tracker), epoch)
 
 
-def stop_looking_when_passed(tracker: Any, control: Any, epoch: int, done: threading.Event) -> None:
+def others_looking_until(dht: Any, key: str, own: bytes) -> float:
+    """When the last declaration, read now, of a peer other than ``own`` (a peer id's bytes) that it looks for a
+    group on hivemind's matchmaking ``key`` ends; -inf for none (the DHT drops a declaration once it ended)."""
+    from hivemind.utils import ValueWithExpiration
+
+    found = dht.get(key, latest=True)
+    if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
+        return -math.inf
+    return max((entry.expiration_time for peer, entry in found.value.items()
+                if peer != own and getattr(entry, "value", None) is True), default=-math.inf)  # fmt: skip
+
+
+def stop_looking_when_passed(
+    tracker: Any, control: Any, epoch: int, done: threading.Event, key: str | None = None, own: bytes = b""
+) -> None:
     """Until ``done`` or the round of ``control`` (a hivemind ``StepControl``) ends: once the trainer waits on it
-    (``triggered``) and it has met nobody yet, cancel it when :func:`swarm_moved_past` ``epoch``. hivemind's
-    state averager takes a cancelled round as a failed one."""
+    (``triggered``) and it has met nobody yet, cancel it when :func:`swarm_moved_past` ``epoch`` and nobody else
+    has looked for a group on the round's matchmaking ``key`` for :data:`DECLARATION_GRACE_S`
+    (:func:`others_looking_until`; ``own`` is this trainer's peer id). hivemind's state averager takes a
+    cancelled round as a failed one.
+
+    Why the second condition: the key names no epoch, so trainers already past ``epoch`` that look for their own
+    parameter round may be forming a group with this one. Cancelled then, it would leave them waiting for its
+    parts until their ``averaging_timeout`` (hivemind's leader does not see a member that left once accepted). A
+    peer that declares on the key forever only keeps this trainer to hivemind's own timeout, as without the
+    patch."""
     from hivemind.averaging.control import AveragingStage
 
+    from hivemind.utils import get_dht_time
+
     looking = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+    others_until = -math.inf  # the end of the last declaration another peer was seen to make on the key
     while not done.wait(PASSED_POLL_S) and not control.done():
         if not control.triggered or control.stage not in looking:
             continue  # not waited on yet (hivemind would start a new round), or in a group: let it run
         try:
             passed = swarm_moved_past(tracker, epoch)
+            if passed and key is not None:
+                others_until = max(others_until, others_looking_until(tracker.dht, key, own))
+                passed = get_dht_time() >= others_until + DECLARATION_GRACE_S
         except Exception as e:  # noqa: BLE001 - a DHT read that failed: look on, as hivemind would
             logger.debug("could not read the progress record: %r", e)
             continue
@@ -618,7 +649,11 @@ def _install_passed_rounds() -> None:
     def update_global_epoch(self: Any, grad_scaler: Any) -> None:
         control, done = self.scheduled_state, threading.Event()
         if control is not None and not control.done():
-            threading.Thread(target=stop_looking_when_passed, args=(self.tracker, control, self.local_epoch, done),
+            # the key hivemind's matchmaking declares under (no group bits without a target group size); the
+            # matchmaking object itself lives in the averager's own process
+            key, own = f"{self.state_averager.prefix}.0b", self.dht.peer_id.to_bytes()
+            threading.Thread(target=stop_looking_when_passed, args=(self.tracker, control, self.local_epoch, done,
+                                                                    key, own),
                              name="garden-passed-round", daemon=True).start()  # fmt: skip
         try:
             original(self, grad_scaler)

@@ -315,7 +315,8 @@ class CollabTrainer:
             self.optimizer.load_state_from_peers()
             if hivemind_patches.loaded_states(averager) > loads:
                 loads = hivemind_patches.loaded_states(averager)
-                self.status.loaded_state_at_epoch = self.params_epoch
+                # the epoch too: a peer that loaded the last epoch's state takes no step, which would have set it
+                self.status.loaded_state_at_epoch, self.status.epoch = self.params_epoch, self.epoch
                 if self.outer is not None:
                     self.outer.restart()
                 if self.params_epoch >= max(tracker.global_epoch, self.epoch):

@@ -264,12 +264,15 @@ try:
     run_ok(script, timeout=120)
 
 
-def test_a_trainer_stops_looking_for_a_parameter_round_once_every_other_trainer_is_past_it() -> None:
+@pytest.mark.parametrize("declares", [0, 4], ids=["nobody-looks", "the-other-looks-4s"])
+def test_a_trainer_stops_looking_for_a_parameter_round_once_every_other_trainer_is_past_it(declares: int) -> None:
     """In a fresh process with the patches installed, a local-mode hivemind.Optimizer (its parameter round
     pre-scheduled, as garden's local mode primes it) beside a second trainer that is only in the progress record:
     once the trainer waits on its round, the other reports the next epoch (it met, or gave up, without this one),
-    and the trainer stops looking within seconds, not after its 60 s ``averaging_timeout``."""
-    script = TWO_DHTS + """
+    and the trainer stops looking within seconds, not after its 60 s ``averaging_timeout``. While the other
+    declares on the round's matchmaking key for ``declares`` seconds (as a trainer looking for its own round does:
+    the key names no epoch, so they may be forming a group), the trainer looks on until that declaration ended."""
+    script = TWO_DHTS + f"DECLARES = {declares}\n" + """
 away = ProgressTracker(other, "past", target_batch_size=4, private_key=RSAPrivateKey(), start=True)
 p = torch.nn.Parameter(torch.zeros(3))
 opt = hivemind.Optimizer(dht=dht, run_id="past", target_batch_size=4, batch_size_per_step=1, params=[p],
@@ -288,6 +291,9 @@ def move_on_once_waited():  # the other trainer ends the round's epoch once this
         control = opt.scheduled_state
         if control is not None and control.triggered:
             waited["at"] = time.monotonic()
+            if DECLARES:  # the other looks for a group on the same key (hivemind's GroupKeyManager without bits)
+                key = f"{opt.state_averager.prefix}.0b"
+                other.store(key, True, hivemind.utils.get_dht_time() + DECLARES, subkey=other.peer_id.to_bytes())
             claim(away, 1)
             return
         time.sleep(0.05)
@@ -311,6 +317,7 @@ try:
     assert "at" in waited, said  # the round it waited on was the pre-scheduled one
     assert any("every other trainer is past epoch 0" in line for line in said), said
     assert ended - waited["at"] < 30, ended - waited["at"]  # hivemind alone: its 60 s averaging_timeout
+    assert ended - waited["at"] >= DECLARES + h.DECLARATION_GRACE_S if DECLARES else True, ended - waited["at"]
     print("ok")
 """ + STOP_ALL
     run_ok(script, timeout=180)

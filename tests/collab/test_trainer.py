@@ -383,7 +383,7 @@ try:
     states._garden_params_epoch, states.local_epoch = 0, 1  # hivemind's catch-up: the epoch, not the parameters
     assert b.done and b.params_epoch == 0
     assert b.catch_up()
-    assert b.params_epoch == 1 and b.status.loaded_state_at_epoch == 1
+    assert b.params_epoch == 1 and b.status.loaded_state_at_epoch == 1 and b.status.epoch == 1  # took no step
     assert torch.equal(b.parameters_vector(), a.parameters_vector())
     assert not a.catch_up()  # a holds its epoch's parameters: nothing to load
     print("ok")
