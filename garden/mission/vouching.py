@@ -73,6 +73,9 @@ FIGURES = ("kl", "nll", "top1", "pref_acc", "rows")
 held none yet)."""
 EXIT_SOME_FAILED = 2
 """``garden eval``'s exit status when, of several students, some could not be evaluated (each says why)."""
+JUDGED_AT_ONCE = 8
+"""Distinct files of one epoch judged in one go (one ``garden eval``): any key may announce files for an epoch, so
+one round of judging is bounded; the rest are judged in the next periods."""
 RETRY_AFTER = 300.0
 """Seconds before a checkpoint whose judging failed (its pull, its evaluation) is tried again."""
 
@@ -164,6 +167,8 @@ class CheckpointVoucher(Service):
             if which in batch or time.monotonic() - state.failed.get(which, -RETRY_AFTER) < RETRY_AFTER:
                 continue  # two holders of the same files, or it failed a moment ago
             batch[which] = record
+            if len(batch) == JUDGED_AT_ONCE:
+                break
         if batch:
             async with self.compute:
                 await self._judge(mission, state, list(batch.values()))
@@ -186,7 +191,7 @@ class CheckpointVoucher(Service):
         pulled: list[tuple[CheckpointRecord, str, Path]] = []
         try:
             for record in records:
-                name = f"epoch-{record.epoch}-{record.manifest_sha256[:16]}"
+                name = f"epoch-{record.epoch}-{record.manifest_sha256}"
                 # pulled aside (never listed nor announced by this peer), a flat transformers directory
                 try:
                     path, _ = await self.sharing.pull(

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from garden.errors import GardenError, PeerFailed
 from garden.mission.book import Mission
-from garden.mission.vouching import EVAL_ROWS, RETRY_AFTER, CheckpointVoucher, MissionVouching
+from garden.mission.vouching import EVAL_ROWS, JUDGED_AT_ONCE, RETRY_AFTER, CheckpointVoucher, MissionVouching
 from garden.protocol.mission import MissionDraft, sign_mission
 from garden.protocol.mission_spec import MissionSpec
 from garden.protocol.rows import HELDOUT_FROM, DorpoRow, PromptRow, held_out, read_preference_jsonl
@@ -188,7 +188,7 @@ def test_the_files_of_an_epoch_are_judged_in_one_evaluation_and_a_bad_one_stops_
     records = [record(1, "0", "QmOld"), record(2, "a", "QmA"), record(2, "a", "QmA2"), record(2, "b", "QmB"),
                record(2, "c", "QmBroken"), record(2, "d", "QmUnpullable")]  # fmt: skip
     sharing = Catalog(tmp_path, records, unpullable={"d" * 64})
-    name = {m: f"epoch-2-{m * 16}" for m in "abcd"}
+    name = {m: f"epoch-2-{m * 64}" for m in "abcd"}
     voucher = Judged(None, sharing, store.path, tmp_path / "vouching",
                      kls={"base": 1.0, name["a"]: 0.5, name["b"]: 0.52, name["c"]: None})  # fmt: skip
     asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
@@ -213,6 +213,24 @@ def test_the_files_of_an_epoch_are_judged_in_one_evaluation_and_a_bad_one_stops_
     sharing.unstored.clear()
     asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
     assert voucher.runs[2:] == [[name["c"]]] and [(e, m["kl"]) for e, m in sharing.vouches][2:] == [(2, 0.55)]
+    store.close()
+
+
+def test_files_announced_for_one_epoch_are_judged_a_bounded_number_at_a_time(tmp_path: Path) -> None:
+    """Any key may announce files for an epoch: one round of judging takes :data:`JUDGED_AT_ONCE` of them, the
+    next round the rest."""
+    store = Store(tmp_path / "g.sqlite3")
+    rows = _rows(4, "q")
+    mission = signed(rows, holding_out=False)
+    keep(store, mission, rows, "0000000000000001")
+    manifests = [f"{i:064x}" for i in range(JUDGED_AT_ONCE + 2)]
+    records = [SimpleNamespace(epoch=1, manifest_sha256=m, peer_id=f"Qm{i}") for i, m in enumerate(manifests)]
+    sharing = Catalog(tmp_path, records, unpullable=set())
+    voucher = Judged(None, sharing, store.path, tmp_path / "vouching", kls={"base": 1.0, "epoch-1": 0.5})
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert [len(run) for run in voucher.runs] == [JUDGED_AT_ONCE + 1, 2]  # the base in the first
+    assert sharing.pulled == manifests and len(sharing.vouches) == JUDGED_AT_ONCE + 2
     store.close()
 
 
