@@ -614,10 +614,11 @@ def stop_looking_when_passed(
     cancelled round as a failed one.
 
     Why the second condition: the key names no epoch, so trainers already past ``epoch`` that look for their own
-    parameter round may be forming a group with this one. Cancelled then, it would leave them waiting for its
-    parts until their ``averaging_timeout`` (hivemind's leader does not see a member that left once accepted). A
-    peer that declares on the key forever only keeps this trainer to hivemind's own timeout, as without the
-    patch."""
+    parameter round may be forming a group with this one. A member that leaves before its leader assembles the
+    group is dropped from it (hivemind's leader sees the stream close), but one that leaves after, before the
+    news reached it (the stage still says looking), is counted in, and the others wait for its parts until their
+    ``averaging_timeout``. A leader assembles when its declaration ends, hence the grace after it. A peer that
+    declares on the key forever only keeps this trainer to hivemind's own timeout, as without the patch."""
     from hivemind.averaging.control import AveragingStage
 
     from hivemind.utils import get_dht_time
