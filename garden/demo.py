@@ -354,12 +354,10 @@ def evaluate_students(students: list[str]) -> list[dict[str, Any]]:
     at warm-up) fills the held-out rows' top-k once for all of them, which saves a teacher pass and two
     interpreter starts per student."""
     from garden.models.loading import load_model
-    from garden.distill.evaluate import evaluate, load_eval_data
-    from garden.models.student import PRUNE_SCHEME, build_student, parse_student_ref
+    from garden.distill.evaluate import StudentEvaluator
 
-    loaded = [build_student(parse_student_ref(s)) if s.startswith(PRUNE_SCHEME) else load_model(s) for s in students]
-    data = load_eval_data("builtin:demo", lambda: load_model(TEACHER), loaded[0].tokenizer)
-    return [evaluate(model.model, model.tokenizer, data.rows).to_dict() for model in loaded]
+    evaluated = StudentEvaluator("builtin:demo", lambda: load_model(TEACHER), teacher_ref=TEACHER)
+    return [evaluated(student) for student in students]
 
 
 def run_demo(settings: DemoSettings) -> int:

@@ -287,35 +287,15 @@ def eval_command(
     """Evaluate a student on held-out rows: KL to the teacher, NLL, preference accuracy, top-1 agreement."""
     import gc
 
-    from garden.models.loading import load_model, tokenizer_fingerprint
-    from garden.distill.evaluate import EvalData, evaluate, load_eval_data
-    from garden.models.student import PRUNE_SCHEME, build_student, parse_student_ref
+    from garden.models.loading import load_model
+    from garden.distill.evaluate import StudentEvaluator
 
     say = Console(stderr=True, quiet=as_json)  # progress on stderr: stdout holds only the table or the JSON
     if batch_size < 1 or max_length < 2 or not 1 <= top_k <= 256:
         bad = f"--batch-size {batch_size}, --max-length {max_length}, --top-k {top_k}"
         raise fail(f"need --batch-size >= 1, --max-length >= 2 and --top-k in 1..256 (got {bad})", EXIT_CONFIG)
-    teachers: list[Any] = []  # loaded once, when a first student's data needs its top-k
-    datasets: dict[str, EvalData] = {}  # the data as each tokenizer reads it (the students of a run share one)
-
-    def load_teacher() -> Any:
-        if not teachers:
-            say.print(f"loading the teacher {teacher} for the data's top-k", markup=False)
-            teachers.append(load_model(teacher))
-        return teachers[0]
-
-    def evaluated(ref: str) -> dict[str, Any]:
-        say.print(f"loading the student {ref}", markup=False)
-        loaded = build_student(parse_student_ref(ref)) if ref.startswith(PRUNE_SCHEME) else load_model(ref)
-        fingerprint = tokenizer_fingerprint(loaded.tokenizer)
-        if fingerprint not in datasets:
-            datasets[fingerprint] = load_eval_data(data, load_teacher, loaded.tokenizer, top_k, batch_size, max_length)
-        eval_data = datasets[fingerprint]
-        say.print(f"evaluating on {len(eval_data.rows)} rows", markup=False)
-        report = evaluate(loaded.model, loaded.tokenizer, eval_data.rows, batch_size, max_length)
-        report.notes[:0] = eval_data.notes
-        result: dict[str, Any] = {"student": ref, "teacher": teacher, "data": data, "data_kind": eval_data.kind}
-        return result | {"topk_filled_rows": eval_data.filled, **report.to_dict()}
+    evaluated = StudentEvaluator(data, lambda: load_model(teacher), top_k, batch_size, max_length, teacher,
+                                 say=lambda line: say.print(line, markup=False))  # fmt: skip
 
     results: list[dict[str, Any]] = []
     for ref in student:

@@ -438,3 +438,43 @@ def _read_pairs(path: Path, teacher: LoadedModel) -> list[DorpoRow]:
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
+
+
+class StudentEvaluator:
+    """Evaluates students one after another on one ``data`` set in this process (``garden eval`` with several
+    ``--student``, the demo's before and after): the teacher loads once, when a first student's data needs its
+    top-k, and the data is read once per tokenizer. Calling it with a model reference gives ``garden eval``'s
+    report of that student; it raises what loading or evaluating raised (``ValueError`` or ``OSError`` for a bad
+    data file or reference)."""
+
+    def __init__(
+        self, data: str, teacher: Callable[[], LoadedModel], k: int = 20, batch_size: int = 8,
+        max_length: int = 512, teacher_ref: str = "", say: Callable[[str], Any] = lambda _: None,
+    ) -> None:  # fmt: skip
+        self.data, self.k, self.batch_size, self.max_length, self.say = data, k, batch_size, max_length, say
+        self.teacher_ref, self._teacher, self._loaded_teacher = teacher_ref, teacher, None
+        self.datasets: dict[str, EvalData] = {}
+
+    def _load_teacher(self) -> LoadedModel:
+        if self._loaded_teacher is None:
+            self.say(f"loading the teacher {self.teacher_ref} for the data's top-k")
+            self._loaded_teacher = self._teacher()
+        return self._loaded_teacher
+
+    def __call__(self, ref: str) -> dict[str, Any]:
+        from garden.models.loading import load_model
+        from garden.models.student import PRUNE_SCHEME, build_student, parse_student_ref
+
+        self.say(f"loading the student {ref}")
+        loaded = build_student(parse_student_ref(ref)) if ref.startswith(PRUNE_SCHEME) else load_model(ref)
+        fingerprint = tokenizer_fingerprint(loaded.tokenizer)
+        if fingerprint not in self.datasets:
+            self.datasets[fingerprint] = load_eval_data(self.data, self._load_teacher, loaded.tokenizer, self.k,
+                                                        self.batch_size, self.max_length)  # fmt: skip
+        eval_data = self.datasets[fingerprint]
+        self.say(f"evaluating on {len(eval_data.rows)} rows")
+        report = evaluate(loaded.model, loaded.tokenizer, eval_data.rows, self.batch_size, self.max_length)
+        report.notes[:0] = eval_data.notes
+        result: dict[str, Any] = {"student": ref, "teacher": self.teacher_ref, "data": self.data,
+                                  "data_kind": eval_data.kind}  # fmt: skip
+        return result | {"topk_filled_rows": eval_data.filled, **report.to_dict()}
