@@ -11,6 +11,7 @@ This module imports nothing of garden outside ``garden.protocol``: the built-in 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -272,16 +273,10 @@ class SignedMission:
     @classmethod
     def from_wire(cls, raw: Any, max_bytes: int = MAX_MISSION_RECORD_BYTES) -> SignedMission:
         """Size-cap, decode strictly, verify the lead's signature, re-validate the spec; raises only
-        ``RecordError`` with the reason (for one log line)."""
-        envelope = _open_envelope(raw, max_bytes, "mission")
-        body = decode_record(MissionBody, envelope.b, "mission body")
-        if body.lead != envelope.k:
-            raise RecordError("signed by another key than the mission's lead")
-        spec = MissionSpec.from_canonical(body.spec)
-        expected = count_shards(body.prompts_count, spec.shard_size)
-        if body.shard_count != expected:
-            raise RecordError(f"shard_count {body.shard_count}, but {body.prompts_count} prompts make {expected}")
-        return cls(body=body, body_bytes=envelope.b, signature=envelope.s, spec=spec)
+        ``RecordError`` with the reason (for one log line). The same bytes are checked once
+        (:data:`OPENED_MISSIONS`)."""
+        _check_bytes(raw, max_bytes, "mission")
+        return _open_mission(raw)
 
     @classmethod
     def from_record(cls, raw: Any, subkey: Any) -> SignedMission:
@@ -292,11 +287,42 @@ class SignedMission:
         return mission
 
 
-def _open_envelope(raw: Any, max_bytes: int, what: str) -> SignedRecord:
+OPENED_MISSIONS = 256
+"""Signed missions, cancels and index heads whose checks passed, remembered by their bytes (each cache up to this
+many). Every answer a search of ``<swarm>/missions`` gets carries every open mission, and hivemind validates each
+record of each answer: at 50 peers with 100 open missions, re-verifying the signatures and re-validating the specs
+was half of a DHT host's CPU (``benchmarks/scale.py``). A success only: a forgery is checked again each time it
+comes. At most 256 x 20 KiB of records are kept, whoever signed them."""
+
+
+@functools.lru_cache(maxsize=OPENED_MISSIONS)
+def _open_mission(raw: bytes) -> SignedMission:
+    """:meth:`SignedMission.from_wire` past the size cap."""
+    envelope = _verified_envelope(raw, "mission")
+    body = decode_record(MissionBody, envelope.b, "mission body")
+    if body.lead != envelope.k:
+        raise RecordError("signed by another key than the mission's lead")
+    spec = MissionSpec.from_canonical(body.spec)
+    expected = count_shards(body.prompts_count, spec.shard_size)
+    if body.shard_count != expected:
+        raise RecordError(f"shard_count {body.shard_count}, but {body.prompts_count} prompts make {expected}")
+    return SignedMission(body=body, body_bytes=envelope.b, signature=envelope.s, spec=spec)
+
+
+def _check_bytes(raw: Any, max_bytes: int, what: str) -> None:
     if not isinstance(raw, bytes):
         raise RecordError(f"{what} is {type(raw).__name__}, not bytes")
     if len(raw) > max_bytes:
         raise RecordError(f"{what} is {len(raw)} bytes, over the {max_bytes}-byte cap")
+
+
+def _open_envelope(raw: Any, max_bytes: int, what: str) -> SignedRecord:
+    _check_bytes(raw, max_bytes, what)
+    return _verified_envelope(raw, what)
+
+
+@functools.lru_cache(maxsize=OPENED_MISSIONS)
+def _verified_envelope(raw: bytes, what: str) -> SignedRecord:
     envelope = decode_record(SignedRecord, raw, f"{what} envelope")
     if not signing.verify(envelope.k, envelope.b, envelope.s):
         raise RecordError(f"{what}: bad signature")

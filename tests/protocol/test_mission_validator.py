@@ -241,3 +241,56 @@ def test_index_heads_are_signed_by_the_lead_they_name_and_fresh(lead: rsa.RSAPri
     forged = seal(canonical_msgpack(body.model_dump(mode="python")), lead)
     with pytest.raises(RecordError, match="names lead"):
         open_index_head(forged, peer_id(lead), now + 600, now)
+
+
+def test_a_mission_or_head_checked_once_is_not_checked_again_and_a_forgery_always_is(
+    draft: Any, lead: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every answer a search of ``missions`` gets carries every open mission, and hivemind validates each record
+    of each: the same bytes are verified and their spec validated once (OPENED_MISSIONS); a forgery, a size
+    over the cap and a head gone stale are refused every time."""
+    from garden.protocol.mission_spec import MissionSpec
+
+    verified: list[bytes] = []
+    specs: list[bytes] = []
+    verify, from_canonical = signing.verify, MissionSpec.from_canonical.__func__  # type: ignore[attr-defined]
+
+    def counting_verify(public_key: bytes, body: bytes, signature: bytes) -> bool:
+        verified.append(body)
+        return verify(public_key, body, signature)
+
+    def counting_spec(cls: type[MissionSpec], raw: bytes) -> MissionSpec:
+        specs.append(raw)
+        return from_canonical(cls, raw)
+
+    monkeypatch.setattr(signing, "verify", counting_verify)
+    monkeypatch.setattr(MissionSpec, "from_canonical", classmethod(counting_spec))
+    validator, now = MissionRecordValidator(KEYS), get_dht_time()
+    fresh = sign_mission(draft, lead, now=now + 0.25)  # bytes no other test opened
+    assert (len(verified), len(specs)) == (1, 1)  # signing checks what it made
+    raw = fresh.to_wire()
+    for _ in range(3):
+        assert validator.validate(record(KEYS.missions, fresh.mission_id, bytes(raw)))
+    assert SignedMission.from_record(bytes(raw), fresh.mission_id) == fresh
+    assert (len(verified), len(specs)) == (1, 1)
+    # under another id: refused each time, though its signature is not checked again
+    for _ in range(2):
+        assert not validator.validate(record(KEYS.missions, "0" * 64, raw))
+    flipped = msgpack.unpackb(raw)
+    flipped["s"] = bytes([flipped["s"][0] ^ 1]) + flipped["s"][1:]
+    forged = msgpack.packb(flipped, use_bin_type=True)
+    for _ in range(2):
+        assert not validator.validate(record(KEYS.missions, fresh.mission_id, forged))
+    assert len(verified) == 3  # the forgery, both times
+    assert not validator.validate(record(KEYS.missions, fresh.mission_id, raw + b"\0" * (20 * 1024)))
+    assert validator.rejected == 5
+
+    head = sign_index_head(lead, [fresh.mission_id], [], now)
+    checked = len(verified)
+    for _ in range(3):
+        assert validator.validate(record(KEYS.mission_heads, peer_id(lead), bytes(head), now + 600))
+    assert len(verified) == checked + 1
+    # the signature is remembered, not the freshness: the same bytes claiming to live a day are refused
+    assert not validator.validate(record(KEYS.mission_heads, peer_id(lead), head, now + 24 * 3600))
+    with pytest.raises(RecordError, match="claims to live"):
+        open_index_head(head, peer_id(lead), now + 24 * 3600, now)
