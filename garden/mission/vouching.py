@@ -199,7 +199,10 @@ class CheckpointVoucher(Service):
                         into=self.work_root / mission.id / name,
                     )  # fmt: skip
                 except (GardenError, OSError) as e:
-                    self._could_not_judge(mission, state, record, e)
+                    if record.epoch < state.last_epoch:
+                        self._give_up(mission, state, record, e)
+                    else:
+                        self._could_not_judge(mission, state, record, e)
                     continue
                 pulled.append((record, name, path))
             if not pulled:
@@ -260,6 +263,16 @@ class CheckpointVoucher(Service):
         state.failed[(record.epoch, record.manifest_sha256)] = time.monotonic()
         logger.warning("could not judge epoch %d of mission %s (from %s), trying again in %.0f s: %s",
                        record.epoch, mission.id[:12], record.peer_id, RETRY_AFTER, e)  # fmt: skip
+
+    @staticmethod
+    def _give_up(mission: Mission, state: MissionVouching, record: CheckpointRecord, e: Exception) -> None:
+        """An epoch older than one vouched for whose files could not be pulled is not tried again: its record
+        stays in the DHT until its TTL, long after its holders moved on to newer epochs and dropped its files
+        (the hostile test's lead retried three such pulls every 5 minutes). The newest epoch is always retried."""
+        state.judged.add((record.epoch, record.manifest_sha256))
+        logger.info("gave up judging epoch %d of mission %s (from %s): epoch %d is vouched for, and its files "
+                    "could not be pulled: %s", record.epoch, mission.id[:12], record.peer_id, state.last_epoch,
+                    e)  # fmt: skip
 
     def _write_rows(self, mission: Mission) -> tuple[Path, int, int] | None:
         """Up to :data:`EVAL_ROWS` of the mission's held-out rows held here (winning sets only), or, when there

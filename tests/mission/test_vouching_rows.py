@@ -216,6 +216,35 @@ def test_the_files_of_an_epoch_are_judged_in_one_evaluation_and_a_bad_one_stops_
     store.close()
 
 
+def test_an_older_epoch_whose_files_are_gone_is_not_pulled_again_once_a_newer_one_is_vouched(tmp_path: Path) -> None:
+    """Holders drop an epoch's files when they move on, and its records stay in the DHT until their TTL: once a
+    newer epoch is vouched, an older one that cannot be pulled is given up, while the newest is retried."""
+    store = Store(tmp_path / "g.sqlite3")
+    rows = _rows(6, "q")
+    mission = signed(rows, holding_out=False)
+    keep(store, mission, rows, "0000000000000001")
+    records = [SimpleNamespace(epoch=e, manifest_sha256=m * 64, peer_id=f"Qm{m}")
+               for e, m in ((4, "n"), (3, "x"), (2, "g"), (2, "o"))]  # fmt: skip
+    sharing = Catalog(tmp_path, records, unpullable={"x" * 64, "g" * 64})
+    voucher = Judged(None, sharing, store.path, tmp_path / "vouching",
+                     kls={"base": 1.0, "epoch-4": 0.5, "epoch-2": 0.52})  # fmt: skip
+    state = voucher.missions.setdefault(mission.id, MissionVouching())
+    for _ in range(3):  # epoch 4, then 3 (gone), then 2 (one gone, one judged)
+        asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert [e for e, _ in sharing.vouches] == [4, 2] and state.last_epoch == 4
+    assert {(3, "x" * 64), (2, "g" * 64)} <= state.judged and not state.failed
+    pulled = list(sharing.pulled)
+    assert pulled == ["n" * 64, "x" * 64, "g" * 64, "o" * 64]
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert sharing.pulled == pulled  # never pulled again
+
+    sharing.records.append(SimpleNamespace(epoch=5, manifest_sha256="z" * 64, peer_id="QmZ"))
+    sharing.unpullable.add("z" * 64)  # the newest epoch: retried after RETRY_AFTER
+    asyncio.run(voucher.tend(mission))  # type: ignore[arg-type]
+    assert (5, "z" * 64) in state.failed and (5, "z" * 64) not in state.judged
+    store.close()
+
+
 def test_files_announced_for_one_epoch_are_judged_a_bounded_number_at_a_time(tmp_path: Path) -> None:
     """Any key may announce files for an epoch: one round of judging takes :data:`JUDGED_AT_ONCE` of them, the
     next round the rest."""
