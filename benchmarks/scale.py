@@ -15,7 +15,11 @@ What is measured, and how:
   latency, and the bytes the DHT moves: the loopback traffic of a network namespace made for the run (all the
   nodes' TCP, nothing else; without the right to make one, no byte figure), per peer per minute. Then a burst of
   lookups (``--lookups`` reads of each key per node, at random moments over 10 s) adds to the latency sample.
-  Targets: p99 <= 1 s for every lookup.
+  Targets: p99 <= 1 s for every lookup. The window (``steady``) and the burst (``burst``) are also reported apart,
+  each with where its reads' time went: the ``rpc_find``s sent (a read sends one to each node it visits, and waits
+  for the last; one unanswered waited hivemind's ``wait_timeout``, 3 s), why those that failed did, and how late
+  the host processes' event loops ran. Reads and stores search ``--beam`` nodes, by default what garden's daemon
+  searches (``garden.net.dht_thread.SEARCH_BEAM``); ``--beam 20`` is hivemind's default.
 - **the shards** (``shards``): the same nodes are shakers of one mission of ``--shards`` shards. Each runs garden's
   ``LeaseManager`` through its node (claim with read-back, renewals, done records, all checked by the validators),
   "samples" a shard for ``--sample-s`` seconds (a sleep instead of the teacher), its lease confirmed a second in
@@ -31,6 +35,9 @@ What is measured, and how:
   Each peer sends and receives about its model's size whatever the group (the butterfly all-reduce), so on a
   machine per peer the round's time hardly grows; here all peers share the machine's cores, and the ratio
   ``cpu_bound_ratio`` (large / small peers: the work the cores do) is what one machine can show at best.
+
+With ``SCALE_PROFILE=<path>`` in the environment each host process writes its ``cProfile`` to ``<path>.<pid>``
+(how the missions' re-checks and then hivemind's own costs were found).
 
 ``--parts`` picks some of ``dht,shards,round``. Runtime with the defaults: about 15 minutes on 2 cores (the
 shards part stops after ``--shards-timeout``; ``--peers 10 --shards 100`` takes 3). The figures and what they
@@ -84,14 +91,14 @@ class NodeDHT:
     ``DHTNode`` of this process's event loop: the same records, validators and RPCs, without a DHT process per
     node."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    def __init__(self, node: Any, beam: int) -> None:
+        self.node, self.beam = node, beam
 
     def get(self, key: str, latest: bool = False, **_: Any) -> Any:
-        return asyncio.ensure_future(self.node.get(key, latest=latest))
+        return asyncio.ensure_future(self.node.get(key, latest=latest, beam_size=self.beam))
 
     def store(self, key: str, value: Any, expiration_time: float, subkey: Any = None, **_: Any) -> Any:
-        return asyncio.ensure_future(self.node.store(key, value, expiration_time, subkey=subkey))
+        return asyncio.ensure_future(self.node.store(key, value, expiration_time, subkey=subkey, beam_size=self.beam))
 
 
 class Host:
@@ -99,10 +106,14 @@ class Host:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        args.beam = args.beam or daemon_beam()  # what garden's daemon searches (garden.net.dht_thread)
         self.nodes: list[Any] = []
         self.keys_: list[Any] = []
         self.reads: dict[str, list[float]] = {"peers": [], "missions": [], "heads": []}
         self.failed_reads = 0
+        self.finds: list[tuple[float, bool]] = []  # each rpc_find this host's nodes sent: seconds, answered
+        self.lags: list[float] = []  # how late this process's event loop woke a 0.1 s sleep
+        self.find_errors: Counter[str] = Counter()  # why the unanswered rpc_finds failed (hivemind logs it)
         self.missions: list[Any] = []
         self.tasks: list[asyncio.Task[Any]] = []
 
@@ -115,6 +126,7 @@ class Host:
         from garden.protocol.validators import MissionRecordValidator, PeerRecordValidator, ShardRecordValidator
 
         keys = DHTKeys(SWARM)
+        self._count_find_errors()
         initial = json.loads(self.args.initial_peers) if self.args.initial_peers else None
         for _ in range(self.args.count):
             validator = CompositeValidator(
@@ -122,6 +134,7 @@ class Host:
             )
             node = await DHTNode.create(initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                         record_validator=validator, cache_locally=True)  # fmt: skip
+            self._time_finds(node)
             self.nodes.append(node)
             self.keys_.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
             if initial is None:
@@ -130,7 +143,43 @@ class Host:
             self.missions = make_missions(self.keys_[: self.args.leads], self.args.missions)
         return initial or []
 
+    def _count_find_errors(self) -> None:
+        """hivemind's ``call_find`` swallows the error of a find that failed and logs it at debug level."""
+        import logging
+
+        errors = self.find_errors
+
+        class Count(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.exc_info and record.exc_info[0] is not None:
+                    errors[f"{record.exc_info[0].__name__}: {str(record.exc_info[1])[:80]}"] += 1
+
+        protocol_log = logging.getLogger("hivemind.dht.protocol")
+        protocol_log.setLevel(logging.DEBUG)
+        protocol_log.propagate = False
+        protocol_log.addHandler(Count())
+
+    def _time_finds(self, node: Any) -> None:
+        """Record each ``rpc_find`` the node sends (a read is one per node it visits): whether reads wait on
+        the nodes that answer late or not at all (hivemind's ``wait_timeout``), or on this process."""
+        send = node.protocol.call_find
+
+        async def timed(peer: Any, keys: Any) -> Any:
+            started = time.perf_counter()
+            answer = await send(peer, keys)
+            self.finds.append((time.perf_counter() - started, answer is not None))
+            return answer
+
+        node.protocol.call_find = timed
+
+    async def _watch_loop(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.1)
+            self.lags.append(time.perf_counter() - started - 0.1)
+
     def begin_announcing(self) -> None:
+        self.tasks.append(asyncio.create_task(self._watch_loop()))
         for i, node in enumerate(self.nodes):
             self.tasks.append(asyncio.create_task(self._announce(i, node)))
             self.tasks.append(asyncio.create_task(self._refresh_missions(node)))
@@ -138,7 +187,7 @@ class Host:
     async def _timed_read(self, node: Any, key: str, what: str) -> Any:
         started = time.perf_counter()
         try:
-            found = await asyncio.wait_for(node.get(key, latest=True), timeout=10.0)
+            found = await asyncio.wait_for(node.get(key, latest=True, beam_size=self.args.beam), timeout=10.0)
         except Exception:
             found = None
         if found is None:
@@ -155,7 +204,7 @@ class Host:
         from garden.protocol.mission import sign_index_head
         from garden.protocol.records import PeerInfo
 
-        keys, key = DHTKeys(SWARM), self.keys_[i]
+        keys, key, beam = DHTKeys(SWARM), self.keys_[i], self.args.beam
         peer_id = signing.peer_id_of(signing.public_key_der(key))
         addresses = [f"{a}" for a in await node.p2p.get_visible_maddrs()]
         await asyncio.sleep(random.uniform(0, self.args.period))  # peers start at different moments
@@ -165,16 +214,19 @@ class Host:
             now = get_dht_time()
             record = PeerInfo(peer_id=peer_id, version="scale", roles=["shaker"], cores=2, ram_bytes=8 << 30,
                               load=0.1, addresses=addresses, reachability="public", announced_at=now)  # fmt: skip
-            await node.store(keys.peers, record.to_wire(key), now + 2 * self.args.period, subkey=peer_id)
+            await node.store(keys.peers, record.to_wire(key), now + 2 * self.args.period, subkey=peer_id,
+                             beam_size=beam)
             led = [m for m in (self.missions if i < self.args.leads else []) if m.lead_peer_id == peer_id]
             for mission in led:
                 if time.monotonic() - renewed[mission.mission_id] >= MISSION_RENEW_S:
-                    await node.store(keys.missions, mission.to_wire(), now + 2 * 3600, subkey=mission.mission_id)
+                    await node.store(keys.missions, mission.to_wire(), now + 2 * 3600, subkey=mission.mission_id,
+                                     beam_size=beam)
                     phase = random.uniform(0, MISSION_RENEW_S) if renewed[mission.mission_id] < 0 else 0.0
                     renewed[mission.mission_id] = time.monotonic() - phase
             if led:
                 head = sign_index_head(key, [m.mission_id for m in led], [], now)
-                await node.store(keys.mission_heads, head, now + max(4 * self.args.period, 60.0), subkey=peer_id)
+                await node.store(keys.mission_heads, head, now + max(4 * self.args.period, 60.0), subkey=peer_id,
+                                 beam_size=beam)
             await self._timed_read(node, keys.peers, "peers")
             await asyncio.sleep(self.args.period)
 
@@ -252,7 +304,7 @@ class Host:
                 log(f"a host's {len(self.nodes)} shakers finished {count[0]} shards")
 
         async def shaker(i: int, node: Any) -> list[dict[str, Any]]:
-            manager = LeaseManager(NodeDHT(node), DHTKeys(SWARM), self.keys_[i], LeaseConfig(),  # type: ignore[arg-type]
+            manager = LeaseManager(NodeDHT(node, self.args.beam), DHTKeys(SWARM), self.keys_[i], LeaseConfig(),  # type: ignore[arg-type]
                                    rng=random.Random(i))  # fmt: skip
             finished: list[dict[str, Any]] = []
             finishing: list[asyncio.Task[None]] = []
@@ -294,7 +346,7 @@ class Host:
         from garden.mission.leases import LeaseManager
         from garden.protocol.keys import DHTKeys
 
-        manager = LeaseManager(NodeDHT(self.nodes[0]), DHTKeys(SWARM), self.keys_[0])  # type: ignore[arg-type]
+        manager = LeaseManager(NodeDHT(self.nodes[0], self.args.beam), DHTKeys(SWARM), self.keys_[0])  # type: ignore[arg-type]
         board = await manager.fetch(mission_id, shards)
         return {"done": {str(i): sorted({d.attempt for d in s.results}) for i, s in enumerate(board.shards)}}
 
@@ -343,8 +395,11 @@ async def host_main(args: argparse.Namespace) -> None:
                 host.tasks = []
                 say({"ok": True})
             elif what == "reads":  # the latencies so far, and restart counting
-                say({"reads": host.reads, "failed": host.failed_reads})
+                say({"reads": host.reads, "failed": host.failed_reads, "finds": host.finds, "lags": host.lags,
+                     "find_errors": host.find_errors})
                 host.reads, host.failed_reads = {"peers": [], "missions": [], "heads": []}, 0
+                host.finds, host.lags = [], []
+                host.find_errors.clear()
             elif what == "lookups":
                 await host.lookups(command["count"])
                 say({"ok": True})
@@ -388,6 +443,12 @@ class HostProcess:
             self.proc.wait(timeout=30)
 
 
+def daemon_beam() -> int:
+    from garden.net.dht_thread import SEARCH_BEAM
+
+    return SEARCH_BEAM
+
+
 def loopback_bytes() -> int | None:
     """Bytes sent on this network namespace's loopback so far (``/proc/net/dev``), or None if unreadable."""
     try:
@@ -400,20 +461,30 @@ def loopback_bytes() -> int | None:
     return None
 
 
-def cpu_seconds() -> float:
-    """CPU seconds used so far by this process's descendants that still run (the hosts and their p2pd)."""
+def cpu_seconds(name: str | None = None) -> float:
+    """CPU seconds used so far by this process's descendants that still run (the hosts and their p2pd), or
+    by those of them whose executable is ``name``."""
     import psutil
 
     from harness.processes import cpu_seconds as of
 
-    return of(psutil.Process().children(recursive=True))
+    children = psutil.Process().children(recursive=True)
+    return of(c for c in children if name is None or _named(c, name))
+
+
+def _named(proc: Any, name: str) -> bool:
+    try:
+        return bool(proc.name() == name)
+    except Exception:  # exited meanwhile
+        return False
 
 
 def run_swarm(args: argparse.Namespace, parts: set[str], isolated: bool) -> dict[str, Any]:
     """The DHT and shard parts, with the nodes in host processes of this network namespace."""
     per = max(1, args.peers_per_process)
     counts = [min(per, args.peers - i) for i in range(0, args.peers, per)]
-    base = [sys.executable, __file__, "--host", "--period", str(args.period)]
+    base = [sys.executable, __file__, "--host", "--period", str(args.period), "--beam", str(args.beam)]
+    args.beam = args.beam or daemon_beam()
     log(f"{args.peers} DHT nodes in {len(counts)} processes")
     started = time.monotonic()
     hosts = [HostProcess([*base, "--count", str(counts[0]), "--leads", str(args.leads),
@@ -441,50 +512,89 @@ def run_swarm(args: argparse.Namespace, parts: set[str], isolated: bool) -> dict
     return result
 
 
+class Phase:
+    """What the hosts report of one phase (the steady window, the burst): reads, rpc_finds, event-loop lags."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, list[float]] = {"peers": [], "missions": [], "heads": []}
+        self.failed = 0
+        self.finds: list[tuple[float, bool]] = []
+        self.lags: list[float] = []
+        self.find_errors: Counter[str] = Counter()
+
+    def gather(self, hosts: list[HostProcess]) -> Phase:
+        for host in hosts:
+            answer = host.ask({"cmd": "reads"})
+            self.failed += answer["failed"]
+            self.finds.extend((seconds, answered) for seconds, answered in answer["finds"])
+            self.lags.extend(answer["lags"])
+            self.find_errors.update(answer["find_errors"])
+            for what in self.reads:
+                self.reads[what] += answer["reads"][what]
+        return self
+
+    def latency(self) -> dict[str, dict[str, Any]]:
+        return {what: {"p50_s": percentile(values, 0.5), "p99_s": percentile(values, 0.99), "reads": len(values)}
+                for what, values in self.reads.items()}  # fmt: skip
+
+    def breakdown(self) -> dict[str, Any]:
+        """Where a read's time goes: the rpc_finds the reads and stores sent (a read sends one per node it visits;
+        an unanswered one waited hivemind's ``wait_timeout``, and the read with it), and how late the host
+        processes' event loops ran (a node's answers wait on its process)."""
+        times, late = [t for t, _ in self.finds], [t for t, ok in self.finds if not ok]
+        operations = sum(map(len, self.reads.values())) + self.failed
+        return {
+            "lookup_latency": self.latency(), "failed_reads": self.failed,
+            "rpc_find": {"sent": len(self.finds), "unanswered": len(late), "unanswered_p50_s": percentile(late, 0.5),
+                         "per_read": round(len(self.finds) / max(1, operations), 1),
+                         "p50_s": percentile(times, 0.5), "p99_s": percentile(times, 0.99),
+                         "errors": dict(self.find_errors.most_common(4))},
+            "event_loop_lag": {"p50_s": percentile(self.lags, 0.5), "p99_s": percentile(self.lags, 0.99),
+                               "max_s": max(self.lags, default=None)},
+        }  # fmt: skip
+
+
 def measure_dht(args: argparse.Namespace, hosts: list[HostProcess], isolated: bool) -> dict[str, Any]:
     time.sleep(2 * args.period)  # every node announced twice and read a few times
-    for host in hosts:
-        host.ask({"cmd": "reads"})  # warm-up reads are not counted
+    Phase().gather(hosts)  # warm-up reads are not counted
     log(f"measuring {args.window:.0f} s of re-announcing")
-    before, cpu_before, started = loopback_bytes(), cpu_seconds(), time.monotonic()
+    before, cpu_before, p2pd_before, started = loopback_bytes(), cpu_seconds(), cpu_seconds("p2pd"), time.monotonic()
     time.sleep(args.window)
     after, cpu, seconds = loopback_bytes(), cpu_seconds() - cpu_before, time.monotonic() - started
-    reads: dict[str, list[float]] = {"peers": [], "missions": [], "heads": []}
-    failed = 0
-    for host in hosts:
-        answer = host.ask({"cmd": "reads"})
-        failed += answer["failed"]
-        for what in reads:
-            reads[what] += answer["reads"][what]
+    p2pd_cpu = cpu_seconds("p2pd") - p2pd_before
+    steady = Phase().gather(hosts)
     per_minute = None
     if isolated and before is not None and after is not None:
         per_minute = (after - before) / args.peers / (seconds / 60.0)
     log(f"a burst of {args.lookups} lookups of each key per node")
+    burst_cpu, burst_started = cpu_seconds(), time.monotonic()
     for host in hosts:  # all hosts at once: ask each, then read each answer
         assert host.proc.stdin is not None
         host.proc.stdin.write(json.dumps({"cmd": "lookups", "count": args.lookups}) + "\n")
         host.proc.stdin.flush()
     for host in hosts:
         host.ask()
-    for host in hosts:
-        answer = host.ask({"cmd": "reads"})
-        failed += answer["failed"]
-        for what in reads:
-            reads[what] += answer["reads"][what]
-    latency = {
-        what: {"p50_s": percentile(values, 0.5), "p99_s": percentile(values, 0.99), "reads": len(values)}
-        for what, values in reads.items()
-    }
+    burst_cpu, burst_s = cpu_seconds() - burst_cpu, time.monotonic() - burst_started
+    burst = Phase().gather(hosts)
+    both = Phase()
+    for what in both.reads:
+        both.reads[what] = steady.reads[what] + burst.reads[what]
+    latency = both.latency()
     return {
-        "peers": args.peers, "open_missions": args.missions, "period_s": args.period,
-        "lookup_latency": latency, "failed_reads": failed,
+        "peers": args.peers, "open_missions": args.missions, "period_s": args.period, "search_beam": args.beam,
+        "lookup_latency": latency, "failed_reads": steady.failed + burst.failed,
         "bytes_per_peer_per_minute": None if per_minute is None else round(per_minute),
         "bytes_note": None if per_minute is not None else "no network namespace of its own: loopback is shared",
         # what one idle peer's DHT work costs (its node and its p2pd), and how busy that kept this machine: past
         # 1.0 the latencies measure the queue for the cores, not the DHT
         "cpu_s_per_peer_per_minute": round(cpu / args.peers / (seconds / 60.0), 3),
         "machine_busy": round(cpu / (os.cpu_count() or 1) / seconds, 3),
+        "p2pd_share_of_cpu": round(p2pd_cpu / cpu, 3) if cpu > 0 else None,
         "lookup_p99_s": max((v["p99_s"] or 0.0) for v in latency.values()),
+        "steady": steady.breakdown(),  # the measured window: idle peers re-announcing
+        # the burst of lookups after it (the announcing goes on beside it): whether the machine had the cores for it
+        "burst": {**burst.breakdown(), "seconds": round(burst_s, 1), "machine_busy": round(
+            burst_cpu / (os.cpu_count() or 1) / burst_s, 3), "cpu_s": round(burst_cpu, 1)},
     }  # fmt: skip
 
 
@@ -621,6 +731,8 @@ def main() -> int:
     parser.add_argument("--round-params", type=int, default=1_000_000)
     parser.add_argument("--round-small", type=int, default=4)
     parser.add_argument("--round-large", type=int, default=16)
+    parser.add_argument("--beam", type=int, default=0,
+                        help="nodes a read or a store searches for (default: the daemon's SEARCH_BEAM; hivemind's 20)")
     parser.add_argument("--json-only", action="store_true")
     parser.add_argument("--no-netns", action="store_true", help="stay in this network namespace (no byte figure)")
     # internal: a host process of nodes, the averaging child, the run inside the namespace
@@ -632,6 +744,12 @@ def main() -> int:
     args = parser.parse_args()
     quiet = args.json_only
     if args.host:
+        if os.environ.get("SCALE_PROFILE"):
+            import cProfile
+
+            cProfile.runctx("asyncio.run(host_main(args))", globals(), {"args": args},
+                            f"{os.environ['SCALE_PROFILE']}.{os.getpid()}")
+            return 0
         asyncio.run(host_main(args))
         return 0
     if args.round_child:

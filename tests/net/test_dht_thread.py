@@ -14,7 +14,7 @@ import psutil
 import pytest
 from hivemind.utils import get_dht_time
 
-from garden.net.dht_thread import DHTFuture, ThreadDHT
+from garden.net.dht_thread import SEARCH_BEAM, DHTFuture, ThreadDHT
 from garden.net.swarm import Swarm, SwarmConfig
 
 pytestmark = pytest.mark.swarm
@@ -68,6 +68,51 @@ def test_two_nodes_on_threads_share_records_and_each_stops_its_own_p2pd() -> Non
 
 async def _peer(node: object) -> object:
     return node.peer_id  # type: ignore[attr-defined]
+
+
+def test_a_read_and_a_store_search_the_beam_not_the_whole_bucket_and_a_read_still_sees_every_writer() -> None:
+    """Every node a search visits answers with the key's whole value, and a latest read visits its whole beam:
+    the daemon's node searches :data:`SEARCH_BEAM` (10) nodes, not hivemind's bucket of 20. In a swarm of 16, a
+    read that knows every node visits the 10 nearest the key (hivemind's default: all 15 others), and it still
+    gets the record of each of the 16 writers (each stored on the 5 nearest its writer found)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = ThreadDHT(host_maddrs=[LOCAL])
+    first.start(timeout=60)
+    join = [str(m) for m in first.get_visible_maddrs()]
+    others = [ThreadDHT(join, host_maddrs=[LOCAL]) for _ in range(15)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda dht: dht.start(timeout=60), others))
+        nodes = [first, *others]
+        expiration = get_dht_time() + 120
+        for i, dht in enumerate(nodes):
+            assert dht.store("garden-test/many", i, expiration, subkey=f"writer{i}") is True
+        reader = others[-1]
+        sent: list[object] = []
+
+        async def count_finds(_: object, node: object) -> None:
+            protocol = node.protocol  # type: ignore[attr-defined]
+            send = protocol.call_find
+
+            async def counted(peer: object, keys: object) -> object:
+                sent.append(peer)
+                return await send(peer, keys)
+
+            protocol.call_find = counted
+
+        reader.run_coroutine(count_finds)
+        assert reader.get("garden-test/many", latest=True) is not None  # the reader learns every node's address
+        sent.clear()
+        found = reader.get("garden-test/many", latest=True)
+        assert found is not None and sorted(found.value) == sorted(f"writer{i}" for i in range(16))
+        assert len(sent) <= SEARCH_BEAM + 1 < 15, f"a read visited {len(sent)} nodes"
+        sent.clear()
+        assert reader.store("garden-test/many", 99, expiration + 1, subkey="writer15") is True  # newer: taken
+        assert len(sent) <= SEARCH_BEAM + 1, f"a store searched {len(sent)} nodes"
+    finally:
+        for dht in [*others, first]:
+            dht.shutdown()
 
 
 def test_a_request_given_up_by_its_caller_is_cancelled_on_the_node_and_the_node_goes_on() -> None:
