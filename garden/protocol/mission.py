@@ -288,11 +288,12 @@ class SignedMission:
 
 
 OPENED_MISSIONS = 256
-"""Signed missions, cancels and index heads whose checks passed, remembered by their bytes (each cache up to this
-many). Every answer a search of ``<swarm>/missions`` gets carries every open mission, and hivemind validates each
-record of each answer: at 50 peers with 100 open missions, re-verifying the signatures and re-validating the specs
-was half of a DHT host's CPU (``benchmarks/scale.py``). A success only: a forgery is checked again each time it
-comes. At most 256 x 20 KiB of records are kept, whoever signed them."""
+"""Signed missions, cancels and index heads whose checks passed, remembered by their bytes. Every answer a search of
+``<swarm>/missions`` gets carries every open mission, and hivemind validates each record of each answer: at 50 peers
+with 100 open missions, re-verifying the signatures and re-validating the specs was half of a DHT host's CPU
+(``benchmarks/scale.py``). A success only: a forgery is checked again each time it comes. Two caches (the checked
+envelopes, the missions) keep up to this many records each, of at most 20 KiB, whoever signed them: 1 MiB for 100
+open missions of ``examples/capitals.toml`` (measured), some 25 MiB should a stranger fill them with the largest."""
 
 
 @functools.lru_cache(maxsize=OPENED_MISSIONS)
