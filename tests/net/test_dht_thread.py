@@ -70,17 +70,18 @@ async def _peer(node: object) -> object:
     return node.peer_id  # type: ignore[attr-defined]
 
 
+@pytest.mark.serial  # 13 nodes start at once: beside another swarm test, they would starve its daemons
 def test_a_read_and_a_store_search_the_beam_not_the_whole_bucket_and_a_read_still_sees_every_writer() -> None:
     """Every node a search visits answers with the key's whole value, and a latest read visits its whole beam:
-    the daemon's node searches :data:`SEARCH_BEAM` (10) nodes, not hivemind's bucket of 20. In a swarm of 16, a
-    read that knows every node visits the 10 nearest the key (hivemind's default: all 15 others), and it still
-    gets the record of each of the 16 writers (each stored on the 5 nearest its writer found)."""
+    the daemon's node searches :data:`SEARCH_BEAM` (10) nodes, not hivemind's bucket of 20. In a swarm of 13, a
+    read that knows every node visits the 10 nearest the key (hivemind's default: all 12 others), and it still
+    gets the record of each of the 13 writers (each stored on the 5 nearest its writer found)."""
     from concurrent.futures import ThreadPoolExecutor
 
     first = ThreadDHT(host_maddrs=[LOCAL])
     first.start(timeout=60)
     join = [str(m) for m in first.get_visible_maddrs()]
-    others = [ThreadDHT(join, host_maddrs=[LOCAL]) for _ in range(15)]
+    others = [ThreadDHT(join, host_maddrs=[LOCAL]) for _ in range(12)]
     try:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda dht: dht.start(timeout=60), others))
@@ -105,10 +106,10 @@ def test_a_read_and_a_store_search_the_beam_not_the_whole_bucket_and_a_read_stil
         assert reader.get("garden-test/many", latest=True) is not None  # the reader learns every node's address
         sent.clear()
         found = reader.get("garden-test/many", latest=True)
-        assert found is not None and sorted(found.value) == sorted(f"writer{i}" for i in range(16))
-        assert len(sent) <= SEARCH_BEAM + 1 < 15, f"a read visited {len(sent)} nodes"
+        assert found is not None and sorted(found.value) == sorted(f"writer{i}" for i in range(13))
+        assert len(sent) <= SEARCH_BEAM + 1 < 12, f"a read visited {len(sent)} nodes"
         sent.clear()
-        assert reader.store("garden-test/many", 99, expiration + 1, subkey="writer15") is True  # newer: taken
+        assert reader.store("garden-test/many", 99, expiration + 1, subkey="writer12") is True  # newer: taken
         assert len(sent) <= SEARCH_BEAM + 1, f"a store searched {len(sent)} nodes"
     finally:
         for dht in [*others, first]:
