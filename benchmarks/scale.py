@@ -106,7 +106,6 @@ class Host:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        args.beam = args.beam or daemon_beam()  # what garden's daemon searches (garden.net.dht_thread)
         self.nodes: list[Any] = []
         self.keys_: list[Any] = []
         self.reads: dict[str, list[float]] = {"peers": [], "missions": [], "heads": []}
@@ -483,8 +482,8 @@ def run_swarm(args: argparse.Namespace, parts: set[str], isolated: bool) -> dict
     """The DHT and shard parts, with the nodes in host processes of this network namespace."""
     per = max(1, args.peers_per_process)
     counts = [min(per, args.peers - i) for i in range(0, args.peers, per)]
+    args.beam = args.beam or daemon_beam()  # what garden's daemon searches (garden.net.dht_thread)
     base = [sys.executable, __file__, "--host", "--period", str(args.period), "--beam", str(args.beam)]
-    args.beam = args.beam or daemon_beam()
     log(f"{args.peers} DHT nodes in {len(counts)} processes")
     started = time.monotonic()
     hosts = [HostProcess([*base, "--count", str(counts[0]), "--leads", str(args.leads),
@@ -546,7 +545,7 @@ class Phase:
         return {
             "lookup_latency": self.latency(), "failed_reads": self.failed,
             "rpc_find": {"sent": len(self.finds), "unanswered": len(late), "unanswered_p50_s": percentile(late, 0.5),
-                         "per_read": round(len(self.finds) / max(1, operations), 1),
+                         "per_read_or_store": round(len(self.finds) / max(1, operations), 1),
                          "p50_s": percentile(times, 0.5), "p99_s": percentile(times, 0.99),
                          "errors": dict(self.find_errors.most_common(4))},
             "event_loop_lag": {"p50_s": percentile(self.lags, 0.5), "p99_s": percentile(self.lags, 0.99),
