@@ -87,9 +87,20 @@ class Daemon(TrackedProcess):
         return self.stdout_path.read_text(errors="replace")
 
     def loop_stalls(self) -> list[str]:
-        """The times its event loop was held past the lag budget (``garden.host.loop_lag``'s watchdog logs each,
-        with where the loop was)."""
-        return [line for line in self.stderr().splitlines() if "the event loop was held" in line]
+        """The times its event loop was held past the lag budget by its own work (``garden.host.loop_lag``'s
+        watchdog logs each, with where the loop was: the stack lines that follow are part of each entry; a wait
+        for a CPU is logged apart, at info)."""
+        stalls: list[str] = []
+        inside = False  # within a stall's entry: its stack's lines are indented
+        for line in self.stderr().splitlines():
+            if "the event loop was held" in line:
+                stalls.append(line)
+                inside = True
+            elif inside and line.startswith(" "):
+                stalls[-1] += "\n" + line
+            else:
+                inside = False
+        return stalls
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -8,8 +8,8 @@ streamed answer: its headers).
 
 ``app`` is that time less ``wait``: the time the thread that ran the middleware (the event loop's) was ready to
 run but waited for a CPU, held by other processes or by this one's other threads, as Linux counts it
-(``/proc/thread-self/schedstat``; ``wait`` is 0 where there is no such count). The loop's time waiting for the
-GIL, or running other tasks, stays in ``app``: that is the peer's own. (A wall clock alone counts the machine's
+(``host/loop_lag.py``'s ``cpu_wait_s``; ``wait`` is 0 where there is no such count). The loop's time waiting for
+the GIL, or running other tasks, stays in ``app``: that is the peer's own. (A wall clock alone counts the machine's
 load too: a CI machine at a load of about 10 timed one ``/health`` at 0.29 s, the others of that test at 1-33 ms.)
 """
 
@@ -19,19 +19,9 @@ import time
 from typing import Any
 
 from garden.api.guard import ASGIApp, Receive, Scope, Send
+from garden.host.loop_lag import cpu_wait_s
 
 HEADER = b"server-timing"
-SCHEDSTAT = "/proc/thread-self/schedstat"
-
-
-def cpu_wait_s() -> float:
-    """Seconds the calling thread has waited for a CPU while ready to run, since it started (the second field of
-    Linux's schedstat); 0.0 where the system does not count it."""
-    try:
-        with open(SCHEDSTAT, "rb") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 class ServerTiming:

@@ -16,7 +16,9 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
-from garden.api.timing import SCHEDSTAT, ServerTiming
+from garden.api.timing import ServerTiming
+
+SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
 def _timings_s(header: str) -> dict[str, float]:
