@@ -52,6 +52,7 @@ def _hog(cpu: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+@pytest.mark.serial  # its two spinning processes would take a core from the other worker's daemons for seconds
 def test_the_watchdog_blames_the_loop_for_its_own_hold_and_the_machine_for_a_wait_for_a_cpu(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
