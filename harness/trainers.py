@@ -187,6 +187,7 @@ async def average_round(
     part_size_bytes: int = 2**19,
     timeout: float = 10.0,
     lying_reducers: tuple[int, ...] = (),
+    kept_own: list[int] | None = None,
 ) -> list[list[Any] | BaseException]:
     """One all-reduce round of hivemind's ``AllReduceRunner`` (what a ``DecentralizedAverager`` runs once its group
     is formed) between ``p2ps`` (``hivemind.p2p.P2P`` instances of this process): peer ``i`` sends ``tensors[i]``
@@ -194,7 +195,9 @@ async def average_round(
     (a client-mode sender). Returns, for each peer, its tensors after the round, or the exception its round raised
     (a sender refused by the others). A peer waits ``timeout`` seconds at most for a sender's or a reducer's next
     part (as an averager's ``next_chunk_timeout``). garden's patches apply if installed in this process. The
-    peers in ``lying_reducers`` return a million times the average of every part they reduce."""
+    peers in ``lying_reducers`` return a million times the average of every part they reduce. ``kept_own``, if
+    given, is filled with how many values each peer kept as they were because a reducer failed it (hivemind's
+    fallback, which logs it at debug level only): a part lost in transport, not an average."""
     from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 
     reducers = reducers or [True] * len(p2ps)
@@ -234,7 +237,10 @@ async def average_round(
             runner.finalize(cancel=True)  # nothing if it finished
 
     try:
-        return list(await asyncio.gather(*map(bounded, runners), return_exceptions=True))
+        results = list(await asyncio.gather(*map(bounded, runners), return_exceptions=True))
+        if kept_own is not None:
+            kept_own[:] = [runner.tensor_part_container.failed_size for runner in runners]
+        return results
     finally:
         for runner, p2p in zip(runners, p2ps, strict=True):
             await runner.remove_p2p_handlers(p2p, namespace=namespace)

@@ -89,7 +89,10 @@ async def rounds() -> dict[str, Any]:
         for name, (tensors, weight, reducers) in scenarios.items():
             started = time.perf_counter()
             liars = (3,) if name == "lying_reducer" else ()
-            results = await average_round(p2ps[: len(tensors)], tensors, weight, reducers, lying_reducers=liars)
+            kept_own: list[int] = []
+            results = await average_round(
+                p2ps[: len(tensors)], tensors, weight, reducers, lying_reducers=liars, kept_own=kept_own
+            )
             seconds = time.perf_counter() - started
             honest_count = 3 if len(tensors) == 4 and name.split("_")[0] != "honest" else len(tensors)
             used = weights if honest_count == 3 else weight
@@ -103,6 +106,7 @@ async def rounds() -> dict[str, Any]:
                     None if isinstance(r, BaseException) else float((r - reference).norm()) / scale for r in outcome
                 ],  # fmt: skip
                 "failed": [type(r).__name__ if isinstance(r, BaseException) else None for r in outcome],
+                "kept_own": kept_own,  # values a peer kept because a reducer failed it: lost in transport
                 # hivemind hands each peer the average minus its own part, which it adds back: equal up to rounding
                 "honest_apart": max(
                     float("inf") if isinstance(r, BaseException) else float((r - outcome[0]).norm()) / scale
