@@ -89,7 +89,7 @@ class Daemon(TrackedProcess):
     def loop_stalls(self) -> list[str]:
         """The times its event loop was held past the lag budget by its own work (``garden.host.loop_lag``'s
         watchdog logs each, with where the loop was: the stack lines that follow are part of each entry; a wait
-        for a CPU is logged apart, at info)."""
+        for a CPU is logged apart, at debug)."""
         stalls: list[str] = []
         inside = False  # within a stall's entry: its stack's lines are indented
         for line in self.stderr().splitlines():

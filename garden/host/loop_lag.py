@@ -10,7 +10,7 @@ later than asked it wakes is the loop's lag at that moment. ``/metrics`` shows t
 A stall counts the loop's own time only. The time its thread was ready to run but waited for a CPU (Linux's
 schedstat, as ``api/timing.py``'s ``wait``) is the machine's: on a busy home PC the owner's programs, on a
 2-core test machine the other test's daemons. A wait of 0.6 s for a CPU with 0.07 s of the loop's own is
-logged at info, apart; 0.3 s of the loop's own is the warning, with where the loop was.
+logged at debug, apart; 0.3 s of the loop's own is the warning, with where the loop was.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ class LoopLag(Service):
                     STALL, held, cpu, where.rstrip(),
                 )  # fmt: skip
             else:
-                logger.info("the event loop waited %.2f s, %.2f s of it for a CPU: the machine was busy", held, cpu)
+                # debug: a machine its owner keeps busy would write this every second
+                logger.debug("the event loop waited %.2f s, %.2f s of it for a CPU: the machine was busy", held, cpu)
 
     def snapshot(self) -> LagSnapshot:
         cumulative, running = [], 0
