@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
 from garden.api.timing import ServerTiming
+from harness.processes import spinning_process
 
 SCHEDSTAT = "/proc/thread-self/schedstat"
 
@@ -87,10 +86,8 @@ def test_the_time_the_loop_waited_for_a_cpu_is_not_the_peers_own() -> None:
     CPU."""
     before = os.sched_getaffinity(0)
     cpu = min(before)
-    spin = f"import os; os.sched_setaffinity(0, {{{cpu}}}); print(flush=True)\nwhile True: pass"
-    hog = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+    hog = spinning_process(cpu)
     try:
-        assert hog.stdout is not None and hog.stdout.readline() == "\n"  # it spins on that CPU now
         os.sched_setaffinity(0, {cpu})  # this thread, and the client's server thread it starts (they inherit it)
         with _client() as client:
             began = time.monotonic()

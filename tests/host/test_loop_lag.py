@@ -8,13 +8,13 @@ import hashlib
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from garden.host.loop_lag import BUCKETS, LoopLag
+from harness.processes import spinning_process
 
 
 def test_buckets_are_cumulative_and_quantiles_read_them() -> None:
@@ -46,12 +46,6 @@ async def test_a_call_that_holds_the_loop_is_seen() -> None:
     assert held.count - held.counts[BUCKETS.index(0.25)] >= 1  # one probe past 250 ms
 
 
-def _hog(cpu: int) -> subprocess.Popen:
-    """A process that spins on one CPU, at the normal priority."""
-    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass"
-    return subprocess.Popen([sys.executable, "-c", code])
-
-
 @pytest.mark.serial  # its two spinning processes would take a core from the other worker's daemons for seconds
 def test_the_watchdog_blames_the_loop_for_its_own_hold_and_the_machine_for_a_wait_for_a_cpu(
     caplog: pytest.LogCaptureFixture,
@@ -74,7 +68,7 @@ def test_the_watchdog_blames_the_loop_for_its_own_hold_and_the_machine_for_a_wai
         probe = asyncio.create_task(lag.run(stop))
         await asyncio.sleep(0.3)  # the watchdog runs, at the normal priority, on any CPU
         # this thread (the loop's) now runs on one CPU, behind two spinning processes, at the idle priority
-        hogs.extend(_hog(cpu) for _ in range(2))  # started first: a child takes its parent thread's policy
+        hogs.extend(spinning_process(cpu) for _ in range(2))  # first: a child takes its parent thread's policy
         os.sched_setaffinity(0, {cpu})
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         began = time.monotonic()
