@@ -48,6 +48,7 @@ def flat(tensors: list[Any]) -> Any:
 
 
 async def rounds() -> dict[str, Any]:
+    import torch
     from hivemind.p2p import P2P
 
     from harness.trainers import average_round
@@ -90,9 +91,12 @@ async def rounds() -> dict[str, Any]:
             started = time.perf_counter()
             liars = (3,) if name == "lying_reducer" else ()
             kept_own: list[int] = []
+            troubles: list[list[str]] = []
+            shares: list[int] = []
             results = await average_round(
-                p2ps[: len(tensors)], tensors, weight, reducers, lying_reducers=liars, kept_own=kept_own
-            )
+                p2ps[: len(tensors)], tensors, weight, reducers, lying_reducers=liars, kept_own=kept_own,
+                troubles=troubles, shares=shares,
+            )  # fmt: skip
             seconds = time.perf_counter() - started
             honest_count = 3 if len(tensors) == 4 and name.split("_")[0] != "honest" else len(tensors)
             used = weights if honest_count == 3 else weight
@@ -101,15 +105,32 @@ async def rounds() -> dict[str, Any]:
             finite_weights = [w if w == w and w >= 0 else 0.0 for w in weight]  # what hivemind's sum would use
             plain = sum(w * flat(t) for w, t in zip(finite_weights, tensors, strict=True)) / sum(finite_weights)
             outcome = [r if isinstance(r, BaseException) else flat(r) for r in results]
+            # a value a peer kept as it was (hivemind's fallback for a reducer that failed it), and what it averaged
+            kept = [
+                None if isinstance(r, BaseException) else r == flat(t) for r, t in zip(outcome, tensors, strict=True)
+            ]  # fmt: skip
+            common = torch.ones_like(reference, dtype=torch.bool)
+            for mask in kept[:honest_count]:
+                if mask is not None:
+                    common &= ~mask
             report[name] = {
                 "distance": [
                     None if isinstance(r, BaseException) else float((r - reference).norm()) / scale for r in outcome
                 ],  # fmt: skip
+                # over the values a peer averaged, those it did not keep as they were
+                "averaged_distance": [
+                    None if mask is None else float((r - reference)[~mask].norm()) / scale
+                    for r, mask in zip(outcome, kept, strict=True)
+                ],  # fmt: skip
+                "kept": [None if mask is None else int(mask.sum()) for mask in kept],
                 "failed": [type(r).__name__ if isinstance(r, BaseException) else None for r in outcome],
-                "kept_own": kept_own,  # values a peer kept because a reducer failed it: lost in transport
+                "kept_own": kept_own,  # values a peer kept because a reducer failed it (hivemind's count)
+                "troubles": troubles,  # per peer: which reducer failed it, which sender it banned, and why
+                "shares": shares,  # values each peer reduces
                 # hivemind hands each peer the average minus its own part, which it adds back: equal up to rounding
+                # (over the values every honest peer averaged)
                 "honest_apart": max(
-                    float("inf") if isinstance(r, BaseException) else float((r - outcome[0]).norm()) / scale
+                    float("inf") if isinstance(r, BaseException) else float((r - outcome[0])[common].norm()) / scale
                     for r in outcome[:honest_count]
                 ),
                 "plain_distance": float((plain - reference).norm()) / scale,
