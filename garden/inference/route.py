@@ -277,7 +277,15 @@ class Router:
         return {p: m for p, m in self.measurements.items() if now - m.at <= MEASUREMENT_TTL}
 
     async def chain(self, span: LayerSpan | None = None) -> list[Hop]:
-        records = await self.servers()
+        """The best chain over ``span`` (the whole model by default). A gap is read again from the DHT before it is
+        reported: the records in hand may be a read from before a server announced, or one that missed a record
+        (on a loaded machine a DHT read came back without the only server of layers 20-30, which was serving)."""
+        try:
+            return self._chain(await self.servers(), span)
+        except CoverageError:
+            return self._chain(await self.servers(fresh=True), span)
+
+    def _chain(self, records: list[BlocksRecord], span: LayerSpan | None) -> list[Hop]:
         if span is None:
             if not records:
                 raise CoverageError(self.model, [], None)

@@ -153,6 +153,52 @@ async def test_banned_servers_are_left_out_and_liars_remembered() -> None:
     assert router.banned("H") and not router.banned("B")
 
 
+@pytest.mark.swarm  # a hivemind DHT node (its p2pd): `make test`, not `make check`
+async def test_a_gap_in_the_records_in_hand_is_read_again_before_it_is_reported() -> None:
+    """The router reuses one read of the records for ``refresh_s``: a server that announced since that read (or
+    that a read on a loaded machine missed) is no gap, and a request is not refused for it; a gap still there in a
+    fresh read is named."""
+    import asyncio
+
+    import hivemind
+    from hivemind.utils.timed_storage import get_dht_time
+
+    keys, dht = DHTKeys(), hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        signers = [rsa.generate_private_key(public_exponent=65537, key_size=1024) for _ in range(3)]
+        peers = [signing.peer_id_of(signing.public_key_der(k)) for k in signers]
+        now = get_dht_time()
+        records = [rec(p, 10 * i, 10 * i + 10, announced_at=now) for i, p in enumerate(peers)]
+
+        def announce(count: int) -> None:
+            for record, signer in list(zip(records, signers, strict=True))[:count]:
+                assert dht.store(keys.model_blocks(MODEL), record.to_wire(signer), now + 60, subkey=record.peer_id)
+
+        class Reads:  # what the router asks of garden's Swarm: a read of the DHT
+            reads = 0
+
+            async def get(self, key: str, latest: bool = False) -> Any:
+                Reads.reads += 1
+                return await asyncio.to_thread(dht.get, key, latest)
+
+        announce(3)
+        router = Router(swarm=Reads(), keys=keys, model=MODEL, refresh_s=1e9)  # the records in hand never expire
+        router._cache = (0.0, records[:2])  # read before the server of layers 20-30 announced
+        chain = await router.chain()
+        assert [hop.peer_id for hop in chain] == peers and Reads.reads == 1
+        assert [hop.peer_id for hop in await router.chain()] == peers and Reads.reads == 1  # that read is reused
+        # a gap still there in a fresh read: nobody announced layers 20-30 (in another swarm, under its keys)
+        keys = DHTKeys(swarm="other")
+        announce(2)
+        router = Router(swarm=Reads(), keys=keys, model=MODEL, refresh_s=1e9)
+        router._cache = (0.0, records[:2])
+        with pytest.raises(CoverageError, match="20-30"):
+            await router.chain()
+        assert Reads.reads == 2
+    finally:
+        dht.shutdown()
+
+
 def test_a_gap_is_named() -> None:
     records = [rec("A", 0, 10), rec("D", 20, 30)]
     assert missing_spans(records, 30) == [LayerSpan(10, 20)]
