@@ -133,6 +133,7 @@ async def rounds() -> dict[str, Any]:
                     float("inf") if isinstance(r, BaseException) else float((r - outcome[0])[common].norm()) / scale
                     for r in outcome[:honest_count]
                 ),
+                "honest": honest_count,  # the first so many peers are honest
                 "plain_distance": float((plain - reference).norm()) / scale,
                 "seconds": seconds,
             }

@@ -269,26 +269,26 @@ def run_rounds(what: str) -> tuple[dict[str, Any], str]:
 
 LOST = re.compile(r"^reducer (\d+) failed it: AllreduceException\('peer \S+ sent \d+ parts, but we expected \d+'\)$")
 """How a reducer's reply lost in transport reads in a peer's ``troubles`` (``harness.trainers.average_round``)."""
-EXACT = {"honest_four": 4, "honest_two": 2, "huge_client": 3, "nan_weight_client": 3, "negative_weight_client": 3,
-         "weight_client": 3, "huge_and_weight_client": 3}  # fmt: skip
-"""The scenarios whose honest peers (the first so many) must hold the honest weighted mean exactly (to rounding)."""
+EXACT = ("honest_four", "honest_two", "huge_client", "nan_weight_client", "negative_weight_client", "weight_client",
+         "huge_and_weight_client")  # fmt: skip
+"""The scenarios whose honest peers must hold the honest weighted mean exactly (to rounding)."""
 
 
-def assert_exact(name: str, outcome: dict[str, Any], honest: int) -> bool:
-    """Each of the first ``honest`` peers holds the honest peers' weighted mean, to rounding, on every value it
-    averaged, and they agree. A value it kept as it was must be one hivemind says it kept (``kept_own``) because a
-    reducer's reply was lost in transport (p2pd can drop the end of a stream on a loaded machine: see
-    ``average_round``), never because one was refused, and no more than the shares of the reducers it lost. Returns
-    whether any value was kept."""
+def assert_exact(name: str, outcome: dict[str, Any]) -> bool:
+    """Each honest peer (the first ``outcome["honest"]``) holds the honest peers' weighted mean, to rounding, on
+    every value it averaged, and they agree. A value it kept as it was must be one hivemind says it kept
+    (``kept_own``) because a reducer's reply was lost in transport (p2pd can drop the end of a stream on a loaded
+    machine: see ``average_round``), never because one was refused, and no more than the shares of the reducers
+    it lost. Returns whether any value was kept."""
     said = json.dumps({name: outcome})
-    for peer in range(honest):
+    for peer in range(outcome["honest"]):
         assert outcome["averaged_distance"][peer] < 1e-5 and outcome["kept"][peer] == outcome["kept_own"][peer], said
         if outcome["kept_own"][peer]:
             lost = [LOST.match(t) for t in outcome["troubles"][peer] if t.startswith("reducer ")]
             assert lost and all(lost), said
             assert outcome["kept_own"][peer] <= sum(outcome["shares"][int(m.group(1))] for m in lost if m), said
     assert outcome["honest_apart"] < 1e-5, said
-    return any(outcome["kept_own"][:honest])
+    return any(outcome["kept_own"][: outcome["honest"]])
 
 
 @pytest.mark.swarm  # several hivemind peers (p2pd each) in a child: `make test`, not `make check`
@@ -297,7 +297,7 @@ def test_real_allreduce_rounds_bound_a_liar_and_average_honest_peers_exactly() -
     print(log[-20_000:])  # shown if the test fails: hivemind's warnings of parts lost in a round, garden's refusals
     # garden's reducers give hivemind's weighted mean; a refused liar (below) changes nothing. A reply lost in
     # transport is rare (1 scenario in about 10 runs beside the inference tests): in most scenarios, none is
-    lost = [name for name, honest in EXACT.items() if assert_exact(name, report[name], honest)]
+    lost = [name for name in EXACT if assert_exact(name, report[name])]
     assert len(lost) <= 1, json.dumps({name: report[name] for name in lost})
     for name in ("huge", "huge_client", "heavy", "heavy_client"):
         outcome = report[name]
