@@ -5,7 +5,8 @@ announces a throughput of 1e9 layer-tokens per second (the most a record may cla
 Run as ``python tests/inference/hostile_server.py run ARGS...`` with the ``garden`` command's arguments.
 ``HOSTILE_NOISE`` (default 0.1): the noise's standard deviation, as a fraction of each token's spread (0.1
 changes greedy answers within a few tokens; honest servers differ by under 1e-4). ``HOSTILE_SLOWDOWN``
-(default 2): each forward pass takes this many times its own time (it sleeps the rest).
+(default 2): each forward pass takes this many times its own time (it sleeps the rest); ``HOSTILE_DELAY``
+(seconds, default 0) is slept on top of that, whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ def main() -> None:
 
     noise = float(os.environ.get("HOSTILE_NOISE", "0.1"))
     slowdown = float(os.environ.get("HOSTILE_SLOWDOWN", "2"))
+    delay = float(os.environ.get("HOSTILE_DELAY", "0"))
     honest_forward, honest_record = Blocks.forward, BlockServer.record
 
     def forward(self: Blocks, hidden: Any, cache: Any, sub: LayerSpan | None = None) -> Any:
         started = time.perf_counter()
         out = honest_forward(self, hidden, cache, sub)
-        time.sleep(max(0.0, slowdown - 1) * (time.perf_counter() - started))
+        time.sleep(max(0.0, slowdown - 1) * (time.perf_counter() - started) + delay)
         return out + noise * out.std(dim=-1, keepdim=True) * torch.randn(out.shape) if noise else out
 
     def record(self: BlockServer) -> BlocksRecord:

@@ -1,7 +1,7 @@
 """A hostile layer server in a swarm of honest ones (real daemons, real hivemind, the built-in model): it
 serves layers 10-20 beside two honest servers of those layers, adds noise to every hidden state it returns
-(enough to change answers), runs at a quarter of the speed it could and announces 1e9 layer-tokens per second
-(``hostile_server.py``).
+(enough to change answers), runs at a quarter of the speed it could and 0.3 s more per pass, and announces 1e9
+layer-tokens per second (``hostile_server.py``).
 
 - A client ranking servers by what it measured routes around it once it has measured it: the 1e9 claim
   wins no route after that.
@@ -35,9 +35,12 @@ def start_hostile(factory: DaemonFactory, model_cache: Path, join: Daemon) -> Da
         "--serve", f"{MODEL}:10-20", "--max-threads", "1", "--join", join.join_addr,
     ]  # fmt: skip
     out, err = factory.base_dir / "hostile.out", factory.base_dir / "hostile.err"
-    # 4 times its own compute time: slower than honest servers whatever the CI machine's other work (at 2 times, a
-    # busy moment on 2 cores made an honest server measure slower once and the liar won a second route)
-    env = factory.env({"GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1", "HOSTILE_SLOWDOWN": "4"})
+    # 4 times its own compute time and 0.3 s more per forward pass: a factor alone was not enough (at 2, and once
+    # at 4, the honest servers measured on a busy 2-core CI machine came out slower than the liar measured in a
+    # quiet moment, and it won a second route); honest servers announce a few hundred layer-tokens/s, tens of ms
+    # for a one-token step of 10 layers
+    slow = {"HOSTILE_SLOWDOWN": "4", "HOSTILE_DELAY": "0.3"}
+    env = factory.env({"GARDEN_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1", **slow})
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         proc = subprocess.Popen(
             argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env, start_new_session=True

@@ -50,7 +50,11 @@ from garden.mission.leases import (
 pytestmark = pytest.mark.heavy(6)  # seconds in `make check`: see tests/conftest.py
 
 KEYS = DHTKeys("leasetest")
-SHORT = LeaseConfig(lease_duration=2.0, dht_timeout=10.0)
+SHORT = LeaseConfig(lease_duration=4.0, dht_timeout=10.0)
+"""For the test that waits for leases to end."""
+HELD = LeaseConfig(lease_duration=60.0, dht_timeout=10.0)
+"""For tests that never wait for a lease to end: with ``SHORT``, a test of many DHT calls on a loaded CI machine
+outlived a lease it still counted as held (a claim found the shard open again)."""
 
 
 SIGNERS: dict[str, rsa.RSAPrivateKey] = {}
@@ -346,9 +350,12 @@ async def test_lease_blocks_renews_expires_and_the_race_has_one_winner(dhts: lis
     lease_a = await a.claim(mission, 1)
     assert lease_a is not None and lease_a.shard == 0 and lease_a.peer_id == a.peer_id
     assert await b.claim(mission, 1) is None  # held by A
-    await asyncio.sleep(1.2)
+    first_end = lease_a.expires
+    await asyncio.sleep(max(first_end - SHORT.lease_duration / 2 - get_dht_time(), 0.0))
     lease_a = await a.renew(lease_a)
-    await asyncio.sleep(1.2)  # past the first lease's end: only the renewal holds it now
+    assert lease_a.expires > first_end
+    # past the first lease's end: only the renewal holds it now (for half a lease more, a loaded machine's margin)
+    await asyncio.sleep(max(first_end + 0.1 - get_dht_time(), 0.0))
     assert await b.claim(mission, 1) is None
     board = await c.fetch(mission, 1)
     assert board.shards[0].status is ShardStatus.LEASED and board.shards[0].lease == lease_a
@@ -406,8 +413,8 @@ async def test_the_lease_of_a_peer_seen_leaving_holds_nothing(dhts: list[hivemin
 
 
 async def test_every_shard_is_claimed_once_then_all_done(dhts: list[hivemind.DHT]) -> None:
-    a = LeaseManager(dhts[0], KEYS, new_key(), SHORT)
-    b = LeaseManager(dhts[2], KEYS, new_key(), SHORT)
+    a = LeaseManager(dhts[0], KEYS, new_key(), HELD)
+    b = LeaseManager(dhts[2], KEYS, new_key(), HELD)
     mission = mission_id()
     leases = [await a.claim(mission, 3) for _ in range(3)]
     assert all(lease is not None for lease in leases)
@@ -449,9 +456,9 @@ class _ReadsKept:
 async def test_a_mission_of_several_segments_is_claimed_a_segment_at_a_time(dhts: list[hivemind.DHT]) -> None:
     """70 shards, three segment keys: claims read one segment, records land under their shard's segment, and a
     view of the mission reads them all; the last claims find the one open shard wherever it is."""
-    a = LeaseManager(dhts[0], KEYS, new_key(), SHORT, rng=random.Random(1))
+    a = LeaseManager(dhts[0], KEYS, new_key(), HELD, rng=random.Random(1))
     b_dht = _ReadsKept(dhts[1])
-    b = LeaseManager(b_dht, KEYS, new_key(), SHORT, rng=random.Random(2))  # type: ignore[arg-type]
+    b = LeaseManager(b_dht, KEYS, new_key(), HELD, rng=random.Random(2))  # type: ignore[arg-type]
     mission, count = mission_id(), 70
     first = await a.claim(mission, count)
     assert first is not None
@@ -486,7 +493,7 @@ async def test_a_mission_of_several_segments_is_claimed_a_segment_at_a_time(dhts
 async def test_a_lease_overwritten_in_flight_is_not_finished(dhts: list[hivemind.DHT]) -> None:
     """Two claims that cross both read their own lease back; the DHT keeps the later-expiring one. The other
     claimer finds out at its done record at the latest, and publishes nothing: no shard is done twice."""
-    a = LeaseManager(dhts[0], KEYS, new_key(), SHORT)
+    a = LeaseManager(dhts[0], KEYS, new_key(), HELD)
     b_key = new_key()
     mission = mission_id()
     lease_a = await a.claim(mission, 1)
@@ -502,7 +509,7 @@ async def test_a_lease_overwritten_in_flight_is_not_finished(dhts: list[hivemind
 
 async def test_forged_and_out_of_range_records_do_not_get_in(dhts: list[hivemind.DHT]) -> None:
     honest_key, mallory = new_key(), new_key()
-    honest = LeaseManager(dhts[0], KEYS, honest_key, SHORT)
+    honest = LeaseManager(dhts[0], KEYS, honest_key, HELD)
     mission = mission_id()
     key = KEYS.mission_shards(mission)
     lease = await honest.claim(mission, 2)
@@ -520,13 +527,13 @@ async def test_forged_and_out_of_range_records_do_not_get_in(dhts: list[hivemind
     for subkey, value, expiration_time in attempts:
         assert not dhts[1].store(key, value, expiration_time, subkey=subkey), f"stored forged {subkey}"
     with pytest.raises(ValueError, match="belongs to"):  # a manager cannot finish another peer's lease
-        await LeaseManager(dhts[1], KEYS, mallory, SHORT).mark_done(lease, rows=1, row_set_sha256="0f" * 32)
+        await LeaseManager(dhts[1], KEYS, mallory, HELD).mark_done(lease, rows=1, row_set_sha256="0f" * 32)
     # a record valid on its own but for a mission of another size: stored, then ignored by readers
     wrong_count = lease_for(mallory, mission, shard=5, count=8, expires=get_dht_time() + 30)
     assert dhts[1].store(key, wrong_count.to_wire(mallory), wrong_count.expires, subkey=wrong_count.subkey)
 
     assert sum(v.rejected for v in VALIDATORS) > rejected_before
-    board = await LeaseManager(dhts[2], KEYS, new_key(), SHORT).fetch(mission, 2)
+    board = await LeaseManager(dhts[2], KEYS, new_key(), HELD).fetch(mission, 2)
     assert board.shards[lease.shard].lease == lease  # the honest lease is intact
     assert board.invalid_records == 1  # the wrong-count record
     assert board.summary() == ShardSummary(total=2, done=0, leased=1, open=1)
