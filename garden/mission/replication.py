@@ -186,11 +186,16 @@ class RowSetKeeper:
         holders: Mapping[str, RowsAnnouncement],
     ) -> SettleReport:
         """Make this peer's row sets agree with the shard records: copy winning sets held by fewer than
-        ``copies`` peers, then drop losing sets, but only those whose shard's winner is held twice, so that
-        a winner that later turns out unreachable does not leave its shard with no rows anywhere; then mark
-        which held sets won (what the trainer reads, and what pruning keeps longest)."""
+        ``copies`` peers, then drop those that lost their shard (``droppable``); then mark which held sets won
+        (what the trainer reads, and what pruning keeps longest).
+
+        A held set that no done record names (an orphan) loses too, ``void_after`` seconds after it arrived,
+        once another attempt won its shard: its record was lost (stored on DHT nodes that left or do not
+        answer, or never stored: a publish that gave up), so no peer counts it, and nothing else would ever
+        drop it. The wait, as long as a winner's rows are waited for, lets a record one read missed show up."""
         held_by = _held_by(holders)
-        mine = {s.attempt for s in self.store.row_sets(mission.id)}
+        held_sets = self.store.row_sets(mission.id)
+        mine = {s.attempt for s in held_sets}
         fetched = 0
         for shard, done in sorted(winners.items()):
             peers = held_by.get(done.attempt, set())
@@ -210,17 +215,14 @@ class RowSetKeeper:
                 self._void(done, f"no peer served its row set in {late:.0f} s ({e})")
             except RecordError as e:
                 self._void(done, f"its row set does not answer the shard ({e})")
+        if fetched:
+            held_sets = self.store.row_sets(mission.id)
         dropped = 0
-        for loser in losers:
-            winner = winners.get(loser.shard)
-            if loser.attempt not in mine or winner is None:
-                continue
-            if winner.attempt not in mine and len(held_by.get(winner.attempt, set())) < 2:
-                continue  # keep the loser until the winner is safely held (here, or by two peers)
-            if await asyncio.to_thread(self.store.drop_row_set, mission.id, loser.attempt):
+        for held, why in droppable(held_sets, winners, losers, held_by, time.time(), self.void_after):
+            if await asyncio.to_thread(self.store.drop_row_set, mission.id, held.attempt):
                 dropped += 1
-                logger.info("dropped the losing attempt %s at shard %d of mission %s", loser.attempt, loser.shard,
-                            mission.id[:12])  # fmt: skip
+                logger.info("dropped attempt %s at shard %d of mission %s: %s", held.attempt, held.shard,
+                            mission.id[:12], why)  # fmt: skip
         await asyncio.to_thread(self.store.mark_winners, mission.id, [d.attempt for d in winners.values()])
         if fetched or dropped:
             self.book.wake()
@@ -265,6 +267,35 @@ class RowSetKeeper:
         return ContentRef(
             kind="rows", mission_id=mission_id, item=row_set_item(shard, attempt, producer), sha256=sha256
         )
+
+
+def droppable(
+    held: Sequence[StoredRowSet],
+    winners: Mapping[int, DoneRecord],
+    losers: Sequence[DoneRecord],
+    held_by: Mapping[str, set[str]],
+    now: float,
+    orphan_after: float,
+) -> list[tuple[StoredRowSet, str]]:
+    """The ``held`` row sets that lost their shard and may go now, each with why: a losing attempt, or an
+    orphan (no done record names it) held for ``orphan_after`` seconds, of a shard whose winner is held here or
+    by two peers (``held_by``: attempt -> peers announcing it), so that a winner that turns out unreachable
+    does not leave its shard with no rows anywhere."""
+    mine = {s.attempt for s in held}
+    losing = {d.attempt for d in losers}
+    named = losing | {d.attempt for d in winners.values()}
+    gone: list[tuple[StoredRowSet, str]] = []
+    for s in held:
+        winner = winners.get(s.shard)
+        if winner is None or s.attempt == winner.attempt:
+            continue
+        if winner.attempt not in mine and len(held_by.get(winner.attempt, set())) < 2:
+            continue  # the winner is not safely held yet
+        if s.attempt in losing:
+            gone.append((s, "it lost the shard"))
+        elif s.attempt not in named and now - s.added_at >= orphan_after:
+            gone.append((s, f"no done record names it, and {winner.peer_id}'s attempt {winner.attempt} won the shard"))
+    return gone
 
 
 def _held_by(holders: Mapping[str, RowsAnnouncement]) -> dict[str, set[str]]:

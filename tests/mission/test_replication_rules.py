@@ -1,14 +1,18 @@
 """The rule a fetched row set must meet before it is stored: its rows answer the shard's prompts, in the
-shard's order, each at most once (a judge may drop prompts)."""
+shard's order, each at most once (a judge may drop prompts); and which held row sets lost their shard and go."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from hivemind.utils.timed_storage import get_dht_time
 
-from garden.mission.replication import _check_rows_fit
+from garden.mission.replication import _check_rows_fit, droppable
 from garden.protocol.records import RecordError
 from garden.protocol.rows import DorpoRow, PromptRow
+from garden.protocol.shards import DoneRecord
+from garden.store import StoredRowSet
+from tests.mission.test_leases import done_for, lease_for, new_key
 
 PROMPTS = [PromptRow(prompt=f"question {i}?", reference=f"answer {i}") for i in range(5)]
 
@@ -65,3 +69,46 @@ def test_repeated_prompts_in_a_shard_may_each_be_answered_once() -> None:
     _check_rows_fit(rows_for(0, 0), twice)
     with pytest.raises(RecordError):
         _check_rows_fit(rows_for(0, 0, 0), twice)
+
+
+# --- which held row sets go ------------------------------------------------------------------------------
+
+MISSION = "ab" * 32
+NOW = get_dht_time()  # the leases of lease_for hold from 600 s before the tests ran
+
+
+def held(done: DoneRecord, age: float = 3600.0) -> StoredRowSet:
+    return StoredRowSet(
+        mission_id=MISSION, attempt=done.attempt, shard=done.shard, producer=done.peer_id, sha256="ab" * 32,
+        rows=4, received_from=None, added_at=NOW - age,
+    )  # fmt: skip
+
+
+def attempt_at(shard: int, finished: float) -> DoneRecord:
+    return done_for(lease_for(new_key(), MISSION, shard=shard, count=4), finished)
+
+
+def test_a_loser_goes_once_its_winner_is_held_here_or_twice() -> None:
+    winner, loser = attempt_at(0, NOW - 100), attempt_at(0, NOW - 50)
+    mine = [held(loser)]
+    assert droppable(mine, {0: winner}, [loser], {}, NOW, 600) == []  # the winner held nowhere yet
+    assert droppable(mine, {0: winner}, [loser], {winner.attempt: {"p1"}}, NOW, 600) == []  # once only
+    twice = {winner.attempt: {"p1", "p2"}}
+    assert droppable(mine, {0: winner}, [loser], twice, NOW, 600) == [(mine[0], "it lost the shard")]
+    both = [held(winner), held(loser)]
+    assert droppable(both, {0: winner}, [loser], {}, NOW, 600) == [(both[1], "it lost the shard")]
+
+
+def test_an_orphan_goes_after_the_wait_once_another_attempt_won_its_shard() -> None:
+    """A row set this peer holds whose done record no read finds (lost with the DHT nodes that held it) while
+    another attempt won its shard: kept ``orphan_after`` seconds, then dropped like a loser. (A hostile-swarm
+    run kept one for good, and the shard held two attempts.)"""
+    winner, lost = attempt_at(1, NOW - 100), attempt_at(1, NOW - 200)
+    fresh, old = held(lost, age=30), held(lost, age=601)
+    assert droppable([held(winner), fresh], {1: winner}, [], {}, NOW, 600) == []  # a read may have missed it
+    (gone,) = droppable([held(winner), old], {1: winner}, [], {}, NOW, 600)
+    assert gone[0] == old and "no done record names it" in gone[1] and winner.attempt in gone[1]
+    assert droppable([old], {1: winner}, [], {winner.attempt: {"p1"}}, NOW, 600) == []  # the winner not safe
+    assert droppable([old], {}, [], {}, NOW, 600) == []  # no winner: it may be the shard's only rows
+    other_shard = attempt_at(2, NOW - 100)
+    assert droppable([old], {2: other_shard}, [], {other_shard.attempt: {"p1", "p2"}}, NOW, 600) == []
