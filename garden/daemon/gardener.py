@@ -223,7 +223,7 @@ class Gardener:
             self.missions, self.keeper, leases, self.directory,
             WorkConfig(
                 shaker="shaker" in self.roles, period=period, max_memory=settings.max_memory,
-                max_missions=settings.max_missions, threads=self.max_threads,
+                max_missions=settings.max_missions, threads=self.max_threads, trainer="trainer" in self.roles,
             ),  # fmt: skip
             governor=self.governor, ledger=self.ledger, disk=self.disk, students=self.students,
         )  # fmt: skip

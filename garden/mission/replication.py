@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from garden.mission.book import Mission, MissionBook, parse_row_set_item, row_set_item
@@ -184,10 +184,13 @@ class RowSetKeeper:
         winners: Mapping[int, DoneRecord],
         losers: Sequence[DoneRecord],
         holders: Mapping[str, RowsAnnouncement],
+        every_winner: bool = False,
     ) -> SettleReport:
         """Make this peer's row sets agree with the shard records: copy winning sets held by fewer than
-        ``copies`` peers, then drop those that lost their shard (``droppable``); then mark which held sets won
-        (what the trainer reads, and what pruning keeps longest).
+        ``copies`` peers (every winning set with ``every_winner``: a trainer's), then drop those that lost their
+        shard (``droppable``); then mark which held sets won (what the trainer reads, and what pruning keeps
+        longest). A winner is void here when its rows are never served only where it lacks copies: one a
+        trainer merely wants, held by enough others, is tried again at the next settling.
 
         A held set that no done record names (an orphan) loses too, ``void_after`` seconds after it arrived,
         once another attempt won its shard: its record was lost (stored on DHT nodes that left or do not
@@ -197,19 +200,15 @@ class RowSetKeeper:
         held_sets = self.store.row_sets(mission.id)
         mine = {s.attempt for s in held_sets}
         fetched = 0
-        for shard, done in sorted(winners.items()):
-            peers = held_by.get(done.attempt, set())
-            pruned = done.attempt in self.disk.pruned_rows
-            if done.attempt in mine or pruned or len(peers | {done.peer_id}) >= self.copies:
-                continue
+        for done, scarce in to_copy(winners, mine, self.disk.pruned_rows, held_by, self.copies, every_winner):
+            shard, peers = done.shard, held_by.get(done.attempt, set())
             try:
                 sources = sorted(peers) + ([done.peer_id] if done.peer_id not in peers else [])
                 if await self.fetch(mission, shard, done.attempt, done.peer_id, done.row_set_sha256, sources):
                     fetched += 1
-                    mine.add(done.attempt)
             except TransferError as e:
                 late = get_dht_time() - done.finished
-                if late <= self.void_after:
+                if late <= self.void_after or not scarce:
                     logger.info("could not copy shard %d of mission %s yet: %s", shard, mission.id[:12], e)
                     continue
                 self._void(done, f"no peer served its row set in {late:.0f} s ({e})")
@@ -267,6 +266,25 @@ class RowSetKeeper:
         return ContentRef(
             kind="rows", mission_id=mission_id, item=row_set_item(shard, attempt, producer), sha256=sha256
         )
+
+
+def to_copy(
+    winners: Mapping[int, DoneRecord],
+    mine: Collection[str],
+    pruned: Collection[str],
+    held_by: Mapping[str, set[str]],
+    copies: int,
+    every_winner: bool,
+) -> list[tuple[DoneRecord, bool]]:
+    """The winning row sets to copy here, by shard, each with whether it is scarce (held by fewer than ``copies``
+    peers, its producer counted): those, or all with ``every_winner``; never one held here (``mine``) or that
+    this peer pruned for disk space (``pruned``)."""
+    wanted = []
+    for _, done in sorted(winners.items()):
+        scarce = len(held_by.get(done.attempt, set()) | {done.peer_id}) < copies
+        if done.attempt not in mine and done.attempt not in pruned and (scarce or every_winner):
+            wanted.append((done, scarce))
+    return wanted
 
 
 def droppable(

@@ -96,9 +96,14 @@ class WorkConfig:
     :param max_memory: bytes the daemon may use for a teacher (None: the machine's available RAM)
     :param max_missions: missions this peer shakes at once (each loads its teacher); the others wait
     :param threads: torch threads of the sampling process (``--max-threads``; None: torch's default)
+    :param trainer: this peer has the trainer role: it copies every winning row set of the missions it takes,
+        not only those held by fewer than two peers (a trainer trains on the rows it holds; one that held none,
+        its shards all copied twice elsewhere, would never start, and with ``min_trainers`` hold every other
+        trainer back)
     """
 
     shaker: bool = True
+    trainer: bool = False
     period: float = 5.0
     teacher_idle_s: float = 300.0
     batch_prompts: int = 16
@@ -272,7 +277,9 @@ class MissionWork(Service):
         progress = self.progress.setdefault(mission.id, MissionProgress())
         if board.winners():
             holders = await self.book.holders(mission.id)
-            await self.keeper.settle(mission, board.winners(), board.losing_attempts(), holders)
+            await self.keeper.settle(
+                mission, board.winners(), board.losing_attempts(), holders, every_winner=self.config.trainer
+            )
             await self._keep_results_alive(mission, board)
         else:  # every winner voided or refuted since: none of the held sets is trained on
             await asyncio.to_thread(self.keeper.store.mark_winners, mission.id, ())

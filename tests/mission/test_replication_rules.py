@@ -1,5 +1,6 @@
 """The rule a fetched row set must meet before it is stored: its rows answer the shard's prompts, in the
-shard's order, each at most once (a judge may drop prompts); and which held row sets lost their shard and go."""
+shard's order, each at most once (a judge may drop prompts); which winning row sets a peer copies; and which held
+row sets lost their shard and go."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from hivemind.utils.timed_storage import get_dht_time
 
-from garden.mission.replication import _check_rows_fit, droppable
+from garden.mission.replication import _check_rows_fit, droppable, to_copy
 from garden.protocol.records import RecordError
 from garden.protocol.rows import DorpoRow, PromptRow
 from garden.protocol.shards import DoneRecord
@@ -71,7 +72,7 @@ def test_repeated_prompts_in_a_shard_may_each_be_answered_once() -> None:
         _check_rows_fit(rows_for(0, 0, 0), twice)
 
 
-# --- which held row sets go ------------------------------------------------------------------------------
+# --- which winning row sets are copied here, which held ones go --------------------------------------------
 
 MISSION = "ab" * 32
 NOW = get_dht_time()  # the leases of lease_for hold from 600 s before the tests ran
@@ -112,3 +113,16 @@ def test_an_orphan_goes_after_the_wait_once_another_attempt_won_its_shard() -> N
     assert droppable([old], {}, [], {}, NOW, 600) == []  # no winner: it may be the shard's only rows
     other_shard = attempt_at(2, NOW - 100)
     assert droppable([old], {2: other_shard}, [], {other_shard.attempt: {"p1", "p2"}}, NOW, 600) == []
+
+
+def test_a_winner_held_twice_is_copied_only_by_a_trainer() -> None:
+    """Two copies keep a row set safe; a trainer trains on the rows it holds, so it copies every winner (in a
+    hostile-swarm CI run a trainer held none, every shard copied twice elsewhere, and with ``min_trainers = 3``
+    no trainer ever started)."""
+    twice, once, pruned, held_here = (attempt_at(shard, NOW - 100) for shard in range(4))
+    winners = {0: twice, 1: once, 2: pruned, 3: held_here}
+    held_by = {twice.attempt: {"p1", "p2"}, once.attempt: {once.peer_id}, pruned.attempt: set()}
+    mine, gone = {held_here.attempt}, {pruned.attempt}
+    assert to_copy(winners, mine, gone, held_by, 2, every_winner=False) == [(once, True)]
+    assert to_copy(winners, mine, gone, held_by, 2, every_winner=True) == [(twice, False), (once, True)]
+    assert to_copy(winners, mine, gone, held_by, 4, every_winner=False) == [(twice, True), (once, True)]  # 3 of 4
