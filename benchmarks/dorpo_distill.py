@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from garden.data import demo_prompts  # noqa: E402
 from garden.distill.evaluate import EvalReport, evaluate  # noqa: E402
 from garden.distill.judges import ReferenceJudge  # noqa: E402
+from garden.distill.on_policy import StudentRejected, student_rejected  # noqa: E402
 from garden.distill.shaker import ShakeConfig, shake  # noqa: E402
 from garden.distill.trainer import DorpoTrainer, TrainConfig  # noqa: E402
 from garden.models.loading import load_model  # noqa: E402
@@ -83,10 +85,31 @@ def train_arm(
         seed=0,
         freeze_embeddings=not args.train_embeddings,
     )
-    trainer = DorpoTrainer(student, rows, config)
-    result = trainer.train()
+    on_policy = args.rejected == "student" and lambda_or > 0
+    sampling = StudentRejected(share=args.student_share)
+    sampled_s, replaced = 0.0, []
+
+    def resample(seed: int) -> list[DorpoRow]:
+        nonlocal sampled_s
+        started = time.perf_counter()
+        fresh = student_rejected(student, rows, replace(sampling, seed=seed))
+        sampled_s += time.perf_counter() - started
+        replaced.append(fresh.replaced)
+        return fresh.rows
+
+    trainer = DorpoTrainer(student, resample(0) if on_policy else rows, config)
+    every = args.resample_every if on_policy and args.resample_every else args.steps
+    train_s = 0.0
+    for phase, until in enumerate(range(every, args.steps + every, every)):
+        if phase:
+            trainer.replace_rows(resample(phase))
+        result = trainer.train(until=min(until, args.steps))
+        train_s += result.seconds
     report = evaluate(student.model, student.tokenizer, heldout)
-    return {**summary(report), "train_s": round(result.seconds, 1), "skipped_steps": result.skipped_steps}
+    out = {**summary(report), "train_s": round(train_s, 1), "skipped_steps": result.skipped_steps}
+    if on_policy:
+        out |= {"student_rejected": replaced, "sampling_s": round(sampled_s, 1)}
+    return out
 
 
 def main() -> int:
@@ -102,6 +125,14 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rows-cache", default="", help="directory to keep/reuse the shaken rows")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--rejected", choices=("teacher", "student"), default="teacher",
+                        help="the DORPO arm's rejected answers: the teacher's judged ones, or the student's own "
+                        "samples (ORPO-Distill; garden.distill.on_policy)")
+    parser.add_argument("--student-share", type=float, default=1.0,
+                        help="with --rejected student: the share of rows given the student's answer")
+    parser.add_argument("--resample-every", type=int, default=0,
+                        help="with --rejected student: sample the student again every N steps (on-policy; 0: "
+                        "once, before training)")
     parser.add_argument("--train-embeddings", action="store_true",
                         help="train the embeddings and head too (garden train's default keeps them)")
     args = parser.parse_args()
@@ -143,6 +174,8 @@ def main() -> int:
                 "batch_size": args.batch_size,
                 "lr": args.lr,
                 "lambda_kl": args.lambda_kl,
+                "lambda_or": args.lambda_or,
+                "rejected": args.rejected,
                 "freeze_embeddings": not args.train_embeddings,
                 "train_rows": len(train_rows),
                 "heldout_rows": len(heldout),

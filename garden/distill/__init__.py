@@ -10,6 +10,7 @@ Shaking (sampling the teacher and judging its answers) makes DORPO rows; trainin
 - ``dorpo``: the DORPO loss (NLL + odds-ratio + top-k KL to the teacher)
 - ``collate``: rows to the tensors the loss needs
 - ``trainer``: the single-machine DORPO trainer (AdamW, schedule, accumulation, exact resume)
+- ``on_policy``: the student's own sampled answers as the rejected ones (ORPO-Distill's negatives)
 - ``runs``: start or resume a training run from a student spec and rows
 - ``checkpoints``: training run directories and their checkpoints (atomic, sha256-verified)
 - ``evaluate``: held-out KL to the teacher, NLL, preference accuracy, top-1 agreement

@@ -128,6 +128,19 @@ def shake(
     return result
 
 
+def sample_answers(model: LoadedModel, prompts: Sequence[str], config: ShakeConfig) -> list[list[str]]:
+    """``config.candidates`` sampled answers to each prompt (in the chat template), unjudged: what a model (a
+    student, say) would answer. Batch ``index`` seeds with ``config.seed + index``, as :func:`shake` does."""
+    import torch
+
+    answers: list[list[str]] = []
+    for index, start in enumerate(range(0, len(prompts), config.batch_prompts)):
+        torch.manual_seed(config.seed + index)
+        batch = [chat_prompt_ids(model.tokenizer, p) for p in prompts[start : start + config.batch_prompts]]
+        answers.extend(_sample(model, batch, config))
+    return answers
+
+
 # a sampler (see _sampler): next tokens [rows] from next-token logits [rows, vocab] and each batch row's output row
 Pick = Callable[[Any, Any], Any]
 

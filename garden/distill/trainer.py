@@ -155,6 +155,14 @@ class DorpoTrainer:
         self.skipped_steps = 0
         self._orders: dict[int, list[int]] = {}
 
+    def replace_rows(self, rows: Sequence[DorpoRow]) -> None:
+        """Train on from the next step on ``rows``, as many as before, each in its predecessor's place in the data
+        order (the student's fresh answers as rejected ones, :mod:`garden.distill.on_policy`)."""
+        encoded, report = encode_rows(rows, self.student.tokenizer, self.config.max_length)
+        if len(encoded) != len(self.encoded):
+            raise ValueError(f"{len(encoded)} usable rows in place of {len(self.encoded)}: the data order would move")
+        self.encoded, self.data_report, self.data_digest = encoded, report, rows_digest(rows)
+
     # --- data order: a pure function of (seed, step) -------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
         import torch

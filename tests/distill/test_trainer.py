@@ -24,6 +24,7 @@ from garden.distill.shaker import ShakeConfig, shake
 from garden.models.student import LoraSpec, build_student, parse_student_ref
 from garden.distill.trainer import DorpoTrainer, TrainConfig
 from garden.distill.runs import resume_run, start_run
+from garden.distill.on_policy import StudentRejected, student_rejected
 from harness.trainers import make_tiny_student
 
 pytestmark = pytest.mark.heavy(22)  # seconds in `make check`: see tests/conftest.py
@@ -251,3 +252,36 @@ def test_embeddings_are_kept_by_default_and_a_run_from_before_the_setting_trains
     assert resumed.model.get_input_embeddings().weight.requires_grad
     resumed.train()
     assert resumed.step == 3
+
+
+def test_the_students_own_answers_become_the_rejected_ones_from_the_next_step(
+    rows: dict[str, list[DorpoRow]], tiny: str
+) -> None:
+    """ORPO-Distill's negatives (``garden.distill.on_policy``): the student's samples replace the rejected answers
+    of the share of rows asked for, the rest of each row (the chosen answer, the teacher's top-k) kept, and a
+    trainer takes the new rows in the same places of its data order."""
+    train = rows["train"]
+    student = build_student(parse_student_ref(tiny))
+    every = student_rejected(student, train, StudentRejected(max_new_tokens=6, seed=1))
+    assert every.replaced == len(train) and every.kept == 0  # a random student never says the teacher's answer
+    for old, new in zip(train, every.rows, strict=True):
+        assert new.rejected and new.rejected != old.rejected and new.row_id != old.row_id
+        assert (new.prompt, new.chosen, new.topk_logprobs) == (old.prompt, old.chosen, old.topk_logprobs)
+    again = student_rejected(student, train, StudentRejected(max_new_tokens=6, seed=1))
+    assert [r.rejected for r in again.rows] == [r.rejected for r in every.rows]  # a seed, the same answers
+
+    half = student_rejected(student, train, StudentRejected(share=0.5, max_new_tokens=6, seed=2))
+    changed = [new.row_id != old.row_id for old, new in zip(train, half.rows, strict=True)]
+    assert 0 < sum(changed) < len(train) and sum(changed) == half.replaced, changed
+
+    trainer = DorpoTrainer(student, train, small_config(steps=4, checkpoint_every=100))
+    trainer.train(until=2)
+    trainer.replace_rows(every.rows)
+    assert all(row.rejected_ids is not None for row in trainer.encoded)
+    with pytest.raises(ValueError, match="data order"):
+        trainer.replace_rows(every.rows[:-1])
+    result = trainer.train()
+    assert result.steps_done == 4 and result.skipped_steps == 0
+    assert math.isfinite(result.metrics["or_loss"]), result.metrics  # every row of the last steps had a pair
+    with pytest.raises(ValueError, match="share"):
+        StudentRejected(share=1.5)
