@@ -30,7 +30,9 @@ Per configuration:
   from each peer's store once it has stopped (a row set with the same sha256 in two stores);
   ``row_sets_announced`` is what each peer announces holding, from ``GET /missions/{id}``.
   ``shards_with_one_copy_or_none`` lists the shards that fall short.
-- ``per_peer``: each daemon's own account (shards and rows it shook, seconds it spent shaking).
+- ``per_peer``: each daemon's own account (shards and rows it shook, seconds it spent shaking, and the rows of
+  others' row sets it had checked against the teacher by then: a peer checks the row sets it holds of others
+  between its own shards, so a check that ran during the run slowed it).
 - ``stop_problems``: daemons that did not exit 0 within 15 s of SIGTERM (then their process group is
   killed) or left processes behind. Every daemon is stopped on any error, Ctrl+C or SIGTERM too; on a
   failure the tail of each daemon's log is printed, and ``--log-dir`` keeps all their logs.
@@ -306,13 +308,15 @@ def run_configuration(
         for index, daemon in enumerate(daemons, start=1):
             moved = transfer_bytes(daemon)
             sent, received = sent + moved["sent"], received + moved["received"]
-            here = daemon.get(f"/missions/{mission_id}").json()["this_peer"]
+            detail = daemon.get(f"/missions/{mission_id}").json()
+            here = detail["this_peer"]
             per_peer.append(
                 {"peer": index, "peer_id": daemon.peer_id, "shards_shaken": here["shards_shaken"],
                  "rows_shaken": here["rows_shaken"], "shards_lost": here["shards_lost"],
                  "seconds_shaking": here["seconds_shaking"], "bytes_sent": int(moved["sent"]),
                  "bytes_received": int(moved["received"]),
-                 "row_sets_announced": row_sets_announced.get(daemon.peer_id, 0)}
+                 "row_sets_announced": row_sets_announced.get(daemon.peer_id, 0),
+                 "rows_checked": detail["verification"]["rows_checked"]}
             )  # fmt: skip
         steady: float | None = None
         if steady_start is not None and steady_end is not None and steady_end[0] > steady_start[0]:
