@@ -217,7 +217,7 @@ class RowSetKeeper:
         if fetched:
             held_sets = self.store.row_sets(mission.id)
         dropped = 0
-        for held, why in droppable(held_sets, winners, losers, held_by, time.time(), self.void_after):
+        for held, why in droppable(held_sets, winners, losers, held_by, time.time(), self.void_after, self.copies):
             if await asyncio.to_thread(self.store.drop_row_set, mission.id, held.attempt):
                 dropped += 1
                 logger.info("dropped attempt %s at shard %d of mission %s: %s", held.attempt, held.shard,
@@ -241,15 +241,13 @@ class RowSetKeeper:
         held_by = _held_by(holders)
         mine = {s.attempt for s in self.store.row_sets(mission.id)}
         missing = []
-        for shard, done in sorted(winners.items()):
-            if done.attempt in mine:
-                continue
+        for done, _ in to_copy(winners, mine, (), held_by, self.copies, every_winner=True):
             sources = sorted(held_by.get(done.attempt, set()) | {done.peer_id})
             try:
-                await self.fetch(mission, shard, done.attempt, done.peer_id, done.row_set_sha256, sources)
+                await self.fetch(mission, done.shard, done.attempt, done.peer_id, done.row_set_sha256, sources)
             except (TransferError, RecordError) as e:
-                logger.warning("shard %d of mission %s is not reachable now: %s", shard, mission.id[:12], e)
-                missing.append(shard)
+                logger.warning("shard %d of mission %s is not reachable now: %s", done.shard, mission.id[:12], e)
+                missing.append(done.shard)
         return missing
 
     def winner_rows(self, mission: Mission, winners: Mapping[int, DoneRecord]) -> list[DorpoRow]:
@@ -294,11 +292,12 @@ def droppable(
     held_by: Mapping[str, set[str]],
     now: float,
     orphan_after: float,
+    copies: int = DEFAULT_COPIES,
 ) -> list[tuple[StoredRowSet, str]]:
     """The ``held`` row sets that lost their shard and may go now, each with why: a losing attempt, or an
     orphan (no done record names it) held for ``orphan_after`` seconds, of a shard whose winner is held here or
-    by two peers (``held_by``: attempt -> peers announcing it), so that a winner that turns out unreachable
-    does not leave its shard with no rows anywhere."""
+    by ``copies`` peers (``held_by``: attempt -> peers announcing it), so that a winner that turns out
+    unreachable does not leave its shard with no rows anywhere."""
     mine = {s.attempt for s in held}
     losing = {d.attempt for d in losers}
     named = losing | {d.attempt for d in winners.values()}
@@ -307,7 +306,7 @@ def droppable(
         winner = winners.get(s.shard)
         if winner is None or s.attempt == winner.attempt:
             continue
-        if winner.attempt not in mine and len(held_by.get(winner.attempt, set())) < 2:
+        if winner.attempt not in mine and len(held_by.get(winner.attempt, set())) < copies:
             continue  # the winner is not safely held yet
         if s.attempt in losing:
             gone.append((s, "it lost the shard"))

@@ -89,13 +89,14 @@ def attempt_at(shard: int, finished: float) -> DoneRecord:
     return done_for(lease_for(new_key(), MISSION, shard=shard, count=4), finished)
 
 
-def test_a_loser_goes_once_its_winner_is_held_here_or_twice() -> None:
+def test_a_loser_goes_once_its_winner_is_held_here_or_by_as_many_peers_as_the_swarm_keeps() -> None:
     winner, loser = attempt_at(0, NOW - 100), attempt_at(0, NOW - 50)
     mine = [held(loser)]
     assert droppable(mine, {0: winner}, [loser], {}, NOW, 600) == []  # the winner held nowhere yet
     assert droppable(mine, {0: winner}, [loser], {winner.attempt: {"p1"}}, NOW, 600) == []  # once only
     twice = {winner.attempt: {"p1", "p2"}}
     assert droppable(mine, {0: winner}, [loser], twice, NOW, 600) == [(mine[0], "it lost the shard")]
+    assert droppable(mine, {0: winner}, [loser], twice, NOW, 600, copies=3) == []  # a swarm that keeps three
     both = [held(winner), held(loser)]
     assert droppable(both, {0: winner}, [loser], {}, NOW, 600) == [(both[1], "it lost the shard")]
 
