@@ -13,6 +13,11 @@ Prints one JSON object. In this one run, on the same rows, steps, batch size, se
 Ratios: ``kl_after_over_before`` (DORPO; target <= 0.1), ``dorpo_over_sft_kl`` (target <= 0.6); plus top-1
 (target >= 0.6), preference accuracy (target >= 0.8), bytes per stored token (target <= 84) and wall times.
 
+Both arms run AdamW with betas 0.5, 0.95 (``--adam-beta1/--adam-beta2``; torch's 0.9, 0.999 are ``garden train``'s
+and a mission's defaults): a run of 120 steps learns faster with a shorter memory (docs/training.md).
+``--train-rows N`` trains on a seeded sample of N train rows in the same budget: how the held-out KL depends on the
+number of distinct rows.
+
 The student keeps the 10 layers of highest Block Influence on the train rows (``spacing=influence``,
 ``student_layers``): it starts closer to the teacher than evenly spaced layers and ends much closer, so
 ``kl_after_over_before`` divides by a smaller "before"; ``kl_after_over_evenly_spaced_before`` divides the same
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from dataclasses import replace
@@ -82,6 +88,8 @@ def train_arm(
         warmup_steps=max(1, args.steps // 10),
         lambda_or=lambda_or,
         lambda_kl=lambda_kl,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
         seed=0,
         freeze_embeddings=not args.train_embeddings,
     )
@@ -120,7 +128,11 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--lambda-or", type=float, default=0.1)
     parser.add_argument("--lambda-kl", type=float, default=5.0)
+    parser.add_argument("--adam-beta1", type=float, default=0.5, help="AdamW's momentum decay (torch's: 0.9)")
+    parser.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW's second-moment decay (torch's: 0.999)")
     parser.add_argument("--prompts", type=int, default=0, help="use only the first N prompts of each split")
+    parser.add_argument("--train-rows", type=int, default=0,
+                        help="train on this many of the shaken train rows (a seeded sample; 0: all)")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rows-cache", default="", help="directory to keep/reuse the shaken rows")
@@ -141,6 +153,9 @@ def main() -> int:
     machine = MachineReport().start()
 
     train_rows, shake_train_s = rows_for("train", args)
+    if args.train_rows:  # fewer distinct rows in the same budget: how the held-out KL depends on the data
+        random.Random(0).shuffle(train_rows)
+        train_rows = train_rows[: args.train_rows]
     heldout, shake_heldout_s = rows_for("heldout", args)
     requested = parse_student_ref(args.student)
     spec = calibrated_student(requested, train_rows)  # spacing=influence: the layers chosen on the train rows
@@ -175,6 +190,7 @@ def main() -> int:
                 "lr": args.lr,
                 "lambda_kl": args.lambda_kl,
                 "lambda_or": args.lambda_or,
+                "adam_betas": [args.adam_beta1, args.adam_beta2],
                 "rejected": args.rejected,
                 "freeze_embeddings": not args.train_embeddings,
                 "train_rows": len(train_rows),

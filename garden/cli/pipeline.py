@@ -169,6 +169,8 @@ def train(
     max_length: int | None = typer.Option(None, "--max-length", help="Longest row in tokens [512]."),
     lambda_or: float | None = typer.Option(None, "--lambda-or", help="Odds-ratio term weight [0.1]."),
     lambda_kl: float | None = typer.Option(None, "--lambda-kl", help="Top-k KL term weight [1.0]; 0 and 0: SFT."),
+    adam_beta1: float | None = typer.Option(None, "--adam-beta1", help="AdamW's momentum decay [0.9]."),
+    adam_beta2: float | None = typer.Option(None, "--adam-beta2", help="AdamW's second-moment decay [0.999]."),
     seed: int | None = typer.Option(None, "--seed", help="Data order seed [0]."),
     max_threads: int | None = typer.Option(None, "--max-threads", help="CPU threads torch may use [all cores]."),
     train_embeddings: bool = typer.Option(
@@ -196,8 +198,8 @@ def train(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
         schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, max_length=max_length,
-        lambda_or=lambda_or, lambda_kl=lambda_kl, seed=seed, max_threads=max_threads,
-        freeze_embeddings=False if train_embeddings else None,
+        lambda_or=lambda_or, lambda_kl=lambda_kl, adam_beta1=adam_beta1, adam_beta2=adam_beta2, seed=seed,
+        max_threads=max_threads, freeze_embeddings=False if train_embeddings else None,
     )  # fmt: skip
     try:
         rows = read_preference_jsonl(data)

@@ -30,6 +30,7 @@ This module runs inside the trainer worker process (``garden.collab.worker``), b
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ from garden.distill.collate import EncodedRow, EncodeReport, encode_rows
 from garden.distill.trainer import (
     HF_SCHEDULERS,
     StepGradients,
+    adamw,
     compute_gradients,
     freeze_embeddings_,
     loss_config,
@@ -94,9 +96,6 @@ def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabC
 
     compression = make_compression(config.compression)
 
-    def adamw(parameters: Any) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-
     def schedule(optimizer: torch.optim.Optimizer) -> Any:
         return get_scheduler(
             HF_SCHEDULERS[config.schedule],
@@ -112,7 +111,7 @@ def make_optimizer(dht: Any, run_id: str, params: Sequence[Any], config: CollabC
         target_batch_size=config.target_batch_size,
         batch_size_per_step=config.samples_per_step,
         params=list(params),
-        optimizer=adamw,
+        optimizer=functools.partial(adamw, settings=config),
         scheduler=schedule,
         matchmaking_time=config.matchmaking_time,
         averaging_timeout=config.averaging_timeout,

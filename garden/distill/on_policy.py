@@ -42,6 +42,9 @@ class StudentRejected:
 
 @dataclass
 class Replaced:
+    """What :func:`student_rejected` made: the rows in their order (those it could not use unchanged), and how many
+    it changed, so that a benchmark or trainer can say how much of the data is the student's own."""
+
     rows: list[DorpoRow]
     replaced: int  # rows whose rejected answer is now the student's
     kept: int  # rows picked whose sample equalled the chosen answer or was empty

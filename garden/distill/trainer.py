@@ -44,6 +44,15 @@ def loss_config(settings: DorpoSettings) -> DorpoConfig:
     return DorpoConfig(lambda_or=settings.lambda_or, lambda_kl=settings.lambda_kl)
 
 
+def adamw(params: Any, settings: DorpoSettings) -> Any:
+    """torch's AdamW over ``params`` at ``settings``' peak learning rate, weight decay and betas (a schedule then
+    moves the learning rate). One place, so that a trainer on one machine and the swarm's step alike."""
+    import torch
+
+    betas = (settings.adam_beta1, settings.adam_beta2)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=betas)
+
+
 class TrainConfig(DorpoSettings, StepSettings):
     """The single-machine trainer's settings: :class:`~garden.protocol.mission_spec.DorpoSettings` (the
     hyper-parameters a mission's ``[train]`` shares), :class:`StepSettings`, and
@@ -124,7 +133,6 @@ class DorpoTrainer:
     def __init__(
         self, student: LoadedModel, rows: Sequence[DorpoRow], config: TrainConfig, run: RunDir | None = None
     ) -> None:
-        import torch
         from transformers import get_scheduler
 
         self.student, self.config, self.run = student, config, run
@@ -143,7 +151,7 @@ class DorpoTrainer:
         self.device = next(iter(self.model.parameters())).device  # batches go where the student is
         if not self.params:
             raise ValueError("the student has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = adamw(self.params, config)
         self.scheduler = get_scheduler(
             HF_SCHEDULERS[config.schedule],
             self.optimizer,

@@ -201,9 +201,8 @@ class RowSetKeeper:
         mine = {s.attempt for s in held_sets}
         fetched = 0
         for done, scarce in to_copy(winners, mine, self.disk.pruned_rows, held_by, self.copies, every_winner):
-            shard, peers = done.shard, held_by.get(done.attempt, set())
+            shard, sources = done.shard, _sources(done, held_by)
             try:
-                sources = sorted(peers) + ([done.peer_id] if done.peer_id not in peers else [])
                 if await self.fetch(mission, shard, done.attempt, done.peer_id, done.row_set_sha256, sources):
                     fetched += 1
             except TransferError as e:
@@ -242,9 +241,10 @@ class RowSetKeeper:
         mine = {s.attempt for s in self.store.row_sets(mission.id)}
         missing = []
         for done, _ in to_copy(winners, mine, (), held_by, self.copies, every_winner=True):
-            sources = sorted(held_by.get(done.attempt, set()) | {done.peer_id})
             try:
-                await self.fetch(mission, done.shard, done.attempt, done.peer_id, done.row_set_sha256, sources)
+                await self.fetch(
+                    mission, done.shard, done.attempt, done.peer_id, done.row_set_sha256, _sources(done, held_by)
+                )
             except (TransferError, RecordError) as e:
                 logger.warning("shard %d of mission %s is not reachable now: %s", done.shard, mission.id[:12], e)
                 missing.append(done.shard)
@@ -322,6 +322,13 @@ def _held_by(holders: Mapping[str, RowsAnnouncement]) -> dict[str, set[str]]:
         for held in announcement.row_sets:
             result.setdefault(held.attempt, set()).add(peer)
     return result
+
+
+def _sources(done: DoneRecord, held_by: Mapping[str, set[str]]) -> list[str]:
+    """Whom to ask for a winning row set: the peers announcing it, then its producer if it does not (a producer
+    that announces nothing may still serve it, or may have gone)."""
+    peers = held_by.get(done.attempt, set())
+    return sorted(peers) + ([done.peer_id] if done.peer_id not in peers else [])
 
 
 def _decode_fitting(raw: bytes, prompts: Sequence[object]) -> tuple[list[DorpoRow], list[tuple[str, bytes, str]]]:

@@ -50,7 +50,7 @@ def test_bad_settings_name_the_field(kwargs: dict) -> None:
 
 def test_swarm_settings_come_from_the_mission_section() -> None:
     section = TrainSection(lr=6e-4, target_batch_size=32, max_epochs=3, warmup_epochs=2, mode="local",
-                           compression="8bit", checkpoint_every=3)  # fmt: skip
+                           compression="8bit", checkpoint_every=3, adam_beta1=0.5, adam_beta2=0.95)  # fmt: skip
     config = CollabConfig.from_section(section, batch_size=2, grad_accum=3)
     shared = set(SwarmSettings.model_fields)
     assert {k: getattr(config, k) for k in shared} == {k: getattr(section, k) for k in shared}
@@ -189,9 +189,10 @@ def test_a_nan_step_is_not_applied_counted_or_sent(dht: hivemind.DHT, tiny: Path
     from garden.models.student import StudentSpec, build_student
 
     student = build_student(StudentSpec(base=str(tiny)))
-    config = CollabConfig(target_batch_size=1000, max_epochs=2, batch_size=2, matchmaking_time=1.0)
+    config = CollabConfig(target_batch_size=1000, max_epochs=2, batch_size=2, matchmaking_time=1.0, adam_beta1=0.5)
     trainer = CollabTrainer(student, config, lambda params: make_optimizer(dht, "nan-test", params, config))
     try:
+        assert trainer.optimizer.state_averager.optimizer.param_groups[0]["betas"] == (0.5, 0.999)  # the mission's
         trainer.add_rows(RowFeed(rows_store, MISSION).new_rows())
         assert trainer.step() is not None and trainer.status.samples == 2
         accumulated = trainer.optimizer.tracker.local_progress.samples_accumulated

@@ -85,7 +85,8 @@ def test_training_lowers_heldout_kl(rows: dict[str, list[DorpoRow]], tmp_path: P
 
 
 def test_resume_continues_bit_exactly(rows: dict[str, list[DorpoRow]], tiny: str, tmp_path: Path) -> None:
-    config = small_config(grad_accum=2, batch_size=3)  # 6 rows a step over 8: steps cross epochs
+    # 6 rows a step over 8: steps cross epochs; AdamW's betas other than torch's, as the run records them
+    config = small_config(grad_accum=2, batch_size=3, adam_beta1=0.5, adam_beta2=0.95)
     straight = start_run(tmp_path / "straight", tiny, rows["train"], config)
     straight.train()
 
@@ -93,7 +94,8 @@ def test_resume_continues_bit_exactly(rows: dict[str, list[DorpoRow]], tiny: str
     interrupted.train(until=3)
     del interrupted
     resumed = resume_run(tmp_path / "resumed", rows["train"])
-    assert resumed.step == 3
+    assert resumed.step == 3 and resumed.config.adam_beta1 == 0.5
+    assert straight.optimizer.param_groups[0]["betas"] == resumed.optimizer.param_groups[0]["betas"] == (0.5, 0.95)
     resumed.train()
 
     a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
@@ -162,6 +164,8 @@ def test_run_refusals(rows: dict[str, list[DorpoRow]], tiny: str, tmp_path: Path
         resume_run(run_path, rows["train"][:-1])
     with pytest.raises(CheckpointError, match=r"lr \(0.001 -> 0.01\)"):
         resume_run(run_path, rows["train"], {"lr": 1e-2})
+    with pytest.raises(CheckpointError, match=r"adam_beta1 \(0.9 -> 0.5\)"):
+        resume_run(run_path, rows["train"], {"adam_beta1": 0.5})
     with pytest.raises(CheckpointError, match="past --steps 1"):
         resume_run(run_path, rows["train"], {"steps": 1})
     longer = resume_run(run_path, rows["train"], {"steps": 3})  # training further is allowed

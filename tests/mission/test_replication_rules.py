@@ -75,7 +75,7 @@ def test_repeated_prompts_in_a_shard_may_each_be_answered_once() -> None:
 # --- which winning row sets are copied here, which held ones go --------------------------------------------
 
 MISSION = "ab" * 32
-NOW = get_dht_time()  # the leases of lease_for hold from 600 s before the tests ran
+NOW = get_dht_time()  # the rules' clock: attempt_at's leases hold from 600 s before it, whenever a test runs
 
 
 def held(done: DoneRecord, age: float = 3600.0) -> StoredRowSet:
@@ -86,7 +86,9 @@ def held(done: DoneRecord, age: float = 3600.0) -> StoredRowSet:
 
 
 def attempt_at(shard: int, finished: float) -> DoneRecord:
-    return done_for(lease_for(new_key(), MISSION, shard=shard, count=4), finished)
+    """A done record finished at ``finished`` (NOW-relative: a slow machine may run a test minutes after NOW)."""
+    lease = lease_for(new_key(), MISSION, shard=shard, count=4, started=NOW - 600, renewed=NOW - 30, expires=NOW + 60)
+    return done_for(lease, finished)
 
 
 def test_a_loser_goes_once_its_winner_is_held_here_or_by_as_many_peers_as_the_swarm_keeps() -> None:

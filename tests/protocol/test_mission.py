@@ -321,6 +321,18 @@ def test_average_state_every_is_one_unless_set_applies_to_sync_and_leaves_the_id
         load_mission_toml(local, BUILTIN)
 
 
+def test_adam_betas_are_torchs_unless_set_are_bounded_and_leave_the_id_alone_when_unset(tmp_path: Path) -> None:
+    train = load_mission_toml(EXAMPLE, BUILTIN).spec.train
+    assert (train.adam_beta1, train.adam_beta2) == (0.9, 0.999)
+    check_key_added_later(tmp_path, "adam_beta1", "0.9", "0.5")
+    check_key_added_later(tmp_path, "adam_beta2", "0.999", "0.95")
+    for key, bad, expected in (("adam_beta1", "1.0", "less than 1"), ("adam_beta1", '"0.5"', "a valid number"),
+                               ("adam_beta2", "-0.5", "greater than or equal to 0")):  # fmt: skip
+        path = write_mission(tmp_path / "bad", MINIMAL + f"[train]\n{key} = {bad}\n")
+        with pytest.raises(MissionSpecError, match=f"train.{key}: Input should be {expected}"):
+            load_mission_toml(path, BUILTIN)
+
+
 def test_student_spacing_is_even_unless_set_needs_pruning_and_leaves_the_id_alone_when_unset(tmp_path: Path) -> None:
     from garden.models.student import SPACINGS, parse_student_ref, student_reference
 
